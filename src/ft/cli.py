@@ -1,0 +1,264 @@
+"""The ``ft`` command line: run, preprocess, validate, plugins, schema, merge, infer.
+
+Heavy libraries are imported inside commands, so ``ft --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ft import __version__
+from ft.errors import FtError
+
+plugin_option = click.option(
+    "-p", "plugin_args", multiple=True, metavar="NAME",
+    help="Select a feature plugin (repeatable); -p no:NAME blocks a plugin.",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (YAML scalar)."
+)
+trace_option = click.option("--trace", is_flag=True, help="Print every hook call and the plugins it reaches.")
+
+
+def _fail(exc: FtError) -> None:
+    click.secho(f"error: {exc}", fg="red", err=True)
+    sys.exit(exc.exit_code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FtError as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _context(config: str, plugin_args, overrides, trace: bool = False):
+    from ft.context import load_context
+
+    ctx = load_context(config, plugin_args, overrides)
+    if trace:
+        ctx.pm.enable_tracing()
+    return ctx
+
+
+class FtGroup(click.Group):
+    """Adds plugin commands lazily, and survives broken plugins."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugins_added:
+            return
+        self._plugins_added = True
+        try:
+            from ft.context import make_plugin_manager
+
+            pm = make_plugin_manager()
+            pm.all_hooks.ft_add_commands(cli=self)
+        except FtError as exc:  # never let a plugin break `ft --help`
+            click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            self._add_plugin_commands()
+            cmd = super().get_command(ctx, name)
+        return cmd
+
+
+@click.group(cls=FtGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ft")
+def cli() -> None:
+    """ft: fine-tune language models from a YAML config, with plugins for every feature."""
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@plugin_option
+@set_option
+@trace_option
+@click.option("--nproc", type=int, default=None, help="Launch N processes (torch.distributed) on this node.")
+@click.option("--nnodes", type=str, default=None, help="Nodes for a multi-node run (torchrun --nnodes).")
+@click.option("--node-rank", type=int, default=None, help="This node's rank (torchrun --node-rank).")
+@click.option("--rdzv-endpoint", type=str, default=None, help="Rendezvous HOST:PORT (torchrun --rdzv-endpoint).")
+@click.option("--rdzv-id", type=str, default=None, help="Rendezvous job id (torchrun --rdzv-id).")
+@click.option("--fresh", is_flag=True, help="Start over even if the output dir holds checkpoints of this run.")
+@click.option("--overwrite", is_flag=True, help="Allow overwriting the weights of a finished run.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@handle_errors
+def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, fresh, overwrite, verbose):
+    """Train with CONFIG: load, prepare data, fine-tune, save."""
+    _setup_logging(verbose)
+    if nproc or nnodes:
+        from ft.launch import launch
+
+        sys.exit(launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                        rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
+    from ft.run import train
+
+    ctx = _context(config, plugin_args, overrides, trace)
+    result = train(ctx, fresh=fresh, overwrite=overwrite)
+    if _is_main_process():
+        click.echo(f"done: {result.output_dir}")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@plugin_option
+@set_option
+@trace_option
+@click.option("--debug", "debug_n", type=int, default=0, metavar="N",
+              help="Print N prepared samples with trained tokens highlighted.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@handle_errors
+def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
+    """Tokenize (and pack) the datasets of CONFIG into the cache."""
+    _setup_logging(verbose)
+    from ft.run import preprocess as do_preprocess
+
+    ctx = _context(config, plugin_args, overrides, trace)
+    data, tokenizer = do_preprocess(ctx)
+    if debug_n:
+        from ft.debug import show_samples
+
+        show_samples(data.train, tokenizer, debug_n)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@plugin_option
+@set_option
+@click.option("--nproc", type=int, default=None, help="Processes the run will use (for the effective batch).")
+@handle_errors
+def validate(config, plugin_args, overrides, nproc):
+    """Check CONFIG and show the plugins it selects; loads no model."""
+    ctx = _context(config, plugin_args, overrides)
+    cfg = ctx.cfg
+    world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    click.echo(f"{cfg.source}: valid")
+    click.echo(f"  base_model: {cfg.base_model}")
+    click.echo(f"  datasets: {', '.join(f'{d.path} ({d.type})' for d in cfg.datasets)}")
+    click.echo(f"  selected features: {', '.join(cfg.plugins) or 'none'}")
+    click.echo(f"  active plugins: {', '.join(ctx.pm.active_names())}")
+    click.echo(
+        f"  effective batch size: {cfg.effective_batch_size(world)} "
+        f"(micro_batch_size {cfg.micro_batch_size} x gradient_accumulation_steps "
+        f"{cfg.gradient_accumulation_steps} x {world} process(es))"
+    )
+
+
+@cli.command()
+@plugin_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--hook", "hook_name", default=None, help="Show the call order of one hook.")
+@handle_errors
+def plugins(plugin_args, as_json, hook_name):
+    """List installed plugins: name, distribution, version, status, hooks."""
+    from ft.context import make_plugin_manager
+
+    pm = make_plugin_manager(plugin_args)
+    if hook_name:
+        order = pm.call_order(hook_name)
+        if as_json:
+            click.echo(json.dumps({"hook": hook_name, "order": order}))
+        else:
+            click.echo(f"{hook_name} calls, in order:")
+            for i, name in enumerate(order, 1):
+                info = pm.infos[name]
+                click.echo(f"  {i}. {name} ({info.status})")
+        return
+    infos = list(pm.infos.values())
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    width = max([len(i.name) for i in infos] + [4])
+    click.echo(f"{'name':<{width}}  {'status':<9}  {'distribution':<16}  hooks")
+    for i in sorted(infos, key=lambda i: i.name):
+        dist = f"{i.distribution} {i.version}".strip()
+        kind = " (feature)" if i.feature else ""
+        click.echo(f"{i.name:<{width}}  {i.status:<9}  {dist:<16}  {', '.join(i.hooks)}{kind}")
+        if i.error:
+            click.echo(f"{'':<{width}}  -> {i.error}")
+
+
+@cli.command()
+@plugin_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
+@handle_errors
+def schema(plugin_args, output):
+    """Print the JSON Schema of the config (core keys and every plugin's section)."""
+    from ft.schema import generate_schema
+
+    text = generate_schema(plugin_args)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--to", "to_dir", type=click.Path(file_okay=False), default=None, help="Where to write the merged model.")
+@click.option("--dtype", default="float32", show_default=True, help="dtype of the merged weights.")
+@handle_errors
+def merge(output_dir, to_dir, dtype):
+    """Merge a trained LoRA adapter into its base model and write a full model."""
+    _setup_logging()
+    from ft.inference import merge_adapter
+
+    written = merge_adapter(output_dir, to_dir, dtype=dtype)
+    click.echo(f"merged model written to {written}")
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("prompt", required=False)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@handle_errors
+def infer(output_dir, prompt, max_new_tokens, temperature):
+    """Generate from a trained model or adapter: one PROMPT, or an interactive chat."""
+    from ft.inference import chat, generate_once
+
+    if prompt is not None:
+        generate_once(output_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    else:
+        chat(output_dir, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""YAML -> a small core pydantic model plus one section model per plugin.
+
+Errors are collected, not raised one by one: the user sees every problem at once, each with
+its key path, the YAML line, and a "did you mean" for unknown keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+
+from ft.errors import ConfigError, FtError
+from ft.formats import DatasetOptions
+
+SECRET_KEYS = ("token", "api_key", "password", "secret", "wandb_key", "hf_token")
+
+
+class CoreConfig(BaseModel):
+    """Keys every run has. Flat and familiar to axolotl users; plugins own their own sections."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    base_model: str = Field(description="Hub id or local directory of the model to fine-tune.")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or directory; defaults to base_model.")
+    plugins: list[str] = Field(default_factory=list, description="Optional features to select (also `-p NAME`).")
+
+    # data
+    datasets: list[Any] = Field(description="Training datasets; each entry's keys depend on its `type`.")
+    test_datasets: list[Any] = Field(default_factory=list, description="Evaluation datasets (same form).")
+    val_set_size: float = Field(0.0, ge=0, description="Held-out evaluation part: a fraction (<1) or a row count.")
+    shuffle: bool = Field(True, description="Shuffle the concatenated training rows with the seed.")
+    sequence_len: int = Field(2048, gt=0, description="Maximum tokens per sample (and per packed bin).")
+    excess_length: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="What to do with samples longer than sequence_len."
+    )
+    strict: bool = Field(False, description="Treat any dropped row as an error.")
+    train_on_inputs: bool = Field(False, description="Also train on prompt/input tokens.")
+    dataset_prepared_path: str = Field("./prepared", description="Cache directory for tokenized datasets.")
+    dataset_num_proc: int | None = Field(None, ge=1, description="Processes for tokenization; default: all cores.")
+    special_tokens: dict[str, str] = Field(
+        default_factory=dict, description="Special tokens to set, e.g. {pad_token: '<|pad|>'}."
+    )
+    tokens: list[str] = Field(default_factory=list, description="Extra tokens to add to the vocabulary.")
+
+    # training
+    output_dir: str = Field("./out", description="Where checkpoints, weights and reports go.")
+    micro_batch_size: int = Field(1, ge=1, description="Samples (or packed bins) per device per step.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Per-device eval batch; defaults to micro_batch_size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    num_epochs: float = Field(1.0, gt=0, description="Epochs, when max_steps is not set.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides num_epochs.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    optimizer: str = Field("adamw_torch", description="Optimizer name from the optimizer registry.")
+    lr_scheduler: str = Field("cosine", description="Scheduler name from the scheduler registry.")
+    bf16: bool | Literal["auto"] = Field("auto", description="bf16 training; auto = where the device supports it.")
+    fp16: bool = Field(False, description="fp16 mixed precision (GPUs without bf16).")
+    tf32: bool | None = Field(None, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed through, e.g. {use_reentrant: false}."
+    )
+    seed: int = Field(42, description="Seed for shuffling, initialisation and dropout.")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: at the end only).")
+    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints to keep.")
+    logging_steps: int = Field(10, ge=1, description="Log every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (when there is eval data).")
+    report_to: str | list[str] = Field("none", description="tensorboard, wandb, or none.")
+    resume_from_checkpoint: str | None = Field(None, description="Checkpoint directory to resume from.")
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    _source: str | None = PrivateAttr(None)
+    _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_datasets(self) -> CoreConfig:
+        if not self.datasets:
+            raise ValueError("datasets: at least one dataset entry is required")
+        return self
+
+    # -- helpers for plugins and the core --------------------------------------------------
+
+    @property
+    def source(self) -> str | None:
+        return self._source
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name, None)
+
+    def line_of(self, *path: Any) -> int | None:
+        return self._lines.get(tuple(path))
+
+    def where(self, *path: Any) -> str:
+        """``file:line: key.path`` for messages."""
+        line = self.line_of(*path)
+        loc = format_loc(path)
+        if self._source:
+            return f"{self._source}:{line}: {loc}" if line else f"{self._source}: {loc}"
+        return loc
+
+    def effective_batch_size(self, world_size: int = 1) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+    def to_saveable(self) -> dict[str, Any]:
+        """The resolved config as plain data, secrets redacted."""
+        return redact(self.model_dump(mode="json", exclude_none=False))
+
+
+Config = CoreConfig  # the type plugins annotate with; the runtime model subclasses it
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+@dataclass
+class SectionRegistry:
+    """Collects plugin config sections (``ft_add_config``)."""
+
+    sections: dict[str, tuple[type[BaseModel], str]] = field(default_factory=dict)
+    _plugin: str = "<core>"
+
+    def scoped(self, plugin: str) -> SectionRegistry:
+        view = SectionRegistry(self.sections, plugin)
+        return view
+
+    def add(self, name: str, model: type[BaseModel]) -> None:
+        if name in CoreConfig.model_fields:
+            raise FtError(f"plugin '{self._plugin}' declares section '{name}', which is a core key; rename it.")
+        if name in self.sections:
+            other = self.sections[name][1]
+            raise FtError(f"config section '{name}' is declared twice: by plugin '{other}' and by '{self._plugin}'.")
+        self.sections[name] = (model, self._plugin)
+
+
+# -- YAML with line numbers ----------------------------------------------------------------
+
+
+@dataclass
+class RawConfig:
+    data: dict[str, Any]
+    lines: dict[tuple, int]
+    source: str | None
+
+
+def read_yaml(path: str | os.PathLike) -> RawConfig:
+    """Parse a YAML config safely, keeping the line of every key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FtError(f"config file not found: {p}. Check the path (or run `ft run examples/tiny.yaml`).") from None
+    return parse_yaml(text, str(p))
+
+
+def parse_yaml(text: str, source: str | None = None) -> RawConfig:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source or '<config>'}:{mark.line + 1}" if mark else (source or "<config>")
+        raise ConfigError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"], source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source or '<config>'}: the top level must be a mapping of keys to values"], source)
+    lines: dict[tuple, int] = {}
+    problems: list[str] = []
+    _walk_lines(node, (), lines, problems, source)
+    if problems:
+        raise ConfigError(problems, source)
+    return RawConfig(data, lines, source)
+
+
+def _walk_lines(node: Any, path: tuple, lines: dict, problems: list, source: str | None) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(f"{source or '<config>'}:{line}: {format_loc(path + (key,))}: duplicate key "
+                                f"(first at line {seen[key]}); keep one.")
+            seen[key] = line
+            lines[path + (key,)] = line
+            _walk_lines(value_node, path + (key,), lines, problems, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk_lines(item, path + (i,), lines, problems, source)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML scalars."""
+    data = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise FtError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set lora.r=8")
+        key, _, raw = item.partition("=")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+        target: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(target, list):
+                if not isinstance(part, int) or part >= len(target):
+                    raise FtError(f"--set {key}: index {part} is out of range (list has {len(target)} items)")
+                target = target[part]
+                continue
+            if part not in target or target[part] is None:
+                target[part] = [] if isinstance(nxt, int) else {}
+            target = target[part]
+        last = parts[-1]
+        if isinstance(target, list):
+            if not isinstance(last, int) or last >= len(target):
+                raise FtError(f"--set {key}: index {last} is out of range")
+        target[last] = value
+    return data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# -- the runtime model ---------------------------------------------------------------------
+
+
+def build_config_model(
+    sections: Mapping[str, tuple[type[BaseModel], str]], formats: Mapping[str, type[DatasetOptions]]
+) -> type[CoreConfig]:
+    """The config model for this plugin set: core keys + plugin sections + typed dataset entries."""
+    fields: dict[str, Any] = {}
+    for name in sorted(sections):
+        model, plugin = sections[name]
+        fields[name] = (model | None, Field(None, description=f"Options of plugin '{plugin}'."))
+    entry_models = [_entry_model(name, formats[name]) for name in sorted(formats)]
+    if entry_models:
+        entry_union = (
+            Annotated[Union[tuple(entry_models)], Field(discriminator="type")]  # noqa: UP007
+            if len(entry_models) > 1
+            else entry_models[0]
+        )
+        fields["datasets"] = (list[entry_union], Field(description="Training datasets; keys depend on `type`."))
+        fields["test_datasets"] = (list[entry_union], Field(default_factory=list, description="Evaluation datasets."))
+    return create_model("FtConfig", __base__=CoreConfig, **fields)
+
+
+_entry_cache: dict[tuple[str, type], type] = {}
+
+
+def _entry_model(name: str, options: type[DatasetOptions]) -> type:
+    key = (name, options)
+    if key not in _entry_cache:
+        _entry_cache[key] = create_model(
+            f"{options.__name__}_{name}", __base__=options, type=(Literal[name], Field(description="Dataset format."))
+        )
+    return _entry_cache[key]
+
+
+def validate_config(
+    raw: RawConfig,
+    model: type[CoreConfig],
+    *,
+    feature_plugins: Sequence[str] = (),
+    active: Sequence[str] = (),
+    format_names: Sequence[str] = (),
+) -> CoreConfig:
+    """Validate raw data against the model; raise one ConfigError listing every problem."""
+    problems: list[tuple[tuple, str]] = []
+    data = dict(raw.data)
+    # A section for an installed feature that is not selected: say how to select it.
+    for key in list(data):
+        if key in feature_plugins and key not in active:
+            problems.append(((key,), f"section '{key}' configures plugin '{key}', which is not selected. "
+                                     f"Add it to `plugins: [{key}]` or pass `-p {key}`."))
+            data.pop(key)
+    for i, entry in enumerate(data.get("datasets") or []) if isinstance(data.get("datasets"), list) else []:
+        _check_entry_type(entry, ("datasets", i), format_names, problems)
+    for i, entry in enumerate(data.get("test_datasets") or []) if isinstance(data.get("test_datasets"), list) else []:
+        _check_entry_type(entry, ("test_datasets", i), format_names, problems)
+    cfg = None
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _clean_loc(err["loc"], format_names)
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                continue  # reported by _check_entry_type with a better message
+            problems.append((loc, _message(err, loc, model, format_names, data)))
+    if problems:
+        seen, out = set(), []
+        for loc, msg in problems:
+            line = raw.lines.get(loc) or _nearest_line(raw.lines, loc)
+            where = f"{raw.source}:{line}: " if raw.source and line else (f"{raw.source}: " if raw.source else "")
+            text = f"{where}{format_loc(loc)}: {msg}" if loc else f"{where}{msg}"
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+        raise ConfigError(out, raw.source)
+    assert cfg is not None
+    cfg._source = raw.source
+    cfg._lines = raw.lines
+    return cfg
+
+
+def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], problems: list) -> None:
+    if not isinstance(entry, dict):
+        return
+    t = entry.get("type")
+    if t is None:
+        problems.append((loc, f"missing key 'type'. Known dataset types: {', '.join(sorted(format_names))}."))
+    elif t not in format_names:
+        close = difflib.get_close_matches(str(t), list(format_names), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        problems.append((loc + ("type",), f"unknown dataset type '{t}'.{hint} Known: {', '.join(sorted(format_names))}. "
+                                           "A type from a third-party plugin needs that plugin installed."))
+
+
+def _clean_loc(loc: tuple, format_names: Sequence[str]) -> tuple:
+    out: list[Any] = []
+    for i, part in enumerate(loc):
+        # discriminated unions put the tag into the location: datasets.0.<type>.key
+        if i >= 2 and loc[i - 2] in ("datasets", "test_datasets") and isinstance(loc[i - 1], int) and part in format_names:
+            continue
+        # optional sections show up as 'function-after[...]' or the model name in some pydantic versions
+        if isinstance(part, str) and part.startswith(("function-", "nullable[")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequence[str], data: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        key = loc[-1] if loc else ""
+        known = _known_keys(model, loc[:-1], data)
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        if len(loc) == 1 and not close:
+            hint = " (Is it the section of a plugin that is not installed? See `ft plugins`.)"
+        return f"unknown key.{hint}"
+    if err["type"] == "missing":
+        return "required key is missing."
+    msg = err.get("msg", "invalid value")
+    given = err.get("input")
+    if err["type"] not in ("missing",) and not isinstance(given, (dict, list)) and given is not None:
+        return f"{msg} (got {given!r})."
+    return f"{msg}."
+
+
+def _known_keys(model: type[BaseModel], loc: tuple, data: dict) -> list[str]:
+    """Field names of the model found at ``loc`` (for "did you mean")."""
+    current: Any = model
+    value: Any = data
+    for part in loc:
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list) and part < len(value) else {}
+            continue
+        value = value.get(part, {}) if isinstance(value, dict) else {}
+        current = _field_model(current, part, value)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _field_model(model: Any, name: str, value: Any) -> Any:
+    fields = getattr(model, "model_fields", {})
+    if name not in fields:
+        return None
+    return _find_model(fields[name].annotation, value)
+
+
+def _find_model(annotation: Any, value: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = typing.get_args(annotation)
+    candidates = [a for a in args]
+    for a in candidates:
+        found = _find_model(a, value)
+        if found is not None:
+            # for dataset unions pick the member whose `type` matches
+            type_field = getattr(found, "model_fields", {}).get("type")
+            if type_field is not None and isinstance(value, dict) and "type" in value:
+                lit = typing.get_args(type_field.annotation)
+                if lit and value["type"] not in lit:
+                    continue
+            return found
+    return None
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc) - 1, 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def format_loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: ("***" if any(s in str(k).lower() for s in SECRET_KEYS) and v else redact(v)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value

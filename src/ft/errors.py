@@ -1,0 +1,40 @@
+"""Errors a user sees. Each says what went wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class FtError(Exception):
+    """Base class of every error ft reports to the user without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(FtError):
+    """The configuration is invalid. ``problems`` holds every problem found, not just the first."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration{where}:\n{lines}")
+
+
+class PluginError(FtError):
+    """A plugin could not be loaded, selected or validated."""
+
+
+class PluginHookError(FtError):
+    """An exception escaped from a plugin's hook; names the plugin and the hook."""
+
+    def __init__(self, plugin: str, hook: str, exc: BaseException):
+        self.plugin, self.hook, self.original = plugin, hook, exc
+        super().__init__(f"plugin '{plugin}' failed in hook {hook}: {type(exc).__name__}: {exc}")
+
+
+class DataError(FtError):
+    """A dataset could not be read or prepared."""
+
+
+class MissingDependencyError(FtError):
+    """An optional dependency of a plugin is not installed."""

@@ -1,0 +1,104 @@
+"""Typed registries that plugins fill through registration hooks.
+
+Each entry is stamped with the plugin that registered it; registering a name twice is an
+error naming both plugins.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ft.errors import FtError, PluginError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    value: T
+    plugin: str
+
+
+class Registry(Generic[T]):
+    """Names -> values, each stamped with its owning plugin."""
+
+    kind = "entry"
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry[T]] = {}
+        self._plugin = "<core>"
+
+    def scoped(self, plugin: str) -> Registry[T]:
+        """A view of this registry that stamps ``plugin`` on what it adds."""
+        view = object.__new__(type(self))
+        view.__dict__ = {**self.__dict__, "_plugin": plugin}
+        view._entries = self._entries  # shared storage
+        return view
+
+    def _add(self, name: str, value: T) -> None:
+        if name in self._entries:
+            other = self._entries[name].plugin
+            raise PluginError(
+                f"{self.kind} '{name}' is registered twice: by plugin '{other}' and by plugin "
+                f"'{self._plugin}'. Disable one of them with `-p no:NAME`."
+            )
+        self._entries[name] = Entry(name, value, self._plugin)
+
+    def get(self, name: str, key_path: str | None = None) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise FtError(self.unknown_message(name, key_path)) from None
+
+    def unknown_message(self, name: str, key_path: str | None = None) -> str:
+        where = f"{key_path}: " if key_path else ""
+        close = difflib.get_close_matches(name, list(self._entries), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        known = ", ".join(sorted(self._entries)) or "none"
+        return f"{where}unknown {self.kind} '{name}'.{hint} Known: {known}."
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        return iter(self._entries.values())
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A dataset format: its entry-options model and a builder of its tokenize function."""
+
+    options: type  # subclass of ft.formats.DatasetOptions
+    build: Callable[..., Any]  # (cfg, entry, tokenizer) -> ft.formats.Tokenize
+
+
+class FormatRegistry(Registry[Format]):
+    kind = "dataset format"
+
+    def add(self, name: str, options: type, build: Callable[..., Any]) -> None:
+        """Register dataset ``type: name`` with its options model and tokenize builder."""
+        self._add(name, Format(options, build))
+
+
+class OptimizerRegistry(Registry[Any]):
+    kind = "optimizer"
+
+    def add(self, name: str, factory: str | Callable[..., Any]) -> None:
+        """Register an optimizer: a transformers ``optim`` name or ``(cfg, model) -> Optimizer``."""
+        self._add(name, factory)
+
+
+class SchedulerRegistry(Registry[Any]):
+    kind = "lr scheduler"
+
+    def add(self, name: str, factory: str | Callable[..., Any]) -> None:
+        """Register a scheduler: a transformers ``SchedulerType`` name or
+        ``(cfg, optimizer, num_training_steps) -> LRScheduler``."""
+        self._add(name, factory)
