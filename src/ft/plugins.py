@@ -77,6 +77,20 @@ def parse_plugin_args(args: Iterable[str]) -> tuple[list[str], list[str]]:
     return select, block
 
 
+# Plugin objects registered for the current process only (``ft.testing``, notebooks): every
+# PluginManager created while they are here registers them after the entry points.
+_PROCESS_PLUGINS: list[tuple[str, object]] = []
+
+
+def add_process_plugin(name: str, obj: object) -> None:
+    """Register ``obj`` as plugin ``name`` in every plugin manager made from now on."""
+    _PROCESS_PLUGINS.append((name, obj))
+
+
+def remove_process_plugin(name: str) -> None:
+    _PROCESS_PLUGINS[:] = [(n, o) for n, o in _PROCESS_PLUGINS if n != name]
+
+
 def _entry_points() -> list[md.EntryPoint]:
     eps = md.entry_points(group=ENTRY_POINT_GROUP)
     seen: dict[str, md.EntryPoint] = {}
@@ -108,7 +122,9 @@ class PluginManager:
         self._subset_cache: dict[str, Any] = {}
         self._refuse_blocking_essentials()
         self._load(entry_points if entry_points is not None else _entry_points())
-        for name, obj in extra_plugins:
+        for name, obj in [*_PROCESS_PLUGINS, *extra_plugins]:
+            if name in self.blocked:
+                continue
             self.register(name, obj, distribution="<test>", version="")
         self._check_selection()
 
