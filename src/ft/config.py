@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ft.errors import ConfigError, FtError
 from ft.formats import DatasetOptions
 
-SECRET_KEYS = ("token", "api_key", "password", "secret", "wandb_key", "hf_token")
+SECRET_KEYS = frozenset({"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "wandb_api_key",
+                         "wandb_key", "password", "secret", "aws_secret_access_key"})
 
 
 class CoreConfig(BaseModel):
@@ -292,14 +293,15 @@ def validate_config(
         _check_entry_type(entry, ("datasets", i), format_names, problems)
     for i, entry in enumerate(data.get("test_datasets") or []) if isinstance(data.get("test_datasets"), list) else []:
         _check_entry_type(entry, ("test_datasets", i), format_names, problems)
+    bad_entries = [loc[:2] for loc, _ in problems if loc and loc[0] in ("datasets", "test_datasets")]
     cfg = None
     try:
         cfg = model.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             loc = _clean_loc(err["loc"], format_names)
-            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-                continue  # reported by _check_entry_type with a better message
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found") or loc[:2] in bad_entries:
+                continue  # the entry's type is wrong: reported by _check_entry_type with a better message
             problems.append((loc, _message(err, loc, model, format_names, data)))
     if problems:
         seen, out = set(), []
@@ -423,7 +425,7 @@ def format_loc(loc: Sequence[Any]) -> str:
 def redact(value: Any) -> Any:
     if isinstance(value, dict):
         return {
-            k: ("***" if any(s in str(k).lower() for s in SECRET_KEYS) and v else redact(v)) for k, v in value.items()
+            k: ("***" if str(k).lower() in SECRET_KEYS and v else redact(v)) for k, v in value.items()
         }
     if isinstance(value, list):
         return [redact(v) for v in value]

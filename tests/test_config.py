@@ -1,0 +1,184 @@
+"""Config loading: every problem at once, with file:line, key path and a suggestion."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from pydantic import BaseModel, ConfigDict, Field
+
+from ft import hookimpl
+from ft.config import apply_overrides, parse_yaml
+from ft.context import load_context
+from ft.errors import ConfigError, FtError
+from ft.formats import DatasetOptions
+
+
+class FakeOptions(DatasetOptions):
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="Roles.")
+
+
+class FakeSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, gt=0, description="Rank.")
+    alpha: int = Field(16, description="Alpha.")
+
+
+class FakePlugin:
+    """Registers a format 'fake' and a feature section 'fakefeat'."""
+
+    FT_FEATURE = True
+
+    @hookimpl
+    def ft_register_formats(self, register):
+        register.add("fake", FakeOptions, lambda cfg, entry, tok: None)
+
+    @hookimpl
+    def ft_add_config(self, registry):
+        registry.add("fakefeat", FakeSection)
+
+    @hookimpl
+    def ft_register_optimizers(self, register):
+        register.add("fake_adam", "adamw_torch")
+
+    @hookimpl
+    def ft_register_schedulers(self, register):
+        register.add("fake_const", "constant")
+
+
+BASE = """\
+base_model: tiny
+optimizer: fake_adam
+lr_scheduler: fake_const
+datasets:
+  - path: data.jsonl
+    type: fake
+"""
+
+
+def ctx_of(text, tmp_path, plugin_args=(), overrides=()):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return load_context(path, plugin_args, overrides, entry_points=[], extra_plugins=[("fakefeat", FakePlugin())])
+
+
+def problems_of(text, tmp_path, **kw):
+    with pytest.raises(ConfigError) as info:
+        ctx_of(text, tmp_path, **kw)
+    return info.value.problems
+
+
+def test_valid_config_and_defaults(tmp_path):
+    ctx = ctx_of(BASE, tmp_path)
+    cfg = ctx.cfg
+    assert cfg.datasets[0].roles_to_train == ["assistant"] and cfg.datasets[0].type == "fake"
+    assert cfg.sequence_len == 2048 and cfg.fakefeat is None and cfg.plugins == []
+
+
+def test_typo_top_level_key_has_line_and_suggestion(tmp_path):
+    problems = problems_of(BASE + "micro_bach_size: 4\n", tmp_path)
+    assert len(problems) == 1
+    assert problems[0].endswith("c.yaml:7: micro_bach_size: unknown key. Did you mean 'micro_batch_size'?")
+
+
+def test_typo_in_dataset_entry_uses_the_format_options(tmp_path):
+    text = BASE + "    roles_to_trian: [assistant]\n"
+    (problem,) = problems_of(text, tmp_path)
+    assert "c.yaml:7: datasets[0].roles_to_trian: unknown key. Did you mean 'roles_to_train'?" in problem
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = BASE + "sequence_len: -5\nlearning_rat: 0.1\nmicro_batch_size: many\n"
+    problems = problems_of(text, tmp_path)
+    assert len(problems) == 3, problems
+    joined = "\n".join(problems)
+    assert "c.yaml:7: sequence_len:" in joined and "greater than 0" in joined and "(got -5)" in joined
+    assert "c.yaml:8: learning_rat: unknown key. Did you mean 'learning_rate'?" in joined
+    assert "c.yaml:9: micro_batch_size:" in joined and "'many'" in joined
+
+
+def test_unknown_dataset_type_suggests(tmp_path):
+    (problem,) = problems_of(BASE.replace("type: fake", "type: fak"), tmp_path)
+    assert "c.yaml:6: datasets[0].type: unknown dataset type 'fak'. Did you mean 'fake'?" in problem
+
+
+def test_unknown_optimizer_suggests_with_line(tmp_path):
+    (problem,) = problems_of(BASE.replace("fake_adam", "fake_adm"), tmp_path)
+    assert "c.yaml:2: optimizer: unknown optimizer 'fake_adm'. Did you mean 'fake_adam'?" in problem
+
+
+def test_section_for_unselected_feature(tmp_path):
+    text = BASE + "fakefeat:\n  r: 4\n"
+    (problem,) = problems_of(text, tmp_path)
+    assert "c.yaml:7: fakefeat: section 'fakefeat' configures plugin 'fakefeat', which is not selected" in problem
+    assert "plugins: [fakefeat]" in problem and "-p fakefeat" in problem
+    cfg = ctx_of(text, tmp_path, plugin_args=["fakefeat"]).cfg
+    assert cfg.fakefeat.r == 4 and cfg.plugins == ["fakefeat"]
+    cfg = ctx_of("plugins: [fakefeat]\n" + text, tmp_path).cfg
+    assert cfg.fakefeat.alpha == 16
+
+
+def test_plugin_section_errors_have_paths(tmp_path):
+    text = "plugins: [fakefeat]\n" + BASE + "fakefeat:\n  r: 0\n  alpah: 3\n"
+    problems = problems_of(text, tmp_path)
+    joined = "\n".join(problems)
+    assert "c.yaml:9: fakefeat.r:" in joined and "greater than 0" in joined
+    assert "c.yaml:10: fakefeat.alpah: unknown key. Did you mean 'alpha'?" in joined
+
+
+def test_duplicate_keys_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="c.yaml:3: seed: duplicate key \\(first at line 1\\)"):
+        parse_yaml("seed: 1\nbase_model: x\nseed: 2\n", "c.yaml")
+    with pytest.raises(ConfigError, match="c.yaml:2: invalid YAML"):
+        parse_yaml("a: [1, 2\nb: 3\n", "c.yaml")
+
+
+def test_yaml_is_loaded_safely():
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        parse_yaml("base_model: !!python/object/apply:os.system ['echo hi']\n", "c.yaml")
+
+
+def test_set_overrides(tmp_path):
+    ctx = ctx_of(BASE, tmp_path, plugin_args=["fakefeat"],
+                 overrides=["fakefeat.r=32", "micro_batch_size=4", "datasets.0.roles_to_train=[user]", "bf16=false"])
+    cfg = ctx.cfg
+    assert cfg.fakefeat.r == 32 and cfg.micro_batch_size == 4 and cfg.bf16 is False
+    assert cfg.datasets[0].roles_to_train == ["user"]
+    with pytest.raises(FtError, match="expected KEY.PATH=VALUE"):
+        apply_overrides({}, ["nonsense"])
+    with pytest.raises(FtError, match="out of range"):
+        apply_overrides({"datasets": []}, ["datasets.3.path=x"])
+
+
+def test_missing_required_keys(tmp_path):
+    problems = problems_of("seed: 1\n", tmp_path)
+    joined = "\n".join(problems)
+    assert "base_model: required key is missing." in joined and "datasets: required key is missing." in joined
+
+
+def test_secrets_are_redacted(tmp_path):
+    cfg = ctx_of(BASE + "special_tokens:\n  pad_token: '<pad>'\n", tmp_path).cfg
+    data = cfg.to_saveable()
+    assert data["special_tokens"] == {"pad_token": "<pad>"}
+    from ft.config import redact
+
+    assert redact({"wandb": {"api_key": "abc"}, "hub_token": "t"}) == {"wandb": {"api_key": "***"}, "hub_token": "***"}
+
+
+def test_validate_cli_prints_effective_batch_and_selection(tmp_path):
+    from ft.cli import cli
+    from ft.plugins import add_process_plugin, remove_process_plugin
+
+    path = tmp_path / "c.yaml"
+    path.write_text("plugins: [fakefeat]\n" + BASE + "micro_batch_size: 4\ngradient_accumulation_steps: 8\n")
+    add_process_plugin("fakefeat", FakePlugin())
+    try:
+        res = CliRunner().invoke(cli, ["validate", str(path), "--nproc", "2"])
+        assert res.exit_code == 0, res.output
+        assert "effective batch size: 64 (micro_batch_size 4 x gradient_accumulation_steps 8 x 2 process(es))" in res.output
+        assert "selected features: fakefeat" in res.output
+        path.write_text(BASE + "micro_bach_size: 4\n")
+        res = CliRunner().invoke(cli, ["validate", str(path)])
+        assert res.exit_code == 2
+        assert "micro_bach_size: unknown key. Did you mean 'micro_batch_size'?" in res.output
+    finally:
+        remove_process_plugin("fakefeat")

@@ -1,0 +1,241 @@
+"""Plugin discovery, selection and failure handling, through real entry points.
+
+A throwaway distribution (``ft-test-plugins``) is written to a temporary directory as a
+dist-info with an ``entry_points.txt``; the CLI runs in a subprocess with that directory on
+PYTHONPATH, so discovery goes through importlib.metadata exactly as for pip-installed plugins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PLUGINS = {
+    "ftt_good": '''
+        """A well-behaved third-party feature plugin."""
+        from pydantic import BaseModel, ConfigDict, Field
+        from ft import hookimpl
+        FT_FEATURE = True
+
+        class Section(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            level: int = Field(1, description="How good.")
+
+        @hookimpl
+        def ft_add_config(registry):
+            registry.add("good", Section)
+    ''',
+    "ftt_import_error": '''
+        raise RuntimeError("boom at import")
+    ''',
+    "ftt_bad_hook": '''
+        from ft import hookimpl
+
+        @hookimpl
+        def ft_load_modle(cfg):
+            return None
+    ''',
+    "ftt_bad_args": '''
+        from ft import hookimpl
+
+        @hookimpl
+        def ft_load_model(cfg, kwargz):
+            return None
+    ''',
+    "ftt_raises": '''
+        from ft import hookimpl
+        FT_FEATURE = True
+
+        @hookimpl
+        def ft_validate_config(cfg):
+            raise ValueError("something inside the plugin broke")
+    ''',
+    "ftt_sentinel": '''
+        import os
+        open(os.environ["FTT_SENTINEL"], "w").write("imported")
+    ''',
+}
+ENTRY_POINTS = {
+    "good": "ftt_good",
+    "import_error": "ftt_import_error",
+    "bad_hook": "ftt_bad_hook",
+    "bad_args": "ftt_bad_args",
+    "raises": "ftt_raises",
+    "sentinel": "ftt_sentinel",
+}
+
+
+@pytest.fixture
+def plugin_env(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    for mod, code in PLUGINS.items():
+        (site / f"{mod}.py").write_text(textwrap.dedent(code))
+    info = site / "ft_test_plugins-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-test-plugins\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(
+        "[ft]\n" + "".join(f"{k} = {v}\n" for k, v in ENTRY_POINTS.items())
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env["FTT_SENTINEL"] = str(tmp_path / "sentinel")
+    env.pop(  "FT_DISABLE_PLUGIN_AUTOLOAD", None)
+    return env, tmp_path
+
+
+def ft(env, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ft.cli", *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def minimal_config(tmp_path: Path, extra: str = "") -> Path:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: some/model\ndatasets:\n  - path: {data}\n    type: completion\n{extra}")
+    return cfg
+
+
+def test_plugins_lists_statuses_and_reasons(plugin_env):
+    env, _ = plugin_env
+    res = ft(env, "plugins", "--json")
+    assert res.returncode == 0, res.stderr
+    infos = {i["name"]: i for i in json.loads(res.stdout)}
+    assert infos["good"]["status"] == "available" and infos["good"]["distribution"] == "ft-test-plugins"
+    assert infos["good"]["version"] == "1.2.3" and infos["good"]["hooks"] == ["ft_add_config"]
+    assert infos["import_error"]["status"] == "failed"
+    assert "boom at import" in infos["import_error"]["error"]
+    assert infos["bad_hook"]["status"] == "failed" and "ft_load_modle" in infos["bad_hook"]["error"]
+    assert infos["bad_args"]["status"] == "failed" and "kwargz" in infos["bad_args"]["error"]
+    assert infos["hf"]["status"] == "essential" and infos["hf"]["distribution"] == "ft"
+    assert infos["lora"]["status"] == "available" and infos["lora"]["feature"] is True
+
+
+def test_broken_plugins_do_not_break_help(plugin_env):
+    env, _ = plugin_env
+    res = ft(env, "--help")
+    assert res.returncode == 0 and "validate" in res.stdout
+
+
+def test_blocked_plugin_is_never_imported(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "plugins", "-p", "no:sentinel")
+    assert res.returncode == 0
+    assert not (tmp / "sentinel").exists()
+    assert "blocked" in [line.split()[1] for line in res.stdout.splitlines() if line.startswith("sentinel")]
+    ft(env, "plugins")
+    assert (tmp / "sentinel").exists()
+
+
+def test_autoload_env_blocks_third_party_but_not_first_party(plugin_env):
+    env, tmp = plugin_env
+    env = {**env, "FT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    res = ft(env, "plugins", "--json")
+    infos = {i["name"]: i for i in json.loads(res.stdout)}
+    assert not (tmp / "sentinel").exists()
+    assert infos["good"]["status"] == "blocked" and infos["import_error"]["status"] == "blocked"
+    assert infos["hf"]["status"] == "essential"
+    res = ft(env, "plugins", "--json", "-p", "good")
+    assert {i["name"]: i for i in json.loads(res.stdout)}["good"]["status"] == "active"
+
+
+def test_essential_plugins_cannot_be_blocked(plugin_env):
+    env, _ = plugin_env
+    res = ft(env, "plugins", "-p", "no:hf")
+    assert res.returncode != 0
+    assert "essential" in res.stderr and "hf" in res.stderr
+
+
+def test_selecting_a_failed_plugin_names_its_distribution(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", "import_error")
+    assert res.returncode != 0
+    assert "ft-test-plugins" in res.stderr and "boom at import" in res.stderr
+
+
+def test_selecting_unknown_plugin_suggests(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", "lroa")
+    assert res.returncode != 0 and "Did you mean 'lora'" in res.stderr
+
+
+def test_exception_in_hook_names_plugin_and_hook(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", "raises")
+    assert res.returncode != 0
+    assert "plugin 'raises' failed in hook ft_validate_config" in res.stderr
+    assert "something inside the plugin broke" in res.stderr
+
+
+def test_section_of_unselected_feature_says_how_to_select(plugin_env):
+    env, tmp = plugin_env
+    cfg = minimal_config(tmp, "good:\n  level: 2\n")
+    res = ft(env, "validate", str(cfg))
+    assert res.returncode != 0
+    assert "plugin 'good', which is not selected" in res.stderr and "-p good" in res.stderr
+    res = ft(env, "validate", str(cfg), "-p", "good")
+    assert res.returncode == 0, res.stderr
+    assert "selected features: good" in res.stdout
+
+
+def test_hook_call_order(plugin_env):
+    env, _ = plugin_env
+    res = ft(env, "plugins", "--hook", "ft_register_formats", "--json")
+    assert res.returncode == 0, res.stderr
+    order = json.loads(res.stdout)["order"]
+    assert {"chat_template", "alpaca", "completion", "input_output"} <= set(order)
+
+
+def test_duplicate_registration_names_both_plugins():
+    from ft.errors import PluginError
+    from ft.registry import FormatRegistry
+
+    reg = FormatRegistry()
+    reg.scoped("one").add("fmt", object, lambda *a: None)
+    with pytest.raises(PluginError, match="by plugin 'one' and by plugin 'two'"):
+        reg.scoped("two").add("fmt", object, lambda *a: None)
+
+
+def test_model_kwargs_conflict_names_both_plugins():
+    from ft import hookimpl
+    from ft.errors import PluginError
+    from ft.plugins import PluginManager
+
+    class A:
+        @hookimpl
+        def ft_model_kwargs(self, cfg):
+            return {"dtype": "bfloat16", "x": 1}
+
+    class B:
+        @hookimpl
+        def ft_model_kwargs(self, cfg):
+            return {"dtype": "float32", "x": 1}
+
+    pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("b", B())])
+    with pytest.raises(PluginError, match=r"'dtype' is set to .* by plugin '[ab]' and to .* by plugin '[ab]'"):
+        pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=None)
+    pm2 = PluginManager(entry_points=[], extra_plugins=[("a", A())])
+    assert pm2.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {"dtype": "bfloat16", "x": 1}
+
+
+def test_inactive_feature_hooks_are_not_called():
+    from ft import hookimpl
+    from ft.plugins import PluginManager
+
+    class Feature:
+        FT_FEATURE = True
+
+        @hookimpl
+        def ft_model_kwargs(self, cfg):
+            return {"feature": True}
+
+    pm = PluginManager(entry_points=[], extra_plugins=[("feat", Feature())])
+    assert pm.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {}
+    pm = PluginManager(select=["feat"], entry_points=[], extra_plugins=[("feat", Feature())])
+    assert pm.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {"feature": True}
