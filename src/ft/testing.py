@@ -1,0 +1,464 @@
+"""Test helpers for ft plugin authors, shipped as a pytest plugin (entry point ``pytest11``).
+
+Installing ft makes these fixtures available in any project's tests (``-p no:ft`` turns them off):
+
+- ``ft_tiny_model_dir``: a tiny random Llama model + ChatML tokenizer directory, made offline
+  once per session (what ``base_model:`` points at). ``ft_tiny_tokenizer`` loads its tokenizer.
+- ``ft_dataset``: writes rows (or sample rows of a known shape) to a JSONL file.
+- ``ft_config``: writes a small, fast config (tiny model, 2 steps) with your overrides.
+- ``ft_runner``: runs ``ft run`` / ``ft preprocess`` / ``ft validate`` (or any ``ft`` command)
+  in-process and returns an :class:`FtResult` (exit code, output, output dir, exception).
+- ``ft_hook_recorder``: records every hook implementation call made while the test runs.
+- ``ft_register_plugin``: registers a plugin object for the rest of the test.
+
+The same tools are plain functions and classes for use outside fixtures:
+:func:`registered_plugin` (a context manager), :class:`HookRecorder`, :class:`FtRunner`.
+
+This module is imported by pytest in every project that installs ft, so it imports neither
+torch nor transformers at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import random
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = [
+    "FtResult",
+    "FtRunner",
+    "HookCall",
+    "HookRecorder",
+    "make_rows",
+    "registered_plugin",
+    "write_config",
+    "write_dataset",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# registering a plugin for one test
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def registered_plugin(obj: object, name: str | None = None) -> Iterator[str]:
+    """Register ``obj`` (a module, class or instance with ``@hookimpl`` functions) as a plugin.
+
+    Every plugin manager made inside the ``with`` block (so every ``ft`` command run in-process)
+    loads it after the installed entry points. A module attribute ``FT_FEATURE = True`` makes it
+    a feature, active only when selected with ``-p NAME`` or ``plugins: [NAME]``. Yields the name.
+    """
+    from ft.plugins import _PROCESS_PLUGINS, add_process_plugin, remove_process_plugin
+
+    name = name or _default_name(obj)
+    if any(n == name for n, _ in _PROCESS_PLUGINS):
+        raise ValueError(f"a plugin named '{name}' is already registered for this process; pass another name=")
+    add_process_plugin(name, obj)
+    try:
+        yield name
+    finally:
+        remove_process_plugin(name)
+
+
+def _default_name(obj: object) -> str:
+    name = getattr(obj, "__name__", None) or type(obj).__name__
+    return str(name).rsplit(".", 1)[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# recording hook calls
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HookCall:
+    """One call of one plugin's implementation of a hook."""
+
+    hook: str
+    plugin: str
+    kwargs: dict[str, Any]
+    result: Any = None
+    exception: BaseException | None = None
+
+
+class HookRecorder:
+    """Records every hook implementation call of the plugin managers made while it is active.
+
+    It wraps each implementation as plugins are registered, so it sees every way the core calls
+    a hook: ``pm.hook.X(...)`` (pluggy), ``pm.call_each`` / ``pm.merge_dicts`` and the
+    registration hooks that stamp registries. Use it as a context manager or through the
+    ``ft_hook_recorder`` fixture.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[HookCall] = []
+        self._stack: contextlib.ExitStack | None = None
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def hooks(self) -> list[str]:
+        """Hook names in the order they were first called."""
+        return list(dict.fromkeys(c.hook for c in self.calls))
+
+    def calls_to(self, hook: str) -> list[HookCall]:
+        _check_hook_name(hook)
+        return [c for c in self.calls if c.hook == hook]
+
+    def plugins_called(self, hook: str) -> list[str]:
+        """Plugin names whose implementation of ``hook`` ran, in call order (repeats kept)."""
+        return [c.plugin for c in self.calls_to(hook)]
+
+    def called(self, hook: str, plugin: str | None = None) -> bool:
+        return any(plugin is None or c.plugin == plugin for c in self.calls_to(hook))
+
+    def results(self, hook: str, plugin: str | None = None) -> list[Any]:
+        return [c.result for c in self.calls_to(hook) if plugin is None or c.plugin == plugin]
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    # -- activation --------------------------------------------------------------------------
+
+    def __enter__(self) -> HookRecorder:
+        from ft.plugins import PluginManager
+
+        if self._stack is not None:
+            raise RuntimeError("this HookRecorder is already recording")
+        stack = contextlib.ExitStack()
+        recorder = self
+        original_init = PluginManager.__init__
+        original_register = PluginManager.register
+
+        @functools.wraps(original_init)
+        def init(pm: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(pm, *args, **kwargs)
+            recorder._wrap_all(pm)
+
+        @functools.wraps(original_register)
+        def register(pm: Any, *args: Any, **kwargs: Any) -> None:
+            original_register(pm, *args, **kwargs)
+            recorder._wrap_all(pm)
+
+        PluginManager.__init__ = init  # type: ignore[method-assign]
+        PluginManager.register = register  # type: ignore[method-assign]
+
+        def restore() -> None:
+            PluginManager.__init__ = original_init  # type: ignore[method-assign]
+            PluginManager.register = original_register  # type: ignore[method-assign]
+
+        stack.callback(restore)
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._stack is not None
+        self._stack.close()
+        self._stack = None
+
+    def _wrap_all(self, pm: Any) -> None:
+        for caller in list(pm.pm.hook.__dict__.values()):
+            get_impls = getattr(caller, "get_hookimpls", None)
+            if get_impls is None or not caller.name.startswith("ft_"):
+                continue
+            for impl in get_impls():
+                if getattr(impl.function, "_ft_recorded", None) is self:
+                    continue
+                impl.function = self._recording(impl.function, caller.name, impl.plugin_name, impl.argnames,
+                                                impl.hookwrapper or impl.wrapper)
+
+    def _recording(self, fn: Any, hook: str, plugin: str, argnames: Sequence[str], is_wrapper: bool) -> Any:
+        calls = self.calls
+
+        @functools.wraps(fn)
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            call = HookCall(hook, plugin, {**dict(zip(argnames, args, strict=False)), **kwargs})
+            calls.append(call)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                call.exception = exc
+                raise
+            if not is_wrapper:  # a wrapper returns a generator, not the hook's result
+                call.result = result
+            return result
+
+        recorded._ft_recorded = self  # type: ignore[attr-defined]
+        return recorded
+
+
+def _check_hook_name(hook: str) -> None:
+    from ft.plugins import hook_names
+
+    if hook not in hook_names():
+        raise ValueError(f"unknown hook '{hook}'. Hooks: {', '.join(hook_names())}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# running the CLI in-process
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FtResult:
+    """What an in-process ``ft`` command did."""
+
+    args: list[str]
+    exit_code: int
+    output: str  # stdout and stderr, interleaved as the user would see them
+    stdout: str
+    stderr: str
+    exception: BaseException | None = None  # an unexpected exception (not a clean exit)
+    traceback: str = ""
+    output_dir: Path | None = None  # the run's output_dir (from the config and --set overrides)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.exception is None
+
+    def assert_ok(self) -> FtResult:
+        """Fail the test with the command's output and traceback unless it succeeded."""
+        if not self.ok:
+            raise AssertionError(
+                f"`ft {' '.join(self.args)}` exited with {self.exit_code}\n--- output ---\n{self.output}"
+                + (f"\n--- traceback ---\n{self.traceback}" if self.traceback else "")
+            )
+        return self
+
+    def assert_error(self, *fragments: str) -> FtResult:
+        """Fail unless the command failed cleanly (an ft error, no traceback) mentioning every fragment."""
+        if self.ok:
+            raise AssertionError(f"`ft {' '.join(self.args)}` succeeded, but an error was expected:\n{self.output}")
+        if self.exception is not None:
+            raise AssertionError(
+                f"`ft {' '.join(self.args)}` crashed instead of reporting an error:\n{self.traceback}"
+            )
+        missing = [f for f in fragments if f not in self.output]
+        if missing:
+            raise AssertionError(f"error output lacks {missing!r}:\n{self.output}")
+        return self
+
+    def json(self) -> Any:
+        """The standard output parsed as JSON (``ft plugins --json``)."""
+        return json.loads(self.stdout)
+
+
+class FtRunner:
+    """Runs ``ft`` commands in this process with click's ``CliRunner``.
+
+    Plugins registered with :func:`registered_plugin` and hook recorders see these runs, which
+    a subprocess would not.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
+
+    def invoke(self, *args: str | Path) -> FtResult:
+        """Run ``ft ARGS...``; never raises for a failing command (check ``exit_code``)."""
+        from click.testing import CliRunner
+
+        from ft.cli import cli
+
+        str_args = [str(a) for a in args]
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        try:
+            result = CliRunner().invoke(cli, str_args, env=self.env, catch_exceptions=True)
+        finally:
+            # `ft run` calls logging.basicConfig, which may bind a handler to CliRunner's
+            # temporary stream; drop it so later logging does not write to a closed file.
+            for h in root.handlers[:]:
+                if h not in handlers:
+                    root.removeHandler(h)
+            root.setLevel(level)
+        exc = result.exception
+        if isinstance(exc, SystemExit):
+            exc = None
+        tb = "".join(traceback.format_exception(*result.exc_info)) if exc is not None and result.exc_info else ""
+        stdout = result.stdout
+        try:
+            stderr = result.stderr
+        except ValueError:  # click < 8.2 without a separate stderr
+            stderr = ""
+        return FtResult(str_args, result.exit_code, result.output, stdout, stderr, exc, tb)
+
+    def run(self, config: str | Path, *args: str) -> FtResult:
+        """``ft run CONFIG ARGS...``; ``output_dir`` is set on the result."""
+        return self._with_config("run", config, args)
+
+    def preprocess(self, config: str | Path, *args: str) -> FtResult:
+        return self._with_config("preprocess", config, args)
+
+    def validate(self, config: str | Path, *args: str) -> FtResult:
+        return self._with_config("validate", config, args)
+
+    def plugins(self, *args: str) -> FtResult:
+        return self.invoke("plugins", *args)
+
+    def _with_config(self, command: str, config: str | Path, args: Sequence[str]) -> FtResult:
+        result = self.invoke(command, config, *args)
+        result.output_dir = _output_dir_of(Path(config), args)
+        return result
+
+
+def _output_dir_of(config: Path, args: Sequence[str]) -> Path | None:
+    """The output_dir the config (with ``--set`` overrides) names, resolved like ``ft`` does."""
+    from ft.config import apply_overrides, read_yaml
+    from ft.errors import FtError
+
+    overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
+    overrides += [a.split("=", 1)[1] for a in args if a.startswith("--set=")]
+    try:
+        data = apply_overrides(read_yaml(config).data, overrides)
+    except FtError:
+        return None
+    return Path(str(data.get("output_dir") or "./out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny datasets and configs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_rows(kind: str = "chat", n: int = 16, seed: int = 0) -> list[dict[str, Any]]:
+    """Sample rows of a known shape: ``chat`` (OpenAI ``messages``), ``alpaca`` or ``completion``."""
+    if kind == "chat":
+        from ft.tiny import make_chat_rows
+
+        return make_chat_rows(n, seed=seed)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == "alpaca":
+            rows.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"The result is {a + b}."})
+        elif kind == "completion":
+            rows.append({"text": f"The sum of {a} and {b} is {a + b}. " * rng.randint(1, 3)})
+        else:
+            raise ValueError(f"unknown row kind '{kind}'; use chat, alpaca or completion")
+    return rows
+
+
+def write_dataset(path: str | Path, rows: list[dict[str, Any]] | None = None, *, kind: str = "chat",
+                  n: int = 16, seed: int = 0) -> Path:
+    """Write ``rows`` (default: :func:`make_rows`) as JSON lines; returns the path."""
+    from ft.tiny import write_jsonl
+
+    return write_jsonl(path, rows if rows is not None else make_rows(kind, n, seed))
+
+
+FAST_DEFAULTS: dict[str, Any] = {
+    "sequence_len": 128,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1.0e-3,
+    "max_steps": 2,
+    "logging_steps": 1,
+    "dataset_num_proc": 1,
+    "bf16": False,
+    "seed": 0,
+}
+
+
+def write_config(path: str | Path, *, base_model: str | Path, datasets: list[dict[str, Any]] | None = None,
+                 dataset: str | Path | None = None, **overrides: Any) -> Path:
+    """Write a small, fast config (2 steps, short sequences) for ``ft run``; keys in ``overrides`` win.
+
+    ``dataset`` is a shortcut for ``datasets: [{path: DATASET, type: chat_template}]``. The output and
+    prepared-data directories default to siblings of the config file.
+    """
+    import yaml
+
+    p = Path(path)
+    if datasets is None:
+        if dataset is None:
+            raise ValueError("write_config needs `dataset=` (a chat JSONL path) or `datasets=` (entries)")
+        datasets = [{"path": str(dataset), "type": "chat_template"}]
+    data: dict[str, Any] = {
+        "base_model": str(base_model),
+        "datasets": datasets,
+        **FAST_DEFAULTS,
+        "output_dir": str(p.parent / "out"),
+        "dataset_prepared_path": str(p.parent / "prepared"),
+    }
+    data.update(overrides)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ft_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama model + ChatML tokenizer (eos ``<|im_end|>``, no pad token), made offline once."""
+    from ft.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ft-tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def ft_tiny_tokenizer(ft_tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ft_tiny_model_dir)
+
+
+@pytest.fixture
+def ft_dataset(tmp_path: Path):
+    """``ft_dataset(rows=None, name="train.jsonl", kind="chat", n=16, seed=0) -> Path``."""
+
+    def write(rows: list[dict[str, Any]] | None = None, name: str = "train.jsonl", **kwargs: Any) -> Path:
+        return write_dataset(tmp_path / "data" / name, rows, **kwargs)
+
+    return write
+
+
+@pytest.fixture
+def ft_config(tmp_path: Path, ft_tiny_model_dir: Path):
+    """``ft_config(dataset=PATH | datasets=[...], name="config.yaml", **overrides) -> Path`` (tiny model)."""
+
+    def write(name: str = "config.yaml", **kwargs: Any) -> Path:
+        kwargs.setdefault("base_model", ft_tiny_model_dir)
+        return write_config(tmp_path / name, **kwargs)
+
+    return write
+
+
+@pytest.fixture
+def ft_runner(monkeypatch: pytest.MonkeyPatch) -> FtRunner:
+    """Runs ``ft`` commands in-process: ``ft_runner.run(config, "-p", "lora")`` -> :class:`FtResult`."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("WANDB_MODE", "disabled")):
+        monkeypatch.setenv(key, value)
+    return FtRunner()
+
+
+@pytest.fixture
+def ft_hook_recorder() -> Iterator[HookRecorder]:
+    """Records the hook calls of every plugin manager made during the test."""
+    with HookRecorder() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def ft_register_plugin():
+    """``ft_register_plugin(obj, name=None) -> name``: a plugin for the rest of this test."""
+    with contextlib.ExitStack() as stack:
+
+        def register(obj: object, name: str | None = None) -> str:
+            return stack.enter_context(registered_plugin(obj, name))
+
+        yield register
