@@ -95,6 +95,7 @@ def load_context(
         active=pm.active_names(),
         format_names=regs.formats.names(),
     )
+    cfg.plugins = [n for n in pm.active_names() if pm.infos[n].feature]  # -p too, for ft_validate_config
     problems = []
     for key, registry in (("optimizer", regs.optimizers), ("lr_scheduler", regs.schedulers)):
         name = getattr(cfg, key)
@@ -104,7 +105,6 @@ def load_context(
         problems.extend(found or [])
     if problems:
         raise ConfigError(problems, raw.source)
-    cfg.plugins = [n for n in pm.active_names() if pm.infos[n].feature]
     return Context(pm, regs, cfg)
 
 
