@@ -1,0 +1,238 @@
+"""The prepared-dataset cache: a content key, a file lock, and atomic writes.
+
+Layout of ``dataset_prepared_path``::
+
+    <key>/train/        the training dataset (``datasets.save_to_disk``; loaded memory-mapped)
+    <key>/eval/         the eval dataset, when there is one
+    <key>/report.json   rows dropped, per reason, with file:line examples
+    <key>/stats.json    rows, samples, tokens, packing efficiency, seconds
+    <key>/key.json      what went into the key (to see why a cache was rebuilt)
+    <key>.lock          held while one process builds; the others wait, then load
+
+The key hashes everything that changes the prepared rows: the data files' contents (through
+``ft_data_fingerprint``), files named by dataset options (e.g. a jinja template file), the
+tokenizer (vocabulary, added tokens, chat template), the config keys that matter, and the
+version and source of every plugin on the data path. A build is written to a temporary
+directory and renamed into place, so a crash never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ft.errors import DataError
+
+log = logging.getLogger("ft.data")
+
+# Bump when the layout or meaning of prepared data changes.
+CACHE_FORMAT = 1
+# Config keys that change the prepared rows (datasets entries are added separately).
+KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_tokens", "tokens", "val_set_size",
+              "seed", "shuffle")
+# A plugin implementing one of these is on the data path: its version and source join the key.
+DATA_HOOKS = frozenset({"ft_register_formats", "ft_load_dataset", "ft_data_fingerprint", "ft_pack"})
+# ft's own modules on the data path.
+CORE_DATA_MODULES = ("ft.data", "ft.data_tokenize", "ft.formats", "ft.cache")
+
+
+def prepared_root(cfg: Any) -> Path:
+    return Path(cfg.dataset_prepared_path).expanduser()
+
+
+def cache_key(ctx: Any, tokenizer: Any, packing: bool) -> tuple[str, dict[str, Any]]:
+    """The cache key of this config + data + tokenizer, and the inputs it was made from."""
+    cfg, pm = ctx.cfg, ctx.pm
+    entries: dict[str, list[Any]] = {}
+    for group in ("datasets", "test_datasets"):
+        entries[group] = []
+        for entry in getattr(cfg, group) or []:
+            fingerprints = {name: fp for name, fp in pm.call_each("ft_data_fingerprint", cfg=cfg, entry=entry) if fp}
+            entries[group].append({
+                "entry": entry.model_dump(mode="json"),
+                "fingerprints": fingerprints,
+                "option_files": _option_files(cfg, entry),
+            })
+    plugins = {}
+    for name, info in sorted(pm.infos.items()):
+        if info.status in ("active", "essential") and DATA_HOOKS & set(info.hooks):
+            plugins[name] = {"version": info.version, "source": _source_hash(pm.pm.get_plugin(name))}
+    inputs = {
+        "cache_format": CACHE_FORMAT,
+        "ft": {m: _source_hash(sys.modules.get(m)) for m in CORE_DATA_MODULES},
+        "entries": entries,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "config": {k: _plain(getattr(cfg, k)) for k in KEY_CONFIG},
+        "packing": {"selected": packing, "sections": _packing_sections(ctx) if packing else {}},
+        "plugins": plugins,
+    }
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what decides token ids: vocabulary/merges/normalizer, added tokens, chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    elif hasattr(tokenizer, "get_vocab"):
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    meta = {
+        "class": type(tokenizer).__name__,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+        "added_tokens": [str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()],
+        "length": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+        "add_eos_token": getattr(tokenizer, "add_eos_token", None),
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Content hash of a file (xxh3-128 when xxhash is installed, else sha256)."""
+    try:
+        import xxhash
+
+        h: Any = xxhash.xxh3_128()
+    except ImportError:
+        h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _option_files(cfg: Any, entry: Any) -> dict[str, str]:
+    """Content hashes of files named by an entry's options (other than ``path``): a template file
+    edited in place must rebuild the cache too."""
+    from ft.context import resolve_path
+
+    out = {}
+    for key, value in entry:
+        if key == "path" or not isinstance(value, str) or "\n" in value or len(value) > 1024:
+            continue
+        try:
+            p = resolve_path(cfg, value)
+            if os.path.isfile(p):
+                out[key] = file_digest(p)
+        except OSError:
+            continue
+    return out
+
+
+def _source_hash(obj: Any) -> str | None:
+    path = getattr(obj, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
+def _packing_sections(ctx: Any) -> dict[str, Any]:
+    """Config sections of the plugins that pack (their options change the bins)."""
+    out = {}
+    for impl in ctx.pm.active_caller("ft_pack").get_hookimpls():
+        section = ctx.cfg.section(impl.plugin_name)
+        out[impl.plugin_name] = section.model_dump(mode="json") if section is not None else None
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+# -- lock, load, store ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def build_lock(root: Path, key: str) -> Iterator[None]:
+    """Hold ``<root>/<key>.lock``: one process (rank) builds; the others wait here, then load."""
+    from filelock import FileLock, Timeout
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"dataset_prepared_path: cannot create {root}: {exc}. Choose a writable directory.") from None
+    lock = FileLock(str(root / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        log.info("another process is preparing %s; waiting for it to finish", root / key)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def load(root: Path, key: str) -> dict[str, Any] | None:
+    """The cached datasets, report and stats, or None when there is no complete cache."""
+    path = root / key
+    if not (path / "stats.json").is_file():
+        return None
+    from datasets import load_from_disk
+
+    try:
+        with _quiet_datasets():
+            train = load_from_disk(str(path / "train"))
+            eval_ds = load_from_disk(str(path / "eval")) if (path / "eval").is_dir() else None
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+        stats = json.loads((path / "stats.json").read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
+        log.warning("the prepared data in %s cannot be read (%s); rebuilding it", path, exc)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    return {"train": train, "eval": eval_ds, "report": report, "stats": stats, "path": str(path)}
+
+
+def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any,
+          report: dict[str, Any], stats: dict[str, Any]) -> str:
+    """Write a build into a temporary directory, then rename it to ``<root>/<key>`` (atomic)."""
+    final = root / key
+    for stale in root.glob(f".tmp-{key}-*"):  # left by a crashed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        with _quiet_datasets():
+            train.save_to_disk(str(tmp / "train"))
+            if eval_ds is not None:
+                eval_ds.save_to_disk(str(tmp / "eval"))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (tmp / "key.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        stats = {**stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        if final.exists():  # only after a damaged cache was half-removed
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Saving the dataset" / "Loading" bars from datasets: ours says what happens."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
