@@ -1,0 +1,465 @@
+"""Build the Hugging Face Trainer from the config and plugins, run it, and measure what it did.
+
+``build_trainer`` turns the core config into ``TrainingArguments``, merges what plugins add
+(``ft_trainer_args``), picks the optimizer and scheduler by name from the registries, the trainer
+class (``ft_trainer_class``), the collator (``ft_collator``) and callbacks (``ft_callbacks``).
+``run_training`` trains and returns the run's metrics; running out of memory ends with the
+usual remedies instead of a traceback.
+
+torch and transformers are imported inside functions: importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ft.errors import ConfigError, FtError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from ft.context import Context
+
+log = logging.getLogger("ft.train")
+
+IGNORE_INDEX = -100
+HISTORY_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
+
+
+# -- precision -------------------------------------------------------------------------------
+
+
+def resolve_precision(cfg: Any) -> str:
+    """``bf16`` / ``fp16`` / ``fp32`` for this config on this machine (``bf16: auto`` -> fp32 on CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if cfg.fp16 and cfg.bf16 is True:
+        raise ConfigError([f"{cfg.where('fp16')}: fp16 and bf16 are both true; choose one (bf16 where the GPU has it)."],
+                          cfg.source)
+    if cfg.fp16:
+        if not cuda:
+            raise ConfigError([f"{cfg.where('fp16')}: fp16 mixed precision needs a CUDA GPU; on this machine "
+                               "remove it (or use `bf16: auto`)."], cfg.source)
+        return "fp16"
+    if cfg.bf16 == "auto":
+        return "bf16" if bf16_ok else "fp32"
+    if cfg.bf16:
+        if cuda and not bf16_ok:
+            raise ConfigError([f"{cfg.where('bf16')}: this GPU has no bf16 support; use `fp16: true` "
+                               "(or `bf16: auto`)."], cfg.source)
+        return "bf16"
+    return "fp32"
+
+
+def torch_dtype(precision: str) -> Any:
+    """The dtype weights are loaded in. fp16 training keeps fp32 master weights (the grad scaler needs them)."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+# -- what ft adds to any Trainer ---------------------------------------------------------------
+
+
+class TokenCounter:
+    """Counts real (non-pad) input tokens and trained tokens (labels != -100) per micro-batch."""
+
+    def __init__(self) -> None:
+        self.input_tokens: Any = 0
+        self.trained_tokens: Any = 0
+
+    def add(self, inputs: dict[str, Any]) -> None:
+        ids, mask, labels = inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("labels")
+        if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+            self.input_tokens = self.input_tokens + mask.sum()
+        elif ids is not None:  # packed rows (position_ids or a 4D mask): every position is real
+            self.input_tokens = self.input_tokens + ids.numel()
+        if labels is not None:
+            self.trained_tokens = self.trained_tokens + labels.ne(IGNORE_INDEX).sum()
+
+    def totals(self) -> tuple[int, int]:
+        return int(self.input_tokens), int(self.trained_tokens)
+
+
+@dataclasses.dataclass
+class FtState:
+    """What build_trainer hands to the trainer instance (read by FtTrainerMixin and the callbacks)."""
+
+    cfg: Any
+    counter: TokenCounter
+    history: list[dict[str, Any]]
+    optimizer_factory: Callable[..., Any] | None = None
+    scheduler_factory: Callable[..., Any] | None = None
+    started: float | None = None
+
+
+class FtTrainerMixin:
+    """Mixed into whichever Trainer class runs: counts tokens, builds factory optimizers/schedulers."""
+
+    ft_state: FtState | None = None
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.ft_state is not None:
+            self.ft_state.counter.add(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        st = self.ft_state
+        if self.optimizer is None and st is not None and st.optimizer_factory is not None:
+            model = args[0] if args else kwargs.get("model")
+            self.optimizer = st.optimizer_factory(st.cfg, model if model is not None else self.model)
+        return super().create_optimizer(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
+        st = self.ft_state
+        if self.lr_scheduler is None and st is not None and st.scheduler_factory is not None:
+            self.lr_scheduler = st.scheduler_factory(st.cfg, optimizer or self.optimizer, num_training_steps)
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+
+
+def _default_trainer_class() -> type:
+    from transformers import Trainer
+
+    return type("FtTrainer", (FtTrainerMixin, Trainer), {"__doc__": "ft's default trainer."})
+
+
+def _with_mixin(cls: type) -> type:
+    from transformers import Trainer
+
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise FtError(f"ft_trainer_class returned {cls!r}, which is not a subclass of transformers.Trainer.")
+    if issubclass(cls, FtTrainerMixin):
+        return cls
+    return type(f"Ft{cls.__name__}", (FtTrainerMixin, cls), {"__module__": cls.__module__})
+
+
+def _callbacks(state: FtState) -> list[Any]:
+    from transformers import ProgressCallback, TrainerCallback
+
+    class MetricsHistory(TrainerCallback):
+        """Keeps loss, lr, grad_norm (and eval loss) per logged step; logs the last step too."""
+
+        def on_train_begin(self, args, st, control, **kwargs):
+            state.started = time.perf_counter()
+
+        def on_step_end(self, args, st, control, **kwargs):
+            if st.global_step >= st.max_steps and args.logging_strategy == "steps":
+                control.should_log = True  # so the final loss is the loss of the final steps
+            return control
+
+        def on_log(self, args, st, control, logs=None, **kwargs):
+            row = {k: float(logs[k]) for k in HISTORY_KEYS if k in (logs or {})}
+            if not row:
+                return
+            tokens, trained = state.counter.totals()
+            elapsed = time.perf_counter() - state.started if state.started else 0.0
+            row = {"step": st.global_step, "epoch": round(float(st.epoch or 0.0), 4), **row,
+                   "train_tokens": tokens, "trained_tokens": trained,
+                   "tokens_per_second": round(tokens / elapsed, 2) if elapsed > 0 else None}
+            if state.history and state.history[-1]["step"] == row["step"]:
+                state.history[-1].update(row)
+            else:
+                state.history.append(row)
+
+    class Progress(ProgressCallback):
+        """The training bar, with one short line per logged step instead of a dict dump."""
+
+        def on_log(self, args, st, control, logs=None, **kwargs):
+            if not st.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in HISTORY_KEYS if k in logs]
+            if not parts:
+                return
+            if state.history and state.history[-1].get("tokens_per_second"):
+                parts.append(f"tok/s {state.history[-1]['tokens_per_second']:,.0f}")
+            self.training_bar.write(f"step {st.global_step}/{st.max_steps}  " + "  ".join(parts))
+
+    return [MetricsHistory(), Progress()]
+
+
+# -- TrainingArguments -------------------------------------------------------------------------
+
+
+def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments fields from the core config (before plugins add theirs)."""
+    import torch
+
+    precision = resolve_precision(cfg)
+    if cfg.warmup_steps is not None and cfg.warmup_ratio:
+        log.warning("%s and warmup_ratio are both set; using warmup_steps=%d", cfg.where("warmup_steps"),
+                    cfg.warmup_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio  # a float < 1 is a ratio
+    args: dict[str, Any] = {
+        "output_dir": cfg.output_dir,
+        "per_device_train_batch_size": cfg.micro_batch_size,
+        "per_device_eval_batch_size": cfg.eval_batch_size or cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.num_epochs,
+        "max_steps": cfg.max_steps or -1,
+        "warmup_steps": warmup,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "logging_strategy": "steps",
+        "logging_steps": cfg.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if cfg.save_steps else "no",
+        "save_total_limit": cfg.save_total_limit,
+        "eval_strategy": "steps" if has_eval and cfg.eval_steps else "no",
+        "report_to": report_to(cfg),
+        "dataloader_num_workers": cfg.dataloader_num_workers,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "remove_unused_columns": False,  # formats may carry extra columns the collator uses
+        "label_names": ["labels"],
+    }
+    if cfg.save_steps:
+        args["save_steps"] = cfg.save_steps
+    if has_eval and cfg.eval_steps:
+        args["eval_steps"] = cfg.eval_steps
+    if cfg.gradient_checkpointing:
+        # transformers >= 5.2x renamed it activation_checkpointing; older 5.x only knows the old name
+        name = "activation_checkpointing" if "activation_checkpointing" in _training_fields() else "gradient_checkpointing"
+        args[name] = True
+        if cfg.gradient_checkpointing_kwargs is not None:
+            args[f"{name}_kwargs"] = dict(cfg.gradient_checkpointing_kwargs)
+    if cfg.tf32 is not None:
+        if torch.cuda.is_available():
+            args["tf32"] = cfg.tf32
+        else:
+            log.info("%s: ignored, there is no CUDA GPU", cfg.where("tf32"))
+    return args
+
+
+def _training_fields() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+REPORTERS = {"tensorboard": ("tensorboard", "pip install 'ft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
+
+
+def report_to(cfg: Any) -> list[str] | str:
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    names = [n for n in names if n and n != "none"]
+    for name in names:
+        module, fix = REPORTERS.get(name, (None, ""))
+        if module and importlib.util.find_spec(module) is None:
+            if name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
+                continue
+            raise MissingDependencyError(f"{cfg.where('report_to')}: reporting to {name} needs the '{module}' "
+                                         f"package, which is not installed: {fix} (or set report_to: none).")
+    return names or "none"
+
+
+def _plugin_trainer_args(ctx: Context, known: set[str]) -> dict[str, Any]:
+    problems = []
+    for plugin, result in ctx.pm.call_each("ft_trainer_args", cfg=ctx.cfg):
+        for key in result or {}:
+            if key not in known:
+                problems.append(f"plugin '{plugin}' sets TrainingArguments field '{key}', which this transformers "
+                                "version does not have.")
+    if problems:
+        raise FtError("\n".join(problems))
+    return ctx.pm.merge_dicts("ft_trainer_args", "TrainingArguments field", cfg=ctx.cfg)
+
+
+# -- optimizer and scheduler ---------------------------------------------------------------------
+
+
+def _choose(registry: Any, name: str, key_path: str) -> tuple[str | None, Callable[..., Any] | None]:
+    """A registry value: a transformers name (-> TrainingArguments) or a factory (-> built by ft)."""
+    value = registry.get(name, key_path).value
+    if hasattr(value, "check"):
+        value.check()  # e.g. 8-bit optimizers say how to install bitsandbytes
+    if isinstance(value, str):
+        return str(value), None
+    if callable(value):
+        return None, value
+    raise FtError(f"{key_path}: '{name}' is registered with {value!r}, which is neither a transformers name "
+                  "nor a factory callable; fix the plugin that registers it.")
+
+
+# -- building and running ------------------------------------------------------------------------
+
+
+def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
+    """The Trainer for this run: core arguments + plugin arguments, registries, callbacks, collator."""
+    from transformers import TrainingArguments
+
+    cfg = ctx.cfg
+    eval_data = getattr(data, "eval", None)
+    args = training_arguments(cfg, has_eval=eval_data is not None)
+
+    optim, optimizer_factory = _choose(ctx.registries.optimizers, cfg.optimizer, cfg.where("optimizer"))
+    sched, scheduler_factory = _choose(ctx.registries.schedulers, cfg.lr_scheduler, cfg.where("lr_scheduler"))
+    if optim:
+        args["optim"] = optim
+    if sched:
+        args["lr_scheduler_type"] = sched
+
+    for key, value in _plugin_trainer_args(ctx, _training_fields()).items():
+        if key in args and args[key] != value:
+            log.info("TrainingArguments %s=%r (set by a plugin; the config gave %r)", key, value, args[key])
+        args[key] = value
+    try:
+        training_args = TrainingArguments(**args)
+    except (ValueError, TypeError) as exc:
+        raise FtError(f"the training settings are inconsistent: {exc}") from exc
+
+    collator = ctx.pm.hook.ft_collator(cfg=cfg, tokenizer=tokenizer)
+    if collator is None:
+        raise FtError("no active plugin returned a data collator from ft_collator. Is the 'hf' plugin blocked?")
+    trainer_cls = _with_mixin(ctx.pm.hook.ft_trainer_class(cfg=cfg) or _default_trainer_class())
+    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory)
+    ft_callbacks = _callbacks(state)
+
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=data.train,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        callbacks=[*ctx.pm.collect_lists("ft_callbacks", cfg=cfg), ft_callbacks[0]],
+    )
+    trainer.ft_state = state
+    from transformers import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:  # absent when tqdm is disabled
+        trainer.add_callback(ft_callbacks[1])
+    return trainer
+
+
+def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[str, Any]:
+    """Train (resuming when asked) and return the run's metrics."""
+    cfg = ctx.cfg
+    resume = None if options.get("fresh") else (options.get("resume") or cfg.resume_from_checkpoint)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            _close_progress_bars(trainer)
+            _free_memory()
+            raise FtError(out_of_memory_message(cfg)) from exc
+        raise
+
+    state: FtState | None = getattr(trainer, "ft_state", None)
+    history = state.history if state is not None else []
+    eval_loss = None
+    if getattr(data, "eval", None) is not None:
+        last = next((r for r in reversed(history) if "eval_loss" in r), None)
+        if last is not None and last["step"] == trainer.state.global_step:
+            eval_loss = last["eval_loss"]
+        else:
+            eval_loss = float(trainer.evaluate()["eval_loss"])
+
+    tokens, trained = _total_tokens(trainer, state)
+    seconds = float(output.metrics.get("train_runtime") or 0.0)
+    final_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
+    metrics: dict[str, Any] = {
+        "steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "train_tokens": tokens,
+        "trained_tokens": trained,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+        "final_loss": final_loss,
+        "train_loss": float(output.training_loss),
+        "eval_loss": eval_loss,
+        "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size,
+        "samples": len(data.train) if hasattr(data.train, "__len__") else None,
+        "precision": resolve_precision(cfg),
+        "resumed_from": str(resume) if resume else None,
+    }
+    return metrics
+
+
+def _total_tokens(trainer: Any, state: FtState | None) -> tuple[int, int]:
+    if state is None:
+        return 0, 0
+    tokens, trained = state.counter.totals()
+    acc = trainer.accelerator
+    if acc.num_processes > 1:
+        import torch
+
+        both = acc.reduce(torch.tensor([tokens, trained], device=acc.device), reduction="sum")
+        tokens, trained = (int(x) for x in both.tolist())
+    return tokens, trained
+
+
+def history_of(trainer: Any) -> list[dict[str, Any]]:
+    """Per-step loss / lr / grad_norm rows (ft's own, else rebuilt from the Trainer's log history)."""
+    state = getattr(trainer, "ft_state", None)
+    if state is not None:
+        return list(state.history)
+    rows = []
+    for entry in trainer.state.log_history:
+        row = {k: entry[k] for k in HISTORY_KEYS if k in entry}
+        if row:
+            rows.append({"step": entry.get("step"), "epoch": entry.get("epoch"), **row})
+    return rows
+
+
+# -- out of memory ---------------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    seen = 0
+    while exc is not None and seen < 5:  # accelerate and plugins may wrap it
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def out_of_memory_message(cfg: Any) -> str:
+    effective = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    smaller = max(1, cfg.micro_batch_size // 2)
+    lines = [
+        f"ran out of memory while training (micro_batch_size {cfg.micro_batch_size}, sequence_len "
+        f"{cfg.sequence_len}, gradient_checkpointing {'on' if cfg.gradient_checkpointing else 'off'}). To fit:"
+    ]
+    if cfg.micro_batch_size > 1:
+        accumulate = math.ceil(effective / smaller)
+        lines.append(f"  - lower micro_batch_size ({cfg.where('micro_batch_size')}), e.g. micro_batch_size: {smaller} "
+                     f"with gradient_accumulation_steps: {accumulate} to keep the effective batch size of {effective}")
+    if not cfg.gradient_checkpointing:
+        lines.append("  - set gradient_checkpointing: true (recomputes activations; slower, much less memory)")
+    lines.append(f"  - use a shorter sequence_len ({cfg.where('sequence_len')}), e.g. sequence_len: "
+                 f"{max(128, cfg.sequence_len // 2)}")
+    if cfg.micro_batch_size == 1:
+        lines.append("  - micro_batch_size is already 1")
+    lines.append("  - train an adapter instead of the full model: -p lora (with -p qlora to quantize the base model)")
+    return "\n".join(lines)
+
+
+def _close_progress_bars(trainer: Any) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort; the message matters more
+        pass
