@@ -367,12 +367,15 @@ def _known_keys(model: type[BaseModel], loc: tuple, data: dict) -> list[str]:
     """Field names of the model found at ``loc`` (for "did you mean")."""
     current: Any = model
     value: Any = data
-    for part in loc:
+    for n, part in enumerate(loc):
         if isinstance(part, int):
             value = value[part] if isinstance(value, list) and part < len(value) else {}
             continue
         value = value.get(part, {}) if isinstance(value, dict) else {}
-        current = _field_model(current, part, value)
+        # a list of a union (dataset entries): pick the member by the indexed item's `type`
+        index = loc[n + 1] if n + 1 < len(loc) else None
+        item = value[index] if isinstance(index, int) and isinstance(value, list) and index < len(value) else value
+        current = _field_model(current, part, item)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
