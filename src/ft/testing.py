@@ -217,6 +217,7 @@ class FtResult:
     output: str  # stdout and stderr, interleaved as the user would see them
     stdout: str
     stderr: str
+    log: str = ""  # what ft logged (INFO and up): drop reports, patches, progress lines
     exception: BaseException | None = None  # an unexpected exception (not a clean exit)
     traceback: str = ""
     output_dir: Path | None = None  # the run's output_dir (from the config and --set overrides)
@@ -230,6 +231,7 @@ class FtResult:
         if not self.ok:
             raise AssertionError(
                 f"`ft {' '.join(self.args)}` exited with {self.exit_code}\n--- output ---\n{self.output}"
+                + (f"\n--- log ---\n{self.log}" if self.log else "")
                 + (f"\n--- traceback ---\n{self.traceback}" if self.traceback else "")
             )
         return self
@@ -244,7 +246,7 @@ class FtResult:
             )
         missing = [f for f in fragments if f not in self.output]
         if missing:
-            raise AssertionError(f"error output lacks {missing!r}:\n{self.output}")
+            raise AssertionError(f"error output lacks {missing!r}:\n{self.output}\n--- log ---\n{self.log}")
         return self
 
     def json(self) -> Any:
@@ -264,32 +266,41 @@ class FtRunner:
 
     def invoke(self, *args: str | Path) -> FtResult:
         """Run ``ft ARGS...``; never raises for a failing command (check ``exit_code``)."""
+        import io
+
         from click.testing import CliRunner
 
         from ft.cli import cli
 
         str_args = [str(a) for a in args]
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
+        root, ft_logger = logging.getLogger(), logging.getLogger("ft")
+        root_handlers, root_level, ft_level = list(root.handlers), root.level, ft_logger.level
+        log_stream = io.StringIO()
+        log_handler = logging.StreamHandler(log_stream)
+        log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        ft_logger.addHandler(log_handler)
+        ft_logger.setLevel(logging.DEBUG if {"-v", "--verbose"} & set(str_args) else logging.INFO)
         try:
             result = CliRunner().invoke(cli, str_args, env=self.env, catch_exceptions=True)
         finally:
+            ft_logger.removeHandler(log_handler)
+            ft_logger.setLevel(ft_level)
             # `ft run` calls logging.basicConfig, which may bind a handler to CliRunner's
             # temporary stream; drop it so later logging does not write to a closed file.
             for h in root.handlers[:]:
-                if h not in handlers:
+                if h not in root_handlers:
                     root.removeHandler(h)
-            root.setLevel(level)
+            root.setLevel(root_level)
         exc = result.exception
         if isinstance(exc, SystemExit):
             exc = None
         tb = "".join(traceback.format_exception(*result.exc_info)) if exc is not None and result.exc_info else ""
-        stdout = result.stdout
         try:
             stderr = result.stderr
         except ValueError:  # click < 8.2 without a separate stderr
             stderr = ""
-        return FtResult(str_args, result.exit_code, result.output, stdout, stderr, exc, tb)
+        return FtResult(str_args, result.exit_code, result.output, result.stdout, stderr, log_stream.getvalue(),
+                        exc, tb)
 
     def run(self, config: str | Path, *args: str) -> FtResult:
         """``ft run CONFIG ARGS...``; ``output_dir`` is set on the result."""
