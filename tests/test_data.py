@@ -22,23 +22,27 @@ CALLS = {"tokenize": 0, "rows": 0}
 
 class QAOptions(DatasetOptions):
     prompt_field: str = Field("prompt", description="Field holding the prompt.")
+    prefix_file: str | None = Field(None, description="A text file whose content prefixes every prompt.")
 
 
 class QATokenize:
     """Prompt (not trained unless train_on_inputs) + completion + eos (trained)."""
 
-    def __init__(self, tokenizer, prompt_field: str, train_on_inputs: bool, log_file: str | None = None):
+    def __init__(self, tokenizer, prompt_field: str, train_on_inputs: bool, log_file: str | None = None,
+                 prefix: str = ""):
         self.tokenizer, self.prompt_field, self.train_on_inputs = tokenizer, prompt_field, train_on_inputs
-        self.log_file = log_file
+        self.log_file, self.prefix = log_file, prefix
 
     def __call__(self, rows):
         CALLS["tokenize"] += 1
         CALLS["rows"] += len(rows)
         if self.log_file:
             import os
+            import time
 
             with open(self.log_file, "a") as fh:
                 fh.write(f"{os.getpid()}\n")
+            time.sleep(QA_LOG["delay"])  # a slow build, so concurrent processes overlap
         out = []
         for row in rows:
             prompt, completion = row.get(self.prompt_field), row.get("completion")
@@ -48,7 +52,7 @@ class QATokenize:
                 continue
             if completion == "BOOM":
                 raise ValueError("the format cannot handle BOOM")
-            p = self.tokenizer.encode(prompt, add_special_tokens=False)
+            p = self.tokenizer.encode(self.prefix + prompt, add_special_tokens=False)
             c = self.tokenizer.encode(completion, add_special_tokens=False) if completion else []
             c = c + [self.tokenizer.eos_token_id] if completion != "" else []
             labels = (list(p) if self.train_on_inputs else [IGNORE_INDEX] * len(p)) + c
@@ -58,10 +62,11 @@ class QATokenize:
 
 def build_qa(cfg, entry, tokenizer):
     toi = entry.train_on_inputs if entry.train_on_inputs is not None else cfg.train_on_inputs
-    return QATokenize(tokenizer, entry.prompt_field, toi, QA_LOG["file"])
+    prefix = Path(entry.prefix_file).read_text() if entry.prefix_file else ""
+    return QATokenize(tokenizer, entry.prompt_field, toi, QA_LOG["file"], prefix)
 
 
-QA_LOG: dict = {"file": None}
+QA_LOG: dict = {"file": None, "delay": 0.0}
 
 
 class QAPlugin:

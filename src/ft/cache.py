@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -69,7 +69,7 @@ def cache_key(ctx: Any, tokenizer: Any, packing: bool) -> tuple[str, dict[str, A
             plugins[name] = {"version": info.version, "source": _source_hash(pm.pm.get_plugin(name))}
     inputs = {
         "cache_format": CACHE_FORMAT,
-        "ft": {m: _source_hash(sys.modules.get(m)) for m in CORE_DATA_MODULES},
+        "ft": {m: _source_hash(importlib.import_module(m)) for m in CORE_DATA_MODULES},
         "entries": entries,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "config": {k: _plain(getattr(cfg, k)) for k in KEY_CONFIG},

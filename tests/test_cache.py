@@ -1,0 +1,164 @@
+"""The prepared-data cache: reused when nothing changed, rebuilt when anything that matters did.
+
+Reuse is proved by counting calls of the format's tokenize function, not by a log line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pytest
+import test_data
+from test_data import CALLS, QA_LOG, base_config, make_context, qa_rows, rows_of, write_lines
+
+from ft.data import prepare_datasets
+
+
+def run(tmp_path, tokenizer, data, **extra):
+    """Prepare with a fresh context (as a new `ft` process would) and count tokenize calls."""
+    before = CALLS["tokenize"]
+    cfg = base_config(tmp_path, data, **extra)
+    if "entry" in extra:
+        cfg["datasets"][0].update(cfg.pop("entry"))
+    out = prepare_datasets(make_context(cfg), tokenizer)
+    return out, CALLS["tokenize"] - before
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in qa_rows(10)])
+
+
+def test_cache_is_reused_when_nothing_changed_and_rebuilt_after_a_data_edit(tmp_path, tiny_tokenizer, data):
+    first, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls > 0 and first.stats["cache"] == "built"
+
+    second, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls == 0 and second.stats["cache"] == "hit"
+    assert second.cache_dir == first.cache_dir and rows_of(second.train) == rows_of(first.train)
+
+    original = data.read_text()
+    data.write_text(original.replace("The result is 4.", "The result is four."))  # same size class, new content
+    third, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls > 0 and third.cache_dir != first.cache_dir
+    assert any("four" in tiny_tokenizer.decode(r["input_ids"]) for r in rows_of(third.train))
+
+    data.write_text(original)  # back to the first content: its cache is still there
+    fourth, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls == 0 and fourth.cache_dir == first.cache_dir
+
+
+def test_touching_a_file_without_changing_it_keeps_the_cache(tmp_path, tiny_tokenizer, data):
+    run(tmp_path, tiny_tokenizer, data)
+    os.utime(data, (1, 1))
+    _, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls == 0
+
+
+def test_settings_that_change_the_rows_rebuild_and_others_do_not(tmp_path, tiny_tokenizer, data):
+    run(tmp_path, tiny_tokenizer, data)
+    _, calls = run(tmp_path, tiny_tokenizer, data, learning_rate=1e-3, micro_batch_size=4)
+    assert calls == 0
+    for change in ({"sequence_len": 48}, {"train_on_inputs": True}, {"seed": 7}, {"val_set_size": 0.2},
+                   {"excess_length": "truncate"}, {"entry": {"prompt_field": "prompt", "split": "other"}}):
+        _, calls = run(tmp_path, tiny_tokenizer, data, **copy.deepcopy(change))
+        assert calls > 0, f"{change} should rebuild"
+
+
+def test_a_changed_tokenizer_or_chat_template_rebuilds(tmp_path, tiny_tokenizer, data):
+    run(tmp_path, tiny_tokenizer, data)
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = tiny_tokenizer.chat_template + "{# edited #}"
+    _, calls = run(tmp_path, tok, data)
+    assert calls > 0
+    tok2 = copy.deepcopy(tiny_tokenizer)
+    tok2.add_tokens(["<new_token>"])
+    _, calls = run(tmp_path, tok2, data)
+    assert calls > 0
+    _, calls = run(tmp_path, copy.deepcopy(tiny_tokenizer), data)  # an equal copy: reused
+    assert calls == 0
+
+
+def test_editing_a_file_named_by_a_dataset_option_rebuilds(tmp_path, tiny_tokenizer, data):
+    prefix = tmp_path / "prefix.txt"
+    prefix.write_text("Q: ")
+    first, calls = run(tmp_path, tiny_tokenizer, data, entry={"prefix_file": str(prefix)})
+    assert calls > 0
+    _, calls = run(tmp_path, tiny_tokenizer, data, entry={"prefix_file": str(prefix)})
+    assert calls == 0
+    prefix.write_text("Question: ")
+    second, calls = run(tmp_path, tiny_tokenizer, data, entry={"prefix_file": str(prefix)})
+    assert calls > 0 and tiny_tokenizer.decode(second.train[0]["input_ids"]).startswith("Question: ")
+
+
+def test_a_crash_while_writing_leaves_no_cache_behind(tmp_path, tiny_tokenizer, data, monkeypatch):
+    from ft import cache
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    real = cache.store
+
+    def crashing_store(root, key, inputs, train, eval_ds, report, stats):
+        monkeypatch.setattr(type(train), "save_to_disk", boom)
+        try:
+            return real(root, key, inputs, train, eval_ds, report, stats)
+        finally:
+            monkeypatch.undo()
+
+    monkeypatch.setattr(cache, "store", crashing_store)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(tmp_path, tiny_tokenizer, data)
+    monkeypatch.undo()
+    prepared = tmp_path / "prepared"
+    assert [p.name for p in prepared.iterdir() if not p.name.endswith(".lock")] == []
+
+    out, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls > 0 and len(out.train) == 10
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path, tiny_tokenizer, data):
+    import shutil
+
+    first, _ = run(tmp_path, tiny_tokenizer, data)
+    shutil.rmtree(Path(first.cache_dir) / "train")
+    second, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls > 0 and len(second.train) == 10
+
+
+def _prepare_in_child(config: dict, model_dir: str, log_file: str, out_file: str) -> None:
+    from transformers import AutoTokenizer
+
+    QA_LOG["file"], QA_LOG["delay"] = log_file, 1.0
+    out = prepare_datasets(make_context(config), AutoTokenizer.from_pretrained(model_dir))
+    Path(out_file).write_text(json.dumps({"dir": out.cache_dir, "n": len(out.train), "cache": out.stats["cache"]}))
+
+
+def test_concurrent_processes_build_once_and_both_load(tmp_path, tiny_model_dir, data):
+    log_file = tmp_path / "calls.log"
+    config = base_config(tmp_path, data)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_prepare_in_child, args=(config, str(tiny_model_dir), str(log_file),
+                                                        str(tmp_path / f"out{i}.json"))) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    builders = set(log_file.read_text().split())
+    assert len(builders) == 1  # the tokenize function ran in one process only
+    outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert outs[0]["dir"] == outs[1]["dir"] and outs[0]["n"] == outs[1]["n"] == 10
+    assert sorted(o["cache"] for o in outs) == ["built", "hit"]
+
+
+def test_the_key_inputs_are_written_next_to_the_cache(tmp_path, tiny_tokenizer, data):
+    out, _ = run(tmp_path, tiny_tokenizer, data)
+    inputs = json.loads((Path(out.cache_dir) / "key.json").read_text())
+    assert inputs["config"]["sequence_len"] == 64
+    assert "sources" in inputs["entries"]["datasets"][0]["fingerprints"]
+    assert "qa_test_format" in inputs["plugins"] and test_data.__file__
