@@ -37,6 +37,7 @@ FT_FEATURE = True
 
 ATTENTION_NAME = "ft_varlen"
 PLUGIN = "varlen"
+REFERENCE_MASK_TOKENS = 4096  # the CPU/fp32 reference builds a tokens x tokens mask up to this size
 
 log = logging.getLogger("ft.varlen")
 
@@ -295,9 +296,11 @@ def _make_torch_varlen() -> Callable[..., Any]:
 
 
 def reference_varlen(q: Any, k: Any, v: Any, cu: Any, scale: float, dropout: float = 0.0) -> Any:
-    """Exact causal attention per sequence with SDPA: the CPU/fp32 path and the tests' yardstick.
+    """Exact causal attention within each sequence, with SDPA: the CPU/fp32 path and the tests' yardstick.
 
     ``q`` is ``(tokens, heads, dim)``, ``k``/``v`` ``(tokens, kv_heads, dim)``; returns ``(tokens, heads, dim)``.
+    Up to ``REFERENCE_MASK_TOKENS`` tokens it is one SDPA call with a block-diagonal causal mask;
+    beyond, one call per sequence (no ``tokens x tokens`` mask).
     """
     import torch
     import torch.nn.functional as F
@@ -305,14 +308,21 @@ def reference_varlen(q: Any, k: Any, v: Any, cu: Any, scale: float, dropout: flo
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, tokens, dim)
+    tokens = q.shape[1]
+    if tokens <= REFERENCE_MASK_TOKENS:
+        lengths = (cu[1:] - cu[:-1]).to(device=q.device, dtype=torch.long)
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+        allowed = (seq[:, None] == seq[None, :]) & torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout)
+        return out.transpose(0, 1)
     out = torch.empty_like(q)
     bounds = cu.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, dim)
-        out[start:end] = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout
-        ).transpose(0, 1)
-    return out
+        out[:, start:end] = F.scaled_dot_product_attention(
+            q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=scale, dropout_p=dropout
+        )
+    return out.transpose(0, 1)
 
 
 def make_attention(cuda_kernel: CudaKernel | None) -> Callable[..., Any]:

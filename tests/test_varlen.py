@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from ft_plugins import varlen
@@ -66,7 +68,9 @@ def test_cu_seqlens_when_a_row_continues_the_previous_rows_positions():
     assert cu.tolist() == [0, 3, 6]
 
 
-def test_reference_equals_block_diagonal_sdpa_with_gqa():
+@pytest.mark.parametrize("mask_up_to", [4096, 0], ids=["one-masked-call", "per-sequence"])
+def test_reference_equals_block_diagonal_sdpa_with_gqa(monkeypatch, mask_up_to):
+    monkeypatch.setattr(varlen, "REFERENCE_MASK_TOKENS", mask_up_to)
     torch.manual_seed(0)
     lengths = [4, 7, 1, 5]
     total, heads, kv_heads, dim = sum(lengths), 4, 2, 8
@@ -208,3 +212,20 @@ def test_gpu_kernel_matches_reference(tiny_model_dir, backend):
     for name, p in model.named_parameters():
         g, r = p.grad.float(), ref_grads[name]
         assert (g - r).norm() <= 5e-2 * r.norm() + 1e-6, name
+
+
+def test_run_with_varlen_trains_like_the_masked_packed_run(ft_config, ft_dataset, ft_runner):
+    from transformers import AttentionInterface
+
+    data = ft_dataset(n=24)
+    history = {}
+    for plugins in (["packing"], ["packing", "varlen"]):
+        name = "-".join(plugins)
+        out = data.parent / name
+        cfg = ft_config(name=f"{name}.yaml", dataset=data, plugins=plugins, max_steps=3, micro_batch_size=3,
+                        output_dir=str(out))
+        ft_runner.run(cfg).assert_ok()
+        history[name] = [row["loss"] for row in json.loads((out / "metrics.json").read_text())["history"]]
+    assert len(history["packing"]) == 3
+    assert history["packing-varlen"] == pytest.approx(history["packing"], rel=1e-5)
+    assert varlen.ATTENTION_NAME not in AttentionInterface._global_mapping  # undone when the run ended
