@@ -311,11 +311,14 @@ def test_template_tokens_missing_from_tokenizer(write_yaml, tiny_tokenizer):
 
 def test_template_without_end_of_turn_token(write_yaml, tiny_tokenizer):
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-    tokenize = build(write_yaml, tiny_tokenizer, chat_template=plain)
-    with pytest.raises(FtError) as err:
-        tokenize([{"messages": TALK}])
+    with pytest.raises(FtError) as err:  # found when the format is built, before any row is read
+        build(write_yaml, tiny_tokenizer, chat_template=plain)
     msg = str(err.value)
     assert "end-of-turn" in msg and "train_on_eos" in msg and "datasets[0]" in msg
+    # and while tokenizing, for a role the build-time probe does not try
+    tokenize = build(write_yaml, tiny_tokenizer, chat_template=plain, roles_to_train=["system"])
+    with pytest.raises(FtError, match="end-of-turn"):
+        tokenize([{"messages": TALK}])
     tokenize = build(write_yaml, tiny_tokenizer, chat_template=plain, train_on_eos="none")
     assert trained_runs(one(tokenize, TALK), tiny_tokenizer) == ["Paris.", "Rome."]
 
@@ -326,6 +329,7 @@ def test_unknown_entry_option_is_a_config_error(write_yaml, tiny_tokenizer):
     with pytest.raises(ConfigError) as err:
         build(write_yaml, tiny_tokenizer, roles_to_trian=["assistant"])
     assert "datasets[0].roles_to_trian: unknown key" in str(err.value) and "config.yaml:" in str(err.value)
+    assert "Did you mean 'roles_to_train'" in str(err.value)
     with pytest.raises(ConfigError) as err:
         build(write_yaml, tiny_tokenizer, train_on_eos="sometimes")
     assert "train_on_eos" in str(err.value)

@@ -337,6 +337,25 @@ class ChatTokenize:
         self._skeletons[key] = result
         return result
 
+    def probe(self) -> None:
+        """Fail fast (before any worker starts) when trained turns would have no end-of-turn token."""
+        if self.train_on_inputs or self.train_on_eos == "none":
+            return
+        messages = [{"role": "user", "content": "Hello there?"}, {"role": "assistant", "content": "Hi, how can I help?"}]
+        trained = [m["role"] in self.roles_to_train for m in messages]
+        if not any(trained):
+            return
+        try:
+            text = self.render(messages)
+            spans = self.content_spans(text, messages)
+            (enc,) = self.encoder.encodings([text])
+        except Exception:  # a template that needs other roles: the rows themselves will tell
+            return
+        try:
+            self.labels(enc, enc.ids, trained, spans, messages)
+        except _Skip:
+            return
+
     # -- rows -> messages --------------------------------------------------------------------
 
     def messages_of(self, row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[bool]]:
@@ -572,4 +591,5 @@ def build_chat_tokenize(cfg: Any, entry: ChatTemplateOptions, tokenizer: Any) ->
         compile_template(template)
     except Exception as exc:
         raise FtError(f"{where}: the chat template is not valid jinja: {exc}") from None
+    tok.probe()
     return tok
