@@ -308,3 +308,52 @@ def test_raw_rows_address_rows_across_files():
     assert [raw.where(i) for i in range(3)] == ["x.jsonl:1", "x.jsonl:3", "y.jsonl:2"]
     assert RowPart([{}], "z.parquet").where(0) == "z.parquet: row 1"
 
+
+
+# -- ft preprocess --debug ------------------------------------------------------------------------
+
+
+def test_debug_view_marks_trained_text_without_colour_and_colours_it_on_a_terminal(tmp_path, tiny_tokenizer):
+    import io
+
+    from ft.debug import show_samples
+
+    a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
+    out = prepare(tmp_path, tiny_tokenizer, a, shuffle=False)
+    plain = io.StringIO()
+    show_samples(out.train, tiny_tokenizer, 2, stream=plain, colour=False)
+    text = plain.getvalue()
+    assert "What is 0 plus 0?[+The result is 0.<|im_end|>+]" in text
+    assert "What is 1 plus 1?[+The result is 2.<|im_end|>+]" in text and "What is 2" not in text
+    assert "\033[" not in text
+    coloured = io.StringIO()
+    show_samples(out.train, tiny_tokenizer, 1, stream=coloured, colour=True)
+    assert "\033[32mThe result is 0.<|im_end|>\033[0m" in coloured.getvalue()
+    assert "\033[90mWhat is 0 plus 0?\033[0m" in coloured.getvalue()
+
+
+def test_debug_view_splits_packed_rows_into_their_samples(tiny_tokenizer):
+    import io
+
+    from ft.debug import show_samples
+
+    ids = tiny_tokenizer.encode("hi there", add_special_tokens=False)
+    row = {"input_ids": ids + ids, "labels": [IGNORE_INDEX] + ids[1:] + [IGNORE_INDEX] + ids[1:],
+           "position_ids": list(range(len(ids))) * 2}
+    buf = io.StringIO()
+    show_samples([row], tiny_tokenizer, 5, stream=buf, colour=False)
+    text = buf.getvalue()
+    assert "2 packed samples" in text and "[sample 2/2" in text
+
+
+def test_ft_preprocess_debug_prints_labelled_samples(tmp_path, tiny_model_dir, write_yaml):
+    from ft.testing import FtRunner, registered_plugin
+
+    a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(4)] + ["{broken"])
+    cfg = write_yaml({"base_model": str(tiny_model_dir), "datasets": [{"path": str(a), "type": "qa"}],
+                      "dataset_prepared_path": str(tmp_path / "prepared"), "sequence_len": 64})
+    with registered_plugin(QAPlugin(), "qa_test_format"):
+        result = FtRunner().preprocess(cfg, "--debug", "2")
+    result.assert_ok()
+    assert "[+The result is" in result.output and "--- row 2:" in result.output and "--- row 3:" not in result.output
+    assert (tmp_path / "prepared").is_dir()

@@ -1,0 +1,85 @@
+"""``ft preprocess --debug N``: show prepared samples with the trained tokens marked.
+
+Each sample is printed as text, cut into runs of trained / not-trained tokens. On a colour
+terminal trained text is green and the rest grey; without colour (a pipe, a log file,
+``NO_COLOR``) trained text is wrapped in ``[+ ... +]``, so the view reads the same in CI logs.
+Packed rows are split into their samples (where ``position_ids`` restart).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+from ft.formats import IGNORE_INDEX
+
+GREEN, GREY, BOLD, RESET = "\033[32m", "\033[90m", "\033[1m", "\033[0m"
+OPEN, CLOSE = "[+", "+]"
+
+
+def use_colour(stream: TextIO) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = None,
+                 colour: bool | None = None) -> None:
+    """Print the first ``n`` samples of ``dataset`` with trained tokens highlighted."""
+    out = stream or sys.stdout
+    colour = use_colour(out) if colour is None else colour
+    legend = (f"{GREEN}green{RESET} = trained, {GREY}grey{RESET} = not trained" if colour
+              else f"text inside {OPEN} {CLOSE} is trained; the rest is not")
+    out.write(f"{len(dataset)} rows; showing {min(n, len(dataset))} ({legend})\n")
+    for i in range(min(n, len(dataset))):
+        row = dataset[i]
+        pieces = list(_samples_of(row))
+        trained = sum(_trained(labels) for _ids, labels in pieces)
+        tokens = sum(len(ids) for ids, _labels in pieces)
+        what = f"{len(pieces)} packed samples, " if "position_ids" in row else ""
+        header = f"--- row {i + 1}: {what}{tokens} tokens, {trained} trained ---"
+        out.write((f"{BOLD}{header}{RESET}" if colour else header) + "\n")
+        for k, (ids, labels) in enumerate(pieces):
+            if len(pieces) > 1:
+                out.write(f"[sample {k + 1}/{len(pieces)}, {len(ids)} tokens]\n")
+            out.write(render(ids, labels, tokenizer, colour) + "\n")
+    out.flush()
+
+
+def render(ids: list[int], labels: list[int], tokenizer: Any, colour: bool = False) -> str:
+    """The text of one sample with its trained runs marked."""
+    text = []
+    for trained, run in _runs(ids, labels):
+        piece = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if colour:
+            text.append(f"{GREEN if trained else GREY}{piece}{RESET}")
+        else:
+            text.append(f"{OPEN}{piece}{CLOSE}" if trained else piece)
+    return "".join(text)
+
+
+def _runs(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
+    runs: list[tuple[bool, list[int]]] = []
+    for tok, lab in zip(ids, labels, strict=True):
+        trained = lab != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((trained, [tok]))
+    return runs
+
+
+def _trained(labels: list[int]) -> int:
+    return sum(1 for x in labels if x != IGNORE_INDEX)
+
+
+def _samples_of(row: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    ids, labels = list(row["input_ids"]), list(row["labels"])
+    pos = row.get("position_ids")
+    if pos is None:
+        return [(ids, labels)]
+    starts = [i for i in range(len(pos)) if i == 0 or pos[i] != pos[i - 1] + 1] + [len(pos)]
+    return [(ids[s:e], labels[s:e]) for s, e in zip(starts, starts[1:], strict=False)]
