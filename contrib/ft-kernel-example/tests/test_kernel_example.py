@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import ft_kernel_example as kx  # noqa: E402
+kx = pytest.importorskip("ft_kernel_example", reason="pip install ./contrib/ft-kernel-example")
 
 from ft.errors import FtError  # noqa: E402
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("transformers")
-
-from ft_sharegpt import ShareGPTOptions  # noqa: E402
+ShareGPTOptions = pytest.importorskip("ft_sharegpt", reason="pip install ./contrib/ft-sharegpt").ShareGPTOptions
 
 from ft.context import load_context  # noqa: E402
 from ft.formats import Dropped  # noqa: E402
