@@ -1,0 +1,228 @@
+"""`ft merge` and `ft infer` on saved runs: merged logits match the adapter's, text comes out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from ft.errors import FtError
+
+PROMPT = "What is 2 plus 3?"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """The output directory of a short `ft run` with the lora plugin (adapter + tokenizer + config)."""
+    from ft.run import run
+    from ft.testing import write_config
+    from ft.tiny import make_chat_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("lora-run")
+    data = write_jsonl(root / "chat.jsonl", make_chat_rows(32))
+    config = write_config(
+        root / "config.yaml", base_model=tiny_model_dir, dataset=data, plugins=["lora"], max_steps=4,
+        learning_rate=1e-2, lr_scheduler="constant", lora={"r": 8, "alpha": 16, "dropout": 0.0},
+    )
+    run(config)
+    return root / "out"
+
+
+def prompt_ids(tokenizer):
+    from ft.inference import _prompt_inputs
+
+    return _prompt_inputs(tokenizer, [{"role": "user", "content": PROMPT}])["input_ids"]
+
+
+def relative_difference(a, b) -> float:
+    """max |a - b| / max |b|: the largest deviation, relative to the size of the logits."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+# -- (c) merge --------------------------------------------------------------------------------
+
+
+def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ft.inference import load_adapter_model
+    from ft.testing import FtRunner
+
+    result = FtRunner().invoke("merge", lora_run, "--to", tmp_path / "merged").assert_ok()
+    assert f"merged model written to {tmp_path / 'merged'}" in result.output
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "config.json").is_file() and (merged_dir / "model.safetensors").is_file()
+    assert (merged_dir / "tokenizer.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+
+    adapter_model, tokenizer = load_adapter_model(lora_run)  # base + adapter, fp32, not merged
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = prompt_ids(tokenizer)
+    expected = logits(adapter_model, ids)
+    assert relative_difference(logits(merged, ids), expected) < 1e-4
+    assert relative_difference(logits(base, ids), expected) > 1e-2  # the adapter did change the model
+    assert merged.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_merge_defaults_to_a_merged_folder_and_casts_to_the_chosen_dtype(lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from ft.inference import merge_adapter
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(lora_run, run_copy, ignore=shutil.ignore_patterns("merged"))
+    written = merge_adapter(run_copy, dtype="bf16")
+    assert written == str(run_copy / "merged")
+    weights = load_file(run_copy / "merged" / "model.safetensors")
+    assert {str(t.dtype) for t in weights.values()} == {"torch.bfloat16"}
+
+
+def test_merge_errors(lora_run, tmp_path, tiny_model_dir):
+    from ft.inference import merge_adapter
+    from ft.testing import FtRunner
+
+    with pytest.raises(FtError, match="holds no LoRA adapter .adapter_config.json is missing., so there is nothing to "
+                                      "merge. It holds a full model already"):
+        merge_adapter(tiny_model_dir, tmp_path / "x")
+    with pytest.raises(FtError, match="unknown dtype 'int3'; use one of float32, bfloat16, float16"):
+        merge_adapter(lora_run, tmp_path / "x", dtype="int3")
+    with pytest.raises(FtError, match="merging into the adapter's own directory"):
+        merge_adapter(lora_run, lora_run)
+    FtRunner().invoke("merge", tmp_path).assert_error("holds no LoRA adapter")
+
+
+def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stale(lora_run, tmp_path, tiny_model_dir):
+    from ft.inference import base_model_path
+
+    moved = tmp_path / "moved"
+    shutil.copytree(lora_run, moved, ignore=shutil.ignore_patterns("merged"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/no/longer/here"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    (moved / "ft_config.yaml").write_text(f"base_model: {tiny_model_dir}\n")
+    assert base_model_path(moved) == str(tiny_model_dir)
+
+    (moved / "ft_config.yaml").unlink()
+    with pytest.raises(FtError, match="is not found at /no/longer/here; edit base_model_name_or_path"):
+        base_model_path(moved)
+
+
+def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path, caplog):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft.context import load_context
+    from ft.inference import merge_adapter
+
+    config = {
+        "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
+        "plugins": ["lora", "qlora"], "bf16": False,
+        "lora": {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "qlora": {"compute_dtype": "float32"},
+    }
+    ctx = load_context(config)
+    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # as if trained
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    out = tmp_path / "qlora-run"
+    ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(out)
+
+    # What the QLoRA model computes while training: 4-bit weights dequantized to fp32. (In eval
+    # mode bitsandbytes' CPU kernel computes in bf16 instead, so the comparison uses train mode.)
+    model.train()
+    ids = prompt_ids(tokenizer)
+    expected = logits(model, ids)
+
+    with caplog.at_level(logging.INFO, logger="ft.inference"):
+        merged_dir = merge_adapter(out, tmp_path / "merged")
+    assert "QLoRA adapter: merging into the base model dequantized from 4-bit NF4" in caplog.text
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert relative_difference(logits(merged, ids), expected) < 1e-4
+
+    # a quantized layer without an adapter comes out dequantized: near the original, not equal to it
+    original = load_file(tiny_model_dir / "model.safetensors")
+    merged_weights = load_file(f"{merged_dir}/model.safetensors")
+    k_proj = "model.layers.0.self_attn.k_proj.weight"
+    assert not torch.equal(merged_weights[k_proj], original[k_proj])
+    assert relative_difference(merged_weights[k_proj], original[k_proj]) < 0.25
+    assert torch.equal(merged_weights["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+
+
+# -- (d) infer --------------------------------------------------------------------------------
+
+
+def test_infer_prints_a_reply_from_a_saved_adapter_run(lora_run):
+    from ft.testing import FtRunner
+
+    result = FtRunner().invoke("infer", lora_run, PROMPT, "--max-new-tokens", "8").assert_ok()
+    assert result.stdout.strip(), "no text was generated"
+
+
+def test_infer_from_a_full_model_directory(lora_run, tmp_path):
+    from ft.inference import generate_once, merge_adapter
+
+    merged = merge_adapter(lora_run, tmp_path / "merged")
+    text = generate_once(merged, PROMPT, max_new_tokens=6, temperature=0.7)
+    assert isinstance(text, str) and text.strip()
+
+
+def test_infer_applies_the_chat_template(lora_run):
+    from ft.inference import load_tokenizer
+
+    tokenizer = load_tokenizer(lora_run)
+    text = tokenizer.decode(prompt_ids(tokenizer)[0])
+    assert text == f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_keeps_the_history_and_stops_at_end_of_input(lora_run, monkeypatch):
+    import ft.inference as inference
+
+    seen = []
+    real_generate = inference.generate
+
+    def recording_generate(model, tokenizer, messages, *args, **kwargs):
+        seen.append([m["role"] for m in messages])
+        return real_generate(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "generate", recording_generate)
+    lines = iter(["What is 1 plus 1?", "", "And 2 plus 2?"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    written = []
+    history = inference.chat(lora_run, max_new_tokens=4, read=read, write=written.append)
+    assert seen == [["user"], ["user", "assistant", "user"]]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[2]["content"] == "And 2 plus 2?"
+    assert "/exit or Ctrl-D to quit" in written[0]
+
+
+def test_chat_from_the_command_line_exits_on_slash_exit(lora_run):
+    from click.testing import CliRunner
+
+    from ft.cli import cli
+
+    result = CliRunner().invoke(cli, ["infer", str(lora_run), "--max-new-tokens", "4"],
+                                input="hello\n/reset\nhi again\n/exit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    assert "chatting with" in result.output and "(history cleared)" in result.output
+    assert result.output.count("> ") == 4  # hello, /reset, hi again, /exit
