@@ -76,9 +76,17 @@ class Careful:
 
 def test_plugin_rejects_high_lr(ft_register_plugin, ft_runner, ft_config, ft_dataset):
     ft_register_plugin(Careful(), "careful")
-    cfg = ft_config(datasets=[{"path": str(ft_dataset()), "type": "echo"}], learning_rate=5.0)
+    cfg = ft_config(datasets=[{"path": str(ft_dataset()), "type": "echo"}], learning_rate=5.0,
+                    base_model="org/some-model")  # validating loads no model
     ft_runner.validate(cfg, "-p", "careful").assert_error("too high for this plugin")
     ft_runner.validate(cfg, "-p", "careful", "--set", "learning_rate=0.1").assert_ok()
+
+
+def test_validating_needs_no_torch(ft_config, ft_dataset, ft_runner):
+    import sys
+
+    ft_runner.validate(ft_config(dataset=ft_dataset(), base_model="org/some-model")).assert_ok()
+    assert "torch" not in sys.modules
 '''
 
 
@@ -88,7 +96,7 @@ def test_fixtures_are_available_in_any_project_through_the_entry_point(tmp_path)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 passed" in res.stdout
+    assert "2 passed" in res.stdout
 
 
 def test_registered_plugin_is_listed_then_gone(ft_runner):

@@ -438,11 +438,16 @@ def ft_dataset(tmp_path: Path):
 
 
 @pytest.fixture
-def ft_config(tmp_path: Path, ft_tiny_model_dir: Path):
-    """``ft_config(dataset=PATH | datasets=[...], name="config.yaml", **overrides) -> Path`` (tiny model)."""
+def ft_config(tmp_path: Path, request: pytest.FixtureRequest):
+    """``ft_config(dataset=PATH | datasets=[...], name="config.yaml", **overrides) -> Path``.
+
+    ``base_model`` defaults to ``ft_tiny_model_dir`` (made on first use, so a test that passes its
+    own ``base_model`` to only validate a config never imports torch).
+    """
 
     def write(name: str = "config.yaml", **kwargs: Any) -> Path:
-        kwargs.setdefault("base_model", ft_tiny_model_dir)
+        if "base_model" not in kwargs:
+            kwargs["base_model"] = request.getfixturevalue("ft_tiny_model_dir")
         return write_config(tmp_path / name, **kwargs)
 
     return write
