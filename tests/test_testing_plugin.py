@@ -198,6 +198,28 @@ def test_firstresult_recording_shows_who_answered():
     assert rec.results("ft_trainer_class") == [None, "MyTrainer"]
 
 
+class HelloCommand:
+    @hookimpl
+    def ft_add_commands(self, cli):
+        import click
+
+        @click.command("hello")
+        @click.argument("name")
+        def hello(name):
+            """Say hello."""
+            click.echo(f"hello {name}")
+
+        cli.add_command(hello)
+
+
+def test_runner_sees_commands_of_plugins_registered_for_the_test(ft_runner):
+    ft_runner.plugins().assert_ok()  # the CLI has already added plugin commands once in this process
+    with registered_plugin(HelloCommand(), "hello_cmd"):
+        assert ft_runner.invoke("hello", "world").assert_ok().stdout == "hello world\n"
+        assert "hello" in ft_runner.invoke("--help").assert_ok().stdout
+    ft_runner.invoke("hello", "world").assert_error("No such command 'hello'")
+
+
 # -- ft plugins --hook NAME ----------------------------------------------------------------------
 
 

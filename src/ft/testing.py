@@ -280,9 +280,19 @@ class FtRunner:
         log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         ft_logger.addHandler(log_handler)
         ft_logger.setLevel(logging.DEBUG if {"-v", "--verbose"} & set(str_args) else logging.INFO)
+        # Plugin commands (ft_add_commands) are added to the global group once per process; start
+        # from the core commands so this run sees the plugins registered now, and restore after.
+        saved_commands, saved_flag = dict(cli.commands), cli.__dict__.get("_plugins_added")
+        cli.commands = {n: c for n, c in cli.commands.items() if _is_core_command(c)}
+        cli._plugins_added = False  # type: ignore[attr-defined]
         try:
             result = CliRunner().invoke(cli, str_args, env=self.env, catch_exceptions=True)
         finally:
+            cli.commands = saved_commands
+            if saved_flag is None:
+                cli.__dict__.pop("_plugins_added", None)
+            else:
+                cli._plugins_added = saved_flag  # type: ignore[attr-defined]
             ft_logger.removeHandler(log_handler)
             ft_logger.setLevel(ft_level)
             # `ft run` calls logging.basicConfig, which may bind a handler to CliRunner's
@@ -319,6 +329,10 @@ class FtRunner:
         result = self.invoke(command, config, *args)
         result.output_dir = _output_dir_of(Path(config), args)
         return result
+
+
+def _is_core_command(command: Any) -> bool:
+    return getattr(getattr(command, "callback", None), "__module__", "") == "ft.cli"
 
 
 def _output_dir_of(config: Path, args: Sequence[str]) -> Path | None:
