@@ -233,6 +233,24 @@ def ft_save_weights(cfg, trainer, model, output_dir):
     return files
 
 
+@hookimpl
+def ft_callbacks(cfg):
+    from transformers import TrainerCallback
+
+    class RecordBaseQuantization(TrainerCallback):
+        """Checkpoints of a QLoRA run also say how the base was quantized (for ft merge / ft infer)."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            from peft import PeftModel
+
+            model = getattr(model, "module", model)  # DDP
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and isinstance(model, PeftModel) and checkpoint.is_dir():
+                write_base_quantization(model, str(checkpoint))
+
+    return [RecordBaseQuantization()]
+
+
 def _absolute_base_path(peft_model: Any) -> None:
     """A base model given as a relative local directory is recorded absolute, so ft merge finds it."""
     for peft_config in peft_model.peft_config.values():

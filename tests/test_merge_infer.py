@@ -163,6 +163,40 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     assert torch.equal(merged_weights["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
 
 
+def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ft.context import load_context
+    from ft.inference import load_adapter_model, merge_adapter
+
+    config = {
+        "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
+        "plugins": ["lora"], "bf16": False, "tokens": ["<think>", "</think>"],
+        "lora": {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]},
+    }
+    ctx = load_context(config)
+    hook = ctx.pm.hook
+    tokenizer = hook.ft_load_tokenizer(cfg=ctx.cfg)
+    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    model = hook.ft_apply_adapter(cfg=ctx.cfg, model=hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # as if trained: the adapter and the new tokens' rows
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    out = tmp_path / "run"
+    hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    tokenizer.save_pretrained(out)
+
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(out, tmp_path / "merged")).eval()
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer) == 514
+    ids = tokenizer("<think> What is 2 plus 3? </think>", return_tensors="pt")["input_ids"]
+    assert ids.max() >= 512  # the new tokens are in the input
+    adapter_model, _ = load_adapter_model(out)
+    assert relative_difference(logits(merged, ids), logits(adapter_model, ids)) < 1e-4
+
+
 # -- (d) infer --------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -152,7 +153,7 @@ def test_qlora_trains_4bit_layers_and_the_loss_falls(tiny_model_dir, chat_jsonl,
     capture = train(
         tmp_path, tiny_model_dir, chat_jsonl, plugins=["lora", "qlora"], max_steps=5, learning_rate=1e-2,
         lr_scheduler="constant", micro_batch_size=4, lora={"r": 8, "alpha": 16, "dropout": 0.0},
-        qlora={"compute_dtype": "float32"},
+        qlora={"compute_dtype": "float32"}, save_steps=4,
     )
     assert capture.layer_types == {"bitsandbytes.nn.modules.Linear4bit"}
     losses = capture.losses()
@@ -160,6 +161,9 @@ def test_qlora_trains_4bit_layers_and_the_loss_falls(tiny_model_dir, chat_jsonl,
     assert losses[-1] < losses[0] - 0.05, losses
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").is_file() and (out / "base_quantization.json").is_file()
+    # a checkpoint can be merged or used for inference too: it records the quantization as well
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "checkpoint-4" / "base_quantization.json").read_text())["bnb_4bit_quant_type"] == "nf4"
 
 
 def test_8bit_optimizer_trains(tiny_model_dir, chat_jsonl, tmp_path):
