@@ -18,6 +18,7 @@ rows (= bins) every epoch with the seed, so no epoch sees bins sorted by length.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from ft import hookimpl
@@ -122,6 +123,7 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
+    from ft.data_tokenize import gather_ranges
     from ft.formats import IGNORE_INDEX
 
     table = dataset.with_format("arrow")[:]
@@ -129,7 +131,7 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     lab_col = table.column("labels").combine_chunks()
     lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
     flat_ids = ids_col.flatten().to_numpy(zero_copy_only=False)
-    flat_labels = lab_col.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    flat_labels = lab_col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
 
@@ -141,11 +143,10 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     packed_starts = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(sample_lengths, out=packed_starts[1:])
     total = int(packed_starts[-1])
-    shift = np.repeat(packed_starts[:-1], sample_lengths)
-    gather = np.arange(total, dtype=np.int64) - shift + np.repeat(starts[:-1][order], sample_lengths)
-    ids = flat_ids[gather].astype(np.int32)
-    labels = flat_labels[gather]
-    positions = (np.arange(total, dtype=np.int64) - shift).astype(np.int32)
+    ids = gather_ranges(flat_ids, starts[:-1][order], sample_lengths).astype(np.int32, copy=False)
+    labels = gather_ranges(flat_labels, starts[:-1][order], sample_lengths)
+    counting = np.arange(capacity, dtype=np.int32)  # positions restart at 0 for every sample
+    positions = gather_ranges(counting, np.zeros(len(order), dtype=np.int64), sample_lengths)
     # The first token of a sample must not be the target of the previous sample's last token:
     # the model shifts labels by one, so label -100 at each sample's first position.
     labels[packed_starts[:-1][sample_lengths > 0]] = IGNORE_INDEX
@@ -163,7 +164,7 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     lower_bound = -(-total // capacity)
     log.info("packed %d samples (%d tokens) into %d bins of %d tokens: efficiency %.2f%% (fewest possible bins: %d)",
              len(lengths), total, len(bins), capacity, 100 * efficiency, lower_bound)
-    return Dataset(InMemoryTable(packed))
+    return Dataset(InMemoryTable(packed), fingerprint=f"ft-packed-{uuid.uuid4().hex}")
 
 
 def packing_efficiency(dataset: Any, capacity: int) -> float:

@@ -224,6 +224,16 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
     return str(final)
 
 
+def update_stats(path: str, **values: Any) -> None:
+    """Add figures known only after the cache was written (write time)."""
+    stats_file = Path(path) / "stats.json"
+    stats = json.loads(stats_file.read_text(encoding="utf-8"))
+    stats.update(values)
+    tmp = stats_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    os.replace(tmp, stats_file)
+
+
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No "Saving the dataset" / "Loading" bars from datasets: ours says what happens."""

@@ -173,8 +173,11 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
             return data
 
         report, stats, train, eval_ds = _build(ctx, tokenizer, packing)
-        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        t1 = time.perf_counter()
+        stats["seconds"] = round(t1 - t0, 3)  # updated below, once written
         path = cache.store(root, key, key_inputs, train, eval_ds, report, stats)
+        cache.update_stats(path, write_seconds=round(time.perf_counter() - t1, 3),
+                           seconds=round(time.perf_counter() - t0, 3))
         found = cache.load(root, key)
         assert found is not None, path
         data = _from_cache(found, cfg, check_strict=False)
@@ -284,6 +287,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
         "tokenize_seconds": round(tok_s, 3),
         "entries": per_entry,
     }
+    stats["assemble_seconds"] = round(time.perf_counter() - t0 - read_s - tok_s, 3)
     if packing:
         t1 = time.perf_counter()
         packed = ctx.pm.hook.ft_pack(cfg=cfg, dataset=train_ds)
