@@ -130,9 +130,14 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, tiny_tokenizer, data):
     assert calls > 0 and len(second.train) == 10
 
 
-def _prepare_in_child(config: dict, model_dir: str, log_file: str, out_file: str) -> None:
+def _prepare_in_child(config: dict, model_dir: str, log_file: str, out_file: str, local_rank: str = "0",
+                      delay: float = 0.0) -> None:
+    import time
+
     from transformers import AutoTokenizer
 
+    os.environ["LOCAL_RANK"] = local_rank
+    time.sleep(delay)
     QA_LOG["file"], QA_LOG["delay"] = log_file, 1.0
     out = prepare_datasets(make_context(config), AutoTokenizer.from_pretrained(model_dir))
     Path(out_file).write_text(json.dumps({"dir": out.cache_dir, "n": len(out.train), "cache": out.stats["cache"]}))
@@ -162,3 +167,21 @@ def test_the_key_inputs_are_written_next_to_the_cache(tmp_path, tiny_tokenizer, 
     assert inputs["config"]["sequence_len"] == 64
     assert "sources" in inputs["entries"]["datasets"][0]["fingerprints"]
     assert "qa_test_format" in inputs["plugins"] and test_data.__file__
+
+
+def test_local_rank_0_builds_while_the_other_ranks_wait(tmp_path, tiny_model_dir, data):
+    log_file = tmp_path / "calls.log"
+    config = base_config(tmp_path, data)
+    ctx = mp.get_context("fork")
+    # rank 1 arrives first; rank 0 only after 1.5 s, yet rank 0 is the one that tokenizes
+    procs = [ctx.Process(target=_prepare_in_child, args=(config, str(tiny_model_dir), str(log_file),
+                                                        str(tmp_path / f"out{rank}.json"), str(rank), delay))
+             for rank, delay in ((1, 0.0), (0, 1.5))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    outs = {rank: json.loads((tmp_path / f"out{rank}.json").read_text()) for rank in (0, 1)}
+    assert outs[0]["cache"] == "built" and outs[1]["cache"] == "hit"
+    assert set(log_file.read_text().split()) == {str(procs[1].pid)}

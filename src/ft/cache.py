@@ -157,9 +157,18 @@ def _plain(value: Any) -> Any:
 # -- lock, load, store ------------------------------------------------------------------------
 
 
+RANK0_HEAD_START_S = 30.0
+
+
 @contextlib.contextmanager
 def build_lock(root: Path, key: str) -> Iterator[None]:
-    """Hold ``<root>/<key>.lock``: one process (rank) builds; the others wait here, then load."""
+    """Hold ``<root>/<key>.lock``: one process builds; the others wait here, then load the cache.
+
+    Local rank 0 builds: other local ranks (``LOCAL_RANK`` != 0, set by torchrun) first give
+    it a head start, waiting until it holds the lock or the cache appears (at most
+    ``RANK0_HEAD_START_S`` seconds, after which whoever takes the lock builds). Per node,
+    because each node may have its own disk.
+    """
     from filelock import FileLock, Timeout
 
     try:
@@ -167,6 +176,8 @@ def build_lock(root: Path, key: str) -> Iterator[None]:
     except OSError as exc:
         raise DataError(f"dataset_prepared_path: cannot create {root}: {exc}. Choose a writable directory.") from None
     lock = FileLock(str(root / f"{key}.lock"))
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        _wait_for_rank0(lock, root / key)
     try:
         lock.acquire(timeout=2)
     except Timeout:
@@ -176,6 +187,19 @@ def build_lock(root: Path, key: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _wait_for_rank0(lock: Any, done: Path) -> None:
+    from filelock import Timeout
+
+    deadline = time.monotonic() + RANK0_HEAD_START_S
+    while time.monotonic() < deadline and not (done / "stats.json").is_file():
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return  # rank 0 (or another process) is building: wait for it on the lock
+        lock.release()
+        time.sleep(0.2)
 
 
 def load(root: Path, key: str) -> dict[str, Any] | None:
