@@ -288,6 +288,20 @@ def test_parallel_workers_give_the_same_result_as_one_process(tmp_path, tiny_tok
     assert one.report == two.report and two.report["dropped"]["malformed"]["examples"][0]["where"] == f"{a}:18"
 
 
+def test_spawned_workers_where_fork_is_unavailable(tmp_path, tiny_tokenizer, monkeypatch):
+    from ft import data_tokenize
+
+    monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
+    monkeypatch.setattr(data_tokenize, "start_method", lambda: "spawn")
+    rows = [json.dumps(r) for r in qa_rows(100)]
+    rows[5] = '{"completion": "no prompt"}'
+    a = write_lines(tmp_path / "a.jsonl", rows)
+    one = prepare(tmp_path, tiny_tokenizer, a, dataset_num_proc=1, dataset_prepared_path=str(tmp_path / "p1"))
+    two = prepare(tmp_path, tiny_tokenizer, a, dataset_num_proc=2, dataset_prepared_path=str(tmp_path / "p2"))
+    assert rows_of(one.train) == rows_of(two.train) and len(two.train) == 99
+    assert two.report["dropped"]["missing field"]["examples"][0]["where"] == f"{a}:6"
+
+
 def test_parallel_worker_errors_name_the_row(tmp_path, tiny_tokenizer, monkeypatch):
     from ft import data_tokenize
 

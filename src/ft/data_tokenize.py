@@ -224,8 +224,9 @@ def _merge(outs: list[_ChunkOut], base: int) -> Samples:
 
 
 def _run_pool(jobs: Sequence[tuple[Any, Any, str]], tasks: list, num_proc: int, bar: Any) -> list[_ChunkOut]:
-    fork = "fork" in mp.get_all_start_methods() and sys.platform.startswith("linux")
-    ctx = mp.get_context("fork" if fork else "spawn")
+    method = start_method()
+    fork = method == "fork"
+    ctx = mp.get_context(method)
     # Workers must not start tokenizers' own thread pool on top of ours (and the library warns
     # about forking after it was used unless this is set at fork time).
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -249,6 +250,11 @@ def _run_pool(jobs: Sequence[tuple[Any, Any, str]], tasks: list, num_proc: int, 
             outs.append(out)
             bar.update(out.n_rows)
     return outs
+
+
+def start_method() -> str:
+    """``fork`` on Linux (workers inherit rows and tokenizer); ``spawn`` elsewhere (fork is unsafe on macOS)."""
+    return "fork" if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() else "spawn"
 
 
 def _init_spawned(jobs: list, settings: tuple[int, str]) -> None:
