@@ -116,6 +116,20 @@ def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stal
         base_model_path(moved)
 
 
+def test_an_unreachable_hub_base_is_one_clear_error(lora_run, tmp_path):
+    from ft.testing import FtRunner
+
+    moved = tmp_path / "moved"
+    shutil.copytree(lora_run, moved, ignore=shutil.ignore_patterns("merged"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someorg/not-a-model"  # a hub id; the tests run offline
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    (moved / "ft_config.yaml").unlink()  # else the base_model saved there is used
+    FtRunner(env={"HF_HUB_OFFLINE": "1"}).invoke("merge", moved).assert_error(
+        "could not load the base model from 'someorg/not-a-model'", "as a hub id it could not be fetched"
+    )
+
+
 def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path, caplog):
     import torch
     from safetensors.torch import load_file

@@ -96,7 +96,7 @@ def load_tokenizer(run_dir: str | Path, base: str | None = None) -> Any:
 
     run_dir = Path(run_dir)
     source = str(run_dir) if _has_tokenizer(run_dir) or base is None else base
-    return AutoTokenizer.from_pretrained(source)
+    return _loading(source, "tokenizer", AutoTokenizer.from_pretrained, source)
 
 
 def read_base_quantization(adapter_dir: str | Path) -> dict[str, Any] | None:
@@ -122,6 +122,19 @@ def _require_peft() -> None:
 # -- loading ---------------------------------------------------------------------------------
 
 
+def _loading(source: str, what: str, load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)``; a missing or unreachable source becomes one clear error."""
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if Path(source).exists() else (
+            " It is not a local directory; as a hub id it could not be fetched (check the spelling, your "
+            "network, HF_TOKEN for gated models)."
+        )
+        raise FtError(f"could not load the {what} from '{source}': {first}.{hint}") from exc
+
+
 def _load_quantized_base(base: str, quant: dict[str, Any], dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -132,7 +145,8 @@ def _load_quantized_base(base: str, quant: dict[str, Any], dtype: Any) -> Any:
             "this adapter was trained on a bitsandbytes-quantized base, and bitsandbytes is not installed: "
             "pip install 'ft[qlora]'."
         ) from None
-    return AutoModelForCausalLM.from_pretrained(base, quantization_config=BitsAndBytesConfig.from_dict(quant), dtype=dtype)
+    return _loading(base, "base model", AutoModelForCausalLM.from_pretrained, base,
+                    quantization_config=BitsAndBytesConfig.from_dict(quant), dtype=dtype)
 
 
 def dequantized_base(base: str, quant: dict[str, Any]) -> Any:
@@ -155,7 +169,7 @@ def dequantized_base(base: str, quant: dict[str, Any]) -> Any:
             weights[f"{name}.weight"] = dequantize_bnb_weight(module.weight, module.state)
     weights = {k: v.to("cpu", torch.float32) for k, v in weights.items()}
     del quantized
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = _loading(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=torch.float32)
     with torch.no_grad():
         for name, weight in weights.items():
             param = model.get_parameter(name)
@@ -209,7 +223,7 @@ def load_adapter_model(adapter_dir: str | Path, dtype: Any = None, quantized: bo
     elif quant:
         model = dequantized_base(base, quant)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = _loading(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=dtype)
     _match_vocab(model, adapter_dir, tokenizer)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
@@ -262,7 +276,7 @@ def load_for_inference(run_dir: str | Path) -> tuple[Any, Any]:
     if is_adapter_dir(run_dir):
         model, tokenizer = load_adapter_model(run_dir, dtype=dtype)
     elif (run_dir / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
+        model = _loading(str(run_dir), "model", AutoModelForCausalLM.from_pretrained, run_dir, dtype=dtype)
         tokenizer = load_tokenizer(run_dir)
     else:
         raise FtError(
