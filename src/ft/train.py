@@ -16,6 +16,7 @@ import gc
 import importlib.util
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -234,6 +235,8 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
         args[name] = True
         if cfg.gradient_checkpointing_kwargs is not None:
             args[f"{name}_kwargs"] = dict(cfg.gradient_checkpointing_kwargs)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args["use_cpu"] = True  # accelerate sets up multi-process CPU training (gloo) only when asked to
     if cfg.tf32 is not None:
         if torch.cuda.is_available():
             args["tf32"] = cfg.tf32
