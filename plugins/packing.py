@@ -45,8 +45,17 @@ def ft_collator(cfg, tokenizer):
     if "varlen" in (cfg.plugins or []):  # the varlen plugin cuts sequences by position_ids: no mask needed
         attention = "varlen"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    mask_dtype = None
+    if attention == "mask":
+        from ft.train import resolve_precision, torch_dtype
+
+        mask_dtype = torch_dtype(resolve_precision(cfg))
+        if cfg.sequence_len >= 8192:
+            log.warning("packing with a %d x %d attention mask per row (attn_implementation %s); "
+                        "flash_attention_2 or `-p varlen` avoids the mask", cfg.sequence_len, cfg.sequence_len,
+                        getattr(hf, "attn_implementation", "sdpa"))
     return PackedCollator(pad_token_id=pad if pad is not None else 0, attention=attention,
-                          pad_to_multiple_of=getattr(hf, "pad_to_multiple_of", None))
+                          pad_to_multiple_of=getattr(hf, "pad_to_multiple_of", None), mask_dtype=mask_dtype)
 
 
 # -- best-fit-decreasing ------------------------------------------------------------------------

@@ -54,7 +54,9 @@ class PackedCollator:
       (earlier tokens of its own sample), the dtype minimum elsewhere. Eager attention adds the
       mask to the scores, so it must be this additive float form (a boolean mask would be added
       as 0/1); SDPA accepts it as well. Padding forms a block of its own (so no row of the mask
-      is fully masked, which would give NaN) and carries label -100.
+      is fully masked, which would give NaN) and carries label -100. The mask is built in
+      ``mask_dtype`` (the model's compute dtype; float32 by default). It costs B x L x L
+      elements: for long sequences prefer a varlen attention.
     - ``attention="varlen"`` (flash attention): the whole batch is flattened into ONE row
       without padding and sent with ``position_ids`` and ``cu_seq_lens_q/k``, ``max_length_q/k``
       and NO ``attention_mask``: transformers derives the varlen boundaries only when no mask is
@@ -69,12 +71,15 @@ class PackedCollator:
     epoch with the seed.
     """
 
-    def __init__(self, pad_token_id: int, attention: str = "mask", pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, attention: str = "mask", pad_to_multiple_of: int | None = None,
+                 mask_dtype: Any = None):
         if attention not in ("mask", "varlen"):
             raise ValueError(f"attention must be 'mask' or 'varlen', not {attention!r}")
         self.pad_token_id = pad_token_id
         self.attention = attention
         self.pad_to_multiple_of = pad_to_multiple_of
+        # The model's compute dtype: SDPA kernels on GPU want the mask in the query's dtype.
+        self.mask_dtype = mask_dtype
 
     @staticmethod
     def attention_for(attn_implementation: str | None) -> str:
@@ -118,8 +123,9 @@ class PackedCollator:
         same = sample[:, :, None] == sample[:, None, :]
         causal = torch.ones((longest, longest), dtype=torch.bool).tril()
         allowed = (same & causal)[:, None, :, :]
-        mask = torch.zeros(allowed.shape, dtype=torch.float32)
-        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        dtype = self.mask_dtype or torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
 
     def _flattened(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
