@@ -17,6 +17,17 @@ from ft.train import build_trainer, out_of_memory_message, run_training
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class HandFormat:
     """A dataset type for these tests, so they do not depend on the format plugins."""
 
@@ -75,12 +86,13 @@ def train(ctx, **load_kw):
 
 
 def test_core_config_becomes_training_arguments(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, warmup_ratio=0.25, weight_decay=0.1, max_grad_norm=0.5,
+    ctx = make_ctx(tiny_model_dir, tmp_path, warmup_ratio=0.25, weight_decay=0.1, max_grad_norm=0.5, eval_batch_size=5,
                    gradient_accumulation_steps=3, seed=7, gradient_checkpointing=True,
                    gradient_checkpointing_kwargs={"use_reentrant": False})
     tok, model, data, _ = load(ctx)
     args = build_trainer(ctx, model, tok, data).args
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_steps) == (2, 3, 4)
+    assert args.per_device_eval_batch_size == 5
     assert args.learning_rate == 1e-3 and args.weight_decay == 0.1 and args.max_grad_norm == 0.5
     assert args.get_warmup_steps(100) == 25
     assert args.bf16 is False and args.fp16 is False  # bf16: auto on a CPU
@@ -119,6 +131,14 @@ def test_missing_reporting_backend_says_how_to_install(tiny_model_dir, tmp_path,
     tok, model, data, _ = load(ctx)
     with pytest.raises(FtError, match=r"report_to: reporting to wandb needs the 'wandb' package.*pip install wandb"):
         build_trainer(ctx, model, tok, data)
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=2)
+    train(ctx)
+    events = list((tmp_path / "out").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
 
 
 # -- optimizer and scheduler by name ----------------------------------------------------------------
