@@ -174,15 +174,15 @@ def _load_dir(root: Path, entry: Any, where: str):
 def _read_file(path: Path, ds_type: str | None, where: str) -> tuple[list, list, int]:
     kind, gz = _file_kind(path.name, ds_type, where)
     if kind in ("json", "csv"):
-        data = path.read_bytes()
-        return _parse_bytes(gzip.decompress(data) if gz else data, kind, str(path), path.name, where)
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            return _parse_text(fh, kind, str(path), path.name, where)
     return _parse_binary(str(path), kind, str(path), where)
 
 
-def _parse_bytes(data: bytes, kind: str, label: str, name: str, where: str) -> tuple[list, list, int]:
+def _parse_text(fh: Any, kind: str, label: str, name: str, where: str) -> tuple[list, list, int]:
     if kind == "json":
-        return read_json_bytes(data, label, json_lines_only=name.endswith((".jsonl", ".jsonl.gz", ".ndjson")))
-    return _read_csv(data, label, delimiter="\t" if ".tsv" in name else ",", where=where)
+        return read_json(fh, label, json_lines_only=name.endswith((".jsonl", ".jsonl.gz", ".ndjson")))
+    return _read_csv(fh.read(), label, delimiter="\t" if ".tsv" in name else ",", where=where)
 
 
 def _parse_binary(source: Any, kind: str, label: str, where: str) -> tuple[list, list, int]:
@@ -218,57 +218,39 @@ def _read_arrow(source: Any) -> Any:
         return pa.ipc.open_file(data).read_all()
 
 
-def read_json_bytes(data: bytes, label: str, json_lines_only: bool = False) -> tuple[list, list, int]:
-    """Rows of a JSON-lines file (or a JSON array / ``{"key": [rows]}`` document).
+def read_json(fh: Any, label: str, json_lines_only: bool = False) -> tuple[list, list, int]:
+    """Rows of a JSON-lines file (or a JSON array / ``{"key": [rows]}`` document) from a binary file.
 
+    JSON lines are parsed one line at a time (the file is never held in memory whole).
     Returns ``(parts, dropped, blank_lines)``: each malformed line is a ``Drop`` naming
     ``file:line``; every good line is kept.
     """
     from ft.data import MALFORMED, Drop, RowPart
 
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    loads = _json_loads()
     if not json_lines_only:
-        head = data.lstrip()[:1]
-        if head in (b"[", b"{"):
-            try:
-                doc = json.loads(data)
-            except ValueError:
-                doc = None  # JSON lines, or broken: the line reader says which line
+        doc = _json_document(fh, loads)
+        if doc is not None:
             if isinstance(doc, list):
                 return _rows_of_document(doc, label)
-            if isinstance(doc, dict):
-                lists = [v for v in doc.values() if isinstance(v, list)]
-                if len(doc) == 1 and lists:
-                    return _rows_of_document(lists[0], label)
-                return [RowPart([doc], label, array("I", [1]))], [], 0
-    loads = _json_loads()
-    try:
-        text_lines = data.decode("utf-8").split("\n")
-        decoded = True
-    except UnicodeDecodeError:
-        text_lines = data.split(b"\n")
-        decoded = False
-    if text_lines and not text_lines[-1].strip():
-        text_lines.pop()  # the newline that ends the file
+            lists = [v for v in doc.values() if isinstance(v, list)]
+            if len(doc) == 1 and lists:
+                return _rows_of_document(lists[0], label)
+            return [RowPart([doc], label, array("I", [1]))], [], 0
     rows: list[dict] = []
     lines = array("I")
     dropped = []
     blank = 0
-    for lineno, line in enumerate(text_lines, 1):
-        if not decoded:
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                dropped.append(Drop(MALFORMED, f"{label}:{lineno}", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-                continue
+    for lineno, line in enumerate(fh, 1):
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
         if not line.strip():
             blank += 1
             continue
         try:
             obj = loads(line)
         except ValueError as exc:
-            dropped.append(Drop(MALFORMED, f"{label}:{lineno}", f"invalid JSON: {_short(exc)}"))
+            dropped.append(Drop(MALFORMED, f"{label}:{lineno}", _json_problem(line, exc)))
             continue
         if not isinstance(obj, dict):
             dropped.append(Drop(MALFORMED, f"{label}:{lineno}", f"expected a JSON object, got {type(obj).__name__}"))
@@ -276,6 +258,37 @@ def read_json_bytes(data: bytes, label: str, json_lines_only: bool = False) -> t
         rows.append(obj)
         lines.append(lineno)
     return [RowPart(rows, label, lines)], dropped, blank
+
+
+def _json_document(fh: Any, loads: Any) -> Any:
+    """A whole-file JSON array or object, or None (then the file is JSON lines); rewinds ``fh``."""
+    head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    fh.seek(0)
+    if head not in (b"[", b"{"):
+        return None
+    if head == b"{":  # one object per line is JSON lines; a document spans lines
+        try:
+            first = loads(fh.readline())
+        except ValueError:
+            first = None
+        more = bool(fh.read(1 << 16).strip())
+        fh.seek(0)
+        if isinstance(first, dict) and more:
+            return None
+    try:
+        doc = json.loads(fh.read())
+    except ValueError:
+        doc = None  # broken: the line reader says which line
+    fh.seek(0)
+    return doc if isinstance(doc, (list, dict)) else None
+
+
+def _json_problem(line: bytes, exc: Exception) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"not valid UTF-8 ({bad.reason} at byte {bad.start})"
+    return f"invalid JSON: {_short(exc)}"
 
 
 def _rows_of_document(items: list, label: str) -> tuple[list, list, int]:
@@ -377,11 +390,12 @@ def _load_url(url: str, entry: Any, where: str):
         label = f"{scheme}://{f}"
         kind, gz = _file_kind(f.rsplit("/", 1)[-1], entry.ds_type, where)
         try:
-            with fs.open(f, "rb") as fh:
+            with fs.open(f, "rb") as raw_fh:
                 if kind in ("json", "csv"):
-                    data = fh.read()
-                    p, d, b = _parse_bytes(gzip.decompress(data) if gz else data, kind, label, f, where)
+                    fh = gzip.open(raw_fh, "rb") if gz else raw_fh
+                    p, d, b = _parse_text(fh, kind, label, f, where)
                 else:
+                    fh = raw_fh
                     import pyarrow as pa
 
                     p, d, b = _parse_binary(pa.BufferReader(fh.read()), kind, label, where)

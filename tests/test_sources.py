@@ -46,13 +46,15 @@ def test_invalid_utf8_line_is_dropped_by_line(tmp_path):
     assert raw.dropped[0].where == f"{p}:2" and "UTF-8" in raw.dropped[0].detail
 
 
-@pytest.mark.parametrize("layout", ["array", "wrapped", "lines"])
+@pytest.mark.parametrize("layout", ["array", "wrapped", "wrapped_pretty", "lines"])
 def test_json_files_as_array_wrapped_or_lines(tmp_path, layout):
     p = tmp_path / "d.json"
     if layout == "array":
         p.write_text(json.dumps(ROWS + [7], indent=2))
     elif layout == "wrapped":
         p.write_text(json.dumps({"data": ROWS}))
+    elif layout == "wrapped_pretty":
+        p.write_text(json.dumps({"data": ROWS}, indent=2))
     else:
         p.write_text("\n".join(json.dumps(r) for r in ROWS))
     raw, _ = load(tmp_path, p)
