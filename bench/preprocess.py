@@ -133,6 +133,40 @@ def run_preprocess(config: dict[str, Any], work: Path, name: str) -> dict[str, A
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
+def run_axolotl(axolotl: str, model: Path, data: Path, sequence_len: int, work: Path) -> dict[str, Any]:
+    """``axolotl preprocess`` on the same data, tokenizer and sequence_len, cold, as a subprocess."""
+    import yaml
+
+    cfg = {
+        "base_model": str(model), "datasets": [{"path": str(data), "type": "chat_template", "ds_type": "json",
+                                                 "field_messages": "messages"}],
+        "chat_template": "tokenizer_default", "dataset_prepared_path": str(work / "axolotl-prepared"),
+        "sequence_len": sequence_len, "sample_packing": True, "output_dir": str(work / "axolotl-out"),
+        "micro_batch_size": 1, "gradient_accumulation_steps": 1, "num_epochs": 1, "learning_rate": 1e-5,
+        "optimizer": "adamw_torch", "val_set_size": 0.0,
+    }
+    path = work / "axolotl.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+           "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "HF_DATASETS_CACHE": str(work / "hf-cache")}
+    load_before = os.getloadavg()[0]
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([axolotl, "preprocess", str(path)], env=env, cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mem = TreeMemory(proc.pid)
+    output, _ = proc.communicate()
+    seconds = time.perf_counter() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    mem.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"axolotl preprocess failed ({proc.returncode}):\n{output[-4000:]}")
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mb": round(mem.peak_rss / 2**20, 1),
+            "peak_pss_mb": round(mem.peak_pss / 2**20, 1),
+            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, default=20000)
@@ -142,6 +176,8 @@ def main() -> None:
     ap.add_argument("--no-scaling", action="store_true", help="skip the turns-scaling runs")
     ap.add_argument("--scaling-turns", type=int, default=40000, help="total turns per scaling run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--axolotl", default=None, metavar="BIN",
+                    help="also run this `axolotl` executable's preprocess on the same set, right after ft's")
     args = ap.parse_args()
 
     from ft.tiny import make_tiny
@@ -180,6 +216,14 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "num_proc": args.num_proc or "all cores",
     }
+
+    if args.axolotl:
+        axo = run_axolotl(args.axolotl, model, data, args.sequence_len, work)
+        axo["tokens_per_s"] = round(s["tokens"] / axo["seconds"])  # same data and tokenizer: ft's token count
+        axo["tokens_per_cpu_s"] = round(s["tokens"] / axo["cpu_seconds"])
+        result["axolotl"] = axo
+        result["speedup_vs_axolotl"] = {"wall": round(axo["seconds"] / r["seconds"], 2),
+                                        "cpu": round(axo["cpu_seconds"] / r["cpu_seconds"], 2)}
 
     if not args.no_scaling:
         scaling = {}
