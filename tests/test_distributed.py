@@ -234,6 +234,7 @@ def test_fsdp2_full_finetune_shards_parameters_and_saves_a_loadable_model(fsdp_r
 @pytest.mark.slow
 def test_fsdp2_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(fsdp_run, dist_env, work, tiny_model_dir,
                                                                               chat_jsonl):
+    """Resumes from the shared run's checkpoint-3; this run saves sharded weights, consolidated afterwards."""
     from safetensors.torch import load_file
 
     out, first = fsdp_run
@@ -242,14 +243,21 @@ def test_fsdp2_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(fs
     assert (checkpoint / "fsdp_state").is_dir(), "and the sharded model + optimizer state for resuming"
 
     resumed = write_config(work, tiny_model_dir, chat_jsonl, "fsdp_resumed", plugins=["fsdp"],
-                           fsdp={"activation_checkpointing": True, "mixed_precision": "bf16"},
+                           fsdp={"activation_checkpointing": True, "mixed_precision": "bf16", "save": "sharded"},
                            resume_from_checkpoint=str(checkpoint))
     _, reports = ft_run_2proc(dist_env, work, resumed)
     for rank in (0, 1):
         assert len(reports[rank]["losses"]) == 3, "the resumed run trains steps 4-6 only"
         assert set(reports[rank]["samples"]) < set(first[rank]["samples"]), "and sees the same later batches"
+
+    sharded = work / "fsdp_resumed"
+    assert len(list((sharded / "fsdp_sharded").glob("*.distcp"))) == 2, "one shard file per rank"
+    assert not (sharded / "model.safetensors").exists()
+    proc = subprocess.run([sys.executable, "-m", "ft.cli", "fsdp-consolidate", str(sharded)], env=dist_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     full = load_file(out / "model.safetensors")
-    again = load_file(work / "fsdp_resumed" / "model.safetensors")
+    again = load_file(sharded / "model.safetensors")
     assert full.keys() == again.keys()
     for key in full:
         assert (full[key] - again[key]).abs().max() < 1e-5, key
