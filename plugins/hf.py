@@ -259,7 +259,7 @@ def ft_collator(cfg, tokenizer):
 def ft_save_weights(cfg, trainer, model, output_dir):
     """Plain ``save_pretrained`` (safetensors) on the main process; sharded engines go through the trainer."""
     out = Path(output_dir)
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         before = _snapshot(out)
         trainer.save_model(str(out))  # gathers the shards; writes on the main process only
         return _changed(out, before) if trainer.is_world_process_zero() else []
