@@ -136,15 +136,20 @@ def write_config(root: Path, model_dir: Path, data: Path, name: str, **extra) ->
     return path
 
 
-def ft_run_2proc(env, root: Path, config: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """``ft run CONFIG --nproc 2 -p probe ARGS``; returns the process and each rank's probe report."""
+def ft_run_2proc(env, root: Path, config: Path, *args: str, external: bool = False
+                 ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``ft run CONFIG --nproc 2 -p probe ARGS``; returns the process and each rank's probe report.
+
+    ``external``: start ``ft run CONFIG -p probe ARGS`` with torchrun instead (each rank runs it).
+    """
     probe_dir = root / f"probe-{config.stem}"
     probe_dir.mkdir()
     env = {**env, "FT_PROBE_DIR": str(probe_dir)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "ft.cli", "run", str(config), "--nproc", "2", "-p", "probe", *args],
-        env=env, cwd=root, capture_output=True, text=True, timeout=600,
-    )
+    command = ["-m", "ft.cli", "run", str(config), "--nproc", "2", "-p", "probe", *args]
+    if external:
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "ft.cli", "run", str(config), "-p", "probe", *args]
+    proc = subprocess.run([sys.executable, *command], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"ft run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     reports = [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     return proc, reports
@@ -193,8 +198,9 @@ def base_and_trained_loss(model_dir: Path, trained: Path, data: Path, lora: bool
 
 @pytest.mark.slow
 def test_ddp_two_processes_split_the_data_and_learn(dist_env, work, tiny_model_dir, chat_jsonl):
+    """Started by an external torchrun (the other runs use ``ft run --nproc 2``)."""
     config = write_config(work, tiny_model_dir, chat_jsonl, "ddp")
-    proc, reports = ft_run_2proc(dist_env, work, config)
+    proc, reports = ft_run_2proc(dist_env, work, config, external=True)
 
     assert [r["wrapper"] for r in reports] == ["DistributedDataParallel"] * 2
     assert all(r["dtensor_params"] == 0 for r in reports)
