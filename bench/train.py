@@ -82,7 +82,7 @@ SPECS = {s.name: s for s in (
 
 # At most six on the GPU so the whole run fits one device call.
 DEFAULT_CONFIGS = {
-    "cuda": ["plain_full", "plain_lora", "ft_full", "ft_full_liger", "ft_full_compile", "ft_lora_liger"],
+    "cuda": ["plain_full", "ft_full", "plain_lora", "ft_lora_liger", "ft_full_liger", "ft_full_compile"],
     "cpu": ["plain_full", "plain_lora", "ft_full_mask", "ft_full", "ft_full_liger", "ft_full_compile", "ft_lora",
             "ft_lora_liger"],
 }

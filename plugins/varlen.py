@@ -352,7 +352,8 @@ def make_attention(cuda_kernel: CudaKernel | None) -> Callable[..., Any]:
         scale = scaling if scaling is not None else dim**-0.5
         q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
         if cuda_kernel is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            out = cuda_kernel(q, k, v, cu.to(q.device), int(max_len), scale, float(dropout))
+            # max_len stays as given: int() would specialise a dynamic shape under torch.compile
+            out = cuda_kernel(q, k, v, cu.to(q.device), max_len, scale, float(dropout))
         else:
             out = reference_varlen(q, k, v, cu, scale, float(dropout))
         return out.view(batch, length, heads, dim), None

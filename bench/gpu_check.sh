@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The ONE device-machine check for issue 9 (varlen attention, Liger, compile, training throughput).
+#
+# Prepare, on the development machine, in the project root (see ../shared/device/README.md):
+#   echo /.whl/ >> .git/info/exclude
+#   ../shared/device/fetch-wheels.sh        # datasets, pydantic, liger-kernel, bitsandbytes ... into .whl/
+#   # the image may lack pytest; its wheels are small (this script says so in pytest_gpu.log if missing):
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl pytest iniconfig
+# Then one device call with carry [".whl"], timeout_s 600 and the command:
+#   bash bench/gpu_check.sh
+#
+# Writes under $OUT (at most 8 files, no sub-folders):
+#   env.json          versions, the GPU, torch's varlen_attn signature, whether flash-attn / liger import
+#   install.log       the offline installs
+#   pytest_gpu.log    pytest -m gpu (varlen kernel vs reference, Liger vs unpatched: loss and gradients)
+#   bench_train.json  bench/train.py --device cuda: tokens/s, MFU, peak GiB, losses, issue 9 targets
+#                     (written after each configuration, so a run cut short still reports)
+#   bench_train.log   the benchmark's progress and ft's logs
+#   summary.json      exit codes and seconds of each part
+# Budget: about 30 s installing, <= 150 s tests, <= 360 s benchmark (hard limits below), under 600 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+t0=$(date +%s)
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  >"$OUT/install.log" 2>&1
+install_rc=$?
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
+  HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1
+install_rc=$((install_rc + $?))
+t_install=$(($(date +%s) - t0))
+
+python3 - >"$OUT/env.json" 2>>"$OUT/install.log" <<'EOF'
+import importlib, importlib.util, inspect, json, subprocess
+import torch
+env = {"torch": torch.__version__, "cuda": torch.version.cuda,
+       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+       "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
+for mod in ("transformers", "peft", "accelerate", "datasets", "pydantic", "triton", "liger_kernel", "flash_attn",
+            "pytest"):
+    try:
+        m = importlib.import_module(mod)
+        env[mod] = getattr(m, "__version__", "imported")
+    except Exception as exc:  # record why, keep going
+        env[mod] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    env["varlen_attn_signature"] = str(inspect.signature(varlen_attn))
+except Exception as exc:
+    env["varlen_attn_signature"] = f"unavailable: {exc}"
+try:
+    from ft_plugins import varlen
+    kernel = varlen.resolve_cuda_kernel("auto")
+    env["ft_varlen_cuda_kernel"] = getattr(kernel, "label", None)
+except Exception as exc:
+    env["ft_varlen_cuda_kernel"] = f"error: {exc}"
+try:
+    env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                        "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+except OSError as exc:
+    env["nvidia_smi"] = f"unavailable: {exc}"
+print(json.dumps(env, indent=2))
+EOF
+
+t1=$(date +%s)
+if python3 -c "import pytest" 2>/dev/null; then
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rA tests >"$OUT/pytest_gpu.log" 2>&1
+  pytest_rc=$?
+else
+  echo "pytest is not installed on this image: add its wheels to .whl (see the header of bench/gpu_check.sh)" \
+    >"$OUT/pytest_gpu.log"
+  pytest_rc=127
+fi
+t_pytest=$(($(date +%s) - t1))
+
+t2=$(date +%s)
+timeout 360 python3 bench/train.py --device cuda --out "$OUT/bench_train.json" \
+  >/dev/null 2>"$OUT/bench_train.log"
+bench_rc=$?
+t_bench=$(($(date +%s) - t2))
+
+cat >"$OUT/summary.json" <<EOF
+{"install_rc": $install_rc, "install_seconds": $t_install,
+ "pytest_gpu_rc": $pytest_rc, "pytest_gpu_seconds": $t_pytest,
+ "bench_rc": $bench_rc, "bench_seconds": $t_bench,
+ "total_seconds": $(($(date +%s) - t0)),
+ "note": "rc 124 = cut by the time limit; bench_train.json then holds the configurations that finished"}
+EOF
+cat "$OUT/summary.json"
+grep -E "^\[bench\]" "$OUT/bench_train.log" || true
+tail -n 5 "$OUT/pytest_gpu.log" || true
