@@ -191,7 +191,7 @@ def test_excess_length_truncate_keeps_the_first_sequence_len_tokens(tmp_path, ti
     out = prepare(tmp_path, tiny_tokenizer, data, sequence_len=32, excess_length="truncate")
     full = tiny_tokenizer.encode("hi", add_special_tokens=False) + tiny_tokenizer.encode("word " * 60, add_special_tokens=False)
     assert out.train[0]["input_ids"] == full[:32]
-    assert len(out.train[0]["labels"]) == 32 and out.report["dropped_total"] == 0
+    assert len(out.train[0]["labels"]) == 32 and out.report["dropped_total"] == 0 and out.stats["truncated"] == 1
 
 
 def test_excess_length_truncate_drops_a_sample_left_with_nothing_to_train(tmp_path, tiny_tokenizer):

@@ -223,7 +223,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     read_s = time.perf_counter() - t0
 
     results = tokenize_entries(
-        [(raw, tokenize, f"{entry.path}") for _g, _i, entry, raw, tokenize in jobs],
+        [(raw, tokenize, entry.type) for _g, _i, entry, raw, tokenize in jobs],
         sequence_len=cfg.sequence_len,
         excess_length=cfg.excess_length,
         num_proc=cfg.dataset_num_proc or _cpu_count(),
@@ -240,7 +240,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
         per_entry.append({
             "path": entry.path, "type": entry.type, "group": group,
             "rows_read": len(raw) + len(raw.dropped), "samples": int(res.samples.count),
-            "dropped": len(raw.dropped) + len(res.drops), "blank_lines": raw.blank_lines,
+            "dropped": len(raw.dropped) + len(res.drops), "truncated": res.truncated, "blank_lines": raw.blank_lines,
         })
 
     too_long = [d for d in drops if d.reason == TOO_LONG]
@@ -281,6 +281,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
         "tokens": int(train.lengths.sum()),
         "trained_tokens": int(train.trained_tokens()),
         "dropped": report["dropped_total"],
+        "truncated": sum(e["truncated"] for e in per_entry),
         "packed": False,
         "sequence_len": cfg.sequence_len,
         "read_seconds": round(read_s, 3),
@@ -397,6 +398,9 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         f"tokens {stats['tokens']}, trained tokens {stats['trained_tokens']}",
         _report_text(report),
     ]
+    if stats.get("truncated"):
+        msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} "
+                   "(excess_length: truncate)")
     if stats.get("packed"):
         msg.append(f"  packed into {stats['bins']} bins of {stats['sequence_len']} tokens: "
                    f"efficiency {100 * stats['packing_efficiency']:.2f}%")

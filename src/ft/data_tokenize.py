@@ -169,7 +169,7 @@ def tokenize_entries(
     num_proc: int,
     progress: bool | None = None,
 ) -> list[EntryResult]:
-    """Tokenize every ``(raw_rows, tokenize, name)`` job; returns one :class:`EntryResult` per job."""
+    """Tokenize every ``(raw_rows, tokenize, format_name)`` job; returns one :class:`EntryResult` per job."""
     global _JOBS, _SETTINGS
     from ft.data import Drop
 
@@ -201,7 +201,7 @@ def tokenize_entries(
         for o in mine:
             if o.error is not None:
                 row, message = o.error
-                raise DataError(f"{raw.where(row)}: the '{name}' dataset format failed on this row: {message}")
+                raise DataError(f"{raw.where(row)}: the '{name}' format failed on this row: {message}")
         drops = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.drops]
         samples = _merge(mine, base)
         results.append(EntryResult(samples, drops, sum(o.truncated for o in mine), sum(o.calls for o in mine)))
