@@ -15,6 +15,7 @@ processes). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -167,6 +168,19 @@ def run_axolotl(axolotl: str, model: Path, data: Path, sequence_len: int, work: 
             "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conversations", type=int, default=20000)
@@ -180,10 +194,11 @@ def main() -> None:
                     help="also run this `axolotl` executable's preprocess on the same set, right after ft's")
     args = ap.parse_args()
 
-    from ft.tiny import make_tiny
-
     work = Path(tempfile.mkdtemp(prefix="ft-bench-"))
-    model = make_tiny(work / "tiny")
+    with stdout_to_stderr():  # libraries print warnings on stdout; keep it for the JSON
+        from ft.tiny import make_tiny
+
+        model = make_tiny(work / "tiny")
     base = {"base_model": str(model), "sequence_len": args.sequence_len, "seed": args.seed}
     if args.num_proc:
         base["dataset_num_proc"] = args.num_proc

@@ -16,6 +16,7 @@ import itertools
 import multiprocessing as mp
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -175,7 +176,8 @@ def tokenize_entries(
 
     total = sum(len(raw) for raw, _t, _n in jobs)
     num_proc = max(1, min(num_proc, (total + 63) // 64))
-    chunk = int(min(max(total // (num_proc * 16), 64), 2048))
+    # ~16 chunks per worker keep them evenly busy (long conversations make uneven chunks)
+    chunk = int(min(max(total // (num_proc * 16), 16), 2048))
     tasks = [(j, s, min(s + chunk, len(raw))) for j, (raw, _t, _n) in enumerate(jobs) for s in range(0, len(raw), chunk)]
     show = _progress_enabled() if progress is None else progress
     bar = _progress_bar(total, show)
@@ -244,12 +246,22 @@ def _run_pool(jobs: Sequence[tuple[Any, Any, str]], tasks: list, num_proc: int, 
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
+    # The parent waits while workers tokenize: import what assembling the result needs meanwhile
+    # (only now, after the fork: a child must never inherit a half-held import lock).
+    threading.Thread(target=_warm_imports, daemon=True).start()
     outs = []
     with pool:
         for out in pool.imap(_run_chunk, payload, chunksize=1):
             outs.append(out)
             bar.update(out.n_rows)
     return outs
+
+
+def _warm_imports() -> None:
+    try:
+        import datasets  # noqa: F401
+    except Exception:  # noqa: BLE001 - the main thread imports it again and reports any error
+        pass
 
 
 def start_method() -> str:
