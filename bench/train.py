@@ -19,10 +19,11 @@ process plugin that registers the data format, counts the real tokens each micro
 
 Printed JSON (also written to ``--out``): per configuration real tokens/s, MFU
 (6 x parameters x real tokens/s / 989e12, the full-fine-tuning formula for every config, for
-comparison only), peak memory in GiB (CUDA: ``max_memory_allocated``; CPU: sampled process
-RSS) and the loss of the last step and the mean of the last five. ``comparisons`` gives each ft
-configuration's speed and loss against the plain loop of its kind (full or LoRA), and on CUDA
-``targets`` checks the figures of issue 9. A configuration that cannot run here (Liger on a
+comparison only), peak memory in GiB (CUDA: ``max_memory_allocated`` since the configuration
+started; CPU: sampled process RSS, which never shrinks, so later CPU configurations inherit the
+earlier ones' high-water mark), and the loss of the last step and the mean of the last five.
+``comparisons`` gives each ft configuration's speed and loss against the plain loop of its kind
+(full or LoRA), and on CUDA ``targets`` checks the figures of issue 9. A configuration that cannot run here (Liger on a
 CPU) is reported with the one-sentence reason ft gave.
 """
 
@@ -253,7 +254,7 @@ class Meter:
         tail = self.losses[-5:]
         return {
             "tokens_per_second": round(tps, 1),
-            "mfu": round(6 * setup.params * tps / PEAK_FLOPS, 4),
+            "mfu": float(f"{6 * setup.params * tps / PEAK_FLOPS:.4g}"),
             "peak_gib": round(peak, 2),
             "loss_last": round(self.losses[-1], 4) if self.losses else None,
             "loss_mean_last5": round(sum(tail) / len(tail), 4) if tail else None,
