@@ -166,7 +166,8 @@ def test_the_key_inputs_are_written_next_to_the_cache(tmp_path, tiny_tokenizer, 
     inputs = json.loads((Path(out.cache_dir) / "key.json").read_text())
     assert inputs["config"]["sequence_len"] == 64
     assert "sources" in inputs["entries"]["datasets"][0]["fingerprints"]
-    assert "qa_test_format" in inputs["plugins"] and test_data.__file__
+    assert set(inputs["plugins"]) == {"qa_test_format", "sources"}  # not every installed format plugin
+    assert inputs["entries"]["datasets"][0]["format_source"]
 
 
 def test_local_rank_0_builds_while_the_other_ranks_wait(tmp_path, tiny_model_dir, data):
@@ -185,3 +186,18 @@ def test_local_rank_0_builds_while_the_other_ranks_wait(tmp_path, tiny_model_dir
     outs = {rank: json.loads((tmp_path / f"out{rank}.json").read_text()) for rank in (0, 1)}
     assert outs[0]["cache"] == "built" and outs[1]["cache"] == "hit"
     assert set(log_file.read_text().split()) == {str(procs[1].pid)}
+
+
+def test_installing_an_unrelated_format_plugin_keeps_the_cache(tmp_path, tiny_tokenizer, data):
+    from ft import hookimpl
+    from ft.testing import registered_plugin
+
+    class OtherFormat:
+        @hookimpl
+        def ft_register_formats(self, register):
+            register.add("other_format", test_data.QAOptions, test_data.build_qa)
+
+    run(tmp_path, tiny_tokenizer, data)
+    with registered_plugin(OtherFormat(), "other_format_plugin"):
+        _, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls == 0

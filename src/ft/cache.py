@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ CACHE_FORMAT = 1
 KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_tokens", "tokens", "val_set_size",
               "seed", "shuffle")
 # A plugin implementing one of these is on the data path: its version and source join the key.
-DATA_HOOKS = frozenset({"ft_register_formats", "ft_load_dataset", "ft_data_fingerprint", "ft_pack"})
+DATA_HOOKS = frozenset({"ft_load_dataset", "ft_data_fingerprint", "ft_pack"})
 # ft's own modules on the data path.
 CORE_DATA_MODULES = ("ft.data", "ft.data_tokenize", "ft.formats", "ft.cache")
 
@@ -58,14 +59,21 @@ def cache_key(ctx: Any, tokenizer: Any, packing: bool) -> tuple[str, dict[str, A
         entries[group] = []
         for entry in getattr(cfg, group) or []:
             fingerprints = {name: fp for name, fp in pm.call_each("ft_data_fingerprint", cfg=cfg, entry=entry) if fp}
+            fmt = ctx.formats.get(entry.type).value if entry.type in ctx.formats else None
             entries[group].append({
                 "entry": entry.model_dump(mode="json"),
+                # the code that tokenizes this entry (a format plugin often keeps it in another module)
+                "format_source": sorted({str(_source_hash(f)) for f in (fmt.build, fmt.options)}) if fmt else None,
                 "fingerprints": fingerprints,
                 "option_files": _option_files(cfg, entry),
             })
+    # Plugins that read, fingerprint or pack data, and the owners of the formats in use (not
+    # every installed format: installing an unrelated format plugin must not rebuild caches).
+    owners = {ctx.formats.get(e.type).plugin for g in ("datasets", "test_datasets")
+              for e in getattr(cfg, g) or [] if e.type in ctx.formats}
     plugins = {}
     for name, info in sorted(pm.infos.items()):
-        if info.status in ("active", "essential") and DATA_HOOKS & set(info.hooks):
+        if info.status in ("active", "essential") and (DATA_HOOKS & set(info.hooks) or name in owners):
             plugins[name] = {"version": info.version, "source": _source_hash(pm.pm.get_plugin(name))}
     inputs = {
         "cache_format": CACHE_FORMAT,
@@ -134,6 +142,9 @@ def _option_files(cfg: Any, entry: Any) -> dict[str, str]:
 
 
 def _source_hash(obj: Any) -> str | None:
+    """Hash of the source file of a module, or of the module defining a class/function/instance."""
+    if obj is not None and not inspect.ismodule(obj):
+        obj = inspect.getmodule(obj if inspect.isclass(obj) or inspect.isroutine(obj) else type(obj))
     path = getattr(obj, "__file__", None)
     if not path or not os.path.isfile(path):
         return None
