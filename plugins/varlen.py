@@ -327,12 +327,11 @@ def reference_varlen(q: Any, k: Any, v: Any, cu: Any, scale: float, dropout: flo
 
 def make_attention(cuda_kernel: CudaKernel | None) -> Callable[..., Any]:
     """The function registered as ``ft_varlen`` in transformers' ``AttentionInterface``."""
+    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                  sliding_window=None, softcap=None, **kwargs):
-        import torch
-
         batch, heads, length, dim = query.shape
         if key.shape[2] != length or not getattr(module, "is_causal", True):
             # a KV cache (generation) or a bidirectional layer: plain SDPA is right there
