@@ -50,9 +50,34 @@ def test_cpu_tiny_run_prints_figures_for_each_configuration(bench, tmp_path, cap
     assert full["speedup"] > 0
     assert full["loss_rel_diff"] < 0.05  # same data, seed and learning rate: the losses stay close
     assert "ft_lora_vs_plain_full" not in printed["comparisons"]  # LoRA is compared with the plain LoRA loop only
+    assert set(printed["comparisons"]) == {"ft_full_vs_plain_full"}  # no plain LoRA loop or ft_full variant ran
 
 
 def test_unknown_configuration_is_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--configs", "ft_full,ft_fast"])
     assert "unknown configuration(s) ['ft_fast']" in capsys.readouterr().err
+
+
+def test_targets_of_issue_9_are_judged_against_the_plain_loops(bench):
+    def fig(tps, peak, loss):
+        return {"tokens_per_second": tps, "peak_gib": peak, "loss_mean_last5": loss}
+
+    results = {
+        "plain_full": fig(28000, 40.0, 10.0), "ft_full": fig(52000, 30.0, 10.1),
+        "ft_full_liger": fig(45000, 20.0, 10.05), "ft_full_compile": {"error": "RuntimeError: boom"},
+        "plain_lora": fig(24000, 37.0, 11.0), "ft_lora_liger": fig(56000, 20.0, 11.5),
+    }
+    comparisons = bench.compare(results)
+    assert comparisons["ft_full_vs_plain_full"]["speedup"] == pytest.approx(52000 / 28000, rel=1e-3)
+    assert comparisons["ft_full_liger_vs_ft_full"]["loss_rel_diff"] == pytest.approx(0.05 / 10.1, rel=1e-3)
+    assert not any(k.startswith("ft_full_compile") for k in comparisons)  # it failed: nothing to compare
+
+    targets = bench.targets(results, comparisons)
+    assert targets["full_ft_tokens_per_second>=50000"] == {"config": "ft_full", "value": 52000, "met": True}
+    assert targets["lora_tokens_per_second>=55000"]["met"] is True
+    assert targets["lora_peak<=0.6x_plain_lora"]["value"] == pytest.approx(20 / 37, rel=1e-2)
+    assert targets["lora_peak<=0.6x_plain_lora"]["met"] is True
+    # the LoRA loss is 4.5% off the plain loop's: the loss target fails, naming the configuration
+    assert targets["loss_rel_diff<2e-2"]["met"] is False
+    assert targets["loss_rel_diff<2e-2"]["per_config"]["ft_lora_liger_vs_plain_lora"] == pytest.approx(0.04545, rel=1e-3)
