@@ -68,6 +68,10 @@ def prepare_output_dir(ctx: Context, fresh: bool = False, overwrite: bool = Fals
         log.warning("--overwrite: the weights in %s (%s) will be replaced", out, ", ".join(found))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+    from ft.checkpoints import prepare_checkpoints
+
+    # leftovers of crashed saves go; --fresh clears old checkpoints; another config's checkpoints are an error
+    prepare_checkpoints(ctx, fresh=fresh, overwrite=overwrite, finished=bool(found), main=is_main_process())
     return out
 
 
@@ -91,17 +95,31 @@ def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[st
     return files
 
 
-def write_config(ctx: Context, path: Path) -> str:
+def saveable_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data: secrets redacted, local model and data paths made absolute."""
     from ft.context import resolve_path
 
-    cfg = ctx.cfg
     data = cfg.to_saveable()
-    for key in ("base_model", "tokenizer"):  # a local model path stays valid from anywhere
-        value = data.get(key)
-        if value:
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value:
             local = Path(resolve_path(cfg, value))
             if local.exists():
-                data[key] = str(local.resolve())
+                return str(local.resolve())
+        return value
+
+    for key in ("base_model", "tokenizer"):  # a local path stays valid from anywhere
+        data[key] = absolute(data.get(key))
+    for key in ("datasets", "test_datasets"):
+        for entry in data.get(key) or []:
+            if isinstance(entry, dict) and "path" in entry:
+                entry["path"] = absolute(entry["path"])
+    return data
+
+
+def write_config(ctx: Context, path: Path) -> str:
+    cfg = ctx.cfg
+    data = saveable_config(cfg)
     header = f"# resolved config written by ft {__version__}" + (f" from {cfg.source}" if cfg.source else "") + "\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return str(path)
@@ -176,6 +194,12 @@ def print_summary(metrics: dict[str, Any], out: Path) -> None:
         f"  final loss  {loss}",
         f"  written to  {out}/  (model, tokenizer, {CONFIG_FILE}, {PLUGINS_FILE}, {METRICS_FILE}, {CURVES_FILE})",
     ]
+    if metrics.get("resumed_from"):
+        lines.insert(2, f"  resumed     from {metrics['resumed_from']}")
+    warnings = metrics.get("warnings") or []
+    if warnings:
+        lines.append(f"  warnings    {len(warnings)} (also in {METRICS_FILE}):")
+        lines += [f"    - {w.get('message', w) if isinstance(w, dict) else w}" for w in warnings]
     click.echo("\n".join(lines))
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ft.checkpoints import AtomicCheckpointsMixin
 from ft.errors import ConfigError, FtError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -99,10 +100,13 @@ class FtState:
     optimizer_factory: Callable[..., Any] | None = None
     scheduler_factory: Callable[..., Any] | None = None
     started: float | None = None
+    warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plugins' health findings
+    tokens_at_start: tuple[int, int] = (0, 0)  # counted before this session (a resumed run)
 
 
-class FtTrainerMixin:
-    """Mixed into whichever Trainer class runs: counts tokens, builds factory optimizers/schedulers."""
+class FtTrainerMixin(AtomicCheckpointsMixin):
+    """Mixed into whichever Trainer class runs: counts tokens, builds factory optimizers/schedulers,
+    writes checkpoints atomically (``ft.checkpoints``)."""
 
     ft_state: FtState | None = None
 
@@ -162,9 +166,10 @@ def _callbacks(state: FtState) -> list[Any]:
                 return
             tokens, trained = state.counter.totals()
             elapsed = time.perf_counter() - state.started if state.started else 0.0
+            session = tokens - state.tokens_at_start[0]
             row = {"step": st.global_step, "epoch": round(float(st.epoch or 0.0), 4), **row,
                    "train_tokens": tokens, "trained_tokens": trained,
-                   "tokens_per_second": round(tokens / elapsed, 2) if elapsed > 0 else None}
+                   "tokens_per_second": round(session / elapsed, 2) if elapsed > 0 else None}
             if state.history and state.history[-1]["step"] == row["step"]:
                 state.history[-1].update(row)
             else:
@@ -347,17 +352,25 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
 
 
 def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[str, Any]:
-    """Train (resuming when asked) and return the run's metrics."""
+    """Train (resuming from the last complete checkpoint of this run, or the one named) and return
+    the run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.checkpoints``)."""
+    from ft.checkpoints import choose_resume, interrupted_error, restore_ft_state, stop_on_signals
+
     cfg = ctx.cfg
-    resume = None if options.get("fresh") else (options.get("resume") or cfg.resume_from_checkpoint)
+    resume = choose_resume(ctx, announce=True, **options)
+    if resume:
+        restore_ft_state(trainer, resume)
     try:
-        output = trainer.train(resume_from_checkpoint=resume)
+        with stop_on_signals(trainer) as stop:
+            output = trainer.train(resume_from_checkpoint=resume)
     except Exception as exc:
         if is_out_of_memory(exc):
             _close_progress_bars(trainer)
             _free_memory()
             raise FtError(out_of_memory_message(cfg)) from exc
         raise
+    if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise interrupted_error(ctx, trainer, stop)
 
     state: FtState | None = getattr(trainer, "ft_state", None)
     history = state.history if state is not None else []
@@ -370,6 +383,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
             eval_loss = float(trainer.evaluate()["eval_loss"])
 
     tokens, trained = _total_tokens(trainer, state)
+    session_tokens = tokens - (state.tokens_at_start[0] if state is not None else 0)
     seconds = float(output.metrics.get("train_runtime") or 0.0)
     final_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
     metrics: dict[str, Any] = {
@@ -378,7 +392,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         "train_tokens": tokens,
         "trained_tokens": trained,
         "seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+        "tokens_per_second": round(session_tokens / seconds, 2) if seconds > 0 else None,
         "final_loss": final_loss,
         "train_loss": float(output.training_loss),
         "eval_loss": eval_loss,
@@ -386,6 +400,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         "samples": len(data.train) if hasattr(data.train, "__len__") else None,
         "precision": resolve_precision(cfg),
         "resumed_from": str(resume) if resume else None,
+        "warnings": list(state.warnings) if state is not None else [],
     }
     return metrics
 

@@ -1,0 +1,596 @@
+"""Checkpoints a crash cannot corrupt, resuming from them, and stopping on a signal.
+
+Atomic saves: the Trainer writes ``checkpoint-N`` into ``.ft-tmp-checkpoint-N/`` next to the real
+ones; when every rank is done, the main process adds ``ft_config.yaml`` (the resolved config),
+``ft_state.json`` (ft's loss history and token counts) and ``ft_checkpoint.json`` (the size and a
+digest of every file), flushes them to disk and renames the directory into place. A process that
+dies while saving leaves only the ``.ft-tmp-`` directory, which is never picked up and is removed
+by the next run.
+
+Resuming: ``ft run`` on an output directory that holds checkpoints of the same config continues
+from the newest one that verifies against its manifest (a damaged one is set aside as
+``damaged-checkpoint-N`` and the previous one is used). Another config there is an error naming
+the keys that differ. ``--fresh`` starts over (removing the old checkpoints);
+``resume_from_checkpoint: PATH`` picks a checkpoint and allows deliberate changes (with a warning).
+The Trainer restores the weights, optimizer, scheduler, RNG states and data position.
+
+Signals: during training, SIGINT or SIGTERM asks for a checkpoint at the end of the current
+optimizer step, then the run stops with a message saying how to resume. A second signal stops at
+once (checkpoints already written stay valid).
+
+Nothing here imports torch or transformers at module import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ft.errors import FtError
+
+if TYPE_CHECKING:
+    from ft.context import Context
+
+log = logging.getLogger("ft.checkpoints")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_PREFIX = ".ft-tmp-"  # .ft-tmp-checkpoint-N/checkpoint-N while it is being written
+REPLACED_PREFIX = ".ft-old-"  # a checkpoint of the same step being replaced
+DAMAGED_PREFIX = "damaged-"  # set aside at start-up; never resumed from or rotated
+MANIFEST_FILE = "ft_checkpoint.json"
+STATE_FILE = "ft_state.json"
+CONFIG_FILE = "ft_config.yaml"
+TRAINER_STATE_FILE = "trainer_state.json"
+MANIFEST_FORMAT = 1
+
+FULL_DIGEST_BYTES = 64 << 20  # files up to this size are hashed whole
+SAMPLE_BYTES = 1 << 20  # larger ones: size + SAMPLES evenly spread blocks (weights and optimizer states)
+SAMPLES = 16
+
+# Keys that do not change what a resumed run computes: they may differ from the checkpoint's config.
+RESUME_IGNORED = frozenset({
+    "output_dir", "resume_from_checkpoint", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
+    "eval_batch_size", "report_to", "dataloader_num_workers", "dataset_num_proc", "dataset_prepared_path",
+    "health",
+})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+# -- finding and verifying checkpoints -------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Checkpoint]:
+    """``checkpoint-N`` directories in ``output_dir``, oldest step first (complete or not)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for child in out.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append(Checkpoint(child, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """What is wrong with the checkpoint at ``path`` (empty when it is complete and intact)."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return [f"it has no {MANIFEST_FILE} (it was not finished, or not written by ft)"]
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"its {MANIFEST_FILE} cannot be read ({exc})"]
+    problems = []
+    if TRAINER_STATE_FILE not in files:
+        problems.append(f"it has no {TRAINER_STATE_FILE}")
+    for name, want in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = file.stat().st_size
+        if size != want.get("size"):
+            problems.append(f"{name} has {size} bytes, {want.get('size')} were written")
+        elif file_digest(file, size) != want.get("digest"):
+            problems.append(f"{name} is damaged (its content changed since it was written)")
+    return problems
+
+
+def find_resumable(output_dir: str | os.PathLike) -> tuple[Checkpoint | None, list[tuple[Checkpoint, list[str]]]]:
+    """The newest complete checkpoint, and the newer ones skipped because they are damaged."""
+    skipped = []
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        problems = verify(checkpoint.path)
+        if not problems:
+            return checkpoint, skipped
+        skipped.append((checkpoint, problems))
+    return None, skipped
+
+
+def last_good_checkpoint(output_dir: str | os.PathLike) -> Checkpoint | None:
+    return find_resumable(output_dir)[0]
+
+
+def file_digest(path: Path, size: int | None = None) -> str:
+    """xxh3 of the whole file, or of SAMPLES blocks spread over a large one (size is checked separately)."""
+    size = path.stat().st_size if size is None else size
+    h, name = _hasher()
+    with open(path, "rb") as fh:
+        if size <= FULL_DIGEST_BYTES:
+            for block in iter(lambda: fh.read(4 << 20), b""):
+                h.update(block)
+        else:
+            name = f"sampled-{name}"
+            for i in range(SAMPLES):
+                fh.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(fh.read(SAMPLE_BYTES))
+    return f"{name}:{h.hexdigest()}"
+
+
+def _hasher() -> tuple[Any, str]:
+    try:
+        import xxhash
+
+        return xxhash.xxh3_64(), "xxh3"
+    except ImportError:  # pragma: no cover - xxhash comes with ft[train]
+        import hashlib
+
+        return hashlib.blake2b(digest_size=16), "blake2b"
+
+
+def write_manifest(path: Path, step: int) -> None:
+    """List every file of the checkpoint with its size and digest, flushing each to disk first."""
+    from ft import __version__
+
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        if name == MANIFEST_FILE:
+            continue
+        _fsync(file)
+        size = file.stat().st_size
+        files[name] = {"size": size, "digest": file_digest(file, size)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "written_by": f"ft {__version__}",
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+    target = path / MANIFEST_FILE
+    target.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    _fsync(target)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories or read-only descriptors
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- writing checkpoints atomically ------------------------------------------------------------------
+
+
+class AtomicCheckpointsMixin:
+    """Mixed into ft's Trainer: ``_save_checkpoint`` writes into a staging directory, then renames."""
+
+    _ft_staging_root: str | None = None
+
+    def _get_output_dir(self, trial=None):
+        if self._ft_staging_root is not None:
+            return self._ft_staging_root
+        return super()._get_output_dir(trial=trial)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        parent = super()
+        save_atomically(self, lambda: parent._save_checkpoint(model, trial, *args, **kwargs), trial)
+
+
+def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) -> Path:
+    """Run the Trainer's ``save`` into ``.ft-tmp-checkpoint-N/`` and publish it as ``checkpoint-N``."""
+    step = trainer.state.global_step
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    final = run_dir / f"checkpoint-{step}"
+    root = run_dir / f"{STAGING_PREFIX}{final.name}"
+    staged = root / final.name
+    main = bool(trainer.args.should_save)
+    accelerator = trainer.accelerator
+    if main:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    tokens = _global_tokens(trainer)  # a collective: every rank takes part
+    trainer._ft_staging_root = str(root)
+    try:
+        save()
+    finally:
+        trainer._ft_staging_root = None
+    accelerator.wait_for_everyone()
+    if main:
+        best = trainer.state.best_model_checkpoint
+        if best and Path(best).parent == root:
+            trainer.state.best_model_checkpoint = str(final)
+            _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
+        _write_ft_files(trainer, staged, tokens)
+        write_manifest(staged, step)
+        publish(staged, final)
+        shutil.rmtree(root, ignore_errors=True)
+        keep = {final} | ({Path(trainer.state.best_model_checkpoint)} if trainer.state.best_model_checkpoint else set())
+        rotate(run_dir, trainer.args.save_total_limit, keep)
+        log.info("checkpoint saved: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Rename a finished checkpoint into place (replacing one of the same step, if any)."""
+    replaced = None
+    if final.exists():
+        replaced = final.with_name(f"{REPLACED_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, replaced)
+    os.rename(staged, final)
+    _fsync(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def rotate(run_dir: Path, limit: int | None, keep: set[Path]) -> None:
+    """Keep the ``limit`` newest checkpoints (by step), plus those in ``keep``."""
+    if not limit:
+        return
+    checkpoints = list_checkpoints(run_dir)
+    excess = len(checkpoints) - max(limit, len([c for c in checkpoints if c.path in keep]))
+    for checkpoint in checkpoints:
+        if excess <= 0:
+            break
+        if checkpoint.path in keep:
+            continue
+        log.info("removing %s (save_total_limit %d)", checkpoint.path, limit)
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
+        excess -= 1
+
+
+def _rewrite_best(state_file: Path, best: str) -> None:
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state["best_model_checkpoint"] = best
+        state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _global_tokens(trainer: Any) -> tuple[int, int] | None:
+    state = getattr(trainer, "ft_state", None)
+    if state is None:
+        return None
+    from ft.train import _total_tokens
+
+    return _total_tokens(trainer, state)
+
+
+def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) -> None:
+    state = getattr(trainer, "ft_state", None)
+    if state is None:
+        return
+    import yaml
+
+    from ft.outputs import saveable_config
+
+    header = f"# the resolved config of the run that wrote this checkpoint (step {trainer.state.global_step})\n"
+    text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
+    (staged / CONFIG_FILE).write_text(header + text, encoding="utf-8")
+    saved = {"history": state.history, "tokens": list(tokens) if tokens else None,
+             "warnings": list(getattr(state, "warnings", []))}
+    (staged / STATE_FILE).write_text(json.dumps(saved, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike) -> None:
+    """Before resuming: ft's loss history, token counts and warnings as they were at the checkpoint."""
+    state = getattr(trainer, "ft_state", None)
+    file = Path(checkpoint) / STATE_FILE
+    if state is None or not file.is_file():
+        return
+    saved = json.loads(file.read_text(encoding="utf-8"))
+    state.history[:] = [dict(row) for row in saved.get("history") or []]
+    if hasattr(state, "warnings"):
+        state.warnings[:] = list(saved.get("warnings") or [])
+    tokens = saved.get("tokens")
+    if tokens:  # totals over all ranks: rank 0 carries them on; every rank knows where this session began
+        if trainer.is_world_process_zero():
+            state.counter.input_tokens, state.counter.trained_tokens = int(tokens[0]), int(tokens[1])
+        if hasattr(state, "tokens_at_start"):
+            state.tokens_at_start = (int(tokens[0]), int(tokens[1]))
+
+
+# -- deciding where a run starts ----------------------------------------------------------------------
+
+
+def prepare_checkpoints(ctx: Context, *, fresh: bool = False, overwrite: bool = False, finished: bool = False,
+                        main: bool = True) -> None:
+    """Before training: remove leftovers of crashed saves, apply ``--fresh``, set damaged checkpoints
+    aside, and refuse to resume checkpoints of another config (all before any data or model is loaded)."""
+    out = Path(ctx.cfg.output_dir)
+    if not out.is_dir():
+        return
+    if main:
+        for leftover in [*out.glob(f"{STAGING_PREFIX}*"), *out.glob(f"{REPLACED_PREFIX}*")]:
+            log.info("removing %s, left by a save that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+    explicit = bool(ctx.cfg.resume_from_checkpoint) and not fresh
+    if not explicit and (fresh or (finished and overwrite)):
+        old = list_checkpoints(out)
+        if old and main:
+            log.warning("%s: removing %d checkpoint(s) of the earlier run in %s (%s)", "--fresh" if fresh else
+                        "--overwrite", len(old), out, ", ".join(c.path.name for c in old))
+            for checkpoint in old:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+        return
+    if explicit or finished:
+        choose_resume(ctx, fresh=fresh, overwrite=overwrite)
+        return
+    found, skipped = find_resumable(out)
+    for checkpoint, problems in skipped:
+        aside = _unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
+        log.warning("%s cannot be resumed from: %s. Set aside as %s%s.", checkpoint.path, "; ".join(problems),
+                    aside.name, f"; falling back to {found.path.name}" if found else "")
+        if main:
+            os.rename(checkpoint.path, aside)
+    if found is not None:
+        _check_same_config(ctx, found)
+
+
+def choose_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False, resume: str | None = None,
+                  announce: bool = False, **_: Any) -> str | None:
+    """The checkpoint this run continues from, or None to start from step 0."""
+    from ft.context import resolve_path
+    from ft.outputs import finished_weights
+
+    cfg = ctx.cfg
+    explicit = resume or cfg.resume_from_checkpoint
+    if explicit and not fresh:
+        path = Path(resolve_path(cfg, str(explicit)))
+        if not path.is_dir():
+            raise FtError(f"{cfg.where('resume_from_checkpoint')}: '{explicit}' is not a checkpoint directory "
+                          f"(it does not exist). Checkpoints are the checkpoint-N folders in output_dir.")
+        problems = verify(path)
+        if problems and (path / MANIFEST_FILE).is_file():
+            good = last_good_checkpoint(path.parent)
+            hint = f" The newest complete one there is {good.path}." if good else ""
+            raise FtError(f"{cfg.where('resume_from_checkpoint')}: {path} cannot be resumed from: "
+                          f"{'; '.join(problems)}.{hint}")
+        if problems:
+            log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
+                        path, problems[0])
+        differences = config_differences(ctx, path)
+        if differences:
+            log.warning("resuming from %s with a config that differs from the one that wrote it: %s", path,
+                        "; ".join(differences))
+        if announce:
+            log.info("resuming from %s (resume_from_checkpoint)", path)
+        return str(path)
+    out = Path(cfg.output_dir)
+    if fresh or (overwrite and finished_weights(out)):
+        return None
+    found, _ = find_resumable(out)
+    if found is None:
+        return None
+    _check_same_config(ctx, found)
+    if announce:
+        log.info("resuming from %s (step %d): the output dir holds checkpoints of this run; pass --fresh to "
+                 "start over", found.path, found.step)
+    return str(found.path)
+
+
+def _check_same_config(ctx: Context, checkpoint: Checkpoint) -> None:
+    differences = config_differences(ctx, checkpoint.path)
+    if not differences:
+        return
+    cfg = ctx.cfg
+    shown = differences[:12] + ([f"... and {len(differences) - 12} more"] if len(differences) > 12 else [])
+    lines = "\n".join(f"    {d}" for d in shown)
+    raise FtError(
+        f"{cfg.where('output_dir')}: '{cfg.output_dir}' holds checkpoints of a run with another config "
+        f"(newest: {checkpoint.path.name}); these keys differ (checkpoint -> now):\n{lines}\n"
+        f"  To continue that run, restore those values. To start over in this directory pass --fresh (its "
+        f"checkpoints are removed), or choose a new output_dir (--set output_dir={cfg.output_dir}-2). To resume it "
+        f"with these changes on purpose, set resume_from_checkpoint: {checkpoint.path}"
+    )
+
+
+def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]:
+    """``key: saved -> now`` for every key that differs between the checkpoint's config and this one."""
+    import yaml
+
+    from ft.outputs import saveable_config
+
+    file = Path(checkpoint) / CONFIG_FILE
+    if not file.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return [f"{CONFIG_FILE} of the checkpoint cannot be read"]
+    now = saveable_config(ctx.cfg)
+    before_flat, now_flat = _flatten(saved), _flatten(now)
+    out = []
+    for key in sorted(set(before_flat) | set(now_flat), key=_natural):
+        if key.split(".")[0].split("[")[0] in RESUME_IGNORED:
+            continue
+        a, b = before_flat.get(key, _ABSENT), now_flat.get(key, _ABSENT)
+        if a != b:
+            out.append(f"{key}: {_show(a)} -> {_show(b)}")
+    return out
+
+
+_ABSENT = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+
+
+def _unused_name(parent: Path, name: str) -> Path:
+    candidate, n = parent / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = parent / f"{name}-{n}"
+    return candidate
+
+
+# -- stopping on a signal -------------------------------------------------------------------------------
+
+
+class Interrupted(FtError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the exit code is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class StopRequest:
+    signum: int | None = None
+    at: float = 0.0
+    step: int | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SAME_REQUEST_SECONDS = 2.0  # under torchrun a signal can arrive twice (terminal + launcher): one request
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any) -> Iterator[StopRequest]:
+    """While training: the first SIGINT/SIGTERM saves a checkpoint at the next step end and stops;
+    a second one stops at once."""
+    request = StopRequest()
+    callback = _stop_callback(request)
+    trainer.add_callback(callback)
+    previous: dict[int, Any] = {}
+    under_launcher = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+    def handler(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if request.signum is None:
+            request.signum, request.at = signum, now
+            _say(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+                 "stopping (send it again to stop at once, without saving)")
+            return
+        if under_launcher and now - request.at < SAME_REQUEST_SECONDS:
+            return
+        _say(f"received {signal.Signals(signum).name} again: stopping now, without saving")
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        trainer.remove_callback(callback)
+
+
+def _say(message: str) -> None:
+    print(f"\n[ft] {message}", file=sys.stderr, flush=True)
+
+
+def _stop_callback(request: StopRequest) -> Any:
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        """At each optimizer step's end: if a signal came (on any rank), save and stop."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if _any_rank(request.signum is not None, args):
+                request.step = state.global_step
+                if request.signum is None:  # another rank got it
+                    request.signum = signal.SIGTERM
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopOnSignal()
+
+
+def _any_rank(flag: bool, args: Any) -> bool:
+    if getattr(args, "world_size", 1) <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    device = args.device if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def interrupted_error(ctx: Context, trainer: Any, request: StopRequest) -> Interrupted:
+    cfg = ctx.cfg
+    step = trainer.state.global_step
+    checkpoint = Path(cfg.output_dir) / f"checkpoint-{step}"
+    saved = f"checkpoint saved: {checkpoint}" if checkpoint.is_dir() else "no checkpoint could be saved"
+    return Interrupted(
+        f"stopped by {request.name} after step {step} of {trainer.state.max_steps}; {saved}.\n"
+        f"  To resume, run the same command again: {resume_command(cfg)}\n"
+        "  (ft run continues from the newest complete checkpoint in output_dir; --fresh starts over.)",
+        int(request.signum or signal.SIGTERM),
+    )
+
+
+def resume_command(cfg: Any) -> str:
+    """The command line that resumes this run (this process's own, without --fresh/--overwrite)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("ft", "ft.exe") and len(argv) > 1 and argv[1] == "run":
+        return "ft " + shlex.join(a for a in argv[1:] if a not in ("--fresh", "--overwrite"))
+    source = cfg.source or "CONFIG.yaml"
+    return f"ft run {shlex.quote(str(source))}"

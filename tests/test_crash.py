@@ -1,0 +1,515 @@
+"""A crash never loses a run: atomic checkpoints, resume, signals, a killed data build, safe defaults.
+
+The kill tests run ``ft run`` in a subprocess with a small plugin that pauses it at a known point
+(a marker file says it is there), so the kill lands where the test means it to, on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from ft import hookimpl
+from ft.checkpoints import MANIFEST_FILE, list_checkpoints, verify
+from ft.errors import FtError
+from ft.run import run
+
+MAX_STEPS = 8
+SAVE_STEPS = 3
+SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz"}
+ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_run(root: Path, model_dir: Path, **overrides) -> Path:
+    """Eight conversations; 2 optimizer steps per epoch (micro batch 2 x accumulation 2), so 8 steps cross
+    epochs and a checkpoint every 3 steps lands mid-epoch."""
+    from ft.tiny import make_chat_rows, write_jsonl
+
+    data = root / "chat.jsonl"
+    if not data.exists():
+        write_jsonl(data, make_chat_rows(8, seed=3))
+    config = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(data), "type": "chat_template"}],
+        "dataset_prepared_path": str(root / "prepared"),
+        "dataset_num_proc": 1,
+        "output_dir": str(root / "out"),
+        "sequence_len": 128,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": MAX_STEPS,
+        "save_steps": SAVE_STEPS,
+        "logging_steps": 1,
+        "learning_rate": 1.0e-3,
+        "seed": 1,
+        **overrides,
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def history(out: Path) -> dict[int, dict]:
+    return {row["step"]: row for row in json.loads((out / "metrics.json").read_text())["history"]}
+
+
+class VaultSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    api_key: str = ""
+    hub_token: str = ""
+    password: str = ""
+    signing_key: SecretStr = SecretStr("")
+
+
+class Vault:
+    """A plugin with secrets in its config section (as a hub-upload or tracker plugin would have)."""
+
+    @hookimpl
+    def ft_add_config(registry):
+        registry.add("vault", VaultSection)
+
+
+@pytest.fixture
+def vault():
+    from ft.testing import registered_plugin
+
+    with registered_plugin(Vault, "vault"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted run (the losses every resumed run must reproduce); its config carries secrets,
+    secrets are in the environment, and everything it logs is captured."""
+    import contextlib
+    import io
+    import logging
+
+    from ft.testing import registered_plugin
+
+    root = tmp_path_factory.mktemp("reference")
+    config = write_run(root, tiny_model_dir, vault={**SECRETS, "signing_key": "sk-signing-0a0a0a"})
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    handler.setLevel(logging.DEBUG)
+    root_logger = logging.getLogger()
+    saved_level, saved_env = root_logger.level, {k: os.environ.get(k) for k in ENV_SECRETS}
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
+    os.environ.update(ENV_SECRETS)
+    try:
+        with registered_plugin(Vault, "vault"), contextlib.redirect_stdout(logs), contextlib.redirect_stderr(logs):
+            result = run(config)
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(saved_level)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return root, config, result, logs.getvalue()
+
+
+def copy_of_run(reference, tmp_path, finished: bool = False) -> tuple[Path, Path]:
+    """The reference run's output directory, as a crash before the final save would have left it
+    (the same config: tests using it take the ``vault`` fixture)."""
+    root, _, _, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    if not finished:
+        for name in ("model.safetensors", "metrics.json"):
+            (out / name).unlink()
+    config = tmp_path / "config.yaml"
+    data = yaml.safe_load((root / "config.yaml").read_text())
+    data["output_dir"] = str(out)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config, out
+
+
+# -- killing a run ----------------------------------------------------------------------------------
+
+PAUSING_RUN = textwrap.dedent('''
+    """ft run with a plugin that pauses at {where}: writes the marker, then waits for the go file."""
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    from ft import hookimpl
+    from ft.plugins import add_process_plugin
+
+    config, marker, go, where = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    kind, step = where.split(":")
+
+
+    def pause():
+        marker.write_text("paused")
+        deadline = time.monotonic() + 600  # only a guard against a test that never says go
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+    class Pause:
+        @hookimpl
+        def ft_callbacks(cfg):
+            from transformers import TrainerCallback
+
+            class AtStepEnd(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    if kind == "step_end" and state.global_step == int(step):
+                        pause()
+
+            return [AtStepEnd()]
+
+        @hookimpl
+        def ft_before_train(trainer):
+            save_optimizer = trainer._save_optimizer_and_scheduler
+
+            def slow_save(output_dir):  # the weights are written; the optimizer state is not yet
+                if kind == "saving" and trainer.state.global_step == int(step):
+                    pause()
+                return save_optimizer(output_dir)
+
+            trainer._save_optimizer_and_scheduler = slow_save
+
+
+    add_process_plugin("pause", Pause)
+    sys.argv = ["ft", "run", config]
+    from ft.cli import main
+
+    main()
+''')
+
+
+class PausedRun:
+    """``ft run`` in a subprocess, paused at ``where`` ("step_end:N" or "saving:N")."""
+
+    def __init__(self, tmp_path: Path, config: Path, where: str):
+        self.dir = tmp_path
+        script = tmp_path / "pausing_run.py"
+        script.write_text(PAUSING_RUN)
+        self.marker, self.go = tmp_path / "paused", tmp_path / "go"
+        self.stderr_file = tmp_path / "stderr.txt"
+        with open(tmp_path / "stdout.txt", "wb") as out, open(self.stderr_file, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), str(config), str(self.marker), str(self.go), where],
+                stdout=out, stderr=err, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            )
+        self.wait_for(lambda: self.marker.exists(), f"the run to reach {where}")
+
+    def wait_for(self, condition, what: str, limit: float = 600) -> None:
+        deadline = time.monotonic() + limit  # a hang guard, not a speed requirement
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (exit {self.proc.returncode}) before {what}:\n{self.stderr[-4000:]}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_file.read_text(errors="replace")
+
+    def resume(self) -> None:
+        self.go.write_text("go")
+
+    def finish(self) -> int:
+        try:
+            return self.proc.wait(timeout=600)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def test_sigkill_while_saving_then_resume_reproduces_the_uninterrupted_losses(reference, tiny_model_dir, tmp_path):
+    """Killed (SIGKILL) in the middle of writing checkpoint-6: the half-written checkpoint is never picked up;
+    ``ft run`` resumes from checkpoint-3 (mid-epoch) and every later step matches the uninterrupted run."""
+    _, _, ref, _ = reference
+    config = write_run(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    paused = PausedRun(tmp_path, config, "saving:6")
+    paused.proc.kill()
+    assert paused.finish() == -signal.SIGKILL
+
+    staging = out / ".ft-tmp-checkpoint-6" / "checkpoint-6"
+    assert (staging / "model.safetensors").is_file(), "the kill landed in the middle of the save"
+    assert not (staging / "optimizer.pt").exists()
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-3"]
+    assert verify(out / "checkpoint-3") == []
+    assert not (out / "model.safetensors").exists()
+
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-3")
+    assert not (out / ".ft-tmp-checkpoint-6").exists(), "the leftover of the killed save is removed"
+    assert resumed.metrics["steps"] == MAX_STEPS
+
+    want, got = history(Path(ref.output_dir)), history(out)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1)), "metrics.json holds the whole run, resumed or not"
+    for step in range(SAVE_STEPS + 1, MAX_STEPS + 1):  # trained again after the resume
+        for key in ("loss", "grad_norm", "learning_rate"):
+            a, b = want[step][key], got[step][key]
+            assert abs(a - b) <= 1e-4 * abs(a), (step, key, a, b)
+    assert got[MAX_STEPS]["train_tokens"] == want[MAX_STEPS]["train_tokens"], "token counts continue too"
+    assert resumed.metrics["train_tokens"] == ref.metrics["train_tokens"]
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_end_and_says_how_to_resume(reference, tiny_model_dir, tmp_path):
+    _, _, ref, _ = reference
+    config = write_run(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    paused = PausedRun(tmp_path, config, "step_end:2")
+    paused.proc.send_signal(signal.SIGTERM)
+    paused.wait_for(lambda: "received SIGTERM" in paused.stderr, "the signal to be handled")
+    paused.resume()
+    code = paused.finish()
+
+    err = paused.stderr
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "received SIGTERM: saving a checkpoint at the end of this step" in err
+    assert f"stopped by SIGTERM after step 2 of {MAX_STEPS}; checkpoint saved: {out / 'checkpoint-2'}" in err
+    assert f"To resume, run the same command again: ft run {config}" in err
+    assert verify(out / "checkpoint-2") == []
+    assert not (out / "model.safetensors").exists(), "an interrupted run is not a finished one"
+
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-2")
+    want, got = history(Path(ref.output_dir)), history(out)
+    for step in range(3, MAX_STEPS + 1):
+        assert abs(want[step]["loss"] - got[step]["loss"]) <= 1e-4 * want[step]["loss"], step
+
+
+def test_a_second_signal_stops_at_once_without_saving(tiny_model_dir, tmp_path):
+    config = write_run(tmp_path, tiny_model_dir, save_steps=None)
+    out = tmp_path / "out"
+    paused = PausedRun(tmp_path, config, "step_end:2")
+    paused.proc.send_signal(signal.SIGINT)
+    paused.wait_for(lambda: "received SIGINT" in paused.stderr, "the first signal to be handled")
+    paused.proc.send_signal(signal.SIGINT)
+    code = paused.finish()
+    assert code == -signal.SIGINT, paused.stderr[-3000:]
+    assert "received SIGINT again: stopping now, without saving" in paused.stderr
+    assert list_checkpoints(out) == []
+
+
+# -- damaged checkpoints, another config, explicit choice, --fresh, --overwrite ------------------------
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, vault):
+    _, _, ref, _ = reference
+    config, out = copy_of_run(reference, tmp_path)
+    optimizer = out / "checkpoint-8" / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\0" * 64  # same size, other content
+    optimizer.write_bytes(bytes(data))
+    assert verify(out / "checkpoint-8") == ["optimizer.pt is damaged (its content changed since it was written)"]
+
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-6")
+    assert (out / "damaged-checkpoint-8" / "optimizer.pt").is_file(), "set aside, not deleted"
+    assert verify(out / "checkpoint-8") == [], "written again by the resumed run"
+    assert abs(resumed.metrics["final_loss"] - ref.metrics["final_loss"]) <= 1e-4 * ref.metrics["final_loss"]
+
+
+def test_verify_names_what_is_missing_or_truncated(reference, tmp_path, vault):
+    _, out = copy_of_run(reference, tmp_path)
+    checkpoint = out / "checkpoint-6"
+    assert verify(checkpoint) == []
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (checkpoint / "scheduler.pt").unlink()
+    problems = verify(checkpoint)
+    assert any(p.startswith("model.safetensors has 1000 bytes") for p in problems)
+    assert "scheduler.pt is missing" in problems
+    (checkpoint / MANIFEST_FILE).unlink()
+    assert "it has no ft_checkpoint.json" in verify(checkpoint)[0]
+
+
+def test_resuming_another_config_is_an_error_naming_the_keys(reference, tmp_path, vault):
+    config, out = copy_of_run(reference, tmp_path)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FtError) as err:
+        run(config, overrides=["learning_rate=0.002", "seed=7", "logging_steps=2"])
+    message = str(err.value)
+    assert "holds checkpoints of a run with another config" in message
+    assert "learning_rate: 0.001 -> 0.002" in message and "seed: 1 -> 7" in message
+    assert "logging_steps" not in message, "keys that do not change the computation may differ"
+    assert "--fresh" in message and f"--set output_dir={out}-2" in message
+    assert "resume_from_checkpoint: " + str(out / "checkpoint-8") in message
+    assert sorted(p.name for p in out.iterdir()) == before, "nothing was touched"
+
+
+def test_resume_from_checkpoint_picks_one_and_accepts_a_deliberate_change(reference, tmp_path, vault, caplog):
+    config, out = copy_of_run(reference, tmp_path)
+    with caplog.at_level("WARNING", logger="ft"):
+        result = run(config, overrides=[f"resume_from_checkpoint={out / 'checkpoint-3'}", "learning_rate=0.002"])
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-3")
+    assert "learning_rate: 0.001 -> 0.002" in caplog.text
+    assert sorted(history(out)) == list(range(1, MAX_STEPS + 1))
+
+
+def test_fresh_starts_over_and_removes_the_old_checkpoints(reference, tmp_path, vault):
+    config, out = copy_of_run(reference, tmp_path)
+    result = run(config, overrides=["max_steps=2", "save_steps=1"], fresh=True)
+    assert result.metrics["resumed_from"] is None and result.metrics["steps"] == 2
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_finished_run_needs_overwrite_which_starts_it_over(reference, tmp_path, vault):
+    from ft.context import load_context
+    from ft.outputs import prepare_output_dir
+
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    with pytest.raises(FtError, match="already holds the weights of a finished run"):
+        prepare_output_dir(load_context(config))
+    assert len(list_checkpoints(out)) == 3
+    prepare_output_dir(load_context(config), overwrite=True)
+    assert list_checkpoints(out) == [], "the old run's checkpoints go with its weights"
+
+
+# -- data preparation killed midway ------------------------------------------------------------------
+
+KILLED_PREPROCESS = textwrap.dedent('''
+    import sys
+    import time
+    from pathlib import Path
+
+    import datasets
+
+    marker = Path(sys.argv[2])
+    save = datasets.Dataset.save_to_disk
+
+    def save_then_hang(self, path, *args, **kwargs):
+        save(self, path, *args, **kwargs)
+        marker.write_text(path)
+        time.sleep(600)
+
+    datasets.Dataset.save_to_disk = save_then_hang
+    sys.argv = ["ft", "preprocess", sys.argv[1]]
+    from ft.cli import main
+
+    main()
+''')
+
+
+def test_a_data_build_killed_midway_leaves_no_cache_behind(tiny_model_dir, tmp_path):
+    from ft.context import load_context
+    from ft.run import preprocess
+
+    config = write_run(tmp_path, tiny_model_dir)
+    script, marker = tmp_path / "killed_preprocess.py", tmp_path / "written"
+    script.write_text(KILLED_PREPROCESS)
+    proc = subprocess.Popen([sys.executable, str(script), str(config), str(marker)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600  # hang guard
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+
+    prepared = tmp_path / "prepared"
+    assert Path(marker.read_text()).is_dir(), "the train split was half-way written when the process died"
+    complete = [p for p in prepared.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert complete == [], "a cache directory only appears once it is complete"
+
+    data, _ = preprocess(load_context(config))
+    assert len(data.train) == 8 and data.stats["cache"] == "built"
+    assert [p.name for p in prepared.iterdir() if p.name.startswith(".tmp")] == [], sorted(os.listdir(prepared))
+
+
+# -- safe defaults -----------------------------------------------------------------------------------
+
+
+def test_secrets_never_reach_saved_files_or_logs(reference):
+    root, _, _, logs = reference
+    secrets = [*SECRETS.values(), "sk-signing-0a0a0a", *ENV_SECRETS.values()]
+    files = [p for p in (root / "out").rglob("*") if p.is_file()]
+    assert any(p.name == "ft_config.yaml" and p.parent.name == "checkpoint-3" for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in content, f"{secret} written to {path}"
+    for secret in secrets:
+        assert secret not in logs
+    saved = yaml.safe_load((root / "out" / "ft_config.yaml").read_text())
+    assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "**********"
+    assert "training finished" in logs, "the captured output is the run's"
+
+
+def test_yaml_is_loaded_safely(tmp_path, tiny_model_dir):
+    from ft.context import load_context
+    from ft.errors import ConfigError
+
+    flag = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"base_model: !!python/object/apply:os.system ['touch {flag}']\n"
+                      "datasets: [{path: x.jsonl, type: chat_template}]\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_context(config)
+    assert not flag.exists()
+
+
+def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_model_dir):
+    """trust_remote_code is off and only safetensors load, unless the config allows them."""
+    from transformers import AutoModelForCausalLM
+
+    from ft.context import load_context
+
+    import torch
+
+    pickled = tmp_path / "pickled-model"  # the same model with a pickle (.bin) instead of safetensors
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+
+    config = write_run(tmp_path, pickled)
+    ctx = load_context(config)
+    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
+    with pytest.raises(FtError, match=r"allow_pickle: true"):
+        ctx.pm.hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg))
+
+    allowed = load_context(config, overrides=["hf.allow_pickle=true"])
+    kwargs = allowed.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=allowed.cfg)
+    model = allowed.pm.hook.ft_load_model(cfg=allowed.cfg, kwargs=kwargs,
+                                          tokenizer=allowed.pm.hook.ft_load_tokenizer(cfg=allowed.cfg))
+    assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
+
+
+def test_no_shell_commands_are_built_anywhere():
+    """Launchers pass argument lists, never a shell line that a config value could extend."""
+    repo = Path(__file__).resolve().parents[1]
+    sources = [*(repo / "src" / "ft").glob("*.py"), *(repo / "plugins").glob("*.py")]
+    assert len(sources) > 20
+    for path in sources:
+        text = path.read_text()
+        for pattern in ("shell=True", "os.system(", "os.popen(", "yaml.load(", "yaml.unsafe_load", "pickle.load"):
+            assert pattern not in text, f"{path.name} uses {pattern}"
