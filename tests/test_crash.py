@@ -479,11 +479,10 @@ def test_yaml_is_loaded_safely(tmp_path, tiny_model_dir):
 
 def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_model_dir):
     """trust_remote_code is off and only safetensors load, unless the config allows them."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from ft.context import load_context
-
-    import torch
 
     pickled = tmp_path / "pickled-model"  # the same model with a pickle (.bin) instead of safetensors
     shutil.copytree(tiny_model_dir, pickled)
@@ -513,3 +512,33 @@ def test_no_shell_commands_are_built_anywhere():
         text = path.read_text()
         for pattern in ("shell=True", "os.system(", "os.popen(", "yaml.load(", "yaml.unsafe_load", "pickle.load"):
             assert pattern not in text, f"{path.name} uses {pattern}"
+
+
+def test_resuming_after_the_data_changed_warns(tiny_model_dir, tmp_path, caplog):
+    config = write_run(tmp_path, tiny_model_dir, max_steps=4, save_steps=2)
+    out = tmp_path / "out"
+    run(config)
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "checkpoint-4")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
+    with caplog.at_level("WARNING", logger="ft"):
+        result = run(config)
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-2")
+    assert f"the prepared data changed since {out / 'checkpoint-2'} was written" in caplog.text
+
+
+def test_fresh_and_resume_from_checkpoint_together_are_refused(tmp_path, tiny_model_dir):
+    config = write_run(tmp_path, tiny_model_dir, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    with pytest.raises(FtError, match="--fresh starts over, but the config names a checkpoint"):
+        run(config, fresh=True)
+
+
+def test_a_config_error_does_not_print_a_secret(vault, tmp_path, tiny_model_dir):
+    from ft.context import load_context
+    from ft.errors import ConfigError
+
+    config = write_run(tmp_path, tiny_model_dir, vault={"api_key": 31415926535, "hub_token": ["x"]})
+    with pytest.raises(ConfigError) as err:
+        load_context(config)
+    assert "vault.api_key" in str(err.value) and "31415926535" not in str(err.value)

@@ -302,17 +302,28 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
     (staged / CONFIG_FILE).write_text(header + text, encoding="utf-8")
     saved = {"history": state.history, "tokens": list(tokens) if tokens else None,
-             "warnings": list(getattr(state, "warnings", []))}
+             "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None)}
     (staged / STATE_FILE).write_text(json.dumps(saved, indent=1, default=str) + "\n", encoding="utf-8")
 
 
-def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike) -> None:
-    """Before resuming: ft's loss history, token counts and warnings as they were at the checkpoint."""
+def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: Any = None) -> None:
+    """Before training: note which prepared data this run uses; when resuming, bring back ft's loss
+    history, token counts and warnings as they were at the checkpoint, and warn if the data changed."""
     state = getattr(trainer, "ft_state", None)
-    file = Path(checkpoint) / STATE_FILE
-    if state is None or not file.is_file():
+    if state is None:
+        return
+    cache_dir = getattr(data, "cache_dir", None)
+    if hasattr(state, "data_key"):
+        state.data_key = Path(cache_dir).name if cache_dir else None
+    file = Path(checkpoint) / STATE_FILE if checkpoint else None
+    if file is None or not file.is_file():
         return
     saved = json.loads(file.read_text(encoding="utf-8"))
+    before, now = saved.get("data_key"), getattr(state, "data_key", None)
+    if before and now and before != now:
+        log.warning("the prepared data changed since %s was written (cache %s, now %s): the run continues on the "
+                    "new data, so the samples after the resume point are not the ones the run would have seen. "
+                    "Pass --fresh to start over on it.", checkpoint, before, now)
     state.history[:] = [dict(row) for row in saved.get("history") or []]
     if hasattr(state, "warnings"):
         state.warnings[:] = list(saved.get("warnings") or [])
@@ -332,6 +343,9 @@ def prepare_checkpoints(ctx: Context, *, fresh: bool = False, overwrite: bool = 
     """Before training: remove leftovers of crashed saves, apply ``--fresh``, set damaged checkpoints
     aside, and refuse to resume checkpoints of another config (all before any data or model is loaded)."""
     out = Path(ctx.cfg.output_dir)
+    if fresh and ctx.cfg.resume_from_checkpoint:
+        raise FtError(f"{ctx.cfg.where('resume_from_checkpoint')}: --fresh starts over, but the config names a "
+                      "checkpoint to resume from; drop one of the two.")
     if not out.is_dir():
         return
     if main:

@@ -358,6 +358,8 @@ def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequen
         return "required key is missing."
     msg = err.get("msg", "invalid value")
     given = err.get("input")
+    if loc and str(loc[-1]).lower() in SECRET_KEYS:  # an error message must not print a secret
+        given = None
     if err["type"] not in ("missing",) and not isinstance(given, (dict, list)) and given is not None:
         return f"{msg} (got {given!r})."
     return f"{msg}."

@@ -102,6 +102,7 @@ class FtState:
     started: float | None = None
     warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plugins' health findings
     tokens_at_start: tuple[int, int] = (0, 0)  # counted before this session (a resumed run)
+    data_key: str | None = None  # the prepared-data cache key, saved with checkpoints
 
 
 class FtTrainerMixin(AtomicCheckpointsMixin):
@@ -358,8 +359,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
 
     cfg = ctx.cfg
     resume = choose_resume(ctx, announce=True, **options)
-    if resume:
-        restore_ft_state(trainer, resume)
+    restore_ft_state(trainer, resume, data)
     try:
         with stop_on_signals(trainer) as stop:
             output = trainer.train(resume_from_checkpoint=resume)
