@@ -366,11 +366,12 @@ def prepare_checkpoints(ctx: Context, *, fresh: bool = False, overwrite: bool = 
         return
     found, skipped = find_resumable(out)
     for checkpoint, problems in skipped:
+        if not main:
+            continue
         aside = _unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
         log.warning("%s cannot be resumed from: %s. Set aside as %s%s.", checkpoint.path, "; ".join(problems),
                     aside.name, f"; falling back to {found.path.name}" if found else "")
-        if main:
-            os.rename(checkpoint.path, aside)
+        os.rename(checkpoint.path, aside)
     if found is not None:
         _check_same_config(ctx, found)
 
@@ -604,7 +605,10 @@ def interrupted_error(ctx: Context, trainer: Any, request: StopRequest) -> Inter
 def resume_command(cfg: Any) -> str:
     """The command line that resumes this run (this process's own, without --fresh/--overwrite)."""
     argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("ft", "ft.exe") and len(argv) > 1 and argv[1] == "run":
-        return "ft " + shlex.join(a for a in argv[1:] if a not in ("--fresh", "--overwrite"))
-    source = cfg.source or "CONFIG.yaml"
-    return f"ft run {shlex.quote(str(source))}"
+    if argv and Path(argv[0]).name in ("ft", "ft.exe", "cli.py", "__main__.py") and argv[1:2] == ["run"]:
+        command = "ft " + shlex.join(a for a in argv[1:] if a not in ("--fresh", "--overwrite"))
+    else:
+        command = f"ft run {shlex.quote(str(cfg.source or 'CONFIG.yaml'))}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        command += "  (with the same --nproc / launcher options)"
+    return command
