@@ -22,7 +22,7 @@ import importlib.metadata as md
 import inspect
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,12 +266,15 @@ class PluginManager:
 
         Used where the core must know who returned what (merging dicts, stamping registries).
         """
+        return list(self.iter_each(hook_name, active_only=active_only, **kwargs))
+
+    def iter_each(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Like :meth:`call_each`, but yields each result before calling the next plugin, so the
+        caller can act on it (e.g. register an undo) even if a later plugin raises."""
         caller = self.active_caller(hook_name) if active_only else getattr(self.pm.hook, hook_name)
-        out = []
         for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
             args = [kwargs[a] for a in impl.argnames]
-            out.append((impl.plugin_name, impl.function(*args)))
-        return out
+            yield impl.plugin_name, impl.function(*args)
 
     def call_order(self, hook_name: str) -> list[str]:
         """Plugin names in the order a hook calls them (``ft plugins --hook NAME``)."""

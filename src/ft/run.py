@@ -52,11 +52,13 @@ def train(ctx: Context, **options: Any) -> RunResult:
         kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=cfg)
         model = _required(hook.ft_load_model(cfg=cfg, kwargs=kwargs, tokenizer=tokenizer), "ft_load_model", "a model")
 
-        patches = ctx.pm.collect_lists("ft_patch_model", cfg=cfg, model=model)
-        for record in patches:
-            log.info("patched %s", record)
-            if getattr(record, "undo", None):
-                scope.callback(record.undo)
+        patches = []  # each plugin's undo is registered before the next plugin runs
+        for _plugin, records in ctx.pm.iter_each("ft_patch_model", cfg=cfg, model=model):
+            for record in records or []:
+                log.info("patched %s", record)
+                patches.append(record)
+                if getattr(record, "undo", None):
+                    scope.callback(record.undo)
 
         model = hook.ft_apply_adapter(cfg=cfg, model=model) or model
 
