@@ -318,12 +318,12 @@ def _callback_class() -> type:
             loss, self.step_loss = self.step_loss, None
             model = self.trainer.model if self.trainer is not None else model
             scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
-            bad = _nonfinite(loss, None if scaler is not None else model, optimizer, args)
-            if bad is None:
+            # under fp16 the grad scaler already skips overflowing steps: only the loss is checked then
+            what = _nonfinite(loss, None if scaler is not None else model, optimizer, args)
+            if what is None:
                 self.in_a_row = 0
                 return
             step = state.global_step + 1
-            what = bad
             action = self.opts.on_nonfinite
             if action != "warn" and scaler is None:
                 _drop_gradients(model)  # the optimizer then leaves every weight as it is

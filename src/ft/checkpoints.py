@@ -395,14 +395,14 @@ def choose_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False,
             hint = f" The newest complete one there is {good.path}." if good else ""
             raise FtError(f"{cfg.where('resume_from_checkpoint')}: {path} cannot be resumed from: "
                           f"{'; '.join(problems)}.{hint}")
-        if problems:
-            log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
-                        path, problems[0])
-        differences = config_differences(ctx, path)
-        if differences:
-            log.warning("resuming from %s with a config that differs from the one that wrote it: %s", path,
-                        "; ".join(differences))
-        if announce:
+        if announce:  # said once, when training starts (this also runs early, to fail before loading)
+            if problems:
+                log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
+                            path, problems[0])
+            differences = config_differences(ctx, path)
+            if differences:
+                log.warning("resuming from %s with a config that differs from the one that wrote it: %s", path,
+                            "; ".join(differences))
             log.info("resuming from %s (resume_from_checkpoint)", path)
         return str(path)
     out = Path(cfg.output_dir)
