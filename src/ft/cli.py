@@ -200,11 +200,12 @@ def plugins(plugin_args, as_json, hook_name):
         click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
         return
     width = max([len(i.name) for i in infos] + [4])
-    click.echo(f"{'name':<{width}}  {'status':<9}  {'distribution':<16}  hooks")
+    dists = {i.name: f"{i.distribution} {i.version}".strip() for i in infos}
+    dwidth = max([len(d) for d in dists.values()] + [12])
+    click.echo(f"{'name':<{width}}  {'status':<9}  {'distribution':<{dwidth}}  hooks")
     for i in sorted(infos, key=lambda i: i.name):
-        dist = f"{i.distribution} {i.version}".strip()
         kind = " (feature)" if i.feature else ""
-        click.echo(f"{i.name:<{width}}  {i.status:<9}  {dist:<16}  {', '.join(i.hooks)}{kind}")
+        click.echo(f"{i.name:<{width}}  {i.status:<9}  {dists[i.name]:<{dwidth}}  {', '.join(i.hooks)}{kind}")
         if i.error:
             click.echo(f"{'':<{width}}  -> {i.error}")
 
