@@ -15,7 +15,6 @@ says otherwise). Needs ``pip install 'ft[deepspeed]'``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import ConfigError, MissingDependencyError
+from ft.errors import ConfigError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
 
@@ -57,10 +56,7 @@ def section(cfg: Any) -> DeepspeedSection:
 
 
 def deepspeed_installed() -> bool:
-    try:
-        return importlib.util.find_spec("deepspeed") is not None
-    except (ImportError, ValueError):
-        return False
+    return is_installed("deepspeed")
 
 
 @hookimpl

@@ -13,7 +13,6 @@ which is most of the activation memory of a 128k-vocabulary model.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import FtError, MissingDependencyError
+from ft.errors import FtError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
 PLUGIN = "liger"
@@ -98,7 +97,7 @@ def check_usable(model: Any) -> str:
             f"liger: model type '{model_type}' ({type(model).__name__}) is not supported by the liger plugin "
             f"(supported: {', '.join(sorted(SUPPORTED))}); deselect liger for this model."
         )
-    if importlib.util.find_spec("liger_kernel") is None:
+    if not is_installed("liger_kernel"):
         raise MissingDependencyError(
             "liger: the liger-kernel package is not installed: pip install 'ft[liger]'."
         )

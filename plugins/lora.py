@@ -7,7 +7,6 @@ before the adapter is added. ``ft merge`` (``ft.inference``) folds the saved ada
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import ConfigError, FtError, MissingDependencyError
+from ft.errors import ConfigError, FtError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
 
@@ -65,10 +64,7 @@ def section(cfg: Any) -> LoraSection:
 
 
 def peft_installed() -> bool:
-    try:
-        return importlib.util.find_spec("peft") is not None
-    except (ImportError, ValueError):  # ValueError: a module entry without a spec (blocked import)
-        return False
+    return is_installed("peft")
 
 
 @hookimpl

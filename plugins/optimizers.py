@@ -49,11 +49,9 @@ class _requires_bitsandbytes(str):
     """A transformers optim name that needs bitsandbytes; ``check()`` says how to install it."""
 
     def check(self) -> None:
-        import importlib.util
+        from ft.errors import MissingDependencyError, is_installed
 
-        from ft.errors import MissingDependencyError
-
-        if importlib.util.find_spec("bitsandbytes") is None:
+        if not is_installed("bitsandbytes"):
             raise MissingDependencyError(
                 f"optimizer '{self}' needs bitsandbytes, which is not installed: pip install 'ft[qlora]'"
             )

@@ -8,13 +8,12 @@ Select both: ``plugins: [lora, qlora]``. The 8-bit optimizers (``adamw_8bit``,
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import MissingDependencyError
+from ft.errors import MissingDependencyError, is_installed
 
 FT_FEATURE = True
 
@@ -42,10 +41,7 @@ def ft_add_config(registry):
 
 
 def bitsandbytes_installed() -> bool:
-    try:
-        return importlib.util.find_spec("bitsandbytes") is not None
-    except (ImportError, ValueError):  # ValueError: a module entry without a spec (blocked import)
-        return False
+    return is_installed("bitsandbytes")
 
 
 @hookimpl

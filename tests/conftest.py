@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box
+    (two threads spin-wait for each other). Tests that train use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama model + ChatML tokenizer (no pad token), made once per test session."""

@@ -32,15 +32,7 @@ SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", 
 ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_run(root: Path, model_dir: Path, **overrides) -> Path:

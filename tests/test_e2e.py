@@ -21,15 +21,7 @@ TALKS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def overfit_config(tiny_model_dir, tmp_path, write_yaml, **overrides):

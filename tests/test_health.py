@@ -16,16 +16,7 @@ from ft.errors import FtError
 from ft.run import run
 from ft.testing import registered_plugin
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_run(root: Path, model_dir: Path, rows=None, eval_rows=None, **overrides) -> Path:

@@ -22,20 +22,29 @@ class PaddingCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        longest = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        n = len(rows)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            input_ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
-            attention_mask[i, :k] = 1
+        input_ids, labels, lengths = pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pad_rows(rows: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None) -> tuple:
+    """Right-pad ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) to the longest row.
+
+    Returns ``(input_ids, labels, lengths)`` as tensors; padding is told apart by position only.
+    """
+    import torch
+
+    lengths = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long)
+    longest = int(lengths.max())
+    if pad_to_multiple_of:
+        longest = (longest + pad_to_multiple_of - 1) // pad_to_multiple_of * pad_to_multiple_of
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        input_ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+        labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
+    return input_ids, labels, lengths
 
 
 # Attention implementations that take sequence boundaries from position_ids / cu_seqlens
@@ -102,19 +111,12 @@ class PackedCollator:
     def _masked(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        longest = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        n = len(rows)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        input_ids, labels, lengths = pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
+        longest = input_ids.shape[1]
         # padding counts up from 0 as a sample of its own
-        position_ids = torch.zeros((n, longest), dtype=torch.long)
+        position_ids = torch.zeros_like(input_ids)
         for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            input_ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
+            k = int(lengths[i])
             position_ids[i, :k] = torch.as_tensor(self._positions(r), dtype=torch.long)
             position_ids[i, k:] = torch.arange(longest - k)
         starts = _sample_starts(position_ids)

@@ -38,3 +38,13 @@ class DataError(FtError):
 
 class MissingDependencyError(FtError):
     """An optional dependency of a plugin is not installed."""
+
+
+def is_installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (plugins check before use)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a sys.modules entry without a spec (a blocked import)
+        return False

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ft.errors import FtError, MissingDependencyError
+from ft.errors import FtError, MissingDependencyError, is_installed
 
 log = logging.getLogger("ft.inference")
 
@@ -113,9 +113,7 @@ def describe_quantization(quant: dict[str, Any]) -> str:
 
 
 def _require_peft() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
+    if not is_installed("peft"):
         raise MissingDependencyError("loading a LoRA adapter needs peft, which is not installed: pip install 'ft[lora]'.")
 
 
