@@ -90,6 +90,7 @@ def test_all_problems_reported_at_once(tmp_path):
     text = BASE + "sequence_len: -5\nlearning_rat: 0.1\nmicro_batch_size: many\n"
     problems = problems_of(text, tmp_path)
     assert len(problems) == 3, problems
+    assert [int(p.split("c.yaml:")[1].split(":")[0]) for p in problems] == [7, 8, 9]  # in file order
     joined = "\n".join(problems)
     assert "c.yaml:7: sequence_len:" in joined and "greater than 0" in joined and "(got -5)" in joined
     assert "c.yaml:8: learning_rat: unknown key. Did you mean 'learning_rate'?" in joined

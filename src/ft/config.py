@@ -311,8 +311,8 @@ def validate_config(
             text = f"{where}{format_loc(loc)}: {msg}" if loc else f"{where}{msg}"
             if text not in seen:
                 seen.add(text)
-                out.append(text)
-        raise ConfigError(out, raw.source)
+                out.append((line or 0, text))
+        raise ConfigError([text for _, text in sorted(out, key=lambda item: item[0])], raw.source)
     assert cfg is not None
     cfg._source = raw.source
     cfg._lines = raw.lines
