@@ -114,23 +114,28 @@ def run_preprocess(config: dict[str, Any], work: Path, name: str) -> dict[str, A
     cfg_path = work / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "FT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    m = measure_command([sys.executable, "-m", "ft.cli", "preprocess", str(cfg_path)], env=env, what="ft preprocess")
+    [cache_dir] = [p for p in prepared.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    stats = json.loads((cache_dir / "stats.json").read_text())
+    return {"seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"], "peak_rss_mb": m["peak_rss"] / 2**20,
+            "peak_pss_mb": m["peak_pss"] / 2**20, "stats": stats, "load_average": m["load_average"]}
+
+
+def measure_command(cmd: list[str], *, env: dict[str, str], what: str, cwd: Path | None = None) -> dict[str, Any]:
+    """Run ``cmd`` cold as a subprocess: wall and CPU seconds, peak memory of its process tree."""
     load_before = os.getloadavg()[0]
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "ft.cli", "preprocess", str(cfg_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mem = TreeMemory(proc.pid)
     output, _ = proc.communicate()
     seconds = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     mem.stop()
     if proc.returncode != 0:
-        raise SystemExit(f"ft preprocess failed ({proc.returncode}):\n{output}")
-    [cache_dir] = [p for p in prepared.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    stats = json.loads((cache_dir / "stats.json").read_text())
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{output[-4000:]}")
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": mem.peak_rss / 2**20,
-            "peak_pss_mb": mem.peak_pss / 2**20, "stats": stats,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": mem.peak_rss, "peak_pss": mem.peak_pss,
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -150,22 +155,10 @@ def run_axolotl(axolotl: str, model: Path, data: Path, sequence_len: int, work: 
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
            "AXOLOTL_DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "HF_DATASETS_CACHE": str(work / "hf-cache")}
-    load_before = os.getloadavg()[0]
-    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([axolotl, "preprocess", str(path)], env=env, cwd=work,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    mem = TreeMemory(proc.pid)
-    output, _ = proc.communicate()
-    seconds = time.perf_counter() - t0
-    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    mem.stop()
-    if proc.returncode != 0:
-        raise SystemExit(f"axolotl preprocess failed ({proc.returncode}):\n{output[-4000:]}")
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mb": round(mem.peak_rss / 2**20, 1),
-            "peak_pss_mb": round(mem.peak_pss / 2**20, 1),
-            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    m = measure_command([axolotl, "preprocess", str(path)], env=env, cwd=work, what="axolotl preprocess")
+    return {"seconds": round(m["seconds"], 3), "cpu_seconds": round(m["cpu_seconds"], 3),
+            "peak_rss_mb": round(m["peak_rss"] / 2**20, 1), "peak_pss_mb": round(m["peak_pss"] / 2**20, 1),
+            "load_average_before_after": m["load_average"]}
 
 
 @contextlib.contextmanager
