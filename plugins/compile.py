@@ -46,7 +46,7 @@ class CompileOptions(BaseModel):
 
 
 def options(cfg: Any) -> CompileOptions:
-    return cfg.section(PLUGIN) or CompileOptions()
+    return cfg.section(PLUGIN)
 
 
 @hookimpl

@@ -52,7 +52,7 @@ class DeepspeedSection(BaseModel):
 
 
 def section(cfg: Any) -> DeepspeedSection:
-    return getattr(cfg, "deepspeed", None) or DeepspeedSection()
+    return cfg.section("deepspeed")
 
 
 def deepspeed_installed() -> bool:

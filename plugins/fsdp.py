@@ -69,7 +69,7 @@ class FsdpSection(BaseModel):
 
 
 def section(cfg: Any) -> FsdpSection:
-    return getattr(cfg, "fsdp", None) or FsdpSection()
+    return cfg.section("fsdp")
 
 
 @hookimpl

@@ -76,7 +76,7 @@ class HealthOptions(BaseModel):
 
 
 def options(cfg: Any) -> HealthOptions:
-    return cfg.section("health") or HealthOptions()
+    return cfg.section("health")
 
 
 @hookimpl

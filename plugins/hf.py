@@ -49,7 +49,7 @@ class HfOptions(BaseModel):
 
 
 def options(cfg: Any) -> HfOptions:
-    return cfg.section("hf") or HfOptions()
+    return cfg.section("hf")
 
 
 @hookimpl

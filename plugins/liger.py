@@ -52,7 +52,7 @@ class LigerOptions(BaseModel):
 
 
 def options(cfg: Any) -> LigerOptions:
-    return cfg.section(PLUGIN) or LigerOptions()
+    return cfg.section(PLUGIN)
 
 
 @hookimpl

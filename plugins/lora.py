@@ -60,7 +60,7 @@ def ft_add_config(registry):
 
 
 def section(cfg: Any) -> LoraSection:
-    return getattr(cfg, "lora", None) or LoraSection()
+    return cfg.section("lora")
 
 
 def peft_installed() -> bool:

@@ -40,7 +40,7 @@ def ft_collator(cfg, tokenizer):
     """The packed collator (exact attention for the configured attention implementation)."""
     from ft.collate import PackedCollator
 
-    hf = cfg.section("hf")  # the hf plugin's section; None when absent from the YAML
+    hf = cfg.section("hf")  # the hf plugin's section (None only if the hf plugin is not loaded)
     attention = PackedCollator.attention_for(getattr(hf, "attn_implementation", None))
     if "varlen" in (cfg.plugins or []):  # the varlen plugin cuts sequences by position_ids: no mask needed
         attention = "varlen"

@@ -56,7 +56,7 @@ def ft_validate_config(cfg):
             f"{cfg.where('plugins')}: qlora only quantizes the base model; add lora to plugins "
             "(plugins: [lora, qlora]) so that an adapter is trained on top of it."
         )
-    q = cfg.qlora or QloraSection()
+    q = cfg.section("qlora")
     if q.bits == 8:
         for key in ("quant_type", "double_quant"):
             if key in q.model_fields_set:
@@ -82,7 +82,7 @@ def bnb_config(cfg: Any) -> Any:
     """The ``BitsAndBytesConfig`` for this run's ``qlora:`` section."""
     from transformers import BitsAndBytesConfig
 
-    q = cfg.qlora or QloraSection()
+    q = cfg.section("qlora")
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

@@ -55,7 +55,7 @@ class VarlenOptions(BaseModel):
 
 
 def options(cfg: Any) -> VarlenOptions:
-    return cfg.section(PLUGIN) or VarlenOptions()
+    return cfg.section(PLUGIN)
 
 
 @hookimpl

@@ -74,6 +74,14 @@ def test_valid_config_and_defaults(tmp_path):
     assert cfg.sequence_len == 2048 and cfg.fakefeat is None and cfg.plugins == []
 
 
+def test_absent_section_reads_as_its_defaults(tmp_path):
+    cfg = ctx_of(BASE, tmp_path, plugin_args=["fakefeat"]).cfg
+    assert cfg.fakefeat is None  # not in the YAML
+    assert cfg.section("fakefeat") == FakeSection() and cfg.section("no_such_section") is None
+    cfg = ctx_of(BASE + "fakefeat:\n  r: 4\n", tmp_path, plugin_args=["fakefeat"]).cfg
+    assert cfg.section("fakefeat").r == 4
+
+
 def test_typo_top_level_key_has_line_and_suggestion(tmp_path):
     problems = problems_of(BASE + "micro_bach_size: 4\n", tmp_path)
     assert len(problems) == 1

@@ -135,7 +135,7 @@ def test_patch_records_name_every_global_change_and_undo_restores_them(tiny_mode
     _pretend_liger_is_installed(monkeypatch)
     monkeypatch.setattr(liger, "liger_apply_function", lambda model_type: _liger_like_apply(calls))
     before = _module_state(modeling_llama)
-    cfg = type("Cfg", (), {"section": lambda self, name: None})()
+    cfg = type("Cfg", (), {"section": lambda self, name: liger.LigerOptions()})()  # no liger: section: defaults
 
     records = liger.ft_patch_model(cfg, tiny_model)
 
@@ -167,7 +167,7 @@ def test_gpu_loss_and_gradients_match_the_unpatched_model(tiny_model, modeling_l
     out.loss.backward()
 
     before = _module_state(modeling_llama)
-    cfg = type("Cfg", (), {"section": lambda self, name: None})()
+    cfg = type("Cfg", (), {"section": lambda self, name: liger.LigerOptions()})()  # no liger: section: defaults
     records = liger.ft_patch_model(cfg, patched)
     try:
         assert any(r.undo for r in records)

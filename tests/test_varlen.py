@@ -16,7 +16,7 @@ class _Cfg:
 
     def __init__(self, **section):
         self.plugins = ["varlen", "packing"]
-        self._section = varlen.VarlenOptions(**section) if section else None
+        self._section = varlen.VarlenOptions(**section)  # absent from the YAML: the defaults
 
     def section(self, name):
         return self._section if name == "varlen" else None

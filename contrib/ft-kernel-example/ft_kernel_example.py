@@ -166,9 +166,9 @@ def ft_add_config(registry):
 
 @hookimpl
 def ft_patch_model(cfg, model):
-    records = patch_rms_norms(model, cfg.section(NAME) or KernelExampleOptions())
+    records = patch_rms_norms(model, cfg.section(NAME))
     if not records:
-        suffix = (cfg.section(NAME) or KernelExampleOptions()).module_suffix
+        suffix = (cfg.section(NAME)).module_suffix
         raise FtError(f"{NAME} is selected but {type(model).__name__} has no module whose class name ends with "
                       f"'{suffix}'. Set `kernel_example.module_suffix`, or drop `-p {NAME}`.")
     return records

@@ -96,7 +96,12 @@ class CoreConfig(BaseModel):
         return self._source
 
     def section(self, name: str) -> Any:
-        return getattr(self, name, None)
+        """A plugin's validated section, or its defaults when the YAML has none (None if no such section)."""
+        value = getattr(self, name, None)
+        if value is None and name in type(self).model_fields:
+            model = _find_model(type(self).model_fields[name].annotation, None)
+            return model() if model is not None else None
+        return value
 
     def line_of(self, *path: Any) -> int | None:
         return self._lines.get(tuple(path))
