@@ -39,8 +39,8 @@ class AlpacaTokenize:
     """Batched Alpaca tokenization: one encoder call for all prompts and outputs (picklable)."""
 
     def __init__(self, tokenizer: Any, options: AlpacaOptions, *, train_on_inputs: bool, where: str):
-        from ft.chat import TextEncoder
         from ft.errors import FtError
+        from ft.formats import TextEncoder
 
         if tokenizer.eos_token_id is None:
             raise FtError(f"{where}: the tokenizer has no eos_token, which alpaca samples end with; set "
@@ -93,7 +93,7 @@ class AlpacaTokenize:
 
 
 def build(cfg: Any, entry: AlpacaOptions, tokenizer: Any) -> AlpacaTokenize:
-    from ft.chat import entry_where
+    from ft.formats import entry_where
 
     train_on_inputs = entry.train_on_inputs if entry.train_on_inputs is not None else cfg.train_on_inputs
     return AlpacaTokenize(tokenizer, entry, train_on_inputs=bool(train_on_inputs), where=entry_where(cfg, entry))

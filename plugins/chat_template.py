@@ -1,16 +1,546 @@
 """Dataset type `chat_template`: OpenAI-style messages rendered with a chat template.
 
-Labels follow DESIGN.md: trained messages' contents plus the template's end-of-turn token.
-The span machinery lives in :mod:`ft.chat`, so other chat formats (ShareGPT...) reuse it.
-Shipped templates: ``ft_plugins/templates/*.jinja`` (chatml, llama3, mistral, qwen).
+One render per conversation, no generation markers needed. Shipped templates:
+``ft_plugins/templates/*.jinja`` (chatml, llama3, mistral, qwen).
+
+API for third-party chat formats (ShareGPT and the like; see docs/writing-a-format-plugin.md):
+subclass :class:`ChatTemplateOptions` to change defaults (``field_messages``, ``roles``,
+``message_property_mappings``) and register :func:`build_chat_tokenize` as the format's
+builder, importing both from ``ft_plugins.chat_template``. :class:`ChatTokenize` also exposes
+``messages_of``/``render``/``labels`` for formats that build on the span machinery.
+
+How spans are found (linear in the number of turns):
+
+1. each conversation is rendered ONCE with the real contents;
+2. a *skeleton* render with sentinel contents, cached per role sequence, gives the literal
+   template text between contents, so the contents are located in the real render by
+   alignment, unambiguously even when a content equals a role name or a header;
+3. the rendered texts of the whole batch are tokenized in one fast-tokenizer call (exactly
+   what ``tokenizer.apply_chat_template(messages)`` produces), and char spans map to tokens
+   through the encodings' ``char_to_token`` (Rust, O(log n)).
+
+Label convention (DESIGN.md): a trained message's content plus the template's end-of-turn
+token are trained; the role header and whatever follows the end-of-turn token are not. The
+end-of-turn token of a turn is the first special (else added) token after its content, before
+the next message's content.
+
+Imports no torch/transformers at module import time.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import Field
+
 from ft import hookimpl
-from ft.chat import ChatTemplateOptions, build_chat_tokenize
+from ft.errors import FtError
+from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped, TextEncoder, entry_where
 
 FT_FEATURE = False  # essential: always active
+
+__all__ = ["ChatTemplateOptions", "ChatTokenize", "build_chat_tokenize", "resolve_chat_template"]
+
+TrainOnEos = Literal["all", "turn", "last", "none"]
+
+# Template names that mean "the tokenizer's own template" (axolotl spells it tokenizer_default).
+TOKENIZER_DEFAULT = ("tokenizer_default", "default")
+
+# Special tokens each shipped template writes; checked against the tokenizer at build time.
+SHIPPED_TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "qwen": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": (),  # [INST] text + the tokenizer's eos_token
+}
+
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class ChatTemplateOptions(DatasetOptions):
+    """Dataset-entry options of chat formats (``type: chat_template``)."""
+
+    chat_template: str | None = Field(
+        None,
+        description="Template: null = the tokenizer's own; a shipped name (chatml, llama3, mistral, qwen); "
+        "a .jinja file; or inline jinja (text containing '{%' or '{{').",
+    )
+    field_messages: str = Field("messages", description="Row field holding the list of messages.")
+    message_property_mappings: dict[str, str] = Field(
+        default_factory=lambda: {"role": "role", "content": "content"},
+        description="Message property -> field name in the data, e.g. {role: from, content: value}.",
+    )
+    roles: dict[str, list[str]] | None = Field(
+        None,
+        description="Role names of the template -> role names used in the data, e.g. "
+        "{user: [human], assistant: [gpt]}. Unlisted roles are used as they are.",
+    )
+    roles_to_train: list[str] = Field(
+        default_factory=lambda: ["assistant"], description="Roles whose message contents are trained."
+    )
+    train_on_eos: TrainOnEos = Field(
+        "turn",
+        description="Which end-of-turn tokens are trained: turn = after each trained message, all = after "
+        "every message, last = after the last trained message only, none = never.",
+    )
+    message_field_training: str | None = Field(
+        "training",
+        description="Per-message boolean field that forces a message to be trained (true) or not (false), "
+        "whatever its role.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# templates
+# ---------------------------------------------------------------------------------------------
+
+
+def _templates_dir() -> Any:
+    return resources.files("ft_plugins").joinpath("templates")
+
+
+def shipped_template_names() -> list[str]:
+    """Names of the templates shipped in ``ft_plugins/templates/*.jinja``."""
+    try:
+        return sorted(p.name[: -len(".jinja")] for p in _templates_dir().iterdir() if p.name.endswith(".jinja"))
+    except (FileNotFoundError, ModuleNotFoundError):
+        return []
+
+
+def load_shipped_template(name: str) -> str:
+    return _templates_dir().joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def is_inline_template(value: str) -> bool:
+    return "{%" in value or "{{" in value
+
+
+def resolve_chat_template(spec: str | None, tokenizer: Any, where: str, cfg: Any = None) -> str:
+    """The jinja source a dataset entry asks for; FtError with the fix when there is none."""
+    shipped = shipped_template_names()
+    names = ", ".join(shipped)
+    if spec is None or spec in TOKENIZER_DEFAULT:
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):
+            own = own.get("default")
+        if not own:
+            name = getattr(tokenizer, "name_or_path", "") or "the model"
+            raise FtError(
+                f"{where}: the tokenizer of {name} has no chat template. Set `chat_template: chatml` on the "
+                f"dataset entry (or another shipped name: {names}), or give inline jinja."
+            )
+        return own
+    if is_inline_template(spec):
+        return spec
+    if spec in shipped:
+        _check_template_tokens(spec, tokenizer, where)
+        return load_shipped_template(spec)
+    if spec.endswith((".jinja", ".j2")):
+        from pathlib import Path
+
+        path = Path(spec)
+        if cfg is not None and not path.exists():
+            from ft.context import resolve_path
+
+            path = Path(resolve_path(cfg, spec))
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FtError(f"{where}: cannot read chat template file {spec!r}: {exc.strerror or exc}.") from None
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict) and spec in own:  # a named template of the tokenizer (e.g. tool_use)
+        return own[spec]
+    close = difflib.get_close_matches(spec, shipped, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise FtError(
+        f"{where}: unknown chat template '{spec}'.{hint} Shipped templates: {names}. Leave it unset to use the "
+        "tokenizer's own, give a .jinja file, or inline jinja."
+    )
+
+
+def _check_template_tokens(name: str, tokenizer: Any, where: str) -> None:
+    needed = SHIPPED_TEMPLATE_TOKENS.get(name, ())
+    if not needed:
+        return
+    try:
+        vocab = tokenizer.get_added_vocab()
+    except Exception:  # a tokenizer without added-token bookkeeping: let the span check speak
+        return
+    missing = [t for t in needed if t not in vocab]
+    if missing:
+        raise FtError(
+            f"{where}: template '{name}' writes the special token(s) {', '.join(missing)}, which the tokenizer "
+            f"does not have, so turns could not end. Use the template made for this model (leave "
+            f"chat_template unset for the tokenizer's own), or add the tokens: special_tokens / tokens: "
+            f"{list(missing)}."
+        )
+
+
+def compile_template(source: str) -> Any:
+    """Compile jinja the way transformers does (same sandbox, filters and extensions)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(source)
+    except ImportError:  # pragma: no cover - older/newer transformers without the helper
+        import json
+
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii
+        )
+        env.globals["raise_exception"] = raise_exception
+        source = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", source)
+        return env.from_string(source)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenize callable
+# ---------------------------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    """One row cannot be used: carries the Dropped to return for it."""
+
+    def __init__(self, dropped: Dropped):
+        self.dropped = dropped
+
+
+class ChatTokenize:
+    """Batched chat tokenization with labels (picklable; see the module docstring)."""
+
+    _MAX_SKELETONS = 4096
+
+    def __init__(self, tokenizer: Any, template: str, options: ChatTemplateOptions, *, train_on_inputs: bool,
+                 where: str):
+        self.encoder = TextEncoder(tokenizer)
+        if not self.encoder.has_offsets:
+            raise FtError(f"{where}: chat_template needs a fast tokenizer (with tokenizer.json) to find spans.")
+        self.template = template
+        self.template_kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
+        added = tokenizer.added_tokens_decoder  # id -> AddedToken
+        self.special_ids = frozenset(i for i, t in added.items() if getattr(t, "special", False))
+        self.added_ids = frozenset(added) - self.special_ids
+        self.field = options.field_messages
+        mapping = {"role": "role", "content": "content", **options.message_property_mappings}
+        self.role_key, self.content_key = mapping.pop("role"), mapping.pop("content")
+        self.extra_mapping = mapping  # other template property -> data field
+        self.training_key = options.message_field_training
+        self.consumed = {self.role_key, self.content_key, *mapping.values()}
+        if self.training_key:
+            self.consumed.add(self.training_key)
+        self.role_map = {src: dst for dst, srcs in (options.roles or {}).items() for src in srcs}
+        # rows whose messages are exactly {role, content} are handed to the template as they are
+        self.passthrough = (self.role_key, self.content_key) == ("role", "content") and not self.role_map \
+            and not self.extra_mapping
+        self.roles_to_train = frozenset(options.roles_to_train)
+        self.train_on_eos = options.train_on_eos
+        self.train_on_inputs = train_on_inputs
+        self.where = where
+        self._compiled: Any = None
+        self._skeletons: dict[Any, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled"] = None
+        state["_skeletons"] = {}
+        return state
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        if self._compiled is None:
+            self._compiled = compile_template(self.template)
+        return self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+                                     **self.template_kwargs)
+
+    def _skeleton(self, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]] | None:
+        """Literal template text around each content (sentinel render), cached per role sequence."""
+        key = tuple(m["role"] if len(m) == 2 else (m["role"], *sorted(m)) for m in messages)
+        hit = self._skeletons.get(key, False)
+        if hit is not False:
+            return hit
+        sentinel = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        try:
+            text = self.render(sentinel)
+        except Exception:
+            result = None
+        else:
+            parts = _SENTINEL_RE.split(text)
+            order = [int(x) for x in parts[1::2]]
+            result = (parts[0::2], order) if len(set(order)) == len(order) else None
+        if len(self._skeletons) >= self._MAX_SKELETONS:
+            self._skeletons.clear()
+        self._skeletons[key] = result
+        return result
+
+    def probe(self) -> None:
+        """Fail fast (before any worker starts) when trained turns would have no end-of-turn token."""
+        if self.train_on_inputs or self.train_on_eos == "none":
+            return
+        messages = [{"role": "user", "content": "Hello there?"}, {"role": "assistant", "content": "Hi, how can I help?"}]
+        trained = [m["role"] in self.roles_to_train for m in messages]
+        if not any(trained):
+            return
+        try:
+            text = self.render(messages)
+            spans = self.content_spans(text, messages)
+            (enc,) = self.encoder.encodings([text])
+        except Exception:  # a template that needs other roles: the rows themselves will tell
+            return
+        try:
+            self.labels(enc, enc.ids, trained, spans, messages)
+        except _Skip:
+            return
+
+    # -- rows -> messages --------------------------------------------------------------------
+
+    def messages_of(self, row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[bool]]:
+        """Template messages of a row and whether each is trained; raises _Skip for bad rows."""
+        if self.field not in row or row[self.field] is None:
+            keys = ", ".join(sorted(map(str, row))) or "none"
+            raise _Skip(Dropped(f"missing field '{self.field}'",
+                                f"row has fields: {keys}; set datasets[].field_messages to the right one"))
+        raw = row[self.field]
+        if not isinstance(raw, (list, tuple)):
+            raise _Skip(Dropped("malformed messages", f"'{self.field}' is a {type(raw).__name__}, not a list"))
+        if not raw:
+            raise _Skip(Dropped("empty", f"'{self.field}' has no messages"))
+        messages, trained = [], []
+        rk, ck, tk = self.role_key, self.content_key, self.training_key
+        passthrough = self.passthrough
+        to_train = self.roles_to_train
+        for i, m in enumerate(raw):
+            if type(m) is not dict and not isinstance(m, Mapping):
+                raise _Skip(Dropped("malformed messages", f"message {i} is a {type(m).__name__}, not a mapping"))
+            role, content = m.get(rk), m.get(ck)
+            if type(role) is not str or type(content) is not str:
+                self._bad_message(i, role, content)
+            if passthrough and len(m) == 2:  # already a template message: {role, content}
+                messages.append(m)
+                trained.append(role in to_train)
+                continue
+            role = self.role_map.get(role, role)
+            msg = {"role": role, "content": content}
+            if len(m) > 2 or self.extra_mapping:
+                for k, v in m.items():
+                    if k not in self.consumed and v is not None:
+                        msg[k] = v
+                for prop, src in self.extra_mapping.items():
+                    if m.get(src) is not None:
+                        msg[prop] = m[src]
+            flag = m.get(tk) if tk else None
+            if flag is None:
+                train = role in to_train or m[rk] in to_train
+            elif isinstance(flag, bool):
+                train = flag
+            else:
+                raise _Skip(Dropped("malformed messages", f"message {i}: '{tk}' must be true or false, got {flag!r}"))
+            messages.append(msg)
+            trained.append(train)
+        return messages, trained
+
+    def _bad_message(self, i: int, role: Any, content: Any) -> None:
+        rk, ck = self.role_key, self.content_key
+        if not isinstance(role, str):
+            raise _Skip(Dropped("malformed messages", f"message {i} has no string field '{rk}'"))
+        if not isinstance(content, str):
+            what = "no field" if content is None else f"a {type(content).__name__} in field"
+            raise _Skip(Dropped("malformed messages", f"message {i} has {what} '{ck}' (needs a string)"))
+
+    # -- spans -------------------------------------------------------------------------------
+
+    def content_spans(self, text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
+        """Char span of each message's content in ``text`` (None where the template omits it)."""
+        skeleton = self._skeleton(messages)
+        if skeleton is not None:
+            spans = _align(text, skeleton, messages)
+            if spans is not None:
+                return spans
+        return _search(text, messages)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        out: list[Any] = [None] * len(rows)
+        texts, pending = [], []
+        for r, row in enumerate(rows):
+            try:
+                messages, trained = self.messages_of(row)
+                try:
+                    text = self.render(messages)
+                except Exception as exc:  # jinja raise_exception (e.g. roles must alternate), bad values
+                    raise _Skip(Dropped("template error", f"{type(exc).__name__}: {exc}")) from None
+                spans = None if self.train_on_inputs else self.content_spans(text, messages)
+            except _Skip as skip:
+                out[r] = skip.dropped
+                continue
+            texts.append(text)
+            pending.append((r, trained, spans, messages))
+        encodings = self.encoder.encodings(texts) if texts else []
+        for (r, trained, spans, messages), enc in zip(pending, encodings, strict=True):
+            ids = enc.ids
+            if self.train_on_inputs:
+                out[r] = {"input_ids": ids, "labels": list(ids)}
+                continue
+            try:
+                out[r] = {"input_ids": ids, "labels": self.labels(enc, ids, trained, spans, messages)}
+            except _Skip as skip:
+                out[r] = skip.dropped
+        return out
+
+    def labels(self, enc: Any, ids: list[int], trained: list[bool], spans: list[tuple[int, int] | None],
+               messages: list[dict[str, Any]]) -> list[int]:
+        n = len(ids)
+        labels = [IGNORE_INDEX] * n
+        # token ranges of the contents, in text order
+        located = sorted((s[0], s[1], i) for i, s in enumerate(spans) if s is not None)
+        for i, (s, t) in enumerate(zip(spans, trained, strict=True)):
+            if s is None and t:
+                raise _Skip(Dropped("template error",
+                                    f"message {i} ({messages[i]['role']}) is trained but the template does not "
+                                    "render its content"))
+        ranges = [(_token_range(enc, a, b, n), i) for a, b, i in located]
+        last_trained = max((i for i, t in enumerate(trained) if t and spans[i] is not None), default=-1)
+        mode = self.train_on_eos
+        special, added = self.special_ids, self.added_ids
+        for k, ((ts, te), i) in enumerate(ranges):
+            train = trained[i]
+            want_eos = mode == "all" or (train and mode == "turn") or (mode == "last" and i == last_trained)
+            eot = None
+            if want_eos:
+                stop = ranges[k + 1][0][0] if k + 1 < len(ranges) else n
+                eot = next((j for j in range(te, stop) if ids[j] in special), None)
+                if eot is None:
+                    eot = next((j for j in range(te, stop) if ids[j] in added), None)
+                if eot is None and train:
+                    raise FtError(
+                        f"{self.where}: train_on_eos is '{mode}' but the chat template puts no end-of-turn "
+                        f"token (a special token) after the content of a trained '{messages[i]['role']}' "
+                        "message, so the model could not learn to stop. Use a template that ends turns with a "
+                        "special token (e.g. chatml), or set train_on_eos: none."
+                    )
+            if train:
+                end = eot + 1 if eot is not None else te
+                labels[ts:end] = ids[ts:end]
+            elif eot is not None:
+                labels[eot] = ids[eot]
+        return labels
+
+
+def _token_range(enc: Any, a: int, b: int, n: int) -> tuple[int, int]:
+    """Tokens overlapping chars [a, b) (like transformers' assistant mask), as [start, end)."""
+    if a >= b:
+        t = _token_at_or_after(enc, a, n)
+        return t, t
+    first = None
+    for p in range(a, b):
+        first = enc.char_to_token(p)
+        if first is not None:
+            break
+    if first is None:  # only chars no token covers (stripped whitespace)
+        t = _token_at_or_after(enc, b, n)
+        return t, t
+    last = None
+    for p in range(b - 1, a - 1, -1):
+        last = enc.char_to_token(p)
+        if last is not None:
+            break
+    return first, last + 1
+
+
+def _token_at_or_after(enc: Any, pos: int, n: int) -> int:
+    # bounded scan: stripped whitespace between tokens is short
+    for p in range(pos, pos + 64):
+        t = enc.char_to_token(p)
+        if t is not None:
+            return t
+    return n
+
+
+def _candidates(content: str) -> list[str]:
+    out = [content]
+    for c in (content.strip(), content.rstrip(), content.lstrip()):
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _align(text: str, skeleton: tuple[list[str], list[int]], messages: list[dict[str, Any]]
+           ) -> list[tuple[int, int] | None] | None:
+    """Spans by walking the skeleton's literals through the real render; None if it does not fit."""
+    literals, order = skeleton
+    if not text.startswith(literals[0]):
+        return None
+    spans: list[tuple[int, int] | None] = [None] * len(messages)
+    pos = len(literals[0])
+    last = len(order) - 1
+    for k, i in enumerate(order):
+        nxt = literals[k + 1]
+        end = None
+        content = messages[i]["content"]
+        q = pos + len(content)
+        if text.startswith(content, pos) and text.startswith(nxt, q) and (k < last or q + len(nxt) == len(text)):
+            spans[i] = (pos, q)
+            pos = q + len(nxt)
+            continue
+        for cand in _candidates(content)[1:]:
+            q = pos + len(cand)
+            if text.startswith(cand, pos) and text.startswith(nxt, q) and (k < last or q + len(nxt) == len(text)):
+                end = q
+                break
+        if end is None:  # the template transformed the content: it ends where the next literal starts
+            if not nxt:
+                if k < last:
+                    return None
+                end = len(text)
+            else:
+                end = text.rfind(nxt) if k == last else text.find(nxt, pos)
+            if end < pos:
+                return None
+        spans[i] = (pos, end)
+        pos = end + len(nxt)
+    return spans if pos == len(text) else None
+
+
+def _search(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
+    """Fallback: find each content in order (templates whose literal text depends on values)."""
+    spans: list[tuple[int, int] | None] = []
+    pos = 0
+    for m in messages:
+        found = None
+        for cand in _candidates(m["content"]):
+            q = text.find(cand, pos)
+            if q >= 0 and (found is None or q < found[0]):
+                found = (q, q + len(cand))
+        spans.append(found)
+        if found is not None:
+            pos = found[1]
+    return spans
+
+
+def build_chat_tokenize(cfg: Any, entry: ChatTemplateOptions, tokenizer: Any) -> ChatTokenize:
+    """``build`` of chat formats: resolve the template, check it, return the tokenize callable."""
+    where = entry_where(cfg, entry, "chat_template")
+    template = resolve_chat_template(entry.chat_template, tokenizer, where, cfg)
+    train_on_inputs = entry.train_on_inputs if entry.train_on_inputs is not None else cfg.train_on_inputs
+    tok = ChatTokenize(tokenizer, template, entry, train_on_inputs=bool(train_on_inputs),
+                       where=entry_where(cfg, entry, "train_on_eos"))
+    try:
+        compile_template(template)
+    except Exception as exc:
+        raise FtError(f"{where}: the chat template is not valid jinja: {exc}") from None
+    tok.probe()
+    return tok
 
 
 @hookimpl

@@ -28,8 +28,8 @@ class CompletionTokenize:
     """Batched raw-text tokenization, chunked to ``sequence_len`` (picklable)."""
 
     def __init__(self, tokenizer: Any, options: CompletionOptions, *, sequence_len: int, where: str):
-        from ft.chat import TextEncoder
         from ft.errors import FtError
+        from ft.formats import TextEncoder
 
         if tokenizer.eos_token_id is None:
             raise FtError(f"{where}: the tokenizer has no eos_token, which ends each completion document; set "
@@ -65,7 +65,7 @@ class CompletionTokenize:
 
 
 def build(cfg: Any, entry: CompletionOptions, tokenizer: Any) -> CompletionTokenize:
-    from ft.chat import entry_where
+    from ft.formats import entry_where
 
     return CompletionTokenize(tokenizer, entry, sequence_len=cfg.sequence_len, where=entry_where(cfg, entry))
 

@@ -375,11 +375,11 @@ def _callback_class() -> type:
                 "instead of fp16, and check the data for broken samples.")
 
         def _stop(self, step: int, what: str) -> FtError:
+            from ft.api import close_progress_bars
             from ft.checkpoints import last_good_checkpoint
-            from ft.train import _close_progress_bars
 
             if self.trainer is not None:
-                _close_progress_bars(self.trainer)
+                close_progress_bars(self.trainer)
             cfg = self.cfg
             good = last_good_checkpoint(cfg.output_dir)
             if good is not None:

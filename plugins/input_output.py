@@ -28,7 +28,7 @@ class InputOutputTokenize:
     """Batched segment tokenization: one encoder call for every segment of the batch (picklable)."""
 
     def __init__(self, tokenizer: Any, options: InputOutputOptions, *, train_on_inputs: bool):
-        from ft.chat import TextEncoder
+        from ft.formats import TextEncoder
 
         self.encoder = TextEncoder(tokenizer)
         self.field = options.field_segments

@@ -2,11 +2,13 @@
 
 Select with ``plugins: [lora]`` (or ``-p lora``); configure in the ``lora:`` section. With
 ``qlora`` also selected the base model arrives quantized and is prepared for k-bit training
-before the adapter is added. ``ft merge`` (``ft.inference``) folds the saved adapter back in.
+before the adapter is added. The plugin also adds ``ft merge`` (fold a saved adapter into its base)
+and loads adapter directories for ``ft infer`` (``ft_load_trained``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,14 +17,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import ConfigError, FtError, MissingDependencyError, is_installed
+from ft.errors import ConfigError, FtError, MissingDependencyError, is_installed, load_or_explain
 
 FT_FEATURE = True
 
 log = logging.getLogger("ft.lora")
 
 ALL_LINEAR = "all-linear"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+SAVED_CONFIG = "ft_config.yaml"
 # How the base was quantized while the adapter trained (QLoRA); ft merge / ft infer read it.
 BASE_QUANTIZATION_FILE = "base_quantization.json"
 
@@ -257,8 +262,6 @@ def _absolute_base_path(peft_model: Any) -> None:
 
 def write_base_quantization(peft_model: Any, output_dir: str) -> str | None:
     """Record the quantization of a quantized base next to the adapter; returns the file or None."""
-    import json
-
     qc = getattr(peft_model.get_base_model().config, "quantization_config", None)
     if qc is None:
         return None
@@ -266,3 +269,238 @@ def write_base_quantization(peft_model: Any, output_dir: str) -> str | None:
     path = Path(output_dir) / BASE_QUANTIZATION_FILE
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return str(path)
+
+# -- using a trained adapter: ft merge, and loading for ft infer ------------------------------------
+
+
+def base_model_path(adapter_dir: str | Path) -> str:
+    """The base model of an adapter: ``base_model_name_or_path`` of adapter_config.json, else the
+    ``base_model`` of the run's saved ft_config.yaml; a relative local path is taken from the working
+    directory, else next to the adapter (as ``ft.context.resolve_path`` does for configs)."""
+    adapter_dir = Path(adapter_dir)
+    candidates = []
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path"):
+        candidates.append(str(config["base_model_name_or_path"]))
+    saved = adapter_dir / SAVED_CONFIG
+    if saved.is_file():
+        import yaml
+
+        data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        if isinstance(data, dict) and data.get("base_model"):
+            candidates.append(str(data["base_model"]))
+    if not candidates:
+        raise FtError(
+            f"{adapter_dir / ADAPTER_CONFIG_FILE}: no base_model_name_or_path, and no {SAVED_CONFIG} beside it; "
+            "set base_model_name_or_path to the base model's hub id or directory."
+        )
+    for value in candidates:
+        p = Path(value).expanduser()
+        if p.exists():
+            return str(p)
+        if not p.is_absolute() and (adapter_dir / p).exists():
+            return str(adapter_dir / p)
+    for value in candidates:
+        if _looks_like_hub_id(value):
+            return value
+    raise FtError(
+        f"the base model of the adapter in {adapter_dir} is not found at {candidates[0]}; edit "
+        f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG_FILE} to where the base model is now."
+    )
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return not value.startswith(("/", ".", "~")) and value.count("/") <= 1 and "\\" not in value
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def load_tokenizer(run_dir: str | Path, base: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    source = str(run_dir) if _has_tokenizer(run_dir) or base is None else base
+    return load_or_explain(source, "tokenizer", AutoTokenizer.from_pretrained, source)
+
+
+def read_base_quantization(adapter_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(adapter_dir) / BASE_QUANTIZATION_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def describe_quantization(quant: dict[str, Any]) -> str:
+    if quant.get("load_in_4bit"):
+        return f"4-bit {str(quant.get('bnb_4bit_quant_type', 'nf4')).upper()}"
+    if quant.get("load_in_8bit"):
+        return "8-bit"
+    return str(quant.get("quant_method", "quantized"))
+
+
+def _require_peft() -> None:
+    if not is_installed("peft"):
+        raise MissingDependencyError("loading a LoRA adapter needs peft, which is not installed: pip install 'ft[lora]'.")
+
+
+def _load_quantized_base(base: str, quant: dict[str, Any], dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "this adapter was trained on a bitsandbytes-quantized base, and bitsandbytes is not installed: "
+            "pip install 'ft[qlora]'."
+        ) from None
+    return load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base,
+                    quantization_config=BitsAndBytesConfig.from_dict(quant), dtype=dtype)
+
+
+def dequantized_base(base: str, quant: dict[str, Any]) -> Any:
+    """The base model in float32 with every bitsandbytes layer replaced by its dequantized weights.
+
+    These are the weights the adapter was trained against (not the original full-precision ones),
+    so the merged model computes what the QLoRA model computed.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers import AutoModelForCausalLM
+
+    quantized = _load_quantized_base(base, quant, torch.float32)
+    weights = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weights[f"{name}.weight"] = dequantize_bnb_weight(module.weight, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            weights[f"{name}.weight"] = dequantize_bnb_weight(module.weight, module.state)
+    weights = {k: v.to("cpu", torch.float32) for k, v in weights.items()}
+    del quantized
+    model = load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, weight in weights.items():
+            param = model.get_parameter(name)
+            if param.shape != weight.shape:
+                raise FtError(f"dequantized {name} has shape {tuple(weight.shape)}, the base has {tuple(param.shape)}.")
+            param.copy_(weight)
+    return model
+
+
+def _match_vocab(model: Any, adapter_dir: Path, tokenizer: Any) -> None:
+    """Resize the base's embeddings to what the adapter was trained with (added tokens)."""
+    from safetensors import safe_open
+
+    embeddings = model.get_input_embeddings()
+    emb_path = next((n for n, m in model.named_modules() if m is embeddings), None)
+    rows = None
+    weights = adapter_dir / ADAPTER_WEIGHTS_FILE
+    if emb_path and weights.is_file():
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                if key.endswith(f"{emb_path}.weight") or ".".join(key.split(".")[:-1]).endswith(emb_path):
+                    rows = fh.get_slice(key).get_shape()[0]
+                    break
+    current = embeddings.weight.shape[0]
+    if rows is None and len(tokenizer) > current:
+        log.warning(
+            "the tokenizer has %d tokens, the base model %d embeddings, and the adapter saved none: the added "
+            "tokens' embeddings are freshly initialised (train with lora.modules_to_save: [embed_tokens, lm_head])",
+            len(tokenizer), current,
+        )
+        rows = len(tokenizer)
+    if rows is not None and rows != current:
+        model.resize_token_embeddings(rows)
+
+
+def load_adapter_model(adapter_dir: str | Path, dtype: Any = None, quantized: bool = True) -> tuple[Any, Any]:
+    """Base model + adapter (not merged) and the tokenizer. A QLoRA adapter gets its quantized base,
+    unless ``quantized`` is False (then the dequantized base, in float32)."""
+    _require_peft()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(adapter_dir)
+    base = base_model_path(adapter_dir)
+    tokenizer = load_tokenizer(adapter_dir, base)
+    quant = read_base_quantization(adapter_dir)
+    dtype = dtype or torch.float32
+    if quant and quantized:
+        model = _load_quantized_base(base, quant, dtype)
+    elif quant:
+        model = dequantized_base(base, quant)
+    else:
+        model = load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=dtype)
+    _match_vocab(model, adapter_dir, tokenizer)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtype: str = "float32") -> str:
+    """Merge the LoRA adapter in ``output_dir`` into its base; write a full model + tokenizer.
+
+    The merge is done in float32, then the weights are cast to ``dtype``. A QLoRA adapter is merged
+    into the base dequantized from the bits it was trained on. Returns the directory written
+    (default ``<output_dir>/merged``).
+    """
+    output_dir = Path(output_dir)
+    if not is_adapter_dir(output_dir):
+        hint = " It holds a full model already: use it as it is." if (output_dir / "config.json").is_file() else ""
+        raise FtError(f"{output_dir} holds no LoRA adapter ({ADAPTER_CONFIG_FILE} is missing), so there is nothing to merge.{hint}")
+    target = Path(to_dir) if to_dir else output_dir / "merged"
+    if target.resolve() == output_dir.resolve():
+        raise FtError(f"--to {target}: merging into the adapter's own directory would mix two models; choose another directory.")
+    from ft.api import torch_dtype_named
+
+    final_dtype = torch_dtype_named(dtype)
+    quant = read_base_quantization(output_dir)
+    if quant:
+        log.info(
+            "QLoRA adapter: merging into the base model dequantized from %s (the weights it was trained "
+            "against), saved as %s", describe_quantization(quant), str(final_dtype).replace("torch.", ""),
+        )
+    model, tokenizer = load_adapter_model(output_dir, quantized=False)
+    merged = model.merge_and_unload()
+    merged = merged.to(final_dtype)
+    if tokenizer.pad_token_id is not None:  # the pad token chosen for training, as the run saved it
+        merged.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(merged, "generation_config", None) is not None:
+            merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    log.info("merged model (%s) written to %s", str(final_dtype).replace("torch.", ""), target)
+    return str(target)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
+@hookimpl
+def ft_load_trained(run_dir, dtype):
+    """An adapter directory -> (base + adapter, tokenizer); other directories are not ours."""
+    if not is_adapter_dir(run_dir):
+        return None
+    return load_adapter_model(run_dir, dtype=dtype)
+
+
+@hookimpl
+def ft_add_commands(cli):
+    import click
+
+    from ft.cli import handle_errors, setup_logging
+
+    @cli.command()
+    @click.argument("output_dir", type=click.Path(file_okay=False, exists=True))
+    @click.option("--to", "to_dir", type=click.Path(file_okay=False), default=None,
+                  help="Where to write the merged model.")
+    @click.option("--dtype", default="float32", show_default=True, help="dtype of the merged weights.")
+    @handle_errors
+    def merge(output_dir, to_dir, dtype):
+        """Merge a trained LoRA adapter into its base model and write a full model."""
+        setup_logging()
+        written = merge_adapter(output_dir, to_dir, dtype=dtype)
+        click.echo(f"merged model written to {written}")

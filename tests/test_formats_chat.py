@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from ft_plugins.chat_template import load_shipped_template
 
-from ft.chat import load_shipped_template
 from ft.context import load_context
 from ft.errors import FtError
 from ft.formats import Dropped

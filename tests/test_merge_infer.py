@@ -31,7 +31,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
 
 
 def prompt_ids(tokenizer):
-    from ft.inference import _prompt_inputs
+    from ft_plugins.infer import _prompt_inputs
 
     return _prompt_inputs(tokenizer, [{"role": "user", "content": PROMPT}])["input_ids"]
 
@@ -52,9 +52,9 @@ def logits(model, ids):
 
 
 def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, tiny_model_dir):
+    from ft_plugins.lora import load_adapter_model
     from transformers import AutoModelForCausalLM
 
-    from ft.inference import load_adapter_model
     from ft.testing import FtRunner
 
     result = FtRunner().invoke("merge", lora_run, "--to", tmp_path / "merged").assert_ok()
@@ -74,9 +74,8 @@ def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, tiny_model_di
 
 
 def test_merge_defaults_to_a_merged_folder_and_casts_to_the_chosen_dtype(lora_run, tmp_path):
+    from ft_plugins.lora import merge_adapter
     from safetensors.torch import load_file
-
-    from ft.inference import merge_adapter
 
     run_copy = tmp_path / "run"
     shutil.copytree(lora_run, run_copy, ignore=shutil.ignore_patterns("merged"))
@@ -87,7 +86,8 @@ def test_merge_defaults_to_a_merged_folder_and_casts_to_the_chosen_dtype(lora_ru
 
 
 def test_merge_errors(lora_run, tmp_path, tiny_model_dir):
-    from ft.inference import merge_adapter
+    from ft_plugins.lora import merge_adapter
+
     from ft.testing import FtRunner
 
     with pytest.raises(FtError, match="holds no LoRA adapter .adapter_config.json is missing., so there is nothing to "
@@ -101,7 +101,7 @@ def test_merge_errors(lora_run, tmp_path, tiny_model_dir):
 
 
 def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stale(lora_run, tmp_path, tiny_model_dir):
-    from ft.inference import base_model_path
+    from ft_plugins.lora import base_model_path
 
     moved = tmp_path / "moved"
     shutil.copytree(lora_run, moved, ignore=shutil.ignore_patterns("merged"))
@@ -132,11 +132,11 @@ def test_an_unreachable_hub_base_is_one_clear_error(lora_run, tmp_path):
 
 def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path, caplog):
     import torch
+    from ft_plugins.lora import merge_adapter
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ft.context import load_context
-    from ft.inference import merge_adapter
 
     config = {
         "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
@@ -162,7 +162,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     ids = prompt_ids(tokenizer)
     expected = logits(model, ids)
 
-    with caplog.at_level(logging.INFO, logger="ft.inference"):
+    with caplog.at_level(logging.INFO, logger="ft.lora"):
         merged_dir = merge_adapter(out, tmp_path / "merged")
     assert "QLoRA adapter: merging into the base model dequantized from 4-bit NF4" in caplog.text
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
@@ -179,10 +179,10 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
 
 def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
     import torch
+    from ft_plugins.lora import load_adapter_model, merge_adapter
     from transformers import AutoModelForCausalLM
 
     from ft.context import load_context
-    from ft.inference import load_adapter_model, merge_adapter
 
     config = {
         "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
@@ -222,7 +222,8 @@ def test_infer_prints_a_reply_from_a_saved_adapter_run(lora_run):
 
 
 def test_infer_from_a_full_model_directory(lora_run, tmp_path):
-    from ft.inference import generate_once, merge_adapter
+    from ft_plugins.infer import generate_once
+    from ft_plugins.lora import merge_adapter
 
     merged = merge_adapter(lora_run, tmp_path / "merged")
     text = generate_once(merged, PROMPT, max_new_tokens=6, temperature=0.7)
@@ -230,7 +231,7 @@ def test_infer_from_a_full_model_directory(lora_run, tmp_path):
 
 
 def test_infer_applies_the_chat_template(lora_run):
-    from ft.inference import load_tokenizer
+    from ft_plugins.lora import load_tokenizer
 
     tokenizer = load_tokenizer(lora_run)
     text = tokenizer.decode(prompt_ids(tokenizer)[0])
@@ -238,7 +239,7 @@ def test_infer_applies_the_chat_template(lora_run):
 
 
 def test_chat_keeps_the_history_and_stops_at_end_of_input(lora_run, monkeypatch):
-    import ft.inference as inference
+    import ft_plugins.infer as inference
 
     seen = []
     real_generate = inference.generate

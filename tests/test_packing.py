@@ -7,10 +7,9 @@ import random
 
 import numpy as np
 import pytest
-from ft_plugins.packing import pack_best_fit_decreasing, pack_dataset
+from ft_plugins.packing import PackedCollator, pack_best_fit_decreasing, pack_dataset
 from test_data import prepare, qa_rows, write_lines
 
-from ft.collate import PackedCollator
 from ft.formats import IGNORE_INDEX
 
 

@@ -9,7 +9,7 @@ A row looks like::
 Roles are mapped to the chat template's (human -> user, gpt -> assistant, system -> system),
 then everything -- rendering with the template, finding the trained spans in one render,
 ``roles_to_train``, ``train_on_eos``, per-message ``training`` flags -- is ft's chat machinery
-(:mod:`ft.chat`), so a ShareGPT talk gets exactly the labels of the same talk in OpenAI format.
+(:mod:`ft_plugins.chat_template`), so a ShareGPT talk gets exactly the labels of the same talk in OpenAI format.
 
 What this plugin adds: ShareGPT defaults for the chat options, and a loud drop (counted as
 "unknown role", with the row's file:line) for a message whose ``from`` is not a known role,
@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ft_plugins.chat_template import ChatTemplateOptions, build_chat_tokenize
 from pydantic import Field, field_validator
 
 from ft import hookimpl
-from ft.chat import ChatTemplateOptions, build_chat_tokenize
 from ft.formats import Dropped
 
 # template role -> ShareGPT `from` values

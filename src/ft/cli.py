@@ -1,4 +1,4 @@
-"""The ``ft`` command line: run, preprocess, validate, plugins, schema, merge, infer.
+"""The ``ft`` command line: run, preprocess, validate, plugins, schema; plugins add more (infer, merge ...).
 
 Heavy libraries are imported inside commands, so ``ft --help`` stays fast.
 """
@@ -45,7 +45,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if not verbose and not _is_main_process():
         level = logging.WARNING  # in a multi-process run only rank 0 reports progress
@@ -116,7 +116,7 @@ def cli() -> None:
 @handle_errors
 def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, fresh, overwrite, verbose):
     """Train with CONFIG: load, prepare data, fine-tune, save."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if nproc or nnodes:
         from ft.launch import launch
 
@@ -141,7 +141,7 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
 @handle_errors
 def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
     """Tokenize (and pack) the datasets of CONFIG into the cache."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from ft.run import preprocess as do_preprocess
 
     ctx = _context(config, plugin_args, overrides, trace)
@@ -224,36 +224,6 @@ def schema(plugin_args, output):
             fh.write(text)
     else:
         click.echo(text, nl=False)
-
-
-@cli.command()
-@click.argument("output_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--to", "to_dir", type=click.Path(file_okay=False), default=None, help="Where to write the merged model.")
-@click.option("--dtype", default="float32", show_default=True, help="dtype of the merged weights.")
-@handle_errors
-def merge(output_dir, to_dir, dtype):
-    """Merge a trained LoRA adapter into its base model and write a full model."""
-    _setup_logging()
-    from ft.inference import merge_adapter
-
-    written = merge_adapter(output_dir, to_dir, dtype=dtype)
-    click.echo(f"merged model written to {written}")
-
-
-@cli.command()
-@click.argument("output_dir", type=click.Path(file_okay=False, exists=True))
-@click.argument("prompt", required=False)
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@handle_errors
-def infer(output_dir, prompt, max_new_tokens, temperature):
-    """Generate from a trained model or adapter: one PROMPT, or an interactive chat."""
-    from ft.inference import chat, generate_once
-
-    if prompt is not None:
-        generate_once(output_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
-    else:
-        chat(output_dir, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 def _is_main_process() -> bool:

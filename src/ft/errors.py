@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FtError(Exception):
     """Base class of every error ft reports to the user without a traceback."""
@@ -48,3 +50,18 @@ def is_installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # ValueError: a sys.modules entry without a spec (a blocked import)
         return False
+
+
+def load_or_explain(source: str, what: str, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)``; a missing or unreachable source becomes one clear error."""
+    from pathlib import Path
+
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if Path(source).exists() else (
+            " It is not a local directory; as a hub id it could not be fetched (check the spelling, your "
+            "network, HF_TOKEN for gated models)."
+        )
+        raise FtError(f"could not load the {what} from '{source}': {first}.{hint}") from exc

@@ -52,3 +52,67 @@ class Tokenize(Protocol):
     """
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[Any]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# where an entry is in the config (for messages)
+# ---------------------------------------------------------------------------------------------
+
+
+def entry_where(cfg: Any, entry: Any, key: str | None = None) -> str:
+    """``file:line: datasets[i].key`` for an entry of ``cfg.datasets``/``cfg.test_datasets``."""
+    for list_name in ("datasets", "test_datasets"):
+        for i, e in enumerate(getattr(cfg, list_name, None) or []):
+            if e is entry:
+                if key is not None and cfg.line_of(list_name, i, key):
+                    return cfg.where(list_name, i, key)
+                base = cfg.where(list_name, i)
+                return f"{base}.{key}" if key else base
+    return f"datasets[].{key}" if key else "datasets[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# fast batch encoding
+# ---------------------------------------------------------------------------------------------
+
+
+class TextEncoder:
+    """Encodes a batch of texts exactly as ``tokenizer(texts, add_special_tokens=False)`` does.
+
+    Holds a private copy of the fast tokenizer's Rust backend (no truncation, no padding), so
+    one call encodes a whole batch without building a ``BatchEncoding``. Picklable.
+    """
+
+    def __init__(self, tokenizer: Any):
+        backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+            if hasattr(backend, "encode_special_tokens"):
+                backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+            self.tokenizer = None
+        else:
+            self.tokenizer = tokenizer  # slow tokenizer: ids only
+        self.backend = backend
+
+    @property
+    def has_offsets(self) -> bool:
+        return self.backend is not None
+
+    def encodings(self, texts: list[str]) -> list[Any]:
+        """``tokenizers.Encoding`` objects (``.ids``, ``.char_to_token``); fast tokenizers only."""
+        if self.backend is None:
+            from ft.errors import FtError
+
+            raise FtError("a fast tokenizer (tokenizer.json) is needed to find chat spans; this one is not fast.")
+        return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ft import hookspec
 
 if TYPE_CHECKING:  # heavy types only for type checkers; importing this module stays light
+    from pathlib import Path
+
     import click
 
     from ft.config import Config, SectionRegistry
@@ -73,6 +75,20 @@ def ft_add_commands(cli: click.Group) -> None:
         cli: the root ``click.Group``; call ``cli.add_command(cmd)``.
     Returns: None.
     Mode: all.
+    """
+
+
+@hookspec(firstresult=True)
+def ft_load_trained(run_dir: Path, dtype: Any) -> tuple[Any, Any] | None:
+    """Load a finished run's model and tokenizer for inference (``ft infer``).
+
+    Called: by ``ft infer``, on every loaded plugin (no config selects features there).
+    Args:
+        run_dir: the output directory of a finished run (or a checkpoint).
+        dtype: the torch dtype to load weights in.
+    Returns: ``(model, tokenizer)`` if this plugin recognises what ``run_dir`` holds (the lora
+        plugin: an adapter), else None. The infer plugin answers last, for full model directories.
+    Mode: firstresult.
     """
 
 

@@ -35,7 +35,7 @@ ENTRY_POINT_GROUP = "ft"
 AUTOLOAD_ENV = "FT_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY_DIST = "ft"
 # Features the pipeline cannot work without; blocking one is refused.
-ESSENTIAL = frozenset({"hf", "sources", "chat_template", "alpaca", "completion", "input_output", "optimizers"})
+ESSENTIAL = frozenset({"hf", "sources", "chat_template", "alpaca", "completion", "input_output", "optimizers", "infer"})
 
 
 @dataclass

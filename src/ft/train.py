@@ -60,6 +60,23 @@ def resolve_precision(cfg: Any) -> str:
     return "fp32"
 
 
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}  # fmt: skip
+
+
+def torch_dtype_named(name: str) -> Any:
+    """The torch dtype a user names (``bf16``, ``float32``, ``torch.float16`` ...); FtError if unknown."""
+    import torch
+
+    key = DTYPE_NAMES.get(str(name).lower().replace("torch.", ""))
+    if key is None:
+        raise FtError(f"unknown dtype '{name}'; use one of float32, bfloat16, float16.")
+    return getattr(torch, key)
+
+
 def torch_dtype(precision: str) -> Any:
     """The dtype weights are loaded in. fp16 training keeps fp32 master weights (the grad scaler needs them)."""
     import torch
@@ -365,7 +382,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
             output = trainer.train(resume_from_checkpoint=resume)
     except Exception as exc:
         if is_out_of_memory(exc):
-            _close_progress_bars(trainer)
+            close_progress_bars(trainer)
             _free_memory()
             raise FtError(out_of_memory_message(cfg)) from exc
         raise
@@ -464,7 +481,7 @@ def out_of_memory_message(cfg: Any) -> str:
     return "\n".join(lines)
 
 
-def _close_progress_bars(trainer: Any) -> None:
+def close_progress_bars(trainer: Any) -> None:
     for callback in trainer.callback_handler.callbacks:
         bar = getattr(callback, "training_bar", None)
         if bar is not None:

@@ -1,0 +1,64 @@
+"""The API for plugin authors: everything a plugin needs from ft, in one module.
+
+First-party plugins import from here (and from ``ft`` itself for ``hookimpl``) and nothing else
+of ft; a test checks it. Names are imported lazily, so ``import ft.api`` stays light (no torch,
+no transformers): the module that defines a name is imported when the name is first used.
+
+Groups:
+
+- hooks: ``hookimpl``, ``hookspec``
+- errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
+  ``is_installed``, ``load_or_explain``
+- config: ``Config`` (the type hooks receive), ``resolve_path``
+- data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
+- formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
+  ``entry_where``
+- methods: ``Method``
+- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
+- training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
+  ``last_good_checkpoint``
+- kernels: ``PatchRecord``, ``patch_attribute``
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ft import hookimpl, hookspec
+
+_WHERE = {
+    # errors
+    "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
+    "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
+    # config
+    "Config": "ft.config", "resolve_path": "ft.context",
+    # data sources
+    "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.data", "MALFORMED": "ft.data",
+    "file_digest": "ft.cache",
+    # formats
+    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Tokenize": "ft.formats",
+    "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
+    # collating
+    "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
+    # training
+    "resolve_precision": "ft.train", "torch_dtype": "ft.train", "torch_dtype_named": "ft.train",
+    "close_progress_bars": "ft.train", "last_good_checkpoint": "ft.checkpoints",
+    # kernels
+    "PatchRecord": "ft.patching", "patch_attribute": "ft.patching",
+}  # fmt: skip
+
+__all__ = ["hookimpl", "hookspec", *_WHERE]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ft.api' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
