@@ -34,6 +34,7 @@ from ft import hookimpl
 from ft.errors import FtError, MissingDependencyError
 
 FT_FEATURE = True
+FT_PROVIDES = ("varlen_attention",)  # attention cut at position_ids: packed rows need no mask
 
 ATTENTION_NAME = "ft_varlen"
 PLUGIN = "varlen"

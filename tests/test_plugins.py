@@ -219,9 +219,9 @@ def test_model_kwargs_conflict_names_both_plugins():
 
     pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("b", B())])
     with pytest.raises(PluginError, match=r"'dtype' is set to .* by plugin '[ab]' and to .* by plugin '[ab]'"):
-        pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=None)
+        pm.calls.model_kwargs(None)
     pm2 = PluginManager(entry_points=[], extra_plugins=[("a", A())])
-    assert pm2.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {"dtype": "bfloat16", "x": 1}
+    assert pm2.calls.model_kwargs(None) == {"dtype": "bfloat16", "x": 1}
 
 
 def test_inactive_feature_hooks_are_not_called():
@@ -236,6 +236,6 @@ def test_inactive_feature_hooks_are_not_called():
             return {"feature": True}
 
     pm = PluginManager(entry_points=[], extra_plugins=[("feat", Feature())])
-    assert pm.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {}
+    assert pm.calls.model_kwargs(None) == {}
     pm = PluginManager(select=["feat"], entry_points=[], extra_plugins=[("feat", Feature())])
-    assert pm.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {"feature": True}
+    assert pm.calls.model_kwargs(None) == {"feature": True}

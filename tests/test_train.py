@@ -63,7 +63,7 @@ def load(ctx, n_rows=8, eval_rows=0):
         eval=datasets.Dataset.from_list(rows[n_rows:]) if eval_rows else None,
         packed=False,
     )
-    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     model = hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tok)
     return tok, model, data, rows
 
@@ -190,21 +190,24 @@ def test_factory_optimizer_and_scheduler_registered_by_a_plugin(tiny_model_dir, 
     assert all(lr == pytest.approx(5e-4) for lr in lrs)
 
 
-def test_trainer_class_from_a_plugin_still_counts_tokens(tiny_model_dir, tmp_path):
+def test_trainer_class_of_a_plugin_method_still_counts_tokens(tiny_model_dir, tmp_path):
+    from ft_plugins.sft import padding_collator
     from transformers import Trainer
+
+    from ft.api import SFT_COLUMNS, Method
 
     class MyTrainer(Trainer):
         pass
 
-    class Method:
+    class MyMethod:
         @hookimpl
-        def ft_trainer_class(cfg):
-            return MyTrainer
+        def ft_register_methods(register):
+            register.add(Method("mine", SFT_COLUMNS, padding_collator, lambda: MyTrainer))
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("method", Method)], max_steps=1)
+    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("mymethod", MyMethod)], max_steps=1, method="mine")
     trainer, metrics, _, _ = train(ctx)
     assert isinstance(trainer, MyTrainer)
-    assert metrics["train_tokens"] > 0
+    assert metrics["train_tokens"] > 0 and metrics["method"] == "mine"
 
 
 # -- metrics and outputs ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Groups:
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``
-- methods: ``Method``
+- methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
   ``last_good_checkpoint``
@@ -39,6 +39,8 @@ _WHERE = {
     # formats
     "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Tokenize": "ft.formats",
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
+    # methods
+    "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
     # collating
     "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
     # training

@@ -27,14 +27,37 @@ set_option = click.option(
 trace_option = click.option("--trace", is_flag=True, help="Print every hook call and the plugins it reaches.")
 
 
+def _show_traceback(value: bool) -> None:
+    if value:
+        os.environ["FT_TRACEBACK"] = "1"
+
+
+def _traceback_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    _show_traceback(value)
+    return value
+
+
+traceback_option = click.option(
+    "--traceback", is_flag=True, expose_value=False, is_eager=True, callback=_traceback_callback,
+    help="On an error, also print the whole Python traceback.",
+)
+
+
 def _fail(exc: FtError) -> None:
+    if os.environ.get("FT_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(exc.exit_code)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command ft's error handling: an FtError prints its message (the whole traceback with
+    ``--traceback``) and exits with its code. Plugin commands use it too."""
     import functools
 
+    @traceback_option
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -58,11 +81,27 @@ def setup_logging(verbose: bool = False) -> None:
 
 def _context(config: str, plugin_args, overrides, trace: bool = False):
     from ft.context import load_context
+    from ft.plugins import add_hook_monitor
 
-    ctx = load_context(config, plugin_args, overrides)
-    if trace:
-        ctx.pm.enable_tracing()
+    stop = None
+    if trace:  # the manager made here traces every hook call, from the first registration hook on
+        from ft.plugins import trace_after
+
+        stop = add_hook_monitor(lambda *a: None, trace_after(lambda msg: click.echo(msg, err=True)))
+    try:
+        ctx = load_context(config, plugin_args, overrides)
+    finally:
+        if stop is not None:
+            stop()
+    _warn_failed(ctx.pm)
     return ctx
+
+
+def _warn_failed(pm) -> None:
+    for info in pm.failed():
+        click.secho(f"warning: plugin '{info.name}' ({info.distribution} {info.version}) is installed but could "
+                    f"not be loaded: {info.error}. Its features are unavailable; `ft plugins` lists it.",
+                    fg="yellow", err=True)
 
 
 class FtGroup(click.Group):
@@ -78,7 +117,7 @@ class FtGroup(click.Group):
             from ft.context import make_plugin_manager
 
             pm = make_plugin_manager()
-            pm.all_hooks.ft_add_commands(cli=self)
+            pm.calls.add_commands(self)
         except FtError as exc:  # never let a plugin break `ft --help`
             click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
 
@@ -182,9 +221,10 @@ def validate(config, plugin_args, overrides, nproc):
 @handle_errors
 def plugins(plugin_args, as_json, hook_name):
     """List installed plugins: name, distribution, version, status, hooks."""
-    from ft.context import make_plugin_manager
+    from ft.context import collect_registries, make_plugin_manager
 
     pm = make_plugin_manager(plugin_args)
+    collect_registries(pm)  # a plugin whose registration hook raises is listed as failed
     if hook_name:
         order = pm.call_order(hook_name)
         if as_json:

@@ -31,6 +31,10 @@ class CoreConfig(BaseModel):
     base_model: str = Field(description="Hub id or local directory of the model to fine-tune.")
     tokenizer: str | None = Field(None, description="Tokenizer hub id or directory; defaults to base_model.")
     plugins: list[str] = Field(default_factory=list, description="Optional features to select (also `-p NAME`).")
+    plugin_paths: list[str] = Field(
+        default_factory=list, description="Plugin .py files to load and select without packaging (also `-p ./file.py`)."
+    )
+    method: str = Field("sft", description="Training method, registered by a plugin: sft (default), dpo, grpo ...")
 
     # data
     datasets: list[Any] = Field(description="Training datasets; each entry's keys depend on its `type`.")
@@ -82,6 +86,7 @@ class CoreConfig(BaseModel):
 
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+    _capabilities: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -102,6 +107,11 @@ class CoreConfig(BaseModel):
             model = _find_model(type(self).model_fields[name].annotation, None)
             return model() if model is not None else None
         return value
+
+    def provides(self, capability: str) -> bool:
+        """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
+        ``varlen_attention``: plugins ask for a capability, never for another plugin by name."""
+        return capability in self._capabilities
 
     def line_of(self, *path: Any) -> int | None:
         return self._lines.get(tuple(path))
@@ -284,9 +294,16 @@ def validate_config(
     feature_plugins: Sequence[str] = (),
     active: Sequence[str] = (),
     format_names: Sequence[str] = (),
+    extra_problems: Sequence[tuple[tuple, str]] = (),
+    unavailable: Sequence[str] = (),
 ) -> CoreConfig:
-    """Validate raw data against the model; raise one ConfigError listing every problem."""
-    problems: list[tuple[tuple, str]] = []
+    """Validate raw data against the model; raise one ConfigError listing every problem.
+
+    ``extra_problems`` are ``(key path, message)`` pairs found by the caller (they get their
+    file:line here); ``unavailable`` describes installed plugins that failed or are blocked, named
+    when a dataset type is unknown (the type may be theirs).
+    """
+    problems: list[tuple[tuple, str]] = list(extra_problems)
     data = dict(raw.data)
     # A section for an installed feature that is not selected: say how to select it.
     for key in list(data):
@@ -295,9 +312,9 @@ def validate_config(
                                      f"Add it to `plugins: [{key}]` or pass `-p {key}`."))
             data.pop(key)
     for i, entry in enumerate(data.get("datasets") or []) if isinstance(data.get("datasets"), list) else []:
-        _check_entry_type(entry, ("datasets", i), format_names, problems)
+        _check_entry_type(entry, ("datasets", i), format_names, problems, unavailable)
     for i, entry in enumerate(data.get("test_datasets") or []) if isinstance(data.get("test_datasets"), list) else []:
-        _check_entry_type(entry, ("test_datasets", i), format_names, problems)
+        _check_entry_type(entry, ("test_datasets", i), format_names, problems, unavailable)
     bad_entries = [loc[:2] for loc, _ in problems if loc and loc[0] in ("datasets", "test_datasets")]
     cfg = None
     try:
@@ -324,7 +341,8 @@ def validate_config(
     return cfg
 
 
-def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], problems: list) -> None:
+def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], problems: list,
+                      unavailable: Sequence[str] = ()) -> None:
     if not isinstance(entry, dict):
         return
     t = entry.get("type")
@@ -333,8 +351,13 @@ def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], probl
     elif t not in format_names:
         close = difflib.get_close_matches(str(t), list(format_names), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if unavailable:
+            cause = ("It may come from an installed plugin that is not loaded: " + "; ".join(unavailable)
+                     + ". Fix or unblock that plugin (see `ft plugins`).")
+        else:
+            cause = "A type from a third-party plugin needs that plugin installed."
         problems.append((loc + ("type",), f"unknown dataset type '{t}'.{hint} Known: {', '.join(sorted(format_names))}. "
-                                           "A type from a third-party plugin needs that plugin installed."))
+                                           + cause))
 
 
 def _clean_loc(loc: tuple, format_names: Sequence[str]) -> tuple:

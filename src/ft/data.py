@@ -187,7 +187,7 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
 
 
 def _packing_active(ctx: Context) -> bool:
-    return any(True for _ in ctx.pm.active_caller("ft_pack").get_hookimpls())
+    return bool(ctx.pm.calls.packers())
 
 
 def _from_cache(found: dict[str, Any], cfg: Any, check_strict: bool = True) -> PreparedData:
@@ -207,13 +207,12 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     from ft.data_tokenize import Samples, tokenize_entries
 
     cfg = ctx.cfg
-    hook = ctx.pm.hook
     t0 = time.perf_counter()
 
     jobs = []  # (key_path, entry, raw, tokenize) for datasets then test_datasets
     for group in ("datasets", "test_datasets"):
         for i, entry in enumerate(getattr(cfg, group) or []):
-            raw = hook.ft_load_dataset(cfg=cfg, entry=entry)
+            raw = ctx.pm.calls.load_dataset(cfg, entry)
             if raw is None:
                 raise DataError(f"{cfg.where(group, i, 'path')}: no active plugin can read '{entry.path}'. "
                                 "Is the 'sources' plugin blocked, or does this source need a plugin? See `ft plugins`.")
@@ -291,7 +290,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     stats["assemble_seconds"] = round(time.perf_counter() - t0 - read_s - tok_s, 3)
     if packing:
         t1 = time.perf_counter()
-        packed = ctx.pm.hook.ft_pack(cfg=cfg, dataset=train_ds)
+        packed = ctx.pm.calls.pack(cfg, train_ds, ctx.method)
         if packed is not None:
             train_ds = packed
             stats["packed"] = True

@@ -29,9 +29,14 @@ class PluginError(FtError):
 class PluginHookError(FtError):
     """An exception escaped from a plugin's hook; names the plugin and the hook."""
 
-    def __init__(self, plugin: str, hook: str, exc: BaseException):
+    def __init__(self, plugin: str, hook: str, exc: BaseException, frames: list[str] | None = None,
+                 place: str | None = None):
         self.plugin, self.hook, self.original = plugin, hook, exc
-        super().__init__(f"plugin '{plugin}' failed in hook {hook}: {type(exc).__name__}: {exc}")
+        self.frames = list(frames or [])  # "file:line in function: code" of the plugin's own frames
+        where = "".join(f"\n    at {f}" for f in self.frames[-5:])
+        super().__init__(f"plugin '{plugin}' failed in {place or 'hook ' + hook}: {type(exc).__name__}: {exc}{where}\n"
+                         f"  (--traceback shows the whole traceback; `-p no:{plugin}` runs without the plugin "
+                         "if it is an optional feature)")
 
 
 class DataError(FtError):

@@ -73,18 +73,35 @@ class Registry(Generic[T]):
 
 @dataclass(frozen=True)
 class Format:
-    """A dataset format: its entry-options model and a builder of its tokenize function."""
+    """A dataset format: its entry-options model, a builder of its tokenize function, and the
+    row columns its samples carry (checked against the method's at validation)."""
 
     options: type  # subclass of ft.formats.DatasetOptions
     build: Callable[..., Any]  # (cfg, entry, tokenizer) -> ft.formats.Tokenize
+    columns: tuple[str, ...] = ("input_ids", "labels")
 
 
 class FormatRegistry(Registry[Format]):
     kind = "dataset format"
 
-    def add(self, name: str, options: type, build: Callable[..., Any]) -> None:
-        """Register dataset ``type: name`` with its options model and tokenize builder."""
-        self._add(name, Format(options, build))
+    def add(self, name: str, options: type, build: Callable[..., Any],
+            columns: tuple[str, ...] = ("input_ids", "labels")) -> None:
+        """Register dataset ``type: name`` with its options model, tokenize builder and the
+        columns its samples carry (default: SFT's ``input_ids``/``labels``)."""
+        self._add(name, Format(options, build, tuple(columns)))
+
+
+class MethodRegistry(Registry[Any]):
+    kind = "training method"
+
+    def add(self, method: Any) -> None:
+        """Register a :class:`ft.methods.Method` under its ``name``."""
+        from ft.methods import Method
+
+        if not isinstance(method, Method):
+            raise PluginError(f"plugin '{self._plugin}' registered {method!r} as a training method; "
+                              "register an ft.api.Method instance.")
+        self._add(method.name, method)
 
 
 class OptimizerRegistry(Registry[Any]):

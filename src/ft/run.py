@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft.context import Context, load_context
-from ft.errors import FtError
 
 log = logging.getLogger("ft")
 
@@ -31,44 +30,42 @@ def run(
     config: str | os.PathLike | dict[str, Any],
     plugin_args: Sequence[str] = (),
     overrides: Sequence[str] = (),
-    **options: Any,
+    *,
+    fresh: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """``ft run``: validate the config with the selected plugins, then train."""
-    return train(load_context(config, plugin_args, overrides), **options)
+    return train(load_context(config, plugin_args, overrides), fresh=fresh, overwrite=overwrite)
 
 
-def train(ctx: Context, **options: Any) -> RunResult:
+def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
     from ft.data import prepare_datasets
     from ft.outputs import prepare_output_dir, write_run_files
     from ft.train import build_trainer, run_training
 
-    cfg, hook = ctx.cfg, ctx.pm.hook
-    prepare_output_dir(ctx, **options)  # refuses to clobber a finished run; decides resume
+    cfg, calls = ctx.cfg, ctx.pm.calls
+    prepare_output_dir(ctx, fresh=fresh, overwrite=overwrite)  # refuses to clobber a finished run; decides resume
 
     with contextlib.ExitStack() as scope:  # global patches are undone when the run ends, even on error
-        tokenizer = _required(hook.ft_load_tokenizer(cfg=cfg), "ft_load_tokenizer", "a tokenizer")
-        data = prepare_datasets(ctx, tokenizer)
+        tokenizer = calls.load_tokenizer(cfg)
+        data = prepare_datasets(ctx, tokenizer)  # the method's columns, cached by content, maybe packed
 
-        kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=cfg)
-        model = _required(hook.ft_load_model(cfg=cfg, kwargs=kwargs, tokenizer=tokenizer), "ft_load_model", "a model")
+        model = calls.load_model(cfg, calls.model_kwargs(cfg), tokenizer)
+        patches = []
+        for record in calls.patch_model(cfg, model):  # each undo is registered before the next plugin runs
+            log.info("patched %s", record)
+            patches.append(record)
+            if record.undo:
+                scope.callback(record.undo)
+        model = calls.apply_adapter(cfg, model)
 
-        patches = []  # each plugin's undo is registered before the next plugin runs
-        for _plugin, records in ctx.pm.iter_each("ft_patch_model", cfg=cfg, model=model):
-            for record in records or []:
-                log.info("patched %s", record)
-                patches.append(record)
-                if getattr(record, "undo", None):
-                    scope.callback(record.undo)
+        trainer = build_trainer(ctx, model, tokenizer, data)  # the method's Trainer, collator and metrics
+        calls.before_train(cfg, trainer, model)
+        metrics = run_training(ctx, trainer, data, fresh=fresh, overwrite=overwrite)
 
-        model = hook.ft_apply_adapter(cfg=cfg, model=model) or model
-
-        trainer = build_trainer(ctx, model, tokenizer, data)
-        hook.ft_before_train(cfg=cfg, trainer=trainer, model=model)
-        metrics = run_training(ctx, trainer, data, **options)
-
-        files = hook.ft_save_weights(cfg=cfg, trainer=trainer, model=trainer.model, output_dir=cfg.output_dir) or []
+        files = calls.save_weights(cfg, trainer, trainer.model, cfg.output_dir)
         files += write_run_files(ctx, trainer, tokenizer, metrics, patches)
-        hook.ft_after_train(cfg=cfg, trainer=trainer, metrics=metrics)
+        calls.after_train(cfg, trainer, metrics)
         return RunResult(cfg.output_dir, metrics, list(files), patches)
 
 
@@ -76,11 +73,5 @@ def preprocess(ctx: Context) -> Any:
     """``ft preprocess``: tokenize (and pack) the datasets into the cache; load no model."""
     from ft.data import prepare_datasets
 
-    tokenizer = _required(ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg), "ft_load_tokenizer", "a tokenizer")
+    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer
-
-
-def _required(value: Any, hook: str, what: str) -> Any:
-    if value is None:
-        raise FtError(f"no active plugin returned {what} from {hook}. Is the 'hf' plugin blocked? See `ft plugins`.")
-    return value

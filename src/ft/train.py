@@ -120,6 +120,7 @@ class FtState:
     warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plugins' health findings
     tokens_at_start: tuple[int, int] = (0, 0)  # counted before this session (a resumed run)
     data_key: str | None = None  # the prepared-data cache key, saved with checkpoints
+    metric_names: tuple[str, ...] = ()  # the method's metrics (kept in the history, plotted)
 
 
 class FtTrainerMixin(AtomicCheckpointsMixin):
@@ -132,6 +133,35 @@ class FtTrainerMixin(AtomicCheckpointsMixin):
         if self.ft_state is not None:
             self.ft_state.counter.add(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def ft_record(self, metrics: dict[str, Any]) -> None:
+        """Add one micro-batch's values of the method's metrics (floats or 0-d tensors; no host sync).
+
+        Training values are averaged over each logging window and logged with the loss; values
+        recorded during evaluation are averaged over the evaluation and logged as ``eval_<name>``.
+        """
+        phase = "train" if self.model.training else "eval"
+        store = self.__dict__.setdefault("_ft_metric_sums", {"train": {}, "eval": {}})[phase]
+        for name, value in metrics.items():
+            value = value.detach().float() if hasattr(value, "detach") else float(value)
+            total, count = store.get(name, (0.0, 0))
+            store[name] = (total + value, count + 1)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        sums = self.__dict__.get("_ft_metric_sums")
+        if sums:
+            phase, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+            if "loss" in logs or phase == "eval":
+                for name, (total, count) in sums[phase].items():
+                    logs[f"{prefix}{name}"] = self._ft_mean(total, count)
+                sums[phase].clear()
+        return super().log(logs, *args, **kwargs)
+
+    def _ft_mean(self, total: Any, count: int) -> float:
+        mean = total / max(count, 1)
+        if self.args.world_size > 1 and hasattr(mean, "to"):
+            mean = self.accelerator.reduce(mean.to(self.accelerator.device), reduction="mean")
+        return round(float(mean), 6)
 
     def create_optimizer(self, *args, **kwargs):
         st = self.ft_state
@@ -148,17 +178,12 @@ class FtTrainerMixin(AtomicCheckpointsMixin):
         return super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
 
 
-def _default_trainer_class() -> type:
-    from transformers import Trainer
-
-    return type("FtTrainer", (FtTrainerMixin, Trainer), {"__doc__": "ft's default trainer."})
-
-
-def _with_mixin(cls: type) -> type:
+def _with_mixin(cls: Any, method: Any) -> type:
     from transformers import Trainer
 
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
-        raise FtError(f"ft_trainer_class returned {cls!r}, which is not a subclass of transformers.Trainer.")
+        raise FtError(f"method '{method.name}' gave the Trainer class {cls!r}, which is not a subclass of "
+                      "transformers.Trainer; fix the plugin that registers the method.")
     if issubclass(cls, FtTrainerMixin):
         return cls
     return type(f"Ft{cls.__name__}", (FtTrainerMixin, cls), {"__module__": cls.__module__})
@@ -179,7 +204,8 @@ def _callbacks(state: FtState) -> list[Any]:
             return control
 
         def on_log(self, args, st, control, logs=None, **kwargs):
-            row = {k: float(logs[k]) for k in HISTORY_KEYS if k in (logs or {})}
+            keys = (*HISTORY_KEYS, *state.metric_names, *(f"eval_{m}" for m in state.metric_names))
+            row = {k: float(logs[k]) for k in keys if k in (logs or {})}
             if not row:
                 return
             tokens, trained = state.counter.totals()
@@ -199,7 +225,8 @@ def _callbacks(state: FtState) -> list[Any]:
         def on_log(self, args, st, control, logs=None, **kwargs):
             if not st.is_world_process_zero or self.training_bar is None or not logs:
                 return
-            parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in HISTORY_KEYS if k in logs]
+            keys = (*HISTORY_KEYS, *state.metric_names[:4])
+            parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if k in logs]
             if not parts:
                 return
             if state.history and state.history[-1].get("tokens_per_second"):
@@ -290,18 +317,6 @@ def report_to(cfg: Any) -> list[str] | str:
     return names or "none"
 
 
-def _plugin_trainer_args(ctx: Context, known: set[str]) -> dict[str, Any]:
-    problems = []
-    for plugin, result in ctx.pm.call_each("ft_trainer_args", cfg=ctx.cfg):
-        for key in result or {}:
-            if key not in known:
-                problems.append(f"plugin '{plugin}' sets TrainingArguments field '{key}', which this transformers "
-                                "version does not have.")
-    if problems:
-        raise FtError("\n".join(problems))
-    return ctx.pm.merge_dicts("ft_trainer_args", "TrainingArguments field", cfg=ctx.cfg)
-
-
 # -- optimizer and scheduler ---------------------------------------------------------------------
 
 
@@ -322,11 +337,11 @@ def _choose(registry: Any, name: str, key_path: str) -> tuple[str | None, Callab
 
 
 def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
-    """The Trainer for this run: core arguments + plugin arguments, registries, callbacks, collator."""
-    from transformers import TrainingArguments
-
-    cfg = ctx.cfg
+    """The Trainer of this run's method: core arguments + plugin arguments, registries, collator,
+    callbacks, and whatever extra arguments the method needs (a reference model, rewards)."""
+    cfg, method, calls = ctx.cfg, ctx.method, ctx.pm.calls
     eval_data = getattr(data, "eval", None)
+    args_cls = method.arguments_class() if method.arguments_class else _training_arguments_class()
     args = training_arguments(cfg, has_eval=eval_data is not None)
 
     optim, optimizer_factory = _choose(ctx.registries.optimizers, cfg.optimizer, cfg.where("optimizer"))
@@ -336,20 +351,20 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     if sched:
         args["lr_scheduler_type"] = sched
 
-    for key, value in _plugin_trainer_args(ctx, _training_fields()).items():
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+    for key, value in calls.trainer_args(cfg, fields).items():
         if key in args and args[key] != value:
             log.info("TrainingArguments %s=%r (set by a plugin; the config gave %r)", key, value, args[key])
         args[key] = value
     try:
-        training_args = TrainingArguments(**args)
+        training_args = args_cls(**args)
     except (ValueError, TypeError) as exc:
         raise FtError(f"the training settings are inconsistent: {exc}") from exc
 
-    collator = ctx.pm.hook.ft_collator(cfg=cfg, tokenizer=tokenizer)
-    if collator is None:
-        raise FtError("no active plugin returned a data collator from ft_collator. Is the 'hf' plugin blocked?")
-    trainer_cls = _with_mixin(ctx.pm.hook.ft_trainer_class(cfg=cfg) or _default_trainer_class())
-    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory)
+    collator = calls.collator(cfg, tokenizer, method)
+    trainer_cls = _with_mixin(method.trainer_class(), method)
+    extra = method.trainer_kwargs(cfg=cfg, model=model, tokenizer=tokenizer, data=data) if method.trainer_kwargs else {}
+    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory, metric_names=method.metrics)
     ft_callbacks = _callbacks(state)
 
     trainer = trainer_cls(
@@ -359,7 +374,8 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
         train_dataset=data.train,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[*ctx.pm.collect_lists("ft_callbacks", cfg=cfg), ft_callbacks[0]],
+        callbacks=[*calls.callbacks(cfg), ft_callbacks[0]],
+        **(extra or {}),
     )
     trainer.ft_state = state
     from transformers import ProgressCallback
@@ -367,6 +383,12 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     if trainer.pop_callback(ProgressCallback) is not None:  # absent when tqdm is disabled
         trainer.add_callback(ft_callbacks[1])
     return trainer
+
+
+def _training_arguments_class() -> type:
+    from transformers import TrainingArguments
+
+    return TrainingArguments
 
 
 def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[str, Any]:
@@ -416,10 +438,22 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size,
         "samples": len(data.train) if hasattr(data.train, "__len__") else None,
         "precision": resolve_precision(cfg),
+        "method": cfg.method,
+        "method_metrics": _last_values(history, state.metric_names if state is not None else ()),
         "resumed_from": str(resume) if resume else None,
         "warnings": list(state.warnings) if state is not None else [],
     }
     return metrics
+
+
+def _last_values(history: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, float]:
+    """Each metric's value in the last logged row that has it."""
+    out: dict[str, float] = {}
+    for name in names:
+        row = next((r for r in reversed(history) if name in r), None)
+        if row is not None:
+            out[name] = row[name]
+    return out
 
 
 def _total_tokens(trainer: Any, state: FtState | None) -> tuple[int, int]:
