@@ -13,7 +13,8 @@ Groups:
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``
-- methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``
+- methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``ReferenceModel``, ``token_logps``,
+  ``sequence_logps``, ``has_adapter``
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
   ``last_good_checkpoint``
@@ -41,6 +42,8 @@ _WHERE = {
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
     # methods
     "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
+    "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
+    "has_adapter": "ft.reference",
     # collating
     "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
     # training
