@@ -26,6 +26,7 @@ from ft import hookimpl
 from ft.errors import ConfigError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
+FT_LOGGERS = ("DeepSpeed",)  # transformers imports deepspeed when installed: quiet unless selected
 
 log = logging.getLogger("ft.deepspeed")
 

@@ -16,6 +16,7 @@ from ft import hookimpl
 from ft.errors import MissingDependencyError, is_installed
 
 FT_FEATURE = True
+FT_LOGGERS = ("bitsandbytes",)  # its import-time warnings stay quiet unless qlora is selected
 
 INSTALL_HINT = "pip install 'ft[qlora]'"
 

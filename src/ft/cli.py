@@ -69,6 +69,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Log lines on stderr; when stderr is no terminal (a file, a pipe, CI) no progress bars at all,
+    so the log stays clean lines (the training progress is then one line per logged step)."""
     level = logging.DEBUG if verbose else logging.INFO
     if not verbose and not _is_main_process():
         level = logging.WARNING  # in a multi-process run only rank 0 reports progress
@@ -77,6 +79,10 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        os.environ.setdefault("FT_NO_PROGRESS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' weight loading and shard writing bars
 
 
 def _context(config: str, plugin_args, overrides, trace: bool = False):
@@ -195,15 +201,17 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @click.argument("config", type=click.Path(dir_okay=False))
 @plugin_option
 @set_option
+@trace_option
 @click.option("--nproc", type=int, default=None, help="Processes the run will use (for the effective batch).")
 @handle_errors
-def validate(config, plugin_args, overrides, nproc):
+def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    ctx = _context(config, plugin_args, overrides)
+    ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     click.echo(f"{cfg.source}: valid")
     click.echo(f"  base_model: {cfg.base_model}")
+    click.echo(f"  method: {cfg.method} ({ctx.method.description or 'from plugin ' + ctx.registries.methods.get(cfg.method).plugin})")
     click.echo(f"  datasets: {', '.join(f'{d.path} ({d.type})' for d in cfg.datasets)}")
     click.echo(f"  selected features: {', '.join(cfg.plugins) or 'none'}")
     click.echo(f"  active plugins: {', '.join(ctx.pm.active_names())}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ def load_context(
                               raw.source)
     paths = [_beside(raw.source, p) for p in paths]
     pm = make_plugin_manager(plugin_args, config_plugins, paths, **pm_kwargs)
+    quiet_unselected(pm)
     regs = collect_registries(pm)
     model = config_model(regs)
     cfg = validate_config(
@@ -150,6 +152,28 @@ def load_context(
     if problems:
         raise ConfigError(problems, raw.source)
     return Context(pm, regs, cfg)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_unselected(pm: PluginManager) -> None:
+    """Unselected features leave no trace: the loggers of the libraries a feature plugin owns
+    (``FT_LOGGERS`` in its module: bitsandbytes for qlora, DeepSpeed for deepspeed) show only
+    errors unless the feature is selected. Libraries that transformers imports whenever they are
+    installed would otherwise print warnings into every run."""
+    active = set(pm.active_names())
+    for name, info in pm.infos.items():
+        if not info.feature or name in active:
+            continue
+        obj = pm.pm.get_plugin(name)
+        for logger_name in getattr(obj, "FT_LOGGERS", ()) or ():
+            logger = logging.getLogger(logger_name)
+            logger.setLevel(logging.ERROR)
+            if not any(isinstance(f, _BelowError) for f in logger.filters):
+                logger.addFilter(_BelowError())  # survives a library that resets its logger's level
 
 
 def _unavailable(info: Any) -> str:

@@ -219,21 +219,32 @@ def _callbacks(state: FtState) -> list[Any]:
             else:
                 state.history.append(row)
 
+    def step_line(st: Any, logs: dict[str, Any] | None) -> str | None:
+        keys = (*HISTORY_KEYS, *state.metric_names[:4])
+        parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if k in (logs or {})]
+        if not parts:
+            return None
+        if state.history and state.history[-1].get("tokens_per_second"):
+            parts.append(f"tok/s {state.history[-1]['tokens_per_second']:,.0f}")
+        return f"step {st.global_step}/{st.max_steps}  " + "  ".join(parts)
+
     class Progress(ProgressCallback):
         """The training bar, with one short line per logged step instead of a dict dump."""
 
         def on_log(self, args, st, control, logs=None, **kwargs):
-            if not st.is_world_process_zero or self.training_bar is None or not logs:
-                return
-            keys = (*HISTORY_KEYS, *state.metric_names[:4])
-            parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if k in logs]
-            if not parts:
-                return
-            if state.history and state.history[-1].get("tokens_per_second"):
-                parts.append(f"tok/s {state.history[-1]['tokens_per_second']:,.0f}")
-            self.training_bar.write(f"step {st.global_step}/{st.max_steps}  " + "  ".join(parts))
+            line = step_line(st, logs) if st.is_world_process_zero and self.training_bar is not None else None
+            if line:
+                self.training_bar.write(line)
 
-    return [MetricsHistory(), Progress()]
+    class StepLines(TrainerCallback):
+        """Without a progress bar (output to a file or pipe): the same line per logged step, nothing else."""
+
+        def on_log(self, args, st, control, logs=None, **kwargs):
+            line = step_line(st, logs) if st.is_world_process_zero else None
+            if line:
+                print(line, flush=True)
+
+    return [MetricsHistory(), Progress(), StepLines()]
 
 
 # -- TrainingArguments -------------------------------------------------------------------------
@@ -271,6 +282,7 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
         "eval_strategy": "steps" if has_eval and cfg.eval_steps else "no",
         "report_to": report_to(cfg),
         "dataloader_num_workers": cfg.dataloader_num_workers,
+        "disable_tqdm": bool(os.environ.get("FT_NO_PROGRESS")),  # set by the CLI when stderr is no terminal
         "dataloader_pin_memory": torch.cuda.is_available(),
         "remove_unused_columns": False,  # formats may carry extra columns the collator uses
         "label_names": ["labels"],
@@ -382,6 +394,11 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
 
     if trainer.pop_callback(ProgressCallback) is not None:  # absent when tqdm is disabled
         trainer.add_callback(ft_callbacks[1])
+    else:  # no bar: transformers prints each log dict instead; ft prints its step line
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.pop_callback(PrinterCallback)
+        trainer.add_callback(ft_callbacks[2])
     return trainer
 
 
