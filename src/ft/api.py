@@ -12,7 +12,7 @@ Groups:
 - config: ``Config`` (the type hooks receive), ``resolve_path``
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
-  ``entry_where``
+  ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``ReferenceModel``, ``token_logps``,
   ``sequence_logps``, ``has_adapter``
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
@@ -40,6 +40,7 @@ _WHERE = {
     # formats
     "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Tokenize": "ft.formats",
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
+    "PromptCompletion": "ft.formats",
     # methods
     "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
     "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
