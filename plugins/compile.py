@@ -57,8 +57,7 @@ def ft_add_config(registry):
 @hookimpl
 def ft_validate_config(cfg):
     problems = []
-    selected = set(cfg.plugins or [])
-    if "liger" in selected:
+    if cfg.provides("fused_kernels"):
         problems.append(
             "plugins: compile together with liger is refused: the combination is not verified and one trial "
             "gave a loss of ~890 instead of ~12; deselect one of them (-p no:compile or -p no:liger)."

@@ -26,6 +26,7 @@ from ft import hookimpl
 from ft.errors import ConfigError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
+FT_PROVIDES = ("sharding",)  # one engine shards the model
 FT_LOGGERS = ("DeepSpeed",)  # transformers imports deepspeed when installed: quiet unless selected
 
 log = logging.getLogger("ft.deepspeed")
@@ -89,7 +90,7 @@ def ft_validate_config(cfg):
             problems.append(f"{cfg.where('optimizer')}: with deepspeed.offload_optimizer the optimizer is DeepSpeed's "
                             f"CPU Adam(W); optimizer: {cfg.optimizer} cannot be offloaded. Use adamw_torch or drop "
                             "offload_optimizer.")
-    if "qlora" in cfg.plugins and stage == 3:
+    if cfg.provides("quantized_base") and stage == 3:
         problems.append(
             f"{cfg.where('plugins')}: qlora cannot be combined with DeepSpeed ZeRO stage 3, which would partition "
             "the packed 4-bit bitsandbytes weights. Use stage 1 or 2 (deepspeed: {stage: 2}), or drop qlora."

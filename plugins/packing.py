@@ -25,6 +25,7 @@ from ft import hookimpl
 from ft.api import IGNORE_INDEX, DataError
 
 FT_FEATURE = True
+FT_PROVIDES = ("packing",)
 FT_METHOD_FEATURE = "packing"  # only for methods that declare packing
 
 log = logging.getLogger("ft.packing")

@@ -86,7 +86,7 @@ class CoreConfig(BaseModel):
 
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
-    _capabilities: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _capabilities: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -112,6 +112,10 @@ class CoreConfig(BaseModel):
         """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
         ``varlen_attention``: plugins ask for a capability, never for another plugin by name."""
         return capability in self._capabilities
+
+    def providers(self, capability: str) -> list[str]:
+        """The active plugins that declare ``capability`` (for messages and exclusive capabilities)."""
+        return list(self._capabilities.get(capability, ()))
 
     def line_of(self, *path: Any) -> int | None:
         return self._lines.get(tuple(path))

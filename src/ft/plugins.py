@@ -250,9 +250,13 @@ class PluginManager:
         """Installed plugins that could not be loaded (import, hook validation or registration failed)."""
         return [i for i in self.infos.values() if i.status == "failed"]
 
-    def provided(self) -> frozenset[str]:
-        """Capabilities the active plugins declare (``FT_PROVIDES`` in a plugin module)."""
-        return frozenset().union(*(self.infos[n].provides for n in self.active_names()))
+    def provided(self) -> dict[str, tuple[str, ...]]:
+        """Capability -> the active plugins that declare it (``FT_PROVIDES`` in a plugin module)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name in self.active_names():
+            for capability in self.infos[name].provides:
+                out[capability] = (*out.get(capability, ()), name)
+        return out
 
     # -- calling hooks -------------------------------------------------------------------------
     #
