@@ -375,13 +375,13 @@ def test_fresh_starts_over_and_removes_the_old_checkpoints(reference, tmp_path, 
 
 def test_a_finished_run_needs_overwrite_which_starts_it_over(reference, tmp_path, vault):
     from ft.context import load_context
-    from ft.outputs import prepare_output_dir
+    from ft.resume import plan_resume
 
     config, out = copy_of_run(reference, tmp_path, finished=True)
     with pytest.raises(FtError, match="already holds the weights of a finished run"):
-        prepare_output_dir(load_context(config))
+        plan_resume(load_context(config))
     assert len(list_checkpoints(out)) == 3
-    prepare_output_dir(load_context(config), overwrite=True)
+    plan_resume(load_context(config), overwrite=True)
     assert list_checkpoints(out) == [], "the old run's checkpoints go with its weights"
 
 

@@ -11,7 +11,8 @@ from ft import hookimpl
 from ft.context import load_context
 from ft.errors import FtError
 from ft.formats import DatasetOptions
-from ft.outputs import prepare_output_dir, write_run_files
+from ft.outputs import write_run_files
+from ft.resume import plan_resume
 from ft.train import build_trainer, out_of_memory_message, run_training
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -227,7 +228,7 @@ def test_metrics_count_real_tokens_and_eval_loss(tiny_model_dir, tmp_path):
 
 def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys):
     ctx = make_ctx(tiny_model_dir, tmp_path, max_steps=3)
-    prepare_output_dir(ctx)
+    plan_resume(ctx)
     trainer, metrics, tok, _ = train(ctx)
     out = tmp_path / "out"
     files = ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=trainer, model=trainer.model, output_dir=str(out))
@@ -267,12 +268,13 @@ def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys
 
 def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_path):
     ctx = make_ctx(tiny_model_dir, tmp_path)
-    out = prepare_output_dir(ctx)
+    assert plan_resume(ctx).checkpoint is None
+    out = tmp_path / "out"
     assert out.is_dir()
     (out / "model.safetensors").write_bytes(b"weights of a finished run")
     with pytest.raises(FtError, match=r"already holds the weights of a finished run.*--overwrite"):
-        prepare_output_dir(ctx)
-    assert prepare_output_dir(ctx, overwrite=True) == out
+        plan_resume(ctx)
+    assert plan_resume(ctx, overwrite=True).checkpoint is None
 
 
 # -- out of memory ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ _WHERE = {
     # config
     "Config": "ft.config", "resolve_path": "ft.context",
     # data sources
-    "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.data", "MALFORMED": "ft.data",
+    "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",
     # formats
     "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Tokenize": "ft.formats",

@@ -285,9 +285,9 @@ def _global_tokens(trainer: Any) -> tuple[int, int] | None:
     state = getattr(trainer, "ft_state", None)
     if state is None:
         return None
-    from ft.train import _total_tokens
+    from ft.record import global_tokens
 
-    return _total_tokens(trainer, state)
+    return global_tokens(trainer, state)
 
 
 def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) -> None:
@@ -296,7 +296,7 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
         return
     import yaml
 
-    from ft.outputs import saveable_config
+    from ft.record import saveable_config
 
     header = f"# the resolved config of the run that wrote this checkpoint (step {trainer.state.global_step})\n"
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
@@ -335,110 +335,14 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
             state.tokens_at_start = (int(tokens[0]), int(tokens[1]))
 
 
-# -- deciding where a run starts ----------------------------------------------------------------------
-
-
-def prepare_checkpoints(ctx: Context, *, fresh: bool = False, overwrite: bool = False, finished: bool = False,
-                        main: bool = True) -> None:
-    """Before training: remove leftovers of crashed saves, apply ``--fresh``, set damaged checkpoints
-    aside, and refuse to resume checkpoints of another config (all before any data or model is loaded)."""
-    out = Path(ctx.cfg.output_dir)
-    if fresh and ctx.cfg.resume_from_checkpoint:
-        raise FtError(f"{ctx.cfg.where('resume_from_checkpoint')}: --fresh starts over, but the config names a "
-                      "checkpoint to resume from; drop one of the two.")
-    if not out.is_dir():
-        return
-    if main:
-        for leftover in [*out.glob(f"{STAGING_PREFIX}*"), *out.glob(f"{REPLACED_PREFIX}*")]:
-            log.info("removing %s, left by a save that did not finish", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-    explicit = bool(ctx.cfg.resume_from_checkpoint) and not fresh
-    if not explicit and (fresh or (finished and overwrite)):
-        old = list_checkpoints(out)
-        if old and main:
-            log.warning("%s: removing %d checkpoint(s) of the earlier run in %s (%s)", "--fresh" if fresh else
-                        "--overwrite", len(old), out, ", ".join(c.path.name for c in old))
-            for checkpoint in old:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
-        return
-    if explicit or finished:
-        choose_resume(ctx, fresh=fresh, overwrite=overwrite)
-        return
-    found, skipped = find_resumable(out)
-    for checkpoint, problems in skipped:
-        if not main:
-            continue
-        aside = _unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
-        log.warning("%s cannot be resumed from: %s. Set aside as %s%s.", checkpoint.path, "; ".join(problems),
-                    aside.name, f"; falling back to {found.path.name}" if found else "")
-        os.rename(checkpoint.path, aside)
-    if found is not None:
-        _check_same_config(ctx, found)
-
-
-def choose_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False, resume: str | None = None,
-                  announce: bool = False, **_: Any) -> str | None:
-    """The checkpoint this run continues from, or None to start from step 0."""
-    from ft.context import resolve_path
-    from ft.outputs import finished_weights
-
-    cfg = ctx.cfg
-    explicit = resume or cfg.resume_from_checkpoint
-    if explicit and not fresh:
-        path = Path(resolve_path(cfg, str(explicit)))
-        if not path.is_dir():
-            raise FtError(f"{cfg.where('resume_from_checkpoint')}: '{explicit}' is not a checkpoint directory "
-                          f"(it does not exist). Checkpoints are the checkpoint-N folders in output_dir.")
-        problems = verify(path)
-        if problems and (path / MANIFEST_FILE).is_file():
-            good = last_good_checkpoint(path.parent)
-            hint = f" The newest complete one there is {good.path}." if good else ""
-            raise FtError(f"{cfg.where('resume_from_checkpoint')}: {path} cannot be resumed from: "
-                          f"{'; '.join(problems)}.{hint}")
-        if announce:  # said once, when training starts (this also runs early, to fail before loading)
-            if problems:
-                log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
-                            path, problems[0])
-            differences = config_differences(ctx, path)
-            if differences:
-                log.warning("resuming from %s with a config that differs from the one that wrote it: %s", path,
-                            "; ".join(differences))
-            log.info("resuming from %s (resume_from_checkpoint)", path)
-        return str(path)
-    out = Path(cfg.output_dir)
-    if fresh or (overwrite and finished_weights(out)):
-        return None
-    found, _ = find_resumable(out)
-    if found is None:
-        return None
-    _check_same_config(ctx, found)
-    if announce:
-        log.info("resuming from %s (step %d): the output dir holds checkpoints of this run; pass --fresh to "
-                 "start over", found.path, found.step)
-    return str(found.path)
-
-
-def _check_same_config(ctx: Context, checkpoint: Checkpoint) -> None:
-    differences = config_differences(ctx, checkpoint.path)
-    if not differences:
-        return
-    cfg = ctx.cfg
-    shown = differences[:12] + ([f"... and {len(differences) - 12} more"] if len(differences) > 12 else [])
-    lines = "\n".join(f"    {d}" for d in shown)
-    raise FtError(
-        f"{cfg.where('output_dir')}: '{cfg.output_dir}' holds checkpoints of a run with another config "
-        f"(newest: {checkpoint.path.name}); these keys differ (checkpoint -> now):\n{lines}\n"
-        f"  To continue that run, restore those values. To start over in this directory pass --fresh (its "
-        f"checkpoints are removed), or choose a new output_dir (--set output_dir={cfg.output_dir}-2). To resume it "
-        f"with these changes on purpose, set resume_from_checkpoint: {checkpoint.path}"
-    )
+# -- comparing configs ---------------------------------------------------------------------------------
 
 
 def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]:
     """``key: saved -> now`` for every key that differs between the checkpoint's config and this one."""
     import yaml
 
-    from ft.outputs import saveable_config
+    from ft.record import saveable_config
 
     file = Path(checkpoint) / CONFIG_FILE
     if not file.is_file():
@@ -484,7 +388,7 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
 
 
-def _unused_name(parent: Path, name: str) -> Path:
+def unused_name(parent: Path, name: str) -> Path:
     candidate, n = parent / name, 1
     while candidate.exists():
         n += 1

@@ -120,8 +120,10 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
     if nproc or nnodes:
         from ft.launch import launch
 
-        sys.exit(launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-                        rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
+        code = launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                      rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+        if code is not None:  # None: already under a launcher, so this process trains
+            sys.exit(code)
     from ft.run import train
 
     ctx = _context(config, plugin_args, overrides, trace)

@@ -8,6 +8,7 @@ callable that turns a batch of rows into token ids and labels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,15 @@ class DatasetOptions(BaseModel):
     train_on_inputs: bool | None = Field(
         None, description="Train on prompt tokens too; defaults to the top-level train_on_inputs."
     )
+
+
+@dataclass
+class Drop:
+    """One row that was dropped: why, where it came from (``file:line``), and details."""
+
+    reason: str
+    where: str
+    detail: str = ""
 
 
 class Dropped(Exception):

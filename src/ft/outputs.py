@@ -1,4 +1,4 @@
-"""The output directory: guard a finished run, then write what a user reads after training.
+"""The output directory: what a finished run holds, and writing what a user reads after training.
 
 After ``ft_save_weights`` wrote the weights, ``write_run_files`` adds the tokenizer, the
 resolved config (``ft_config.yaml``), the plugin manifest (``ft_plugins.json``), the metrics
@@ -20,7 +20,6 @@ import click
 import yaml
 
 from ft import __version__
-from ft.errors import FtError
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -51,30 +50,6 @@ def finished_weights(output_dir: str | os.PathLike) -> list[str]:
     return [name for name in WEIGHT_FILES if (out / name).is_file()]
 
 
-def prepare_output_dir(ctx: Context, fresh: bool = False, overwrite: bool = False, **_: Any) -> Path:
-    """Create the output directory; refuse to overwrite a finished run's weights without ``overwrite``."""
-    cfg = ctx.cfg
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise FtError(f"{cfg.where('output_dir')}: '{out}' is a file, not a directory; choose another output_dir.")
-    found = finished_weights(out)
-    if found and not overwrite:
-        raise FtError(
-            f"{cfg.where('output_dir')}: '{out}' already holds the weights of a finished run ({', '.join(found)}). "
-            "Pass --overwrite to train again and replace them, or set another output_dir "
-            f"(e.g. --set output_dir={out}-2)."
-        )
-    if found:
-        log.warning("--overwrite: the weights in %s (%s) will be replaced", out, ", ".join(found))
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-    from ft.checkpoints import prepare_checkpoints
-
-    # leftovers of crashed saves go; --fresh clears old checkpoints; another config's checkpoints are an error
-    prepare_checkpoints(ctx, fresh=fresh, overwrite=overwrite, finished=bool(found), main=is_main_process())
-    return out
-
-
 def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[str, Any], patches: list[Any]) -> list[str]:
     """Tokenizer, resolved config, plugin manifest, metrics and curves; then the summary. Main process only."""
     from ft.train import history_of
@@ -95,29 +70,9 @@ def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[st
     return files
 
 
-def saveable_config(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data: secrets redacted, local model and data paths made absolute."""
-    from ft.context import resolve_path
-
-    data = cfg.to_saveable()
-
-    def absolute(value: Any) -> Any:
-        if isinstance(value, str) and value:
-            local = Path(resolve_path(cfg, value))
-            if local.exists():
-                return str(local.resolve())
-        return value
-
-    for key in ("base_model", "tokenizer"):  # a local path stays valid from anywhere
-        data[key] = absolute(data.get(key))
-    for key in ("datasets", "test_datasets"):
-        for entry in data.get(key) or []:
-            if isinstance(entry, dict) and "path" in entry:
-                entry["path"] = absolute(entry["path"])
-    return data
-
-
 def write_config(ctx: Context, path: Path) -> str:
+    from ft.record import saveable_config
+
     cfg = ctx.cfg
     data = saveable_config(cfg)
     header = f"# resolved config written by ft {__version__}" + (f" from {cfg.source}" if cfg.source else "") + "\n"

@@ -31,19 +31,22 @@ def run(
     config: str | os.PathLike | dict[str, Any],
     plugin_args: Sequence[str] = (),
     overrides: Sequence[str] = (),
-    **options: Any,
+    *,
+    fresh: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """``ft run``: validate the config with the selected plugins, then train."""
-    return train(load_context(config, plugin_args, overrides), **options)
+    return train(load_context(config, plugin_args, overrides), fresh=fresh, overwrite=overwrite)
 
 
-def train(ctx: Context, **options: Any) -> RunResult:
+def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
     from ft.data import prepare_datasets
-    from ft.outputs import prepare_output_dir, write_run_files
+    from ft.outputs import write_run_files
+    from ft.resume import plan_resume
     from ft.train import build_trainer, run_training
 
     cfg, hook = ctx.cfg, ctx.pm.hook
-    prepare_output_dir(ctx, **options)  # refuses to clobber a finished run; decides resume
+    resume = plan_resume(ctx, fresh=fresh, overwrite=overwrite)  # where training starts, decided before loading
 
     with contextlib.ExitStack() as scope:  # global patches are undone when the run ends, even on error
         tokenizer = _required(hook.ft_load_tokenizer(cfg=cfg), "ft_load_tokenizer", "a tokenizer")
@@ -64,7 +67,7 @@ def train(ctx: Context, **options: Any) -> RunResult:
 
         trainer = build_trainer(ctx, model, tokenizer, data)
         hook.ft_before_train(cfg=cfg, trainer=trainer, model=model)
-        metrics = run_training(ctx, trainer, data, **options)
+        metrics = run_training(ctx, trainer, data, resume)
 
         files = hook.ft_save_weights(cfg=cfg, trainer=trainer, model=trainer.model, output_dir=cfg.output_dir) or []
         files += write_run_files(ctx, trainer, tokenizer, metrics, patches)

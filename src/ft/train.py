@@ -26,6 +26,7 @@ from ft.errors import ConfigError, FtError, MissingDependencyError
 
 if TYPE_CHECKING:
     from ft.context import Context
+    from ft.resume import ResumePlan
 
 log = logging.getLogger("ft.train")
 
@@ -369,13 +370,14 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     return trainer
 
 
-def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[str, Any]:
-    """Train (resuming from the last complete checkpoint of this run, or the one named) and return
-    the run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.checkpoints``)."""
-    from ft.checkpoints import choose_resume, interrupted_error, restore_ft_state, stop_on_signals
+def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None = None) -> dict[str, Any]:
+    """Train from where ``plan`` says (``ft.resume.plan_resume``; None: from step 0) and return the
+    run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.checkpoints``)."""
+    from ft.checkpoints import interrupted_error, restore_ft_state, stop_on_signals
+    from ft.record import global_tokens
 
     cfg = ctx.cfg
-    resume = choose_resume(ctx, announce=True, **options)
+    resume = plan.shared().checkpoint if plan is not None else None  # every rank follows the main process
     restore_ft_state(trainer, resume, data)
     try:
         with stop_on_signals(trainer) as stop:
@@ -399,7 +401,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         else:
             eval_loss = float(trainer.evaluate()["eval_loss"])
 
-    tokens, trained = _total_tokens(trainer, state)
+    tokens, trained = global_tokens(trainer, state)
     session_tokens = tokens - (state.tokens_at_start[0] if state is not None else 0)
     seconds = float(output.metrics.get("train_runtime") or 0.0)
     final_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
@@ -420,19 +422,6 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         "warnings": list(state.warnings) if state is not None else [],
     }
     return metrics
-
-
-def _total_tokens(trainer: Any, state: FtState | None) -> tuple[int, int]:
-    if state is None:
-        return 0, 0
-    tokens, trained = state.counter.totals()
-    acc = trainer.accelerator
-    if acc.num_processes > 1:
-        import torch
-
-        both = acc.reduce(torch.tensor([tokens, trained], device=acc.device), reduction="sum")
-        tokens, trained = (int(x) for x in both.tolist())
-    return tokens, trained
 
 
 def history_of(trainer: Any) -> list[dict[str, Any]]:
