@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.errors import FtError
+from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -227,23 +227,41 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
     trainer._ft_staging_root = str(root)
     try:
         save()
+        accelerator.wait_for_everyone()
+        if main:
+            best = trainer.state.best_model_checkpoint
+            if best and Path(best).parent == root:
+                trainer.state.best_model_checkpoint = str(final)
+                _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
+            _write_ft_files(trainer, staged, tokens)
+            write_manifest(staged, step)
+            publish(staged, final)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        if main:
+            shutil.rmtree(root, ignore_errors=True)  # frees what the failed save took; earlier checkpoints stay
+        raise _checkpoint_disk_full(trainer, run_dir, final) from exc
     finally:
         trainer._ft_staging_root = None
-    accelerator.wait_for_everyone()
     if main:
-        best = trainer.state.best_model_checkpoint
-        if best and Path(best).parent == root:
-            trainer.state.best_model_checkpoint = str(final)
-            _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
-        _write_ft_files(trainer, staged, tokens)
-        write_manifest(staged, step)
-        publish(staged, final)
         shutil.rmtree(root, ignore_errors=True)
         keep = {final} | ({Path(trainer.state.best_model_checkpoint)} if trainer.state.best_model_checkpoint else set())
         rotate(run_dir, trainer.args.save_total_limit, keep)
         log.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _checkpoint_disk_full(trainer: Any, run_dir: Path, final: Path) -> FtError:
+    state = getattr(trainer, "ft_state", None)
+    cfg = getattr(state, "cfg", None)
+    good = last_good_checkpoint(run_dir)
+    kept = (f"The checkpoints written before are intact (newest: {good.path.name}); free some space (or lower "
+            f"save_total_limit), then run the same command again to resume from {good.path.name}"
+            if good else "No earlier checkpoint was written; free some space, then run the same command again")
+    command = resume_command(cfg) if cfg is not None else "ft run CONFIG"
+    return disk_full_error(run_dir, final.name, f"{kept}: {command}")
 
 
 def publish(staged: Path, final: Path) -> None:

@@ -111,7 +111,8 @@ def cli() -> None:
 @click.option("--rdzv-endpoint", type=str, default=None, help="Rendezvous HOST:PORT (torchrun --rdzv-endpoint).")
 @click.option("--rdzv-id", type=str, default=None, help="Rendezvous job id (torchrun --rdzv-id).")
 @click.option("--fresh", is_flag=True, help="Start over even if the output dir holds checkpoints of this run.")
-@click.option("--overwrite", is_flag=True, help="Allow overwriting the weights of a finished run.")
+@click.option("--overwrite", is_flag=True,
+              help="Train a finished run again from step 0: deletes its checkpoints, replaces its weights.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @handle_errors
 def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, fresh, overwrite, verbose):

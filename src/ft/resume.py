@@ -21,6 +21,7 @@ Nothing here imports torch or transformers at module import time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -42,7 +43,7 @@ from ft.checkpoints import (
     verify,
 )
 from ft.errors import FtError
-from ft.outputs import finished_weights, is_main_process
+from ft.outputs import METRICS_FILE, finished_weights, is_finished, is_main_process
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -95,8 +96,10 @@ def plan_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -
     if found is None:
         return START
     check_same_config(ctx, found)
-    plan = ResumePlan(str(found.path), f"the output dir holds checkpoints of this run (step {found.step}); "
-                                       "pass --fresh to start over")
+    reason = "the output dir holds checkpoints of this run"
+    if finished_weights(out):
+        reason = "the final save of this run did not finish"
+    plan = ResumePlan(str(found.path), f"{reason} (step {found.step}); pass --fresh to start over")
     if main:
         log.info("resuming from %s: %s", plan.checkpoint, plan.reason)
     return plan
@@ -112,19 +115,32 @@ def check_flags(ctx: Context, fresh: bool) -> None:
 
 
 def refuse_finished(ctx: Context, overwrite: bool) -> bool:
-    """Whether output_dir holds a finished run; an error unless ``overwrite``."""
+    """Whether output_dir holds a finished run (or weights that no checkpoint can finish); an error unless
+    ``overwrite``. Weights without ``metrics.json`` are a final save that did not finish: they do not count
+    when a checkpoint can write them again."""
     cfg = ctx.cfg
     out = Path(cfg.output_dir)
-    found = finished_weights(out)
-    if found and not overwrite:
+    weights = finished_weights(out)
+    checkpoints = list_checkpoints(out)
+    if is_finished(out):
+        what = f"a finished run ({', '.join([METRICS_FILE, *weights])})"
+    elif weights and last_good_checkpoint(out) is None:
+        what = (f"weights ({', '.join(weights)}) but no {METRICS_FILE}: the final save of that run did not finish, "
+                "and no checkpoint is left to finish it from")
+    else:
+        return False
+    deleted = (f"deletes its {len(checkpoints)} checkpoints ({', '.join(c.path.name for c in checkpoints)}) and "
+               if checkpoints else "")
+    if not overwrite:
         raise FtError(
-            f"{cfg.where('output_dir')}: '{out}' already holds the weights of a finished run ({', '.join(found)}). "
-            "Pass --overwrite to train again and replace them, or set another output_dir "
-            f"(e.g. --set output_dir={out}-2)."
+            f"{cfg.where('output_dir')}: '{out}' already holds {what}. To train again from step 0 pass --overwrite: "
+            f"it {deleted}replaces the weights. To keep them, choose another output_dir: --set output_dir={out}-2"
         )
-    if found and is_main_process():
-        log.warning("--overwrite: the weights in %s (%s) will be replaced", out, ", ".join(found))
-    return bool(found)
+    if is_main_process():
+        log.warning("--overwrite: %s holds %s; this run %sreplaces them", out, what, deleted)
+        with contextlib.suppress(FileNotFoundError):
+            (out / METRICS_FILE).unlink()  # no longer a finished run: if this one stops early, it resumes
+    return True
 
 
 def clear_leftovers(out: Path) -> None:
@@ -147,13 +163,19 @@ def start_over(out: Path, flag: str, main: bool) -> None:
 def set_damaged_aside(out: Path, main: bool) -> Checkpoint | None:
     """The newest checkpoint that verifies; newer damaged ones are renamed ``damaged-checkpoint-N``."""
     found, skipped = find_resumable(out)
+    if not main:
+        return found
+    aside = []
     for checkpoint, problems in skipped:
-        if not main:
-            continue
-        aside = unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
+        target = unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
         log.warning("%s cannot be resumed from: %s. Set aside as %s%s.", checkpoint.path, "; ".join(problems),
-                    aside.name, f"; falling back to {found.path.name}" if found else "")
-        os.rename(checkpoint.path, aside)
+                    target.name, f"; falling back to {found.path.name}" if found else "")
+        os.rename(checkpoint.path, target)
+        aside.append(target.name)
+    if found is None and aside:
+        log.warning("every checkpoint in %s is damaged (set aside as %s): this run starts over from step 0. To keep "
+                    "what they hold, stop it now and move them elsewhere; their files are left as they were.",
+                    out, ", ".join(aside))
     return found
 
 

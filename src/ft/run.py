@@ -41,14 +41,14 @@ def run(
 
 def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
     from ft.data import prepare_datasets
-    from ft.outputs import write_run_files
+    from ft.outputs import final_outputs, lock_output_dir, write_run_files
     from ft.resume import plan_resume
     from ft.train import build_trainer, run_training
 
     cfg, hook = ctx.cfg, ctx.pm.hook
-    resume = plan_resume(ctx, fresh=fresh, overwrite=overwrite)  # where training starts, decided before loading
-
-    with contextlib.ExitStack() as scope:  # global patches are undone when the run ends, even on error
+    with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
+        scope.enter_context(lock_output_dir(cfg))  # one run per output_dir; the ranks of this launch share it
+        resume = plan_resume(ctx, fresh=fresh, overwrite=overwrite)  # where training starts, decided before loading
         tokenizer = _required(hook.ft_load_tokenizer(cfg=cfg), "ft_load_tokenizer", "a tokenizer")
         data = prepare_datasets(ctx, tokenizer)
 
@@ -69,10 +69,12 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
         hook.ft_before_train(cfg=cfg, trainer=trainer, model=model)
         metrics = run_training(ctx, trainer, data, resume)
 
-        files = hook.ft_save_weights(cfg=cfg, trainer=trainer, model=trainer.model, output_dir=cfg.output_dir) or []
-        files += write_run_files(ctx, trainer, tokenizer, metrics, patches)
+        with final_outputs(ctx, trainer, metrics) as final:  # written aside, moved into output_dir when complete
+            final.files += hook.ft_save_weights(cfg=cfg, trainer=trainer, model=trainer.model,
+                                                output_dir=str(final.dir)) or []
+            final.files += write_run_files(ctx, trainer, tokenizer, metrics, patches, final.dir)
         hook.ft_after_train(cfg=cfg, trainer=trainer, metrics=metrics)
-        return RunResult(cfg.output_dir, metrics, list(files), patches)
+        return RunResult(cfg.output_dir, metrics, final.published, patches)
 
 
 def preprocess(ctx: Context) -> Any:
