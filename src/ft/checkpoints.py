@@ -341,7 +341,7 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
     if before and now and before != now:
         log.warning("the prepared data changed since %s was written (cache %s, now %s): the run continues on the "
                     "new data, so the samples after the resume point are not the ones the run would have seen. "
-                    "Pass --fresh to start over on it.", checkpoint, before, now)
+                    "Pass --fresh to start over on it (that deletes the checkpoints in output_dir).", checkpoint, before, now)
     state.history[:] = [dict(row) for row in saved.get("history") or []]
     if hasattr(state, "warnings"):
         state.warnings[:] = list(saved.get("warnings") or [])
@@ -519,7 +519,7 @@ def interrupted_error(ctx: Context, trainer: Any, request: StopRequest) -> Inter
     return Interrupted(
         f"stopped by {request.name} after step {step} of {trainer.state.max_steps}; {saved}.\n"
         f"  To resume, run the same command again: {resume_command(cfg)}\n"
-        "  (ft run continues from the newest complete checkpoint in output_dir; --fresh starts over.)",
+        "  (ft run continues from the newest complete checkpoint in output_dir; --fresh starts over, deleting its checkpoints.)",
         int(request.signum or signal.SIGTERM),
     )
 

@@ -110,7 +110,7 @@ def cli() -> None:
 @click.option("--node-rank", type=int, default=None, help="This node's rank (torchrun --node-rank).")
 @click.option("--rdzv-endpoint", type=str, default=None, help="Rendezvous HOST:PORT (torchrun --rdzv-endpoint).")
 @click.option("--rdzv-id", type=str, default=None, help="Rendezvous job id (torchrun --rdzv-id).")
-@click.option("--fresh", is_flag=True, help="Start over even if the output dir holds checkpoints of this run.")
+@click.option("--fresh", is_flag=True, help="Start over from step 0, deleting the checkpoints the output dir holds.")
 @click.option("--overwrite", is_flag=True,
               help="Train a finished run again from step 0: deletes its checkpoints, replaces its weights.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")

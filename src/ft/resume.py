@@ -99,7 +99,7 @@ def plan_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -
     reason = "the output dir holds checkpoints of this run"
     if finished_weights(out):
         reason = "the final save of this run did not finish"
-    plan = ResumePlan(str(found.path), f"{reason} (step {found.step}); pass --fresh to start over")
+    plan = ResumePlan(str(found.path), f"{reason} (step {found.step}); --fresh would delete them and start over")
     if main:
         log.info("resuming from %s: %s", plan.checkpoint, plan.reason)
     return plan
