@@ -684,3 +684,25 @@ def test_when_every_checkpoint_is_damaged_the_run_says_it_starts_over(reference,
     assert "every checkpoint in" in caplog.text and "starts over from step 0" in caplog.text, caplog.text
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("damaged-")) == [
         "damaged-checkpoint-3", "damaged-checkpoint-6", "damaged-checkpoint-8"]
+
+
+def test_a_new_learning_rate_on_resume_is_the_one_training_uses(reference, tmp_path, vault, caplog):
+    """resume_from_checkpoint with another learning_rate: the restored schedule is rescaled to it, so the
+    learning rate logged (and used) after the resume is the new one, as ft_config.yaml records."""
+    _, _, ref, _ = reference
+    config, out = copy_of_run(reference, tmp_path)
+    with caplog.at_level("WARNING", logger="ft"):
+        run(config, overrides=[f"resume_from_checkpoint={out / 'checkpoint-3'}", "learning_rate=0.0005"])
+    assert "learning_rate: 0.001 -> 0.0005" in caplog.text
+    want, got = history(Path(ref.output_dir)), history(out)
+    for step in range(SAVE_STEPS + 1, MAX_STEPS + 1):
+        assert got[step]["learning_rate"] == pytest.approx(want[step]["learning_rate"] / 2, rel=1e-6), step
+    assert yaml.safe_load((out / "ft_config.yaml").read_text())["learning_rate"] == 0.0005
+    assert yaml.safe_load((out / "checkpoint-6" / "ft_config.yaml").read_text())["learning_rate"] == 0.0005
+
+
+def test_turning_weight_decay_on_when_resuming_is_refused(reference, tmp_path, vault):
+    """The restored optimizer groups do not say which parameters decay, so 0 -> 0.01 could not be applied."""
+    config, out = copy_of_run(reference, tmp_path)
+    with pytest.raises(FtError, match=r"weight_decay cannot be turned on when resuming .*checkpoint-3"):
+        run(config, overrides=[f"resume_from_checkpoint={out / 'checkpoint-3'}", "weight_decay=0.01"])

@@ -333,6 +333,8 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
     cache_dir = getattr(data, "cache_dir", None)
     if hasattr(state, "data_key"):
         state.data_key = Path(cache_dir).name if cache_dir else None
+    if checkpoint:
+        _follow_config_after_load(trainer, checkpoint)
     file = Path(checkpoint) / STATE_FILE if checkpoint else None
     if file is None or not file.is_file():
         return
@@ -351,6 +353,63 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
             state.counter.input_tokens, state.counter.trained_tokens = int(tokens[0]), int(tokens[1])
         if hasattr(state, "tokens_at_start"):
             state.tokens_at_start = (int(tokens[0]), int(tokens[1]))
+
+
+def _follow_config_after_load(trainer: Any, checkpoint: str | os.PathLike) -> None:
+    """A resumed run trains with this config's learning rate and weight decay, not the checkpoint's.
+
+    The Trainer restores the optimizer's param groups and the scheduler's base rates from the checkpoint,
+    so a learning rate changed on resume would be recorded but never used. Once everything is loaded
+    (``on_train_begin``, after any engine's own loading), the restored rates are scaled by new / old, which
+    keeps per-group multipliers and the schedule's position; weight decay is set where it was the old value.
+    """
+    import yaml
+    from transformers import TrainerCallback
+
+    state = getattr(trainer, "ft_state", None)
+    file = Path(checkpoint) / CONFIG_FILE
+    if state is None or not file.is_file():
+        return
+    try:
+        saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return
+    cfg = state.cfg
+    old_lr, old_wd = saved.get("learning_rate"), saved.get("weight_decay")
+    lr_changed = isinstance(old_lr, (int, float)) and old_lr > 0 and old_lr != cfg.learning_rate
+    # from 0 the groups do not say which parameters decay: ft.resume refuses that change
+    wd_changed = isinstance(old_wd, (int, float)) and old_wd != 0 and old_wd != cfg.weight_decay
+    if not (lr_changed or wd_changed):
+        return
+
+    class FollowConfig(TrainerCallback):
+        done = False
+
+        def on_train_begin(self, args, st, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if self.done:
+                return
+            self.done = True
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+            groups = getattr(inner, "param_groups", None) or []
+            if lr_changed:
+                ratio = cfg.learning_rate / old_lr
+                for group in groups:
+                    for key in ("lr", "initial_lr"):
+                        if isinstance(group.get(key), (int, float)):
+                            group[key] *= ratio
+                sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+                for attr in ("base_lrs", "_last_lr"):
+                    values = getattr(sched, attr, None)
+                    if isinstance(values, list):
+                        setattr(sched, attr, [v * ratio for v in values])
+                log.info("learning_rate %g (the checkpoint's was %g): the restored schedule is rescaled from step %d",
+                         cfg.learning_rate, old_lr, st.global_step)
+            if wd_changed:
+                for group in groups:
+                    if group.get("weight_decay") == old_wd:
+                        group["weight_decay"] = cfg.weight_decay
+
+    trainer.add_callback(FollowConfig())
 
 
 # -- comparing configs ---------------------------------------------------------------------------------

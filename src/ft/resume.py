@@ -211,13 +211,18 @@ def explicit_resume(ctx: Context, explicit: str, announce: bool) -> ResumePlan:
         hint = f" The newest complete one there is {good.path}." if good else ""
         raise FtError(f"{cfg.where('resume_from_checkpoint')}: {path} cannot be resumed from: "
                       f"{'; '.join(problems)}.{hint}")
+    differences = config_differences(ctx, path)
+    if any(d.startswith("weight_decay: 0 -> ") or d.startswith("weight_decay: 0.0 -> ") for d in differences):
+        raise FtError(f"{cfg.where('weight_decay')}: weight_decay cannot be turned on when resuming {path}: its "
+                      "optimizer state does not say which parameters decay (biases and norms do not). Keep "
+                      "weight_decay: 0 for this run, or start a new one with it.")
     if announce:
         if problems:
             log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
                         path, problems[0])
-        differences = config_differences(ctx, path)
         if differences:
-            log.warning("resuming from %s with a config that differs from the one that wrote it: %s", path,
-                        "; ".join(differences))
+            log.warning("resuming from %s with a config that differs from the one that wrote it: %s. This run "
+                        "trains with the new values (learning rate and weight decay too: the restored optimizer "
+                        "and schedule are adjusted to them).", path, "; ".join(differences))
         log.info("resuming from %s (resume_from_checkpoint)", path)
     return ResumePlan(str(path), "resume_from_checkpoint")
