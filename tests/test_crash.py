@@ -706,3 +706,15 @@ def test_turning_weight_decay_on_when_resuming_is_refused(reference, tmp_path, v
     config, out = copy_of_run(reference, tmp_path)
     with pytest.raises(FtError, match=r"weight_decay cannot be turned on when resuming .*checkpoint-3"):
         run(config, overrides=[f"resume_from_checkpoint={out / 'checkpoint-3'}", "weight_decay=0.01"])
+
+
+def test_train_loss_after_a_resume_averages_the_whole_run(reference, tmp_path, vault):
+    _, _, ref, _ = reference
+    config, out = copy_of_run(reference, tmp_path)
+    for step in (6, 8):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-3")
+    assert resumed.metrics["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-4)
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-4)

@@ -320,8 +320,20 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
     (staged / CONFIG_FILE).write_text(header + text, encoding="utf-8")
     saved = {"history": state.history, "tokens": list(tokens) if tokens else None,
-             "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None)}
+             "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None),
+             "loss": _loss_so_far(trainer, state)}
     (staged / STATE_FILE).write_text(json.dumps(saved, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def _loss_so_far(trainer: Any, state: Any) -> dict[str, Any] | None:
+    """The summed step losses of the whole run up to now, so a resumed run reports the whole run's mean."""
+    before = getattr(state, "loss_at_start", None)
+    total = getattr(trainer, "_total_loss_scalar", None)  # the Trainer's sum over this session, as it logged it
+    if before is None or total is None:
+        return None
+    pending = getattr(trainer, "_tr_loss", None)  # not yet logged
+    session = float(total) + (float(pending.item()) if hasattr(pending, "item") else 0.0)
+    return {"sum": before[0] + session, "steps": int(trainer.state.global_step)}
 
 
 def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: Any = None) -> None:
@@ -345,6 +357,9 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
                     "new data, so the samples after the resume point are not the ones the run would have seen. "
                     "Pass --fresh to start over on it (that deletes the checkpoints in output_dir).", checkpoint, before, now)
     state.history[:] = [dict(row) for row in saved.get("history") or []]
+    if hasattr(state, "loss_at_start"):
+        loss = saved.get("loss")
+        state.loss_at_start = (float(loss["sum"]), int(loss["steps"])) if isinstance(loss, dict) else None
     if hasattr(state, "warnings"):
         state.warnings[:] = list(saved.get("warnings") or [])
     tokens = saved.get("tokens")

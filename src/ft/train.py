@@ -120,6 +120,7 @@ class FtState:
     started: float | None = None
     warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plugins' health findings
     tokens_at_start: tuple[int, int] = (0, 0)  # counted before this session (a resumed run)
+    loss_at_start: tuple[float, int] | None = (0.0, 0)  # (summed step losses, steps) before it; None: unknown
     data_key: str | None = None  # the prepared-data cache key, saved with checkpoints
 
 
@@ -413,7 +414,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
         "seconds": round(seconds, 3),
         "tokens_per_second": round(session_tokens / seconds, 2) if seconds > 0 else None,
         "final_loss": final_loss,
-        "train_loss": float(output.training_loss),
+        "train_loss": whole_run_loss(trainer, state, float(output.training_loss)),
         "eval_loss": eval_loss,
         "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size,
         "samples": len(data.train) if hasattr(data.train, "__len__") else None,
@@ -422,6 +423,16 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
         "warnings": list(state.warnings) if state is not None else [],
     }
     return metrics
+
+
+def whole_run_loss(trainer: Any, state: FtState | None, session_loss: float) -> float:
+    """The mean step loss of the whole run: the Trainer's covers only this session when it resumed."""
+    before = state.loss_at_start if state is not None else None
+    steps = int(trainer.state.global_step)
+    if before is None or steps <= 0:
+        return session_loss
+    loss_sum, steps_before = before
+    return (loss_sum + session_loss * (steps - steps_before)) / steps
 
 
 def history_of(trainer: Any) -> list[dict[str, Any]]:
