@@ -718,3 +718,33 @@ def test_train_loss_after_a_resume_averages_the_whole_run(reference, tmp_path, v
     assert resumed.metrics["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-4)
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-4)
+
+
+class Newcomer:
+    """A plugin installed after the run started, declaring a section the run's config does not have."""
+
+    class Section(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        level: int = 3
+
+    @hookimpl
+    def ft_add_config(registry):
+        registry.add("newcomer", Newcomer.Section)
+
+
+def test_installing_a_plugin_with_a_section_does_not_block_resuming(reference, tmp_path, vault):
+    from ft.checkpoints import config_differences
+    from ft.context import load_context
+    from ft.testing import registered_plugin
+
+    config, out = copy_of_run(reference, tmp_path)
+    with registered_plugin(Newcomer, "newcomer"):
+        assert config_differences(load_context(config), out / "checkpoint-8") == []
+        at_defaults = load_context(config, overrides=["newcomer.level=3", "health.watch=true"])
+        assert config_differences(at_defaults, out / "checkpoint-8") == [], "a section at its defaults is absent"
+        changed = load_context(config, overrides=["newcomer.level=4"])
+        assert config_differences(changed, out / "checkpoint-8") == ["newcomer.level: (absent) -> 4"]
+        health = load_context(config, overrides=["health.grad_norm_spike=5"])
+        assert config_differences(health, out / "checkpoint-8") == [], "health declares it does not change training"
+        result = run(config)
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-8")

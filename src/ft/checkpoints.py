@@ -61,13 +61,6 @@ FULL_DIGEST_BYTES = 64 << 20  # files up to this size are hashed whole
 SAMPLE_BYTES = 1 << 20  # larger ones: size + SAMPLES evenly spread blocks (weights and optimizer states)
 SAMPLES = 16
 
-# Keys that do not change what a resumed run computes: they may differ from the checkpoint's config.
-RESUME_IGNORED = frozenset({
-    "output_dir", "resume_from_checkpoint", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
-    "eval_batch_size", "report_to", "dataloader_num_workers", "dataset_num_proc", "dataset_prepared_path",
-    "health",
-})
-
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -431,9 +424,14 @@ def _follow_config_after_load(trainer: Any, checkpoint: str | os.PathLike) -> No
 
 
 def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]:
-    """``key: saved -> now`` for every key that differs between the checkpoint's config and this one."""
+    """``key: saved -> now`` for every value that changes training and differs between the checkpoint's
+    config and this one. Keys and sections declared ``affects_training: False`` may differ (where files
+    go, how often to log or save); a plugin section that is absent on one side and at its defaults (or
+    null) on the other is no difference, and neither is a dataset option absent on one side and at its
+    default on the other."""
     import yaml
 
+    from ft.config import entry_default, training_values
     from ft.record import saveable_config
 
     file = Path(checkpoint) / CONFIG_FILE
@@ -443,18 +441,26 @@ def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]
         saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         return [f"{CONFIG_FILE} of the checkpoint cannot be read"]
-    now = saveable_config(ctx.cfg)
-    before_flat, now_flat = _flatten(saved), _flatten(now)
+    if not isinstance(saved, dict):
+        return [f"{CONFIG_FILE} of the checkpoint is not a mapping"]
+    cfg = ctx.cfg
+    before_flat = _flatten(training_values(cfg, saved))
+    now_flat = _flatten(training_values(cfg, saveable_config(cfg)))
     out = []
     for key in sorted(set(before_flat) | set(now_flat), key=_natural):
-        if key.split(".")[0].split("[")[0] in RESUME_IGNORED:
-            continue
         a, b = before_flat.get(key, _ABSENT), now_flat.get(key, _ABSENT)
-        if a != b:
-            out.append(f"{key}: {_show(a)} -> {_show(b)}")
+        if a == b:
+            continue
+        entry = _ENTRY_KEY.match(key)
+        if entry and (a is _ABSENT or b is _ABSENT):
+            default = entry_default(cfg, entry.group(1), int(entry.group(2)), entry.group(3))
+            if (b if a is _ABSENT else a) == default:
+                continue
+        out.append(f"{key}: {_show(a)} -> {_show(b)}")
     return out
 
 
+_ENTRY_KEY = re.compile(r"^(datasets|test_datasets)\[(\d+)\]\.([^.\[]+)$")
 _ABSENT = object()
 
 
