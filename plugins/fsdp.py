@@ -262,7 +262,8 @@ def _patch_trainer(trainer: Any, fsdp: FsdpSection) -> None:
         if not Path(resume_from_checkpoint, CHECKPOINT_STATE_DIR).is_dir():
             raise FtError(
                 f"cannot resume from {resume_from_checkpoint}: it has no {CHECKPOINT_STATE_DIR}/ (it was not written "
-                "by an fsdp run). Resume it without -p fsdp, or start over with --fresh."
+                "by an fsdp run). Resume it without -p fsdp, or start over with --fresh (which deletes the "
+                "checkpoints in output_dir)."
             )
 
     def load_optimizer_and_scheduler(self, checkpoint):
@@ -281,7 +282,7 @@ def _patch_trainer(trainer: Any, fsdp: FsdpSection) -> None:
             raise FtError(
                 f"cannot resume from {checkpoint}: its sharded state does not fit this run ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Resume with the same model, plugins and process "
-                "count, or start over with --fresh."
+                "count, or start over with --fresh (which deletes the checkpoints in output_dir)."
             ) from exc
         set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         scheduler = Path(checkpoint, SCHEDULER_FILE)

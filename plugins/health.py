@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
+from ft.api import NOT_TRAINING
 from ft.errors import FtError
 
 FT_FEATURE = False  # always active; `-p no:health` blocks it
@@ -44,7 +45,8 @@ STEADY_SCHEDULERS = frozenset({"constant", "reduce_lr_on_plateau"})
 class HealthOptions(BaseModel):
     """The ``health:`` section: what to do with non-finite values, and the watch's thresholds."""
 
-    model_config = ConfigDict(extra="forbid")
+    # watching and stopping do not change what a step computes: a resumed run may change them
+    model_config = ConfigDict(extra="forbid", json_schema_extra=NOT_TRAINING)
 
     on_nonfinite: Literal["stop", "skip", "warn"] = Field(
         "stop", description="A NaN/inf loss, gradient norm or learning rate: stop (keeping the last good "

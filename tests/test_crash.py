@@ -375,13 +375,13 @@ def test_fresh_starts_over_and_removes_the_old_checkpoints(reference, tmp_path, 
 
 def test_a_finished_run_needs_overwrite_which_starts_it_over(reference, tmp_path, vault):
     from ft.context import load_context
-    from ft.outputs import prepare_output_dir
+    from ft.resume import plan_resume
 
     config, out = copy_of_run(reference, tmp_path, finished=True)
-    with pytest.raises(FtError, match="already holds the weights of a finished run"):
-        prepare_output_dir(load_context(config))
+    with pytest.raises(FtError, match="already holds a finished run"):
+        plan_resume(load_context(config))
     assert len(list_checkpoints(out)) == 3
-    prepare_output_dir(load_context(config), overwrite=True)
+    plan_resume(load_context(config), overwrite=True)
     assert list_checkpoints(out) == [], "the old run's checkpoints go with its weights"
 
 
@@ -510,7 +510,7 @@ def test_resuming_after_the_data_changed_warns(tiny_model_dir, tmp_path, caplog)
     config = write_run(tmp_path, tiny_model_dir, max_steps=4, save_steps=2)
     out = tmp_path / "out"
     run(config)
-    (out / "model.safetensors").unlink()
+    (out / "metrics.json").unlink()
     shutil.rmtree(out / "checkpoint-4")
     data = tmp_path / "chat.jsonl"
     data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
@@ -534,3 +534,217 @@ def test_a_config_error_does_not_print_a_secret(vault, tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError) as err:
         load_context(config)
     assert "vault.api_key" in str(err.value) and "31415926535" not in str(err.value)
+
+
+# -- issue 16: the final save, the output-dir lock, a full disk ----------------------------------------
+
+
+class FailingSave:
+    """``ft_before_train`` wraps a save of the trainer so that it fails as a full disk makes it fail."""
+
+    def __init__(self, what: str, at_step: int = 0):
+        self.what, self.at_step = what, at_step
+
+    @hookimpl
+    def ft_before_train(self, trainer):
+        import errno
+
+        if self.what == "tokenizer":  # the final save: a truncated tokenizer.json, then ENOSPC
+            tokenizer = trainer.processing_class
+
+            def save_pretrained(directory, *args, **kwargs):
+                (Path(directory) / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            tokenizer.save_pretrained = save_pretrained
+            return
+        save_optimizer = trainer._save_optimizer_and_scheduler
+
+        def failing_save(output_dir):  # what torch.save says when the disk fills up under it
+            if trainer.state.global_step == self.at_step:
+                (Path(output_dir) / "optimizer.pt").write_bytes(b"PK\x03\x04 half an optimizer")
+                if self.what == "torch":
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3456 vs 3402")
+                raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "optimizer.pt"))
+            return save_optimizer(output_dir)
+
+        trainer._save_optimizer_and_scheduler = failing_save
+
+
+def test_disk_full_during_the_final_save_keeps_the_checkpoints_and_the_rerun_resumes(reference, tmp_path, vault):
+    """The final outputs are written aside and moved into place when complete: a full disk while the tokenizer
+    is written leaves no truncated tokenizer.json, the run is not 'finished', and the rerun resumes from the last
+    checkpoint (no --overwrite, which would delete it)."""
+    _, _, ref, _ = reference
+    config, out = copy_of_run(reference, tmp_path)
+    (out / "tokenizer.json").unlink()
+    from ft.testing import registered_plugin
+
+    with registered_plugin(FailingSave("tokenizer"), "disk_full"), pytest.raises(FtError) as err:
+        run(config)
+    message = str(err.value)
+    assert "no space left on device" in message and str(out) in message, message
+    assert "run the same command again" in message and "checkpoint-8" in message, message
+    assert not (out / "tokenizer.json").exists(), "no truncated tokenizer.json in the output dir"
+    assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".ft-tmp")], "the half-written save is gone"
+
+    again = run(config)
+    assert again.metrics["resumed_from"] == str(out / "checkpoint-8")
+    assert json.loads((out / "tokenizer.json").read_text())["model"], "a whole tokenizer.json"
+    assert (out / "metrics.json").is_file() and (out / "model.safetensors").is_file()
+    assert abs(again.metrics["final_loss"] - ref.metrics["final_loss"]) <= 1e-4 * ref.metrics["final_loss"]
+
+
+def test_weights_without_metrics_are_an_unfinished_final_save_that_resumes(reference, tmp_path, vault):
+    """Killed while the final files were moved into place: the weights are there, metrics.json (written last)
+    is not. That is not a finished run: the rerun resumes from the last checkpoint."""
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    (out / "metrics.json").unlink()
+    result = run(config)
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-8")
+    assert (out / "metrics.json").is_file()
+
+
+def test_the_finished_run_message_says_that_overwrite_deletes_the_checkpoints(reference, tmp_path, vault):
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    with pytest.raises(FtError) as err:
+        run(config)
+    message = str(err.value)
+    assert "--overwrite" in message
+    assert "deletes its 3 checkpoints (checkpoint-3, checkpoint-6, checkpoint-8)" in message, message
+    assert len(list_checkpoints(out)) == 3
+
+
+@pytest.mark.parametrize("how", ["torch", "oserror"])
+def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_earlier_ones(tiny_model_dir, tmp_path, how):
+    from ft.testing import registered_plugin
+
+    config = write_run(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    with registered_plugin(FailingSave(how, at_step=6), "disk_full"), pytest.raises(FtError) as err:
+        run(config)
+    message = str(err.value)
+    assert "no space left on device" in message and str(out) in message, message
+    assert "inline_container" not in message
+    assert "checkpoint-3" in message and f"ft run {config}" in message, "says how to resume"
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-3"]
+    assert verify(out / "checkpoint-3") == []
+    assert not (out / ".ft-tmp-checkpoint-6").exists(), "the half-written checkpoint is removed (it frees space)"
+
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-3")
+
+
+def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(tiny_model_dir, tmp_path):
+    """The first run is paused in the middle of writing checkpoint-3; the second one must not touch it."""
+    import socket
+
+    config = write_run(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    paused = PausedRun(tmp_path, config, "saving:3")
+    try:
+        staging = out / ".ft-tmp-checkpoint-3"
+        assert staging.is_dir()
+        with pytest.raises(FtError) as err:
+            run(config)
+        message = str(err.value)
+        assert f"PID {paused.proc.pid} on {socket.gethostname()}" in message, message
+        assert "output_dir" in message and "--set output_dir=" in message
+        assert staging.is_dir(), "the first run's checkpoint in progress was left alone"
+        paused.resume()
+        assert paused.finish() == 0, paused.stderr[-3000:]
+    finally:
+        if paused.proc.poll() is None:
+            paused.proc.kill()
+    assert verify(out / "checkpoint-3") == [] and (out / "metrics.json").is_file()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_model_dir, tmp_path, caplog):
+    config = write_run(tmp_path, tiny_model_dir, max_steps=1, save_steps=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (out / ".ft-run.lock").write_text(json.dumps({"pid": pid, "host": "gone-host", "started": "earlier"}))
+    with caplog.at_level("INFO", logger="ft"):
+        result = run(config)
+    assert result.metrics["steps"] == 1
+    assert f"PID {pid} on gone-host" in caplog.text and "taking it over" in caplog.text
+
+
+def test_when_every_checkpoint_is_damaged_the_run_says_it_starts_over(reference, tmp_path, vault, caplog):
+    config, out = copy_of_run(reference, tmp_path)
+    for checkpoint in list_checkpoints(out):
+        (checkpoint.path / "trainer_state.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="ft"):
+        result = run(config, overrides=["max_steps=2", "save_steps=1"])
+    assert result.metrics["resumed_from"] is None
+    assert "every checkpoint in" in caplog.text and "starts over from step 0" in caplog.text, caplog.text
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("damaged-")) == [
+        "damaged-checkpoint-3", "damaged-checkpoint-6", "damaged-checkpoint-8"]
+
+
+def test_a_new_learning_rate_on_resume_is_the_one_training_uses(reference, tmp_path, vault, caplog):
+    """resume_from_checkpoint with another learning_rate: the restored schedule is rescaled to it, so the
+    learning rate logged (and used) after the resume is the new one, as ft_config.yaml records."""
+    _, _, ref, _ = reference
+    config, out = copy_of_run(reference, tmp_path)
+    with caplog.at_level("WARNING", logger="ft"):
+        run(config, overrides=[f"resume_from_checkpoint={out / 'checkpoint-3'}", "learning_rate=0.0005"])
+    assert "learning_rate: 0.001 -> 0.0005" in caplog.text
+    want, got = history(Path(ref.output_dir)), history(out)
+    for step in range(SAVE_STEPS + 1, MAX_STEPS + 1):
+        assert got[step]["learning_rate"] == pytest.approx(want[step]["learning_rate"] / 2, rel=1e-6), step
+    assert yaml.safe_load((out / "ft_config.yaml").read_text())["learning_rate"] == 0.0005
+    assert yaml.safe_load((out / "checkpoint-6" / "ft_config.yaml").read_text())["learning_rate"] == 0.0005
+
+
+def test_turning_weight_decay_on_when_resuming_is_refused(reference, tmp_path, vault):
+    """The restored optimizer groups do not say which parameters decay, so 0 -> 0.01 could not be applied."""
+    config, out = copy_of_run(reference, tmp_path)
+    with pytest.raises(FtError, match=r"weight_decay cannot be turned on when resuming .*checkpoint-3"):
+        run(config, overrides=[f"resume_from_checkpoint={out / 'checkpoint-3'}", "weight_decay=0.01"])
+
+
+def test_train_loss_after_a_resume_averages_the_whole_run(reference, tmp_path, vault):
+    _, _, ref, _ = reference
+    config, out = copy_of_run(reference, tmp_path)
+    for step in (6, 8):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-3")
+    assert resumed.metrics["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-4)
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["train_loss"] == pytest.approx(ref.metrics["train_loss"], rel=1e-4)
+
+
+class Newcomer:
+    """A plugin installed after the run started, declaring a section the run's config does not have."""
+
+    class Section(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        level: int = 3
+
+    @hookimpl
+    def ft_add_config(registry):
+        registry.add("newcomer", Newcomer.Section)
+
+
+def test_installing_a_plugin_with_a_section_does_not_block_resuming(reference, tmp_path, vault):
+    from ft.checkpoints import config_differences
+    from ft.context import load_context
+    from ft.testing import registered_plugin
+
+    config, out = copy_of_run(reference, tmp_path)
+    with registered_plugin(Newcomer, "newcomer"):
+        assert config_differences(load_context(config), out / "checkpoint-8") == []
+        at_defaults = load_context(config, overrides=["newcomer.level=3", "health.watch=true"])
+        assert config_differences(at_defaults, out / "checkpoint-8") == [], "a section at its defaults is absent"
+        changed = load_context(config, overrides=["newcomer.level=4"])
+        assert config_differences(changed, out / "checkpoint-8") == ["newcomer.level: (absent) -> 4"]
+        health = load_context(config, overrides=["health.grad_norm_spike=5"])
+        assert config_differences(health, out / "checkpoint-8") == [], "health declares it does not change training"
+        result = run(config)
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-8")

@@ -139,10 +139,11 @@ def test_a_new_hook_parameter_changes_the_page(generate, monkeypatch):
 
 FIXTURES = ("ft_tiny_model_dir", "ft_tiny_tokenizer", "ft_dataset", "ft_config", "ft_runner", "ft_hook_recorder",
             "ft_register_plugin")
-MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly")  # package and module names in the guides
+MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly", "ft_weighted_sft",
+           "ft_record")  # module names in the guides, and the Trainer's metrics method
 
 
-@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md"])
+@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "writing-a-method-plugin.md"])
 def test_guides_name_only_real_hooks_and_fixtures(guide):
     import ft.testing
 

@@ -115,7 +115,7 @@ def test_a_finished_run_is_kept_unless_overwrite_is_passed(overfit_run):
     before = (out / "model.safetensors").stat().st_mtime_ns
     refused = FtRunner().run(config)
     assert refused.exit_code == 2
-    assert "already holds the weights of a finished run" in refused.output and "--overwrite" in refused.output
+    assert "already holds a finished run" in refused.output and "--overwrite" in refused.output
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 

@@ -15,87 +15,16 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# The toy method: SFT where each row's loss is scaled by the row's `weight` column.
-WEIGHTED_SFT = '''
-    """A third-party training method: SFT with a per-row weight that scales the row's loss."""
-    from pydantic import Field
-
-    from ft import hookimpl
-    from ft.api import SFT_COLUMNS, DatasetOptions, Dropped, Method, TextEncoder
-
-    COLUMNS = (*SFT_COLUMNS, "weight")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-    class WeightedOptions(DatasetOptions):
-        """Rows {prompt, completion, weight}."""
+def weighted_sft_code() -> str:
+    """The toy method of docs/writing-a-method-plugin.md: SFT where each row's loss is scaled by its weight."""
+    import re
 
-        field_weight: str = Field("weight", description="Row field with the row's loss weight.")
-
-
-    class Tokenize:
-        def __init__(self, tokenizer, field):
-            self.encoder, self.eos, self.field = TextEncoder(tokenizer), tokenizer.eos_token_id, field
-
-        def __call__(self, rows):
-            prompts = self.encoder.ids([r["prompt"] for r in rows])
-            answers = self.encoder.ids([r["completion"] for r in rows])
-            out = []
-            for row, p, a in zip(rows, prompts, answers):
-                weight = row.get(self.field)
-                if not isinstance(weight, (int, float)):
-                    out.append(Dropped("malformed row", f"{self.field} must be a number"))
-                    continue
-                out.append({"input_ids": p + a + [self.eos], "labels": [-100] * len(p) + a + [self.eos],
-                            "weight": float(weight)})
-            return out
-
-
-    def collator(cfg, tokenizer):
-        import torch
-
-        from ft.api import pad_rows
-
-        def collate(rows):
-            ids, labels, lengths = pad_rows(rows, tokenizer.pad_token_id)
-            mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-            weight = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
-            return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weight": weight}
-
-        return collate
-
-
-    def trainer_class():
-        import torch
-        from transformers import Trainer
-
-        class WeightedTrainer(Trainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                weight, labels = inputs.pop("weight"), inputs.pop("labels")
-                out = model(**inputs)
-                target = labels[:, 1:]
-                per_token = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), target,
-                                                              ignore_index=-100, reduction="none")
-                counted = (target != -100).float()
-                per_row = (per_token * counted).sum(1) / counted.sum(1).clamp(min=1)
-                loss = (per_row * weight).mean()
-                self.ft_record({"weight_mean": weight.mean(), "unweighted_loss": per_row.mean().detach()})
-                return (loss, out) if return_outputs else loss
-
-        return WeightedTrainer
-
-
-    @hookimpl
-    def ft_register_formats(register):
-        register.add("weighted", WeightedOptions, lambda cfg, entry, tok: Tokenize(tok, entry.field_weight),
-                     columns=COLUMNS)
-
-
-    @hookimpl
-    def ft_register_methods(register):
-        register.add(Method("weighted_sft", COLUMNS, collator, trainer_class,
-                            metrics=("weight_mean", "unweighted_loss"),
-                            description="SFT with a per-row loss weight"))
-'''
+    text = (DOCS / "writing-a-method-plugin.md").read_text(encoding="utf-8")
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith("# ft_weighted_sft.py\n")]
+    return code
 
 
 @pytest.fixture
@@ -103,7 +32,7 @@ def weighted_env(tmp_path):
     """The toy method as its own distribution (dist-info + entry point) on PYTHONPATH."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "ft_weighted_sft.py").write_text(textwrap.dedent(WEIGHTED_SFT))
+    (site / "ft_weighted_sft.py").write_text(weighted_sft_code())
     info = site / "ft_weighted_sft-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-weighted-sft\nVersion: 0.1.0\n")

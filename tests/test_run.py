@@ -70,3 +70,13 @@ def test_patch_attribute_restores_absent_attributes():
     assert not hasattr(ns, "new")
     with pytest.raises(AttributeError):
         ns.new  # noqa: B018
+
+
+def test_a_misspelled_run_option_is_a_type_error_not_ignored(tmp_path):
+    """``run(config, frsh=True)`` used to be accepted silently (``**options``) and start no fresh run."""
+    from ft.run import run, train
+
+    with pytest.raises(TypeError, match="frsh"):
+        run({"base_model": "x", "datasets": []}, frsh=True)
+    with pytest.raises(TypeError, match="overwite"):
+        train(None, overwite=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,8 @@ from ft import hookimpl
 from ft.context import load_context
 from ft.errors import FtError
 from ft.formats import DatasetOptions
-from ft.outputs import prepare_output_dir, write_run_files
+from ft.outputs import final_outputs, write_run_files
+from ft.resume import plan_resume
 from ft.train import build_trainer, out_of_memory_message, run_training
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -230,12 +232,17 @@ def test_metrics_count_real_tokens_and_eval_loss(tiny_model_dir, tmp_path):
 
 def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys):
     ctx = make_ctx(tiny_model_dir, tmp_path, max_steps=3)
-    prepare_output_dir(ctx)
+    plan_resume(ctx)
     trainer, metrics, tok, _ = train(ctx)
     out = tmp_path / "out"
-    files = ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=trainer, model=trainer.model, output_dir=str(out))
-    files += write_run_files(ctx, trainer, tok, metrics, ["[demo] a patch (instance)"])
-    names = {p.rsplit("/", 1)[-1] for p in files}
+    with final_outputs(ctx, trainer, metrics) as final:
+        final.files += ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=trainer, model=trainer.model,
+                                                   output_dir=str(final.dir))
+        final.files += write_run_files(ctx, trainer, tok, metrics, ["[demo] a patch (instance)"], final.dir)
+        assert not (out / "metrics.json").exists(), "nothing is in the output dir before every file is written"
+    assert all(p.startswith(str(out) + "/") and Path(p).is_file() for p in final.published), final.published
+    assert not (out / ".ft-tmp-final").exists()
+    names = {p.rsplit("/", 1)[-1] for p in final.published}
     assert {"model.safetensors", "config.json", "tokenizer.json", "ft_config.yaml", "ft_plugins.json",
             "metrics.json", "training_curves.png"} <= names
 
@@ -270,12 +277,18 @@ def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys
 
 def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_path):
     ctx = make_ctx(tiny_model_dir, tmp_path)
-    out = prepare_output_dir(ctx)
+    assert plan_resume(ctx).checkpoint is None
+    out = tmp_path / "out"
     assert out.is_dir()
-    (out / "model.safetensors").write_bytes(b"weights of a finished run")
-    with pytest.raises(FtError, match=r"already holds the weights of a finished run.*--overwrite"):
-        prepare_output_dir(ctx)
-    assert prepare_output_dir(ctx, overwrite=True) == out
+    (out / "model.safetensors").write_bytes(b"weights of a run whose final save did not finish")
+    with pytest.raises(FtError, match=r"final save of that run did not finish, and no checkpoint.*--overwrite"):
+        plan_resume(ctx)
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(FtError, match=r"already holds a finished run \(metrics.json, model.safetensors\).*--overwrite"):
+        plan_resume(ctx)
+    assert plan_resume(ctx, overwrite=True).checkpoint is None
+    assert not (out / "metrics.json").exists(), "the old run no longer counts as finished once this one started"
+    assert (out / "model.safetensors").is_file(), "its weights stay until this run replaces them"
 
 
 # -- out of memory ----------------------------------------------------------------------------------

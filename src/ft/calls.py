@@ -222,7 +222,7 @@ def _attributed_callback(callback: Any, plugin: str) -> Any:
     """The callback, with each event method raising a PluginHookError that names its plugin."""
     import functools
 
-    from ft.errors import PluginHookError
+    from ft.errors import PluginHookError, is_out_of_memory, plugin_frames
 
     def named(event: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -232,9 +232,7 @@ def _attributed_callback(callback: Any, plugin: str) -> Any:
             except (FtError, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
-                from ft.plugins import _is_oom, plugin_frames
-
-                if _is_oom(exc):
+                if is_out_of_memory(exc):
                     raise
                 raise PluginHookError(plugin, "ft_callbacks", exc, plugin_frames(exc, type(callback)),
                                       place=f"its callback {type(callback).__name__}.{event}") from exc

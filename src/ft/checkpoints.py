@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.errors import FtError
+from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -60,13 +60,6 @@ MANIFEST_FORMAT = 1
 FULL_DIGEST_BYTES = 64 << 20  # files up to this size are hashed whole
 SAMPLE_BYTES = 1 << 20  # larger ones: size + SAMPLES evenly spread blocks (weights and optimizer states)
 SAMPLES = 16
-
-# Keys that do not change what a resumed run computes: they may differ from the checkpoint's config.
-RESUME_IGNORED = frozenset({
-    "output_dir", "resume_from_checkpoint", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
-    "eval_batch_size", "report_to", "dataloader_num_workers", "dataset_num_proc", "dataset_prepared_path",
-    "health",
-})
 
 
 @dataclass(frozen=True)
@@ -227,23 +220,41 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
     trainer._ft_staging_root = str(root)
     try:
         save()
+        accelerator.wait_for_everyone()
+        if main:
+            best = trainer.state.best_model_checkpoint
+            if best and Path(best).parent == root:
+                trainer.state.best_model_checkpoint = str(final)
+                _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
+            _write_ft_files(trainer, staged, tokens)
+            write_manifest(staged, step)
+            publish(staged, final)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        if main:
+            shutil.rmtree(root, ignore_errors=True)  # frees what the failed save took; earlier checkpoints stay
+        raise _checkpoint_disk_full(trainer, run_dir, final) from exc
     finally:
         trainer._ft_staging_root = None
-    accelerator.wait_for_everyone()
     if main:
-        best = trainer.state.best_model_checkpoint
-        if best and Path(best).parent == root:
-            trainer.state.best_model_checkpoint = str(final)
-            _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
-        _write_ft_files(trainer, staged, tokens)
-        write_manifest(staged, step)
-        publish(staged, final)
         shutil.rmtree(root, ignore_errors=True)
         keep = {final} | ({Path(trainer.state.best_model_checkpoint)} if trainer.state.best_model_checkpoint else set())
         rotate(run_dir, trainer.args.save_total_limit, keep)
         log.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _checkpoint_disk_full(trainer: Any, run_dir: Path, final: Path) -> FtError:
+    state = getattr(trainer, "ft_state", None)
+    cfg = getattr(state, "cfg", None)
+    good = last_good_checkpoint(run_dir)
+    kept = (f"The checkpoints written before are intact (newest: {good.path.name}); free some space (or lower "
+            f"save_total_limit), then run the same command again to resume from {good.path.name}"
+            if good else "No earlier checkpoint was written; free some space, then run the same command again")
+    command = resume_command(cfg) if cfg is not None else "ft run CONFIG"
+    return disk_full_error(run_dir, final.name, f"{kept}: {command}")
 
 
 def publish(staged: Path, final: Path) -> None:
@@ -285,9 +296,9 @@ def _global_tokens(trainer: Any) -> tuple[int, int] | None:
     state = getattr(trainer, "ft_state", None)
     if state is None:
         return None
-    from ft.train import _total_tokens
+    from ft.record import global_tokens
 
-    return _total_tokens(trainer, state)
+    return global_tokens(trainer, state)
 
 
 def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) -> None:
@@ -296,14 +307,26 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
         return
     import yaml
 
-    from ft.outputs import saveable_config
+    from ft.record import saveable_config
 
     header = f"# the resolved config of the run that wrote this checkpoint (step {trainer.state.global_step})\n"
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
     (staged / CONFIG_FILE).write_text(header + text, encoding="utf-8")
     saved = {"history": state.history, "tokens": list(tokens) if tokens else None,
-             "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None)}
+             "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None),
+             "loss": _loss_so_far(trainer, state)}
     (staged / STATE_FILE).write_text(json.dumps(saved, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def _loss_so_far(trainer: Any, state: Any) -> dict[str, Any] | None:
+    """The summed step losses of the whole run up to now, so a resumed run reports the whole run's mean."""
+    before = getattr(state, "loss_at_start", None)
+    total = getattr(trainer, "_total_loss_scalar", None)  # the Trainer's sum over this session, as it logged it
+    if before is None or total is None:
+        return None
+    pending = getattr(trainer, "_tr_loss", None)  # not yet logged
+    session = float(total) + (float(pending.item()) if hasattr(pending, "item") else 0.0)
+    return {"sum": before[0] + session, "steps": int(trainer.state.global_step)}
 
 
 def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: Any = None) -> None:
@@ -315,6 +338,8 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
     cache_dir = getattr(data, "cache_dir", None)
     if hasattr(state, "data_key"):
         state.data_key = Path(cache_dir).name if cache_dir else None
+    if checkpoint:
+        _follow_config_after_load(trainer, checkpoint)
     file = Path(checkpoint) / STATE_FILE if checkpoint else None
     if file is None or not file.is_file():
         return
@@ -323,8 +348,11 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
     if before and now and before != now:
         log.warning("the prepared data changed since %s was written (cache %s, now %s): the run continues on the "
                     "new data, so the samples after the resume point are not the ones the run would have seen. "
-                    "Pass --fresh to start over on it.", checkpoint, before, now)
+                    "Pass --fresh to start over on it (that deletes the checkpoints in output_dir).", checkpoint, before, now)
     state.history[:] = [dict(row) for row in saved.get("history") or []]
+    if hasattr(state, "loss_at_start"):
+        loss = saved.get("loss")
+        state.loss_at_start = (float(loss["sum"]), int(loss["steps"])) if isinstance(loss, dict) else None
     if hasattr(state, "warnings"):
         state.warnings[:] = list(saved.get("warnings") or [])
     tokens = saved.get("tokens")
@@ -335,110 +363,76 @@ def restore_ft_state(trainer: Any, checkpoint: str | os.PathLike | None, data: A
             state.tokens_at_start = (int(tokens[0]), int(tokens[1]))
 
 
-# -- deciding where a run starts ----------------------------------------------------------------------
+def _follow_config_after_load(trainer: Any, checkpoint: str | os.PathLike) -> None:
+    """A resumed run trains with this config's learning rate and weight decay, not the checkpoint's.
 
+    The Trainer restores the optimizer's param groups and the scheduler's base rates from the checkpoint,
+    so a learning rate changed on resume would be recorded but never used. Once everything is loaded
+    (``on_train_begin``, after any engine's own loading), the restored rates are scaled by new / old, which
+    keeps per-group multipliers and the schedule's position; weight decay is set where it was the old value.
+    """
+    import yaml
+    from transformers import TrainerCallback
 
-def prepare_checkpoints(ctx: Context, *, fresh: bool = False, overwrite: bool = False, finished: bool = False,
-                        main: bool = True) -> None:
-    """Before training: remove leftovers of crashed saves, apply ``--fresh``, set damaged checkpoints
-    aside, and refuse to resume checkpoints of another config (all before any data or model is loaded)."""
-    out = Path(ctx.cfg.output_dir)
-    if fresh and ctx.cfg.resume_from_checkpoint:
-        raise FtError(f"{ctx.cfg.where('resume_from_checkpoint')}: --fresh starts over, but the config names a "
-                      "checkpoint to resume from; drop one of the two.")
-    if not out.is_dir():
+    state = getattr(trainer, "ft_state", None)
+    file = Path(checkpoint) / CONFIG_FILE
+    if state is None or not file.is_file():
         return
-    if main:
-        for leftover in [*out.glob(f"{STAGING_PREFIX}*"), *out.glob(f"{REPLACED_PREFIX}*")]:
-            log.info("removing %s, left by a save that did not finish", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-    explicit = bool(ctx.cfg.resume_from_checkpoint) and not fresh
-    if not explicit and (fresh or (finished and overwrite)):
-        old = list_checkpoints(out)
-        if old and main:
-            log.warning("%s: removing %d checkpoint(s) of the earlier run in %s (%s)", "--fresh" if fresh else
-                        "--overwrite", len(old), out, ", ".join(c.path.name for c in old))
-            for checkpoint in old:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
+    try:
+        saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
         return
-    if explicit or finished:
-        choose_resume(ctx, fresh=fresh, overwrite=overwrite)
+    cfg = state.cfg
+    old_lr, old_wd = saved.get("learning_rate"), saved.get("weight_decay")
+    lr_changed = isinstance(old_lr, (int, float)) and old_lr > 0 and old_lr != cfg.learning_rate
+    # from 0 the groups do not say which parameters decay: ft.resume refuses that change
+    wd_changed = isinstance(old_wd, (int, float)) and old_wd != 0 and old_wd != cfg.weight_decay
+    if not (lr_changed or wd_changed):
         return
-    found, skipped = find_resumable(out)
-    for checkpoint, problems in skipped:
-        if not main:
-            continue
-        aside = _unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
-        log.warning("%s cannot be resumed from: %s. Set aside as %s%s.", checkpoint.path, "; ".join(problems),
-                    aside.name, f"; falling back to {found.path.name}" if found else "")
-        os.rename(checkpoint.path, aside)
-    if found is not None:
-        _check_same_config(ctx, found)
+
+    class FollowConfig(TrainerCallback):
+        done = False
+
+        def on_train_begin(self, args, st, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if self.done:
+                return
+            self.done = True
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+            groups = getattr(inner, "param_groups", None) or []
+            if lr_changed:
+                ratio = cfg.learning_rate / old_lr
+                for group in groups:
+                    for key in ("lr", "initial_lr"):
+                        if isinstance(group.get(key), (int, float)):
+                            group[key] *= ratio
+                sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+                for attr in ("base_lrs", "_last_lr"):
+                    values = getattr(sched, attr, None)
+                    if isinstance(values, list):
+                        setattr(sched, attr, [v * ratio for v in values])
+                log.info("learning_rate %g (the checkpoint's was %g): the restored schedule is rescaled from step %d",
+                         cfg.learning_rate, old_lr, st.global_step)
+            if wd_changed:
+                for group in groups:
+                    if group.get("weight_decay") == old_wd:
+                        group["weight_decay"] = cfg.weight_decay
+
+    trainer.add_callback(FollowConfig())
 
 
-def choose_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False, resume: str | None = None,
-                  announce: bool = False, **_: Any) -> str | None:
-    """The checkpoint this run continues from, or None to start from step 0."""
-    from ft.context import resolve_path
-    from ft.outputs import finished_weights
-
-    cfg = ctx.cfg
-    explicit = resume or cfg.resume_from_checkpoint
-    if explicit and not fresh:
-        path = Path(resolve_path(cfg, str(explicit)))
-        if not path.is_dir():
-            raise FtError(f"{cfg.where('resume_from_checkpoint')}: '{explicit}' is not a checkpoint directory "
-                          f"(it does not exist). Checkpoints are the checkpoint-N folders in output_dir.")
-        problems = verify(path)
-        if problems and (path / MANIFEST_FILE).is_file():
-            good = last_good_checkpoint(path.parent)
-            hint = f" The newest complete one there is {good.path}." if good else ""
-            raise FtError(f"{cfg.where('resume_from_checkpoint')}: {path} cannot be resumed from: "
-                          f"{'; '.join(problems)}.{hint}")
-        if announce:  # said once, when training starts (this also runs early, to fail before loading)
-            if problems:
-                log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
-                            path, problems[0])
-            differences = config_differences(ctx, path)
-            if differences:
-                log.warning("resuming from %s with a config that differs from the one that wrote it: %s", path,
-                            "; ".join(differences))
-            log.info("resuming from %s (resume_from_checkpoint)", path)
-        return str(path)
-    out = Path(cfg.output_dir)
-    if fresh or (overwrite and finished_weights(out)):
-        return None
-    found, _ = find_resumable(out)
-    if found is None:
-        return None
-    _check_same_config(ctx, found)
-    if announce:
-        log.info("resuming from %s (step %d): the output dir holds checkpoints of this run; pass --fresh to "
-                 "start over", found.path, found.step)
-    return str(found.path)
-
-
-def _check_same_config(ctx: Context, checkpoint: Checkpoint) -> None:
-    differences = config_differences(ctx, checkpoint.path)
-    if not differences:
-        return
-    cfg = ctx.cfg
-    shown = differences[:12] + ([f"... and {len(differences) - 12} more"] if len(differences) > 12 else [])
-    lines = "\n".join(f"    {d}" for d in shown)
-    raise FtError(
-        f"{cfg.where('output_dir')}: '{cfg.output_dir}' holds checkpoints of a run with another config "
-        f"(newest: {checkpoint.path.name}); these keys differ (checkpoint -> now):\n{lines}\n"
-        f"  To continue that run, restore those values. To start over in this directory pass --fresh (its "
-        f"checkpoints are removed), or choose a new output_dir (--set output_dir={cfg.output_dir}-2). To resume it "
-        f"with these changes on purpose, set resume_from_checkpoint: {checkpoint.path}"
-    )
+# -- comparing configs ---------------------------------------------------------------------------------
 
 
 def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]:
-    """``key: saved -> now`` for every key that differs between the checkpoint's config and this one."""
+    """``key: saved -> now`` for every value that changes training and differs between the checkpoint's
+    config and this one. Keys and sections declared ``affects_training: False`` may differ (where files
+    go, how often to log or save); a plugin section that is absent on one side and at its defaults (or
+    null) on the other is no difference, and neither is a dataset option absent on one side and at its
+    default on the other."""
     import yaml
 
-    from ft.outputs import saveable_config
+    from ft.config import entry_default, training_values
+    from ft.record import saveable_config
 
     file = Path(checkpoint) / CONFIG_FILE
     if not file.is_file():
@@ -447,18 +441,26 @@ def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]
         saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         return [f"{CONFIG_FILE} of the checkpoint cannot be read"]
-    now = saveable_config(ctx.cfg)
-    before_flat, now_flat = _flatten(saved), _flatten(now)
+    if not isinstance(saved, dict):
+        return [f"{CONFIG_FILE} of the checkpoint is not a mapping"]
+    cfg = ctx.cfg
+    before_flat = _flatten(training_values(cfg, saved))
+    now_flat = _flatten(training_values(cfg, saveable_config(cfg)))
     out = []
     for key in sorted(set(before_flat) | set(now_flat), key=_natural):
-        if key.split(".")[0].split("[")[0] in RESUME_IGNORED:
-            continue
         a, b = before_flat.get(key, _ABSENT), now_flat.get(key, _ABSENT)
-        if a != b:
-            out.append(f"{key}: {_show(a)} -> {_show(b)}")
+        if a == b:
+            continue
+        entry = _ENTRY_KEY.match(key)
+        if entry and (a is _ABSENT or b is _ABSENT):
+            default = entry_default(cfg, entry.group(1), int(entry.group(2)), entry.group(3))
+            if (b if a is _ABSENT else a) == default:
+                continue
+        out.append(f"{key}: {_show(a)} -> {_show(b)}")
     return out
 
 
+_ENTRY_KEY = re.compile(r"^(datasets|test_datasets)\[(\d+)\]\.([^.\[]+)$")
 _ABSENT = object()
 
 
@@ -484,7 +486,7 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
 
 
-def _unused_name(parent: Path, name: str) -> Path:
+def unused_name(parent: Path, name: str) -> Path:
     candidate, n = parent / name, 1
     while candidate.exists():
         n += 1
@@ -597,7 +599,7 @@ def interrupted_error(ctx: Context, trainer: Any, request: StopRequest) -> Inter
     return Interrupted(
         f"stopped by {request.name} after step {step} of {trainer.state.max_steps}; {saved}.\n"
         f"  To resume, run the same command again: {resume_command(cfg)}\n"
-        "  (ft run continues from the newest complete checkpoint in output_dir; --fresh starts over.)",
+        "  (ft run continues from the newest complete checkpoint in output_dir; --fresh starts over, deleting its checkpoints.)",
         int(request.signum or signal.SIGTERM),
     )
 

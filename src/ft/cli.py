@@ -155,8 +155,9 @@ def cli() -> None:
 @click.option("--node-rank", type=int, default=None, help="This node's rank (torchrun --node-rank).")
 @click.option("--rdzv-endpoint", type=str, default=None, help="Rendezvous HOST:PORT (torchrun --rdzv-endpoint).")
 @click.option("--rdzv-id", type=str, default=None, help="Rendezvous job id (torchrun --rdzv-id).")
-@click.option("--fresh", is_flag=True, help="Start over even if the output dir holds checkpoints of this run.")
-@click.option("--overwrite", is_flag=True, help="Allow overwriting the weights of a finished run.")
+@click.option("--fresh", is_flag=True, help="Start over from step 0, deleting the checkpoints the output dir holds.")
+@click.option("--overwrite", is_flag=True,
+              help="Train a finished run again from step 0: deletes its checkpoints, replaces its weights.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @handle_errors
 def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, fresh, overwrite, verbose):
@@ -165,8 +166,10 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
     if nproc or nnodes:
         from ft.launch import launch
 
-        sys.exit(launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-                        rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
+        code = launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                      rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+        if code is not None:  # None: already under a launcher, so this process trains
+            sys.exit(code)
     from ft.run import train
 
     ctx = _context(config, plugin_args, overrides, trace)

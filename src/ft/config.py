@@ -23,6 +23,12 @@ SECRET_KEYS = frozenset({"token", "hub_token", "hf_token", "access_token", "auth
                          "wandb_key", "password", "secret", "aws_secret_access_key"})
 
 
+# ``json_schema_extra`` of a field, or of a plugin's section model, whose values do not change what training
+# computes (where files go, how often it logs or saves): a resumed run may change them (``ft.resume``).
+AFFECTS_TRAINING = "affects_training"
+NOT_TRAINING = {AFFECTS_TRAINING: False}
+
+
 class CoreConfig(BaseModel):
     """Keys every run has. Flat and familiar to axolotl users; plugins own their own sections."""
 
@@ -47,17 +53,27 @@ class CoreConfig(BaseModel):
     )
     strict: bool = Field(False, description="Treat any dropped row as an error.")
     train_on_inputs: bool = Field(False, description="Also train on prompt/input tokens.")
-    dataset_prepared_path: str = Field("./prepared", description="Cache directory for tokenized datasets.")
-    dataset_num_proc: int | None = Field(None, ge=1, description="Processes for tokenization; default: all cores.")
+    dataset_prepared_path: str = Field(
+        "./prepared", description="Cache directory for tokenized datasets.", json_schema_extra=NOT_TRAINING
+    )
+    dataset_num_proc: int | None = Field(
+        None, ge=1, description="Processes for tokenization; default: all cores.",
+        json_schema_extra=NOT_TRAINING
+    )
     special_tokens: dict[str, str] = Field(
         default_factory=dict, description="Special tokens to set, e.g. {pad_token: '<|pad|>'}."
     )
     tokens: list[str] = Field(default_factory=list, description="Extra tokens to add to the vocabulary.")
 
     # training
-    output_dir: str = Field("./out", description="Where checkpoints, weights and reports go.")
+    output_dir: str = Field(
+        "./out", description="Where checkpoints, weights and reports go.", json_schema_extra=NOT_TRAINING
+    )
     micro_batch_size: int = Field(1, ge=1, description="Samples (or packed bins) per device per step.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Per-device eval batch; defaults to micro_batch_size.")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="Per-device eval batch; defaults to micro_batch_size.",
+        json_schema_extra=NOT_TRAINING
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     num_epochs: float = Field(1.0, gt=0, description="Epochs, when max_steps is not set.")
@@ -76,13 +92,27 @@ class CoreConfig(BaseModel):
         None, description="Passed through, e.g. {use_reentrant: false}."
     )
     seed: int = Field(42, description="Seed for shuffling, initialisation and dropout.")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: at the end only).")
-    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints to keep.")
-    logging_steps: int = Field(10, ge=1, description="Log every N steps.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (when there is eval data).")
-    report_to: str | list[str] = Field("none", description="tensorboard, wandb, or none.")
-    resume_from_checkpoint: str | None = Field(None, description="Checkpoint directory to resume from.")
-    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N steps (default: at the end only).",
+        json_schema_extra=NOT_TRAINING
+    )
+    save_total_limit: int | None = Field(
+        3, ge=1, description="Checkpoints to keep.", json_schema_extra=NOT_TRAINING
+    )
+    logging_steps: int = Field(10, ge=1, description="Log every N steps.", json_schema_extra=NOT_TRAINING)
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps (when there is eval data).",
+        json_schema_extra=NOT_TRAINING
+    )
+    report_to: str | list[str] = Field(
+        "none", description="tensorboard, wandb, or none.", json_schema_extra=NOT_TRAINING
+    )
+    resume_from_checkpoint: str | None = Field(
+        None, description="Checkpoint directory to resume from.", json_schema_extra=NOT_TRAINING
+    )
+    dataloader_num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes.", json_schema_extra=NOT_TRAINING
+    )
 
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
@@ -457,6 +487,60 @@ def format_loc(loc: Sequence[Any]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+# -- what changes training (the resume check compares only that) ------------------------------
+
+
+def affects_training(declared: Any) -> bool:
+    """False when a field (``FieldInfo``) or a section model declares ``affects_training: False``."""
+    extra = getattr(declared, "json_schema_extra", None)
+    if extra is None and isinstance(declared, type) and issubclass(declared, BaseModel):
+        extra = declared.model_config.get("json_schema_extra")
+    return not (isinstance(extra, dict) and extra.get(AFFECTS_TRAINING) is False)
+
+
+def training_values(cfg: CoreConfig, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a config as ``to_saveable`` writes it) without what does not change what training computes:
+    keys and plugin sections declared ``affects_training: False``, and plugin sections that are absent (null)
+    or at their defaults, so installing a plugin that declares a section changes nothing."""
+    fields = type(cfg).model_fields
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        info = fields.get(key)
+        if info is None:  # the section of a plugin not installed now: it counts only if it was set
+            if value is not None:
+                out[key] = value
+            continue
+        if not affects_training(info):
+            continue
+        section = _find_model(info.annotation, None) if key not in CoreConfig.model_fields else None
+        if section is not None:
+            if not affects_training(section) or value is None:
+                continue
+            try:
+                if value == redact(section().model_dump(mode="json")):
+                    continue
+            except ValidationError:  # a section without defaults for every field
+                pass
+        out[key] = value
+    return out
+
+
+def entry_default(cfg: CoreConfig, group: str, index: int, key: str) -> Any:
+    """The default of option ``key`` of dataset entry ``group[index]`` (a sentinel that equals nothing if it has none)."""
+    entries = getattr(cfg, group, None) or []
+    if index >= len(entries):
+        return _NO_DEFAULT
+    info = type(entries[index]).model_fields.get(key)
+    if info is None or info.is_required():
+        return _NO_DEFAULT
+    import json
+
+    return json.loads(json.dumps(info.get_default(call_default_factory=True), default=str))
+
+
+_NO_DEFAULT = object()
 
 
 def redact(value: Any) -> Any:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ft.errors import DataError
+from ft.formats import Drop
 
 if TYPE_CHECKING:
     import datasets
@@ -47,15 +48,6 @@ EXAMPLES_PER_REASON = 20  # kept in report.json; the log shows the first few
 
 
 # -- what a source plugin returns ------------------------------------------------------------
-
-
-@dataclass
-class Drop:
-    """One row that was dropped: why, where it came from (``file:line``), and details."""
-
-    reason: str
-    where: str
-    detail: str = ""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ft.errors import DataError, FtError
-from ft.formats import IGNORE_INDEX, Dropped
+from ft.formats import IGNORE_INDEX, Drop, Dropped
 
 # Reasons (kept in sync with ft.data, which re-exports them).
 EMPTY = "empty"
@@ -177,7 +177,7 @@ class EntryResult:
     """One dataset entry, tokenized: its samples and what was dropped (with ``file:line``)."""
 
     samples: Samples
-    drops: list[Any] = field(default_factory=list)  # ft.data.Drop
+    drops: list[Drop] = field(default_factory=list)
     truncated: int = 0
     tokenize_calls: int = 0
 
@@ -211,8 +211,6 @@ def tokenize_entries(
 ) -> list[EntryResult]:
     """Tokenize every ``(raw_rows, tokenize, format_name)`` job; returns one :class:`EntryResult` per job."""
     global _JOBS, _SETTINGS
-    from ft.data import Drop
-
     total = sum(len(raw) for raw, _t, _n in jobs)
     num_proc = max(1, min(num_proc, (total + 63) // 64))
     # ~16 chunks per worker keep them evenly busy (long conversations make uneven chunks)

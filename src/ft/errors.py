@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -70,3 +71,71 @@ def load_or_explain(source: str, what: str, load: Any, *args: Any, **kwargs: Any
             "network, HF_TOKEN for gated models)."
         )
         raise FtError(f"could not load the {what} from '{source}': {first}.{hint}") from exc
+
+
+class DiskFullError(FtError):
+    """A write failed because the disk (or the user's quota) is full; says what was kept and how to go on."""
+
+
+# What a full disk looks like on the way up: the errno of an OSError, or the text of libraries that drop it
+# (torch.save: "unexpected pos"; safetensors: "StorageFull").
+_DISK_FULL_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name)}
+_DISK_FULL_TEXT = ("no space left on device", "storagefull", "disk quota exceeded", "unexpected pos",
+                   "failed writing file")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps) is a write that failed for lack of space."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if not isinstance(exc, FtError) and any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def disk_full_error(path: Any, writing: str, then: str) -> DiskFullError:
+    """``no space left on device at PATH while writing WHAT (N free there). THEN``."""
+    import shutil
+    from pathlib import Path
+
+    free = ""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f" ({shutil.disk_usage(where).free / 2**20:,.1f} MiB free there)"
+    except OSError:
+        pass
+    return DiskFullError(f"no space left on device at {path} while writing {writing}{free}. {then}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    seen = 0
+    while exc is not None and seen < 5:  # accelerate and plugins may wrap it
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def plugin_frames(exc: BaseException, plugin: object) -> list[str]:
+    """``file:line in function`` of each traceback frame inside the plugin's own module or package."""
+    import inspect
+    import os
+    import traceback
+
+    module = inspect.getmodule(plugin) if not inspect.ismodule(plugin) else plugin
+    path = getattr(module, "__file__", None)
+    if not path:
+        return []
+    root = os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+    frames = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == path or (root != path and frame.filename.startswith(root + os.sep)):
+            frames.append(f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line or ''}".rstrip(": "))
+    return frames

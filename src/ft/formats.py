@@ -11,6 +11,7 @@ row into ``(prompt, completion)`` text; the base does the rest (see docs/writing
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +36,15 @@ class DatasetOptions(BaseModel):
     train_on_inputs: bool | None = Field(
         None, description="Train on prompt tokens too; defaults to the top-level train_on_inputs."
     )
+
+
+@dataclass
+class Drop:
+    """One row that was dropped: why, where it came from (``file:line``), and details."""
+
+    reason: str
+    where: str
+    detail: str = ""
 
 
 class Dropped(Exception):

@@ -4,7 +4,7 @@ The launcher is torch's own (``python -m torch.distributed.run``); ft adds nothi
 the translation of its options. ``--nnodes``, ``--node-rank``, ``--rdzv-endpoint`` and
 ``--rdzv-id`` pass through for multi-node runs (c10d rendezvous). Already inside a launcher
 (``torchrun``, ``accelerate launch``: ``RANK`` and ``WORLD_SIZE`` are set), ft does not launch
-again: it runs the command in this process.
+again: the command runs in this process.
 
 Every process then runs ``ft run`` without the launch options; the Trainer (accelerate) reads
 the environment torchrun sets and splits the data between ranks.
@@ -122,17 +122,18 @@ def launch(
     node_rank: int | None = None,
     rdzv_endpoint: str | None = None,
     rdzv_id: str | None = None,
-) -> int:
+) -> int | None:
     """Run ``ft <argv>`` in ``nproc`` processes on this node through torchrun; return its exit code.
 
     ``argv`` is the command line after ``ft`` (``["run", "config.yaml", "--nproc", "2", ...]``).
-    Under an existing launcher the command runs in this process instead.
+    Under an existing launcher nothing is started and None is returned: the caller runs the
+    command in this process.
     """
     if under_launcher():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if nproc is not None and nproc * int(str(nnodes or 1).split(":")[-1]) != world:
             log.warning("already running under a launcher with WORLD_SIZE=%d; ignoring --nproc %s", world, nproc)
-        return _run_here(strip_launch_options(argv))
+        return None
     nproc = check_options(nproc, nnodes, node_rank, rdzv_endpoint, visible_gpus())
     cmd = torchrun_command(argv, nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id)
     log.info("launching: %s", " ".join(cmd))
@@ -140,16 +141,6 @@ def launch(
         return subprocess.call(cmd)
     except KeyboardInterrupt:  # torchrun forwards the signal to its workers and exits
         return 130
-
-
-def _run_here(argv: list[str]) -> int:
-    from ft.cli import cli
-
-    try:
-        cli.main(args=argv, prog_name="ft", standalone_mode=False)
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    return 0
 
 
 __all__ = ["check_options", "launch", "strip_launch_options", "torchrun_command", "under_launcher"]

@@ -1,17 +1,34 @@
-"""The output directory: guard a finished run, then write what a user reads after training.
+"""The output directory: one run at a time, and the final outputs written whole or not at all.
 
-After ``ft_save_weights`` wrote the weights, ``write_run_files`` adds the tokenizer, the
-resolved config (``ft_config.yaml``), the plugin manifest (``ft_plugins.json``), the metrics
-(``metrics.json``) and the loss / learning-rate curves (``training_curves.png``), then prints
-the end-of-run summary. Only the main process writes.
+``lock_output_dir`` holds an exclusive lock on ``output_dir/.ft-run.lock`` for the whole run, so a
+second ``ft run`` there fails at once naming the process that holds it (PID and host) instead of
+removing the first run's checkpoint in progress. The lock is the main process's (``RANK`` 0); the
+other ranks of the same launch do not take it, so they never lock each other out. It is an OS
+file lock (``flock``), released by the kernel when its process dies: a lock file left by a dead
+process is simply taken over.
+
+``final_outputs`` writes what a finished run holds into ``output_dir/.ft-tmp-final/``: the weights
+(``ft_save_weights``), then ``write_run_files``: the tokenizer, the resolved config
+(``ft_config.yaml``), the plugin manifest (``ft_plugins.json``), the metrics (``metrics.json``) and
+the loss / learning-rate curves (``training_curves.png``). When every file is written they are moved
+into ``output_dir``, ``metrics.json`` last: it marks a finished run. A save that fails (a full disk)
+or is killed leaves no ``metrics.json``, so the next ``ft run`` resumes from the last checkpoint and
+writes the final outputs again. Only the main process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +37,8 @@ import click
 import yaml
 
 from ft import __version__
-from ft.errors import FtError
+from ft.checkpoints import STAGING_PREFIX, last_good_checkpoint, resume_command
+from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -36,8 +54,10 @@ WEIGHT_FILES = (
 )
 CONFIG_FILE = "ft_config.yaml"
 PLUGINS_FILE = "ft_plugins.json"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # written last: a finished run has it
 CURVES_FILE = "training_curves.png"
+LOCK_FILE = ".ft-run.lock"
+FINAL_STAGING = f"{STAGING_PREFIX}final"  # removed like any staging directory when a save did not finish
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "bitsandbytes")
 
 
@@ -46,78 +66,205 @@ def is_main_process() -> bool:
 
 
 def finished_weights(output_dir: str | os.PathLike) -> list[str]:
-    """Weight files of a finished run in ``output_dir`` (empty if none)."""
+    """Weight files in ``output_dir`` (empty if none); with ``metrics.json`` they make a finished run."""
     out = Path(output_dir)
     return [name for name in WEIGHT_FILES if (out / name).is_file()]
 
 
-def prepare_output_dir(ctx: Context, fresh: bool = False, overwrite: bool = False, **_: Any) -> Path:
-    """Create the output directory; refuse to overwrite a finished run's weights without ``overwrite``."""
-    cfg = ctx.cfg
+def is_finished(output_dir: str | os.PathLike) -> bool:
+    """Whether ``output_dir`` holds a finished run (its final outputs were all written)."""
+    return (Path(output_dir) / METRICS_FILE).is_file()
+
+
+# -- one run per output directory -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lock_output_dir(cfg: Any) -> Iterator[None]:
+    """Hold ``output_dir``'s lock until the run ends (main process only; see the module docstring)."""
+    if not is_main_process():
+        yield
+        return
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise FtError(f"{cfg.where('output_dir')}: '{out}' is a file, not a directory; choose another output_dir.")
-    found = finished_weights(out)
-    if found and not overwrite:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = _try_lock(fd)
+    except OSError as exc:  # a filesystem without locks: say so, and go on unprotected
+        log.warning("cannot lock %s (%s): nothing stops a second run from using this output_dir at the same time",
+                    path, exc)
+        os.close(fd)
+        yield
+        return
+    if not locked:
+        holder = _describe(_read_holder(path))
+        os.close(fd)
         raise FtError(
-            f"{cfg.where('output_dir')}: '{out}' already holds the weights of a finished run ({', '.join(found)}). "
-            "Pass --overwrite to train again and replace them, or set another output_dir "
-            f"(e.g. --set output_dir={out}-2)."
+            f"{cfg.where('output_dir')}: another ft run is using '{out}' ({holder}). Two runs in one output_dir "
+            "would remove each other's checkpoints. Wait for that run to end (or stop it), or choose another "
+            f"output_dir: --set output_dir={out}-2"
         )
-    if found:
-        log.warning("--overwrite: the weights in %s (%s) will be replaced", out, ", ".join(found))
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-    from ft.checkpoints import prepare_checkpoints
+    left = _read_holder(path)
+    if left:  # released locks are emptied: this one's process ended without releasing it
+        log.info("%s was left by a run that ended without releasing it (%s); taking it over", path, _describe(left))
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(info) + "\n").encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # an empty lock file: released
+        os.close(fd)  # closing releases the lock
 
-    # leftovers of crashed saves go; --fresh clears old checkpoints; another config's checkpoints are an error
-    prepare_checkpoints(ctx, fresh=fresh, overwrite=overwrite, finished=bool(found), main=is_main_process())
-    return out
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive, non-blocking lock on ``fd``: True if taken, False if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
-def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[str, Any], patches: list[Any]) -> list[str]:
-    """Tokenizer, resolved config, plugin manifest, metrics and curves; then the summary. Main process only."""
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {"unreadable": True}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "the process that holds it did not say which it is"
+    text = f"PID {holder['pid']} on {holder.get('host', '?')}"
+    if holder.get("started"):
+        text += f", started {holder['started']}"
+    if holder.get("command"):
+        text += f": {holder['command']}"
+    return text
+
+
+# -- the final outputs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FinalOutputs:
+    """Where the final outputs are written (``dir``), the files written there, and where they ended up."""
+
+    dir: Path
+    out: Path
+    files: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def final_outputs(ctx: Context, trainer: Any, metrics: dict[str, Any]) -> Iterator[FinalOutputs]:
+    """Collect the final outputs in a staging directory; move them into ``output_dir`` when all are written
+    (``metrics.json`` last), then print the end-of-run summary. Every rank enters; the main process writes."""
+    cfg = ctx.cfg
+    out = Path(cfg.output_dir)
+    final = FinalOutputs(out / FINAL_STAGING, out)
+    main = trainer.is_world_process_zero() if hasattr(trainer, "is_world_process_zero") else is_main_process()
+    barrier = getattr(getattr(trainer, "accelerator", None), "wait_for_everyone", lambda: None)
+    try:
+        if main:
+            shutil.rmtree(final.dir, ignore_errors=True)
+            final.dir.mkdir(parents=True)
+        barrier()  # sharded savers write from every rank: the directory exists before any of them starts
+        yield final
+        barrier()
+        if main:
+            final.published = publish_final(final.dir, out, final.files)
+    except Exception as exc:
+        if main:
+            shutil.rmtree(final.dir, ignore_errors=True)
+        if is_disk_full(exc):
+            good = last_good_checkpoint(out)
+            then = (f"Nothing of the run is lost: its checkpoints are intact (newest: {good.path.name}), and the run "
+                    f"is not marked finished. Free some space, then run the same command again: it resumes from "
+                    f"{good.path.name} and writes the final outputs: {resume_command(cfg)}" if good else
+                    "There is no checkpoint to resume from (set save_steps to keep some); free some space and "
+                    f"train again: {resume_command(cfg)}")
+            raise disk_full_error(out, "the final outputs", then) from exc
+        raise
+    if main:
+        print_summary(metrics, out)
+
+
+def publish_final(staging: Path, out: Path, files: list[str]) -> list[str]:
+    """Move everything in ``staging`` into ``out`` (replacing what is there), ``metrics.json`` last."""
+    entries = sorted(staging.iterdir(), key=lambda p: (p.name == METRICS_FILE, p.name))
+    for entry in entries:
+        target = out / entry.name
+        if entry.name == METRICS_FILE:
+            _fsync_dir(out)  # everything else is in place before the run is marked finished
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    _fsync_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    moved = []
+    for name in files:
+        path = Path(name)
+        with contextlib.suppress(ValueError):
+            path = out / path.relative_to(staging)
+        moved.append(str(path))
+    return moved
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[str, Any], patches: list[Any],
+                    directory: str | os.PathLike | None = None) -> list[str]:
+    """Tokenizer, resolved config, plugin manifest, metrics and curves, into ``directory`` (default:
+    output_dir). Main process only."""
     from ft.train import history_of
 
     is_main = trainer.is_world_process_zero() if hasattr(trainer, "is_world_process_zero") else is_main_process()
     if not is_main:
         return []
-    cfg = ctx.cfg
-    out = Path(cfg.output_dir)
+    out = Path(directory if directory is not None else ctx.cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     history = history_of(trainer)
     files = [str(p) for p in tokenizer.save_pretrained(str(out))]
     files.append(write_config(ctx, out / CONFIG_FILE))
     files.append(write_manifest(ctx, patches, out / PLUGINS_FILE))
-    files.append(write_metrics(metrics, history, out / METRICS_FILE))
     files.append(plot_curves(history, out / CURVES_FILE))
-    print_summary(metrics, out)
+    files.append(write_metrics(metrics, history, out / METRICS_FILE))
     return files
 
 
-def saveable_config(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data: secrets redacted, local model and data paths made absolute."""
-    from ft.context import resolve_path
-
-    data = cfg.to_saveable()
-
-    def absolute(value: Any) -> Any:
-        if isinstance(value, str) and value:
-            local = Path(resolve_path(cfg, value))
-            if local.exists():
-                return str(local.resolve())
-        return value
-
-    for key in ("base_model", "tokenizer"):  # a local path stays valid from anywhere
-        data[key] = absolute(data.get(key))
-    for key in ("datasets", "test_datasets"):
-        for entry in data.get(key) or []:
-            if isinstance(entry, dict) and "path" in entry:
-                entry["path"] = absolute(entry["path"])
-    return data
-
-
 def write_config(ctx: Context, path: Path) -> str:
+    from ft.record import saveable_config
+
     cfg = ctx.cfg
     data = saveable_config(cfg)
     header = f"# resolved config written by ft {__version__}" + (f" from {cfg.source}" if cfg.source else "") + "\n"

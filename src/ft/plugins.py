@@ -28,7 +28,7 @@ from typing import Any
 import pluggy
 
 from ft import PROJECT, hookspecs
-from ft.errors import FtError, PluginError, PluginHookError
+from ft.errors import FtError, PluginError, PluginHookError, is_out_of_memory, plugin_frames
 
 ENTRY_POINT_GROUP = "ft"
 AUTOLOAD_ENV = "FT_DISABLE_PLUGIN_AUTOLOAD"
@@ -86,6 +86,11 @@ _PROCESS_PLUGINS: list[tuple[str, object]] = []
 def add_process_plugin(name: str, obj: object) -> None:
     """Register ``obj`` as plugin ``name`` in every plugin manager made from now on."""
     _PROCESS_PLUGINS.append((name, obj))
+
+
+def process_plugin_names() -> list[str]:
+    """Names of the plugins registered for this process (``add_process_plugin``)."""
+    return [n for n, _o in _PROCESS_PLUGINS]
 
 
 def remove_process_plugin(name: str) -> None:
@@ -317,7 +322,7 @@ class PluginManager:
         except (FtError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise
             culprit = self._culprit(hook_name, plugin, exc)
             raise PluginHookError(culprit, hook_name, exc, plugin_frames(exc, self.pm.get_plugin(culprit))) from exc
@@ -434,22 +439,6 @@ class _HookFacade:
         return call
 
 
-def plugin_frames(exc: BaseException, plugin: object) -> list[str]:
-    """``file:line in function`` of each traceback frame inside the plugin's own module or package."""
-    import traceback
-
-    module = inspect.getmodule(plugin) if not inspect.ismodule(plugin) else plugin
-    path = getattr(module, "__file__", None)
-    if not path:
-        return []
-    root = os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
-    frames = []
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == path or (root != path and frame.filename.startswith(root + os.sep)):
-            frames.append(f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line or ''}".rstrip(": "))
-    return frames
-
-
 def _misnamed_hooks(obj: object, pm: pluggy.PluginManager) -> str | None:
     """A hookimpl whose name is no hook, or an ``ft_*`` hook function without ``@hookimpl``."""
     known = hook_names()
@@ -474,10 +463,6 @@ def _misnamed_hooks(obj: object, pm: pluggy.PluginManager) -> str | None:
                 problems.append(f"'{attr}' looks like hook '{close[0]}' misspelled and without @hookimpl; "
                                 "rename and decorate it, or rename it away from the ft_ prefix.")
     return "; ".join(problems) or None
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -40,13 +40,14 @@ def run(
 
 def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
     from ft.data import prepare_datasets
-    from ft.outputs import prepare_output_dir, write_run_files
+    from ft.outputs import final_outputs, lock_output_dir, write_run_files
+    from ft.resume import plan_resume
     from ft.train import build_trainer, run_training
 
     cfg, calls = ctx.cfg, ctx.pm.calls
-    prepare_output_dir(ctx, fresh=fresh, overwrite=overwrite)  # refuses to clobber a finished run; decides resume
-
-    with contextlib.ExitStack() as scope:  # global patches are undone when the run ends, even on error
+    with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
+        scope.enter_context(lock_output_dir(cfg))  # one run per output_dir; the ranks of this launch share it
+        resume = plan_resume(ctx, fresh=fresh, overwrite=overwrite)  # where training starts, decided before loading
         tokenizer = calls.load_tokenizer(cfg)
         data = prepare_datasets(ctx, tokenizer)  # the method's columns, cached by content, maybe packed
 
@@ -61,12 +62,13 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
 
         trainer = build_trainer(ctx, model, tokenizer, data)  # the method's Trainer, collator and metrics
         calls.before_train(cfg, trainer, model)
-        metrics = run_training(ctx, trainer, data, fresh=fresh, overwrite=overwrite)
+        metrics = run_training(ctx, trainer, data, resume)
 
-        files = calls.save_weights(cfg, trainer, trainer.model, cfg.output_dir)
-        files += write_run_files(ctx, trainer, tokenizer, metrics, patches)
+        with final_outputs(ctx, trainer, metrics) as final:  # written aside, moved into output_dir when complete
+            final.files += calls.save_weights(cfg, trainer, trainer.model, str(final.dir))
+            final.files += write_run_files(ctx, trainer, tokenizer, metrics, patches, final.dir)
         calls.after_train(cfg, trainer, metrics)
-        return RunResult(cfg.output_dir, metrics, list(files), patches)
+        return RunResult(cfg.output_dir, metrics, final.published, patches)
 
 
 def preprocess(ctx: Context) -> Any:

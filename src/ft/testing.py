@@ -57,10 +57,10 @@ def registered_plugin(obj: object, name: str | None = None) -> Iterator[str]:
     loads it after the installed entry points. A module attribute ``FT_FEATURE = True`` makes it
     a feature, active only when selected with ``-p NAME`` or ``plugins: [NAME]``. Yields the name.
     """
-    from ft.plugins import _PROCESS_PLUGINS, add_process_plugin, remove_process_plugin
+    from ft.plugins import add_process_plugin, process_plugin_names, remove_process_plugin
 
     name = name or _default_name(obj)
-    if any(n == name for n, _ in _PROCESS_PLUGINS):
+    if name in process_plugin_names():
         raise ValueError(f"a plugin named '{name}' is already registered for this process; pass another name=")
     add_process_plugin(name, obj)
     try:

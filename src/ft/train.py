@@ -22,10 +22,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ft.checkpoints import AtomicCheckpointsMixin
-from ft.errors import ConfigError, FtError, MissingDependencyError
+from ft.errors import ConfigError, FtError, MissingDependencyError, is_out_of_memory
 
 if TYPE_CHECKING:
     from ft.context import Context
+    from ft.resume import ResumePlan
 
 log = logging.getLogger("ft.train")
 
@@ -119,6 +120,7 @@ class FtState:
     started: float | None = None
     warnings: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # plugins' health findings
     tokens_at_start: tuple[int, int] = (0, 0)  # counted before this session (a resumed run)
+    loss_at_start: tuple[float, int] | None = (0.0, 0)  # (summed step losses, steps) before it; None: unknown
     data_key: str | None = None  # the prepared-data cache key, saved with checkpoints
     metric_names: tuple[str, ...] = ()  # the method's metrics (kept in the history, plotted)
 
@@ -408,13 +410,14 @@ def _training_arguments_class() -> type:
     return TrainingArguments
 
 
-def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[str, Any]:
-    """Train (resuming from the last complete checkpoint of this run, or the one named) and return
-    the run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.checkpoints``)."""
-    from ft.checkpoints import choose_resume, interrupted_error, restore_ft_state, stop_on_signals
+def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None = None) -> dict[str, Any]:
+    """Train from where ``plan`` says (``ft.resume.plan_resume``; None: from step 0) and return the
+    run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.checkpoints``)."""
+    from ft.checkpoints import interrupted_error, restore_ft_state, stop_on_signals
+    from ft.record import global_tokens
 
     cfg = ctx.cfg
-    resume = choose_resume(ctx, announce=True, **options)
+    resume = plan.shared().checkpoint if plan is not None else None  # every rank follows the main process
     restore_ft_state(trainer, resume, data)
     try:
         with stop_on_signals(trainer) as stop:
@@ -438,7 +441,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         else:
             eval_loss = float(trainer.evaluate()["eval_loss"])
 
-    tokens, trained = _total_tokens(trainer, state)
+    tokens, trained = global_tokens(trainer, state)
     session_tokens = tokens - (state.tokens_at_start[0] if state is not None else 0)
     seconds = float(output.metrics.get("train_runtime") or 0.0)
     final_loss = next((r["loss"] for r in reversed(history) if "loss" in r), None)
@@ -450,7 +453,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, **options: Any) -> dict[
         "seconds": round(seconds, 3),
         "tokens_per_second": round(session_tokens / seconds, 2) if seconds > 0 else None,
         "final_loss": final_loss,
-        "train_loss": float(output.training_loss),
+        "train_loss": whole_run_loss(trainer, state, float(output.training_loss)),
         "eval_loss": eval_loss,
         "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size,
         "samples": len(data.train) if hasattr(data.train, "__len__") else None,
@@ -473,17 +476,14 @@ def _last_values(history: list[dict[str, Any]], names: tuple[str, ...]) -> dict[
     return out
 
 
-def _total_tokens(trainer: Any, state: FtState | None) -> tuple[int, int]:
-    if state is None:
-        return 0, 0
-    tokens, trained = state.counter.totals()
-    acc = trainer.accelerator
-    if acc.num_processes > 1:
-        import torch
-
-        both = acc.reduce(torch.tensor([tokens, trained], device=acc.device), reduction="sum")
-        tokens, trained = (int(x) for x in both.tolist())
-    return tokens, trained
+def whole_run_loss(trainer: Any, state: FtState | None, session_loss: float) -> float:
+    """The mean step loss of the whole run: the Trainer's covers only this session when it resumed."""
+    before = state.loss_at_start if state is not None else None
+    steps = int(trainer.state.global_step)
+    if before is None or steps <= 0:
+        return session_loss
+    loss_sum, steps_before = before
+    return (loss_sum + session_loss * (steps - steps_before)) / steps
 
 
 def history_of(trainer: Any) -> list[dict[str, Any]]:
@@ -500,15 +500,6 @@ def history_of(trainer: Any) -> list[dict[str, Any]]:
 
 
 # -- out of memory ---------------------------------------------------------------------------------
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    seen = 0
-    while exc is not None and seen < 5:  # accelerate and plugins may wrap it
-        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
 
 
 def out_of_memory_message(cfg: Any) -> str:
