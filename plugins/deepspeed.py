@@ -86,10 +86,10 @@ def ft_validate_config(cfg):
         if ds.offload_params and stage != 3:
             problems.append(f"{cfg.where('deepspeed', 'offload_params')}: parameters are offloaded only with ZeRO "
                             "stage 3; set `stage: 3` or drop offload_params.")
-        if ds.offload_optimizer and cfg.optimizer != "adamw_torch":
+        if ds.offload_optimizer and cfg.optimizer not in ("adamw_torch", "adamw_torch_fused"):
             problems.append(f"{cfg.where('optimizer')}: with deepspeed.offload_optimizer the optimizer is DeepSpeed's "
-                            f"CPU Adam(W); optimizer: {cfg.optimizer} cannot be offloaded. Use adamw_torch or drop "
-                            "offload_optimizer.")
+                            f"CPU Adam(W); optimizer: {cfg.optimizer} cannot be offloaded. Use adamw_torch_fused (the "
+                            "default) or drop offload_optimizer.")
     if cfg.provides("quantized_base") and stage == 3:
         problems.append(
             f"{cfg.where('plugins')}: qlora cannot be combined with DeepSpeed ZeRO stage 3, which would partition "

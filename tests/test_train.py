@@ -272,7 +272,7 @@ def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys
     import yaml
 
     saved_cfg = yaml.safe_load((out / "ft_config.yaml").read_text())
-    assert saved_cfg["max_steps"] == 3 and saved_cfg["optimizer"] == "adamw_torch"
+    assert saved_cfg["max_steps"] == 3 and saved_cfg["optimizer"] == "adamw_torch_fused"  # the default, resolved
 
 
 def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_path):

@@ -82,7 +82,7 @@ class CoreConfig(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
-    optimizer: str = Field("adamw_torch", description="Optimizer name from the optimizer registry.")
+    optimizer: str = Field("adamw_torch_fused", description="Optimizer name from the optimizer registry.")
     lr_scheduler: str = Field("cosine", description="Scheduler name from the scheduler registry.")
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 training; auto = where the device supports it.")
     fp16: bool = Field(False, description="fp16 mixed precision (GPUs without bf16).")
