@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ft import hookimpl
 
 FT_FEATURE = True
+FT_PROVIDES = ("compiled_forward",)  # torch.compile traces the model's forward
 PLUGIN = "compile"
 
 log = logging.getLogger("ft.compile")

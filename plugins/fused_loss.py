@@ -35,6 +35,7 @@ import logging
 from typing import Any
 
 from ft import hookimpl
+from ft.api import MODEL_LOSS
 
 FT_FEATURE = False  # always active; `-p no:fused_loss` blocks it
 PLUGIN = "fused_loss"
@@ -45,9 +46,10 @@ log = logging.getLogger("ft.fused_loss")
 # (checked against transformers 5.24; granite, cohere, gemma2/3 scale or cap the logits).
 SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2", "smollm3",
                        "starcoder2", "stablelm"})
-# fsdp / deepspeed shard the head's weight; compile traces forward (it would trace this one too)
-STEP_ASIDE_FOR = {"fsdp": "fsdp shards the weights", "deepspeed": "deepspeed shards the weights",
-                  "compile": "compile traces the model's own forward"}
+# sharding engines (fsdp, deepspeed) shard the head's weight; compile traces forward (it would trace this one too)
+STEP_ASIDE_FOR = {"sharding": "a sharding engine shards the weights",
+                  "compiled_forward": "compile traces the model's own forward"}
+
 CHUNK_LOGITS = 1 << 24  # logits per chunk (64 MB in float32)
 IGNORE_INDEX = -100
 
@@ -69,8 +71,10 @@ def not_applicable(cfg: Any, model: Any) -> str | None:
     """Why the fused loss cannot replace this model's forward, or None."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    for name, reason in STEP_ASIDE_FOR.items():
-        if name in (cfg.plugins or []):
+    if not cfg.method_supports(MODEL_LOSS):
+        return f"method '{cfg.method}' computes its own loss (it does not declare '{MODEL_LOSS}')"
+    for capability, reason in STEP_ASIDE_FOR.items():
+        if cfg.provides(capability):
             return reason
     if "forward" in vars(model):
         return f"another plugin replaced {type(model).__name__}.forward"

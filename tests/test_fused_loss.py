@@ -9,14 +9,28 @@ import pytest
 import torch
 from ft_plugins import fused_loss
 
-from ft.collate import PackedCollator, PaddingCollator
+from ft.collate import PaddingCollator
+from ft_plugins.packing import PackedCollator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+CAPABILITIES = {"fsdp": "sharding", "deepspeed": "sharding", "compile": "compiled_forward"}
+
+
 class _Cfg:
-    def __init__(self, *plugins):
+    """What fused_loss reads of a config: the capabilities of the selected plugins and the method's features."""
+
+    def __init__(self, *plugins, method_features=("packing", "eval", "model_loss")):
         self.plugins = list(plugins)
+        self.method = "sft"
+        self._features = set(method_features)
+
+    def provides(self, capability):
+        return any(CAPABILITIES.get(p) == capability for p in self.plugins)
+
+    def method_supports(self, feature):
+        return feature in self._features
 
 
 @pytest.fixture
@@ -151,6 +165,10 @@ def test_under_a_lora_adapter_the_head_stays_fused(tiny_model):
 def test_steps_aside_for_sharding_and_compile(tiny_model, plugins):
     patched, records = _patched(tiny_model, *plugins)
     assert records == [] and "forward" not in vars(patched)
+
+
+def test_steps_aside_for_methods_that_compute_their_own_loss(tiny_model):
+    assert "computes its own loss" in fused_loss.not_applicable(_Cfg(method_features=("eval",)), tiny_model)
 
 
 def test_steps_aside_when_another_plugin_replaced_forward(tiny_model):

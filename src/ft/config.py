@@ -117,6 +117,7 @@ class CoreConfig(BaseModel):
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
     _capabilities: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    _method_features: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -142,6 +143,10 @@ class CoreConfig(BaseModel):
         """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
         ``varlen_attention``: plugins ask for a capability, never for another plugin by name."""
         return capability in self._capabilities
+
+    def method_supports(self, feature: str) -> bool:
+        """Whether the chosen method declares ``feature`` (``"packing"``, ``"eval"``, ``"model_loss"``)."""
+        return feature in self._method_features
 
     def providers(self, capability: str) -> list[str]:
         """The active plugins that declare ``capability`` (for messages and exclusive capabilities)."""

@@ -143,6 +143,8 @@ def load_context(
     )
     cfg.plugins = [n for n in pm.active_names() if pm.infos[n].feature]  # -p too, for ft_validate_config
     cfg._capabilities = pm.provided()
+    if cfg.method in regs.methods:
+        cfg._method_features = frozenset(regs.methods.get(cfg.method).value.features)
     problems = []
     for key, registry in (("optimizer", regs.optimizers), ("lr_scheduler", regs.schedulers)):
         name = getattr(cfg, key)

@@ -23,6 +23,9 @@ from typing import Any
 # which of these it needs (``FT_METHOD_FEATURE = "packing"`` in its module).
 PACKING = "packing"
 EVAL = "eval"
+# The loss is the model's own next-token cross-entropy over the labels (``model(..., labels=...)``),
+# so a plugin may compute it another way (fused_loss) without changing the maths.
+MODEL_LOSS = "model_loss"
 
 SFT_COLUMNS = ("input_ids", "labels")
 
@@ -44,8 +47,9 @@ class Method:
         trainer_kwargs: ``(cfg, model, tokenizer, data) -> dict`` of extra keyword arguments for
             the Trainer (a reference model, reward functions), or None.
         metrics: names of the metrics it logs through ``ft_record``, in plotting order.
-        features: which features apply (``"packing"``, ``"eval"``); a selected plugin that needs
-            one the method lacks, or eval data for a method without ``"eval"``, is a config error.
+        features: which features apply (``"packing"``, ``"eval"``, ``"model_loss"``); a selected
+            plugin that needs one the method lacks, or eval data for a method without ``"eval"``,
+            is a config error. Plugins read them with ``cfg.method_supports(name)``.
         section: the config section holding the method's settings (default: the method's name);
             a section of a method that is not chosen is a config error.
         description: one line for ``ft plugins`` and the docs.
