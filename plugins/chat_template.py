@@ -1,7 +1,12 @@
 """Dataset type `chat_template`: OpenAI-style messages rendered with a chat template.
 
 One render per conversation, no generation markers needed. Shipped templates:
-``ft_plugins/templates/*.jinja`` (chatml, llama3, mistral, qwen).
+``ft_plugins/templates/*.jinja``: chatml, qwen, llama2, llama3, gemma, phi_3, phi_4, deepseek_v2,
+deepseek_v3, mistral (legacy), mistral_v1, mistral_v2v3, mistral_v3_tekken, mistral_v7_tekken. Each
+is checked in tests/test_templates.py against its model family's documented rendering (the Mistral
+ones against mistral-common, Mistral's reference implementation). A model family not shipped
+here (Qwen3 with its reasoning rules, Llama-3.1 tool calls, Command-R ...) is best trained with the
+tokenizer's own template: leave ``chat_template`` unset.
 
 API for third-party chat formats (ShareGPT and the like; see docs/writing-a-format-plugin.md):
 subclass :class:`ChatTemplateOptions` to change defaults (``field_messages``, ``roles``,
@@ -63,6 +68,16 @@ SHIPPED_TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "qwen": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "mistral": (),  # [INST] text + the tokenizer's eos_token
+    "mistral_v1": (),  # [INST] is text in the v1 tokenizer
+    "mistral_v2v3": ("[INST]", "[/INST]"),
+    "mistral_v3_tekken": ("[INST]", "[/INST]"),
+    "mistral_v7_tekken": ("[INST]", "[/INST]"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi_3": ("<|user|>", "<|assistant|>", "<|end|>"),
+    "phi_4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
+    "llama2": (),  # bos/eos + [INST] text
+    "deepseek_v2": (),  # bos/eos + text
+    "deepseek_v3": ("<｜User｜>", "<｜Assistant｜>"),
 }
 
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
