@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from ft_plugins import fused_loss
+from ft_plugins.packing import PackedCollator
 
 from ft.collate import PaddingCollator
-from ft_plugins.packing import PackedCollator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

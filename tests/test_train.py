@@ -120,10 +120,20 @@ def test_missing_reporting_backend_says_how_to_install(tiny_model_dir, tmp_path,
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="wandb")
-    tok, model, data, _ = load(ctx)
+    missing = {"wandb", "mlflow"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    # refused at validation, before any model loads (mlflow used to crash the Trainer with a traceback)
     with pytest.raises(FtError, match=r"report_to: reporting to wandb needs the 'wandb' package.*pip install wandb"):
+        make_ctx(tiny_model_dir, tmp_path, report_to="wandb")
+    with pytest.raises(FtError, match=r"reporting to mlflow needs the 'mlflow' package.*pip install mlflow"):
+        make_ctx(tiny_model_dir, tmp_path, report_to=["tensorboard", "mlflow"])
+    with pytest.raises(FtError, match=r"unknown reporter 'tensorbord'. Did you mean 'tensorboard'\?"):
+        make_ctx(tiny_model_dir, tmp_path, report_to="tensorbord")
+    # and when the package disappears between validation and training, the Trainer is not built either
+    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=1)
+    tok, model, data, _ = load(ctx)
+    missing.update({"tensorboard", "tensorboardX"})
+    with pytest.raises(FtError, match=r"reporting to tensorboard needs the 'tensorboard' package"):
         build_trainer(ctx, model, tok, data)
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger("ft.data")
 CACHE_FORMAT = 1
 # Config keys that change the prepared rows (datasets entries are added separately).
 KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_tokens", "tokens", "val_set_size",
-              "seed", "shuffle")
+              "seed", "shuffle", "chat_template", "eval_sample_packing")
 # A plugin implementing one of these is on the data path: its version and source join the key.
 DATA_HOOKS = frozenset({"ft_load_dataset", "ft_data_fingerprint", "ft_pack"})
 # ft's own modules on the data path.

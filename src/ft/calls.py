@@ -40,6 +40,7 @@ class HookCalls:
             ("ft_register_methods", regs.methods, "register"),
             ("ft_register_optimizers", regs.optimizers, "register"),
             ("ft_register_schedulers", regs.schedulers, "register"),
+            ("ft_register_key_hints", regs.key_hints, "register"),
         )
         for hook, registry, arg in hooks:
             for plugin in self.pm.implementers(hook, active_only=False):

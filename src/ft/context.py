@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,16 @@ from ft.config import (
     SectionRegistry,
     apply_overrides,
     build_config_model,
+    cadence_problems,
     format_loc,
     read_yaml,
+    reporter_problems,
     validate_config,
 )
 from ft.errors import ConfigError, PluginError
 from ft.methods import EVAL, Method
 from ft.plugins import PluginManager, parse_plugin_args
-from ft.registry import FormatRegistry, MethodRegistry, OptimizerRegistry, SchedulerRegistry
+from ft.registry import FormatRegistry, KeyHintRegistry, MethodRegistry, OptimizerRegistry, SchedulerRegistry
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Registries:
     methods: MethodRegistry
     optimizers: OptimizerRegistry
     schedulers: SchedulerRegistry
+    key_hints: KeyHintRegistry = field(default_factory=KeyHintRegistry)
 
 
 @dataclass
@@ -140,6 +143,7 @@ def load_context(
         format_names=regs.formats.names(),
         extra_problems=_method_problems(raw, regs, pm),
         unavailable=[_unavailable(i) for i in pm.infos.values() if i.status in ("failed", "blocked")],
+        key_hints=regs.key_hints.hint_for,
     )
     cfg.plugins = [n for n in pm.active_names() if pm.infos[n].feature]  # -p too, for ft_validate_config
     cfg._capabilities = pm.provided()
@@ -150,6 +154,7 @@ def load_context(
         name = getattr(cfg, key)
         if name not in registry:
             problems.append(f"{cfg.where(key)}: {registry.unknown_message(name)}")
+    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg)])
     problems.extend(pm.calls.validate_config(cfg))
     if problems:
         raise ConfigError(problems, raw.source)

@@ -31,7 +31,13 @@ if TYPE_CHECKING:  # heavy types only for type checkers; importing this module s
 
     from ft.config import Config, SectionRegistry
     from ft.methods import Method
-    from ft.registry import FormatRegistry, MethodRegistry, OptimizerRegistry, SchedulerRegistry
+    from ft.registry import (
+        FormatRegistry,
+        KeyHintRegistry,
+        MethodRegistry,
+        OptimizerRegistry,
+        SchedulerRegistry,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +118,22 @@ def ft_register_schedulers(register: SchedulerRegistry) -> None:
             ``(cfg, optimizer, num_training_steps) -> torch LR scheduler`` that multiplies the
             optimizer's learning rate, honours ``cfg.warmup_steps`` / ``cfg.warmup_ratio`` (a
             linear ramp from 0) and is stepped once per optimizer step.
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
+def ft_register_key_hints(register: KeyHintRegistry) -> None:
+    """Say what to write instead of a key ft does not know (another tool's name for a setting).
+
+    Called: once per loaded plugin, before config validation; an unknown key in a config is
+    reported with the registered hint instead of only a "did you mean".
+    Args:
+        register: call ``register.add(key, hint)``; ``key`` is a top-level key (``adapter``) or a
+            dataset-entry key (``datasets[].field_human``, also used for ``test_datasets``);
+            ``hint`` is a sentence saying what to write instead, or a callable of the key's value
+            returning one. A key registered twice is an error naming both plugins.
     Returns: None.
     Mode: all.
     """

@@ -119,3 +119,26 @@ class SchedulerRegistry(Registry[Any]):
         """Register a scheduler: a transformers ``SchedulerType`` name or
         ``(cfg, optimizer, num_training_steps) -> LRScheduler``."""
         self._add(name, factory)
+
+
+class KeyHintRegistry(Registry[Any]):
+    """What to write instead of a key ft does not know (another tool's spelling of a setting).
+
+    Keys are paths: a top-level key (``adapter``) or a dataset-entry key (``datasets[].field_human``,
+    which also covers ``test_datasets``). The hint is a sentence, or a callable of the key's value
+    that returns one (``adapter: qlora`` -> ``plugins: [lora, qlora]``).
+    """
+
+    kind = "key hint"
+
+    def add(self, key: str, hint: str | Callable[[Any], str]) -> None:
+        """Register ``hint`` for the unknown key ``key`` (``name`` or ``datasets[].name``)."""
+        self._add(key, hint)
+
+    def hint_for(self, key: str, value: Any) -> str | None:
+        """The hint for ``key`` (with the plugin that gave it), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        text = entry.value(value) if callable(entry.value) else entry.value
+        return f"{text} (hint from plugin '{entry.plugin}')" if text else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 import logging
 import math
 import os
@@ -252,8 +251,12 @@ def _callbacks(state: FtState) -> list[Any]:
 # -- TrainingArguments -------------------------------------------------------------------------
 
 
-def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
-    """TrainingArguments fields from the core config (before plugins add theirs)."""
+def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None = None) -> dict[str, Any]:
+    """TrainingArguments fields from the core config (before plugins add theirs).
+
+    ``steps_per_epoch`` (optimizer steps in one epoch of the prepared data) turns
+    ``evals_per_epoch`` / ``saves_per_epoch`` into step counts.
+    """
     import torch
 
     precision = resolve_precision(cfg)
@@ -279,20 +282,16 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
         "logging_strategy": "steps",
         "logging_steps": cfg.logging_steps,
         "logging_first_step": True,
-        "save_strategy": "steps" if cfg.save_steps else "no",
         "save_total_limit": cfg.save_total_limit,
-        "eval_strategy": "steps" if has_eval and cfg.eval_steps else "no",
+        **cadence_arguments(cfg, has_eval=has_eval, steps_per_epoch=steps_per_epoch),
         "report_to": report_to(cfg),
+        "lr_scheduler_kwargs": scheduler_kwargs(cfg),
         "dataloader_num_workers": cfg.dataloader_num_workers,
         "disable_tqdm": bool(os.environ.get("FT_NO_PROGRESS")),  # set by the CLI when stderr is no terminal
         "dataloader_pin_memory": torch.cuda.is_available(),
         "remove_unused_columns": False,  # formats may carry extra columns the collator uses
         "label_names": ["labels"],
     }
-    if cfg.save_steps:
-        args["save_steps"] = cfg.save_steps
-    if has_eval and cfg.eval_steps:
-        args["eval_steps"] = cfg.eval_steps
     if cfg.gradient_checkpointing:
         # transformers >= 5.2x renamed it activation_checkpointing; older 5.x only knows the old name
         name = "activation_checkpointing" if "activation_checkpointing" in _training_fields() else "gradient_checkpointing"
@@ -309,26 +308,92 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
     return args
 
 
+def steps_per_epoch(cfg: Any, train: Any) -> int | None:
+    """Optimizer steps in one epoch over ``train`` (rows, or packed bins), as the Trainer counts them."""
+    try:
+        rows = len(train)
+    except TypeError:  # an iterable dataset: no epochs to divide
+        return None
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    batches = math.ceil(rows / (cfg.micro_batch_size * world))
+    return max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+
+
+def cadence_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None) -> dict[str, Any]:
+    """When to evaluate and checkpoint, and which checkpoint is best (TrainingArguments fields).
+
+    ``evals_per_epoch: N`` evaluates every ceil(steps_per_epoch / N) steps, as axolotl does; with
+    ``load_best_model_at_end`` checkpoints are put on evaluation steps.
+    """
+
+    def every(n_steps: int | None, per_epoch: int | None) -> int | float | None:
+        if n_steps:
+            return n_steps
+        if not per_epoch:
+            return None
+        if steps_per_epoch:
+            return max(1, math.ceil(steps_per_epoch / per_epoch))
+        # unknown epoch length: a fraction of the whole run (what the Trainer resolves with max_steps)
+        return 1.0 / (per_epoch * cfg.num_epochs) if not cfg.max_steps else max(1, cfg.max_steps // per_epoch)
+
+    args: dict[str, Any] = {}
+    eval_every = every(cfg.eval_steps, cfg.evals_per_epoch) if has_eval else None
+    save_every = every(cfg.save_steps, cfg.saves_per_epoch)
+    if not has_eval or cfg.eval_strategy == "no":
+        args["eval_strategy"] = "no"
+    elif cfg.eval_strategy == "epoch":
+        args["eval_strategy"] = "epoch"
+    elif eval_every:
+        args["eval_strategy"], args["eval_steps"] = "steps", eval_every
+    else:
+        args["eval_strategy"] = "no"
+    if cfg.save_strategy == "epoch":
+        args["save_strategy"] = "epoch"
+    elif save_every and cfg.save_strategy != "no":
+        if cfg.load_best_model_at_end and cfg.saves_per_epoch and isinstance(eval_every, int) and cfg.evals_per_epoch:
+            save_every = eval_every * max(1, cfg.evals_per_epoch // cfg.saves_per_epoch)
+        args["save_strategy"], args["save_steps"] = "steps", save_every
+    else:
+        args["save_strategy"] = "no"
+    if (cfg.load_best_model_at_end or cfg.early_stopping_patience) and args["eval_strategy"] != "no":
+        args["load_best_model_at_end"] = bool(cfg.load_best_model_at_end)
+        args["metric_for_best_model"] = cfg.metric_for_best_model or "eval_loss"
+        if cfg.greater_is_better is not None:
+            args["greater_is_better"] = cfg.greater_is_better
+    return args
+
+
+def cadence_callbacks(cfg: Any, has_eval: bool) -> list[Any]:
+    """Callbacks the cadence settings need (early stopping)."""
+    if not (cfg.early_stopping_patience and has_eval):
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def scheduler_kwargs(cfg: Any) -> dict[str, Any]:
+    """``lr_scheduler_kwargs`` with ``cosine_min_lr_ratio`` folded in (as ``min_lr_rate``)."""
+    kwargs = dict(cfg.lr_scheduler_kwargs or {})
+    if cfg.cosine_min_lr_ratio is not None and "min_lr" not in kwargs:
+        kwargs.setdefault("min_lr_rate", cfg.cosine_min_lr_ratio)
+    return kwargs
+
+
 def _training_fields() -> set[str]:
     from transformers import TrainingArguments
 
     return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
-REPORTERS = {"tensorboard": ("tensorboard", "pip install 'ft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
-
-
 def report_to(cfg: Any) -> list[str] | str:
-    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
-    names = [n for n in names if n and n != "none"]
-    for name in names:
-        module, fix = REPORTERS.get(name, (None, ""))
-        if module and importlib.util.find_spec(module) is None:
-            if name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
-                continue
-            raise MissingDependencyError(f"{cfg.where('report_to')}: reporting to {name} needs the '{module}' "
-                                         f"package, which is not installed: {fix} (or set report_to: none).")
-    return names or "none"
+    """The reporters for TrainingArguments; a missing package is an error with the install command."""
+    from ft.config import reporter_names, reporter_problems
+
+    problems = reporter_problems(cfg)  # checked at validation too; the environment may have changed since
+    if problems:
+        raise MissingDependencyError("\n".join(problems))
+    return reporter_names(cfg) or "none"
 
 
 # -- optimizer and scheduler ---------------------------------------------------------------------
@@ -356,7 +421,7 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     cfg, method, calls = ctx.cfg, ctx.method, ctx.pm.calls
     eval_data = getattr(data, "eval", None)
     args_cls = method.arguments_class() if method.arguments_class else _training_arguments_class()
-    args = training_arguments(cfg, has_eval=eval_data is not None)
+    args = training_arguments(cfg, has_eval=eval_data is not None, steps_per_epoch=steps_per_epoch(cfg, data.train))
 
     optim, optimizer_factory = _choose(ctx.registries.optimizers, cfg.optimizer, cfg.where("optimizer"))
     sched, scheduler_factory = _choose(ctx.registries.schedulers, cfg.lr_scheduler, cfg.where("lr_scheduler"))
@@ -388,7 +453,7 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
         train_dataset=data.train,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[*calls.callbacks(cfg), ft_callbacks[0]],
+        callbacks=[*calls.callbacks(cfg), *cadence_callbacks(cfg, eval_data is not None), ft_callbacks[0]],
         **(extra or {}),
     )
     trainer.ft_state = state
