@@ -25,7 +25,7 @@ from ft_plugins.chat_template import ChatTemplateOptions, build_chat_tokenize
 from pydantic import Field, field_validator
 
 from ft import hookimpl
-from ft.formats import Dropped
+from ft.api import Dropped
 
 # template role -> ShareGPT `from` values
 SHAREGPT_ROLES: dict[str, list[str]] = {"system": ["system"], "user": ["human"], "assistant": ["gpt"]}
