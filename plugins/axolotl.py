@@ -72,8 +72,26 @@ class Conversion:
             head.append("#")
         if len(head) == 3:
             head.append("# Every key was expressed.")
-        body = yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True, width=110, default_flow_style=None)
+        body = yaml.dump(self.config, Dumper=_dumper(), sort_keys=False, allow_unicode=True, width=110)
         return "\n".join(head) + "\n" + body
+
+
+def _dumper() -> type:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Block mappings; short lists of scalars inline ([lora, packing]); multi-line text as a block."""
+
+    def scalars(dumper: Any, items: list) -> Any:
+        flow = all(isinstance(x, (str, int, float, bool)) and not (isinstance(x, str) and "\n" in x) for x in items)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow and len(items) <= 12)
+
+    def text(dumper: Any, value: str) -> Any:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(list, scalars)
+    Dumper.add_representer(str, text)
+    return Dumper
 
 
 def _short(value: Any) -> str:
