@@ -406,8 +406,11 @@ class _Converter:
     def key_optimizer(self, value: Any) -> None:
         if not value:
             return
-        from ft_plugins.optimizers import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
-
+        try:  # the names ft's optimizers plugin registers
+            from ft_plugins.optimizers import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
+        except ImportError:
+            self.core["optimizer"] = value
+            return
         if value in {**TRANSFORMERS_OPTIMIZERS, **BNB_OPTIMIZERS, **TORCHAO_OPTIMIZERS}:
             self.core["optimizer"] = value
         else:
@@ -417,8 +420,11 @@ class _Converter:
     def key_lr_scheduler(self, value: Any) -> None:
         if not value:
             return
-        from ft_plugins.optimizers import SCHEDULERS
-
+        try:
+            from ft_plugins.optimizers import SCHEDULERS
+        except ImportError:
+            self.core["lr_scheduler"] = value
+            return
         if value in SCHEDULERS:
             self.core["lr_scheduler"] = value
         else:
@@ -916,7 +922,7 @@ def _ordered_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 def convert(data: dict[str, Any], source: str | None = None) -> Conversion:
     """An axolotl config (parsed YAML) as an ft config, with notes about what did not carry over."""
-    from ft.errors import FtError
+    from ft.api import FtError
 
     if not isinstance(data, dict):
         raise FtError(f"{source or 'the axolotl config'}: the top level must be a mapping of keys to values.")
@@ -1029,8 +1035,7 @@ def ft_add_commands(cli):
         import sys
         from pathlib import Path
 
-        from ft.config import read_yaml
-        from ft.errors import FtError
+        from ft.api import FtError, read_yaml
 
         raw = read_yaml(source)
         result = convert(raw.data, source)

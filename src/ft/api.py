@@ -9,7 +9,8 @@ Groups:
 - hooks: ``hookimpl``, ``hookspec``
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
   ``is_installed``, ``load_or_explain``
-- config: ``Config`` (the type hooks receive), ``resolve_path``
+- config: ``Config`` (the type hooks receive), ``resolve_path``, ``read_yaml`` (a YAML file with the
+  line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``
@@ -33,7 +34,7 @@ _WHERE = {
     "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
     "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
     # config
-    "Config": "ft.config", "resolve_path": "ft.context",
+    "Config": "ft.config", "resolve_path": "ft.context", "read_yaml": "ft.config", "reporter_names": "ft.config",
     # data sources
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.data", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",
