@@ -87,6 +87,7 @@ class CoreConfig(BaseModel):
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
     _capabilities: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _registries: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -112,6 +113,12 @@ class CoreConfig(BaseModel):
         """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
         ``varlen_attention``: plugins ask for a capability, never for another plugin by name."""
         return capability in self._capabilities
+
+    @property
+    def registries(self) -> Any:
+        """What the loaded plugins registered (``formats``, ``methods``, ``optimizers``, ``schedulers``,
+        ``rewards``), for plugins that resolve names the config gives; None before validation."""
+        return self._registries
 
     def line_of(self, *path: Any) -> int | None:
         return self._lines.get(tuple(path))

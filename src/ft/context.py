@@ -21,7 +21,7 @@ from ft.config import (
 from ft.errors import ConfigError, PluginError
 from ft.methods import EVAL, Method
 from ft.plugins import PluginManager, parse_plugin_args
-from ft.registry import FormatRegistry, MethodRegistry, OptimizerRegistry, SchedulerRegistry
+from ft.registry import FormatRegistry, MethodRegistry, OptimizerRegistry, RewardRegistry, SchedulerRegistry
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Registries:
     methods: MethodRegistry
     optimizers: OptimizerRegistry
     schedulers: SchedulerRegistry
+    rewards: RewardRegistry
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Context:
 
 def collect_registries(pm: PluginManager) -> Registries:
     """Call every registration hook on every loaded plugin, stamping owners."""
-    regs = Registries(SectionRegistry(), FormatRegistry(), MethodRegistry(), OptimizerRegistry(), SchedulerRegistry())
+    regs = Registries(SectionRegistry(), FormatRegistry(), MethodRegistry(), OptimizerRegistry(), SchedulerRegistry(),
+                      RewardRegistry())
     pm.calls.register_all(regs)
     return regs
 
@@ -141,6 +143,7 @@ def load_context(
     )
     cfg.plugins = [n for n in pm.active_names() if pm.infos[n].feature]  # -p too, for ft_validate_config
     cfg._capabilities = pm.provided()
+    cfg._registries = regs  # plugins resolve names the config gives (a GRPO run's rewards)
     problems = []
     for key, registry in (("optimizer", regs.optimizers), ("lr_scheduler", regs.schedulers)):
         name = getattr(cfg, key)
