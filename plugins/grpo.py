@@ -227,7 +227,9 @@ class PromptTokenize:
             ids.update(zip([r for r, _ in texts], encoded, strict=True))
         for r, token_ids in ids.items():
             row = rows[r]
-            out[r] = {"input_ids": list(token_ids), "prompt": row[self.field],
+            # the prompt is kept as JSON text: chat and plain prompts can then share a column, and messages
+            # reach the rewards exactly as written (a table column would add every key of every message to all)
+            out[r] = {"input_ids": list(token_ids), "prompt": json.dumps(row[self.field], ensure_ascii=False),
                       **{k: v for k, v in row.items() if k != self.field}}
         return out
 
@@ -474,7 +476,7 @@ class PromptBatch:
 
 def prompt_collator(cfg: Any, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"prompts": PromptBatch(list(rows))}
+        return {"prompts": PromptBatch([{**r, "prompt": json.loads(r["prompt"])} for r in rows])}
 
     return collate
 

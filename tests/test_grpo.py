@@ -1,0 +1,450 @@
+"""GRPO as a method plugin: the prompt format, the config checks, the shipped rewards, and runs on the
+tiny model (metrics, sample completions, reward errors, NaN rewards, lora/qlora with a reference)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ft import hookimpl
+from ft.context import load_context
+from ft.errors import ConfigError, FtError
+from ft.testing import registered_plugin
+
+QUESTION = "What is {a} plus {b}?"
+
+
+def write_prompts(path: Path, n: int = 16, seed: int = 0, chat: bool = True) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        text = QUESTION.format(a=a, b=b)
+        rows.append({"prompt": [{"role": "user", "content": text}] if chat else text, "answer": str(a + b),
+                     "level": a % 3})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def grpo_config(root: Path, model_dir: Path, *, grpo: dict | None = None, **overrides) -> Path:
+    data = write_prompts(root / "prompts.jsonl")
+    config = {
+        "base_model": str(model_dir),
+        "method": "grpo",
+        "datasets": [{"path": str(data), "type": "prompt"}],
+        "sequence_len": 64,
+        "dataset_prepared_path": str(root / "prepared"),
+        "dataset_num_proc": 1,
+        "output_dir": str(root / "out"),
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "learning_rate": 1.0e-3,
+        "seed": 3,
+        "grpo": {"num_generations": 4, "max_completion_len": 8,
+                 "rewards": [{"name": "length_penalty", "unit": "characters", "target": 10},
+                             {"name": "regex_match", "pattern": "{answer}", "weight": 0.5}],
+                 **(grpo or {})},
+        **overrides,
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def problems_of(config) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_context(config)
+    return "\n".join(info.value.problems)
+
+
+# -- config checks (no model) -------------------------------------------------------------------------
+
+
+def test_an_unknown_reward_is_refused_with_file_line_and_a_suggestion(tmp_path):
+    config = grpo_config(tmp_path, Path("no/model"), grpo={"rewards": [{"name": "exact_mach"}]})
+    text = problems_of(config)
+    assert f"{config}:" in text
+    assert "grpo.rewards[0].name: unknown reward 'exact_mach'. Did you mean 'exact_match'?" in text
+
+
+def test_reward_options_are_validated_with_their_location(tmp_path):
+    config = grpo_config(tmp_path, Path("no/model"), grpo={"rewards": [
+        {"name": "regex_match", "pattern": "(unclosed"},
+        {"name": "length_penalty", "traget": 10},
+        {"name": "exact_match", "weight": 2.0, "extract": "#### (\\d+)"},
+    ]})
+    text = problems_of(config)
+    assert "grpo.rewards[0].pattern: Value error, not a valid regular expression" in text
+    assert "grpo.rewards[1].traget: reward 'length_penalty' has no option 'traget'; its options: target, per_token" in text
+    assert "rewards[2]" not in text  # a valid entry
+
+
+def test_groups_must_fit_in_a_step_and_rewards_are_needed(tmp_path):
+    config = grpo_config(tmp_path, Path("no/model"), micro_batch_size=3, gradient_accumulation_steps=1,
+                         grpo={"rewards": []})
+    text = problems_of(config)
+    assert "micro_batch_size: micro_batch_size x gradient_accumulation_steps (3 x 1 = 3 completions per device and " \
+           "step) must be a multiple of grpo.num_generations (4)" in text
+    assert "method grpo needs at least one reward" in text
+
+
+def test_sft_formats_and_features_are_refused_for_grpo(tmp_path):
+    config = grpo_config(tmp_path, Path("no/model"), plugins=["packing"], val_set_size=0.1)
+    raw = yaml.safe_load(config.read_text())
+    raw["datasets"][0]["type"] = "chat_template"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    text = problems_of(config)
+    assert "dataset type 'chat_template' gives input_ids, labels, but method 'grpo' needs input_ids, prompt " \
+           "(missing: prompt). Types for this method: prompt." in text
+    assert "plugin 'packing' needs packing, which method 'grpo' does not support" in text
+    assert "method 'grpo' has no evaluation; remove val_set_size." in text
+
+
+def test_a_grpo_section_without_method_grpo_is_refused(tmp_path):
+    config = grpo_config(tmp_path, Path("no/model"))
+    raw = yaml.safe_load(config.read_text())
+    del raw["method"]
+    raw["datasets"][0]["type"] = "chat_template"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "section 'grpo' configures method 'grpo', but the method is 'sft'. Set `method: grpo`" in problems_of(config)
+
+
+def test_vllm_needs_a_generating_method(tmp_path, chat_jsonl):
+    config = {"base_model": "m", "datasets": [{"path": str(chat_jsonl), "type": "chat_template"}], "plugins": ["vllm"]}
+    with pytest.raises(ConfigError) as info:
+        load_context(config)
+    assert "plugin 'vllm' needs generation, which method 'sft' does not support" in str(info.value)
+
+
+# -- the prompt format ---------------------------------------------------------------------------------
+
+
+def test_prompts_are_rendered_with_the_generation_prompt_and_keep_every_column(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ft.run import preprocess
+
+    config = grpo_config(tmp_path, tiny_model_dir)
+    rows = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "Once upon a time", "answer": "x", "level": 1}) + "\n"
+                     + json.dumps({"question": "no prompt field"}) + "\n"
+                     + json.dumps({"prompt": [{"role": "user"}]}) + "\n")
+    raw = yaml.safe_load(config.read_text())
+    raw["datasets"].append({"path": str(plain), "type": "prompt"})
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    data, tok = preprocess(load_context(config))
+    ref = AutoTokenizer.from_pretrained(tiny_model_dir)
+    got = {tuple(r["input_ids"]): r for r in data.train}
+    for row in rows:
+        ids = ref.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                      return_dict=True)["input_ids"]
+        sample = got[tuple(ids)]
+        assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+        assert json.loads(sample["prompt"]) == row["prompt"]  # kept as written, as JSON text
+        assert sample["answer"] == row["answer"] and sample["level"] == row["level"]
+    assert tuple(ref("Once upon a time")["input_ids"]) in got  # a plain prompt is used as it is
+    assert len(data.train) == len(rows) + 1
+    report = data.report if hasattr(data, "report") else None
+    if report is not None:
+        text = str(report)
+        assert "missing field 'prompt'" in text and "malformed messages" in text
+
+
+def test_a_column_named_like_a_reward_argument_is_an_error_naming_the_row(tiny_model_dir, tmp_path):
+    from ft.run import preprocess
+
+    config = grpo_config(tmp_path, tiny_model_dir)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "hi", "completions": 3}) + "\n")
+    with pytest.raises(FtError) as info:
+        preprocess(load_context(config))
+    assert f"{tmp_path / 'prompts.jsonl'}:1" in str(info.value)
+    assert "column 'completions' has a name ft uses itself" in str(info.value)
+
+
+# -- the shipped rewards --------------------------------------------------------------------------------
+
+
+def reward(name: str, **options):
+    from ft_plugins import rewards
+
+    registered = {"exact_match": (rewards.exact_match, rewards.ExactMatchOptions),
+                  "regex_match": (rewards.regex_match, rewards.RegexMatchOptions),
+                  "json_schema": (rewards.json_schema, rewards.JsonSchemaOptions),
+                  "length_penalty": (rewards.length_penalty, rewards.LengthPenaltyOptions)}[name]
+    factory, model = registered
+    return factory(model(**options), None)
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def test_exact_match_compares_with_the_answer_column():
+    fn = reward("exact_match", extract=r"answer is (\d+)")
+    got = fn(prompts=["q"] * 4, completions=[chat("The answer is 7."), chat("the answer is 8"), "no number", "x"],
+             completion_ids=[[1]] * 4, answer=["7", "7", "7", None])
+    assert got == [1.0, 0.0, 0.0, None]
+    assert reward("exact_match")(prompts=["q"], completions=[" 12 "], completion_ids=[[1]], answer=[12]) == [1.0]
+    with pytest.raises(FtError, match="reward 'exact_match' compares with column 'answer', which the rows do not have"):
+        reward("exact_match")(prompts=["q"], completions=["1"], completion_ids=[[1]], solution=["1"])
+
+
+def test_regex_match_fills_columns_into_the_pattern():
+    fn = reward("regex_match", pattern=r"The result is {answer}\.")
+    got = fn(prompts=["q"] * 3, completions=["The result is 1+1.", "The result is 11.", "The result is 2."],
+             completion_ids=[[1]] * 3, answer=["1+1", "1", "2"])
+    assert got == [1.0, 0.0, 1.0]  # the answer is escaped: '+' is literal
+    full = reward("regex_match", pattern=r"\d+", full=True)
+    assert full(prompts=["q"] * 2, completions=["42", "42 apples"], completion_ids=[[1]] * 2) == [1.0, 0.0]
+
+
+def test_json_schema_needs_valid_json_that_matches():
+    pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    fn = reward("json_schema", schema=schema)
+    got = fn(prompts=["q"] * 4, completion_ids=[[1]] * 4, completions=[
+        chat('{"name": "Ada", "age": 36}'), chat('```json\n{"name": "Ada", "age": 36}\n```'),
+        chat('{"name": "Ada", "age": "36"}'), chat("not json")])
+    assert got == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(FtError, match="not a valid JSON Schema"):
+        reward("json_schema", schema={"type": "no-such-type"})
+
+
+def test_length_penalty_counts_tokens_or_characters():
+    fn = reward("length_penalty", target=3, per_token=0.5)
+    assert fn(prompts=["q"] * 3, completions=["a", "b", "c"], completion_ids=[[1], [1, 2, 3], [1] * 5]) == [0.0, 0.0, -1.0]
+    both = reward("length_penalty", target=4, per_token=1.0, unit="characters", two_sided=True)
+    assert both(prompts=["q"] * 2, completions=["ab", "abcdef"], completion_ids=[[1], [1]]) == [-2.0, -2.0]
+
+
+# -- runs on the tiny model -----------------------------------------------------------------------------
+
+run_marks = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One run: 2 prompts x 4 completions per step (micro-batches of 4, accumulation 2), beta 0.05."""
+    from ft.run import run
+
+    root = tmp_path_factory.mktemp("grpo-run")
+    config = grpo_config(root, tiny_model_dir, max_steps=4, grpo={"beta": 0.05, "log_completions_steps": 3})
+    return root, run(config)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_logs_rewards_length_clip_ratio_kl_and_entropy(trained, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    root, result = trained
+    out = root / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    for row in history:
+        for key in ("reward", "reward_std", "reward/length_penalty/mean", "reward/length_penalty/std",
+                    "reward/regex_match/mean", "reward/regex_match/std", "completion_length", "clip_ratio", "kl",
+                    "entropy", "loss", "grad_norm"):
+            assert key in row and math.isfinite(row[key]), (key, row)
+        assert 1 <= row["completion_length"] <= 8
+        assert row["reward/regex_match/mean"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+        # the weighted reward is the sum of the weighted rewards' means
+        assert row["reward"] == pytest.approx(row["reward/length_penalty/mean"] + 0.5 * row["reward/regex_match/mean"],
+                                              abs=1e-5)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+    assert history[-1]["kl"] > 0
+    assert metrics["summary"]["method"] == "grpo"
+    assert "reward/length_penalty/mean" in metrics["summary"]["method_metrics"]
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    # 2 prompts x 4 completions per step, 8 tokens at most each, trained tokens = completion tokens
+    assert metrics["summary"]["trained_tokens"] == pytest.approx(sum(r["completion_length"] for r in history) * 8)
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sample_completions_are_logged_every_n_steps(trained):
+    root, _ = trained
+    lines = [json.loads(x) for x in (root / "out" / "completions.jsonl").read_text().splitlines()]
+    assert sorted({x["step"] for x in lines}) == [1, 3]
+    assert len(lines) == 2 * 8  # every completion of the logged steps
+    first = lines[0]
+    assert first["prompt"][0]["role"] == "user" and isinstance(first["completion"], str)
+    assert set(first["rewards"]) == {"length_penalty", "regex_match"}
+    assert first["reward"] == pytest.approx(first["rewards"]["length_penalty"] + 0.5 * first["rewards"]["regex_match"],
+                                            abs=1e-5)
+    groups = [lines[i:i + 4] for i in range(0, 8, 4)]
+    for group in groups:  # advantages are relative to the group: they sum to ~0
+        assert len({json.dumps(x["prompt"]) for x in group}) == 1
+        assert abs(sum(x["advantage"] for x in group)) < 1e-3
+
+
+class FailingReward:
+    """Rewards that misbehave on the prompt whose answer is 7."""
+
+    @hookimpl
+    def ft_register_rewards(register):
+        def crashes(prompts, completions, completion_ids, answer, **kwargs):
+            return [1.0 / (int(a) - 7) for a in answer]
+
+        def nan_on_seven(prompts, completions, completion_ids, answer, **kwargs):
+            return [math.nan if a == "7" else 1.0 - len(ids) / 8 for a, ids in zip(answer, completion_ids, strict=True)]
+
+        register.add("crashes_on_seven", crashes)
+        register.add("nan_on_seven", nan_on_seven)
+
+
+def sevens(root: Path) -> None:
+    rows = [{"prompt": [{"role": "user", "content": "What is 3 plus 4?"}], "answer": "7"}] * 4
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_reward_that_raises_is_reported_with_its_name_and_the_row(tiny_model_dir, tmp_path):
+    from ft.run import run
+
+    config = grpo_config(tmp_path, tiny_model_dir, grpo={"rewards": [{"name": "crashes_on_seven"}]})
+    sevens(tmp_path)
+    with registered_plugin(FailingReward, "failing_reward"), pytest.raises(FtError) as info:
+        run(config)
+    text = str(info.value)
+    assert "reward 'crashes_on_seven' (plugin 'failing_reward') raised ZeroDivisionError: float division by zero" in text
+    assert 'on this row: {"prompt": [{"role": "user", "content": "What is 3 plus 4?"}], "completion": ' in text
+    assert '"answer": "7"' in text
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_reward_follows_the_health_policy(policy, tiny_model_dir, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from ft.run import run
+
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, health={"on_nonfinite": policy, "watch": False},
+                         grpo={"rewards": [{"name": "nan_on_seven"}]})
+    sevens(tmp_path)
+    with registered_plugin(FailingReward, "failing_reward"):
+        if policy == "stop":
+            with pytest.raises(FtError) as info:
+                run(config)
+            assert "training stopped at step 1: the loss is NaN" in str(info.value)
+        else:
+            result = run(config)
+            assert result.metrics["warnings"][0]["check"] == "nonfinite"
+            before = load_file(tiny_model_dir / "model.safetensors")
+            after = load_file(tmp_path / "out" / "model.safetensors")
+            assert all((before[k] == after[k]).all() for k in before)  # both steps were skipped
+    assert "reward 'nan_on_seven' returned nan for 8 completion(s)" in caplog.text
+    assert "health.on_nonfinite decides" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_reward_model_scores_completions(tiny_model_dir, tmp_path):
+    """Any sequence-classification checkpoint: here a tiny random Llama classifier made on the spot."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from ft.run import run
+
+    rm_dir = tmp_path / "rm"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                    num_labels=1, pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>")))
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2,
+                         grpo={"rewards": [{"name": "reward_model", "model": str(rm_dir), "batch_size": 3}]})
+    result = run(config)
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    scores = [r["reward/reward_model/mean"] for r in history]
+    assert all(math.isfinite(s) and s != 0.0 for s in scores)
+    assert all(r["reward/reward_model/std"] > 0 for r in history)  # completions score differently
+    assert result.metrics["steps"] == 2
+    # the reward is the classifier's score of prompt + completion in its chat template
+    line = json.loads((tmp_path / "out" / "completions.jsonl").read_text().splitlines()[0])
+    text = tok.apply_chat_template([*line["prompt"], {"role": "assistant", "content": line["completion"]}], tokenize=False)
+    with torch.no_grad():
+        expected = float(rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+    assert line["rewards"]["reward_model"] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("plugins", [["lora"], ["lora", "qlora"]])
+def test_lora_and_qlora_train_an_adapter_against_the_adapter_disabled_base(plugins, tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    from ft.run import run
+
+    if "qlora" in plugins:
+        pytest.importorskip("bitsandbytes")
+    caplog.set_level(logging.INFO)
+    config = grpo_config(tmp_path, tiny_model_dir, plugins=plugins, max_steps=3, learning_rate=5e-3, bf16=False,
+                         lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, grpo={"beta": 0.1})
+    result = run(config)
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert "grpo: reference model = the base model with the adapter disabled (no second copy in memory)" in caplog.text
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6) and history[-1]["kl"] > 0
+    assert result.metrics["steps"] == 3
+
+
+THIRD_PARTY = '''
+    """A third-party reward, installed from its own distribution."""
+    from ft import hookimpl
+
+
+    def says_the_answer(prompts, completions, completion_ids, answer, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [1.0 if a in t else 0.0 for t, a in zip(texts, answer)]
+
+
+    @hookimpl
+    def ft_register_rewards(register):
+        register.add("says_the_answer", says_the_answer)
+'''
+
+
+@pytest.mark.slow
+def test_a_pip_installed_reward_works(tiny_model_dir, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "ft_answer_reward.py").write_text(textwrap.dedent(THIRD_PARTY))
+    info = site / "ft_answer_reward-0.2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-answer-reward\nVersion: 0.2.0\n")
+    (info / "entry_points.txt").write_text("[ft]\nanswer_reward = ft_answer_reward\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "says_the_answer"}]})
+    listed = subprocess.run([sys.executable, "-m", "ft.cli", "plugins"], env=env, capture_output=True, text=True)
+    assert "answer_reward" in listed.stdout and "ft-answer-reward 0.2.0" in listed.stdout
+    assert "ft_register_rewards" in listed.stdout
+    proc = subprocess.run([sys.executable, "-m", "ft.cli", "run", str(config)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert all("reward/says_the_answer/mean" in r for r in history)
