@@ -448,3 +448,160 @@ def test_a_pip_installed_reward_works(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert all("reward/says_the_answer/mean" in r for r in history)
+
+
+# -- kill -9 and resume ---------------------------------------------------------------------------------
+
+KILLED_AT = 3
+PAUSE_AT_STEP = textwrap.dedent('''
+    """ft run that writes a marker and waits (to be killed) when optimizer step N has ended."""
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+    from ft import hookimpl
+    from ft.plugins import add_process_plugin
+
+    config, marker, step = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+
+
+    class Pause:
+        @hookimpl
+        def ft_callbacks(cfg):
+            from transformers import TrainerCallback
+
+            class AtStepEnd(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    if state.global_step == step:
+                        marker.write_text("paused")
+                        time.sleep(600)
+
+            return [AtStepEnd()]
+
+
+    add_process_plugin("pause", Pause)
+    sys.argv = ["ft", "run", config]
+    from ft.cli import main
+
+    main()
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Killed with SIGKILL after step 3 (checkpoint-2 is the last one): `ft run` resumes from it and steps 3-6
+    generate the same completions and give the same rewards and losses as a run that was never killed.
+    num_iterations 2: each batch of completions trains two steps, and checkpoints fall between batches."""
+    import signal
+    import time
+
+    from ft.run import run
+
+    settings = dict(max_steps=6, save_steps=2, grpo={"num_iterations": 2, "beta": 0.05, "log_completions_steps": 1})
+    ref_root, root = tmp_path / "reference", tmp_path / "killed"
+    ref_root.mkdir()
+    root.mkdir()
+    reference = run(grpo_config(ref_root, tiny_model_dir, **settings))
+    config = grpo_config(root, tiny_model_dir, **settings)
+
+    script, marker = root / "pausing_run.py", root / "paused"
+    script.write_text(PAUSE_AT_STEP)
+    proc = subprocess.Popen([sys.executable, str(script), str(config), str(marker), str(KILLED_AT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "FT_NO_PROGRESS": "1"})
+    try:
+        deadline = time.monotonic() + 600  # a hang guard, not a speed requirement
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the step"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = root / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    logged = [json.loads(x)["step"] for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert max(logged) == KILLED_AT  # the killed run had logged step 3's completions already
+
+    resumed = run(config)
+    assert resumed.metrics["resumed_from"] == str(out / "checkpoint-2")
+    want = {r["step"]: r for r in json.loads((ref_root / "out" / "metrics.json").read_text())["history"]}
+    got = {r["step"]: r for r in json.loads((out / "metrics.json").read_text())["history"]}
+    assert sorted(got) == list(range(1, 7))
+    for step in range(3, 7):
+        for key in ("loss", "grad_norm", "kl", "entropy"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-7), (step, key)
+    for step in (3, 5):  # generation steps: the same completions, so the same rewards
+        for key in ("reward", "completion_length"):
+            assert got[step][key] == pytest.approx(want[step][key], abs=1e-6), (step, key)
+    assert "reward" not in got[4]  # the second iteration on step 3's completions generates nothing
+    lines = (out / "completions.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines]
+    assert steps == sorted(steps) and steps.count(3) == steps.count(1), "step 3 is logged once, after the resume"
+    assert lines == (ref_root / "out" / "completions.jsonl").read_text().splitlines()
+    assert resumed.metrics["steps"] == reference.metrics["steps"] == 6
+
+
+# -- two processes over gloo ------------------------------------------------------------------------------
+
+PROBE_REWARD = '''
+    """A reward that records, per rank, which prompts it scored (and how many completions of each)."""
+    import json
+    import os
+
+    from ft import hookimpl
+
+
+    def probe(prompts, completions, completion_ids, answer, **kwargs):
+        path = os.path.join(os.environ["FT_PROBE_DIR"], f"rank{os.environ.get('RANK', '0')}.jsonl")
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"prompts": [p[0]["content"] for p in prompts]}) + "\\n")
+        return [1.0 if a in (c[0]["content"]) else -len(ids) / 8 for c, a, ids in zip(completions, answer, completion_ids)]
+
+
+    @hookimpl
+    def ft_register_rewards(register):
+        register.add("probe", probe)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_each_generate_for_their_own_prompts(tiny_model_dir, tmp_path):
+    site, probe = tmp_path / "site", tmp_path / "probe"
+    site.mkdir()
+    probe.mkdir()
+    (site / "ft_probe_reward.py").write_text(textwrap.dedent(PROBE_REWARD))
+    info = site / "ft_probe_reward-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-probe-reward\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ft]\nprobe_reward = ft_probe_reward\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "FT_PROBE_DIR": str(probe)}
+    for var in ("FT_DISABLE_PLUGIN_AUTOLOAD", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    # 16 distinct prompts; per step each rank takes 2 prompts x 4 completions (micro-batches of 4, accumulation 2)
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=3, grpo={"rewards": [{"name": "probe"}],
+                                                                    "scale_rewards": "batch", "beta": 0.05})
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)} for i in range(16)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, "-m", "ft.cli", "run", str(config), "--nproc", "2"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+
+    calls = {r: [json.loads(x)["prompts"] for x in (probe / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert [len(c) for c in calls.values()] == [3, 3], "each rank scores its own completions, once per step"
+    for step in range(3):
+        mine = [calls[r][step] for r in (0, 1)]
+        for scored in mine:  # 2 prompts x 4 completions, grouped
+            assert len(scored) == 8 and len(set(scored[:4])) == 1 and len(set(scored[4:])) == 1
+        assert not set(mine[0]) & set(mine[1]), "the two ranks generate for different prompts"
+    seen = [p for r in (0, 1) for step in calls[r] for p in set(step)]
+    assert len(seen) == len(set(seen)) == 12, "no prompt is used twice within the epoch"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["summary"]["steps"] == 3 and all("reward/probe/mean" in r for r in metrics["history"])
+    assert proc.stdout.count("training finished") == 1
