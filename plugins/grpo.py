@@ -45,6 +45,7 @@ log = logging.getLogger("ft.grpo")
 GENERATION = "generation"  # the method feature generation backends need (FT_METHOD_FEATURE of the vllm plugin)
 COLUMNS = ("input_ids", "prompt")
 COMPLETIONS_FILE = "completions.jsonl"
+NO_SIGNAL_STEPS = 5  # generations in a row without any reward difference inside a group: warn
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")  # the reward functions' own arguments
 METRICS = ("reward", "reward_std", "completion_length", "entropy", "clip_ratio", "kl", "completion_truncated",
            "frac_reward_zero_std")
@@ -619,6 +620,7 @@ def trainer_class() -> type:
             self._synced_step = -1
             self._buffer: list[dict[str, Any]] | None = None
             self._micro = 0
+            self._flat_steps = 0
             self._log_ready = False
             base = self.accelerator.unwrap_model(self.model)
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -753,6 +755,7 @@ def trainer_class() -> type:
                 metrics[f"reward/{reward.name}/mean"] = torch.nanmean(column)
                 metrics[f"reward/{reward.name}/std"] = nanstd(column)
             self._record(metrics)
+            self._watch_signal(bool((std < 1e-8).all()))
             self._log_completions(prompts, texts, values, rewards, advantages)
             return self._micro_batches(prompt_ids, completion_ids, advantages)
 
@@ -788,6 +791,21 @@ def trainer_class() -> type:
             logits = self.reference.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                             position_ids=batch["position_ids"], use_cache=False, **extra).logits
             return completion_logps(logits[:, -(width + 1):-1], batch["completion_ids"], self.grpo.temperature)[0]
+
+        def _watch_signal(self, flat: bool) -> None:
+            """Warn once when, NO_SIGNAL_STEPS generations in a row, every group got equal rewards (no gradient)."""
+            self._flat_steps = self._flat_steps + 1 if flat else 0
+            if self._flat_steps != NO_SIGNAL_STEPS or not self.is_world_process_zero():
+                return
+            message = (f"for {NO_SIGNAL_STEPS} generations in a row, every group's completions got the same reward, "
+                       "so the advantages and the gradient are 0 and nothing is learned. Check what the rewards give "
+                       f"({COMPLETIONS_FILE} in the output directory shows them); a reward that rarely pays needs "
+                       "more num_generations, a higher temperature, or a graded reward next to it.")
+            log.warning("grpo: %s", message)
+            state = getattr(self, "ft_state", None)
+            if state is not None:
+                state.warnings.append({"check": "grpo_no_signal", "step": self.state.global_step + 1,
+                                       "message": message})
 
         def _report_nonfinite(self, bad, per_func, prompts, completions):
             row, j = (int(x) for x in bad.nonzero()[0])

@@ -269,6 +269,7 @@ def test_a_run_logs_rewards_length_clip_ratio_kl_and_entropy(trained, tiny_model
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
     assert history[-1]["kl"] > 0
     assert metrics["summary"]["method"] == "grpo"
+    assert metrics["summary"]["warnings"] == []  # the health watch does not judge an RL loss as an SFT loss
     assert "reward/length_penalty/mean" in metrics["summary"]["method_metrics"]
     assert (out / "training_curves.png").stat().st_size > 10_000
     # 2 prompts x 4 completions per step, 8 tokens at most each, trained tokens = completion tokens
@@ -293,6 +294,22 @@ def test_sample_completions_are_logged_every_n_steps(trained):
     for group in groups:  # advantages are relative to the group: they sum to ~0
         assert len({json.dumps(x["prompt"]) for x in group}) == 1
         assert abs(sum(x["advantage"] for x in group)) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_rewards_that_never_differ_within_a_group_are_reported_as_no_signal(tiny_model_dir, tmp_path):
+    from ft.run import run
+
+    # the random tiny model never answers a sum right: every completion scores 0, every advantage is 0
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=5, gradient_accumulation_steps=1,
+                         grpo={"rewards": [{"name": "exact_match"}]})
+    result = run(config)
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert all(r["grad_norm"] == 0.0 and r["frac_reward_zero_std"] == 1.0 for r in history)
+    (warning,) = result.metrics["warnings"]  # and not health's "frozen weights" for the zero gradient
+    assert warning["check"] == "grpo_no_signal" and warning["step"] == 5
+    assert "every group's completions got the same reward" in warning["message"]
 
 
 class FailingReward:

@@ -24,6 +24,10 @@ from typing import Any
 # which of these it needs (``FT_METHOD_FEATURE = "packing"`` in its module).
 PACKING = "packing"
 EVAL = "eval"
+# The health watch may judge the loss curve: it falls as the model learns, and a zero gradient means frozen
+# weights. Not so for RL objectives (GRPO's loss hovers around 0; a step whose groups all got equal rewards
+# has no gradient), whose methods leave it out.
+LOSS_WATCH = "loss_watch"
 
 SFT_COLUMNS = ("input_ids", "labels")
 
@@ -45,8 +49,8 @@ class Method:
         trainer_kwargs: ``(cfg, model, tokenizer, data) -> dict`` of extra keyword arguments for
             the Trainer (a reference model, reward functions), or None.
         metrics: names of the metrics it logs through ``ft_record``, in plotting order.
-        features: which features apply (``"packing"``, ``"eval"``); a selected plugin that needs
-            one the method lacks, or eval data for a method without ``"eval"``, is a config error.
+        features: which features apply (``"packing"``, ``"eval"``, ``"loss_watch"``); a selected plugin that
+            needs one the method lacks, or eval data for a method without ``"eval"``, is a config error.
         section: the config section holding the method's settings (default: the method's name);
             a section of a method that is not chosen is a config error.
         description: one line for ``ft plugins`` and the docs.
@@ -59,7 +63,7 @@ class Method:
     arguments_class: Callable[[], type] | None = None
     trainer_kwargs: Callable[..., dict[str, Any]] | None = None
     metrics: tuple[str, ...] = ()
-    features: frozenset[str] = field(default_factory=lambda: frozenset({PACKING, EVAL}))
+    features: frozenset[str] = field(default_factory=lambda: frozenset({PACKING, EVAL, LOSS_WATCH}))
     section: str | None = None
     description: str = ""
 
