@@ -793,11 +793,12 @@ def trainer_class() -> type:
             return completion_logps(logits[:, -(width + 1):-1], batch["completion_ids"], self.grpo.temperature)[0]
 
         def _watch_signal(self, flat: bool) -> None:
-            """Warn once when, NO_SIGNAL_STEPS generations in a row, every group got equal rewards (no gradient)."""
-            self._flat_steps = self._flat_steps + 1 if flat else 0
+            """Warn once when the first NO_SIGNAL_STEPS generations all gave every group equal rewards: no gradient,
+            nothing learned (later, equal rewards mostly mean the policy has converged)."""
+            self._flat_steps = self._flat_steps + 1 if flat else -(10**9)  # a signal once: never warn
             if self._flat_steps != NO_SIGNAL_STEPS or not self.is_world_process_zero():
                 return
-            message = (f"for {NO_SIGNAL_STEPS} generations in a row, every group's completions got the same reward, "
+            message = (f"in the first {NO_SIGNAL_STEPS} generations, every group's completions got the same reward, "
                        "so the advantages and the gradient are 0 and nothing is learned. Check what the rewards give "
                        f"({COMPLETIONS_FILE} in the output directory shows them); a reward that rarely pays needs "
                        "more num_generations, a higher temperature, or a graded reward next to it.")
@@ -872,6 +873,58 @@ def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad: int, 
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
             "completion_ids": ids[:, p_width:], "completion_mask": completion_mask.to(device),
             "labels": labels.to(device)}
+
+
+CURVES_FILE = "grpo_curves.png"
+
+
+@hookimpl
+def ft_after_train(cfg, trainer):
+    """``grpo_curves.png``: the rewards, completion length, and entropy / KL / clip ratio, each on its own scale
+    (``training_curves.png`` draws every method metric in one panel)."""
+    if cfg.method != "grpo" or not trainer.is_world_process_zero():
+        return
+    path = Path(cfg.output_dir) / "metrics.json"
+    if path.is_file():
+        plot_grpo(json.loads(path.read_text(encoding="utf-8")).get("history", []), Path(cfg.output_dir) / CURVES_FILE)
+
+
+def plot_grpo(history: list[dict[str, Any]], path: Path) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(key: str) -> tuple[list[Any], list[Any]]:
+        rows = [r for r in history if r.get(key) is not None]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    fig = Figure(figsize=(15, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_reward, ax_length, ax_policy = fig.subplots(1, 3)
+    steps, mean = series("reward")
+    _, std = series("reward_std")
+    if mean:
+        ax_reward.plot(steps, mean, "-", lw=2, color="black", label="reward (weighted sum)")
+        if len(std) == len(mean):
+            ax_reward.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                                   [m + s for m, s in zip(mean, std, strict=True)], color="black", alpha=0.1)
+    names = sorted({k[len("reward/"):-len("/mean")] for r in history for k in r
+                    if k.startswith("reward/") and k.endswith("/mean")})
+    for name in names:
+        ax_reward.plot(*series(f"reward/{name}/mean"), "--", label=name)
+    ax_length.plot(*series("completion_length"), color="tab:green")
+    for key in ("entropy", "kl", "clip_ratio"):
+        if any(key in r for r in history):
+            ax_policy.plot(*series(key), label=key)
+    for ax, title in ((ax_reward, "reward (mean; band: std)"), (ax_length, "completion length (tokens)"),
+                      (ax_policy, "entropy, KL, clip ratio")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return str(path)
 
 
 @hookimpl

@@ -272,6 +272,7 @@ def test_a_run_logs_rewards_length_clip_ratio_kl_and_entropy(trained, tiny_model
     assert metrics["summary"]["warnings"] == []  # the health watch does not judge an RL loss as an SFT loss
     assert "reward/length_penalty/mean" in metrics["summary"]["method_metrics"]
     assert (out / "training_curves.png").stat().st_size > 10_000
+    assert (out / "grpo_curves.png").stat().st_size > 10_000  # rewards, length and policy statistics apart
     # 2 prompts x 4 completions per step, 8 tokens at most each, trained tokens = completion tokens
     assert metrics["summary"]["trained_tokens"] == pytest.approx(sum(r["completion_length"] for r in history) * 8)
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -622,3 +623,19 @@ def test_ddp_two_processes_each_generate_for_their_own_prompts(tiny_model_dir, t
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["summary"]["steps"] == 3 and all("reward/probe/mean" in r for r in metrics["history"])
     assert proc.stdout.count("training finished") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_example_learns_to_answer_with_a_number_and_stop(tmp_path):
+    """examples/grpo.yaml: the tiny random model's mean reward climbs from below 0 to about 1."""
+    from ft.run import run
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "grpo.yaml"
+    result = run(example, overrides=[f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'prep'}"])
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert history[0]["reward"] < 0 and history[0]["completion_length"] == 16
+    assert history[-1]["reward"] > 0.9 and history[-1]["completion_length"] < 4
+    assert result.metrics["warnings"] == []
+    last = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()][-16:]
+    assert sum(x["completion"].strip().isdigit() for x in last) >= 12
