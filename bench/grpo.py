@@ -7,8 +7,9 @@
 Both sides train the same model on the same chat prompts with colocated Hugging Face generation,
 the same group size, completions per step, completion length, sampling settings, reward (a length
 penalty), loss (dapo, beta 0, one iteration), learning rate and number of optimizer steps, in fp32
-on the CPU. Each run is its own subprocess, sides alternate, and each side runs ``--repeats``
-times: the machine may be shared, so medians are reported with every run's figure.
+on the CPU, with ``--threads`` torch threads (default 1). Each run is its own subprocess, sides
+alternate, and each side runs ``--repeats`` times: the machine may be shared, so medians are
+reported with every run's figure.
 
 Measured: prompts per second = steps x prompts per step / the Trainer's ``train_runtime`` (the
 time inside ``trainer.train()``: generation, scoring, loss, backward, optimizer; model loading
@@ -107,7 +108,8 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "FT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "FT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+               "OMP_NUM_THREADS": str(args.threads)}
         command = [sys.executable, __file__, "--side", side, "--work", tmp, *_passthrough(args)]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
@@ -121,7 +123,7 @@ def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
             "--num-generations", str(args.num_generations), "--max-completion-len", str(args.max_completion_len),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--threads", str(args.threads)]
 
 
 def main() -> None:
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--max-completion-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadiest on a busy machine)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--side", choices=("ft", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -141,6 +144,7 @@ def main() -> None:
     if args.side:  # a child: one run, one JSON line
         import torch
 
+        torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         result = (run_ft if args.side == "ft" else run_trl)(args, Path(args.work))
         print(json.dumps(result))
@@ -161,7 +165,7 @@ def main() -> None:
     medians = {side: statistics.median(r["prompts_per_second"] for r in rs) for side, rs in runs.items()}
     speedup = medians["ft"] / medians["trl"]
     report = {
-        "model": model_name, "device": "cpu", "threads": os.cpu_count(),
+        "model": model_name, "device": "cpu", "torch_threads": args.threads, "cpus": os.cpu_count(),
         "setting": {"steps": args.steps, "prompts_per_step": args.prompts_per_step,
                     "num_generations": args.num_generations, "max_completion_len": args.max_completion_len,
                     "loss_type": "dapo", "beta": 0.0, "generation": "Hugging Face generate, colocated"},

@@ -86,7 +86,8 @@ class GRPOOptions(BaseModel):
                                 "the policy that generated them).")
     beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference policy; 0 loads no reference.")
     rewards: list[RewardEntry] = Field(default_factory=list, description="Reward functions and their weights, e.g. "
-                                       "[{name: exact_match, weight: 1.0, field: answer}].")
+                                       "[{name: exact_match, weight: 1.0, field: answer}]; an entry's other keys are "
+                                       "the reward's options (docs/rl.md), checked at validation.")
     log_completions_steps: int | None = Field(
         None, ge=0, description="Write sample completions to OUTPUT_DIR/completions.jsonl every N steps "
         "(default: logging_steps; 0 = never).")

@@ -142,7 +142,7 @@ FIXTURES = ("ft_tiny_model_dir", "ft_tiny_tokenizer", "ft_dataset", "ft_config",
 MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa")  # package and module names in the guides
 
 
-@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md"])
+@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "rl.md"])
 def test_guides_name_only_real_hooks_and_fixtures(guide):
     import ft.testing
 
