@@ -12,9 +12,9 @@ Compared, per loss type and reward scaling:
   "old policy" log-probabilities (perturbed, so ratios differ from 1 and clipping acts);
 - the logged entropy, clip ratio and KL.
 
-Prompts have one token length: TRL's training forward does not pass position ids, so a left-padded
-prompt's positions start at its padding (RoPE then sees shifted positions), while ft passes the
-positions generation used. With equal-length prompts the two forwards are the same computation.
+The prompts have different lengths, so shorter ones are left-padded. TRL's training forward passes no
+position ids (a padded prompt's positions then count its padding), ft passes the positions generation
+used; RoPE makes that a uniform shift, and the log-probabilities still agree to about 1e-6.
 One micro-batch holds the whole step (gradient_accumulation_steps 1): with more, TRL 1.9 under
 transformers 5.24 divides the loss by the accumulation steps twice (once itself, once in the
 Trainer), which ft does not.
@@ -31,12 +31,12 @@ pytest.importorskip("trl")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 G = 4  # completions per prompt
-PROMPTS = ["What is 1 plus 2?", "What is 3 plus 4?", "What is 5 plus 1?"]
+PROMPTS = ["What is 1 plus 2?", "Please add 3 to 4, thank you very much.", "Add 5 and 1."]  # 24, 32, 20 tokens
 
 
 @pytest.fixture(scope="module")
 def fixed_batch(tiny_model_dir):
-    """Prompts of one token length, completions of varied lengths (some ending in EOS), rewards with Nones."""
+    """Prompts of different lengths, completions of varied lengths (some ending in EOS), rewards with Nones."""
     import random
 
     from transformers import AutoTokenizer
@@ -45,7 +45,7 @@ def fixed_batch(tiny_model_dir):
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
     prompt_ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                   for p in prompts]
-    assert len({len(p) for p in prompt_ids}) == 1, "the fixed prompts must have one token length"
+    assert len({len(p) for p in prompt_ids}) == 3, "prompts of different lengths: left padding is exercised"
     rng = random.Random(7)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     completion_ids = []
