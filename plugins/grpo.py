@@ -535,43 +535,124 @@ def _sampler_class() -> type:
 
 
 class HFGeneration:
-    """Colocated generation: Hugging Face ``generate`` on the training model, all of a step's groups at once."""
+    """Colocated generation on the training model (Hugging Face transformers), all of a step's groups at once.
+
+    By default a lean sampling loop over the model's forward and KV cache: each prompt is prefilled once
+    and its cache shared by the group's completions, finished completions leave the batch, and tokens are
+    drawn with an exponential race (exact categorical sampling, cheaper than ``torch.multinomial``),
+    after temperature, top-k and top-p in Hugging Face's order. Models it does not fit (an exception on
+    the first step, encoder-decoders) use ``model.generate`` instead, said once in the log.
+    """
 
     name = "hf"
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
+        self.use_generate = False
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
         import torch
 
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
-        pad = trainer.pad_token_id
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):  # left padding: generation continues every row at once
-            ids[i, width - len(p):] = torch.as_tensor(p)
-            mask[i, width - len(p):] = 1
-        device = trainer.args.device
+        ids, mask = left_pad(prompt_ids, trainer.pad_token_id, trainer.args.device)
         was_training = model.training
         model.eval()  # no dropout, and the KV cache even with gradient checkpointing on
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # cheaper than no_grad; only the token ids leave it, as Python lists
+                if not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
+                    try:
+                        return sample_groups(model, ids, mask, n, sampling, trainer.eos_token_ids,
+                                             logits_to_keep=trainer._logits_to_keep)
+                    except Exception as exc:  # noqa: BLE001 - a model the loop does not fit: generate instead
+                        log.info("grpo: sampling with model.generate (the sampling loop does not fit this model: "
+                                 "%s: %s)", type(exc).__name__, exc)
+                        self.use_generate = True
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                    temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
-                    min_p=None, repetition_penalty=1.0, max_new_tokens=sampling["max_tokens"],
-                    num_return_sequences=n, pad_token_id=pad, eos_token_id=list(trainer.eos_token_ids),
-                    use_cache=True, disable_compile=True,
-                )
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling["temperature"],
+                    top_p=sampling["top_p"], top_k=sampling["top_k"], min_p=None, repetition_penalty=1.0,
+                    max_new_tokens=sampling["max_tokens"], num_return_sequences=n, pad_token_id=trainer.pad_token_id,
+                    eos_token_id=list(trainer.eos_token_ids), use_cache=True, disable_compile=True)
+                return cut_at_eos(out[:, ids.shape[1]:].tolist(), trainer.eos_token_ids)
         finally:
             model.train(was_training)
-        return cut_at_eos(out[:, width:].tolist(), trainer.eos_token_ids)
 
     def sync_weights(self, model: Any) -> None:
         """Nothing to do: generation uses the training model itself."""
+
+
+def left_pad(prompt_ids: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding: every row continues at the same column
+        ids[i, width - len(p):] = torch.as_tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: Any, temperature: float, top_k: int, top_p: float) -> Any:
+    """Temperature, then top-k, then top-p (nucleus), as Hugging Face's sampling warpers do; removed
+    tokens get -inf. ``logits`` is ``[B, V]`` float."""
+    import torch
+
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, Any], eos: frozenset[int],
+                  logits_to_keep: bool = True) -> list[list[int]]:
+    """``n`` sampled completions per row of ``ids`` (left-padded prompts), prompt by prompt, each up to and
+    including its first end token. Call under ``torch.inference_mode()``."""
+    import torch
+    from transformers import DynamicCache
+
+    rows = ids.shape[0] * n
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    keep = {"logits_to_keep": 1} if logits_to_keep else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                **keep)
+    cache.batch_repeat_interleave(n)  # the prompt's cache, shared by its group: prefilled once
+    logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    position = positions[:, -1].repeat_interleave(n, dim=0)
+    alive = torch.arange(rows, device=ids.device)
+    stops = torch.tensor(sorted(eos), device=ids.device)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(sampling["max_tokens"]):
+        scores = filter_logits(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
+        probs = torch.softmax(scores, dim=-1)
+        chosen = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # exact sampling from probs
+        for row, token in zip(alive.tolist(), chosen.tolist(), strict=True):
+            tokens[row].append(token)
+        if step == sampling["max_tokens"] - 1:
+            break
+        going = ~torch.isin(chosen, stops)
+        if not bool(going.all()):
+            if not bool(going.any()):
+                break
+            index = going.nonzero().squeeze(1)
+            cache.batch_select_indices(index)  # finished completions leave the batch
+            alive, mask, position, chosen = alive[index], mask[index], position[index], chosen[index]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None],
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return tokens
 
 
 def cut_at_eos(sequences: list[list[int]], eos: frozenset[int]) -> list[list[int]]:

@@ -639,3 +639,106 @@ def test_the_example_learns_to_answer_with_a_number_and_stop(tmp_path):
     assert result.metrics["warnings"] == []
     last = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()][-16:]
     assert sum(x["completion"].strip().isdigit() for x in last) >= 12
+
+
+# -- the colocated sampling loop ----------------------------------------------------------------------------
+
+
+def test_sampling_filters_equal_hugging_face_warpers():
+    import torch
+    from ft_plugins.grpo import filter_logits
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for temperature, top_k, top_p in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.6, 10, 0.9)]:
+        want = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        if top_p < 1:
+            want = TopPLogitsWarper(top_p)(None, want)
+        assert torch.equal(filter_logits(logits, temperature, top_k, top_p), want)
+
+
+def test_the_exponential_race_samples_the_softmax_distribution():
+    import torch
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]), -1).expand(40000, 5)
+    chosen = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+    frequencies = torch.bincount(chosen, minlength=5).float() / len(chosen)
+    assert torch.allclose(frequencies, probs[0], atol=0.01)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_sampling_loop_continues_like_generate_and_drops_finished_rows(tiny_model_dir):
+    """Greedy (top_k 1) the loop must give exactly what model.generate gives, for left-padded prompts of
+    different lengths, each prompt's cache shared by its n rows, and rows leaving the batch at their end token."""
+    import torch
+    from ft_plugins.grpo import cut_at_eos, left_pad, sample_groups
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5, 17, 99, 3, 250, 12], [44, 8], [300, 301, 302, 7]]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    with torch.inference_mode():
+        greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                                pad_token_id=0)[:, ids.shape[1]:].tolist()
+        stop = frozenset({greedy[0][3], greedy[2][6]})  # rows 0 and 2 end early
+        got = sample_groups(model, ids, mask, 2, {"temperature": 1.0, "top_k": 1, "top_p": 1.0, "max_tokens": 12},
+                            stop)
+    want = cut_at_eos(greedy, stop)
+    assert got == [want[0], want[0], want[1], want[1], want[2], want[2]]
+    assert len(want[0]) < 12 and len(want[2]) < 12 and len(want[1]) == 12
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_model_the_loop_does_not_fit_falls_back_to_generate(tiny_model_dir, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import ft_plugins.grpo as grpo
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), pad_token_id=0,
+                              args=SimpleNamespace(device=torch.device("cpu")), eos_token_ids=frozenset({2}),
+                              _logits_to_keep=True)
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("no cache for this architecture")
+
+    monkeypatch.setattr(grpo, "sample_groups", unsupported)
+    caplog.set_level(logging.INFO)
+    generation = grpo.HFGeneration(trainer)
+    got = generation.generate([[5, 6, 7], [8, 9]], 3, {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_tokens": 4})
+    assert len(got) == 6 and all(1 <= len(c) <= 4 for c in got)
+    assert "sampling with model.generate (the sampling loop does not fit this model: NotImplementedError" in caplog.text
+    assert generation.use_generate and model.training  # said once; the training mode is restored
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_the_sampling_loop_draws_the_tokens_generate_draws(tiny_model_dir, temperature, top_k, top_p):
+    """torch.multinomial draws one sample by the same exponential race, so with the same seed (and no row
+    ending early: generate keeps sampling for finished rows) the loop samples exactly generate's tokens."""
+    import torch
+    from ft_plugins.grpo import left_pad, sample_groups
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids, mask = left_pad([[5, 17, 99, 3, 250, 12], [44, 8], [300, 301, 302, 7]], 0, "cpu")
+    with torch.inference_mode():
+        torch.manual_seed(11)
+        want = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
+                              top_p=top_p, max_new_tokens=10, num_return_sequences=4, pad_token_id=0,
+                              eos_token_id=[511])[:, ids.shape[1]:].tolist()
+        torch.manual_seed(11)
+        got = sample_groups(model, ids, mask, 4, {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                  "max_tokens": 10}, frozenset({511}))
+    assert got == want
