@@ -4,10 +4,12 @@
     python bench/grpo.py --model /work/models/smollm2-135m-instruct --steps 6 --repeats 3
     python bench/grpo.py --out result.json
 
-Both sides train the same model on the same chat prompts with colocated Hugging Face generation,
-the same group size, completions per step, completion length, sampling settings, reward (a length
-penalty), loss (dapo, beta 0, one iteration), learning rate and number of optimizer steps, in fp32
-on the CPU, with ``--threads`` torch threads (default 1). Each run is its own subprocess, sides
+Both sides train the same model on the same chat prompts with colocated generation on the
+training model (TRL: ``model.generate``; ft: its sampling loop, which draws the tokens
+``model.generate`` draws and prefills each prompt once for its group), the same group size,
+completions per step, completion length, sampling settings, reward (a length penalty), loss
+(dapo, beta 0, one iteration), learning rate and number of optimizer steps, in fp32 on the CPU,
+with ``--threads`` torch threads (default 1). Each run is its own subprocess, sides
 alternate, and each side runs ``--repeats`` times: the machine may be shared, so medians are
 reported with every run's figure.
 
@@ -211,7 +213,7 @@ def main() -> None:
         "model": model_name, "device": "cpu", "torch_threads": args.threads, "cpus": os.cpu_count(),
         "setting": {"steps": args.steps, "prompts_per_step": args.prompts_per_step,
                     "num_generations": args.num_generations, "max_completion_len": args.max_completion_len,
-                    "loss_type": "dapo", "beta": 0.0, "generation": "Hugging Face generate, colocated"},
+                    "loss_type": "dapo", "beta": 0.0, "generation": "colocated on the training model (TRL: model.generate; ft: its sampling loop)"},
         "runs": runs,
         "median_prompts_per_second": medians,
         "speedup_ft_over_trl": round(speedup, 3),

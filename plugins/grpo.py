@@ -12,8 +12,9 @@ generates for its own ``micro_batch_size * gradient_accumulation_steps / num_gen
 prompts at once (so whole groups, scored and normalised together), then trains on them in
 ``gradient_accumulation_steps`` micro-batches. With ``num_iterations: k`` the same completions
 are trained on for k optimizer steps, with importance ratios against the policy that generated
-them. Generation is Hugging Face ``generate`` on the training model; the ``vllm`` plugin
-replaces it (``trainer.set_generation``).
+them. Generation runs on the training model (:class:`HFGeneration`: a sampling loop that draws what
+Hugging Face ``generate`` draws, with ``generate`` as its fallback); the ``vllm`` plugin replaces it
+(``trainer.set_generation``).
 
 The maths (:func:`group_advantages`, :func:`policy_loss`) is checked against TRL's GRPOTrainer
 to 1e-5 (tests/test_grpo_trl.py). Logged: each reward's mean and std, the weighted reward,
