@@ -25,6 +25,7 @@ completion length, clip ratio, KL and entropy; sample completions go to
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -707,8 +708,6 @@ def trainer_class() -> type:
             self._log_ready = False
             base = self.accelerator.unwrap_model(self.model)
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
-            import inspect
-
             self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
             if self.reference is not None:
                 self.reference.to(self.args.device)
