@@ -106,6 +106,7 @@ class Watch:
 
     def __init__(self, opts: HealthOptions, cfg: Any) -> None:
         self.opts, self.cfg = opts, cfg
+        self.judge_loss = _method_loss_is_watched(cfg)  # not RL objectives: their loss has no such shape
         self.max_steps = 0
         self.warmup = 0
         self.losses: list[tuple[int, float]] = []
@@ -126,12 +127,12 @@ class Watch:
         opts = self.opts
         loss, grad_norm, lr, eval_loss = (_number(logs.get(k)) for k in ("loss", "grad_norm", "learning_rate",
                                                                         "eval_loss"))
-        if loss is not None and math.isfinite(loss):
+        if loss is not None and math.isfinite(loss) and self.judge_loss:
             self.losses.append((step, loss))
             if loss < opts.collapse_loss and step <= opts.collapse_fraction * max(self.max_steps, 1):
                 new += self._find("loss_collapse", step, self._collapse_message(step, loss))
         if grad_norm is not None:
-            if grad_norm == 0.0:
+            if grad_norm == 0.0 and self.judge_loss:
                 new += self._find("grad_norm_zero", step, self._zero_grad_message(step))
             elif math.isfinite(grad_norm) and grad_norm > opts.grad_norm_spike:
                 self.spikes.append((step, grad_norm))
@@ -263,6 +264,14 @@ class Watch:
         finding = {"check": check, "step": step, "message": message}
         self.findings.append(finding)
         return [finding]
+
+
+def _method_loss_is_watched(cfg: Any) -> bool:
+    """Whether the run's training method lets the watch judge its loss curve (``LOSS_WATCH``)."""
+    from ft.api import LOSS_WATCH
+
+    supports = getattr(cfg, "method_supports", None)
+    return True if supports is None else supports(LOSS_WATCH)
 
 
 def _number(value: Any) -> float | None:

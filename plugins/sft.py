@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ft import hookimpl
-from ft.api import EVAL, MODEL_LOSS, PACKING, SFT_COLUMNS, Method
+from ft.api import EVAL, LOSS_WATCH, MODEL_LOSS, PACKING, SFT_COLUMNS, Method
 
 FT_FEATURE = False  # essential: the default method is always available
 
@@ -38,6 +38,6 @@ def ft_register_methods(register):
         columns=SFT_COLUMNS,
         collator=padding_collator,
         trainer_class=trainer_class,
-        features=frozenset({PACKING, EVAL, MODEL_LOSS}),
+        features=frozenset({PACKING, EVAL, MODEL_LOSS, LOSS_WATCH}),
         description="supervised fine-tuning: next-token loss on the trained labels",
     ))

@@ -143,7 +143,8 @@ MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly"
            "ft_record")  # module names in the guides, and the Trainer's metrics method
 
 
-@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "writing-a-method-plugin.md"])
+@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "writing-a-method-plugin.md",
+                                   "rl.md"])
 def test_guides_name_only_real_hooks_and_fixtures(guide):
     import ft.testing
 

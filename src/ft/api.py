@@ -15,7 +15,7 @@ Groups:
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
-- methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``ReferenceModel``, ``token_logps``,
+- methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
   ``sequence_logps``, ``has_adapter``
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
@@ -47,6 +47,7 @@ _WHERE = {
     # methods
     "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
     "MODEL_LOSS": "ft.methods",
+    "LOSS_WATCH": "ft.methods",
     "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
     "has_adapter": "ft.reference",
     # collating

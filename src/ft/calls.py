@@ -29,7 +29,7 @@ class HookCalls:
     # -- registration (every loaded plugin) ------------------------------------------------------
 
     def register_all(self, regs: Registries) -> None:
-        """Config sections, formats, methods, optimizers and schedulers of every loaded plugin.
+        """Config sections, formats, methods, optimizers, schedulers and rewards of every loaded plugin.
 
         A plugin whose registration raises is marked failed (``ft plugins`` lists the reason) and
         taken out of every hook; the other plugins work on.
@@ -41,6 +41,7 @@ class HookCalls:
             ("ft_register_optimizers", regs.optimizers, "register"),
             ("ft_register_schedulers", regs.schedulers, "register"),
             ("ft_register_key_hints", regs.key_hints, "register"),
+            ("ft_register_rewards", regs.rewards, "register"),
         )
         for hook, registry, arg in hooks:
             for plugin in self.pm.implementers(hook, active_only=False):

@@ -165,6 +165,7 @@ class CoreConfig(BaseModel):
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
     _capabilities: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
     _method_features: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _registries: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -198,6 +199,12 @@ class CoreConfig(BaseModel):
     def providers(self, capability: str) -> list[str]:
         """The active plugins that declare ``capability`` (for messages and exclusive capabilities)."""
         return list(self._capabilities.get(capability, ()))
+
+    @property
+    def registries(self) -> Any:
+        """What the loaded plugins registered (``formats``, ``methods``, ``optimizers``, ``schedulers``,
+        ``rewards``), for plugins that resolve names the config gives; None before validation."""
+        return self._registries
 
     def line_of(self, *path: Any) -> int | None:
         return self._lines.get(tuple(path))

@@ -24,7 +24,14 @@ from ft.config import (
 from ft.errors import ConfigError, PluginError
 from ft.methods import EVAL, Method
 from ft.plugins import PluginManager, parse_plugin_args
-from ft.registry import FormatRegistry, KeyHintRegistry, MethodRegistry, OptimizerRegistry, SchedulerRegistry
+from ft.registry import (
+    FormatRegistry,
+    KeyHintRegistry,
+    MethodRegistry,
+    OptimizerRegistry,
+    RewardRegistry,
+    SchedulerRegistry,
+)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Registries:
     methods: MethodRegistry
     optimizers: OptimizerRegistry
     schedulers: SchedulerRegistry
+    rewards: RewardRegistry = field(default_factory=RewardRegistry)
     key_hints: KeyHintRegistry = field(default_factory=KeyHintRegistry)
 
 
@@ -57,7 +65,8 @@ class Context:
 
 def collect_registries(pm: PluginManager) -> Registries:
     """Call every registration hook on every loaded plugin, stamping owners."""
-    regs = Registries(SectionRegistry(), FormatRegistry(), MethodRegistry(), OptimizerRegistry(), SchedulerRegistry())
+    regs = Registries(SectionRegistry(), FormatRegistry(), MethodRegistry(), OptimizerRegistry(), SchedulerRegistry(),
+                      RewardRegistry())
     pm.calls.register_all(regs)
     return regs
 
@@ -149,6 +158,7 @@ def load_context(
     cfg._capabilities = pm.provided()
     if cfg.method in regs.methods:
         cfg._method_features = frozenset(regs.methods.get(cfg.method).value.features)
+    cfg._registries = regs  # plugins resolve names the config gives (a GRPO run's rewards)
     problems = []
     for key, registry in (("optimizer", regs.optimizers), ("lr_scheduler", regs.schedulers)):
         name = getattr(cfg, key)

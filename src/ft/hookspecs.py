@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # heavy types only for type checkers; importing this module s
         KeyHintRegistry,
         MethodRegistry,
         OptimizerRegistry,
+        RewardRegistry,
         SchedulerRegistry,
     )
 
@@ -86,6 +87,23 @@ def ft_register_methods(register: MethodRegistry) -> None:
         register: call ``register.add(ft.api.Method(...))``: the method's name, the row columns
             its formats must produce, its collator, Trainer (and arguments) classes, extra
             Trainer arguments, logged metrics and the features that apply to it.
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
+def ft_register_rewards(register: RewardRegistry) -> None:
+    """Register reward functions for online RL methods (``grpo.rewards[].name`` in the config).
+
+    Called: once per loaded plugin, before config validation.
+    Args:
+        register: call ``register.add(name, fn)`` with a reward function
+            ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]`` (one
+            value per completion; None = not applicable; ``columns`` are the dataset row's other
+            columns, one value per completion), or ``register.add(name, factory, options=Model)``
+            where ``factory(options, cfg)`` returns such a function built from the validated
+            options of the reward's config entry. A name registered twice is an error naming both.
     Returns: None.
     Mode: all.
     """

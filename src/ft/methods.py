@@ -10,7 +10,8 @@ method plugin (``ft_plugins.sft``) and goes through exactly this path.
 Metrics: a method's Trainer calls ``self.ft_record({name: value, ...})`` (from
 ``ft.train.FtTrainerMixin``) once per micro-batch; the core averages them over each logging
 window, adds them to the logged values, ``metrics.json`` and the training-curves plot. Names
-listed in ``metrics`` are the ones a user can count on.
+listed in ``metrics`` are the ones a user can count on; names that depend on the config (one per
+GRPO reward) are kept and plotted as well.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ EVAL = "eval"
 # The loss is the model's own next-token cross-entropy over the labels (``model(..., labels=...)``),
 # so a plugin may compute it another way (fused_loss) without changing the maths.
 MODEL_LOSS = "model_loss"
+# The health watch may judge the loss curve: it falls as the model learns, and a zero gradient means frozen
+# weights. Not so for RL objectives (GRPO's loss hovers around 0; a step whose groups all got equal rewards
+# has no gradient), whose methods leave it out.
+LOSS_WATCH = "loss_watch"
 
 SFT_COLUMNS = ("input_ids", "labels")
 
@@ -47,8 +52,8 @@ class Method:
         trainer_kwargs: ``(cfg, model, tokenizer, data) -> dict`` of extra keyword arguments for
             the Trainer (a reference model, reward functions), or None.
         metrics: names of the metrics it logs through ``ft_record``, in plotting order.
-        features: which features apply (``"packing"``, ``"eval"``, ``"model_loss"``); a selected
-            plugin that needs one the method lacks, or eval data for a method without ``"eval"``,
+        features: which features apply (``"packing"``, ``"eval"``, ``"model_loss"``, ``"loss_watch"``); a
+            selected plugin that needs one the method lacks, or eval data for a method without ``"eval"``,
             is a config error. Plugins read them with ``cfg.method_supports(name)``.
         section: the config section holding the method's settings (default: the method's name);
             a section of a method that is not chosen is a config error.
@@ -62,7 +67,7 @@ class Method:
     arguments_class: Callable[[], type] | None = None
     trainer_kwargs: Callable[..., dict[str, Any]] | None = None
     metrics: tuple[str, ...] = ()
-    features: frozenset[str] = field(default_factory=lambda: frozenset({PACKING, EVAL}))
+    features: frozenset[str] = field(default_factory=lambda: frozenset({PACKING, EVAL, LOSS_WATCH}))
     section: str | None = None
     description: str = ""
 

@@ -104,6 +104,32 @@ class MethodRegistry(Registry[Any]):
         self._add(method.name, method)
 
 
+@dataclass(frozen=True)
+class Reward:
+    """A reward for online RL methods (GRPO): a reward function, or with ``options`` a factory of one."""
+
+    fn: Callable[..., Any]
+    options: type | None = None  # a pydantic model of the reward's options in the config
+    description: str = ""
+
+
+class RewardRegistry(Registry[Reward]):
+    kind = "reward"
+
+    def add(self, name: str, fn: Callable[..., Any], options: type | None = None, description: str = "") -> None:
+        """Register reward ``name`` (``grpo.rewards[].name`` in the config).
+
+        Without ``options``, ``fn(prompts, completions, completion_ids, **columns)`` is the reward
+        function: one float (or None: not applicable) per completion. With ``options`` (a pydantic
+        model of the keys its config entry accepts besides ``name`` and ``weight``), ``fn(options, cfg)``
+        builds that reward function once per run.
+        """
+        if not callable(fn):
+            raise PluginError(f"plugin '{self._plugin}' registered reward '{name}' with {fn!r}, which is not "
+                              "callable; register a function.")
+        self._add(name, Reward(fn, options, description))
+
+
 class OptimizerRegistry(Registry[Any]):
     kind = "optimizer"
 

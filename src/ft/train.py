@@ -155,6 +155,9 @@ class FtTrainerMixin(AtomicCheckpointsMixin):
             if "loss" in logs or phase == "eval":
                 for name, (total, count) in sums[phase].items():
                     logs[f"{prefix}{name}"] = self._ft_mean(total, count)
+                    st = self.ft_state
+                    if st is not None and name not in st.metric_names:  # names that depend on the config
+                        st.metric_names = (*st.metric_names, name)  # (a GRPO run's rewards) are kept too
                 sums[phase].clear()
         return super().log(logs, *args, **kwargs)
 

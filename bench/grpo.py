@@ -1,0 +1,232 @@
+"""GRPO throughput on CPU: `ft run` (method grpo) against TRL's GRPOTrainer, side by side.
+
+    python bench/grpo.py                          # the tiny model of ft.tiny, 3 repeats per side
+    python bench/grpo.py --model /work/models/smollm2-135m-instruct --steps 6 --repeats 3
+    python bench/grpo.py --out result.json
+
+Both sides train the same model on the same chat prompts with colocated generation on the
+training model (TRL: ``model.generate``; ft: its sampling loop, which draws the tokens
+``model.generate`` draws and prefills each prompt once for its group), the same group size,
+completions per step, completion length, sampling settings, reward (a length penalty), loss
+(dapo, beta 0, one iteration), learning rate and number of optimizer steps, in fp32 on the CPU,
+with ``--threads`` torch threads (default 1). Each run is its own subprocess, sides
+alternate, and each side runs ``--repeats`` times: the machine may be shared, so medians are
+reported with every run's figure.
+
+Measured, between the Trainer's train begin and train end callbacks (generation, scoring, loss,
+backward, optimizer; model loading and ft's data preparation are outside on both sides): prompts
+per second of wall time, and prompts per CPU second of the process (with one torch thread, what
+the wall time would be on an idle machine; a busy shared machine inflates wall times at random).
+The mean completion length is printed too: a run whose completions were longer generated more
+tokens. ``target`` checks issue 14's figure: ft at least 1.3x TRL in prompts per second.
+
+Needs TRL (``pip install 'trl>=1.9,<2' requests``; in the dev extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TARGET = 1.3
+QUESTIONS = ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} to {b}.", "Name a word with {a} letters."]
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    import random
+
+    rng = random.Random(0)
+    return [[{"role": "user", "content": rng.choice(QUESTIONS).format(a=rng.randint(0, 9), b=rng.randint(0, 9))}]
+            for _ in range(n)]
+
+
+# -- one side, in its own process -----------------------------------------------------------------
+
+
+def run_ft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import yaml
+
+    from ft.run import run
+
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(args.prompts_per_step * args.steps)))
+    config = {
+        "base_model": args.model, "method": "grpo",
+        "datasets": [{"path": str(data), "type": "prompt"}],
+        "sequence_len": 256, "dataset_prepared_path": str(work / "prepared"), "dataset_num_proc": 1,
+        "output_dir": str(work / "out"), "micro_batch_size": args.prompts_per_step * args.num_generations,
+        "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-6, "lr_scheduler": "constant",
+        "logging_steps": 1, "seed": args.seed, "bf16": False, "shuffle": False,
+        "grpo": {"num_generations": args.num_generations, "max_completion_len": args.max_completion_len,
+                 "temperature": 1.0, "loss_type": "dapo", "beta": 0.0, "log_completions_steps": 0,
+                 "rewards": [{"name": "length_penalty", "target": 8, "per_token": 0.05}]},
+    }
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    from ft import hookimpl
+    from ft.testing import registered_plugin
+
+    clock = Clock()
+
+    class Timing:
+        @hookimpl
+        def ft_callbacks(cfg):
+            return [clock.callback()]
+
+    with registered_plugin(Timing, "bench_timing"):
+        result = run(path)
+    history = json.loads((work / "out" / "metrics.json").read_text())["history"]
+    lengths = [r["completion_length"] for r in history if "completion_length" in r]
+    return {**clock.result(), "steps": result.metrics["steps"],
+            "completion_length": statistics.mean(lengths) if lengths else None}
+
+
+class Clock:
+    """Wall and CPU time of this process from the Trainer's train begin to its train end (both sides alike)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def callback(self) -> Any:
+        import time
+
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Timer(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.wall, clock.cpu = -time.perf_counter(), -time.process_time()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                clock.wall += time.perf_counter()
+                clock.cpu += time.process_time()
+
+        return Timer()
+
+    def result(self) -> dict[str, float]:
+        return {"seconds": round(self.wall, 3), "cpu_seconds": round(self.cpu, 3)}
+
+
+def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    def length_penalty(completions, completion_ids, **kwargs):
+        return [-0.05 * max(0, len(ids) - 8) for ids in completion_ids]
+
+    config = GRPOConfig(
+        output_dir=str(work / "out"), per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        gradient_accumulation_steps=1, num_generations=args.num_generations,
+        max_completion_length=args.max_completion_len, temperature=1.0, loss_type="dapo", beta=0.0,
+        max_steps=args.steps, learning_rate=1e-6, lr_scheduler_type="constant", logging_steps=1, seed=args.seed,
+        use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, shuffle_dataset=False,
+    )
+    data = Dataset.from_list([{"prompt": p} for p in prompts(args.prompts_per_step * args.steps)])
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    clock = Clock()
+    trainer = GRPOTrainer(model=model, reward_funcs=length_penalty, args=config, train_dataset=data,
+                          processing_class=tok, callbacks=[clock.callback()])
+    trainer.train()
+    lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
+    return {**clock.result(), "steps": trainer.state.global_step,
+            "completion_length": statistics.mean(lengths) if lengths else None}
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "FT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+               "OMP_NUM_THREADS": str(args.threads)}
+        command = [sys.executable, __file__, "--side", side, "--work", tmp, *_passthrough(args)]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise SystemExit(f"{side} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    prompts_done = result["steps"] * args.prompts_per_step
+    result["prompts_per_second"] = round(prompts_done / result["seconds"], 3)
+    result["prompts_per_cpu_second"] = round(prompts_done / result["cpu_seconds"], 3)
+    return result
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model, "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
+            "--num-generations", str(args.num_generations), "--max-completion-len", str(args.max_completion_len),
+            "--seed", str(args.seed), "--threads", str(args.threads)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model directory (default: ft's tiny model, made on the fly)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--max-completion-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadiest on a busy machine)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--side", choices=("ft", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side:  # a child: one run, one JSON line
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        result = (run_ft if args.side == "ft" else run_trl)(args, Path(args.work))
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            from ft.tiny import make_tiny
+
+            args.model = str(make_tiny(Path(tmp) / "tiny"))
+            model_name = "ft.tiny (2 layers, hidden 64, vocab 512)"
+        else:
+            model_name = args.model
+        runs: dict[str, list[dict[str, Any]]] = {"ft": [], "trl": []}
+        for _ in range(args.repeats):
+            for side in ("trl", "ft"):  # alternate, so a busy spell of the machine hits both
+                runs[side].append(one(side, args))
+    medians = {side: statistics.median(r["prompts_per_second"] for r in rs) for side, rs in runs.items()}
+    cpu_medians = {side: statistics.median(r["prompts_per_cpu_second"] for r in rs) for side, rs in runs.items()}
+    speedup = medians["ft"] / medians["trl"]
+    cpu_speedup = cpu_medians["ft"] / cpu_medians["trl"]
+    report = {
+        "model": model_name, "device": "cpu", "torch_threads": args.threads, "cpus": os.cpu_count(),
+        "setting": {"steps": args.steps, "prompts_per_step": args.prompts_per_step,
+                    "num_generations": args.num_generations, "max_completion_len": args.max_completion_len,
+                    "loss_type": "dapo", "beta": 0.0, "generation": "colocated on the training model (TRL: model.generate; ft: its sampling loop)"},
+        "runs": runs,
+        "median_prompts_per_second": medians,
+        "speedup_ft_over_trl": round(speedup, 3),
+        "median_prompts_per_cpu_second": cpu_medians,
+        "cpu_speedup_ft_over_trl": round(cpu_speedup, 3),
+        "target": {"wanted": f">= {TARGET}x TRL in prompts per second", "met": speedup >= TARGET,
+                   "met_in_cpu_time": cpu_speedup >= TARGET},
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1027 @@
+"""The ``grpo`` training method: online RL with Group Relative Policy Optimization.
+
+``method: grpo`` trains on prompts only (dataset ``type: prompt``). For every prompt the policy
+samples ``num_generations`` completions (a group), the reward functions the config names score
+them (``grpo.rewards``; rewards are plugins, see ``ft_register_rewards``), and each completion's
+advantage is its reward relative to its group's. The loss is PPO's clipped surrogate over the
+completion tokens, normalised as ``loss_type`` says, plus ``beta`` times the KL to a reference
+policy (none is loaded at ``beta: 0``; with lora it is the base with the adapter disabled).
+
+Batches: ``micro_batch_size`` counts completions, as in TRL. Each optimizer step, every device
+generates for its own ``micro_batch_size * gradient_accumulation_steps / num_generations``
+prompts at once (so whole groups, scored and normalised together), then trains on them in
+``gradient_accumulation_steps`` micro-batches. With ``num_iterations: k`` the same completions
+are trained on for k optimizer steps, with importance ratios against the policy that generated
+them. Generation runs on the training model (:class:`HFGeneration`: a sampling loop that draws what
+Hugging Face ``generate`` draws, with ``generate`` as its fallback); the ``vllm`` plugin replaces it
+(``trainer.set_generation``).
+
+The maths (:func:`group_advantages`, :func:`policy_loss`) is checked against TRL's GRPOTrainer
+to 1e-5 (tests/test_grpo_trl.py). Logged: each reward's mean and std, the weighted reward,
+completion length, clip ratio, KL and entropy; sample completions go to
+``OUTPUT_DIR/completions.jsonl`` every ``log_completions_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import math
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ft import hookimpl
+from ft.api import DatasetOptions, Dropped, FtError, Method, ReferenceModel, TextEncoder, entry_where
+
+FT_FEATURE = False  # a method: always available, chosen with `method: grpo`
+
+log = logging.getLogger("ft.grpo")
+
+GENERATION = "generation"  # the method feature generation backends need (FT_METHOD_FEATURE of the vllm plugin)
+COLUMNS = ("input_ids", "prompt")
+COMPLETIONS_FILE = "completions.jsonl"
+NO_SIGNAL_STEPS = 5  # generations in a row without any reward difference inside a group: warn
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")  # the reward functions' own arguments
+METRICS = ("reward", "reward_std", "completion_length", "entropy", "clip_ratio", "kl", "completion_truncated",
+           "frac_reward_zero_std")
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+class RewardEntry(BaseModel):
+    """One reward of ``grpo.rewards``: a registered reward's name, its weight and its own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="A registered reward (see `ft plugins`): exact_match, regex_match, json_schema, "
+                      "length_penalty, reward_model, or a plugin's.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum that is normalised per group.")
+
+
+class GRPOOptions(BaseModel):
+    """The ``grpo:`` section (``method: grpo``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the log-probabilities of the loss use it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0 = all).")
+    max_completion_len: int = Field(256, ge=1, description="Most tokens per completion (sequence_len bounds the prompt).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the std of the group's rewards, of the whole batch's, or not at all.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="Normalisation of the token losses: grpo = mean per completion then over completions; "
+        "bnpo = mean over the micro-batch's tokens; dr_grpo = sum / (completions x max_completion_len); dapo = sum / "
+        "tokens of the whole step (all devices).")
+    epsilon: float = Field(0.2, gt=0, description="Clipping range of the importance ratio: [1 - epsilon, 1 + epsilon_high].")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (DAPO's clip-higher); default: epsilon.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer steps on each batch of completions (ratios against "
+                                "the policy that generated them).")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference policy; 0 loads no reference.")
+    rewards: list[RewardEntry] = Field(default_factory=list, description="Reward functions and their weights, e.g. "
+                                       "[{name: exact_match, weight: 1.0, field: answer}]; an entry's other keys are "
+                                       "the reward's options (docs/rl.md), checked at validation.")
+    log_completions_steps: int | None = Field(
+        None, ge=0, description="Write sample completions to OUTPUT_DIR/completions.jsonl every N steps "
+        "(default: logging_steps; 0 = never).")
+
+
+def options(cfg: Any) -> GRPOOptions:
+    return cfg.section("grpo")
+
+
+@hookimpl
+def ft_add_config(registry):
+    registry.add("grpo", GRPOOptions)
+
+
+@hookimpl
+def ft_validate_config(cfg):
+    if cfg.method != "grpo":
+        return None
+    opts, problems = options(cfg), []
+    if not opts.rewards:
+        problems.append(f"{cfg.where('grpo', 'rewards') if cfg.line_of('grpo', 'rewards') else cfg.where('grpo')}: "
+                        "method grpo needs at least one reward, e.g. `rewards: [{name: exact_match, field: answer}]`; "
+                        f"registered rewards: {', '.join(sorted(_registry(cfg).names())) or 'none'}.")
+    for i, entry in enumerate(opts.rewards):
+        problems += _reward_problems(cfg, i, entry)
+    per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    if per_step % opts.num_generations:
+        g = opts.num_generations
+        problems.append(
+            f"{cfg.where('micro_batch_size')}: micro_batch_size x gradient_accumulation_steps ({cfg.micro_batch_size} x "
+            f"{cfg.gradient_accumulation_steps} = {per_step} completions per device and step) must be a multiple of "
+            f"grpo.num_generations ({g}): each device generates whole groups. Set micro_batch_size: {g} (or a multiple), "
+            f"or gradient_accumulation_steps so that the product is one.")
+    if opts.epsilon >= 1:
+        problems.append(f"{cfg.where('grpo', 'epsilon')}: epsilon {opts.epsilon:g} would let the ratio's lower bound "
+                        "reach 0 or below; use a value below 1 (0.2 is usual).")
+    return problems
+
+
+def _registry(cfg: Any) -> Any:
+    return cfg.registries.rewards
+
+
+def _reward_problems(cfg: Any, i: int, entry: RewardEntry) -> list[str]:
+    registry = _registry(cfg)
+    where = cfg.where("grpo", "rewards", i, "name")
+    if entry.name not in registry:
+        return [f"{where}: {registry.unknown_message(entry.name)} Rewards come from plugins; see `ft plugins`."]
+    reward = registry.get(entry.name).value
+    extra = dict(entry.model_extra or {})
+    if reward.options is None:
+        if extra:
+            return [f"{cfg.where('grpo', 'rewards', i, next(iter(extra)))}: reward '{entry.name}' takes no options "
+                    f"(got {', '.join(extra)}); remove them."]
+        return []
+    try:
+        reward.options(**extra)
+    except ValidationError as exc:
+        out = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            at = cfg.where("grpo", "rewards", i, *loc) if loc else where
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(reward.options.model_fields)
+                out.append(f"{at}: reward '{entry.name}' has no option '{loc[-1]}'; its options: {known}, weight.")
+            else:
+                out.append(f"{at}: {err['msg']} (reward '{entry.name}').")
+        return out
+    return []
+
+
+# -- the prompt dataset format --------------------------------------------------------------------
+
+
+class PromptOptions(DatasetOptions):
+    """Dataset-entry options of ``type: prompt`` (prompts for online RL; every other column goes to the rewards)."""
+
+    field_prompt: str = Field("prompt", description="Row field with the prompt: a list of chat messages (rendered "
+                              "with the chat template and its generation prompt) or a plain string (used as it is).")
+    chat_template: str | None = Field(
+        None, description="Template for chat prompts: null = the tokenizer's own; a shipped name (chatml, llama3, "
+        "mistral, qwen); a .jinja file; or inline jinja.")
+
+
+class PromptTokenize:
+    """Rows -> ``input_ids`` of the prompt (ready for generation), the prompt itself and the row's other columns."""
+
+    def __init__(self, tokenizer: Any, options: PromptOptions, template: str | None, where: str):
+        self.tokenizer = tokenizer
+        self.encoder = TextEncoder(tokenizer)
+        self.field = options.field_prompt
+        self.template = template
+        self.where = where
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        if self.template is None:
+            raise FtError(f"{self.where}: chat prompts need a chat template, and none could be resolved.")
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
+        out: list[Any] = [None] * len(rows)
+        chats: list[tuple[int, str]] = []
+        texts: list[tuple[int, str]] = []
+        for r, row in enumerate(rows):
+            prompt = row.get(self.field)
+            for name in row:
+                if name != self.field and (name in RESERVED_COLUMNS or name == "prompt" or name.endswith("input_ids")
+                                           or name == "labels" or name.endswith("_labels")):
+                    raise FtError(f"column '{name}' has a name ft uses itself (the prompt, token ids or a reward "
+                                  "argument); rename it in the data.")
+            if prompt is None:
+                keys = ", ".join(sorted(map(str, row))) or "none"
+                out[r] = Dropped(f"missing field '{self.field}'", f"row has fields: {keys}; set datasets[].field_prompt")
+            elif isinstance(prompt, str):
+                if not prompt.strip():
+                    out[r] = Dropped("empty", f"'{self.field}' has no text")
+                else:
+                    texts.append((r, prompt))
+            elif isinstance(prompt, list):
+                bad = _bad_messages(prompt)
+                if bad:
+                    out[r] = Dropped("malformed messages", bad)
+                    continue
+                try:
+                    chats.append((r, self._render(prompt)))
+                except FtError:
+                    raise
+                except Exception as exc:  # jinja raise_exception (roles must alternate ...)
+                    out[r] = Dropped("template error", f"{type(exc).__name__}: {exc}")
+            else:
+                out[r] = Dropped("malformed row", f"'{self.field}' is a {type(prompt).__name__}; give a string or a "
+                                                  "list of messages")
+        ids: dict[int, list[int]] = {}
+        if chats:  # the rendered template carries its own special tokens
+            ids.update(zip([r for r, _ in chats], self.encoder.ids([t for _, t in chats]), strict=True))
+        if texts:  # plain text is tokenized as the tokenizer does by default (BOS where it adds one)
+            encoded = self.tokenizer([t for _, t in texts], add_special_tokens=True)["input_ids"]
+            ids.update(zip([r for r, _ in texts], encoded, strict=True))
+        for r, token_ids in ids.items():
+            row = rows[r]
+            # the prompt is kept as JSON text: chat and plain prompts can then share a column, and messages
+            # reach the rewards exactly as written (a table column would add every key of every message to all)
+            out[r] = {"input_ids": list(token_ids), "prompt": json.dumps(row[self.field], ensure_ascii=False),
+                      **{k: v for k, v in row.items() if k != self.field}}
+        return out
+
+
+def _bad_messages(messages: list[Any]) -> str | None:
+    if not messages:
+        return "the prompt has no messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"message {i} is a {type(m).__name__}, not a mapping"
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {i} needs string fields 'role' and 'content'"
+    return None
+
+
+def build_prompt_tokenize(cfg: Any, entry: PromptOptions, tokenizer: Any) -> PromptTokenize:
+    from ft_plugins.chat_template import resolve_chat_template
+
+    where = entry_where(cfg, entry, "chat_template")
+    try:
+        template = resolve_chat_template(entry.chat_template, tokenizer, where, cfg)
+    except FtError:
+        if entry.chat_template is not None:
+            raise
+        template = None  # plain-text prompts need none; a chat prompt then says so
+    return PromptTokenize(tokenizer, entry, template, where)
+
+
+@hookimpl
+def ft_register_formats(register):
+    register.add("prompt", PromptOptions, build_prompt_tokenize, columns=COLUMNS)
+
+
+# -- rewards ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardFunction:
+    """A reward of this run: its name, weight, function and the plugin that registered it."""
+
+    name: str
+    weight: float
+    fn: Callable[..., Any]
+    plugin: str
+
+
+def build_rewards(cfg: Any, opts: GRPOOptions) -> list[RewardFunction]:
+    out = []
+    for i, entry in enumerate(opts.rewards):
+        registered = _registry(cfg).get(entry.name, cfg.where("grpo", "rewards", i, "name"))
+        reward = registered.value
+        fn = reward.fn
+        if reward.options is not None:
+            fn = reward.fn(reward.options(**dict(entry.model_extra or {})), cfg)
+            if not callable(fn):
+                raise FtError(f"reward '{entry.name}' (plugin '{registered.plugin}'): its factory returned {fn!r}, "
+                              "not a reward function; fix the plugin.")
+        out.append(RewardFunction(entry.name, entry.weight, fn, registered.plugin))
+    return out
+
+
+def score(rewards: Sequence[RewardFunction], prompts: list[Any], completions: list[Any],
+          completion_ids: list[list[int]], columns: dict[str, list[Any]]) -> tuple[list[list[float]], list[list[bool]]]:
+    """Each reward's value per completion (NaN where a reward said None) and where it said None."""
+    values, unset = [], []
+    n = len(completions)
+    for reward in rewards:
+        got = _call_reward(reward, prompts, completions, completion_ids, columns)
+        if not isinstance(got, Sequence) or isinstance(got, str) or len(got) != n:
+            size = len(got) if isinstance(got, Sequence) and not isinstance(got, str) else type(got).__name__
+            raise FtError(f"reward '{reward.name}' (plugin '{reward.plugin}') returned {size} values for {n} "
+                          "completions; a reward function returns one float (or None) per completion.")
+        row, none = [], []
+        for k, v in enumerate(got):
+            if v is None:
+                row.append(math.nan)
+                none.append(True)
+                continue
+            try:
+                row.append(float(v))
+            except (TypeError, ValueError):
+                raise FtError(f"reward '{reward.name}' (plugin '{reward.plugin}') returned {v!r} for completion {k}; "
+                              "a reward is a number or None.") from None
+            none.append(False)
+        values.append(row)
+        unset.append(none)
+    return values, unset
+
+
+def _call_reward(reward: RewardFunction, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
+                 columns: dict[str, list[Any]]) -> Any:
+    try:
+        return reward.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except FtError:
+        raise
+    except Exception as batch_error:  # find the row it fails on, to name it
+        error, culprit = batch_error, None
+        for k in range(len(completions)):
+            try:
+                reward.fn(prompts=[prompts[k]], completions=[completions[k]], completion_ids=[completion_ids[k]],
+                          **{c: [v[k]] for c, v in columns.items()})
+            except Exception as row_error:  # noqa: BLE001 - reported below
+                error, culprit = row_error, k
+                break
+        frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+        at = f" (at {frame.filename}:{frame.lineno} in {frame.name})" if frame else ""
+        if culprit is None:
+            row = "on a batch of completions (each alone it scores fine)"
+        else:
+            shown = {"prompt": prompts[culprit], "completion": completions[culprit],
+                     **{c: v[culprit] for c, v in columns.items()}}
+            row = "on this row: " + _short(json.dumps(shown, ensure_ascii=False, default=str), 600)
+        raise FtError(f"reward '{reward.name}' (plugin '{reward.plugin}') raised {type(error).__name__}: {error}{at} "
+                      f"{row}. Fix the reward (or the row), or remove it from grpo.rewards.") from error
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- the maths (checked against TRL) --------------------------------------------------------------
+
+
+def nanstd(x: Any, dim: int | None = None, keepdim: bool = False) -> Any:
+    """Unbiased standard deviation ignoring NaN (as TRL computes it)."""
+    import torch
+
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if dim is not None else (~torch.isnan(x)).sum()
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1)
+    std = var.sqrt()
+    return std if keepdim or dim is None else std.squeeze(dim)
+
+
+def combine_rewards(per_func: Any, none: Any, weights: Sequence[float]) -> tuple[Any, Any]:
+    """``(rewards, bad)``: the weighted sum of each completion's rewards (``per_func`` ``[N, K]``; rewards that
+    said None, ``none``, count 0; a completion every reward said None to is NaN, unscorable) and where a reward
+    returned a non-finite value (NaN/inf: the loss then is NaN, and the health policy decides)."""
+    import torch
+
+    w = torch.as_tensor(list(weights), dtype=per_func.dtype, device=per_func.device)
+    bad = ~torch.isfinite(per_func) & ~none
+    rewards = torch.where(none, torch.zeros_like(per_func), per_func * w).sum(1)
+    rewards[none.all(1)] = math.nan
+    return rewards, bad
+
+
+def group_advantages(rewards: Any, num_generations: int, scale: str, batch_std: Any = None) -> tuple[Any, Any]:
+    """``(advantages, std)``: each completion's reward minus its group's mean, divided by the std of the group
+    (``scale="group"``), of ``batch_std`` or the whole batch (``"batch"``), or not (``"none"``).
+
+    ``rewards`` is ``[N]`` (N = groups x num_generations, groups consecutive); NaN marks an unscorable completion
+    (every reward returned None): it is left out of its group's statistics and gets advantage 0.
+    """
+    import torch
+
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    if scale == "batch":
+        std = (batch_std if batch_std is not None else nanstd(rewards)).expand_as(rewards)
+    else:
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), std
+
+
+def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask: Any, *, loss_type: str,
+                epsilon_low: float, epsilon_high: float, beta: float, max_completion_len: int,
+                step_tokens: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The clipped-surrogate loss of one micro-batch, and its per-token statistics.
+
+    ``logps``/``old_logps``/``ref_logps``/``mask`` are ``[B, C]`` (completion tokens), ``advantages`` ``[B]``.
+    ``old_logps`` None means on-policy (ratio 1, gradient still flows); ``ref_logps`` is needed when ``beta > 0``.
+    The loss is what one micro-batch contributes before the Trainer divides by the accumulation steps, so that
+    the step's gradient is that of the objective over the whole step: ``step_tokens`` (dapo) is the number of
+    completion tokens of the step over all devices, divided by the device count, times 1 / accumulation steps.
+    """
+    import torch
+
+    old = logps.detach() if old_logps is None else old_logps
+    adv = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    stats: dict[str, Any] = {}
+    if beta:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+        stats["kl"] = kl.detach()
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_len)
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / torch.as_tensor(step_tokens, dtype=per_token.dtype).clamp(min=1.0)
+    else:
+        raise FtError(f"unknown grpo.loss_type '{loss_type}'")
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon_low) & (adv < 0)
+        high = (ratio > 1 + epsilon_high) & (adv > 0)
+        stats["clip_ratio"] = (low | high).to(per_token.dtype)
+    return loss, stats
+
+
+def masked_mean(values: Any, mask: Any) -> Any:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def completion_logps(logits: Any, completion_ids: Any, temperature: float, *, entropy: bool = False) -> tuple[Any, Any]:
+    """Log-probabilities of the completion tokens under ``logits`` / temperature, and (optionally, without
+    gradient) the entropy of each position's distribution. ``logits`` holds the positions that predict
+    ``completion_ids`` (``[B, C, V]``)."""
+    import torch
+
+    logits = logits.float() / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - lse
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logps, ent
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+
+class PromptBatch:
+    """The prompts of one micro-batch, as the dataloader hands them over (kept out of device moves)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def prompt_collator(cfg: Any, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"prompts": PromptBatch([{**r, "prompt": json.loads(r["prompt"])} for r in rows])}
+
+    return collate
+
+
+def step_shape(cfg: Any, world_size: int) -> tuple[int, int]:
+    """``(prompts per device and step, completions per device and step)``."""
+    completions = cfg.micro_batch_size * cfg.gradient_accumulation_steps
+    return completions // options(cfg).num_generations, completions
+
+
+@functools.cache
+def _sampler_class() -> type:
+    import torch
+
+    class StepSampler(torch.utils.data.Sampler):
+        """Prompt indices in the order GRPO consumes them.
+
+        Each optimizer step needs ``per_rank`` prompts on each of ``world`` devices. The dataloader hands every
+        micro-batch the prompts of its device's whole step (batch size ``per_rank``), ``repeats`` times in a row
+        (accumulation steps x num_iterations), and the distributed sampler deals batches to devices round-robin, so
+        the stream is: for each step, ``repeats`` times, each device's part in device order. The order of prompts
+        is shuffled per epoch with the seed (``set_epoch``), so a resumed run sees the same prompts.
+        """
+
+        def __init__(self, size: int, per_rank: int, world: int, repeats: int, seed: int, shuffle: bool):
+            self.size, self.per_rank, self.world, self.repeats = size, per_rank, world, repeats
+            self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def steps(self) -> int:
+            return self.size // (self.per_rank * self.world)
+
+        def __len__(self) -> int:
+            return self.steps() * self.per_rank * self.world * self.repeats
+
+        def __iter__(self):
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                order = torch.randperm(self.size, generator=generator).tolist()
+            else:
+                order = list(range(self.size))
+            width = self.per_rank * self.world
+            for s in range(self.steps()):
+                chunk = order[s * width:(s + 1) * width]
+                for _ in range(self.repeats):
+                    yield from chunk
+
+    return StepSampler
+
+
+# -- generation -----------------------------------------------------------------------------------
+
+
+class HFGeneration:
+    """Colocated generation on the training model (Hugging Face transformers), all of a step's groups at once.
+
+    By default a lean sampling loop over the model's forward and KV cache: each prompt is prefilled once
+    and its cache shared by the group's completions, finished completions leave the batch, and tokens are
+    drawn with an exponential race (exact categorical sampling, cheaper than ``torch.multinomial``),
+    after temperature, top-k and top-p in Hugging Face's order. Models it does not fit (an exception on
+    the first step, encoder-decoders) use ``model.generate`` instead, said once in the log.
+    """
+
+    name = "hf"
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.use_generate = False
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
+        import torch
+
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        ids, mask = left_pad(prompt_ids, trainer.pad_token_id, trainer.args.device)
+        was_training = model.training
+        model.eval()  # no dropout, and the KV cache even with gradient checkpointing on
+        try:
+            with torch.inference_mode():  # cheaper than no_grad; only the token ids leave it, as Python lists
+                if not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
+                    try:
+                        return sample_groups(model, ids, mask, n, sampling, trainer.eos_token_ids,
+                                             logits_to_keep=trainer._logits_to_keep)
+                    except Exception as exc:  # noqa: BLE001 - a model the loop does not fit: generate instead
+                        log.info("grpo: sampling with model.generate (the sampling loop does not fit this model: "
+                                 "%s: %s)", type(exc).__name__, exc)
+                        self.use_generate = True
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling["temperature"],
+                    top_p=sampling["top_p"], top_k=sampling["top_k"], min_p=None, repetition_penalty=1.0,
+                    max_new_tokens=sampling["max_tokens"], num_return_sequences=n, pad_token_id=trainer.pad_token_id,
+                    eos_token_id=list(trainer.eos_token_ids), use_cache=True, disable_compile=True)
+                return cut_at_eos(out[:, ids.shape[1]:].tolist(), trainer.eos_token_ids)
+        finally:
+            model.train(was_training)
+
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to do: generation uses the training model itself."""
+
+
+def left_pad(prompt_ids: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding: every row continues at the same column
+        ids[i, width - len(p):] = torch.as_tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: Any, temperature: float, top_k: int, top_p: float) -> Any:
+    """Temperature, then top-k, then top-p (nucleus), as Hugging Face's sampling warpers do; removed
+    tokens get -inf. ``logits`` is ``[B, V]`` float."""
+    import torch
+
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, Any], eos: frozenset[int],
+                  logits_to_keep: bool = True) -> list[list[int]]:
+    """``n`` sampled completions per row of ``ids`` (left-padded prompts), prompt by prompt, each up to and
+    including its first end token. Call under ``torch.inference_mode()``."""
+    import torch
+    from transformers import DynamicCache
+
+    rows = ids.shape[0] * n
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    keep = {"logits_to_keep": 1} if logits_to_keep else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                **keep)
+    cache.batch_repeat_interleave(n)  # the prompt's cache, shared by its group: prefilled once
+    logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    position = positions[:, -1].repeat_interleave(n, dim=0)
+    alive = torch.arange(rows, device=ids.device)
+    stops = torch.tensor(sorted(eos), device=ids.device)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(sampling["max_tokens"]):
+        scores = filter_logits(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
+        probs = torch.softmax(scores, dim=-1)
+        chosen = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # exact sampling from probs
+        for row, token in zip(alive.tolist(), chosen.tolist(), strict=True):
+            tokens[row].append(token)
+        if step == sampling["max_tokens"] - 1:
+            break
+        going = ~torch.isin(chosen, stops)
+        if not bool(going.all()):
+            if not bool(going.any()):
+                break
+            index = going.nonzero().squeeze(1)
+            cache.batch_select_indices(index)  # finished completions leave the batch
+            alive, mask, position, chosen = alive[index], mask[index], position[index], chosen[index]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None],
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return tokens
+
+
+def cut_at_eos(sequences: list[list[int]], eos: frozenset[int]) -> list[list[int]]:
+    """Each sequence up to and including its first end token (all of it when it has none)."""
+    out = []
+    for seq in sequences:
+        end = next((i for i, t in enumerate(seq) if t in eos), None)
+        out.append(seq if end is None else seq[: end + 1])
+    return out
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+
+def trainer_kwargs(cfg: Any, model: Any, tokenizer: Any, data: Any) -> dict[str, Any]:
+    opts = options(cfg)
+    reference = ReferenceModel.for_training(model, "grpo") if opts.beta > 0 else None
+    if reference is None:
+        log.info("grpo: beta is 0, so no reference model is loaded (no KL term)")
+    return {"grpo": opts, "rewards": build_rewards(cfg, opts), "reference": reference, "ft_cfg": cfg}
+
+
+@functools.cache
+def trainer_class() -> type:
+    import torch
+    from transformers import Trainer
+
+    class GRPOTrainer(Trainer):
+        """Generate, score, compute advantages, then the clipped-surrogate loss (see the module docstring)."""
+
+        def __init__(self, *args: Any, grpo: GRPOOptions, rewards: list[RewardFunction], reference: Any = None,
+                     ft_cfg: Any = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.grpo, self.rewards, self.reference, self.ft_cfg = grpo, rewards, reference, ft_cfg
+            self.model_accepts_loss_kwargs = False  # the Trainer divides each micro-batch loss by the accumulation steps
+            tok = self.processing_class
+            self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            eos = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(self.model, "generation_config") else None
+            eos = [eos] if isinstance(eos, int) else list(eos or [])
+            if tok.eos_token_id is not None:
+                eos.append(tok.eos_token_id)
+            if not eos:
+                raise FtError("the tokenizer has no eos_token, so completions could not end; set special_tokens: "
+                              "{eos_token: ...}.")
+            self.eos_token_ids = frozenset(eos)
+            self.generation = HFGeneration(self)
+            self._synced_step = -1
+            self._buffer: list[dict[str, Any]] | None = None
+            self._micro = 0
+            self._flat_steps = 0
+            self._log_ready = False
+            base = self.accelerator.unwrap_model(self.model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+            if self.reference is not None:
+                self.reference.to(self.args.device)
+            log_every = grpo.log_completions_steps
+            self._log_every = self.args.logging_steps if log_every is None else log_every
+
+        # the generation backend (the vllm plugin replaces it in ft_before_train)
+
+        def set_generation(self, generation: Any) -> None:
+            """Use ``generation`` (``generate(prompt_ids, n, sampling) -> completion ids``, ``sync_weights(model)``,
+            ``name``) instead of Hugging Face generate on the training model."""
+            self.generation = generation
+            self._synced_step = -1
+
+        # data: each micro-batch carries the prompts of its device's whole step
+
+        def get_train_dataloader(self):
+            per_rank, _ = step_shape(self.ft_cfg, self.args.world_size)
+            saved = self._train_batch_size
+            self._train_batch_size = per_rank
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self._train_batch_size = saved
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            per_rank, _ = step_shape(self.ft_cfg, self.args.world_size)
+            world = self.args.world_size
+            repeats = self.args.gradient_accumulation_steps * self.grpo.num_iterations
+            if len(dataset) < per_rank * world:
+                raise FtError(f"the dataset has {len(dataset)} prompts, fewer than one optimizer step takes "
+                              f"({per_rank} per device x {world} device(s): micro_batch_size x gradient_accumulation_steps "
+                              f"/ num_generations); add prompts or lower micro_batch_size.")
+            return _sampler_class()(len(dataset), per_rank, world, repeats, self.args.seed, bool(self.ft_cfg.shuffle))
+
+        # one micro-batch
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            model.train()  # as the Trainer does, but before generating: metrics are recorded as training ones
+            accumulation = self.args.gradient_accumulation_steps
+            k = self._micro % accumulation
+            fresh = k == 0 and self.state.global_step % self.grpo.num_iterations == 0
+            if self._buffer is None or fresh:
+                if k != 0:  # pragma: no cover - a session always starts at an optimizer-step boundary
+                    raise FtError("grpo: lost its place in the gradient-accumulation window; resume from a checkpoint.")
+                self._buffer = self._generate_step(inputs["prompts"].rows)
+            batch = self._buffer[k]
+            self._micro += 1
+            state = getattr(self, "ft_state", None)
+            if state is not None:  # count what is trained: the prompt and completion tokens of this micro-batch
+                state.counter.add({"attention_mask": batch["attention_mask"], "labels": batch["labels"]})
+            return super().training_step(model, {k_: v for k_, v in batch.items() if k_ != "labels"},
+                                         num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            opts = self.grpo
+            logps, entropy = self._logps(model, inputs, entropy=True)
+            mask = inputs["completion_mask"]
+            loss, stats = policy_loss(
+                logps, inputs.get("old_logps"), inputs.get("ref_logps"), inputs["advantages"], mask,
+                loss_type=opts.loss_type, epsilon_low=opts.epsilon,
+                epsilon_high=opts.epsilon_high if opts.epsilon_high is not None else opts.epsilon, beta=opts.beta,
+                max_completion_len=opts.max_completion_len, step_tokens=inputs["step_tokens"])
+            record = {"entropy": masked_mean(entropy, mask), "clip_ratio": masked_mean(stats["clip_ratio"], mask)}
+            if "kl" in stats:
+                record["kl"] = masked_mean(stats["kl"], mask)
+            self._record(record)
+            return (loss, None) if return_outputs else loss
+
+        def _logps(self, model, batch, entropy=False):
+            completion_ids = batch["completion_ids"]
+            width = completion_ids.shape[1]
+            extra = {"logits_to_keep": width + 1} if self._logits_to_keep else {}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], use_cache=False, **extra).logits
+            return completion_logps(logits[:, -(width + 1):-1], completion_ids, self.grpo.temperature, entropy=entropy)
+
+        def _record(self, values: dict[str, Any]) -> None:
+            record = getattr(self, "ft_record", None)
+            if record is not None:
+                record(values)
+
+        # one optimizer step's completions: generate, score, advantages, micro-batches
+
+        def _generate_step(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            opts, device = self.grpo, self.args.device
+            g = opts.num_generations
+            if self.state.global_step != self._synced_step:  # the generator gets the weights of this step
+                self.generation.sync_weights(self.model)
+                self._synced_step = self.state.global_step
+            prompt_ids = [list(r["input_ids"]) for r in rows]
+            sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k,
+                        "max_tokens": opts.max_completion_len}
+            completion_ids = self.generation.generate(prompt_ids, g, sampling)
+            if len(completion_ids) != len(prompt_ids) * g:
+                raise FtError(f"generation ({self.generation.name}) returned {len(completion_ids)} completions for "
+                              f"{len(prompt_ids)} prompts x {g}.")
+            completion_ids = [list(c) if len(c) else [self.pad_token_id] for c in completion_ids]
+            expanded = [r for r in rows for _ in range(g)]
+            texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+            prompts = [r["prompt"] for r in expanded]
+            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                           for p, t in zip(prompts, texts, strict=True)]
+            columns = {c: [r.get(c) for r in expanded] for c in rows[0] if c not in ("input_ids", "prompt")}
+
+            values, unset = score(self.rewards, prompts, completions, completion_ids, columns)
+            per_func = torch.tensor(values, dtype=torch.float32, device=device).T
+            none = torch.tensor(unset, dtype=torch.bool, device=device).T
+            rewards, bad = combine_rewards(per_func, none, [r.weight for r in self.rewards])
+            batch_std = None
+            if opts.scale_rewards == "batch":
+                batch_std = nanstd(self.accelerator.gather(rewards))  # over every device's completions
+            advantages, std = group_advantages(rewards, g, opts.scale_rewards, batch_std)
+            if bad.any():
+                advantages[bad.any(1)] = math.nan  # the loss is NaN: the health policy (stop/skip/warn) decides
+                self._report_nonfinite(bad, per_func, prompts, completions)
+
+            lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32, device=device)
+            truncated = torch.tensor([c[-1] not in self.eos_token_ids for c in completion_ids], dtype=torch.float32,
+                                     device=device)
+            metrics = {"reward": torch.nanmean(rewards), "reward_std": nanstd(rewards),
+                       "completion_length": lengths.mean(), "completion_truncated": truncated.mean(),
+                       "frac_reward_zero_std": (std.view(-1, g)[:, 0] < 1e-8).float().mean()}
+            for j, reward in enumerate(self.rewards):
+                column = torch.where(none[:, j], math.nan, per_func[:, j])
+                metrics[f"reward/{reward.name}/mean"] = torch.nanmean(column)
+                metrics[f"reward/{reward.name}/std"] = nanstd(column)
+            self._record(metrics)
+            self._watch_signal(bool((std < 1e-8).all()))
+            self._log_completions(prompts, texts, values, rewards, advantages)
+            return self._micro_batches(prompt_ids, completion_ids, advantages)
+
+        def _micro_batches(self, prompt_ids, completion_ids, advantages):
+            """Split the step's completions into micro-batches (each padded to its own longest row) and compute
+            what the loss compares against: the generating policy's log-probabilities (num_iterations > 1) and
+            the reference's (beta > 0)."""
+            opts, device, size = self.grpo, self.args.device, self.args.per_device_train_batch_size
+            g = opts.num_generations
+            tokens = torch.tensor(float(sum(len(c) for c in completion_ids)), device=device)
+            if self.args.world_size > 1:
+                tokens = self.accelerator.reduce(tokens, reduction="sum")
+            # dapo: the step's tokens per device, per micro-batch share (see policy_loss)
+            step_tokens = tokens / self.args.world_size / self.args.gradient_accumulation_steps
+            out = []
+            for start in range(0, len(completion_ids), size):
+                rows = range(start, start + size)
+                batch = pack_rows([prompt_ids[i // g] for i in rows], [completion_ids[i] for i in rows],
+                                  self.pad_token_id, device)
+                batch["advantages"] = advantages[start:start + size]
+                batch["step_tokens"] = step_tokens
+                with torch.no_grad():
+                    if opts.num_iterations > 1:
+                        batch["old_logps"] = self._logps(self.model, batch)[0]
+                    if self.reference is not None:
+                        batch["ref_logps"] = self._reference_logps(batch)
+                out.append(batch)
+            return out
+
+        def _reference_logps(self, batch):
+            width = batch["completion_ids"].shape[1]
+            extra = {"logits_to_keep": width + 1} if self._logits_to_keep else {}
+            logits = self.reference.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            position_ids=batch["position_ids"], use_cache=False, **extra).logits
+            return completion_logps(logits[:, -(width + 1):-1], batch["completion_ids"], self.grpo.temperature)[0]
+
+        def _watch_signal(self, flat: bool) -> None:
+            """Warn once when the first NO_SIGNAL_STEPS generations all gave every group equal rewards: no gradient,
+            nothing learned (later, equal rewards mostly mean the policy has converged)."""
+            self._flat_steps = self._flat_steps + 1 if flat else -(10**9)  # a signal once: never warn
+            if self._flat_steps != NO_SIGNAL_STEPS or not self.is_world_process_zero():
+                return
+            message = (f"in the first {NO_SIGNAL_STEPS} generations, every group's completions got the same reward, "
+                       "so the advantages and the gradient are 0 and nothing is learned. Check what the rewards give "
+                       f"({COMPLETIONS_FILE} in the output directory shows them); a reward that rarely pays needs "
+                       "more num_generations, a higher temperature, or a graded reward next to it.")
+            log.warning("grpo: %s", message)
+            state = getattr(self, "ft_state", None)
+            if state is not None:
+                state.warnings.append({"check": "grpo_no_signal", "step": self.state.global_step + 1,
+                                       "message": message})
+
+        def _report_nonfinite(self, bad, per_func, prompts, completions):
+            row, j = (int(x) for x in bad.nonzero()[0])
+            name = self.rewards[j].name
+            log.warning("grpo: reward '%s' returned %s for %d completion(s), e.g. for prompt %s, completion %s; this "
+                        "step's loss is NaN and health.on_nonfinite decides what happens (stop, skip or warn)",
+                        name, float(per_func[row, j]), int(bad[:, j].sum()), _short(repr(prompts[row]), 200),
+                        _short(repr(completions[row]), 200))
+
+        # sample completions -> OUTPUT_DIR/completions.jsonl
+
+        def _log_completions(self, prompts, texts, values, rewards, advantages):
+            step = self.state.global_step + 1
+            if not self._log_every or not self.is_world_process_zero():
+                return
+            path = Path(self.args.output_dir) / COMPLETIONS_FILE
+            if not self._log_ready:  # a resumed run drops what was logged after its checkpoint
+                self._log_ready = True
+                kept = []
+                if path.is_file():
+                    for line in path.read_text(encoding="utf-8").splitlines():
+                        try:
+                            if json.loads(line).get("step", 0) <= self.state.global_step:
+                                kept.append(line + "\n")
+                        except json.JSONDecodeError:
+                            continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(kept), encoding="utf-8")
+            if step != 1 and step % self._log_every:
+                return
+            names = [r.name for r in self.rewards]
+            with path.open("a", encoding="utf-8") as fh:
+                for i, text in enumerate(texts):
+                    entry = {"step": step, "prompt": prompts[i], "completion": text,
+                             "rewards": {n: _json_number(values[j][i]) for j, n in enumerate(names)},
+                             "reward": _json_number(float(rewards[i])), "advantage": _json_number(float(advantages[i]))}
+                    fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    return GRPOTrainer
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 6)
+
+
+def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad: int, device: Any) -> dict[str, Any]:
+    """One micro-batch: prompts left-padded and completions right-padded to their longest, so every row's
+    completion starts at the same column (the loss keeps only those logits). Positions count real tokens
+    from 0, as during generation."""
+    import torch
+
+    p_width, c_width = max(len(p) for p in prompts), max(len(c) for c in completions)
+    n = len(prompts)
+    ids = torch.full((n, p_width + c_width), pad, dtype=torch.long)
+    mask = torch.zeros((n, p_width + c_width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, p_width - len(p):p_width] = torch.as_tensor(p)
+        ids[i, p_width:p_width + len(c)] = torch.as_tensor(c)
+        mask[i, p_width - len(p):p_width + len(c)] = 1
+    completion_mask = mask[:, p_width:]
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :p_width] = -100
+    ids, mask = ids.to(device), mask.to(device)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "completion_ids": ids[:, p_width:], "completion_mask": completion_mask.to(device),
+            "labels": labels.to(device)}
+
+
+CURVES_FILE = "grpo_curves.png"
+
+
+@hookimpl
+def ft_after_train(cfg, trainer):
+    """``grpo_curves.png``: the rewards, completion length, and entropy / KL / clip ratio, each on its own scale
+    (``training_curves.png`` draws every method metric in one panel)."""
+    if cfg.method != "grpo" or not trainer.is_world_process_zero():
+        return
+    path = Path(cfg.output_dir) / "metrics.json"
+    if path.is_file():
+        plot_grpo(json.loads(path.read_text(encoding="utf-8")).get("history", []), Path(cfg.output_dir) / CURVES_FILE)
+
+
+def plot_grpo(history: list[dict[str, Any]], path: Path) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(key: str) -> tuple[list[Any], list[Any]]:
+        rows = [r for r in history if r.get(key) is not None]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    fig = Figure(figsize=(15, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_reward, ax_length, ax_policy = fig.subplots(1, 3)
+    steps, mean = series("reward")
+    _, std = series("reward_std")
+    if mean:
+        ax_reward.plot(steps, mean, "-", lw=2, color="black", label="reward (weighted sum)")
+        if len(std) == len(mean):
+            ax_reward.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                                   [m + s for m, s in zip(mean, std, strict=True)], color="black", alpha=0.1)
+    names = sorted({k[len("reward/"):-len("/mean")] for r in history for k in r
+                    if k.startswith("reward/") and k.endswith("/mean")})
+    for name in names:
+        ax_reward.plot(*series(f"reward/{name}/mean"), "--", label=name)
+    ax_length.plot(*series("completion_length"), color="tab:green")
+    for key in ("entropy", "kl", "clip_ratio"):
+        if any(key in r for r in history):
+            ax_policy.plot(*series(key), label=key)
+    for ax, title in ((ax_reward, "reward (mean; band: std)"), (ax_length, "completion length (tokens)"),
+                      (ax_policy, "entropy, KL, clip ratio")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return str(path)
+
+
+@hookimpl
+def ft_register_methods(register):
+    register.add(Method(
+        name="grpo",
+        columns=COLUMNS,
+        collator=prompt_collator,
+        trainer_class=trainer_class,
+        trainer_kwargs=trainer_kwargs,
+        metrics=METRICS,
+        features=frozenset({GENERATION}),
+        description="online RL: sample groups of completions, score them with reward plugins, clipped surrogate loss",
+    ))
+
+
+__all__ = ["GRPOOptions", "PromptOptions", "combine_rewards", "group_advantages", "policy_loss", "completion_logps", "pack_rows",
+           "score", "nanstd"]
