@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
+from ft.api import redact_text
 from ft.errors import DataError, MissingDependencyError
 
 FT_FEATURE = False  # essential: ft cannot read data without it
@@ -361,7 +362,8 @@ def _url_files(fs: Any, root: str, entry: Any) -> list[str]:
     try:
         is_dir = fs.isdir(root)
     except Exception as exc:  # noqa: BLE001 - network and auth errors differ per backend
-        raise DataError(f"cannot reach '{entry.path}': {type(exc).__name__}: {exc}") from None
+        raise DataError(f"cannot reach '{redact_text(entry.path)}': {type(exc).__name__}: "
+                        f"{redact_text(str(exc))}") from None
     if not is_dir:
         return [root]
     patterns = [entry.data_files] if isinstance(entry.data_files, str) else list(entry.data_files or [])
@@ -383,11 +385,11 @@ def _load_url(url: str, entry: Any, where: str):
     fs, root = _url_fs(url, where)
     files = _url_files(fs, root, entry)
     if not files:
-        raise DataError(f"{where}: no data files found under '{url}'.")
+        raise DataError(f"{where}: no data files found under '{redact_text(url)}'.")
     scheme = url.split("://", 1)[0]
     parts, dropped, blank = [], [], 0
     for f in files:
-        label = f"{scheme}://{f}"
+        label = redact_text(f if "://" in f else f"{scheme}://{f}")  # drop reports never show credentials
         kind, gz = _file_kind(f.rsplit("/", 1)[-1], entry.ds_type, where)
         try:
             with fs.open(f, "rb") as raw_fh:
@@ -400,7 +402,7 @@ def _load_url(url: str, entry: Any, where: str):
 
                     p, d, b = _parse_binary(pa.BufferReader(fh.read()), kind, label, where)
         except (OSError, PermissionError) as exc:
-            raise DataError(f"{where}: cannot read '{label}': {exc}") from None
+            raise DataError(f"{where}: cannot read '{label}': {redact_text(str(exc))}") from None
         parts += p
         dropped += d
         blank += b

@@ -173,6 +173,37 @@ def test_secrets_are_redacted(tmp_path):
     assert redact({"wandb": {"api_key": "abc"}, "hub_token": "t"}) == {"wandb": {"api_key": "***"}, "hub_token": "***"}
 
 
+@pytest.mark.parametrize(("saved", "written"), [
+    # secrets: any key with a secret word, whatever else its name says
+    ({"openai_api_key": "sk-1"}, {"openai_api_key": "***"}),
+    ({"api_token": "t-2"}, {"api_token": "***"}),
+    ({"github_token": "ghp_3"}, {"github_token": "***"}),
+    ({"hfToken": "hf_4"}, {"hfToken": "***"}),
+    ({"db_password": "p", "client_secret": "s", "aws_secret_access_key": "k", "apikey": "a"},
+     {"db_password": "***", "client_secret": "***", "aws_secret_access_key": "***", "apikey": "***"}),
+    ({"credentials": {"user": "me", "pass": "p"}}, {"credentials": {"user": "***", "pass": "***"}}),
+    ({"api_keys_in_list": ["k1"], "hub_token": ["t1", "t2"]}, {"api_keys_in_list": ["k1"], "hub_token": ["***", "***"]}),
+    # not secrets: token lists and names, counts, flags, empty values, words that only contain "key"
+    ({"tokenizer": "gpt2", "tokens": ["<a>"], "eot_tokens": ["<|im_end|>"]},
+     {"tokenizer": "gpt2", "tokens": ["<a>"], "eot_tokens": ["<|im_end|>"]}),
+    ({"special_tokens": {"pad_token": "<pad>", "eos_token": "</s>"}},
+     {"special_tokens": {"pad_token": "<pad>", "eos_token": "</s>"}}),
+    ({"max_tokens": 512, "key_count": 3, "use_auth_token": True, "api_key": ""},
+     {"max_tokens": 512, "key_count": 3, "use_auth_token": True, "api_key": ""}),
+    ({"pad_token": "<pad>", "monkey": "banana", "keys": ["instruction", "output"]},
+     {"pad_token": "<pad>", "monkey": "banana", "keys": ["instruction", "output"]}),
+    # credentials in URLs, wherever they are
+    ({"path": "https://user:SECRET@host/data.jsonl"}, {"path": "https://user:***@host/data.jsonl"}),
+    ({"base_model": "https://ghp_abc@github.com/org/repo"}, {"base_model": "https://***@github.com/org/repo"}),
+    ({"datasets": [{"path": "s3://key:secret@bucket/x.jsonl"}]}, {"datasets": [{"path": "s3://key:***@bucket/x.jsonl"}]}),
+    ({"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}, {"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}),
+])
+def test_secrets_are_redacted_by_pattern(saved, written):
+    from ft.config import redact
+
+    assert redact(saved) == written
+
+
 def test_validate_cli_prints_effective_batch_and_selection(tmp_path):
     from ft.cli import cli
     from ft.plugins import add_process_plugin, remove_process_plugin

@@ -28,7 +28,9 @@ from ft.run import run
 
 MAX_STEPS = 8
 SAVE_STEPS = 3
-SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz"}
+SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz",
+           "openai_api_key": "sk-openai-1e1e1e", "api_token": "tok-api-2f2f2f", "github_token": "ghp_3a3a3a3a",
+           "mirror": "https://mirror-user:url-pass-4b4b4b@example.invalid/models"}
 ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
 
 
@@ -73,6 +75,10 @@ class VaultSection(BaseModel):
     api_key: str = ""
     hub_token: str = ""
     password: str = ""
+    openai_api_key: str = ""
+    api_token: str = ""
+    github_token: str = ""
+    mirror: str = ""  # credentials inside a URL
     signing_key: SecretStr = SecretStr("")
 
 
@@ -442,7 +448,7 @@ def test_a_data_build_killed_midway_leaves_no_cache_behind(tiny_model_dir, tmp_p
 
 def test_secrets_never_reach_saved_files_or_logs(reference):
     root, _, _, logs = reference
-    secrets = [*SECRETS.values(), "sk-signing-0a0a0a", *ENV_SECRETS.values()]
+    secrets = [*SECRETS.values(), "url-pass-4b4b4b", "sk-signing-0a0a0a", *ENV_SECRETS.values()]
     files = [p for p in (root / "out").rglob("*") if p.is_file()]
     assert any(p.name == "ft_config.yaml" and p.parent.name == "checkpoint-3" for p in files)
     for path in files:
@@ -452,7 +458,9 @@ def test_secrets_never_reach_saved_files_or_logs(reference):
     for secret in secrets:
         assert secret not in logs
     saved = yaml.safe_load((root / "out" / "ft_config.yaml").read_text())
-    assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "**********"
+    assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "***"
+    assert saved["vault"]["github_token"] == "***"
+    assert saved["vault"]["mirror"] == "https://mirror-user:***@example.invalid/models"
     assert "training finished" in logs, "the captured output is the run's"
 
 

@@ -10,7 +10,8 @@ Groups:
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
   ``is_installed``, ``load_or_explain``
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
-  section model or field whose values do not change what training computes, so a resumed run may change them)
+  section model or field whose values do not change what training computes, so a resumed run may change them),
+  ``redact_text`` (a message or label with the credentials of any URL in it replaced)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``
@@ -33,7 +34,7 @@ _WHERE = {
     "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
     "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
     # config
-    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config",
+    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
     # data sources
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",

@@ -6,14 +6,17 @@ Layout of ``dataset_prepared_path``::
     <key>/eval/         the eval dataset, when there is one
     <key>/report.json   rows dropped, per reason, with file:line examples
     <key>/stats.json    rows, samples, tokens, packing efficiency, seconds
-    <key>/key.json      what went into the key (to see why a cache was rebuilt)
+    <key>/key.json      what went into the key (to see why a cache was rebuilt), secrets redacted
+    <key>/manifest.json size and xxh3 checksum of every file above (checked on every load)
     <key>.lock          held while one process builds; the others wait, then load
 
 The key hashes everything that changes the prepared rows: the data files' contents (through
 ``ft_data_fingerprint``), files named by dataset options (e.g. a jinja template file), the
 tokenizer (vocabulary, added tokens, chat template), the config keys that matter, and the
 version and source of every plugin on the data path. A build is written to a temporary
-directory and renamed into place, so a crash never leaves a half-written cache behind.
+directory and renamed into place, so a crash never leaves a half-written cache behind. Every load
+checks the files against the manifest's checksums (xxh3, at disk-read speed): a damaged cache is
+rebuilt with a warning, never used.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from ft.errors import DataError
 log = logging.getLogger("ft.data")
 
 # Bump when the layout or meaning of prepared data changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: manifest.json with a checksum of every file
 # Config keys that change the prepared rows (datasets entries are added separately).
 KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_tokens", "tokens", "val_set_size",
               "seed", "shuffle")
@@ -220,6 +223,11 @@ def load(root: Path, key: str) -> dict[str, Any] | None:
         return None
     from datasets import load_from_disk
 
+    problems = verify_manifest(path)
+    if problems:
+        log.warning("the prepared data in %s is damaged (%s); rebuilding it", path, "; ".join(problems[:3]))
+        shutil.rmtree(path, ignore_errors=True)
+        return None
     try:
         with _quiet_datasets():
             train = load_from_disk(str(path / "train"))
@@ -247,9 +255,13 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
             if eval_ds is not None:
                 eval_ds.save_to_disk(str(tmp / "eval"))
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        (tmp / "key.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        from ft.config import redact
+
+        key_text = json.dumps(redact(json.loads(json.dumps(inputs, default=str))), indent=2, sort_keys=True)
+        (tmp / "key.json").write_text(key_text, encoding="utf-8")  # what went into the key, secrets redacted
         stats = {**stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        write_manifest(tmp)
         if final.exists():  # only after a damaged cache was half-removed
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -257,6 +269,43 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(final)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Remove a prepared cache (held under the build lock): it is rebuilt."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+MANIFEST = "manifest.json"
+UNCHECKED = frozenset({MANIFEST, "stats.json"})  # stats.json gets figures after the build (update_stats)
+
+
+def write_manifest(path: Path) -> None:
+    """Size and checksum of every file of a prepared cache (but stats.json), in ``manifest.json``."""
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        if name not in UNCHECKED:
+            files[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
+    (path / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}, indent=1), encoding="utf-8")
+
+
+def verify_manifest(path: Path) -> list[str]:
+    """What is wrong with the files of the cache at ``path`` (empty when every checksum matches)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"its {MANIFEST} cannot be read ({type(exc).__name__})"]
+    problems = []
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != want.get("size"):
+            problems.append(f"{name} has {file.stat().st_size} bytes, {want.get('size')} were written")
+        elif file_digest(file) != want.get("digest"):
+            problems.append(f"{name} changed since it was written")
+    return problems
 
 
 def update_stats(path: str, **values: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ft.errors import ConfigError, FtError
 from ft.formats import DatasetOptions
 
-SECRET_KEYS = frozenset({"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "wandb_api_key",
-                         "wandb_key", "password", "secret", "aws_secret_access_key"})
+# Redaction (``redact``): a key is secret when a word of its name (split at _ - . and camelCase) is one of
+# SECRET_WORDS or ends in token/secret/password (``apitoken``), unless the key is one of NOT_SECRET_KEYS (token
+# lists and the names of a tokenizer's special tokens). Only string values are redacted (every string under a
+# secret key, so a ``credentials:`` mapping goes whole); counts and flags (``max_tokens: 512``,
+# ``use_auth_token: true``) stay. ``user:password@`` in any URL-like string is redacted wherever it is.
+SECRET_WORDS = frozenset({"token", "key", "secret", "secrets", "password", "passwords", "passwd", "pwd",
+                          "credential", "credentials", "apikey", "auth"})
+SECRET_WORD_ENDINGS = ("token", "secret", "password", "passwd")
+NOT_SECRET_KEYS = frozenset({"tokenizer", "tokens", "special_tokens", "eot_tokens", "eot_token",
+                             "additional_special_tokens", "pad_token", "bos_token", "eos_token", "unk_token",
+                             "sep_token", "cls_token", "mask_token"})
+REDACTED = "***"
+_WORD_RE = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:?#]*)(?::[^/@\s?#]*)?@")
 
 
 # ``json_schema_extra`` of a field, or of a plugin's section model, whose values do not change what training
@@ -393,8 +406,10 @@ def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequen
         return "required key is missing."
     msg = err.get("msg", "invalid value")
     given = err.get("input")
-    if loc and str(loc[-1]).lower() in SECRET_KEYS:  # an error message must not print a secret
+    if any(is_secret_key(part) for part in loc if isinstance(part, str)):  # an error must not print a secret
         given = None
+    elif isinstance(given, str):
+        given = redact_text(given)
     if err["type"] not in ("missing",) and not isinstance(given, (dict, list)) and given is not None:
         return f"{msg} (got {given!r})."
     return f"{msg}."
@@ -516,11 +531,34 @@ def entry_default(cfg: CoreConfig, group: str, index: int, key: str) -> Any:
 _NO_DEFAULT = object()
 
 
-def redact(value: Any) -> Any:
+def is_secret_key(key: Any) -> bool:
+    """Whether values under config key ``key`` are secrets (see SECRET_WORDS)."""
+    name = str(key)
+    if name.lower() in NOT_SECRET_KEYS:
+        return False
+    words = [w.lower() for w in _WORD_RE.split(name) if w]
+    return any(w in SECRET_WORDS or w.endswith(SECRET_WORD_ENDINGS) for w in words)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced: ``https://user:***@host``, ``https://***@host``."""
+    if "@" not in text or "://" not in text:
+        return text
+
+    def replace(match: re.Match) -> str:
+        user = match.group("user")
+        has_password = match.group(0)[len(match.group("scheme")) + len(user):].startswith(":")
+        return f"{match.group('scheme')}{user}:{REDACTED}@" if has_password else f"{match.group('scheme')}{REDACTED}@"
+
+    return _URL_CREDENTIALS_RE.sub(replace, text)
+
+
+def redact(value: Any, secret: bool = False) -> Any:
+    """A copy of ``value`` (config data) with secrets replaced by ``***`` (see SECRET_WORDS)."""
     if isinstance(value, dict):
-        return {
-            k: ("***" if str(k).lower() in SECRET_KEYS and v else redact(v)) for k, v in value.items()
-        }
+        return {k: redact(v, secret or is_secret_key(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact(v, secret) for v in value]
+    if isinstance(value, str):
+        return REDACTED if secret and value else redact_text(value)
     return value

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ft.errors import DataError
-from ft.formats import Drop
+from ft.formats import IGNORE_INDEX, Drop
 
 if TYPE_CHECKING:
     import datasets
@@ -160,11 +160,22 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
         found = cache.load(root, key)
         if found is not None:
             data = _from_cache(found, cfg)
-            log.info("prepared data: using the cache %s (%s)", data.cache_dir, _one_line(data.stats))
-            _log_drops(data.report)
-            return data
+            problem = token_id_problem(data.train, tokenizer) or token_id_problem(data.eval, tokenizer)
+            if problem is None:
+                log.info("prepared data: using the cache %s (%s)", data.cache_dir, _one_line(data.stats))
+                _log_drops(data.report)
+                return data
+            log.warning("the prepared data in %s does not fit the tokenizer (%s); rebuilding it", data.cache_dir,
+                        problem)
+            cache.remove(found["path"])
 
         report, stats, train, eval_ds = _build(ctx, tokenizer, packing)
+        problem = token_id_problem(train, tokenizer) or token_id_problem(eval_ds, tokenizer, "eval ")
+        if problem is not None:
+            formats = ", ".join(sorted({e.type for g in ("datasets", "test_datasets") for e in getattr(cfg, g) or []}))
+            raise DataError(f"the prepared data has {problem}: the dataset format(s) {formats} produced token ids "
+                            "the tokenizer does not have (a bug in the format plugin, or a tokenizer other than the "
+                            "one the format expects). Nothing was cached.")
         t1 = time.perf_counter()
         stats["seconds"] = round(t1 - t0, 3)  # updated below, once written
         path = cache.store(root, key, key_inputs, train, eval_ds, report, stats)
@@ -176,6 +187,40 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
         data.stats["cache"] = "built"
         _log_report(report, stats, path)
         return data
+
+
+def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None:
+    """What is wrong with the token ids of ``dataset`` for ``tokenizer`` (None when every input id is in
+    ``0 .. len(tokenizer) - 1`` and every label is such an id or -100). One vectorised pass per column."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    vocab = len(tokenizer)
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    for column, ignore in (("input_ids", None), ("labels", IGNORE_INDEX)):
+        if column not in table.column_names:
+            continue
+        lists = table.column(column).combine_chunks()
+        flat = pc.list_flatten(lists)
+        checked = flat if ignore is None else pc.filter(flat, pc.not_equal(flat, pa.scalar(ignore, flat.type)))
+        if len(checked) == 0:
+            continue
+        low, high = pc.min_max(checked).values()
+        if low.as_py() >= 0 and high.as_py() < vocab:
+            continue
+        values = flat.to_numpy(zero_copy_only=False)
+        bad = (values < 0) | (values >= vocab)
+        if ignore is not None:
+            bad &= values != ignore
+        first = int(np.argmax(bad))
+        offsets = lists.offsets.to_numpy(zero_copy_only=False)
+        sample = int(np.searchsorted(offsets, first, side="right")) - 1
+        return (f"token id {int(values[first])} in {column} of {what}sample {sample} (and {int(bad.sum()) - 1} more), "
+                f"but the tokenizer has {vocab} tokens (ids 0-{vocab - 1})")
+    return None
 
 
 def _packing_active(ctx: Context) -> bool:
