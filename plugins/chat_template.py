@@ -29,9 +29,12 @@ Imports no torch/transformers at module import time.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -91,6 +94,12 @@ class ChatTemplateOptions(DatasetOptions):
         "training",
         description="Per-message boolean field that forces a message to be trained (true) or not (false), "
         "whatever its role.",
+    )
+    max_render_seconds: float | None = Field(
+        5.0, gt=0,
+        description="CPU seconds one conversation may take to render; a slower one is dropped ('template too "
+        "slow'), and a template too slow for most rows is an error, so a looping template (one shipped with a "
+        "downloaded tokenizer, say) cannot hang preprocessing. null: no limit.",
     )
 
 
@@ -210,6 +219,35 @@ def compile_template(source: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+class _RenderTimeout(BaseException):
+    """Raised inside a render that ran out of time (a BaseException: templates and `except Exception` keep out)."""
+
+
+def _on_render_alarm(signum: int, frame: Any) -> None:
+    raise _RenderTimeout
+
+
+@contextlib.contextmanager
+def render_time_limit(seconds: float | None) -> Iterator[bool]:
+    """While inside: a render that uses more than ``seconds`` of CPU raises ``_RenderTimeout``. Yields
+    whether renders are bounded.
+
+    A CPU-time interval timer (``ITIMER_VIRTUAL``, so a busy machine does not shorten the limit) whose
+    signal handler raises in the rendering thread. Only where there are interval timers and in the main
+    thread (data workers are); elsewhere renders are not bounded. The handler is installed once around a
+    batch; arming the timer costs two system calls per conversation.
+    """
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.signal(signal.SIGVTALRM, _on_render_alarm)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
+
+
 class _Skip(Exception):
     """One row cannot be used: carries the Dropped to return for it."""
 
@@ -248,6 +286,10 @@ class ChatTokenize:
         self.train_on_eos = options.train_on_eos
         self.train_on_inputs = train_on_inputs
         self.where = where
+        self.max_render_seconds = options.max_render_seconds
+        self._timed = False  # inside render_time_limit: arm the timer per render
+        self._rendered = 0
+        self._too_slow = 0
         self._compiled: Any = None
         self._skeletons: dict[Any, Any] = {}
 
@@ -255,6 +297,7 @@ class ChatTokenize:
         state = dict(self.__dict__)
         state["_compiled"] = None
         state["_skeletons"] = {}
+        state["_timed"] = False
         return state
 
     # -- rendering ---------------------------------------------------------------------------
@@ -262,8 +305,40 @@ class ChatTokenize:
     def render(self, messages: list[dict[str, Any]]) -> str:
         if self._compiled is None:
             self._compiled = compile_template(self.template)
-        return self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
-                                     **self.template_kwargs)
+        if not self._timed:
+            return self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+                                         **self.template_kwargs)
+        signal.setitimer(signal.ITIMER_VIRTUAL, self.max_render_seconds)
+        try:
+            return self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+                                         **self.template_kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+
+    @contextlib.contextmanager
+    def _time_limit(self) -> Iterator[None]:
+        if self._timed:  # already inside one
+            yield
+            return
+        with render_time_limit(self.max_render_seconds) as bounded:
+            self._timed = bounded
+            try:
+                yield
+            finally:
+                self._timed = False
+
+    def _too_slow_row(self) -> Dropped:
+        """A row whose render ran out of time; an error once most rows do."""
+        self._too_slow += 1
+        if self._too_slow >= 3 and self._too_slow * 2 > self._rendered + self._too_slow:
+            raise FtError(
+                f"{self.where}: the chat template took more than {self.max_render_seconds:g} s of CPU to render "
+                f"{self._too_slow} of the {self._rendered + self._too_slow} conversations tried so far. It loops too "
+                "long (check its loops; a template that came with a downloaded tokenizer may do this): use another "
+                "chat_template, or raise max_render_seconds on this dataset entry if conversations are that long."
+            )
+        return Dropped("template too slow", f"rendering took more than {self.max_render_seconds:g} s of CPU "
+                                            "(max_render_seconds); a loop in the chat template?")
 
     def _skeleton(self, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]] | None:
         """Literal template text around each content (sentinel render), cached per role sequence."""
@@ -294,9 +369,15 @@ class ChatTokenize:
         if not any(trained):
             return
         try:
-            text = self.render(messages)
-            spans = self.content_spans(text, messages)
+            with self._time_limit():
+                text = self.render(messages)
+                spans = self.content_spans(text, messages)
             (enc,) = self.encoder.encodings([text])
+        except _RenderTimeout:
+            raise FtError(f"{self.where}: the chat template did not finish rendering a two-message conversation "
+                          f"within {self.max_render_seconds:g} s of CPU (max_render_seconds): it loops too long. Use "
+                          "another chat_template (a template that came with a downloaded tokenizer may do this).") \
+                from None
         except Exception:  # a template that needs other roles: the rows themselves will tell
             return
         try:
@@ -373,19 +454,24 @@ class ChatTokenize:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
         texts, pending = [], []
-        for r, row in enumerate(rows):
-            try:
-                messages, trained = self.messages_of(row)
+        with self._time_limit():
+            for r, row in enumerate(rows):
                 try:
-                    text = self.render(messages)
-                except Exception as exc:  # jinja raise_exception (e.g. roles must alternate), bad values
-                    raise _Skip(Dropped("template error", f"{type(exc).__name__}: {exc}")) from None
-                spans = None if self.train_on_inputs else self.content_spans(text, messages)
-            except _Skip as skip:
-                out[r] = skip.dropped
-                continue
-            texts.append(text)
-            pending.append((r, trained, spans, messages))
+                    messages, trained = self.messages_of(row)
+                    try:
+                        text = self.render(messages)
+                    except Exception as exc:  # jinja raise_exception (e.g. roles must alternate), bad values
+                        raise _Skip(Dropped("template error", f"{type(exc).__name__}: {exc}")) from None
+                    spans = None if self.train_on_inputs else self.content_spans(text, messages)
+                except _Skip as skip:
+                    out[r] = skip.dropped
+                    continue
+                except _RenderTimeout:
+                    out[r] = self._too_slow_row()
+                    continue
+                self._rendered += 1
+                texts.append(text)
+                pending.append((r, trained, spans, messages))
         encodings = self.encoder.encodings(texts) if texts else []
         for (r, trained, spans, messages), enc in zip(pending, encodings, strict=True):
             ids = enc.ids

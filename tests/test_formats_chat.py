@@ -333,3 +333,35 @@ def test_unknown_entry_option_is_a_config_error(write_yaml, tiny_tokenizer):
     with pytest.raises(ConfigError) as err:
         build(write_yaml, tiny_tokenizer, train_on_eos="sometimes")
     assert "train_on_eos" in str(err.value)
+
+
+# A template that loops for ever on some conversations (it may come with a downloaded tokenizer).
+LOOPING = (
+    "{% for m in messages %}"
+    "{% if m.content == 'loop' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+    "{% endfor %}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+)
+
+
+def test_a_conversation_that_renders_too_long_is_dropped_not_a_hang(write_yaml, tiny_tokenizer):
+    tokenize = build(write_yaml, tiny_tokenizer, chat_template=LOOPING, max_render_seconds=0.2)
+    fine = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    looping = [{"role": "user", "content": "loop"}, {"role": "assistant", "content": "Hello."}]
+    rows = [{"messages": m} for m in (fine, looping, fine, fine, fine)]
+    out = tokenize(rows)
+    assert [isinstance(s, Dropped) for s in out] == [False, True, False, False, False]
+    assert out[1].reason == "template too slow" and "0.2 s" in out[1].detail
+
+
+def test_a_template_that_is_too_slow_for_most_rows_is_an_error(write_yaml, tiny_tokenizer):
+    tokenize = build(write_yaml, tiny_tokenizer, chat_template=LOOPING, max_render_seconds=0.1)
+    looping = [{"role": "user", "content": "loop"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(FtError, match=r"chat template took more than 0.1 s .* 3 of the 3 conversations"):
+        tokenize([{"messages": looping}] * 6)
+
+
+def test_a_template_that_never_finishes_fails_when_the_format_is_built(write_yaml, tiny_tokenizer):
+    forever = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + LOOPING
+    with pytest.raises(FtError, match=r"did not finish rendering .* within 0.1 s"):
+        build(write_yaml, tiny_tokenizer, chat_template=forever, max_render_seconds=0.1)
