@@ -320,25 +320,38 @@ def _short(exc: Exception) -> str:
 
 
 def _read_csv(data: bytes, label: str, delimiter: str, where: str) -> tuple[list, list, int]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
+    """Rows of a CSV/TSV file as dicts of strings (CSV has no types: ``4`` is text an answer may be), each
+    with the file line it starts on; a row with the wrong number of cells is dropped naming its line."""
+    import csv
+    import io
 
     from ft.data import MALFORMED, Drop, RowPart
 
-    dropped = []
-
-    def bad_row(row: Any) -> str:
-        line = f":{row.number}" if row.number is not None else ""
-        dropped.append(Drop(MALFORMED, f"{label}{line}",
-                            f"expected {row.expected_columns} columns, got {row.actual_columns}"))
-        return "skip"
-
     try:
-        table = pacsv.read_csv(pa.py_buffer(data), parse_options=pacsv.ParseOptions(
-            delimiter=delimiter, newlines_in_values=True, invalid_row_handler=bad_row))
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"{label}: cannot read this CSV file: {exc}") from None
-    return [RowPart(table, label)], dropped, 0
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{label}:{line}: this CSV file is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "save it as UTF-8.") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[dict[str, str]] = []
+    lines, dropped, blank = array("I"), [], 0
+    try:
+        header = next(reader, None)
+        start = reader.line_num + 1
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if not record:
+                blank += 1
+            elif header is None or len(record) != len(header):
+                dropped.append(Drop(MALFORMED, f"{label}:{line}",
+                                    f"expected {len(header or [])} columns, got {len(record)}"))
+            else:
+                rows.append(dict(zip(header, record, strict=True)))
+                lines.append(line)
+    except csv.Error as exc:
+        raise DataError(f"{label}:{reader.line_num}: cannot read this CSV file: {exc}") from None
+    return [RowPart(rows, label, lines)], dropped, blank
 
 
 # -- remote sources ---------------------------------------------------------------------------

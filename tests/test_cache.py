@@ -96,26 +96,34 @@ def test_editing_a_file_named_by_a_dataset_option_rebuilds(tmp_path, tiny_tokeni
     assert calls > 0 and tiny_tokenizer.decode(second.train[0]["input_ids"]).startswith("Question: ")
 
 
-def test_a_crash_while_writing_leaves_no_cache_behind(tmp_path, tiny_tokenizer, data, monkeypatch):
-    from ft import cache
+def test_a_full_disk_while_writing_says_so_and_leaves_no_cache_behind(tmp_path, tiny_tokenizer, data, monkeypatch):
+    import errno
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("disk full")
+    from ft import cache
+    from ft.errors import DiskFullError
+
+    def boom(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     real = cache.store
 
-    def crashing_store(root, key, inputs, train, eval_ds, report, stats):
+    def crashing_store(root, key, inputs, train, *args):
         monkeypatch.setattr(type(train), "save_to_disk", boom)
         try:
-            return real(root, key, inputs, train, eval_ds, report, stats)
+            return real(root, key, inputs, train, *args)
         finally:
             monkeypatch.undo()
 
     monkeypatch.setattr(cache, "store", crashing_store)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(DiskFullError) as err:
         run(tmp_path, tiny_tokenizer, data)
     monkeypatch.undo()
     prepared = tmp_path / "prepared"
+    message = str(err.value)
+    assert message.startswith(f"no space left on device at {prepared} while writing the prepared data"), message
+    assert "dataset_prepared_path" in message and "run the same command again" in message
     assert [p.name for p in prepared.iterdir() if not p.name.endswith(".lock")] == []
 
     out, calls = run(tmp_path, tiny_tokenizer, data)

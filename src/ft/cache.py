@@ -5,6 +5,7 @@ Layout of ``dataset_prepared_path``::
     <key>/train/        the training dataset (``datasets.save_to_disk``; loaded memory-mapped)
     <key>/eval/         the eval dataset, when there is one
     <key>/report.json   rows dropped, per reason, with file:line examples
+    <key>/origins.*     the file:line each sample came from (``ft preprocess --debug``)
     <key>/stats.json    rows, samples, tokens, packing efficiency, seconds
     <key>/key.json      what went into the key (to see why a cache was rebuilt), secrets redacted
     <key>/manifest.json size and xxh3 checksum of every file above (checked on every load)
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ft.errors import DataError
+from ft.errors import DataError, disk_full_error, is_disk_full
 
 log = logging.getLogger("ft.data")
 
@@ -242,7 +243,7 @@ def load(root: Path, key: str) -> dict[str, Any] | None:
 
 
 def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any,
-          report: dict[str, Any], stats: dict[str, Any]) -> str:
+          report: dict[str, Any], stats: dict[str, Any], origins: Any = None) -> str:
     """Write a build into a temporary directory, then rename it to ``<root>/<key>`` (atomic)."""
     final = root / key
     for stale in root.glob(f".tmp-{key}-*"):  # left by a crashed build (we hold the lock)
@@ -255,6 +256,8 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
             if eval_ds is not None:
                 eval_ds.save_to_disk(str(tmp / "eval"))
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        if origins is not None:  # where each sample came from (file:line), for `ft preprocess --debug`
+            origins.save(tmp)
         from ft.config import redact
 
         key_text = json.dumps(redact(json.loads(json.dumps(inputs, default=str))), indent=2, sort_keys=True)
@@ -265,8 +268,12 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
         if final.exists():  # only after a damaged cache was half-removed
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(root, "the prepared data", "Nothing half-written was kept. Free some space there "
+                                  "or point dataset_prepared_path at a disk with room, then run the same command "
+                                  "again.") from exc
         raise
     return str(final)
 
@@ -314,8 +321,14 @@ def update_stats(path: str, **values: Any) -> None:
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
     stats.update(values)
     tmp = stats_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    os.replace(tmp, stats_file)
+    try:
+        tmp.write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        os.replace(tmp, stats_file)
+    except OSError as exc:  # the figures are a nicety: the cache itself is complete
+        tmp.unlink(missing_ok=True)
+        if not is_disk_full(exc):
+            raise
+        log.warning("no space left on device at %s to add the write time to stats.json; the cache is complete", path)
 
 
 @contextlib.contextmanager

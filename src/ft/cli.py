@@ -152,7 +152,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
     if debug_n:
         from ft.debug import show_samples
 
-        show_samples(data.train, tokenizer, debug_n)
+        show_samples(data.train, tokenizer, debug_n, where=data.where)
 
 
 @cli.command()

@@ -144,6 +144,80 @@ class PreparedData:
     report: dict[str, Any]
     stats: dict[str, Any]
     cache_dir: str
+    _origins: Any = field(default=None, repr=False)
+
+    def where(self, sample: int, split: str = "train") -> str:
+        """``file:line`` of the row that sample ``sample`` (0-based) of ``split`` came from."""
+        if self._origins is None:
+            self._origins = SampleOrigins.load(self.cache_dir) or False
+        found = self._origins.where(sample, split) if self._origins else None
+        return found or f"{'packed bin' if self.packed and split == 'train' else 'sample'} {sample + 1}"
+
+
+ORIGINS_JSON, ORIGINS_ARRAYS = "origins.json", "origins.npz"
+
+
+@dataclass
+class SampleOrigins:
+    """Where each prepared sample came from, kept with the cache (``ft preprocess --debug`` shows it).
+
+    ``arrays["train"]`` / ``arrays["eval"]`` hold each sample's row number across all dataset entries;
+    ``parts`` say which file (and lines) a range of row numbers came from.
+    """
+
+    parts: list[dict[str, Any]]
+    arrays: dict[str, Any]
+
+    @classmethod
+    def of(cls, jobs: list[Any], train: Any, eval_samples: Any, packed: bool) -> SampleOrigins:
+        import numpy as np
+
+        parts: list[dict[str, Any]] = []
+        arrays: dict[str, Any] = {}
+        base = 0
+        for *_, raw, _tokenize in jobs:
+            for start, part in zip(raw._starts, raw.parts, strict=True):
+                key = None
+                if part.lines is not None:
+                    key = f"lines_{len(parts)}"
+                    arrays[key] = np.asarray(part.lines, dtype=np.uint32)
+                parts.append({"start": base + start, "file": part.file, "unit": part.unit, "lines": key})
+            base += len(raw)
+        if not packed:  # packed bins mix samples: the packer does not say which
+            arrays["train"] = train.groups
+        if eval_samples is not None:
+            arrays["eval"] = eval_samples.groups
+        return cls(parts, arrays)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        import numpy as np
+
+        np.savez(os.path.join(directory, ORIGINS_ARRAYS), **self.arrays)
+        with open(os.path.join(directory, ORIGINS_JSON), "w", encoding="utf-8") as fh:
+            json.dump(self.parts, fh)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SampleOrigins | None:
+        import numpy as np
+
+        try:
+            with open(os.path.join(directory, ORIGINS_JSON), encoding="utf-8") as fh:
+                parts = json.load(fh)
+            with np.load(os.path.join(directory, ORIGINS_ARRAYS)) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError):
+            return None
+        return cls(parts, arrays)
+
+    def where(self, sample: int, split: str = "train") -> str | None:
+        rows = self.arrays.get(split)
+        if rows is None or not 0 <= sample < len(rows):
+            return None
+        row = int(rows[sample])
+        starts = [p["start"] for p in self.parts]
+        part = self.parts[bisect.bisect_right(starts, row) - 1]
+        lines = self.arrays[part["lines"]] if part["lines"] else None
+        return RowPart([], part["file"], lines, part["unit"]).where(row - part["start"])
 
 
 def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
@@ -169,7 +243,7 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
                         problem)
             cache.remove(found["path"])
 
-        report, stats, train, eval_ds = _build(ctx, tokenizer, packing)
+        report, stats, train, eval_ds, origins = _build(ctx, tokenizer, packing)
         problem = token_id_problem(train, tokenizer) or token_id_problem(eval_ds, tokenizer, "eval ")
         if problem is not None:
             formats = ", ".join(sorted({e.type for g in ("datasets", "test_datasets") for e in getattr(cfg, g) or []}))
@@ -178,7 +252,7 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
                             "one the format expects). Nothing was cached.")
         t1 = time.perf_counter()
         stats["seconds"] = round(t1 - t0, 3)  # updated below, once written
-        path = cache.store(root, key, key_inputs, train, eval_ds, report, stats)
+        path = cache.store(root, key, key_inputs, train, eval_ds, report, stats, origins)
         cache.update_stats(path, write_seconds=round(time.perf_counter() - t1, 3),
                            seconds=round(time.perf_counter() - t0, 3))
         found = cache.load(root, key)
@@ -238,7 +312,7 @@ def _from_cache(found: dict[str, Any], cfg: Any, check_strict: bool = True) -> P
 # -- building ---------------------------------------------------------------------------------
 
 
-def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any]:
+def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
     import numpy as np
 
     from ft.data_tokenize import Samples, tokenize_entries
@@ -335,7 +409,8 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
             stats["bins"] = len(packed)
             stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * cfg.sequence_len), 6)
             stats["pack_seconds"] = round(time.perf_counter() - t1, 3)
-    return report, stats, train_ds, eval_ds
+    origins = SampleOrigins.of(jobs, train, eval_samples, packed=bool(stats["packed"]))
+    return report, stats, train_ds, eval_ds, origins
 
 
 def _split_eval(train: Any, cfg: Any, rng: Any) -> tuple[Any, Any]:
