@@ -163,10 +163,14 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
+    from ft.config import config_warnings
+
     ctx = _context(config, plugin_args, overrides)
     cfg = ctx.cfg
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     click.echo(f"{cfg.source}: valid")
+    for warning in config_warnings(cfg):
+        click.secho(f"  warning: {warning}", fg="yellow")
     click.echo(f"  base_model: {cfg.base_model}")
     click.echo(f"  datasets: {', '.join(f'{d.path} ({d.type})' for d in cfg.datasets)}")
     click.echo(f"  selected features: {', '.join(cfg.plugins) or 'none'}")

@@ -40,6 +40,8 @@ _URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<use
 # computes (where files go, how often it logs or saves): a resumed run may change them (``ft.resume``).
 AFFECTS_TRAINING = "affects_training"
 NOT_TRAINING = {AFFECTS_TRAINING: False}
+MAX_COUNT = 2**31 - 1  # counts beyond a C int fail deep inside torch / itertools, so they are refused here
+MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
 class CoreConfig(BaseModel):
@@ -56,7 +58,9 @@ class CoreConfig(BaseModel):
     test_datasets: list[Any] = Field(default_factory=list, description="Evaluation datasets (same form).")
     val_set_size: float = Field(0.0, ge=0, description="Held-out evaluation part: a fraction (<1) or a row count.")
     shuffle: bool = Field(True, description="Shuffle the concatenated training rows with the seed.")
-    sequence_len: int = Field(2048, gt=0, description="Maximum tokens per sample (and per packed bin).")
+    sequence_len: int = Field(
+        2048, gt=0, le=MAX_COUNT, description="Maximum tokens per sample (and per packed bin)."
+    )
     excess_length: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with samples longer than sequence_len."
     )
@@ -66,7 +70,7 @@ class CoreConfig(BaseModel):
         "./prepared", description="Cache directory for tokenized datasets.", json_schema_extra=NOT_TRAINING
     )
     dataset_num_proc: int | None = Field(
-        None, ge=1, description="Processes for tokenization; default: all cores.",
+        None, ge=1, le=MAX_COUNT, description="Processes for tokenization; default: all cores.",
         json_schema_extra=NOT_TRAINING
     )
     special_tokens: dict[str, str] = Field(
@@ -78,16 +82,22 @@ class CoreConfig(BaseModel):
     output_dir: str = Field(
         "./out", description="Where checkpoints, weights and reports go.", json_schema_extra=NOT_TRAINING
     )
-    micro_batch_size: int = Field(1, ge=1, description="Samples (or packed bins) per device per step.")
+    micro_batch_size: int = Field(
+        1, ge=1, le=MAX_COUNT, description="Samples (or packed bins) per device per step."
+    )
     eval_batch_size: int | None = Field(
-        None, ge=1, description="Per-device eval batch; defaults to micro_batch_size.",
+        None, ge=1, le=MAX_COUNT, description="Per-device eval batch; defaults to micro_batch_size.",
         json_schema_extra=NOT_TRAINING
     )
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=MAX_COUNT, description="Micro-batches per optimizer step."
+    )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    num_epochs: float = Field(1.0, gt=0, description="Epochs, when max_steps is not set.")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides num_epochs.")
-    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps.")
+    num_epochs: float = Field(1.0, gt=0, le=MAX_COUNT, description="Epochs, when max_steps is not set.")
+    max_steps: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Optimizer steps; overrides num_epochs."
+    )
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="Warmup steps.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
@@ -100,17 +110,21 @@ class CoreConfig(BaseModel):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Passed through, e.g. {use_reentrant: false}."
     )
-    seed: int = Field(42, description="Seed for shuffling, initialisation and dropout.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed for shuffling, initialisation and dropout (0 to 2**32 - 1)."
+    )
     save_steps: int | None = Field(
-        None, gt=0, description="Checkpoint every N steps (default: at the end only).",
+        None, gt=0, le=MAX_COUNT, description="Checkpoint every N steps (default: at the end only).",
         json_schema_extra=NOT_TRAINING
     )
     save_total_limit: int | None = Field(
-        3, ge=1, description="Checkpoints to keep.", json_schema_extra=NOT_TRAINING
+        3, ge=1, le=MAX_COUNT, description="Checkpoints to keep.", json_schema_extra=NOT_TRAINING
     )
-    logging_steps: int = Field(10, ge=1, description="Log every N steps.", json_schema_extra=NOT_TRAINING)
+    logging_steps: int = Field(
+        10, ge=1, le=MAX_COUNT, description="Log every N steps.", json_schema_extra=NOT_TRAINING
+    )
     eval_steps: int | None = Field(
-        None, gt=0, description="Evaluate every N steps (when there is eval data).",
+        None, gt=0, le=MAX_COUNT, description="Evaluate every N steps (when there is eval data).",
         json_schema_extra=NOT_TRAINING
     )
     report_to: str | list[str] = Field(
@@ -120,7 +134,7 @@ class CoreConfig(BaseModel):
         None, description="Checkpoint directory to resume from.", json_schema_extra=NOT_TRAINING
     )
     dataloader_num_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes.", json_schema_extra=NOT_TRAINING
+        0, ge=0, le=MAX_COUNT, description="DataLoader worker processes.", json_schema_extra=NOT_TRAINING
     )
 
     _source: str | None = PrivateAttr(None)
@@ -474,6 +488,15 @@ def format_loc(loc: Sequence[Any]) -> str:
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
+    return out
+
+
+def config_warnings(cfg: CoreConfig) -> list[str]:
+    """Settings that are valid but probably not meant (``ft validate`` prints them, ``ft run`` logs them)."""
+    out = []
+    if cfg.max_steps is not None and cfg.warmup_steps is not None and cfg.warmup_steps >= cfg.max_steps:
+        out.append(f"{cfg.where('warmup_steps')}: {cfg.warmup_steps} warmup steps but max_steps is {cfg.max_steps}: "
+                   "the learning rate never reaches learning_rate. Lower warmup_steps (or use warmup_ratio).")
     return out
 
 

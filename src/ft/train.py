@@ -218,7 +218,11 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
     """TrainingArguments fields from the core config (before plugins add theirs)."""
     import torch
 
+    from ft.config import config_warnings
+
     precision = resolve_precision(cfg)
+    for warning in config_warnings(cfg):
+        log.warning(warning)
     if cfg.warmup_steps is not None and cfg.warmup_ratio:
         log.warning("%s and warmup_ratio are both set; using warmup_steps=%d", cfg.where("warmup_steps"),
                     cfg.warmup_steps)
