@@ -89,6 +89,7 @@ def ft_load_tokenizer(cfg):
     opts = options(cfg)
     key = "tokenizer" if cfg.tokenizer else "base_model"
     source = resolve_path(cfg, cfg.tokenizer or cfg.base_model)
+    _say_remote_code(cfg, source, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=opts.revision, trust_remote_code=opts.trust_remote_code
@@ -105,6 +106,12 @@ def ft_load_tokenizer(cfg):
         log.info("added special tokens: %s", ", ".join(added_special))
     _choose_pad_token(cfg, tokenizer)
     return tokenizer
+
+
+def _say_remote_code(cfg: Any, source: str, what: str) -> None:
+    if options(cfg).trust_remote_code:
+        log.warning("%s: true, so loading the %s runs the Python code shipped with %s (if it has any). Only do this "
+                    "for repositories you trust.", cfg.where("hf", "trust_remote_code"), what, source)
 
 
 def _apply_special_tokens(cfg: Any, tokenizer: Any) -> list[str]:
@@ -192,6 +199,8 @@ def ft_load_model(cfg, kwargs, tokenizer):
     from ft.context import resolve_path
 
     source = resolve_path(cfg, cfg.base_model)
+    if kwargs.get("trust_remote_code"):
+        _say_remote_code(cfg, source, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -756,3 +756,26 @@ def test_installing_a_plugin_with_a_section_does_not_block_resuming(reference, t
         assert config_differences(health, out / "checkpoint-8") == [], "health declares it does not change training"
         result = run(config)
     assert result.metrics["resumed_from"] == str(out / "checkpoint-8")
+
+
+def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(reference, tmp_path, vault):
+    """torch loads checkpoint files with weights_only=True, which refuses arbitrary objects (they could run
+    code). A checkpoint holding one (here a datetime in rng_state.pth) ends in an ft error naming it."""
+    import datetime
+
+    import torch
+
+    from ft.checkpoints import write_manifest
+
+    config, out = copy_of_run(reference, tmp_path)
+    for step in (6, 8):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    checkpoint = out / "checkpoint-3"
+    state = torch.load(checkpoint / "rng_state.pth", weights_only=False)
+    torch.save({**state, "saved_at": datetime.datetime(2024, 1, 1)}, checkpoint / "rng_state.pth")
+    write_manifest(checkpoint, 3)  # a complete checkpoint, as far as its manifest goes
+    with pytest.raises(FtError) as err:
+        run(config)
+    message = str(err.value)
+    assert str(checkpoint) in message and "weights_only" in message and "datetime" in message, message
+    assert "resume_from_checkpoint" in message, "says how to go on"

@@ -390,3 +390,17 @@ def test_debug_view_names_the_file_line_of_each_sample(tmp_path, tiny_tokenizer)
         body = text.split(line, 1)[1].split("---", 1)[0]
         assert f"What is {i} plus {i}?" in body, (line, body)
     assert [out.where(k) for k in range(6)] != [f"{a}:{i + 2}" for i in range(6)], "the samples are shuffled"
+
+
+def test_an_empty_dataset_file_is_a_warning_naming_the_entry(tmp_path, tiny_tokenizer, caplog, write_yaml):
+    from ft.context import load_context
+    from ft.data import prepare_datasets
+
+    a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = write_yaml(base_config(tmp_path, a, empty))
+    ctx = load_context(config, extra_plugins=[("qa_test_format", QAPlugin())])
+    with caplog.at_level(logging.WARNING, logger="ft"):
+        prepare_datasets(ctx, tiny_tokenizer)
+    assert f"{config}:" in caplog.text and f"datasets[1].path: {empty} has no rows" in caplog.text, caplog.text

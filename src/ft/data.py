@@ -344,7 +344,10 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     drops: list[Drop] = []
     rows_read = 0
     per_entry = []
-    for (group, _i, entry, raw, _tok), res in zip(jobs, results, strict=True):
+    for (group, i, entry, raw, _tok), res in zip(jobs, results, strict=True):
+        if len(raw) + len(raw.dropped) == 0:
+            log.warning("%s: %s has no rows (an empty file?): this entry adds nothing", cfg.where(group, i, "path"),
+                        raw.source)
         drops.extend(raw.dropped)
         drops.extend(res.drops)
         rows_read += len(raw) + len(raw.dropped)
