@@ -42,7 +42,7 @@ from pydantic import Field
 
 from ft import hookimpl
 from ft.errors import FtError
-from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped, TextEncoder, entry_where
+from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped, Note, TextEncoder, entry_where
 
 FT_FEATURE = False  # essential: always active
 
@@ -62,6 +62,7 @@ SHIPPED_TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
 }
 
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+TYPED_SPECIAL = "special token text in a message"  # the data report's name for such rows
 
 
 class ChatTemplateOptions(DatasetOptions):
@@ -94,6 +95,11 @@ class ChatTemplateOptions(DatasetOptions):
         "training",
         description="Per-message boolean field that forces a message to be trained (true) or not (false), "
         "whatever its role.",
+    )
+    escape_special_tokens: bool = Field(
+        False,
+        description="Special-token text typed inside a message (e.g. '<|im_end|>') is tokenized as ordinary text "
+        "instead of becoming that control token. Either way such rows are counted in the data report.",
     )
     max_render_seconds: float | None = Field(
         5.0, gt=0,
@@ -270,6 +276,9 @@ class ChatTokenize:
         added = tokenizer.added_tokens_decoder  # id -> AddedToken
         self.special_ids = frozenset(i for i, t in added.items() if getattr(t, "special", False))
         self.added_ids = frozenset(added) - self.special_ids
+        texts = sorted({added[i].content for i in self.special_ids if added[i].content}, key=len, reverse=True)
+        self.special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self.escape_special = options.escape_special_tokens
         self.field = options.field_messages
         mapping = {"role": "role", "content": "content", **options.message_property_mappings}
         self.role_key, self.content_key = mapping.pop("role"), mapping.pop("content")
@@ -473,16 +482,52 @@ class ChatTokenize:
                 texts.append(text)
                 pending.append((r, trained, spans, messages))
         encodings = self.encoder.encodings(texts) if texts else []
-        for (r, trained, spans, messages), enc in zip(pending, encodings, strict=True):
+        for (r, trained, spans, messages), enc, text in zip(pending, encodings, texts, strict=True):
             ids = enc.ids
-            if self.train_on_inputs:
-                out[r] = {"input_ids": ids, "labels": list(ids)}
-                continue
             try:
-                out[r] = {"input_ids": ids, "labels": self.labels(enc, ids, trained, spans, messages)}
+                labels = list(ids) if self.train_on_inputs else self.labels(enc, ids, trained, spans, messages)
             except _Skip as skip:
                 out[r] = skip.dropped
+                continue
+            sample = {"input_ids": ids, "labels": labels}
+            typed = self._typed_special_tokens(messages)
+            if typed:
+                sample["notes"] = [Note(TYPED_SPECIAL, f"message {i} contains '{token}', " + (
+                    "tokenized as text (escape_special_tokens)" if self.escape_special else
+                    "which becomes that control token; escape_special_tokens: true on the dataset entry "
+                    "tokenizes it as text")) for i, token in typed]
+                if self.escape_special:
+                    if spans is None:
+                        spans = self.content_spans(text, messages)
+                    sample["input_ids"], sample["labels"] = self._escaped(enc, ids, labels, text, spans)
+            out[r] = sample
         return out
+
+    def _typed_special_tokens(self, messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """(message index, first special-token text) of each message whose content contains one."""
+        if self.special_text is None:
+            return []
+        search = self.special_text.search
+        return [(i, found.group()) for i, m in enumerate(messages) if (found := search(m["content"]))]
+
+    def _escaped(self, enc: Any, ids: list[int], labels: list[int], text: str,
+                 spans: list[tuple[int, int] | None]) -> tuple[list[int], list[int]]:
+        """``ids``/``labels`` with each special token that lies inside a message's content re-tokenized as
+        text (its pieces trained where the token was)."""
+        contents = [s for s in spans if s is not None]
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for j, token in enumerate(ids):
+            if token in self.special_ids:
+                a, b = enc.offsets[j]
+                if any(start <= a and b <= end for start, end in contents):
+                    plain = self.encoder.plain_ids(text[a:b])
+                    out_ids.extend(plain)
+                    out_labels.extend(plain if labels[j] != IGNORE_INDEX else [IGNORE_INDEX] * len(plain))
+                    continue
+            out_ids.append(token)
+            out_labels.append(labels[j])
+        return out_ids, out_labels
 
     def labels(self, enc: Any, ids: list[int], trained: list[bool], spans: list[tuple[int, int] | None],
                messages: list[dict[str, Any]]) -> list[int]:

@@ -13,7 +13,7 @@ Groups:
   section model or field whose values do not change what training computes, so a resumed run may change them),
   ``redact_text`` (a message or label with the credentials of any URL in it replaced)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
-- formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
+- formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``
 - methods: ``Method``
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
@@ -39,7 +39,7 @@ _WHERE = {
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",
     # formats
-    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Tokenize": "ft.formats",
+    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Note": "ft.formats", "Tokenize": "ft.formats",
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
     # collating
     "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",

@@ -342,6 +342,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     tok_s = time.perf_counter() - t0 - read_s
 
     drops: list[Drop] = []
+    notes: list[Drop] = []
     rows_read = 0
     per_entry = []
     for (group, i, entry, raw, _tok), res in zip(jobs, results, strict=True):
@@ -350,6 +351,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
                         raw.source)
         drops.extend(raw.dropped)
         drops.extend(res.drops)
+        notes.extend(res.notes)
         rows_read += len(raw) + len(raw.dropped)
         per_entry.append({
             "path": entry.path, "type": entry.type, "group": group,
@@ -364,7 +366,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
             f"({cfg.where('excess_length')}: error):\n" + _examples(too_long, 10)
             + "\nRaise sequence_len, or set excess_length: drop or truncate."
         )
-    report = build_report(drops, rows_read)
+    report = build_report(drops, rows_read, notes)
     if cfg.strict and drops:
         raise DataError(_strict_message(report))
 
@@ -464,15 +466,21 @@ def _cpu_count() -> int:
 # -- the drop report --------------------------------------------------------------------------
 
 
-def build_report(drops: list[Drop], rows_read: int) -> dict[str, Any]:
-    """Counts per reason with the first examples (``where``, ``detail``) of each."""
-    by_reason: dict[str, dict[str, Any]] = {}
-    for d in drops:
-        entry = by_reason.setdefault(d.reason, {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < EXAMPLES_PER_REASON:
-            entry["examples"].append({"where": d.where, "detail": d.detail})
-    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason}
+def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = ()) -> dict[str, Any]:
+    """Counts per reason with the first examples (``where``, ``detail``) of each: rows dropped, and notes
+    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message)."""
+
+    def by_reason(items: Sequence[Drop]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for d in items:
+            entry = out.setdefault(d.reason, {"count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < EXAMPLES_PER_REASON:
+                entry["examples"].append({"where": d.where, "detail": d.detail})
+        return out
+
+    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops),
+            "noted_total": len(notes), "noted": by_reason(notes)}
 
 
 def _examples(drops: list[Drop], n: int) -> str:
@@ -520,11 +528,20 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         msg.append(f"  packed into {stats['bins']} bins of {stats['sequence_len']} tokens: "
                    f"efficiency {100 * stats['packing_efficiency']:.2f}%")
     log.info("\n".join(msg))
+    _log_notes(report)
 
 
 def _log_drops(report: dict[str, Any]) -> None:
     if report.get("dropped_total"):
         log.info("rows dropped when this cache was built:\n%s", _report_text(report))
+    _log_notes(report)
+
+
+def _log_notes(report: dict[str, Any]) -> None:
+    for reason, entry in sorted((report.get("noted") or {}).items()):
+        examples = "\n".join(f"    {ex['where']}: {ex['detail']}" for ex in entry["examples"][:3])
+        more = f"\n    ... {entry['count'] - 3} more in report.json" if entry["count"] > 3 else ""
+        log.warning("%d row(s) kept with a note: %s\n%s%s", entry["count"], reason, examples, more)
 
 
 def read_report(cache_dir: str) -> dict[str, Any]:

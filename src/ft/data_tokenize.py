@@ -140,6 +140,7 @@ class EntryResult:
     drops: list[Drop] = field(default_factory=list)
     truncated: int = 0
     tokenize_calls: int = 0
+    notes: list[Drop] = field(default_factory=list)  # Notes of kept rows (reason, file:line, detail)
 
 
 @dataclass
@@ -152,6 +153,7 @@ class _ChunkOut:
     lengths: np.ndarray
     rows: np.ndarray  # row index (within the entry) of each sample
     drops: list[tuple[int, str, str]]  # (row index, reason, detail)
+    notes: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, reason, detail)
     truncated: int = 0
     calls: int = 0
     error: tuple[int, str] | None = None  # (row index, message): a row the format failed on
@@ -203,8 +205,10 @@ def tokenize_entries(
                 row, message = o.error
                 raise DataError(f"{raw.where(row)}: the '{name}' format failed on this row: {message}")
         drops = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.drops]
+        notes = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.notes]
         samples = _merge(mine, base)
-        results.append(EntryResult(samples, drops, sum(o.truncated for o in mine), sum(o.calls for o in mine)))
+        results.append(EntryResult(samples, drops, sum(o.truncated for o in mine), sum(o.calls for o in mine),
+                                   notes))
         base += len(raw)
     return results
 
@@ -306,6 +310,8 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
             continue
         for s in samples:
             ids, labels = s["input_ids"], s["labels"]
+            for note in s.get("notes") or ():
+                out.notes.append((row, note[0], note[1]))
             if len(ids) != len(labels):
                 out.error = (row, f"it returned {len(ids)} input_ids but {len(labels)} labels "
                                   "(a bug in the format plugin: they must have equal length)")
