@@ -1,7 +1,12 @@
 """Dataset type `chat_template`: OpenAI-style messages rendered with a chat template.
 
 One render per conversation, no generation markers needed. Shipped templates:
-``ft_plugins/templates/*.jinja`` (chatml, llama3, mistral, qwen).
+``ft_plugins/templates/*.jinja``: chatml, qwen, llama2, llama3, gemma, phi_3, phi_4, deepseek_v2,
+deepseek_v3, mistral (legacy), mistral_v1, mistral_v2v3, mistral_v3_tekken, mistral_v7_tekken. Each
+is checked in tests/test_templates.py against its model family's documented rendering (the Mistral
+ones against mistral-common, Mistral's reference implementation). A model family not shipped
+here (Qwen3 with its reasoning rules, Llama-3.1 tool calls, Command-R ...) is best trained with the
+tokenizer's own template: leave ``chat_template`` unset.
 
 API for third-party chat formats (ShareGPT and the like; see docs/writing-a-format-plugin.md):
 subclass :class:`ChatTemplateOptions` to change defaults (``field_messages``, ``roles``,
@@ -53,12 +58,29 @@ TrainOnEos = Literal["all", "turn", "last", "none"]
 # Template names that mean "the tokenizer's own template" (axolotl spells it tokenizer_default).
 TOKENIZER_DEFAULT = ("tokenizer_default", "default")
 
+# Template role -> the names it has in data, unless a dataset's `roles` says otherwise (axolotl's defaults).
+DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
+    "system": ("system",), "user": ("human", "user"), "assistant": ("gpt", "assistant"), "tool": ("tool",),
+}
+THINKING_KEY = "reasoning_content"  # what templates that render reasoning read (Qwen3, DeepSeek-R1 ...)
+UNKNOWN_ROLE = "unknown role"
+
 # Special tokens each shipped template writes; checked against the tokenizer at build time.
 SHIPPED_TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "qwen": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "mistral": (),  # [INST] text + the tokenizer's eos_token
+    "mistral_v1": (),  # [INST] is text in the v1 tokenizer
+    "mistral_v2v3": ("[INST]", "[/INST]"),
+    "mistral_v3_tekken": ("[INST]", "[/INST]"),
+    "mistral_v7_tekken": ("[INST]", "[/INST]"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi_3": ("<|user|>", "<|assistant|>", "<|end|>"),
+    "phi_4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
+    "llama2": (),  # bos/eos + [INST] text
+    "deepseek_v2": (),  # bos/eos + text
+    "deepseek_v3": ("<｜User｜>", "<｜Assistant｜>"),
 }
 
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
@@ -70,18 +92,39 @@ class ChatTemplateOptions(DatasetOptions):
 
     chat_template: str | None = Field(
         None,
-        description="Template: null = the tokenizer's own; a shipped name (chatml, llama3, mistral, qwen); "
-        "a .jinja file; or inline jinja (text containing '{%' or '{{').",
+        description="Template: null = the top-level chat_template, else the tokenizer's own; a shipped name "
+        "(see `ft_plugins/templates`: chatml, llama3, gemma, phi_3, mistral_v1 ...); a .jinja file; or inline jinja "
+        "(text containing '{%' or '{{').",
     )
-    field_messages: str = Field("messages", description="Row field holding the list of messages.")
+    field_messages: str = Field(
+        "messages", description="Row field holding the list of messages (a row without `messages` but with "
+        "ShareGPT's `conversations` uses that)."
+    )
     message_property_mappings: dict[str, str] = Field(
         default_factory=lambda: {"role": "role", "content": "content"},
-        description="Message property -> field name in the data, e.g. {role: from, content: value}.",
+        description="Message property -> field name in the data, e.g. {role: from, content: value}. With the "
+        "default, messages written ShareGPT-style ({from, value}) are read as such.",
     )
     roles: dict[str, list[str]] | None = Field(
         None,
-        description="Role names of the template -> role names used in the data, e.g. "
-        "{user: [human], assistant: [gpt]}. Unlisted roles are used as they are.",
+        description="Template role -> role names used in the data, e.g. {assistant: [gpt, bot]}. Defaults: "
+        "user: [human, user], assistant: [gpt, assistant], system: [system], tool: [tool]; a key given here "
+        "replaces that role's default. A row with a role neither names is dropped (counted as 'unknown role').",
+    )
+    field_system: str | None = Field(
+        "system", description="Row field with a system prompt, put first when the messages have no system message."
+    )
+    drop_system_message: bool = Field(False, description="Leave out the conversation's leading system message.")
+    field_tools: str | None = Field(
+        "tools", description="Row field with the tool definitions (a list, or its JSON text) handed to the template."
+    )
+    field_thinking: str | None = Field(
+        "reasoning_content", description="Message field with the reasoning trace; it is handed to the template as "
+        "`reasoning_content` and trained with the message's content."
+    )
+    eot_tokens: list[str] | None = Field(
+        None, description="Tokens that end a turn (e.g. ['<|eot_id|>', '<|eom_id|>']); default: the first special "
+        "token after each message. train_on_eos refers to these."
     )
     roles_to_train: list[str] = Field(
         default_factory=lambda: ["assistant"], description="Roles whose message contents are trained."
@@ -276,22 +319,36 @@ class ChatTokenize:
         added = tokenizer.added_tokens_decoder  # id -> AddedToken
         self.special_ids = frozenset(i for i, t in added.items() if getattr(t, "special", False))
         self.added_ids = frozenset(added) - self.special_ids
+        self.eot_ids = _token_ids(tokenizer, options.eot_tokens, where) if options.eot_tokens else frozenset()
         texts = sorted({added[i].content for i in self.special_ids if added[i].content}, key=len, reverse=True)
         self.special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
         self.escape_special = options.escape_special_tokens
         self.field = options.field_messages
         mapping = {"role": "role", "content": "content", **options.message_property_mappings}
         self.role_key, self.content_key = mapping.pop("role"), mapping.pop("content")
+        self.thinking_key = options.field_thinking
+        if self.thinking_key and self.thinking_key != THINKING_KEY and THINKING_KEY not in mapping:
+            mapping[THINKING_KEY] = self.thinking_key
         self.extra_mapping = mapping  # other template property -> data field
         self.training_key = options.message_field_training
         self.consumed = {self.role_key, self.content_key, *mapping.values()}
         if self.training_key:
             self.consumed.add(self.training_key)
-        self.role_map = {src: dst for dst, srcs in (options.roles or {}).items() for src in srcs}
-        # rows whose messages are exactly {role, content} are handed to the template as they are
-        self.passthrough = (self.role_key, self.content_key) == ("role", "content") and not self.role_map \
-            and not self.extra_mapping
+        # ShareGPT rows ({from, value}) are read as such when the mapping is the default one
+        self.sharegpt = (self.role_key, self.content_key) == ("role", "content")
+        self.consumed_sharegpt = (self.consumed - {"role", "content"}) | {"from", "value"}
+        roles = {**{k: list(v) for k, v in DEFAULT_ROLES.items()}, **(options.roles or {})}
+        self.role_map = {src: dst for dst, srcs in roles.items() for src in srcs}
+        self.known_roles = frozenset(self.role_map) | frozenset(roles)
+        for dst in roles:  # a template role is itself unless a data name says otherwise
+            self.role_map.setdefault(dst, dst)
+        # roles a {role, content} message can keep as they are (the fast path)
+        self.plain_roles = frozenset(r for r, dst in self.role_map.items() if r == dst)
+        self.passthrough = self.sharegpt and not self.extra_mapping
         self.roles_to_train = frozenset(options.roles_to_train)
+        self.field_system = options.field_system
+        self.drop_system = options.drop_system_message
+        self.field_tools = options.field_tools
         self.train_on_eos = options.train_on_eos
         self.train_on_inputs = train_on_inputs
         self.where = where
@@ -311,15 +368,15 @@ class ChatTokenize:
 
     # -- rendering ---------------------------------------------------------------------------
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
         if self._compiled is None:
             self._compiled = compile_template(self.template)
         if not self._timed:
-            return self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+            return self._compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=False,
                                          **self.template_kwargs)
         signal.setitimer(signal.ITIMER_VIRTUAL, self.max_render_seconds)
         try:
-            return self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+            return self._compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=False,
                                          **self.template_kwargs)
         finally:
             signal.setitimer(signal.ITIMER_VIRTUAL, 0)
@@ -349,15 +406,26 @@ class ChatTokenize:
         return Dropped("template too slow", f"rendering took more than {self.max_render_seconds:g} s of CPU "
                                             "(max_render_seconds); a loop in the chat template?")
 
-    def _skeleton(self, messages: list[dict[str, Any]]) -> tuple[list[str], list[int]] | None:
-        """Literal template text around each content (sentinel render), cached per role sequence."""
+    def _skeleton(self, messages: list[dict[str, Any]], tools: list[Any] | None = None
+                  ) -> tuple[list[str], list[int]] | None:
+        """Literal template text around each text piece (sentinel render), cached per role sequence."""
         key = tuple(m["role"] if len(m) == 2 else (m["role"], *sorted(m)) for m in messages)
+        if tools:
+            import json
+
+            key = (key, json.dumps(tools, sort_keys=True, default=str))
         hit = self._skeletons.get(key, False)
         if hit is not False:
             return hit
-        sentinel = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        sentinel = []
+        n = len(messages)
+        for i, m in enumerate(messages):
+            m = {**m, "content": f"\ue000{i}\ue001"}
+            if isinstance(m.get(THINKING_KEY), str):
+                m[THINKING_KEY] = f"\ue000{n + i}\ue001"
+            sentinel.append(m)
         try:
-            text = self.render(sentinel)
+            text = self.render(sentinel, tools) if tools else self.render(sentinel)
         except Exception:
             result = None
         else:
@@ -397,52 +465,91 @@ class ChatTokenize:
     # -- rows -> messages --------------------------------------------------------------------
 
     def messages_of(self, row: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[bool]]:
-        """Template messages of a row and whether each is trained; raises _Skip for bad rows."""
-        if self.field not in row or row[self.field] is None:
+        """Template messages of a row and whether each is trained; raises _Skip for bad rows.
+
+        Roles are mapped to the template's (``roles``, ShareGPT's human/gpt by default); a message
+        whose role is not known drops the row (a conversation with a turn cut out, or an odd role
+        header rendered into the text, would train the wrong thing).
+        """
+        raw = row.get(self.field)
+        if raw is None and self.field == "messages" and row.get("conversations") is not None:
+            raw = row["conversations"]  # ShareGPT's field name
+        if raw is None:
             keys = ", ".join(sorted(map(str, row))) or "none"
             raise _Skip(Dropped(f"missing field '{self.field}'",
                                 f"row has fields: {keys}; set datasets[].field_messages to the right one"))
-        raw = row[self.field]
+        if isinstance(raw, str):
+            raw = _json_list(raw, f"'{self.field}'")
         if not isinstance(raw, (list, tuple)):
             raise _Skip(Dropped("malformed messages", f"'{self.field}' is a {type(raw).__name__}, not a list"))
         if not raw:
             raise _Skip(Dropped("empty", f"'{self.field}' has no messages"))
         messages, trained = [], []
         rk, ck, tk = self.role_key, self.content_key, self.training_key
-        passthrough = self.passthrough
+        passthrough, plain = self.passthrough, self.plain_roles
         to_train = self.roles_to_train
         for i, m in enumerate(raw):
             if type(m) is not dict and not isinstance(m, Mapping):
                 raise _Skip(Dropped("malformed messages", f"message {i} is a {type(m).__name__}, not a mapping"))
             role, content = m.get(rk), m.get(ck)
-            if type(role) is not str or type(content) is not str:
-                self._bad_message(i, role, content)
-            if passthrough and len(m) == 2:  # already a template message: {role, content}
-                messages.append(m)
+            consumed = self.consumed
+            if role is None and self.sharegpt and "from" in m:  # ShareGPT style: {from, value}
+                role, content, consumed = m.get("from"), m.get("value"), self.consumed_sharegpt
+            elif passthrough and len(m) == 2 and role in plain and type(content) is str:
+                messages.append(m)  # already a template message: {role, content}
                 trained.append(role in to_train)
                 continue
-            role = self.role_map.get(role, role)
-            msg = {"role": role, "content": content}
+            if type(role) is not str or type(content) is not str:
+                self._bad_message(i, role, content, consumed is self.consumed_sharegpt)
+            mapped = self.role_map.get(role)
+            if mapped is None:
+                raise _Skip(self._unknown_role(i, role))
+            msg = {"role": mapped, "content": content}
             if len(m) > 2 or self.extra_mapping:
                 for k, v in m.items():
-                    if k not in self.consumed and v is not None:
+                    if k not in consumed and v is not None:
                         msg[k] = v
                 for prop, src in self.extra_mapping.items():
                     if m.get(src) is not None:
                         msg[prop] = m[src]
             flag = m.get(tk) if tk else None
             if flag is None:
-                train = role in to_train or m[rk] in to_train
+                train = mapped in to_train or role in to_train
             elif isinstance(flag, bool):
                 train = flag
             else:
                 raise _Skip(Dropped("malformed messages", f"message {i}: '{tk}' must be true or false, got {flag!r}"))
             messages.append(msg)
             trained.append(train)
+        if self.field_system and messages[0]["role"] != "system":
+            system = row.get(self.field_system)
+            if isinstance(system, str) and system:
+                messages.insert(0, {"role": "system", "content": system})
+                trained.insert(0, "system" in to_train)
+        if self.drop_system and messages[0]["role"] == "system":
+            messages, trained = messages[1:], trained[1:]
+            if not messages:
+                raise _Skip(Dropped("empty", "only a system message, and drop_system_message is set"))
         return messages, trained
 
-    def _bad_message(self, i: int, role: Any, content: Any) -> None:
-        rk, ck = self.role_key, self.content_key
+    def tools_of(self, row: Mapping[str, Any]) -> list[Any] | None:
+        """The row's tool definitions for the template (``field_tools``), or None."""
+        tools = row.get(self.field_tools) if self.field_tools else None
+        if tools is None:
+            return None
+        if isinstance(tools, str):
+            tools = _json_list(tools, f"'{self.field_tools}'")
+        if not isinstance(tools, (list, tuple)):
+            raise _Skip(Dropped("malformed tools", f"'{self.field_tools}' is a {type(tools).__name__}, not a list"))
+        return list(tools) or None
+
+    def _unknown_role(self, i: int, role: str) -> Dropped:
+        known = ", ".join(sorted(self.known_roles))
+        return Dropped(UNKNOWN_ROLE, f"message {i} has role '{role}' (known: {known}); map it with datasets[].roles, "
+                                     f"e.g. roles: {{assistant: [gpt, {role}]}}")
+
+    def _bad_message(self, i: int, role: Any, content: Any, sharegpt: bool = False) -> None:
+        rk, ck = ("from", "value") if sharegpt else (self.role_key, self.content_key)
         if not isinstance(role, str):
             raise _Skip(Dropped("malformed messages", f"message {i} has no string field '{rk}'"))
         if not isinstance(content, str):
@@ -451,14 +558,24 @@ class ChatTokenize:
 
     # -- spans -------------------------------------------------------------------------------
 
-    def content_spans(self, text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
-        """Char span of each message's content in ``text`` (None where the template omits it)."""
-        skeleton = self._skeleton(messages)
-        if skeleton is not None:
-            spans = _align(text, skeleton, messages)
-            if spans is not None:
-                return spans
-        return _search(text, messages)
+    def content_spans(self, text: str, messages: list[dict[str, Any]], tools: list[Any] | None = None
+                      ) -> list[tuple[int, int] | None]:
+        """Char span of each message's text in ``text`` (None where the template omits it): its content,
+        and its reasoning trace when it has one (from the reasoning's start to the content's end)."""
+        pieces = _pieces(messages)
+        skeleton = self._skeleton(messages, tools)
+        spans = _align(text, skeleton, pieces) if skeleton is not None else None
+        if spans is None:
+            spans = _search(text, pieces, len(messages))
+        if len(pieces) == len(messages):
+            return spans
+        out = list(spans[:len(messages)])
+        for i in range(len(messages)):
+            extra = spans[len(messages) + i] if len(messages) + i < len(spans) else None
+            if extra is not None:
+                own = out[i]
+                out[i] = extra if own is None else (min(own[0], extra[0]), max(own[1], extra[1]))
+        return out
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
@@ -467,11 +584,12 @@ class ChatTokenize:
             for r, row in enumerate(rows):
                 try:
                     messages, trained = self.messages_of(row)
+                    tools = self.tools_of(row) if self.field_tools and self.field_tools in row else None
                     try:
-                        text = self.render(messages)
+                        text = self.render(messages, tools) if tools else self.render(messages)
                     except Exception as exc:  # jinja raise_exception (e.g. roles must alternate), bad values
                         raise _Skip(Dropped("template error", f"{type(exc).__name__}: {exc}")) from None
-                    spans = None if self.train_on_inputs else self.content_spans(text, messages)
+                    spans = None if self.train_on_inputs else self.content_spans(text, messages, tools)
                 except _Skip as skip:
                     out[r] = skip.dropped
                     continue
@@ -480,9 +598,9 @@ class ChatTokenize:
                     continue
                 self._rendered += 1
                 texts.append(text)
-                pending.append((r, trained, spans, messages))
+                pending.append((r, trained, spans, messages, tools))
         encodings = self.encoder.encodings(texts) if texts else []
-        for (r, trained, spans, messages), enc, text in zip(pending, encodings, texts, strict=True):
+        for (r, trained, spans, messages, tools), enc, text in zip(pending, encodings, texts, strict=True):
             ids = enc.ids
             try:
                 labels = list(ids) if self.train_on_inputs else self.labels(enc, ids, trained, spans, messages)
@@ -498,7 +616,8 @@ class ChatTokenize:
                     "tokenizes it as text")) for i, token in typed]
                 if self.escape_special:
                     if spans is None:
-                        spans = self.content_spans(text, messages)
+                        with self._time_limit():
+                            spans = self.content_spans(text, messages, tools)
                     sample["input_ids"], sample["labels"] = self._escaped(enc, ids, labels, text, spans)
             out[r] = sample
         return out
@@ -543,22 +662,26 @@ class ChatTokenize:
         ranges = [(_token_range(enc, a, b, n), i) for a, b, i in located]
         last_trained = max((i for i, t in enumerate(trained) if t and spans[i] is not None), default=-1)
         mode = self.train_on_eos
-        special, added = self.special_ids, self.added_ids
+        special, added, eot_ids = self.special_ids, self.added_ids, self.eot_ids
         for k, ((ts, te), i) in enumerate(ranges):
             train = trained[i]
             want_eos = mode == "all" or (train and mode == "turn") or (mode == "last" and i == last_trained)
             eot = None
             if want_eos:
                 stop = ranges[k + 1][0][0] if k + 1 < len(ranges) else n
-                eot = next((j for j in range(te, stop) if ids[j] in special), None)
-                if eot is None:
-                    eot = next((j for j in range(te, stop) if ids[j] in added), None)
+                if eot_ids:
+                    eot = next((j for j in range(te, stop) if ids[j] in eot_ids), None)
+                else:
+                    eot = next((j for j in range(te, stop) if ids[j] in special), None)
+                    if eot is None:
+                        eot = next((j for j in range(te, stop) if ids[j] in added), None)
                 if eot is None and train:
+                    which = "none of eot_tokens" if eot_ids else "no end-of-turn token (a special token)"
                     raise FtError(
-                        f"{self.where}: train_on_eos is '{mode}' but the chat template puts no end-of-turn "
-                        f"token (a special token) after the content of a trained '{messages[i]['role']}' "
-                        "message, so the model could not learn to stop. Use a template that ends turns with a "
-                        "special token (e.g. chatml), or set train_on_eos: none."
+                        f"{self.where}: train_on_eos is '{mode}' but the chat template puts {which} after the "
+                        f"content of a trained '{messages[i]['role']}' message, so the model could not learn to "
+                        "stop. Use a template that ends turns with a special token (e.g. chatml), list the tokens "
+                        "that end its turns in eot_tokens, or set train_on_eos: none."
                     )
             if train:
                 end = eot + 1 if eot is not None else te
@@ -566,6 +689,36 @@ class ChatTokenize:
             elif eot is not None:
                 labels[eot] = ids[eot]
         return labels
+
+
+def _pieces(messages: list[dict[str, Any]]) -> list[str | None]:
+    """The texts the template renders per message: every content, then every reasoning trace (None
+    where a message has none), so piece ``i`` is message i's content and ``n + i`` its reasoning."""
+    pieces: list[str | None] = [m["content"] for m in messages]
+    if any(isinstance(m.get(THINKING_KEY), str) for m in messages):
+        pieces += [m[THINKING_KEY] if isinstance(m.get(THINKING_KEY), str) else None for m in messages]
+    return pieces
+
+
+def _json_list(text: str, what: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _Skip(Dropped("malformed messages", f"{what} is text that is not JSON: {exc}")) from None
+
+
+def _token_ids(tokenizer: Any, tokens: Sequence[str], where: str) -> frozenset[int]:
+    """Ids of ``eot_tokens``; each must be one token of the vocabulary."""
+    ids = []
+    for token in tokens:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise FtError(f"{where}: eot_tokens: '{token}' is not a token of this tokenizer, so no turn could end with "
+                          f"it. Use the template's own end-of-turn token, or add it: tokens: ['{token}'].")
+        ids.append(tid)
+    return frozenset(ids)
 
 
 def _token_range(enc: Any, a: int, b: int, n: int) -> tuple[int, int]:
@@ -606,19 +759,19 @@ def _candidates(content: str) -> list[str]:
     return out
 
 
-def _align(text: str, skeleton: tuple[list[str], list[int]], messages: list[dict[str, Any]]
+def _align(text: str, skeleton: tuple[list[str], list[int]], pieces: list[str | None]
            ) -> list[tuple[int, int] | None] | None:
     """Spans by walking the skeleton's literals through the real render; None if it does not fit."""
     literals, order = skeleton
-    if not text.startswith(literals[0]):
+    if not text.startswith(literals[0]) or any(i >= len(pieces) or pieces[i] is None for i in order):
         return None
-    spans: list[tuple[int, int] | None] = [None] * len(messages)
+    spans: list[tuple[int, int] | None] = [None] * len(pieces)
     pos = len(literals[0])
     last = len(order) - 1
     for k, i in enumerate(order):
         nxt = literals[k + 1]
         end = None
-        content = messages[i]["content"]
+        content = pieces[i]
         q = pos + len(content)
         if text.startswith(content, pos) and text.startswith(nxt, q) and (k < last or q + len(nxt) == len(text)):
             spans[i] = (pos, q)
@@ -643,26 +796,34 @@ def _align(text: str, skeleton: tuple[list[str], list[int]], messages: list[dict
     return spans if pos == len(text) else None
 
 
-def _search(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
-    """Fallback: find each content in order (templates whose literal text depends on values)."""
-    spans: list[tuple[int, int] | None] = []
+def _search(text: str, pieces: list[str | None], n_messages: int) -> list[tuple[int, int] | None]:
+    """Fallback: find each message's reasoning (if any) and content in order (templates whose literal
+    text depends on values)."""
+    spans: list[tuple[int, int] | None] = [None] * len(pieces)
     pos = 0
-    for m in messages:
-        found = None
-        for cand in _candidates(m["content"]):
-            q = text.find(cand, pos)
-            if q >= 0 and (found is None or q < found[0]):
-                found = (q, q + len(cand))
-        spans.append(found)
-        if found is not None:
-            pos = found[1]
+    for i in range(n_messages):
+        own = [n_messages + i, i] if len(pieces) > n_messages else [i]
+        for p in own:
+            if pieces[p] is None:
+                continue
+            found = None
+            for cand in _candidates(pieces[p]):
+                q = text.find(cand, pos)
+                if q >= 0 and (found is None or q < found[0]):
+                    found = (q, q + len(cand))
+            spans[p] = found
+            if found is not None:
+                pos = found[1]
     return spans
 
 
 def build_chat_tokenize(cfg: Any, entry: ChatTemplateOptions, tokenizer: Any) -> ChatTokenize:
     """``build`` of chat formats: resolve the template, check it, return the tokenize callable."""
+    spec = entry.chat_template
     where = entry_where(cfg, entry, "chat_template")
-    template = resolve_chat_template(entry.chat_template, tokenizer, where, cfg)
+    if spec is None and getattr(cfg, "chat_template", None) is not None:  # the config's default for all entries
+        spec, where = cfg.chat_template, cfg.where("chat_template")
+    template = resolve_chat_template(spec, tokenizer, where, cfg)
     train_on_inputs = entry.train_on_inputs if entry.train_on_inputs is not None else cfg.train_on_inputs
     tok = ChatTokenize(tokenizer, template, entry, train_on_inputs=bool(train_on_inputs),
                        where=entry_where(cfg, entry, "train_on_eos"))

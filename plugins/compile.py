@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ft import hookimpl
 
 FT_FEATURE = True
+FT_PROVIDES = ("compiled_forward",)  # torch.compile traces the model's forward
 PLUGIN = "compile"
 
 log = logging.getLogger("ft.compile")
@@ -57,8 +58,7 @@ def ft_add_config(registry):
 @hookimpl
 def ft_validate_config(cfg):
     problems = []
-    selected = set(cfg.plugins or [])
-    if "liger" in selected:
+    if cfg.provides("fused_kernels"):
         problems.append(
             "plugins: compile together with liger is refused: the combination is not verified and one trial "
             "gave a loss of ~890 instead of ~12; deselect one of them (-p no:compile or -p no:liger)."

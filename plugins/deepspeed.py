@@ -26,6 +26,8 @@ from ft import hookimpl
 from ft.errors import ConfigError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
+FT_PROVIDES = ("sharding",)  # one engine shards the model
+FT_LOGGERS = ("DeepSpeed",)  # transformers imports deepspeed when installed: quiet unless selected
 
 log = logging.getLogger("ft.deepspeed")
 
@@ -84,11 +86,11 @@ def ft_validate_config(cfg):
         if ds.offload_params and stage != 3:
             problems.append(f"{cfg.where('deepspeed', 'offload_params')}: parameters are offloaded only with ZeRO "
                             "stage 3; set `stage: 3` or drop offload_params.")
-        if ds.offload_optimizer and cfg.optimizer != "adamw_torch":
+        if ds.offload_optimizer and cfg.optimizer not in ("adamw_torch", "adamw_torch_fused"):
             problems.append(f"{cfg.where('optimizer')}: with deepspeed.offload_optimizer the optimizer is DeepSpeed's "
-                            f"CPU Adam(W); optimizer: {cfg.optimizer} cannot be offloaded. Use adamw_torch or drop "
-                            "offload_optimizer.")
-    if "qlora" in cfg.plugins and stage == 3:
+                            f"CPU Adam(W); optimizer: {cfg.optimizer} cannot be offloaded. Use adamw_torch_fused (the "
+                            "default) or drop offload_optimizer.")
+    if cfg.provides("quantized_base") and stage == 3:
         problems.append(
             f"{cfg.where('plugins')}: qlora cannot be combined with DeepSpeed ZeRO stage 3, which would partition "
             "the packed 4-bit bitsandbytes weights. Use stage 1 or 2 (deepspeed: {stage: 2}), or drop qlora."

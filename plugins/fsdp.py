@@ -31,6 +31,7 @@ from ft import hookimpl
 from ft.errors import FtError
 
 FT_FEATURE = True
+FT_PROVIDES = ("sharding",)  # one engine shards the model
 
 log = logging.getLogger("ft.fsdp")
 
@@ -81,12 +82,12 @@ def ft_add_config(registry):
 def ft_validate_config(cfg):
     fsdp = section(cfg)
     problems = []
-    if "deepspeed" in cfg.plugins:
+    if len(cfg.providers("sharding")) > 1:
         problems.append(
-            f"{cfg.where('plugins')}: fsdp and deepspeed are both selected, but a model is sharded by one engine "
-            "only. Keep one of them (FSDP2: plugins: [fsdp]; DeepSpeed ZeRO: plugins: [deepspeed])."
+            f"{cfg.where('plugins')}: {' and '.join(cfg.providers('sharding'))} are both selected, but a model is "
+            "sharded by one engine only. Keep one of them (FSDP2: plugins: [fsdp]; DeepSpeed ZeRO: plugins: [deepspeed])."
         )
-    if "qlora" in cfg.plugins:
+    if cfg.provides("quantized_base"):
         problems.append(
             f"{cfg.where('plugins')}: qlora cannot be combined with fsdp: FSDP2 would shard the packed 4-bit "
             "bitsandbytes weights, which loses their quantization state. Use qlora with plain data parallel "
@@ -97,7 +98,7 @@ def ft_validate_config(cfg):
             f"{cfg.where('fp16')}: the fsdp plugin computes in bf16 or fp32, not fp16 (fp16 needs a sharded grad "
             "scaler). Use bf16 (bf16: true) or drop fp16."
         )
-    if fsdp.save == "sharded" and "lora" in cfg.plugins:
+    if fsdp.save == "sharded" and cfg.provides("adapter"):
         problems.append(
             f"{cfg.where('fsdp', 'save')}: a LoRA adapter is small and is always saved whole; remove "
             "`save: sharded` (or train the full model)."

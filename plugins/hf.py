@@ -1,8 +1,8 @@
 """Load models and tokenizers with transformers; pad, collate and save the plain way.
 
 Essential plugin: it answers ``ft_load_tokenizer``, ``ft_model_kwargs``, ``ft_load_model``,
-``ft_collator`` and ``ft_save_weights``. The loaders are ``trylast`` where another plugin may
-take over (a custom loader, the packing collator, an adapter or FSDP saver).
+and ``ft_save_weights``. The loaders are ``trylast`` where another plugin may take over (a
+custom loader, an adapter or FSDP saver).
 """
 
 from __future__ import annotations
@@ -267,14 +267,7 @@ def _load_failure(cfg: Any, key: str, source: str, what: str, exc: BaseException
     return f"{cfg.where(key)}: could not load the {what} from '{source}': {first}. {hint}".rstrip()
 
 
-# -- collate and save ------------------------------------------------------------------------
-
-
-@hookimpl(trylast=True)
-def ft_collator(cfg, tokenizer):
-    from ft.collate import PaddingCollator
-
-    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=options(cfg).pad_to_multiple_of)
+# -- save ------------------------------------------------------------------------
 
 
 @hookimpl(trylast=True)

@@ -24,6 +24,7 @@ from ft import hookimpl
 from ft.errors import FtError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
+FT_PROVIDES = ("fused_kernels",)  # replaces modules' forward functions
 PLUGIN = "liger"
 
 log = logging.getLogger("ft.liger")

@@ -20,6 +20,7 @@ from ft import hookimpl
 from ft.errors import ConfigError, FtError, MissingDependencyError, is_installed, load_or_explain
 
 FT_FEATURE = True
+FT_PROVIDES = ("adapter",)  # a trainable adapter on a frozen base
 
 log = logging.getLogger("ft.lora")
 

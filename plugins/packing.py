@@ -22,31 +22,34 @@ import uuid
 from typing import Any
 
 from ft import hookimpl
-from ft.errors import DataError
-from ft.formats import IGNORE_INDEX
+from ft.api import IGNORE_INDEX, DataError
 
 FT_FEATURE = True
+FT_PROVIDES = ("packing",)
+FT_METHOD_FEATURE = "packing"  # only for methods that declare packing
 
 log = logging.getLogger("ft.packing")
 
 
 @hookimpl
-def ft_pack(cfg, dataset):
+def ft_pack(cfg, dataset, method):
     """Pack the tokenized training samples into bins of ``cfg.sequence_len`` tokens."""
+    _check_columns(method)
     return pack_dataset(dataset, cfg.sequence_len, seed=cfg.seed)
 
 
 @hookimpl
-def ft_collator(cfg, tokenizer):
+def ft_collator(cfg, tokenizer, method):
     """The packed collator (exact attention for the configured attention implementation)."""
+    _check_columns(method)
     hf = cfg.section("hf")  # the hf plugin's section (None only if the hf plugin is not loaded)
     attention = PackedCollator.attention_for(getattr(hf, "attn_implementation", None))
-    if "varlen" in (cfg.plugins or []):  # the varlen plugin cuts sequences by position_ids: no mask needed
+    if cfg.provides("varlen_attention"):  # an attention that cuts sequences at position_ids: no mask needed
         attention = "varlen"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     mask_dtype = None
     if attention == "mask":
-        from ft.train import resolve_precision, torch_dtype
+        from ft.api import resolve_precision, torch_dtype
 
         mask_dtype = torch_dtype(resolve_precision(cfg))
         if cfg.sequence_len >= 8192:
@@ -55,6 +58,13 @@ def ft_collator(cfg, tokenizer):
                         getattr(hf, "attn_implementation", "sdpa"))
     return PackedCollator(pad_token_id=pad if pad is not None else 0, attention=attention,
                           pad_to_multiple_of=getattr(hf, "pad_to_multiple_of", None), mask_dtype=mask_dtype)
+
+
+def _check_columns(method: Any) -> None:
+    if tuple(method.columns) != ("input_ids", "labels"):
+        raise DataError(f"method '{method.name}' declares packing, but its rows ({', '.join(method.columns)}) are not "
+                        "input_ids/labels sequences, which this packing plugin packs; the method must pack its rows "
+                        "itself (answer ft_pack and ft_collator first) or not declare packing.")
 
 
 # -- the packed collator ------------------------------------------------------------------------
@@ -124,7 +134,7 @@ class PackedCollator:
     def _masked(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from ft.collate import pad_rows
+        from ft.api import pad_rows
 
         input_ids, labels, lengths = pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
         longest = input_ids.shape[1]
@@ -245,7 +255,7 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    from ft.data_tokenize import gather_ranges
+    from ft.api import gather_ranges
 
     table = dataset.with_format("arrow")[:]
     ids_col = table.column("input_ids").combine_chunks()
@@ -286,12 +296,3 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     log.info("packed %d samples (%d tokens) into %d bins of %d tokens: efficiency %.2f%% (fewest possible bins: %d)",
              len(lengths), total, len(bins), capacity, 100 * efficiency, lower_bound)
     return Dataset(InMemoryTable(packed), fingerprint=f"ft-packed-{uuid.uuid4().hex}")
-
-
-def packing_efficiency(dataset: Any, capacity: int) -> float:
-    """Tokens / (bins x capacity) of a packed dataset."""
-    import pyarrow.compute as pc
-
-    col = dataset.with_format("arrow")[:].column("input_ids")
-    total = sum(int(pc.sum(pc.list_value_length(chunk)).as_py() or 0) for chunk in col.chunks)
-    return total / (len(dataset) * capacity) if len(dataset) else 1.0

@@ -16,6 +16,8 @@ from ft import hookimpl
 from ft.errors import MissingDependencyError, is_installed
 
 FT_FEATURE = True
+FT_PROVIDES = ("quantized_base",)
+FT_LOGGERS = ("bitsandbytes",)  # its import-time warnings stay quiet unless qlora is selected
 
 INSTALL_HINT = "pip install 'ft[qlora]'"
 
@@ -51,7 +53,7 @@ def ft_validate_config(cfg):
             f"The qlora plugin quantizes with bitsandbytes, which is not installed: {INSTALL_HINT}."
         )
     problems = []
-    if "lora" not in cfg.plugins:
+    if not cfg.provides("adapter"):
         problems.append(
             f"{cfg.where('plugins')}: qlora only quantizes the base model; add lora to plugins "
             "(plugins: [lora, qlora]) so that an adapter is trained on top of it."
@@ -100,7 +102,7 @@ def ft_model_kwargs(cfg):
     import torch
 
     kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
-    sharded = any(name in cfg.plugins for name in ("fsdp", "deepspeed"))
+    sharded = cfg.provides("sharding")
     if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not sharded:
         # data parallel: each process keeps its whole quantized copy on its own GPU
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}

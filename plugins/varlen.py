@@ -34,6 +34,7 @@ from ft import hookimpl
 from ft.errors import FtError, MissingDependencyError
 
 FT_FEATURE = True
+FT_PROVIDES = ("varlen_attention",)  # attention cut at position_ids: packed rows need no mask
 
 ATTENTION_NAME = "ft_varlen"
 PLUGIN = "varlen"
@@ -65,7 +66,7 @@ def ft_add_config(registry):
 
 @hookimpl
 def ft_validate_config(cfg):
-    if "packing" not in (cfg.plugins or []):
+    if not cfg.provides("packing"):
         log.info("varlen is selected without packing: each row is one sequence, padding is cut off by the mask")
     return None
 

@@ -58,7 +58,10 @@ datasets:
 def ctx_of(text, tmp_path, plugin_args=(), overrides=()):
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    return load_context(path, plugin_args, overrides, entry_points=[], extra_plugins=[("fakefeat", FakePlugin())])
+    from ft_plugins import sft
+
+    return load_context(path, plugin_args, overrides, entry_points=[],
+                        extra_plugins=[("fakefeat", FakePlugin()), ("sft", sft)])
 
 
 def problems_of(text, tmp_path, **kw):

@@ -53,7 +53,7 @@ def test_blocked_contrib_plugin_is_not_imported_and_its_type_is_unknown(ft_runne
     data = write_jsonl(tmp_path / "talks.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}])
     config = ft_config(datasets=[{"path": str(data), "type": "sharegpt"}])
     ft_runner.validate(config, "-p", "no:sharegpt").assert_error(
-        "unknown dataset type 'sharegpt'", "needs that plugin installed"
+        "unknown dataset type 'sharegpt'", "installed plugin that is not loaded: 'sharegpt' (ft-sharegpt", "blocked with -p no:sharegpt"
     )
 
 

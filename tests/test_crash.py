@@ -491,15 +491,15 @@ def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_m
 
     config = write_run(tmp_path, pickled)
     ctx = load_context(config)
-    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
     with pytest.raises(FtError, match=r"allow_pickle: true"):
-        ctx.pm.hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg))
+        ctx.pm.hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.calls.load_tokenizer(ctx.cfg))
 
     allowed = load_context(config, overrides=["hf.allow_pickle=true"])
-    kwargs = allowed.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=allowed.cfg)
+    kwargs = allowed.pm.calls.model_kwargs(allowed.cfg)
     model = allowed.pm.hook.ft_load_model(cfg=allowed.cfg, kwargs=kwargs,
-                                          tokenizer=allowed.pm.hook.ft_load_tokenizer(cfg=allowed.cfg))
+                                          tokenizer=allowed.pm.calls.load_tokenizer(allowed.cfg))
     assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
 
 

@@ -427,7 +427,7 @@ def test_fsdp_and_deepspeed_together_is_an_error(tmp_path, tiny_model_dir, chat_
     pytest.importorskip("deepspeed")
     from ft.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="fsdp and deepspeed are both selected") as err:
+    with pytest.raises(ConfigError, match="deepspeed and fsdp are both selected") as err:
         _context(tmp_path, tiny_model_dir, chat_jsonl, ["fsdp", "deepspeed"])
     assert "c.yaml" in str(err.value)
 

@@ -139,10 +139,11 @@ def test_a_new_hook_parameter_changes_the_page(generate, monkeypatch):
 
 FIXTURES = ("ft_tiny_model_dir", "ft_tiny_tokenizer", "ft_dataset", "ft_config", "ft_runner", "ft_hook_recorder",
             "ft_register_plugin")
-MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa")  # package and module names in the guides
+MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly", "ft_weighted_sft",
+           "ft_record")  # module names in the guides, and the Trainer's metrics method
 
 
-@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md"])
+@pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "writing-a-method-plugin.md"])
 def test_guides_name_only_real_hooks_and_fixtures(guide):
     import ft.testing
 
@@ -179,3 +180,32 @@ def test_format_guide_example_works_as_an_installed_plugin(tmp_path):
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "2 passed" in res.stdout
+
+
+def test_the_short_format_example_fits_in_ten_lines_and_labels_right(tmp_path, tiny_model_dir):
+    """The guide's Dolly format: at most 10 lines of code, and it masks, trains and drops as promised."""
+    import types
+
+    from ft.context import load_context
+    from ft.run import preprocess
+    from ft.testing import registered_plugin
+
+    text = (DOCS / "writing-a-format-plugin.md").read_text(encoding="utf-8")
+    code = _code_block(text, "# ft_dolly.py")
+    lines = [line for line in code.splitlines() if line.strip() and not line.startswith(("#", "from ", "import "))]
+    assert len(lines) <= 10, lines
+    module = types.ModuleType("ft_dolly")
+    exec(compile(code, "ft_dolly.py", "exec"), module.__dict__)
+    rows = [{"instruction": "Name a colour.", "context": "Think of the sky.", "response": "Blue."},
+            {"instruction": "Say hi.", "response": "Hi!"}, {"instruction": "No answer here."}]
+    data = tmp_path / "dolly.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "dolly"}],
+              "dataset_prepared_path": str(tmp_path / "prepared"), "shuffle": False}
+    with registered_plugin(module, "dolly"):
+        prepared, tokenizer = preprocess(load_context(config))
+    assert prepared.report["dropped"]["missing field 'response'"]["examples"][0]["where"].endswith("dolly.jsonl:3")
+    ids, labels = prepared.train[0]["input_ids"], prepared.train[0]["labels"]
+    trained = tokenizer.decode([t for t in labels if t != -100])
+    assert trained == "Blue." + tokenizer.eos_token
+    assert "### Context:\nThink of the sky." in tokenizer.decode(ids)

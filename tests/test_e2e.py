@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,25 @@ def test_readme_demo_trains_the_shipped_tiny_model(tmp_path):
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert metrics["final_loss"] < history[0]["loss"] / 5
     assert metrics["eval_loss"] is not None
+
+
+def test_a_run_into_a_pipe_prints_clean_lines_and_nothing_from_unselected_features(tmp_path):
+    """Output to a file or pipe: one line per logged step, no progress-bar frames, and no warnings from
+    libraries of features that are not selected (bitsandbytes, DeepSpeed are installed here)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FT_NO_PROGRESS", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ft.cli", "run", str(REPO / "examples" / "tiny.yaml"), "--set", "max_steps=4",
+         "--set", "logging_steps=2", "--set", f"output_dir={tmp_path / 'out'}",
+         "--set", f"dataset_prepared_path={tmp_path / 'prepared'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "\r" not in output and "it/s]" not in output and "%|" not in output  # no bar frames
+    assert "gemm_4bit" not in output and "Setting accelerator" not in output  # bitsandbytes, DeepSpeed: quiet
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == ["1/4", "2/4", "4/4", "4/4"]  # the last is the eval line
+    assert "{'loss'" not in output  # no raw log dicts

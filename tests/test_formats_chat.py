@@ -209,7 +209,7 @@ def test_batch_mixes_good_and_dropped_rows(write_yaml, tiny_tokenizer):
     tokenize = build(write_yaml, tiny_tokenizer, chat_template="chatml")
     out = tokenize([
         {"messages": TALK},
-        {"conversations": TALK},
+        {"dialog": TALK},
         {"messages": []},
         {"messages": "hello"},
         {"messages": [{"role": "user"}]},
@@ -219,7 +219,7 @@ def test_batch_mixes_good_and_dropped_rows(write_yaml, tiny_tokenizer):
     assert [o.reason if isinstance(o, Dropped) else "ok" for o in out] == [
         "ok", "missing field 'messages'", "empty", "malformed messages", "malformed messages",
         "malformed messages", "ok"]
-    assert "conversations" in out[1].detail and "field_messages" in out[1].detail
+    assert "dialog" in out[1].detail and "field_messages" in out[1].detail
     assert "'content'" in out[4].detail
     assert trained_runs(out[6], tiny_tokenizer) == ["Paris.<|im_end|>"]
 

@@ -82,9 +82,7 @@ def test_core_modules_import_each_other_without_cycles():
     assert not cycles, "import cycles among src/ft modules:\n" + "\n".join(shown)
 
 
-# Left for the owner of ft.plugins (being reshaped on main): it has no public way yet to ask which
-# process plugins are registered. Remove the entry when it has one.
-KNOWN_PRIVATE_IMPORTS = {("testing.py", "ft.plugins", "_PROCESS_PLUGINS")}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def test_no_private_name_is_imported_from_another_core_module():

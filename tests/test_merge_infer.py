@@ -144,7 +144,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
         "lora": {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "qlora": {"compute_dtype": "float32"},
     }
     ctx = load_context(config)
-    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
     ctx = load_context(config)
     hook = ctx.pm.hook
     tokenizer = hook.ft_load_tokenizer(cfg=ctx.cfg)
-    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     model = hook.ft_apply_adapter(cfg=ctx.cfg, model=hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -60,6 +60,37 @@ PLUGINS = {
         import os
         open(os.environ["FTT_SENTINEL"], "w").write("imported")
     ''',
+    "ftt_undecorated": '''
+        def ft_load_model(cfg, kwargs, tokenizer):  # forgot @hookimpl
+            return None
+    ''',
+    "ftt_bad_registration": '''
+        from ft import hookimpl
+        FT_FEATURE = True
+
+        @hookimpl
+        def ft_register_formats(register):
+            raise KeyError("no formats today")
+    ''',
+    "ftt_deep_error": '''
+        from ft import hookimpl
+        FT_FEATURE = True
+
+        def _helper(cfg):
+            return cfg.no_such_attribute
+
+        @hookimpl
+        def ft_validate_config(cfg):
+            return _helper(cfg)
+    ''',
+    "ftt_returns_str": '''
+        from ft import hookimpl
+        FT_FEATURE = True
+
+        @hookimpl
+        def ft_validate_config(cfg):
+            return "one problem as a string"
+    ''',
 }
 ENTRY_POINTS = {
     "good": "ftt_good",
@@ -68,6 +99,10 @@ ENTRY_POINTS = {
     "bad_args": "ftt_bad_args",
     "raises": "ftt_raises",
     "sentinel": "ftt_sentinel",
+    "undecorated": "ftt_undecorated",
+    "bad_registration": "ftt_bad_registration",
+    "deep_error": "ftt_deep_error",
+    "returns_str": "ftt_returns_str",
 }
 
 
@@ -112,6 +147,11 @@ def test_plugins_lists_statuses_and_reasons(plugin_env):
     assert infos["import_error"]["status"] == "failed"
     assert "boom at import" in infos["import_error"]["error"]
     assert infos["bad_hook"]["status"] == "failed" and "ft_load_modle" in infos["bad_hook"]["error"]
+    assert "Did you mean 'ft_load_model'?" in infos["bad_hook"]["error"]
+    assert infos["undecorated"]["status"] == "failed" and "lacks @hookimpl" in infos["undecorated"]["error"]
+    # a registration hook that raises marks its plugin failed; every other command still works
+    assert infos["bad_registration"]["status"] == "failed"
+    assert "ft_register_formats raised" in infos["bad_registration"]["error"]
     assert infos["bad_args"]["status"] == "failed" and "kwargz" in infos["bad_args"]["error"]
     assert infos["hf"]["status"] == "essential" and infos["hf"]["distribution"] == "ft"
     assert infos["lora"]["status"] == "available" and infos["lora"]["feature"] is True
@@ -219,9 +259,9 @@ def test_model_kwargs_conflict_names_both_plugins():
 
     pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("b", B())])
     with pytest.raises(PluginError, match=r"'dtype' is set to .* by plugin '[ab]' and to .* by plugin '[ab]'"):
-        pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=None)
+        pm.calls.model_kwargs(None)
     pm2 = PluginManager(entry_points=[], extra_plugins=[("a", A())])
-    assert pm2.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {"dtype": "bfloat16", "x": 1}
+    assert pm2.calls.model_kwargs(None) == {"dtype": "bfloat16", "x": 1}
 
 
 def test_inactive_feature_hooks_are_not_called():
@@ -236,6 +276,125 @@ def test_inactive_feature_hooks_are_not_called():
             return {"feature": True}
 
     pm = PluginManager(entry_points=[], extra_plugins=[("feat", Feature())])
-    assert pm.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {}
+    assert pm.calls.model_kwargs(None) == {}
     pm = PluginManager(select=["feat"], entry_points=[], extra_plugins=[("feat", Feature())])
-    assert pm.merge_dicts("ft_model_kwargs", "kw", cfg=None) == {"feature": True}
+    assert pm.calls.model_kwargs(None) == {"feature": True}
+
+
+def test_a_hook_error_shows_the_plugins_own_frames_and_traceback_shows_all(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", "deep_error")
+    assert res.returncode != 0
+    assert "plugin 'deep_error' failed in hook ft_validate_config: AttributeError" in res.stderr
+    assert "ftt_deep_error.py:10 in ft_validate_config: return _helper(cfg)" in res.stderr
+    assert "ftt_deep_error.py:6 in _helper: return cfg.no_such_attribute" in res.stderr
+    assert "-p no:deep_error" in res.stderr and "Traceback (most recent call last)" not in res.stderr
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", "deep_error", "--traceback")
+    assert "Traceback (most recent call last)" in res.stderr and "pydantic" in res.stderr
+
+
+def test_a_hook_that_breaks_its_return_contract_is_named(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", "returns_str")
+    assert res.returncode != 0
+    assert "plugin 'returns_str' returned str 'one problem as a string' from ft_validate_config; the hook " \
+           "expects a list of problem strings or None" in res.stderr
+
+
+def test_validate_and_run_name_plugins_that_failed_to_load(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)))
+    assert res.returncode == 0, res.stderr
+    assert "warning: plugin 'import_error' (ft-test-plugins 1.2.3) is installed but could not be loaded" in res.stderr
+    assert "boom at import" in res.stderr
+
+
+def test_command_line_no_beats_the_config_and_a_typo_is_an_error(plugin_env):
+    env, tmp = plugin_env
+    cfg = minimal_config(tmp, "plugins: [good]\n")
+    res = ft(env, "validate", str(cfg), "-p", "no:good")
+    assert res.returncode == 0, res.stderr
+    assert "selected features: none" in res.stdout
+    res = ft(env, "validate", str(cfg), "-p", "no:goood")
+    assert res.returncode != 0 and "no plugin named 'goood'" in res.stderr and "Did you mean 'no:good'?" in res.stderr
+
+
+def test_a_plugin_file_loads_without_packaging(plugin_env):
+    env, tmp = plugin_env
+    (tmp / "my_checks.py").write_text(textwrap.dedent('''
+        from ft import hookimpl
+
+        @hookimpl
+        def ft_validate_config(cfg):
+            return [f"{cfg.where('learning_rate')}: my_checks says no"]
+    '''))
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", str(tmp / "my_checks.py"))
+    assert res.returncode != 0 and "learning_rate: my_checks says no" in res.stderr
+    cfg = minimal_config(tmp, "plugin_paths: [my_checks.py]\n")
+    res = ft(env, "validate", str(cfg))  # relative to the config file
+    assert res.returncode != 0 and "my_checks says no" in res.stderr
+    res = ft(env, "validate", str(minimal_config(tmp)), "-p", str(tmp / "missing.py"))
+    assert res.returncode != 0 and "no such plugin file" in res.stderr
+
+
+def test_trace_shows_every_hook_call(plugin_env):
+    env, tmp = plugin_env
+    res = ft(env, "validate", str(minimal_config(tmp)), "--trace", "-p", "lora")
+    assert res.returncode == 0, res.stderr
+    traced = {line.split()[2] for line in res.stderr.splitlines() if line.startswith("[ft trace]")}
+    assert {"ft_add_config", "ft_register_formats", "ft_register_methods", "ft_validate_config"} <= traced
+    assert "[ft trace] ft_validate_config lora -> list of 0" in res.stderr
+    assert "[ft trace] ft_validate_config qlora" not in res.stderr  # an unselected feature is not called
+
+
+def test_a_wrapper_works_on_an_all_hook_and_sees_each_result():
+    from ft import hookimpl
+    from ft.plugins import PluginManager
+
+    seen = []
+
+    class A:
+        @hookimpl
+        def ft_model_kwargs(self, cfg):
+            return {"a": 1}
+
+    class Wrap:
+        @hookimpl(wrapper=True)
+        def ft_model_kwargs(self, cfg):
+            result = yield
+            seen.append(result)
+            return [{**r, "wrapped": True} for r in result]
+
+    pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("wrap", Wrap())])
+    assert pm.calls.model_kwargs(None) == {"a": 1, "wrapped": True}
+    assert seen == [[{"a": 1}]]
+    assert pm.implementers("ft_model_kwargs") == ["a"]
+
+
+def test_a_callback_that_raises_names_its_plugin(tiny_model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from ft import hookimpl
+    from ft.errors import PluginHookError
+    from ft.run import train
+    from ft.testing import registered_plugin, write_config, write_dataset
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("callback exploded")
+
+    class Plugin:
+        @hookimpl
+        def ft_callbacks(self, cfg):
+            return [Boom()]
+
+    data = write_dataset(tmp_path / "d.jsonl", kind="chat", n=4)
+    config = write_config(tmp_path / "c.yaml", base_model=tiny_model_dir, datasets=[{"path": str(data), "type": "chat_template"}],
+                          max_steps=1)
+    from ft.context import load_context
+
+    with registered_plugin(Plugin(), "boomer"):
+        ctx = load_context(config)
+        with pytest.raises(PluginHookError) as info:
+            train(ctx)
+    assert "plugin 'boomer' failed in its callback Boom.on_step_end: RuntimeError: callback exploded" in str(info.value)

@@ -22,7 +22,7 @@ def load(tmp_path, path, **entry):
 
 
 def fingerprint(ctx) -> str:
-    return dict(ctx.pm.call_each("ft_data_fingerprint", cfg=ctx.cfg, entry=ctx.cfg.datasets[0]))["sources"]
+    return ctx.pm.calls.data_fingerprints(ctx.cfg, ctx.cfg.datasets[0])["sources"]
 
 
 def all_rows(raw) -> list[dict]:

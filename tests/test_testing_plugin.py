@@ -166,7 +166,7 @@ def test_hook_recorder_records_exceptions_and_stops_when_closed(ft_register_plug
     with HookRecorder() as rec:
         pm = PluginManager(entry_points=[], extra_plugins=[("broken", Broken())])
         with pytest.raises(PluginHookError, match="plugin 'broken' failed in hook ft_model_kwargs"):
-            pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=None)
+            pm.calls.model_kwargs(None)
     [call] = rec.calls_to("ft_model_kwargs")
     assert call.plugin == "broken" and "no kwargs today" in str(call.exception)
     PluginManager(entry_points=[], extra_plugins=[("broken", Broken())]).hook.ft_validate_config(cfg=None)
@@ -178,24 +178,24 @@ def test_firstresult_recording_shows_who_answered():
 
     class Early:
         @hookimpl(tryfirst=True)
-        def ft_trainer_class(self, cfg):
+        def ft_load_dataset(self, cfg, entry):
             return None
 
     class Answers:
         @hookimpl
-        def ft_trainer_class(self, cfg):
-            return "MyTrainer"
+        def ft_load_dataset(self, cfg, entry):
+            return "MyRows"
 
     class Late:
         @hookimpl(trylast=True)
-        def ft_trainer_class(self, cfg):
-            return "DefaultTrainer"
+        def ft_load_dataset(self, cfg, entry):
+            return "DefaultRows"
 
     with HookRecorder() as rec:
         pm = PluginManager(entry_points=[], extra_plugins=[("late", Late()), ("answers", Answers()), ("early", Early())])
-        assert pm.hook.ft_trainer_class(cfg=None) == "MyTrainer"
-    assert rec.plugins_called("ft_trainer_class") == ["early", "answers"]  # 'late' never ran
-    assert rec.results("ft_trainer_class") == [None, "MyTrainer"]
+        assert pm.hook.ft_load_dataset(cfg=None, entry=None) == "MyRows"
+    assert rec.plugins_called("ft_load_dataset") == ["early", "answers"]  # 'late' never ran
+    assert rec.results("ft_load_dataset") == [None, "MyRows"]
 
 
 class HelloCommand:

@@ -65,7 +65,7 @@ def load(ctx, n_rows=8, eval_rows=0):
         eval=datasets.Dataset.from_list(rows[n_rows:]) if eval_rows else None,
         packed=False,
     )
-    kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=ctx.cfg)
+    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     model = hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tok)
     return tok, model, data, rows
 
@@ -120,10 +120,20 @@ def test_missing_reporting_backend_says_how_to_install(tiny_model_dir, tmp_path,
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="wandb")
-    tok, model, data, _ = load(ctx)
+    missing = {"wandb", "mlflow"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    # refused at validation, before any model loads (mlflow used to crash the Trainer with a traceback)
     with pytest.raises(FtError, match=r"report_to: reporting to wandb needs the 'wandb' package.*pip install wandb"):
+        make_ctx(tiny_model_dir, tmp_path, report_to="wandb")
+    with pytest.raises(FtError, match=r"reporting to mlflow needs the 'mlflow' package.*pip install mlflow"):
+        make_ctx(tiny_model_dir, tmp_path, report_to=["tensorboard", "mlflow"])
+    with pytest.raises(FtError, match=r"unknown reporter 'tensorbord'. Did you mean 'tensorboard'\?"):
+        make_ctx(tiny_model_dir, tmp_path, report_to="tensorbord")
+    # and when the package disappears between validation and training, the Trainer is not built either
+    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=1)
+    tok, model, data, _ = load(ctx)
+    missing.update({"tensorboard", "tensorboardX"})
+    with pytest.raises(FtError, match=r"reporting to tensorboard needs the 'tensorboard' package"):
         build_trainer(ctx, model, tok, data)
 
 
@@ -192,21 +202,24 @@ def test_factory_optimizer_and_scheduler_registered_by_a_plugin(tiny_model_dir, 
     assert all(lr == pytest.approx(5e-4) for lr in lrs)
 
 
-def test_trainer_class_from_a_plugin_still_counts_tokens(tiny_model_dir, tmp_path):
+def test_trainer_class_of_a_plugin_method_still_counts_tokens(tiny_model_dir, tmp_path):
+    from ft_plugins.sft import padding_collator
     from transformers import Trainer
+
+    from ft.api import SFT_COLUMNS, Method
 
     class MyTrainer(Trainer):
         pass
 
-    class Method:
+    class MyMethod:
         @hookimpl
-        def ft_trainer_class(cfg):
-            return MyTrainer
+        def ft_register_methods(register):
+            register.add(Method("mine", SFT_COLUMNS, padding_collator, lambda: MyTrainer))
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("method", Method)], max_steps=1)
+    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("mymethod", MyMethod)], max_steps=1, method="mine")
     trainer, metrics, _, _ = train(ctx)
     assert isinstance(trainer, MyTrainer)
-    assert metrics["train_tokens"] > 0
+    assert metrics["train_tokens"] > 0 and metrics["method"] == "mine"
 
 
 # -- metrics and outputs ---------------------------------------------------------------------------
@@ -269,7 +282,7 @@ def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys
     import yaml
 
     saved_cfg = yaml.safe_load((out / "ft_config.yaml").read_text())
-    assert saved_cfg["max_steps"] == 3 and saved_cfg["optimizer"] == "adamw_torch"
+    assert saved_cfg["max_steps"] == 3 and saved_cfg["optimizer"] == "adamw_torch_fused"  # the default, resolved
 
 
 def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_path):

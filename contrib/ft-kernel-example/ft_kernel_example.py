@@ -21,8 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import FtError
-from ft.patching import PatchRecord
+from ft.api import FtError, PatchRecord
 
 FT_FEATURE = True
 NAME = "kernel_example"

@@ -25,7 +25,7 @@ from ft_plugins.chat_template import ChatTemplateOptions, build_chat_tokenize
 from pydantic import Field, field_validator
 
 from ft import hookimpl
-from ft.formats import Dropped
+from ft.api import Dropped
 
 # template role -> ShareGPT `from` values
 SHAREGPT_ROLES: dict[str, list[str]] = {"system": ["system"], "user": ["human"], "assistant": ["gpt"]}
@@ -48,9 +48,17 @@ class ShareGPTOptions(ChatTemplateOptions):
     )
     strict_roles: bool = Field(
         True,
-        description="Drop (and count) rows with a `from` value that `roles` does not map; false passes such "
-        "roles to the template unchanged.",
+        description="Drop (and count) rows with a `from` value that `roles` does not map. Must stay true: ft "
+        "never renders an unknown role as it is (map it with `roles` instead).",
     )
+
+    @field_validator("strict_roles", mode="after")
+    @classmethod
+    def _roles_are_always_checked(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("unknown roles are never rendered as they are (ft's chat machinery drops such rows and "
+                             "counts them as 'unknown role'); map them instead, e.g. roles: {assistant: [gpt, bing]}")
+        return value
 
     @field_validator("roles", mode="after")
     @classmethod

@@ -14,8 +14,9 @@ Groups:
   ``redact_text`` (a message or label with the credentials of any URL in it replaced)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
-  ``entry_where``
-- methods: ``Method``
+  ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
+- methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``ReferenceModel``, ``token_logps``,
+  ``sequence_logps``, ``has_adapter``
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
   ``last_good_checkpoint``
@@ -41,6 +42,12 @@ _WHERE = {
     # formats
     "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Note": "ft.formats", "Tokenize": "ft.formats",
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
+    "PromptCompletion": "ft.formats",
+    # methods
+    "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
+    "MODEL_LOSS": "ft.methods",
+    "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
+    "has_adapter": "ft.reference",
     # collating
     "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
     # training

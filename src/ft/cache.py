@@ -44,7 +44,7 @@ log = logging.getLogger("ft.data")
 CACHE_FORMAT = 2  # 2: manifest.json with a checksum of every file
 # Config keys that change the prepared rows (datasets entries are added separately).
 KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_tokens", "tokens", "val_set_size",
-              "seed", "shuffle")
+              "seed", "shuffle", "chat_template", "eval_sample_packing")
 # A plugin implementing one of these is on the data path: its version and source join the key.
 DATA_HOOKS = frozenset({"ft_load_dataset", "ft_data_fingerprint", "ft_pack"})
 # ft's own modules on the data path.
@@ -62,7 +62,7 @@ def cache_key(ctx: Any, tokenizer: Any, packing: bool) -> tuple[str, dict[str, A
     for group in ("datasets", "test_datasets"):
         entries[group] = []
         for entry in getattr(cfg, group) or []:
-            fingerprints = {name: fp for name, fp in pm.call_each("ft_data_fingerprint", cfg=cfg, entry=entry) if fp}
+            fingerprints = pm.calls.data_fingerprints(cfg, entry)
             fmt = ctx.formats.get(entry.type).value if entry.type in ctx.formats else None
             entries[group].append({
                 "entry": entry.model_dump(mode="json"),
@@ -86,6 +86,7 @@ def cache_key(ctx: Any, tokenizer: Any, packing: bool) -> tuple[str, dict[str, A
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "config": {k: _plain(getattr(cfg, k)) for k in KEY_CONFIG},
         "packing": {"selected": packing, "sections": _packing_sections(ctx) if packing else {}},
+        "method": _method_inputs(ctx),
         "plugins": plugins,
     }
     text = json.dumps(inputs, sort_keys=True, default=str)
@@ -156,12 +157,21 @@ def _source_hash(obj: Any) -> str | None:
         return hashlib.sha256(fh.read()).hexdigest()[:16]
 
 
+def _method_inputs(ctx: Any) -> dict[str, Any]:
+    """The method shapes the rows (its columns, and its section's data settings such as prompt limits)."""
+    method = ctx.method
+    entry = ctx.registries.methods.get(method.name)
+    section = ctx.cfg.section(method.section_name)
+    return {"name": method.name, "columns": list(method.columns), "plugin": entry.plugin,
+            "section": section.model_dump(mode="json") if section is not None else None}
+
+
 def _packing_sections(ctx: Any) -> dict[str, Any]:
     """Config sections of the plugins that pack (their options change the bins)."""
     out = {}
-    for impl in ctx.pm.active_caller("ft_pack").get_hookimpls():
-        section = ctx.cfg.section(impl.plugin_name)
-        out[impl.plugin_name] = section.model_dump(mode="json") if section is not None else None
+    for plugin in ctx.pm.calls.packers():
+        section = ctx.cfg.section(plugin)
+        out[plugin] = section.model_dump(mode="json") if section is not None else None
     return out
 
 

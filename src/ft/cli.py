@@ -27,14 +27,37 @@ set_option = click.option(
 trace_option = click.option("--trace", is_flag=True, help="Print every hook call and the plugins it reaches.")
 
 
+def _show_traceback(value: bool) -> None:
+    if value:
+        os.environ["FT_TRACEBACK"] = "1"
+
+
+def _traceback_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    _show_traceback(value)
+    return value
+
+
+traceback_option = click.option(
+    "--traceback", is_flag=True, expose_value=False, is_eager=True, callback=_traceback_callback,
+    help="On an error, also print the whole Python traceback.",
+)
+
+
 def _fail(exc: FtError) -> None:
+    if os.environ.get("FT_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
     click.secho(f"error: {exc}", fg="red", err=True)
     sys.exit(exc.exit_code)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command ft's error handling: an FtError prints its message (the whole traceback with
+    ``--traceback``) and exits with its code. Plugin commands use it too."""
     import functools
 
+    @traceback_option
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -46,6 +69,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Log lines on stderr; when stderr is no terminal (a file, a pipe, CI) no progress bars at all,
+    so the log stays clean lines (the training progress is then one line per logged step)."""
     level = logging.DEBUG if verbose else logging.INFO
     if not verbose and not _is_main_process():
         level = logging.WARNING  # in a multi-process run only rank 0 reports progress
@@ -54,15 +79,35 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        os.environ.setdefault("FT_NO_PROGRESS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' weight loading and shard writing bars
 
 
 def _context(config: str, plugin_args, overrides, trace: bool = False):
     from ft.context import load_context
+    from ft.plugins import add_hook_monitor
 
-    ctx = load_context(config, plugin_args, overrides)
-    if trace:
-        ctx.pm.enable_tracing()
+    stop = None
+    if trace:  # the manager made here traces every hook call, from the first registration hook on
+        from ft.plugins import trace_after
+
+        stop = add_hook_monitor(lambda *a: None, trace_after(lambda msg: click.echo(msg, err=True)))
+    try:
+        ctx = load_context(config, plugin_args, overrides)
+    finally:
+        if stop is not None:
+            stop()
+    _warn_failed(ctx.pm)
     return ctx
+
+
+def _warn_failed(pm) -> None:
+    for info in pm.failed():
+        click.secho(f"warning: plugin '{info.name}' ({info.distribution} {info.version}) is installed but could "
+                    f"not be loaded: {info.error}. Its features are unavailable; `ft plugins` lists it.",
+                    fg="yellow", err=True)
 
 
 class FtGroup(click.Group):
@@ -78,7 +123,7 @@ class FtGroup(click.Group):
             from ft.context import make_plugin_manager
 
             pm = make_plugin_manager()
-            pm.all_hooks.ft_add_commands(cli=self)
+            pm.calls.add_commands(self)
         except FtError as exc:  # never let a plugin break `ft --help`
             click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
 
@@ -159,19 +204,21 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @click.argument("config", type=click.Path(dir_okay=False))
 @plugin_option
 @set_option
+@trace_option
 @click.option("--nproc", type=int, default=None, help="Processes the run will use (for the effective batch).")
 @handle_errors
-def validate(config, plugin_args, overrides, nproc):
+def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
     from ft.config import config_warnings
 
-    ctx = _context(config, plugin_args, overrides)
+    ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     click.echo(f"{cfg.source}: valid")
     for warning in config_warnings(cfg):
         click.secho(f"  warning: {warning}", fg="yellow")
     click.echo(f"  base_model: {cfg.base_model}")
+    click.echo(f"  method: {cfg.method} ({ctx.method.description or 'from plugin ' + ctx.registries.methods.get(cfg.method).plugin})")
     click.echo(f"  datasets: {', '.join(f'{d.path} ({d.type})' for d in cfg.datasets)}")
     click.echo(f"  selected features: {', '.join(cfg.plugins) or 'none'}")
     click.echo(f"  active plugins: {', '.join(ctx.pm.active_names())}")
@@ -189,9 +236,10 @@ def validate(config, plugin_args, overrides, nproc):
 @handle_errors
 def plugins(plugin_args, as_json, hook_name):
     """List installed plugins: name, distribution, version, status, hooks."""
-    from ft.context import make_plugin_manager
+    from ft.context import collect_registries, make_plugin_manager
 
     pm = make_plugin_manager(plugin_args)
+    collect_registries(pm)  # a plugin whose registration hook raises is listed as failed
     if hook_name:
         order = pm.call_order(hook_name)
         if as_json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -52,6 +52,10 @@ class CoreConfig(BaseModel):
     base_model: str = Field(description="Hub id or local directory of the model to fine-tune.")
     tokenizer: str | None = Field(None, description="Tokenizer hub id or directory; defaults to base_model.")
     plugins: list[str] = Field(default_factory=list, description="Optional features to select (also `-p NAME`).")
+    plugin_paths: list[str] = Field(
+        default_factory=list, description="Plugin .py files to load and select without packaging (also `-p ./file.py`)."
+    )
+    method: str = Field("sft", description="Training method, registered by a plugin: sft (default), dpo, grpo ...")
 
     # data
     datasets: list[Any] = Field(description="Training datasets; each entry's keys depend on its `type`.")
@@ -77,6 +81,13 @@ class CoreConfig(BaseModel):
         default_factory=dict, description="Special tokens to set, e.g. {pad_token: '<|pad|>'}."
     )
     tokens: list[str] = Field(default_factory=list, description="Extra tokens to add to the vocabulary.")
+    chat_template: str | None = Field(
+        None, description="Default chat template of every chat dataset entry that sets none (a shipped name, a "
+        ".jinja file or inline jinja); null = the tokenizer's own."
+    )
+    eval_sample_packing: bool | None = Field(
+        None, description="Pack the evaluation samples too when packing is selected (null = yes, like training)."
+    )
 
     # training
     output_dir: str = Field(
@@ -101,8 +112,16 @@ class CoreConfig(BaseModel):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
-    optimizer: str = Field("adamw_torch", description="Optimizer name from the optimizer registry.")
+    optimizer: str = Field("adamw_torch_fused", description="Optimizer name from the optimizer registry.")
     lr_scheduler: str = Field("cosine", description="Scheduler name from the scheduler registry.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra arguments of the scheduler, e.g. {num_cycles: 2} for "
+        "cosine_with_restarts or {num_decay_steps: 100} for warmup_stable_decay."
+    )
+    cosine_min_lr_ratio: float | None = Field(
+        None, ge=0, le=1, description="With lr_scheduler cosine: the learning rate decays to this fraction of the "
+        "peak instead of 0 (e.g. 0.1)."
+    )
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 training; auto = where the device supports it.")
     fp16: bool = Field(False, description="fp16 mixed precision (GPUs without bf16).")
     tf32: bool | None = Field(None, description="Allow TF32 matmuls on Ampere+ GPUs.")
@@ -117,6 +136,15 @@ class CoreConfig(BaseModel):
         None, gt=0, le=MAX_COUNT, description="Checkpoint every N steps (default: at the end only).",
         json_schema_extra=NOT_TRAINING
     )
+    saves_per_epoch: int | None = Field(
+        None, gt=0, description="Checkpoints per epoch, evenly spaced (instead of save_steps).",
+        json_schema_extra=NOT_TRAINING
+    )
+    save_strategy: Literal["steps", "epoch", "no"] | None = Field(
+        None, description="When to checkpoint: steps (save_steps / saves_per_epoch), epoch (at each epoch's end) or "
+        "no; null = steps when save_steps or saves_per_epoch is set, else only the final weights.",
+        json_schema_extra=NOT_TRAINING
+    )
     save_total_limit: int | None = Field(
         3, ge=1, le=MAX_COUNT, description="Checkpoints to keep.", json_schema_extra=NOT_TRAINING
     )
@@ -127,8 +155,31 @@ class CoreConfig(BaseModel):
         None, gt=0, le=MAX_COUNT, description="Evaluate every N steps (when there is eval data).",
         json_schema_extra=NOT_TRAINING
     )
+    evals_per_epoch: int | None = Field(
+        None, gt=0, description="Evaluations per epoch, evenly spaced (instead of eval_steps; when there is eval data).",
+        json_schema_extra=NOT_TRAINING
+    )
+    eval_strategy: Literal["steps", "epoch", "no"] | None = Field(
+        None, description="When to evaluate: steps (eval_steps / evals_per_epoch), epoch (at each epoch's end) or no; "
+        "null = steps when eval_steps or evals_per_epoch is set, else once at the end.",
+        json_schema_extra=NOT_TRAINING
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when the metric_for_best_model has not improved for this many evaluations."
+    )
+    load_best_model_at_end: bool = Field(
+        False, description="End with the weights of the best checkpoint by metric_for_best_model (needs the save "
+        "cadence to fall on evaluations)."
+    )
+    metric_for_best_model: str | None = Field(
+        None, description="Metric that decides the best checkpoint and early stopping, e.g. eval_loss (the default)."
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric_for_best_model is better; default: false for losses, else true."
+    )
     report_to: str | list[str] = Field(
-        "none", description="tensorboard, wandb, or none.", json_schema_extra=NOT_TRAINING
+        "none", description="Where to send metrics: none, tensorboard, wandb, mlflow, comet_ml, clearml, trackio ... "
+        "(a list for several); each needs its package installed.", json_schema_extra=NOT_TRAINING
     )
     resume_from_checkpoint: str | None = Field(
         None, description="Checkpoint directory to resume from.", json_schema_extra=NOT_TRAINING
@@ -139,6 +190,8 @@ class CoreConfig(BaseModel):
 
     _source: str | None = PrivateAttr(None)
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
+    _capabilities: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    _method_features: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -160,6 +213,19 @@ class CoreConfig(BaseModel):
             return model() if model is not None else None
         return value
 
+    def provides(self, capability: str) -> bool:
+        """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
+        ``varlen_attention``: plugins ask for a capability, never for another plugin by name."""
+        return capability in self._capabilities
+
+    def method_supports(self, feature: str) -> bool:
+        """Whether the chosen method declares ``feature`` (``"packing"``, ``"eval"``, ``"model_loss"``)."""
+        return feature in self._method_features
+
+    def providers(self, capability: str) -> list[str]:
+        """The active plugins that declare ``capability`` (for messages and exclusive capabilities)."""
+        return list(self._capabilities.get(capability, ()))
+
     def line_of(self, *path: Any) -> int | None:
         return self._lines.get(tuple(path))
 
@@ -180,6 +246,112 @@ class CoreConfig(BaseModel):
 
 
 Config = CoreConfig  # the type plugins annotate with; the runtime model subclasses it
+
+
+# -- rules across core keys ----------------------------------------------------------------
+
+# report_to value -> (modules of which one must be importable, how to install); transformers'
+# integrations. "all" reports to every installed one, "none" to none.
+REPORTERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'ft[tensorboard]'"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "pip install comet-ml"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "neptune": (("neptune",), "pip install neptune"),
+    "azure_ml": (("azureml",), "pip install azureml-core"),
+    "codecarbon": (("codecarbon",), "pip install codecarbon"),
+    "dagshub": (("dagshub",), "pip install dagshub mlflow"),
+    "flyte": (("flytekit",), "pip install flytekit flytekitplugins-deck-standard"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "trackio": (("trackio",), "pip install trackio"),
+}
+
+
+def reporter_names(cfg: CoreConfig) -> list[str]:
+    """The ``report_to`` values, without ``none``."""
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    return [n for n in names if n and n != "none"]
+
+
+def reporter_problems(cfg: CoreConfig) -> list[str]:
+    """Unknown ``report_to`` values and reporters whose package is missing."""
+    problems = []
+    for name in reporter_names(cfg):
+        if name == "all":
+            continue
+        if name not in REPORTERS:
+            close = difflib.get_close_matches(name, list(REPORTERS), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{cfg.where('report_to')}: unknown reporter '{name}'.{hint} Known: none, all, "
+                            f"{', '.join(sorted(REPORTERS))}.")
+            continue
+        modules, fix = REPORTERS[name]
+        if not any(_importable(m) for m in modules):
+            problems.append(f"{cfg.where('report_to')}: reporting to {name} needs the '{modules[0]}' package, which "
+                            f"is not installed: {fix} (or remove {name} from report_to).")
+        if name == "dagshub" and not _importable("mlflow"):
+            problems.append(f"{cfg.where('report_to')}: reporting to dagshub also needs mlflow: pip install mlflow.")
+    return problems
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cadence_problems(cfg: CoreConfig) -> list[str]:
+    """Evaluation, checkpoint and early-stopping settings that contradict each other."""
+    problems = []
+    has_eval = bool(cfg.val_set_size or cfg.test_datasets)
+    for every, per_epoch, strategy in (("eval_steps", "evals_per_epoch", "eval_strategy"),
+                                       ("save_steps", "saves_per_epoch", "save_strategy")):
+        a, b, mode = getattr(cfg, every), getattr(cfg, per_epoch), getattr(cfg, strategy)
+        if a and b:
+            problems.append(f"{cfg.where(per_epoch)}: {every} and {per_epoch} both set the cadence; keep one.")
+        if mode in ("epoch", "no") and (a or b):
+            problems.append(f"{cfg.where(strategy)}: {strategy}: {mode} ignores {every if a else per_epoch}; remove "
+                            f"one of them ({strategy}: steps goes with {every} / {per_epoch}).")
+        if mode == "steps" and not (a or b):
+            problems.append(f"{cfg.where(strategy)}: {strategy}: steps needs {every} or {per_epoch} "
+                            f"(e.g. {per_epoch}: 4).")
+    evaluates = has_eval and cfg.eval_strategy != "no" and bool(
+        cfg.eval_steps or cfg.evals_per_epoch or cfg.eval_strategy == "epoch")
+    needs_eval = [k for k in ("early_stopping_patience", "load_best_model_at_end") if getattr(cfg, k)]
+    for key in needs_eval:
+        if not has_eval:
+            problems.append(f"{cfg.where(key)}: needs evaluation data; set val_set_size (e.g. 0.05) or test_datasets.")
+        elif not evaluates:
+            problems.append(f"{cfg.where(key)}: needs evaluations during training; set evals_per_epoch (e.g. 4), "
+                            "eval_steps, or eval_strategy: epoch.")
+    if cfg.load_best_model_at_end:
+        saves = cfg.save_strategy != "no" and bool(cfg.save_steps or cfg.saves_per_epoch or cfg.save_strategy == "epoch")
+        eval_mode = "epoch" if cfg.eval_strategy == "epoch" else "steps"
+        save_mode = "epoch" if cfg.save_strategy == "epoch" else "steps"
+        if not saves:
+            problems.append(f"{cfg.where('load_best_model_at_end')}: needs checkpoints to choose from; set "
+                            "saves_per_epoch or save_steps (on evaluation steps), or save_strategy: epoch.")
+        elif eval_mode != save_mode:
+            problems.append(f"{cfg.where('load_best_model_at_end')}: checkpoints ({save_mode}) and evaluations "
+                            f"({eval_mode}) must follow the same strategy, so each checkpoint has a score.")
+        elif cfg.save_steps and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
+            problems.append(f"{cfg.where('save_steps')}: with load_best_model_at_end, save_steps ({cfg.save_steps}) "
+                            f"must be a multiple of eval_steps ({cfg.eval_steps}), so each checkpoint has a score.")
+        elif cfg.saves_per_epoch and cfg.evals_per_epoch and cfg.evals_per_epoch % cfg.saves_per_epoch:
+            problems.append(f"{cfg.where('saves_per_epoch')}: with load_best_model_at_end, evals_per_epoch "
+                            f"({cfg.evals_per_epoch}) must be a multiple of saves_per_epoch ({cfg.saves_per_epoch}), "
+                            "so each checkpoint has a score.")
+    if not needs_eval:
+        for key in ("metric_for_best_model", "greater_is_better"):
+            if getattr(cfg, key) is not None:
+                problems.append(f"{cfg.where(key)}: has no effect without early_stopping_patience or "
+                                "load_best_model_at_end; set one of them, or remove it.")
+    return problems
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -341,9 +513,18 @@ def validate_config(
     feature_plugins: Sequence[str] = (),
     active: Sequence[str] = (),
     format_names: Sequence[str] = (),
+    extra_problems: Sequence[tuple[tuple, str]] = (),
+    unavailable: Sequence[str] = (),
+    key_hints: Callable[[str, Any], str | None] | None = None,
 ) -> CoreConfig:
-    """Validate raw data against the model; raise one ConfigError listing every problem."""
-    problems: list[tuple[tuple, str]] = []
+    """Validate raw data against the model; raise one ConfigError listing every problem.
+
+    ``extra_problems`` are ``(key path, message)`` pairs found by the caller (they get their
+    file:line here); ``unavailable`` describes installed plugins that failed or are blocked, named
+    when a dataset type is unknown (the type may be theirs). ``key_hints(path, value)`` says what to
+    write instead of an unknown key (plugins register hints, e.g. for axolotl's key names).
+    """
+    problems: list[tuple[tuple, str]] = list(extra_problems)
     data = dict(raw.data)
     # A section for an installed feature that is not selected: say how to select it.
     for key in list(data):
@@ -352,9 +533,9 @@ def validate_config(
                                      f"Add it to `plugins: [{key}]` or pass `-p {key}`."))
             data.pop(key)
     for i, entry in enumerate(data.get("datasets") or []) if isinstance(data.get("datasets"), list) else []:
-        _check_entry_type(entry, ("datasets", i), format_names, problems)
+        _check_entry_type(entry, ("datasets", i), format_names, problems, unavailable)
     for i, entry in enumerate(data.get("test_datasets") or []) if isinstance(data.get("test_datasets"), list) else []:
-        _check_entry_type(entry, ("test_datasets", i), format_names, problems)
+        _check_entry_type(entry, ("test_datasets", i), format_names, problems, unavailable)
     bad_entries = [loc[:2] for loc, _ in problems if loc and loc[0] in ("datasets", "test_datasets")]
     cfg = None
     try:
@@ -364,7 +545,7 @@ def validate_config(
             loc = _clean_loc(err["loc"], format_names)
             if err["type"] in ("union_tag_invalid", "union_tag_not_found") or loc[:2] in bad_entries:
                 continue  # the entry's type is wrong: reported by _check_entry_type with a better message
-            problems.append((loc, _message(err, loc, model, format_names, data)))
+            problems.append((loc, _message(err, loc, model, format_names, data, key_hints)))
     if problems:
         seen, out = set(), []
         for loc, msg in problems:
@@ -381,7 +562,8 @@ def validate_config(
     return cfg
 
 
-def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], problems: list) -> None:
+def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], problems: list,
+                      unavailable: Sequence[str] = ()) -> None:
     if not isinstance(entry, dict):
         return
     t = entry.get("type")
@@ -390,8 +572,13 @@ def _check_entry_type(entry: Any, loc: tuple, format_names: Sequence[str], probl
     elif t not in format_names:
         close = difflib.get_close_matches(str(t), list(format_names), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if unavailable:
+            cause = ("It may come from an installed plugin that is not loaded: " + "; ".join(unavailable)
+                     + ". Fix or unblock that plugin (see `ft plugins`).")
+        else:
+            cause = "A type from a third-party plugin needs that plugin installed."
         problems.append((loc + ("type",), f"unknown dataset type '{t}'.{hint} Known: {', '.join(sorted(format_names))}. "
-                                           "A type from a third-party plugin needs that plugin installed."))
+                                           + cause))
 
 
 def _clean_loc(loc: tuple, format_names: Sequence[str]) -> tuple:
@@ -407,9 +594,13 @@ def _clean_loc(loc: tuple, format_names: Sequence[str]) -> tuple:
     return tuple(out)
 
 
-def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequence[str], data: dict) -> str:
+def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequence[str], data: dict,
+             key_hints: Callable[[str, Any], str | None] | None = None) -> str:
     if err["type"] == "extra_forbidden":
         key = loc[-1] if loc else ""
+        hint = key_hints(_hint_path(loc), err.get("input")) if key_hints and loc else None
+        if hint:
+            return f"unknown key. {hint}"
         known = _known_keys(model, loc[:-1], data)
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -427,6 +618,12 @@ def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequen
     if err["type"] not in ("missing",) and not isinstance(given, (dict, list)) and given is not None:
         return f"{msg} (got {given!r})."
     return f"{msg}."
+
+
+def _hint_path(loc: tuple) -> str:
+    """``adapter`` or ``datasets[].field_human`` (test_datasets share the datasets hints)."""
+    parts = ["datasets" if p == "test_datasets" else ("[]" if isinstance(p, int) else str(p)) for p in loc]
+    return ".".join(parts).replace(".[]", "[]")
 
 
 def _known_keys(model: type[BaseModel], loc: tuple, data: dict) -> list[str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ft.errors import DataError
-from ft.formats import IGNORE_INDEX, Drop
+from ft.formats import IGNORE_INDEX, Drop, entry_where
 
 if TYPE_CHECKING:
     import datasets
@@ -102,11 +102,6 @@ class RawRows:
             total += len(part)
         self._len = total
 
-    @classmethod
-    def from_rows(cls, rows: Any, file: str, lines: Sequence[int] | None = None,
-                  dropped: list[Drop] | None = None) -> RawRows:
-        return cls(file, [RowPart(rows, file, lines)], list(dropped or []))
-
     def __len__(self) -> int:
         return self._len
 
@@ -169,13 +164,14 @@ class SampleOrigins:
     arrays: dict[str, Any]
 
     @classmethod
-    def of(cls, jobs: list[Any], train: Any, eval_samples: Any, packed: bool) -> SampleOrigins:
+    def of(cls, raws: list[RawRows], train: Any, eval_samples: Any, packed: bool) -> SampleOrigins:
+        """From the entries' rows (in the order they were tokenized) and the assembled samples."""
         import numpy as np
 
         parts: list[dict[str, Any]] = []
         arrays: dict[str, Any] = {}
         base = 0
-        for *_, raw, _tokenize in jobs:
+        for raw in raws:
             for start, part in zip(raw._starts, raw.parts, strict=True):
                 key = None
                 if part.lines is not None:
@@ -264,19 +260,22 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
 
 
 def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None:
-    """What is wrong with the token ids of ``dataset`` for ``tokenizer`` (None when every input id is in
-    ``0 .. len(tokenizer) - 1`` and every label is such an id or -100). One vectorised pass per column."""
+    """What is wrong with the token ids of ``dataset`` for ``tokenizer`` (None when every id of every token
+    column is in ``0 .. len(tokenizer) - 1``, labels may also be -100). One vectorised pass per column."""
     if dataset is None or len(dataset) == 0:
         return None
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from ft.data_tokenize import is_token_column
+
     vocab = len(tokenizer)
     table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
-    for column, ignore in (("input_ids", None), ("labels", IGNORE_INDEX)):
-        if column not in table.column_names:
+    for column in table.column_names:
+        if not is_token_column(column):
             continue
+        ignore = None if column.endswith("input_ids") else IGNORE_INDEX  # labels may be -100
         lists = table.column(column).combine_chunks()
         flat = pc.list_flatten(lists)
         checked = flat if ignore is None else pc.filter(flat, pc.not_equal(flat, pa.scalar(ignore, flat.type)))
@@ -298,7 +297,7 @@ def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None
 
 
 def _packing_active(ctx: Context) -> bool:
-    return any(True for _ in ctx.pm.active_caller("ft_pack").get_hookimpls())
+    return bool(ctx.pm.calls.packers())
 
 
 def _from_cache(found: dict[str, Any], cfg: Any, check_strict: bool = True) -> PreparedData:
@@ -312,53 +311,97 @@ def _from_cache(found: dict[str, Any], cfg: Any, check_strict: bool = True) -> P
 # -- building ---------------------------------------------------------------------------------
 
 
+@dataclass
+class _Job:
+    """One dataset entry on its way through the build: where it is, its rows, its tokenize."""
+
+    group: str  # "datasets" or "test_datasets"
+    entry: Any
+    raw: RawRows
+    tokenize: Any
+    result: Any = None  # ft.data_tokenize.EntryResult, once tokenized
+
+
 def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
-    import numpy as np
-
-    from ft.data_tokenize import Samples, tokenize_entries
-
+    """Read, tokenize, account for drops, assemble train/eval, pack: the steps of a cache miss."""
     cfg = ctx.cfg
-    hook = ctx.pm.hook
     t0 = time.perf_counter()
+    jobs = _read(ctx, tokenizer)
+    t1 = time.perf_counter()
+    _tokenize(cfg, jobs)
+    t2 = time.perf_counter()
+    report, per_entry = _account(cfg, jobs)
+    train, eval_samples = _assemble(cfg, jobs, report)
+    train_ds = train.to_dataset()
+    eval_ds = eval_samples.to_dataset() if eval_samples is not None and eval_samples.count else None
+    stats: dict[str, Any] = {
+        "rows": report["rows_read"],
+        "samples": int(train.count),
+        "eval_samples": int(eval_samples.count) if eval_samples is not None else 0,
+        "tokens": int(train.lengths.sum()),
+        "trained_tokens": int(train.trained_tokens()),
+        "dropped": report["dropped_total"],
+        "truncated": sum(e["truncated"] for e in per_entry),
+        "packed": False,
+        "sequence_len": cfg.sequence_len,
+        "read_seconds": round(t1 - t0, 3),
+        "tokenize_seconds": round(t2 - t1, 3),
+        "entries": per_entry,
+        "assemble_seconds": round(time.perf_counter() - t2, 3),
+    }
+    if packing:
+        train_ds = _pack(ctx, train_ds, stats)
+    origins = SampleOrigins.of([job.raw for job in jobs], train, eval_samples, packed=bool(stats["packed"]))
+    return report, stats, train_ds, eval_ds, origins
 
-    jobs = []  # (key_path, entry, raw, tokenize) for datasets then test_datasets
+
+def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
+    """Each entry's rows (``ft_load_dataset``) and its format's tokenize (``build``), in config order."""
+    cfg, jobs = ctx.cfg, []
     for group in ("datasets", "test_datasets"):
         for i, entry in enumerate(getattr(cfg, group) or []):
-            raw = hook.ft_load_dataset(cfg=cfg, entry=entry)
+            raw = ctx.pm.calls.load_dataset(cfg, entry)
             if raw is None:
                 raise DataError(f"{cfg.where(group, i, 'path')}: no active plugin can read '{entry.path}'. "
                                 "Is the 'sources' plugin blocked, or does this source need a plugin? See `ft plugins`.")
             fmt = ctx.formats.get(entry.type, cfg.where(group, i, "type")).value
-            tokenize = fmt.build(cfg, entry, tokenizer)
-            jobs.append((group, i, entry, raw, tokenize))
-    read_s = time.perf_counter() - t0
+            jobs.append(_Job(group, entry, raw, fmt.build(cfg, entry, tokenizer)))
+    return jobs
+
+
+def _tokenize(cfg: Any, jobs: list[_Job]) -> None:
+    from ft.data_tokenize import tokenize_entries
 
     results = tokenize_entries(
-        [(raw, tokenize, entry.type) for _g, _i, entry, raw, tokenize in jobs],
+        [(job.raw, job.tokenize, job.entry.type) for job in jobs],
         sequence_len=cfg.sequence_len,
         excess_length=cfg.excess_length,
         num_proc=cfg.dataset_num_proc or _cpu_count(),
     )
-    tok_s = time.perf_counter() - t0 - read_s
+    for job, result in zip(jobs, results, strict=True):
+        job.result = result
 
+
+def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The drop report and per-entry figures; ``excess_length: error`` and ``strict`` stop here."""
     drops: list[Drop] = []
     notes: list[Drop] = []
     rows_read = 0
     per_entry = []
-    for (group, i, entry, raw, _tok), res in zip(jobs, results, strict=True):
+    for job in jobs:
+        raw, res = job.raw, job.result
         if len(raw) + len(raw.dropped) == 0:
-            log.warning("%s: %s has no rows (an empty file?): this entry adds nothing", cfg.where(group, i, "path"),
-                        raw.source)
+            log.warning("%s: %s has no rows (an empty file?): this entry adds nothing",
+                        entry_where(cfg, job.entry, "path"), raw.source)
         drops.extend(raw.dropped)
         drops.extend(res.drops)
         notes.extend(res.notes)
         rows_read += len(raw) + len(raw.dropped)
         per_entry.append({
-            "path": entry.path, "type": entry.type, "group": group,
+            "path": job.entry.path, "type": job.entry.type, "group": job.group,
             "rows_read": len(raw) + len(raw.dropped), "samples": int(res.samples.count),
             "dropped": len(raw.dropped) + len(res.drops), "truncated": res.truncated, "blank_lines": raw.blank_lines,
         })
-
     too_long = [d for d in drops if d.reason == TOO_LONG]
     if cfg.excess_length == "error" and too_long:
         raise DataError(
@@ -369,53 +412,41 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     report = build_report(drops, rows_read, notes)
     if cfg.strict and drops:
         raise DataError(_strict_message(report))
+    return report, per_entry
 
-    train_parts = [r.samples for (g, *_), r in zip(jobs, results, strict=True) if g == "datasets"]
-    test_parts = [r.samples for (g, *_), r in zip(jobs, results, strict=True) if g == "test_datasets"]
-    train = Samples.concat(train_parts)
+
+def _assemble(cfg: Any, jobs: list[_Job], report: dict[str, Any]) -> tuple[Any, Any]:
+    """Concatenate the entries, shuffle with the seed (whole rows), split off the eval part."""
+    import numpy as np
+
+    from ft.data_tokenize import Samples
+
+    train = Samples.concat([job.result.samples for job in jobs if job.group == "datasets"])
     if train.count == 0:
         raise DataError("no training samples are left after reading and tokenizing the datasets.\n"
                         + _report_text(report) + "\nSee the reasons above; `ft preprocess --debug 5` shows labels.")
-
     rng = np.random.default_rng(cfg.seed)
-    eval_parts: list[Samples] = []
+    eval_parts: list[Any] = []
     if cfg.val_set_size:
         train, held_out = _split_eval(train, cfg, rng)
         eval_parts.append(held_out)
     elif cfg.shuffle:
         train = train.take(_group_permutation(train.groups, rng))
-    eval_parts.extend(test_parts)
-    eval_samples = Samples.concat(eval_parts) if eval_parts else None
+    eval_parts.extend(job.result.samples for job in jobs if job.group == "test_datasets")
+    return train, (Samples.concat(eval_parts) if eval_parts else None)
 
-    train_ds = train.to_dataset()
-    eval_ds = eval_samples.to_dataset() if eval_samples is not None and eval_samples.count else None
 
-    stats: dict[str, Any] = {
-        "rows": rows_read,
-        "samples": int(train.count),
-        "eval_samples": int(eval_samples.count) if eval_samples is not None else 0,
-        "tokens": int(train.lengths.sum()),
-        "trained_tokens": int(train.trained_tokens()),
-        "dropped": report["dropped_total"],
-        "truncated": sum(e["truncated"] for e in per_entry),
-        "packed": False,
-        "sequence_len": cfg.sequence_len,
-        "read_seconds": round(read_s, 3),
-        "tokenize_seconds": round(tok_s, 3),
-        "entries": per_entry,
-    }
-    stats["assemble_seconds"] = round(time.perf_counter() - t0 - read_s - tok_s, 3)
-    if packing:
-        t1 = time.perf_counter()
-        packed = ctx.pm.hook.ft_pack(cfg=cfg, dataset=train_ds)
-        if packed is not None:
-            train_ds = packed
-            stats["packed"] = True
-            stats["bins"] = len(packed)
-            stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * cfg.sequence_len), 6)
-            stats["pack_seconds"] = round(time.perf_counter() - t1, 3)
-    origins = SampleOrigins.of(jobs, train, eval_samples, packed=bool(stats["packed"]))
-    return report, stats, train_ds, eval_ds, origins
+def _pack(ctx: Context, train_ds: Any, stats: dict[str, Any]) -> Any:
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    packed = ctx.pm.calls.pack(cfg, train_ds, ctx.method)
+    if packed is None:
+        return train_ds
+    stats["packed"] = True
+    stats["bins"] = len(packed)
+    stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * cfg.sequence_len), 6)
+    stats["pack_seconds"] = round(time.perf_counter() - t0, 3)
+    return packed
 
 
 def _split_eval(train: Any, cfg: Any, rng: Any) -> tuple[Any, Any]:
@@ -543,7 +574,3 @@ def _log_notes(report: dict[str, Any]) -> None:
         more = f"\n    ... {entry['count'] - 3} more in report.json" if entry["count"] > 3 else ""
         log.warning("%d row(s) kept with a note: %s\n%s%s", entry["count"], reason, examples, more)
 
-
-def read_report(cache_dir: str) -> dict[str, Any]:
-    with open(os.path.join(cache_dir, "report.json"), encoding="utf-8") as fh:
-        return json.load(fh)

@@ -33,33 +33,55 @@ TOO_LONG = "longer than sequence_len"
 NOTHING_TO_TRAIN = "nothing to train"
 
 INLINE_BELOW_ROWS = 2000  # fewer rows than this: forking workers costs more than it saves
+NOTES = "notes"  # a sample's list of ft.formats.Note: counted in the data report, not a column
+
+
+def is_token_column(name: str) -> bool:
+    """Token columns hold a list of ints per sample: ``input_ids``, ``labels`` and prefixed forms
+    (``chosen_input_ids``, ``rejected_labels`` ...). Every other column is carried as it is."""
+    return name.endswith("input_ids") or name == "labels" or name.endswith("_labels")
+
+
+def labels_of(ids_column: str) -> str:
+    """The labels column paired with a token-ids column (``chosen_input_ids`` -> ``chosen_labels``)."""
+    return ids_column[: -len("input_ids")] + "labels"
 
 
 @dataclass
 class Samples:
-    """Tokenized samples as flat arrays: sample ``i`` is ``ids[offsets[i]:offsets[i+1]]``.
+    """Tokenized samples as flat arrays, one pair (values, offsets) per token column: sample ``i``
+    of column ``c`` is ``tokens[c][0][offsets[i]:offsets[i+1]]`` with ``offsets = tokens[c][1]``.
 
-    ``groups`` holds a number per sample that is unique per source row (samples from one row
-    share it), so shuffling and eval splits keep a row's samples together.
+    SFT samples have the token columns ``input_ids`` and ``labels``; other methods' have theirs
+    (``chosen_input_ids`` ...). ``extras`` holds every other column a format returned (a reward's
+    ``answer``, KTO's ``label``), one Python value per sample. ``groups`` holds a number per
+    sample that is unique per source row (samples from one row share it), so shuffling and eval
+    splits keep a row's samples together.
     """
 
-    ids: np.ndarray
-    labels: np.ndarray
-    offsets: np.ndarray
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]]
     groups: np.ndarray
+    extras: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.groups)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per sample, over every ``*input_ids`` column."""
+        total = np.zeros(self.count, dtype=np.int64)
+        for name, (_values, offsets) in self.tokens.items():
+            if name.endswith("input_ids"):
+                total += np.diff(offsets)
+        return total
+
+    def column_lengths(self, name: str) -> np.ndarray:
+        return np.diff(self.tokens[name][1])
 
     @classmethod
     def empty(cls) -> Samples:
-        z = np.zeros(0, dtype=np.int32)
-        return cls(z, z.copy(), np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return cls({}, np.zeros(0, dtype=np.int64))
 
     @classmethod
     def concat(cls, parts: Sequence[Samples]) -> Samples:
@@ -68,44 +90,63 @@ class Samples:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
-        offsets = [parts[0].offsets]
-        base = parts[0].offsets[-1]
+        names = list(parts[0].tokens)
         for p in parts[1:]:
-            offsets.append(p.offsets[1:] + base)
-            base += p.offsets[-1]
-        return cls(
-            np.concatenate([p.ids for p in parts]),
-            np.concatenate([p.labels for p in parts]),
-            np.concatenate(offsets),
-            np.concatenate([p.groups for p in parts]),
-        )
+            if list(p.tokens) != names:
+                raise DataError(f"datasets give different token columns ({', '.join(names)} and "
+                                f"{', '.join(p.tokens)}); use formats of the same method together.")
+        tokens = {}
+        for name in names:
+            offsets = [parts[0].tokens[name][1]]
+            base = parts[0].tokens[name][1][-1]
+            for p in parts[1:]:
+                offsets.append(p.tokens[name][1][1:] + base)
+                base += p.tokens[name][1][-1]
+            tokens[name] = (np.concatenate([p.tokens[name][0] for p in parts]), np.concatenate(offsets))
+        extra_names = list(dict.fromkeys(n for p in parts for n in p.extras))
+        extras = {n: [v for p in parts for v in p.extras.get(n, [None] * p.count)] for n in extra_names}
+        return cls(tokens, np.concatenate([p.groups for p in parts]), extras)
 
     def take(self, idx: np.ndarray) -> Samples:
         """Samples ``idx`` in that order."""
         idx = np.asarray(idx, dtype=np.int64)
-        lengths = self.lengths[idx]
-        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        starts = self.offsets[:-1][idx]
-        return Samples(gather_ranges(self.ids, starts, lengths), gather_ranges(self.labels, starts, lengths),
-                       offsets, self.groups[idx])
+        tokens = {}
+        for name, (values, offsets) in self.tokens.items():
+            lengths = np.diff(offsets)[idx]
+            new = np.zeros(len(idx) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=new[1:])
+            tokens[name] = (gather_ranges(values, offsets[:-1][idx], lengths), new)
+        extras = {n: [vals[i] for i in idx.tolist()] for n, vals in self.extras.items()}
+        return Samples(tokens, self.groups[idx], extras)
 
     def trained_tokens(self) -> int:
-        """Labels that are trained (the first label of a sample is never a target: labels shift)."""
-        trained = self.labels != IGNORE_INDEX
-        starts = self.offsets[:-1][self.lengths > 0]
-        return int(trained.sum() - trained[starts].sum())
+        """Labels that are trained, over every labels column (a sequence's first label is never a
+        target: labels shift)."""
+        total = 0
+        for name, (values, offsets) in self.tokens.items():
+            if not (name == "labels" or name.endswith("_labels")):
+                continue
+            trained = values != IGNORE_INDEX
+            starts = offsets[:-1][np.diff(offsets) > 0]
+            total += int(trained.sum() - trained[starts].sum())
+        return total
 
     def to_table(self) -> Any:
         import pyarrow as pa
 
-        large = self.offsets[-1] >= 2**31 - 1
-        offsets = pa.array(self.offsets, type=pa.int64() if large else pa.int32())
-        make = pa.LargeListArray if large else pa.ListArray
-        return pa.table({
-            "input_ids": make.from_arrays(offsets, pa.array(self.ids, type=pa.int32())),
-            "labels": make.from_arrays(offsets, pa.array(self.labels, type=pa.int32())),
-        })
+        columns: dict[str, Any] = {}
+        for name, (values, offsets) in self.tokens.items():
+            large = offsets[-1] >= 2**31 - 1
+            arrow_offsets = pa.array(offsets, type=pa.int64() if large else pa.int32())
+            make = pa.LargeListArray if large else pa.ListArray
+            columns[name] = make.from_arrays(arrow_offsets, pa.array(values, type=pa.int32()))
+        for name, values in self.extras.items():
+            try:
+                columns[name] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise DataError(f"column '{name}' holds values of mixed types that cannot be stored ({exc}); "
+                                "make the format return one type per column.") from None
+        return pa.table(columns)
 
     def to_dataset(self) -> Any:
         from datasets import Dataset
@@ -148,12 +189,11 @@ class _ChunkOut:
     job: int
     start: int
     n_rows: int
-    ids: np.ndarray
-    labels: np.ndarray
-    lengths: np.ndarray
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]]  # column -> (flat values, lengths)
     rows: np.ndarray  # row index (within the entry) of each sample
     drops: list[tuple[int, str, str]]  # (row index, reason, detail)
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, reason, detail)
+    extras: dict[str, list[Any]] = field(default_factory=dict)
     truncated: int = 0
     calls: int = 0
     error: tuple[int, str] | None = None  # (row index, message): a row the format failed on
@@ -214,17 +254,23 @@ def tokenize_entries(
 
 
 def _merge(outs: list[_ChunkOut], base: int) -> Samples:
+    outs = [o for o in outs if len(o.rows)]
     if not outs:
         return Samples.empty()
-    lengths = np.concatenate([o.lengths for o in outs]).astype(np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return Samples(
-        np.concatenate([o.ids for o in outs]),
-        np.concatenate([o.labels for o in outs]),
-        offsets,
-        np.concatenate([o.rows for o in outs]).astype(np.int64) + base,
-    )
+    names = list(outs[0].tokens)
+    for o in outs[1:]:
+        if list(o.tokens) != names:
+            raise DataError(f"the format returned different columns for different rows ({', '.join(names)} and "
+                            f"{', '.join(o.tokens)}); a format must return the same token columns for every row.")
+    tokens = {}
+    for name in names:
+        lengths = np.concatenate([o.tokens[name][1] for o in outs]).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens[name] = (np.concatenate([o.tokens[name][0] for o in outs]), offsets)
+    extra_names = list(dict.fromkeys(n for o in outs for n in o.extras))
+    extras = {n: [v for o in outs for v in o.extras.get(n, [None] * len(o.rows))] for n in extra_names}
+    return Samples(tokens, np.concatenate([o.rows for o in outs]).astype(np.int64) + base, extras)
 
 
 def _run_pool(jobs: Sequence[tuple[Any, Any, str]], tasks: list, num_proc: int, bar: Any) -> list[_ChunkOut]:
@@ -283,7 +329,7 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
     if rows is None:
         rows = raw.batch(start, stop)
     seq_len, excess = _SETTINGS
-    out = _ChunkOut(j, start, len(rows), *_EMPTY_ARRAYS(), drops=[])
+    out = _ChunkOut(j, start, len(rows), {}, np.zeros(0, dtype=np.int64), drops=[])
 
     results, calls, error = _call_tokenize(tokenize, rows)
     out.calls = calls
@@ -295,9 +341,68 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
                             "(a bug in the format plugin: it must return one item per row)")
         return out
 
-    id_parts: list[Any] = []
-    label_parts: list[Any] = []
-    lengths: list[int] = []
+    collected = _collect(results, start, out)
+    if collected is None:
+        return out
+    parts, extras, sample_rows = collected
+    rows_arr = np.asarray(sample_rows, dtype=np.int64)
+    columns = {name: _flat(values) for name, values in parts.items()}  # name -> (flat, lengths)
+    keep = np.ones(len(rows_arr), dtype=bool)
+
+    sequences = [name for name in columns if name.endswith("input_ids")]
+    for name in sequences:  # every sequence must hold tokens
+        for i in np.flatnonzero(keep & (columns[name][1] == 0)):
+            out.drops.append((int(rows_arr[i]), EMPTY, "the row produced an empty sample"))
+            keep[i] = False
+
+    long = np.zeros(len(rows_arr), dtype=bool)
+    for name in sequences:
+        long |= columns[name][1] > seq_len
+    if long.any():
+        if excess == "truncate":
+            for name in list(columns):
+                columns[name] = _truncate(*columns[name], seq_len)
+            out.truncated = int(long.sum())
+        else:  # drop, or error (the parent raises with every example)
+            for i in np.flatnonzero(long & keep):
+                sizes = " + ".join(str(int(columns[n][1][i])) for n in sequences if columns[n][1][i] > seq_len)
+                out.drops.append((int(rows_arr[i]), TOO_LONG, f"{sizes} tokens > {seq_len}"))
+            keep &= ~long
+
+    # The first label of a sequence never is a target (the model shifts labels by one), so a
+    # sequence trains on something only if a label after its first position is not -100.
+    for name in [n for n in columns if n == "labels" or n.endswith("_labels")]:
+        values, lengths = columns[name]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        trained = values != IGNORE_INDEX
+        trained[offsets[:-1][lengths > 0]] = False
+        csum = np.zeros(len(trained) + 1, dtype=np.int64)
+        np.cumsum(trained, out=csum[1:])
+        nothing = keep & ((csum[offsets[1:]] - csum[offsets[:-1]]) == 0)
+        side = "" if name == "labels" else f" of {name[: -len('_labels')]}"
+        for i in np.flatnonzero(nothing):
+            out.drops.append((int(rows_arr[i]), NOTHING_TO_TRAIN, f"all {int(lengths[i])} labels{side} are masked (-100)"))
+        keep &= ~nothing
+
+    if not keep.all():
+        for name, (values, lengths) in columns.items():
+            columns[name] = (values[np.repeat(keep, lengths)], lengths[keep])
+        rows_arr = rows_arr[keep]
+        kept = np.flatnonzero(keep).tolist()
+        extras = {n: [vals[i] for i in kept] for n, vals in extras.items()}
+    out.tokens = {name: (values, lengths.astype(np.int32)) for name, (values, lengths) in columns.items()}
+    out.extras = extras
+    out.rows = rows_arr
+    out.drops.sort(key=lambda d: d[0])
+    return out
+
+
+def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict, list[int]] | None:
+    """Split the format's results into token columns, extra columns and the row of each sample;
+    record drops; None (with ``out.error`` set) when the format broke its contract."""
+    parts: dict[str, list[Any]] | None = None
+    extras: dict[str, list[Any]] = {}
     sample_rows: list[int] = []
     for k, res in enumerate(results):
         row = start + k
@@ -309,72 +414,44 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
             out.drops.append((row, EMPTY, "the row produced no tokens"))
             continue
         for s in samples:
-            ids, labels = s["input_ids"], s["labels"]
-            for note in s.get("notes") or ():
+            for note in s.get(NOTES) or ():  # Notes about a kept row: counted in the data report
                 out.notes.append((row, note[0], note[1]))
-            if len(ids) != len(labels):
-                out.error = (row, f"it returned {len(ids)} input_ids but {len(labels)} labels "
-                                  "(a bug in the format plugin: they must have equal length)")
-                return out
-            id_parts.append(ids)
-            label_parts.append(labels)
-            lengths.append(len(ids))
+            if parts is None:
+                parts = {name: [] for name in s if is_token_column(name)}
+                extras = {name: [] for name in s if not is_token_column(name) and name != NOTES}
+                if not any(name.endswith("input_ids") for name in parts):
+                    out.error = (row, f"it returned a sample without token ids (keys: {', '.join(s)}); a sample "
+                                      "needs input_ids (or a prefixed form such as chosen_input_ids)")
+                    return None
+            for name, values in parts.items():
+                try:
+                    values.append(s[name])
+                except KeyError:
+                    out.error = (row, f"it returned a sample without '{name}', which the other samples have")
+                    return None
+            for name, values in extras.items():
+                values.append(s.get(name))
+            for name in parts:
+                if name.endswith("input_ids") and labels_of(name) in parts and len(s[name]) != len(s[labels_of(name)]):
+                    out.error = (row, f"it returned {len(s[name])} {name} but {len(s[labels_of(name)])} "
+                                      f"{labels_of(name)} (a bug in the format plugin: they must have equal length)")
+                    return None
             sample_rows.append(row)
-
-    n_tokens = sum(lengths)
-    ids_arr = _flatten(id_parts, n_tokens)
-    labels_arr = _flatten(label_parts, n_tokens)
-    len_arr = np.asarray(lengths, dtype=np.int64)
-    rows_arr = np.asarray(sample_rows, dtype=np.int64)
-    offsets = np.zeros(len(len_arr) + 1, dtype=np.int64)
-    np.cumsum(len_arr, out=offsets[1:])
-
-    keep = len_arr > 0
-    for i in np.flatnonzero(~keep):
-        out.drops.append((int(rows_arr[i]), EMPTY, "the row produced an empty sample"))
-
-    long = len_arr > seq_len
-    if long.any():
-        if excess == "truncate":
-            pos = np.arange(n_tokens, dtype=np.int64) - np.repeat(offsets[:-1], len_arr)
-            inside = pos < seq_len
-            ids_arr, labels_arr = ids_arr[inside], labels_arr[inside]
-            out.truncated = int(long.sum())
-            len_arr = np.minimum(len_arr, seq_len)
-            offsets = np.zeros(len(len_arr) + 1, dtype=np.int64)
-            np.cumsum(len_arr, out=offsets[1:])
-        else:  # drop, or error (the parent raises with every example)
-            for i in np.flatnonzero(long & keep):
-                out.drops.append((int(rows_arr[i]), TOO_LONG, f"{int(len_arr[i])} tokens > {seq_len}"))
-            keep &= ~long
-
-    # The first label of a sample never is a target (the model shifts labels by one), so a
-    # sample trains on something only if a label after its first position is not -100.
-    trained = labels_arr != IGNORE_INDEX
-    nonempty_starts = offsets[:-1][len_arr > 0]
-    trained[nonempty_starts] = False
-    csum = np.zeros(len(trained) + 1, dtype=np.int64)
-    np.cumsum(trained, out=csum[1:])
-    n_trained = csum[offsets[1:]] - csum[offsets[:-1]]
-    nothing = keep & (n_trained == 0)
-    for i in np.flatnonzero(nothing):
-        out.drops.append((int(rows_arr[i]), NOTHING_TO_TRAIN,
-                          f"all {int(len_arr[i])} labels are masked (-100)"))
-    keep &= ~nothing
-
-    if not keep.all():
-        token_keep = np.repeat(keep, len_arr)
-        ids_arr, labels_arr = ids_arr[token_keep], labels_arr[token_keep]
-        len_arr, rows_arr = len_arr[keep], rows_arr[keep]
-    out.ids, out.labels, out.lengths = ids_arr, labels_arr, len_arr.astype(np.int32)
-    out.rows = rows_arr
-    out.drops.sort(key=lambda d: d[0])
-    return out
+    return parts or {"input_ids": [], "labels": []}, extras, sample_rows
 
 
-def _EMPTY_ARRAYS() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    z = np.zeros(0, dtype=np.int32)
-    return z, z, z, np.zeros(0, dtype=np.int64)
+def _flat(parts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    return _flatten(parts, int(lengths.sum())), lengths
+
+
+def _truncate(values: np.ndarray, lengths: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    if not (lengths > limit).any():
+        return values, lengths
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    pos = np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    return values[pos < limit], np.minimum(lengths, limit)
 
 
 def _call_tokenize(tokenize: Any, rows: list[dict]) -> tuple[list[Any], int, tuple[int, str] | None]:

@@ -30,9 +30,14 @@ class PluginError(FtError):
 class PluginHookError(FtError):
     """An exception escaped from a plugin's hook; names the plugin and the hook."""
 
-    def __init__(self, plugin: str, hook: str, exc: BaseException):
+    def __init__(self, plugin: str, hook: str, exc: BaseException, frames: list[str] | None = None,
+                 place: str | None = None):
         self.plugin, self.hook, self.original = plugin, hook, exc
-        super().__init__(f"plugin '{plugin}' failed in hook {hook}: {type(exc).__name__}: {exc}")
+        self.frames = list(frames or [])  # "file:line in function: code" of the plugin's own frames
+        where = "".join(f"\n    at {f}" for f in self.frames[-5:])
+        super().__init__(f"plugin '{plugin}' failed in {place or 'hook ' + hook}: {type(exc).__name__}: {exc}{where}\n"
+                         f"  (--traceback shows the whole traceback; `-p no:{plugin}` runs without the plugin "
+                         "if it is an optional feature)")
 
 
 class DataError(FtError):
@@ -128,3 +133,30 @@ def disk_full_error(path: Any, writing: str, then: str) -> DiskFullError:
     except OSError:
         pass
     return DiskFullError(f"no space left on device at {path} while writing {writing}{free}. {then}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    seen = 0
+    while exc is not None and seen < 5:  # accelerate and plugins may wrap it
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def plugin_frames(exc: BaseException, plugin: object) -> list[str]:
+    """``file:line in function`` of each traceback frame inside the plugin's own module or package."""
+    import inspect
+    import os
+    import traceback
+
+    module = inspect.getmodule(plugin) if not inspect.ismodule(plugin) else plugin
+    path = getattr(module, "__file__", None)
+    if not path:
+        return []
+    root = os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+    frames = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == path or (root != path and frame.filename.startswith(root + os.sep)):
+            frames.append(f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line or ''}".rstrip(": "))
+    return frames

@@ -4,6 +4,9 @@ A format plugin registers ``register.add("my_type", MyOptions, build)`` in
 ``ft_register_formats``. ``MyOptions`` subclasses :class:`DatasetOptions` and adds the keys
 its dataset entries accept; ``build(cfg, entry, tokenizer)`` returns a :class:`Tokenize`
 callable that turns a batch of rows into token ids and labels.
+
+Prompt/completion formats subclass :class:`PromptCompletion` and write one method that turns a
+row into ``(prompt, completion)`` text; the base does the rest (see docs/writing-a-format-plugin.md).
 """
 
 from __future__ import annotations
@@ -147,3 +150,89 @@ class TextEncoder:
         if self.backend is not None:
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a base for prompt/completion formats
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptCompletion:
+    """Base of prompt/completion formats: write :meth:`prompt_and_completion`, register ``Cls.build``.
+
+    For each row the subclass returns ``(prompt, completion)`` text (or raises :class:`Dropped`);
+    the base tokenizes the batch in one call, puts BOS (when the tokenizer has one) before the
+    prompt and EOS after the completion, masks the prompt unless ``train_on_inputs`` (the entry's,
+    else the config's), never trains BOS, and turns a missing or non-string field read with
+    :meth:`text` into a drop that names the field and the row's fields. Instances are picklable.
+    """
+
+    def __init__(self, cfg: Any, entry: Any, tokenizer: Any) -> None:
+        from ft.errors import FtError
+
+        if tokenizer.eos_token_id is None:
+            raise FtError(f"{entry_where(cfg, entry)}: the tokenizer has no eos_token, which ends each "
+                          f"{entry.type} sample; set special_tokens: {{eos_token: ...}}.")
+        self.entry = _picklable(entry)
+        self.encoder = TextEncoder(tokenizer)
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos = tokenizer.eos_token_id
+        own = getattr(entry, "train_on_inputs", None)
+        self.train_on_inputs = bool(own if own is not None else cfg.train_on_inputs)
+
+    @classmethod
+    def build(cls, cfg: Any, entry: Any, tokenizer: Any) -> PromptCompletion:
+        """The ``build`` to register: ``register.add("name", Options, MyFormat.build)``."""
+        return cls(cfg, entry, tokenizer)
+
+    def prompt_and_completion(self, row: dict[str, Any]) -> tuple[str, str]:
+        """``(prompt, completion)`` of one row; raise :class:`Dropped` to drop it."""
+        raise NotImplementedError(f"{type(self).__name__} must define prompt_and_completion(row)")
+
+    def text(self, row: dict[str, Any], field: str, *, required: bool = True) -> str:
+        """The string in ``row[field]``; a missing (when required) or non-string value drops the row."""
+        value = row.get(field)
+        if value is None:
+            if not required:
+                return ""
+            keys = ", ".join(sorted(map(str, row))) or "none"
+            raise Dropped(f"missing field '{field}'", f"row has fields: {keys}")
+        if not isinstance(value, str):
+            raise Dropped("malformed row", f"'{field}' is a {type(value).__name__}, not a string")
+        return value
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
+        out: list[Any] = [None] * len(rows)
+        texts: list[str] = []
+        kept: list[int] = []
+        for r, row in enumerate(rows):
+            try:
+                prompt, completion = self.prompt_and_completion(row)
+            except Dropped as dropped:
+                out[r] = dropped
+                continue
+            if not prompt.strip() and not completion.strip():
+                out[r] = Dropped("empty", "the prompt and the completion are empty")
+                continue
+            texts += (prompt, completion)
+            kept.append(r)
+        ids = self.encoder.ids(texts)
+        for k, r in enumerate(kept):
+            prompt_ids = self.bos + ids[2 * k]
+            answer_ids = ids[2 * k + 1] + [self.eos]
+            prompt_labels = list(prompt_ids) if self.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
+            if self.bos:
+                prompt_labels[0] = IGNORE_INDEX  # BOS is never predicted
+            out[r] = {"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_ids}
+        return out
+
+
+def _picklable(entry: Any) -> Any:
+    """The entry as an instance of its format's own options class (the config's per-type entry
+    model is made at run time and cannot be pickled into tokenization workers)."""
+    import sys
+
+    for cls in type(entry).__mro__:
+        if getattr(sys.modules.get(cls.__module__), cls.__qualname__, None) is cls:
+            return cls.model_validate(entry.model_dump()) if cls is not type(entry) else entry
+    return entry

@@ -1,16 +1,21 @@
-"""Every hook of ft, grouped by the phase in which it fires.
+"""Every hook of ft, grouped by the phase in which it fires, in the order ``ft/run.py`` calls them.
 
-Read this file top to bottom next to ``ft/run.py``: ``run.py`` calls these hooks in this
-order. Each docstring has one summary line, then ``Called:`` (when it fires), ``Args:``
-(each parameter), ``Returns:`` (the exact contract) and ``Mode:`` (how results combine):
+Each docstring has one summary line, then ``Called:`` (when it fires), ``Args:`` (each
+parameter), ``Returns:`` (the exact contract, checked by the core: a plugin returning something
+else is an error naming it) and ``Mode:`` (how results combine):
 
 - ``all``: every active plugin is called; the core combines the results as described.
 - ``firstresult``: plugins are called until one returns something other than ``None``.
 
+The core calls a hook through pluggy one plugin at a time (``ft.calls``), so each result and
+each exception is attributed to its plugin. ``@hookimpl(wrapper=True)`` works on every hook:
+a wrapper runs around each plugin's call of the hook it wraps.
+
 Implementations may accept any subset of a hook's parameters, so hooks can grow.
-Registration hooks (config, cli, formats, optimizers, schedulers) reach every *loaded*
-plugin; pipeline hooks reach only *active* plugins (essential ones and the selected
-features). Hooks do not mutate their arguments unless the docstring says so.
+Registration hooks (config sections, commands, formats, methods, optimizers, schedulers,
+``ft_load_trained``) reach every *loaded* plugin; pipeline hooks reach only *active* plugins
+(essential ones and the selected features). Hooks do not mutate their arguments unless the
+docstring says so.
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ if TYPE_CHECKING:  # heavy types only for type checkers; importing this module s
     import click
 
     from ft.config import Config, SectionRegistry
-    from ft.registry import FormatRegistry, OptimizerRegistry, SchedulerRegistry
+    from ft.methods import Method
+    from ft.registry import (
+        FormatRegistry,
+        KeyHintRegistry,
+        MethodRegistry,
+        OptimizerRegistry,
+        SchedulerRegistry,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# config
+# registration: before any config is validated
 # ---------------------------------------------------------------------------------------------
 
 
@@ -49,20 +61,101 @@ def ft_add_config(registry: SectionRegistry) -> None:
 
 
 @hookspec
+def ft_register_formats(register: FormatRegistry) -> None:
+    """Register dataset formats (the ``type:`` of a dataset entry).
+
+    Called: once per loaded plugin, before config validation, so a format's entry options are
+    validated and appear in the schema.
+    Args:
+        register: call ``register.add(name, options_model, build, columns=...)`` where
+            ``options_model`` subclasses ``ft.api.DatasetOptions``, ``build(cfg, entry, tokenizer)``
+            returns a ``ft.api.Tokenize`` callable turning a batch of rows into samples, and
+            ``columns`` names the columns each sample carries (default ``input_ids``, ``labels``;
+            checked against the method's). A name registered twice is an error naming both plugins.
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
+def ft_register_methods(register: MethodRegistry) -> None:
+    """Register training methods (``method:`` in the config): sft, dpo, grpo ...
+
+    Called: once per loaded plugin, before config validation.
+    Args:
+        register: call ``register.add(ft.api.Method(...))``: the method's name, the row columns
+            its formats must produce, its collator, Trainer (and arguments) classes, extra
+            Trainer arguments, logged metrics and the features that apply to it.
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
+def ft_register_optimizers(register: OptimizerRegistry) -> None:
+    """Register optimizers by name (``optimizer:`` in the config).
+
+    Called: once per loaded plugin, before config validation.
+    Args:
+        register: call ``register.add(name, factory)``; ``factory`` is either a string naming a
+            transformers ``OptimizerNames`` value or a callable ``(cfg, model) -> torch optimizer``
+            that builds param groups from the TRAINABLE parameters only (``requires_grad``), puts
+            biases and norm weights in a group without weight decay, and uses
+            ``cfg.learning_rate`` as its learning rate (the scheduler scales it, warmup included).
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
+def ft_register_schedulers(register: SchedulerRegistry) -> None:
+    """Register learning-rate schedulers by name (``lr_scheduler:`` in the config).
+
+    Called: once per loaded plugin, before config validation.
+    Args:
+        register: call ``register.add(name, factory)``; ``factory`` is either a string naming a
+            transformers ``SchedulerType`` or a callable
+            ``(cfg, optimizer, num_training_steps) -> torch LR scheduler`` that multiplies the
+            optimizer's learning rate, honours ``cfg.warmup_steps`` / ``cfg.warmup_ratio`` (a
+            linear ramp from 0) and is stepped once per optimizer step.
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
+def ft_register_key_hints(register: KeyHintRegistry) -> None:
+    """Say what to write instead of a key ft does not know (another tool's name for a setting).
+
+    Called: once per loaded plugin, before config validation; an unknown key in a config is
+    reported with the registered hint instead of only a "did you mean".
+    Args:
+        register: call ``register.add(key, hint)``; ``key`` is a top-level key (``adapter``) or a
+            dataset-entry key (``datasets[].field_human``, also used for ``test_datasets``);
+            ``hint`` is a sentence saying what to write instead, or a callable of the key's value
+            returning one. A key registered twice is an error naming both plugins.
+    Returns: None.
+    Mode: all.
+    """
+
+
+@hookspec
 def ft_validate_config(cfg: Config) -> list[str] | None:
     """Check rules that span sections (e.g. ``qlora`` needs ``lora``).
 
-    Called: after the config parsed into models, before any data or model is loaded.
+    Called: after the config parsed into models (every section typed), before any data or model
+    is loaded.
     Args:
         cfg: the validated config.
-    Returns: a list of problems, each ``"key.path: what is wrong; how to fix it"``, or None.
-        The core reports the problems of all plugins together and stops.
+    Returns: a list of problems, each ``"file:line: key.path: what is wrong; how to fix it"``
+        (``cfg.where("key", "path")`` gives the location), or None. Raising ``ConfigError`` works
+        too. The core reports the problems of all plugins together and stops.
     Mode: all.
     """
 
 
 # ---------------------------------------------------------------------------------------------
-# cli
+# commands
 # ---------------------------------------------------------------------------------------------
 
 
@@ -72,7 +165,7 @@ def ft_add_commands(cli: click.Group) -> None:
 
     Called: when the CLI starts, once per loaded plugin, before arguments are parsed.
     Args:
-        cli: the root ``click.Group``; call ``cli.add_command(cmd)``.
+        cli: the root ``click.Group``; call ``cli.add_command(cmd)`` (or use ``@cli.command()``).
     Returns: None.
     Mode: all.
     """
@@ -93,38 +186,25 @@ def ft_load_trained(run_dir: Path, dtype: Any) -> tuple[Any, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# data
+# tokenizer
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
-def ft_register_formats(register: FormatRegistry) -> None:
-    """Register dataset formats (the ``type:`` of a dataset entry).
-
-    Called: once per loaded plugin, before config validation, so a format's entry options are
-    validated and appear in the schema.
-    Args:
-        register: call ``register.add(name, options_model, build)`` where ``options_model`` is
-            a subclass of ``ft.formats.DatasetOptions`` and ``build(cfg, entry, tokenizer)``
-            returns a ``ft.formats.Tokenize`` callable turning a batch of rows into
-            ``input_ids``/``labels``. A name registered twice is an error naming both plugins.
-    Returns: None.
-    Mode: all.
-    """
-
-
 @hookspec(firstresult=True)
-def ft_load_dataset(cfg: Config, entry: Any) -> Any:
-    """Read the rows of one dataset entry from its source.
+def ft_load_tokenizer(cfg: Config) -> Any:
+    """Load the tokenizer, with special tokens and a pad token set.
 
-    Called: for each entry of ``datasets:`` during data preparation, on a cache miss.
+    Called: first in the pipeline, before data preparation.
     Args:
         cfg: the validated config.
-        entry: the dataset entry (its format's options model), with ``path``, ``split`` ...
-    Returns: a ``ft.data.RawRows`` (rows plus where each came from and the rows dropped while
-        reading, with reasons), or None if this plugin does not handle the source.
+    Returns: a transformers tokenizer, or None to let another plugin load it.
     Mode: firstresult.
     """
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
 
 
 @hookspec
@@ -142,29 +222,31 @@ def ft_data_fingerprint(cfg: Config, entry: Any) -> str | None:
 
 
 @hookspec(firstresult=True)
-def ft_pack(cfg: Config, dataset: Any) -> Any:
-    """Pack tokenized samples into bins of ``sequence_len``.
+def ft_load_dataset(cfg: Config, entry: Any) -> Any:
+    """Read the rows of one dataset entry from its source.
 
-    Called: after tokenization, only if a packing plugin is selected.
+    Called: for each entry of ``datasets:`` during data preparation, on a cache miss.
     Args:
         cfg: the validated config.
-        dataset: the tokenized ``datasets.Dataset`` (``input_ids``, ``labels``).
-    Returns: a packed dataset whose rows carry ``input_ids``, ``labels`` and ``position_ids``
-        (restarting at 0 for each sequence), or None to leave packing to another plugin.
+        entry: the dataset entry (its format's options model), with ``path``, ``split`` ...
+    Returns: a ``ft.api.RawRows`` (rows plus where each came from and the rows dropped while
+        reading, with reasons), or None if this plugin does not handle the source.
     Mode: firstresult.
     """
 
 
 @hookspec(firstresult=True)
-def ft_collator(cfg: Config, tokenizer: Any) -> Any:
-    """Supply the data collator that turns rows into model inputs.
+def ft_pack(cfg: Config, dataset: Any, method: Method) -> Any:
+    """Pack tokenized samples into bins of ``sequence_len``.
 
-    Called: when the trainer is built.
+    Called: after tokenization, only if a packing plugin is selected (and the method supports
+    packing).
     Args:
         cfg: the validated config.
-        tokenizer: the loaded tokenizer.
-    Returns: a callable ``list[dict] -> dict[str, Tensor]``, or None. The packing plugin
-        answers when selected; the hf plugin answers last with a padding collator.
+        dataset: the tokenized ``datasets.Dataset`` with the method's columns.
+        method: the training method (its ``columns`` say which sequences a row holds).
+    Returns: a packed dataset whose rows carry the method's columns and ``position_ids``
+        (restarting at 0 for each sequence), or None to leave packing to another plugin.
     Mode: firstresult.
     """
 
@@ -172,18 +254,6 @@ def ft_collator(cfg: Config, tokenizer: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
-
-
-@hookspec(firstresult=True)
-def ft_load_tokenizer(cfg: Config) -> Any:
-    """Load the tokenizer, with special tokens and a pad token set.
-
-    Called: first in the pipeline, before data preparation.
-    Args:
-        cfg: the validated config.
-    Returns: a transformers tokenizer, or None to let another plugin load it.
-    Mode: firstresult.
-    """
 
 
 @hookspec
@@ -214,11 +284,6 @@ def ft_load_model(cfg: Config, kwargs: dict[str, Any], tokenizer: Any) -> Any:
     """
 
 
-# ---------------------------------------------------------------------------------------------
-# kernels
-# ---------------------------------------------------------------------------------------------
-
-
 @hookspec
 def ft_patch_model(cfg: Config, model: Any) -> list[Any] | None:
     """Patch the model instance in place (kernels, attention implementations).
@@ -227,15 +292,10 @@ def ft_patch_model(cfg: Config, model: Any) -> list[Any] | None:
     Args:
         cfg: the validated config.
         model: the loaded model; this hook MUTATES it.
-    Returns: a list of ``ft.patching.PatchRecord`` (what was replaced, and an ``undo`` callable
-        for global patches, which the core calls when the run ends), or None.
+    Returns: a list of ``ft.api.PatchRecord`` (what was replaced, and an ``undo`` callable for
+        global patches, which the core calls when the run ends), or None.
     Mode: all.
     """
-
-
-# ---------------------------------------------------------------------------------------------
-# adapter
-# ---------------------------------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
@@ -252,45 +312,20 @@ def ft_apply_adapter(cfg: Config, model: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# trainer
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
-def ft_register_optimizers(register: OptimizerRegistry) -> None:
-    """Register optimizers by name (``optimizer:`` in the config).
-
-    Called: once per loaded plugin, before config validation.
-    Args:
-        register: call ``register.add(name, factory)``; ``factory`` is either a string naming a
-            transformers ``OptimizerNames`` value or a callable ``(cfg, model) -> torch optimizer``.
-    Returns: None.
-    Mode: all.
-    """
-
-
-@hookspec
-def ft_register_schedulers(register: SchedulerRegistry) -> None:
-    """Register learning-rate schedulers by name (``lr_scheduler:`` in the config).
-
-    Called: once per loaded plugin, before config validation.
-    Args:
-        register: call ``register.add(name, factory)``; ``factory`` is either a string naming a
-            transformers ``SchedulerType`` or a callable
-            ``(cfg, optimizer, num_training_steps) -> torch LR scheduler``.
-    Returns: None.
-    Mode: all.
-    """
-
-
 @hookspec(firstresult=True)
-def ft_trainer_class(cfg: Config) -> Any:
-    """Supply the Trainer class (a method plugin such as DPO supplies its own).
+def ft_collator(cfg: Config, tokenizer: Any, method: Method) -> Any:
+    """Supply the data collator in place of the method's own (packing does).
 
     Called: when the trainer is built.
     Args:
         cfg: the validated config.
-    Returns: a subclass of ``transformers.Trainer``, or None for ft's default trainer.
+        tokenizer: the loaded tokenizer.
+        method: the training method (its ``columns`` say what a row holds).
+    Returns: a callable ``list[dict] -> dict[str, Tensor]``, or None to use the method's collator.
     Mode: firstresult.
     """
 
@@ -303,7 +338,8 @@ def ft_trainer_args(cfg: Config) -> dict[str, Any] | None:
     Args:
         cfg: the validated config.
     Returns: a dict of ``TrainingArguments`` fields, or None. Merged like ``ft_model_kwargs``:
-        two plugins setting one field differently is an error naming both.
+        two plugins setting one field differently is an error naming both; a field this
+        transformers version lacks is an error naming the plugin.
     Mode: all.
     """
 
@@ -315,16 +351,20 @@ def ft_callbacks(cfg: Config) -> list[Any] | None:
     Called: when the trainer is built.
     Args:
         cfg: the validated config.
-    Returns: a list of callbacks, or None. All lists are concatenated.
+    Returns: a list of callbacks, or None. All lists are concatenated. An exception in a
+        callback's event names the plugin.
     Mode: all.
     """
 
 
 @hookspec
 def ft_before_train(cfg: Config, trainer: Any, model: Any) -> None:
-    """Last look at the trainer and model before training starts.
+    """Last look at the trainer and model before training starts; may change both in place.
 
-    Called: after the trainer is built, just before ``trainer.train()``.
+    Called: after the trainer is built, just before ``trainer.train()``. Implementations MAY
+    mutate the trainer and the model in place: the fsdp plugin shards the model here, the
+    health plugin wraps ``trainer.training_step``. Each mutation must keep the Trainer usable
+    and be safe to apply once per run.
     Args:
         cfg: the validated config.
         trainer: the built trainer.
@@ -334,22 +374,8 @@ def ft_before_train(cfg: Config, trainer: Any, model: Any) -> None:
     """
 
 
-@hookspec
-def ft_after_train(cfg: Config, trainer: Any, metrics: dict[str, Any]) -> None:
-    """React to the end of training (reports, uploads).
-
-    Called: after ``trainer.train()`` returned and the weights were saved.
-    Args:
-        cfg: the validated config.
-        trainer: the trainer.
-        metrics: the run's final metrics (steps, tokens, tokens/s, final loss ...).
-    Returns: None.
-    Mode: all.
-    """
-
-
 # ---------------------------------------------------------------------------------------------
-# saving
+# saving and after training
 # ---------------------------------------------------------------------------------------------
 
 
@@ -366,4 +392,22 @@ def ft_save_weights(cfg: Config, trainer: Any, model: Any, output_dir: str) -> l
         output_dir: the directory to write into.
     Returns: the list of files written, or None to let another plugin save.
     Mode: firstresult.
+    """
+
+
+@hookspec
+def ft_after_train(cfg: Config, trainer: Any, metrics: dict[str, Any]) -> None:
+    """React to the end of training (reports, uploads).
+
+    Called: after the weights and run files are saved.
+    Args:
+        cfg: the validated config.
+        trainer: the trainer.
+        metrics: the run's final metrics: ``steps``, ``epochs``, ``train_tokens``,
+            ``trained_tokens``, ``seconds``, ``tokens_per_second``, ``final_loss``,
+            ``train_loss``, ``eval_loss``, ``effective_batch_size``, ``samples``, ``precision``,
+            ``method``, ``resumed_from``, ``warnings``, and the mean of each of the method's
+            metrics over the last logging window (``method_metrics``).
+    Returns: None.
+    Mode: all.
     """

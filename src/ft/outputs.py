@@ -291,14 +291,21 @@ def write_metrics(metrics: dict[str, Any], history: list[dict[str, Any]], path: 
     return str(path)
 
 
+CORE_SERIES = {"step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "train_tokens", "trained_tokens",
+               "tokens_per_second"}
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
-    """Loss (train and eval) and learning rate against the optimizer step, as a PNG."""
+    """Loss (train and eval), learning rate and the method's own metrics against the optimizer step, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    extra = list(dict.fromkeys(k for r in history for k in r if k not in CORE_SERIES))
+    fig = Figure(figsize=(15 if extra else 10, 4), dpi=100)
     FigureCanvasAgg(fig)  # no pyplot: no global backend, no GUI
-    ax_loss, ax_lr = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if extra else 2)
+    ax_loss, ax_lr = axes[0], axes[1]
+
     def series(key: str) -> tuple[list[Any], list[Any]]:
         rows = [r for r in history if r.get(key) is not None]
         return [r["step"] for r in rows], [r[key] for r in rows]
@@ -312,7 +319,16 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
     steps, lr = series("learning_rate")
     if lr:
         ax_lr.plot(steps, lr, color="tab:green")
-    for ax, title in ((ax_loss, "loss"), (ax_lr, "learning rate")):
+    titled = [(ax_loss, "loss"), (ax_lr, "learning rate")]
+    if extra:  # the method's metrics (rewards/margins, kl ...), each its own line
+        ax_method = axes[2]
+        for key in extra:
+            steps, values = series(key)
+            ax_method.plot(steps, values, "o-" if key.startswith("eval_") else "-", label=key,
+                           marker="." if len(values) < 30 else None)
+        ax_method.legend(fontsize="small")
+        titled.append((ax_method, "method metrics"))
+    for ax, title in titled:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

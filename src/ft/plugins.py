@@ -17,7 +17,6 @@ A few first-party plugins are essential and cannot be blocked.
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib.metadata as md
 import inspect
 import os
@@ -29,13 +28,13 @@ from typing import Any
 import pluggy
 
 from ft import PROJECT, hookspecs
-from ft.errors import FtError, PluginError, PluginHookError
+from ft.errors import FtError, PluginError, PluginHookError, is_out_of_memory, plugin_frames
 
 ENTRY_POINT_GROUP = "ft"
 AUTOLOAD_ENV = "FT_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY_DIST = "ft"
 # Features the pipeline cannot work without; blocking one is refused.
-ESSENTIAL = frozenset({"hf", "sources", "chat_template", "alpaca", "completion", "input_output", "optimizers", "infer"})
+ESSENTIAL = frozenset({"hf", "sources", "chat_template", "alpaca", "completion", "input_output", "optimizers", "infer", "sft"})
 
 
 @dataclass
@@ -49,6 +48,8 @@ class PluginInfo:
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     description: str = ""
+    provides: frozenset[str] = frozenset()  # capabilities (FT_PROVIDES), e.g. "varlen_attention"
+    method_feature: str | None = None  # the method feature it needs (FT_METHOD_FEATURE), e.g. "packing"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +88,11 @@ def add_process_plugin(name: str, obj: object) -> None:
     _PROCESS_PLUGINS.append((name, obj))
 
 
+def process_plugin_names() -> list[str]:
+    """Names of the plugins registered for this process (``add_process_plugin``)."""
+    return [n for n, _o in _PROCESS_PLUGINS]
+
+
 def remove_process_plugin(name: str) -> None:
     _PROCESS_PLUGINS[:] = [(n, o) for n, o in _PROCESS_PLUGINS if n != name]
 
@@ -119,11 +125,15 @@ class PluginManager:
             autoload = os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
         self.autoload = autoload
         self.infos: dict[str, PluginInfo] = {}
-        self._subset_cache: dict[str, Any] = {}
+        self._callers: dict[tuple[str, str], Any] = {}
+        for before, after in list(_MONITORS):
+            self.pm.add_hookcall_monitoring(before, after)
         self._refuse_blocking_essentials()
         self._load(entry_points if entry_points is not None else _entry_points())
         for name, obj in [*_PROCESS_PLUGINS, *extra_plugins]:
             if name in self.blocked:
+                self.infos[name] = PluginInfo(name, "<local>", "", getattr(obj, "__name__", type(obj).__name__),
+                                              status="blocked")
                 continue
             self.register(name, obj, distribution="<test>", version="")
         self._check_selection()
@@ -166,16 +176,20 @@ class PluginManager:
         info = PluginInfo(name, distribution, version, target)
         self.infos[name] = info
         self._register_checked(name, obj, info)
-        self._subset_cache.clear()
         if info.status == "failed":
             raise PluginError(f"plugin '{name}' is invalid: {info.error}")
 
     def _register_checked(self, name: str, obj: object, info: PluginInfo) -> None:
+        problem = _misnamed_hooks(obj, self.pm)
+        if problem:
+            info.status, info.error = "failed", problem
+            return
         try:
             self.pm.register(obj, name=name)
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            self._unregister_quietly(obj)
+            if self.pm.is_registered(obj):
+                self.pm.unregister(obj)
             info.status = "failed"
             info.error = f"invalid hook implementation: {exc}"
             return
@@ -183,33 +197,31 @@ class PluginManager:
             info.status = "failed"
             info.error = str(exc)
             return
+        self._callers.clear()
         info.feature = bool(getattr(obj, "FT_FEATURE", False))
+        info.provides = frozenset(getattr(obj, "FT_PROVIDES", ()) or ())
+        info.method_feature = getattr(obj, "FT_METHOD_FEATURE", None)
         info.description = (inspect.getdoc(obj) or "").split("\n", 1)[0] if inspect.ismodule(obj) else ""
-        info.hooks = sorted(impl_name for impl_name in dir(obj) if impl_name.startswith("ft_") and hasattr(self.pm.hook, impl_name) and callable(getattr(obj, impl_name)))
+        info.hooks = sorted(c.name for c in self.pm.get_hookcallers(obj) or [])
         info.status = "essential" if name in ESSENTIAL and info.distribution == FIRST_PARTY_DIST else "available"
-        self._wrap_hookimpls(name, obj)
 
-    def _unregister_quietly(self, obj: object) -> None:
-        try:
+    def mark_failed(self, name: str, error: str) -> None:
+        """Take a plugin out of every hook (its registration hook raised, say); list it as failed."""
+        obj = self.pm.get_plugin(name)
+        if obj is not None:
             self.pm.unregister(obj)
-        except Exception:
-            pass
-        # pluggy leaves unknown hook callers behind; drop this plugin from them.
-        for caller in self.pm.hook.__dict__.values():
-            if isinstance(caller, pluggy.HookCaller):
-                for impl in list(caller.get_hookimpls()):
-                    if impl.plugin is obj:
-                        caller._remove_plugin(obj)
-
-    def _wrap_hookimpls(self, name: str, obj: object) -> None:
-        """Re-raise exceptions from hooks with the plugin and the hook named."""
-        for caller in self.pm.get_hookcallers(obj) or []:
-            for impl in caller.get_hookimpls():
-                if impl.plugin is obj and not (impl.hookwrapper or impl.wrapper):
-                    impl.function = _named_errors(impl.function, name, caller.name)
+        self._callers.clear()
+        info = self.infos[name]
+        info.status, info.error = "failed", error
 
     def _check_selection(self) -> None:
         problems = []
+        for name in self.blocked:
+            if name not in self.infos:
+                close = difflib.get_close_matches(name, list(self.infos), n=1)
+                hint = f" Did you mean 'no:{close[0]}'?" if close else ""
+                problems.append(f"-p no:{name}: no plugin named '{name}' is installed, so there is nothing to "
+                                f"block.{hint} Installed: {', '.join(sorted(self.infos))}.")
         for name in self.selected:
             info = self.infos.get(name)
             if info is None:
@@ -233,113 +245,224 @@ class PluginManager:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def is_active(self, name: str) -> bool:
-        info = self.infos.get(name)
-        return info is not None and info.status in ("active", "essential")
-
     def active_names(self) -> list[str]:
         return [n for n, i in self.infos.items() if i.status in ("active", "essential")]
 
     def features(self) -> list[str]:
         return [n for n, i in self.infos.items() if i.feature]
 
-    def _inactive_objects(self) -> list[object]:
-        return [self.pm.get_plugin(n) for n, i in self.infos.items() if i.status == "available" and self.pm.get_plugin(n) is not None]
+    def failed(self) -> list[PluginInfo]:
+        """Installed plugins that could not be loaded (import, hook validation or registration failed)."""
+        return [i for i in self.infos.values() if i.status == "failed"]
+
+    def provided(self) -> dict[str, tuple[str, ...]]:
+        """Capability -> the active plugins that declare it (``FT_PROVIDES`` in a plugin module)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name in self.active_names():
+            for capability in self.infos[name].provides:
+                out[capability] = (*out.get(capability, ()), name)
+        return out
+
+    # -- calling hooks -------------------------------------------------------------------------
+    #
+    # Every call goes through pluggy: a hook is called once per plugin, through a subset hook
+    # caller that holds that plugin's implementation and every wrapper of the hook. So tracing,
+    # monitoring (ft.testing's recorder) and wrappers see every call, each result is attributed
+    # to its plugin, and an exception names the plugin it came from.
 
     @property
-    def hook(self) -> _ActiveHooks:
-        """Pipeline hooks, called on active plugins only: ``pm.hook.ft_load_model(cfg=..., ...)``."""
-        return _ActiveHooks(self)
+    def calls(self) -> Any:
+        """Typed call sites of every hook (``ft.calls.HookCalls``): what the pipeline uses."""
+        from ft.calls import HookCalls
+
+        return HookCalls(self)
 
     @property
-    def all_hooks(self) -> Any:
-        """Registration hooks, called on every loaded plugin."""
-        return self.pm.hook
+    def hook(self) -> _HookFacade:
+        """Pipeline hooks with pluggy's call signature (``pm.hook.ft_load_model(cfg=..., ...)``), on
+        active plugins: a firstresult hook returns the first non-None result, an all hook the list."""
+        return _HookFacade(self, active_only=True)
 
-    def active_caller(self, hook_name: str) -> Any:
-        if hook_name not in self._subset_cache:
-            self._subset_cache[hook_name] = self.pm.subset_hook_caller(hook_name, self._inactive_objects())
-        return self._subset_cache[hook_name]
+    @property
+    def all_hooks(self) -> _HookFacade:
+        """Registration hooks, with the same signature, on every loaded plugin."""
+        return _HookFacade(self, active_only=False)
 
-    def call_each(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation in call order; return ``(plugin_name, result)`` pairs.
+    def implementers(self, hook_name: str, *, active_only: bool = True) -> list[str]:
+        """Plugins implementing a hook (wrappers excluded), in the order they are called."""
+        caller = getattr(self.pm.hook, hook_name, None)
+        if caller is None:
+            raise FtError(f"unknown hook '{hook_name}'. Hooks: {', '.join(hook_names())}.")
+        live = set(self.active_names()) if active_only else {n for n, i in self.infos.items() if i.status != "failed"}
+        return [impl.plugin_name for impl in reversed(caller.get_hookimpls())
+                if not (impl.hookwrapper or impl.wrapper) and impl.plugin_name in live]
 
-        Used where the core must know who returned what (merging dicts, stamping registries).
+    def call_each(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Call each plugin's implementation in call order; yield ``(plugin, result)`` pairs.
+
+        A generator: the caller acts on each result (registers an undo, say) before the next
+        plugin runs. An exception escaping a plugin becomes a :class:`PluginHookError` that names
+        the plugin and the hook and keeps the plugin's own frames (``FtError`` passes as it is).
         """
-        return list(self.iter_each(hook_name, active_only=active_only, **kwargs))
+        for plugin in self.implementers(hook_name, active_only=active_only):
+            yield plugin, self._call_one(hook_name, plugin, kwargs)
 
-    def iter_each(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        """Like :meth:`call_each`, but yields each result before calling the next plugin, so the
-        caller can act on it (e.g. register an undo) even if a later plugin raises."""
-        caller = self.active_caller(hook_name) if active_only else getattr(self.pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last registered first
-            args = [kwargs[a] for a in impl.argnames]
-            yield impl.plugin_name, impl.function(*args)
+    def call_first(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> tuple[str | None, Any]:
+        """``(plugin, result)`` of the first plugin (in call order) that returns something not None."""
+        for plugin in self.implementers(hook_name, active_only=active_only):
+            result = self._call_one(hook_name, plugin, kwargs)
+            if result is not None:
+                return plugin, result
+        return None, None
+
+    def _call_one(self, hook_name: str, plugin: str, kwargs: dict[str, Any]) -> Any:
+        caller = self._caller(hook_name, plugin)
+        try:
+            result = caller(**kwargs)
+        except (FtError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            culprit = self._culprit(hook_name, plugin, exc)
+            raise PluginHookError(culprit, hook_name, exc, plugin_frames(exc, self.pm.get_plugin(culprit))) from exc
+        if not _is_firstresult(caller):  # an "all" hook gives a list: [] when the plugin returned None
+            return result[0] if result else None
+        return result
+
+    def _caller(self, hook_name: str, plugin: str) -> Any:
+        key = (hook_name, plugin)
+        if key not in self._callers:
+            caller = getattr(self.pm.hook, hook_name)
+            wrappers = {i.plugin for i in caller.get_hookimpls() if i.hookwrapper or i.wrapper}
+            keep = {self.pm.get_plugin(plugin), *wrappers}
+            others = [obj for _name, obj in self.pm.list_name_plugin() if obj is not None and obj not in keep]
+            self._callers[key] = self.pm.subset_hook_caller(hook_name, others)
+        return self._callers[key]
+
+    def _culprit(self, hook_name: str, plugin: str, exc: BaseException) -> str:
+        """The plugin whose implementation raised: the called one, or a wrapper around it."""
+        codes = {i.function.__code__: i.plugin_name for i in getattr(self.pm.hook, hook_name).get_hookimpls()
+                 if hasattr(i.function, "__code__")}
+        found = plugin
+        tb = exc.__traceback__
+        while tb is not None:
+            found = codes.get(tb.tb_frame.f_code, found)
+            tb = tb.tb_next
+        return found
 
     def call_order(self, hook_name: str) -> list[str]:
         """Plugin names in the order a hook calls them (``ft plugins --hook NAME``)."""
-        if not hasattr(self.pm.hook, hook_name):
-            raise FtError(f"unknown hook '{hook_name}'. Hooks: {', '.join(hook_names())}.")
-        return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls())]
-
-    def merge_dicts(self, hook_name: str, what: str, **kwargs: Any) -> dict[str, Any]:
-        """Merge the dicts returned by an ``all`` hook; a key set differently by two plugins is an error."""
-        merged: dict[str, Any] = {}
-        owner: dict[str, str] = {}
-        for plugin, result in self.call_each(hook_name, **kwargs):
-            for key, value in (result or {}).items():
-                if key in merged and not _same(merged[key], value):
-                    raise PluginError(
-                        f"{what} '{key}' is set to {merged[key]!r} by plugin '{owner[key]}' and to {value!r} by "
-                        f"plugin '{plugin}'. Deselect one of them or align their config sections."
-                    )
-                merged[key], owner[key] = value, plugin
-        return merged
-
-    def collect_lists(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        return [item for _, result in self.call_each(hook_name, **kwargs) for item in (result or [])]
+        return self.implementers(hook_name, active_only=False)
 
     def manifest(self) -> list[dict[str, Any]]:
         """What was loaded and selected, with versions (saved next to the weights)."""
         return [i.as_dict() for i in self.infos.values()]
 
     def enable_tracing(self, write=None) -> None:
+        """Print every hook call: the hook, the plugin called (wrappers in brackets) and its result."""
         write = write or (lambda msg: print(msg, file=sys.stderr))
-
-        def before(hook_name, hook_impls, kwargs):
-            write(f"[ft trace] {hook_name} -> {[i.plugin_name for i in reversed(hook_impls)]}")
-
-        def after(outcome, hook_name, hook_impls, kwargs):
-            pass
-
-        self.pm.add_hookcall_monitoring(before, after)
+        self.pm.add_hookcall_monitoring(lambda *a: None, trace_after(write))
 
 
-class _ActiveHooks:
-    def __init__(self, manager: PluginManager) -> None:
-        self._manager = manager
+# Hook-call monitors applied to every plugin manager made while they are registered (ft.testing's
+# recorder): ``before(hook_name, hook_impls, kwargs)`` and ``after(outcome, hook_name, hook_impls, kwargs)``,
+# as pluggy's ``add_hookcall_monitoring`` takes them.
+_MONITORS: list[tuple[Any, Any]] = []
+
+
+def add_hook_monitor(before: Any, after: Any) -> Any:
+    """Monitor every hook call of plugin managers made from now on; returns a function that stops it."""
+    pair = (before, after)
+    _MONITORS.append(pair)
+    return lambda: _MONITORS.remove(pair) if pair in _MONITORS else None
+
+
+_FIRSTRESULT = {name: bool(getattr(getattr(hookspecs, name), "ft_spec", {}).get("firstresult"))
+                for name in dir(hookspecs) if name.startswith("ft_")}
+
+
+def is_firstresult_hook(name: str) -> bool:
+    return _FIRSTRESULT.get(name, False)
+
+
+def _is_firstresult(caller: Any) -> bool:
+    spec = getattr(caller, "spec", None)
+    return bool(spec is not None and spec.opts.get("firstresult"))
+
+
+def trace_after(write: Any) -> Any:
+    """A pluggy ``after`` monitor that writes one line per hook call (``--trace``)."""
+
+    def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: Any) -> None:
+        names = [i.plugin_name if not (i.hookwrapper or i.wrapper) else f"[{i.plugin_name}]"
+                 for i in reversed(hook_impls)]
+        if outcome.exception is not None:
+            shown = f"raised {type(outcome.exception).__name__}"
+        else:
+            result = outcome.get_result()
+            if not is_firstresult_hook(hook_name):  # an "all" hook called for one plugin: [] or [value]
+                result = result[0] if result else None
+            shown = _short(result)
+        write(f"[ft trace] {hook_name} {' '.join(names)} -> {shown}")
+
+    return after
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, (dict, list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    text = repr(value) if isinstance(value, (str, int, float, bool)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _HookFacade:
+    """``facade.ft_x(**kwargs)`` calls hook ``ft_x`` plugin by plugin, with pluggy's result shape."""
+
+    def __init__(self, manager: PluginManager, active_only: bool) -> None:
+        self._manager, self._active_only = manager, active_only
 
     def __getattr__(self, name: str) -> Any:
-        return self._manager.active_caller(name)
+        caller = getattr(self._manager.pm.hook, name, None)
+        if caller is None or not name.startswith("ft_"):
+            raise AttributeError(f"no hook named {name!r}")
+        first = _is_firstresult(caller)
+        manager, active_only = self._manager, self._active_only
+
+        def call(**kwargs: Any) -> Any:
+            if first:
+                return manager.call_first(name, active_only=active_only, **kwargs)[1]
+            return [r for _p, r in manager.call_each(name, active_only=active_only, **kwargs) if r is not None]
+
+        return call
 
 
-def _named_errors(fn, plugin: str, hook: str):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (FtError, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:
-            if _is_oom(exc):
-                raise
-            raise PluginHookError(plugin, hook, exc) from exc
-
-    return wrapper
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+def _misnamed_hooks(obj: object, pm: pluggy.PluginManager) -> str | None:
+    """A hookimpl whose name is no hook, or an ``ft_*`` hook function without ``@hookimpl``."""
+    known = hook_names()
+    problems = []
+    for attr in dir(obj):
+        if not attr.startswith("ft_"):
+            continue
+        value = getattr(obj, attr, None)
+        if not callable(value) or inspect.isclass(value):
+            continue
+        marked = pm.parse_hookimpl_opts(obj, attr) is not None
+        if marked and attr not in known:
+            close = difflib.get_close_matches(attr, known, n=1, cutoff=0.7)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Hooks: {', '.join(known)}."
+            problems.append(f"'{attr}' is marked @hookimpl but there is no such hook.{hint}")
+        elif not marked and attr in known:
+            problems.append(f"'{attr}' is a hook name but lacks @hookimpl, so it would never be called; "
+                            "decorate it with @ft.hookimpl.")
+        elif not marked and inspect.isfunction(value) and getattr(value, "__module__", None) == getattr(obj, "__name__", 0):
+            close = difflib.get_close_matches(attr, known, n=1, cutoff=0.85)
+            if close:
+                problems.append(f"'{attr}' looks like hook '{close[0]}' misspelled and without @hookimpl; "
+                                "rename and decorate it, or rename it away from the ft_ prefix.")
+    return "; ".join(problems) or None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -73,18 +73,35 @@ class Registry(Generic[T]):
 
 @dataclass(frozen=True)
 class Format:
-    """A dataset format: its entry-options model and a builder of its tokenize function."""
+    """A dataset format: its entry-options model, a builder of its tokenize function, and the
+    row columns its samples carry (checked against the method's at validation)."""
 
     options: type  # subclass of ft.formats.DatasetOptions
     build: Callable[..., Any]  # (cfg, entry, tokenizer) -> ft.formats.Tokenize
+    columns: tuple[str, ...] = ("input_ids", "labels")
 
 
 class FormatRegistry(Registry[Format]):
     kind = "dataset format"
 
-    def add(self, name: str, options: type, build: Callable[..., Any]) -> None:
-        """Register dataset ``type: name`` with its options model and tokenize builder."""
-        self._add(name, Format(options, build))
+    def add(self, name: str, options: type, build: Callable[..., Any],
+            columns: tuple[str, ...] = ("input_ids", "labels")) -> None:
+        """Register dataset ``type: name`` with its options model, tokenize builder and the
+        columns its samples carry (default: SFT's ``input_ids``/``labels``)."""
+        self._add(name, Format(options, build, tuple(columns)))
+
+
+class MethodRegistry(Registry[Any]):
+    kind = "training method"
+
+    def add(self, method: Any) -> None:
+        """Register a :class:`ft.methods.Method` under its ``name``."""
+        from ft.methods import Method
+
+        if not isinstance(method, Method):
+            raise PluginError(f"plugin '{self._plugin}' registered {method!r} as a training method; "
+                              "register an ft.api.Method instance.")
+        self._add(method.name, method)
 
 
 class OptimizerRegistry(Registry[Any]):
@@ -102,3 +119,26 @@ class SchedulerRegistry(Registry[Any]):
         """Register a scheduler: a transformers ``SchedulerType`` name or
         ``(cfg, optimizer, num_training_steps) -> LRScheduler``."""
         self._add(name, factory)
+
+
+class KeyHintRegistry(Registry[Any]):
+    """What to write instead of a key ft does not know (another tool's spelling of a setting).
+
+    Keys are paths: a top-level key (``adapter``) or a dataset-entry key (``datasets[].field_human``,
+    which also covers ``test_datasets``). The hint is a sentence, or a callable of the key's value
+    that returns one (``adapter: qlora`` -> ``plugins: [lora, qlora]``).
+    """
+
+    kind = "key hint"
+
+    def add(self, key: str, hint: str | Callable[[Any], str]) -> None:
+        """Register ``hint`` for the unknown key ``key`` (``name`` or ``datasets[].name``)."""
+        self._add(key, hint)
+
+    def hint_for(self, key: str, value: Any) -> str | None:
+        """The hint for ``key`` (with the plugin that gave it), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        text = entry.value(value) if callable(entry.value) else entry.value
+        return f"{text} (hint from plugin '{entry.plugin}')" if text else None

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft.context import Context, load_context
-from ft.errors import FtError
 
 log = logging.getLogger("ft")
 
@@ -45,35 +44,30 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
     from ft.resume import plan_resume
     from ft.train import build_trainer, run_training
 
-    cfg, hook = ctx.cfg, ctx.pm.hook
+    cfg, calls = ctx.cfg, ctx.pm.calls
     with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
         scope.enter_context(lock_output_dir(cfg))  # one run per output_dir; the ranks of this launch share it
         resume = plan_resume(ctx, fresh=fresh, overwrite=overwrite)  # where training starts, decided before loading
-        tokenizer = _required(hook.ft_load_tokenizer(cfg=cfg), "ft_load_tokenizer", "a tokenizer")
-        data = prepare_datasets(ctx, tokenizer)
+        tokenizer = calls.load_tokenizer(cfg)
+        data = prepare_datasets(ctx, tokenizer)  # the method's columns, cached by content, maybe packed
 
-        kwargs = ctx.pm.merge_dicts("ft_model_kwargs", "model keyword argument", cfg=cfg)
-        model = _required(hook.ft_load_model(cfg=cfg, kwargs=kwargs, tokenizer=tokenizer), "ft_load_model", "a model")
+        model = calls.load_model(cfg, calls.model_kwargs(cfg), tokenizer)
+        patches = []
+        for record in calls.patch_model(cfg, model):  # each undo is registered before the next plugin runs
+            log.info("patched %s", record)
+            patches.append(record)
+            if record.undo:
+                scope.callback(record.undo)
+        model = calls.apply_adapter(cfg, model)
 
-        patches = []  # each plugin's undo is registered before the next plugin runs
-        for _plugin, records in ctx.pm.iter_each("ft_patch_model", cfg=cfg, model=model):
-            for record in records or []:
-                log.info("patched %s", record)
-                patches.append(record)
-                if getattr(record, "undo", None):
-                    scope.callback(record.undo)
-
-        model = hook.ft_apply_adapter(cfg=cfg, model=model) or model
-
-        trainer = build_trainer(ctx, model, tokenizer, data)
-        hook.ft_before_train(cfg=cfg, trainer=trainer, model=model)
+        trainer = build_trainer(ctx, model, tokenizer, data)  # the method's Trainer, collator and metrics
+        calls.before_train(cfg, trainer, model)
         metrics = run_training(ctx, trainer, data, resume)
 
         with final_outputs(ctx, trainer, metrics) as final:  # written aside, moved into output_dir when complete
-            final.files += hook.ft_save_weights(cfg=cfg, trainer=trainer, model=trainer.model,
-                                                output_dir=str(final.dir)) or []
+            final.files += calls.save_weights(cfg, trainer, trainer.model, str(final.dir))
             final.files += write_run_files(ctx, trainer, tokenizer, metrics, patches, final.dir)
-        hook.ft_after_train(cfg=cfg, trainer=trainer, metrics=metrics)
+        calls.after_train(cfg, trainer, metrics)
         return RunResult(cfg.output_dir, metrics, final.published, patches)
 
 
@@ -81,11 +75,5 @@ def preprocess(ctx: Context) -> Any:
     """``ft preprocess``: tokenize (and pack) the datasets into the cache; load no model."""
     from ft.data import prepare_datasets
 
-    tokenizer = _required(ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg), "ft_load_tokenizer", "a tokenizer")
+    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer
-
-
-def _required(value: Any, hook: str, what: str) -> Any:
-    if value is None:
-        raise FtError(f"no active plugin returned {what} from {hook}. Is the 'hf' plugin blocked? See `ft plugins`.")
-    return value

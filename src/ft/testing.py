@@ -21,7 +21,6 @@ torch nor transformers at import time.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import random
@@ -58,10 +57,10 @@ def registered_plugin(obj: object, name: str | None = None) -> Iterator[str]:
     loads it after the installed entry points. A module attribute ``FT_FEATURE = True`` makes it
     a feature, active only when selected with ``-p NAME`` or ``plugins: [NAME]``. Yields the name.
     """
-    from ft.plugins import _PROCESS_PLUGINS, add_process_plugin, remove_process_plugin
+    from ft.plugins import add_process_plugin, process_plugin_names, remove_process_plugin
 
     name = name or _default_name(obj)
-    if any(n == name for n, _ in _PROCESS_PLUGINS):
+    if name in process_plugin_names():
         raise ValueError(f"a plugin named '{name}' is already registered for this process; pass another name=")
     add_process_plugin(name, obj)
     try:
@@ -92,17 +91,17 @@ class HookCall:
 
 
 class HookRecorder:
-    """Records every hook implementation call of the plugin managers made while it is active.
+    """Records every hook call of the plugin managers made while it is active.
 
-    It wraps each implementation as plugins are registered, so it sees every way the core calls
-    a hook: ``pm.hook.X(...)`` (pluggy), ``pm.call_each`` / ``pm.merge_dicts`` and the
-    registration hooks that stamp registries. Use it as a context manager or through the
-    ``ft_hook_recorder`` fixture.
+    ft calls each hook through pluggy, one plugin at a time, so the recorder (a pluggy hook-call
+    monitor) sees every call the core makes -- pipeline hooks, registration hooks and merged
+    ones alike -- with the plugin that answered, its arguments, result or exception. Use it as a
+    context manager or through the ``ft_hook_recorder`` fixture.
     """
 
     def __init__(self) -> None:
         self.calls: list[HookCall] = []
-        self._stack: contextlib.ExitStack | None = None
+        self._stop: Any = None
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -130,70 +129,41 @@ class HookRecorder:
     # -- activation --------------------------------------------------------------------------
 
     def __enter__(self) -> HookRecorder:
-        from ft.plugins import PluginManager
+        from ft.plugins import add_hook_monitor, is_firstresult_hook
 
-        if self._stack is not None:
+        if self._stop is not None:
             raise RuntimeError("this HookRecorder is already recording")
-        stack = contextlib.ExitStack()
         recorder = self
-        original_init = PluginManager.__init__
-        original_register = PluginManager.register
+        active = [True]
 
-        @functools.wraps(original_init)
-        def init(pm: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(pm, *args, **kwargs)
-            recorder._wrap_all(pm)
+        def before(hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+            pass
 
-        @functools.wraps(original_register)
-        def register(pm: Any, *args: Any, **kwargs: Any) -> None:
-            original_register(pm, *args, **kwargs)
-            recorder._wrap_all(pm)
+        def after(outcome: Any, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+            if not active[0] or not hook_name.startswith("ft_"):
+                return
+            plugins = [i.plugin_name for i in reversed(hook_impls) if not (i.hookwrapper or i.wrapper)]
+            call = HookCall(hook_name, plugins[0] if len(plugins) == 1 else ",".join(plugins), dict(kwargs))
+            if outcome.exception is not None:
+                call.exception = outcome.exception
+            else:
+                result = outcome.get_result()
+                call.result = result if is_firstresult_hook(hook_name) else (result[0] if result else None)
+            recorder.calls.append(call)
 
-        PluginManager.__init__ = init  # type: ignore[method-assign]
-        PluginManager.register = register  # type: ignore[method-assign]
+        remove = add_hook_monitor(before, after)
 
-        def restore() -> None:
-            PluginManager.__init__ = original_init  # type: ignore[method-assign]
-            PluginManager.register = original_register  # type: ignore[method-assign]
+        def stop() -> None:
+            active[0] = False
+            remove()
 
-        stack.callback(restore)
-        self._stack = stack
+        self._stop = stop
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        assert self._stack is not None
-        self._stack.close()
-        self._stack = None
-
-    def _wrap_all(self, pm: Any) -> None:
-        for caller in list(pm.pm.hook.__dict__.values()):
-            get_impls = getattr(caller, "get_hookimpls", None)
-            if get_impls is None or not caller.name.startswith("ft_"):
-                continue
-            for impl in get_impls():
-                if getattr(impl.function, "_ft_recorded", None) is self:
-                    continue
-                impl.function = self._recording(impl.function, caller.name, impl.plugin_name, impl.argnames,
-                                                impl.hookwrapper or impl.wrapper)
-
-    def _recording(self, fn: Any, hook: str, plugin: str, argnames: Sequence[str], is_wrapper: bool) -> Any:
-        calls = self.calls
-
-        @functools.wraps(fn)
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            call = HookCall(hook, plugin, {**dict(zip(argnames, args, strict=False)), **kwargs})
-            calls.append(call)
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                call.exception = exc
-                raise
-            if not is_wrapper:  # a wrapper returns a generator, not the hook's result
-                call.result = result
-            return result
-
-        recorded._ft_recorded = self  # type: ignore[attr-defined]
-        return recorded
+        assert self._stop is not None
+        self._stop()
+        self._stop = None
 
 
 def _check_hook_name(hook: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ft.checkpoints import AtomicCheckpointsMixin
-from ft.errors import ConfigError, FtError, MissingDependencyError, refused_pickle
+from ft.errors import ConfigError, FtError, MissingDependencyError, is_out_of_memory, refused_pickle
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -122,6 +121,7 @@ class FtState:
     tokens_at_start: tuple[int, int] = (0, 0)  # counted before this session (a resumed run)
     loss_at_start: tuple[float, int] | None = (0.0, 0)  # (summed step losses, steps) before it; None: unknown
     data_key: str | None = None  # the prepared-data cache key, saved with checkpoints
+    metric_names: tuple[str, ...] = ()  # the method's metrics (kept in the history, plotted)
 
 
 class FtTrainerMixin(AtomicCheckpointsMixin):
@@ -134,6 +134,35 @@ class FtTrainerMixin(AtomicCheckpointsMixin):
         if self.ft_state is not None:
             self.ft_state.counter.add(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def ft_record(self, metrics: dict[str, Any]) -> None:
+        """Add one micro-batch's values of the method's metrics (floats or 0-d tensors; no host sync).
+
+        Training values are averaged over each logging window and logged with the loss; values
+        recorded during evaluation are averaged over the evaluation and logged as ``eval_<name>``.
+        """
+        phase = "train" if self.model.training else "eval"
+        store = self.__dict__.setdefault("_ft_metric_sums", {"train": {}, "eval": {}})[phase]
+        for name, value in metrics.items():
+            value = value.detach().float() if hasattr(value, "detach") else float(value)
+            total, count = store.get(name, (0.0, 0))
+            store[name] = (total + value, count + 1)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        sums = self.__dict__.get("_ft_metric_sums")
+        if sums:
+            phase, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+            if "loss" in logs or phase == "eval":
+                for name, (total, count) in sums[phase].items():
+                    logs[f"{prefix}{name}"] = self._ft_mean(total, count)
+                sums[phase].clear()
+        return super().log(logs, *args, **kwargs)
+
+    def _ft_mean(self, total: Any, count: int) -> float:
+        mean = total / max(count, 1)
+        if self.args.world_size > 1 and hasattr(mean, "to"):
+            mean = self.accelerator.reduce(mean.to(self.accelerator.device), reduction="mean")
+        return round(float(mean), 6)
 
     def create_optimizer(self, *args, **kwargs):
         st = self.ft_state
@@ -150,17 +179,12 @@ class FtTrainerMixin(AtomicCheckpointsMixin):
         return super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
 
 
-def _default_trainer_class() -> type:
-    from transformers import Trainer
-
-    return type("FtTrainer", (FtTrainerMixin, Trainer), {"__doc__": "ft's default trainer."})
-
-
-def _with_mixin(cls: type) -> type:
+def _with_mixin(cls: Any, method: Any) -> type:
     from transformers import Trainer
 
     if not (isinstance(cls, type) and issubclass(cls, Trainer)):
-        raise FtError(f"ft_trainer_class returned {cls!r}, which is not a subclass of transformers.Trainer.")
+        raise FtError(f"method '{method.name}' gave the Trainer class {cls!r}, which is not a subclass of "
+                      "transformers.Trainer; fix the plugin that registers the method.")
     if issubclass(cls, FtTrainerMixin):
         return cls
     return type(f"Ft{cls.__name__}", (FtTrainerMixin, cls), {"__module__": cls.__module__})
@@ -181,7 +205,8 @@ def _callbacks(state: FtState) -> list[Any]:
             return control
 
         def on_log(self, args, st, control, logs=None, **kwargs):
-            row = {k: float(logs[k]) for k in HISTORY_KEYS if k in (logs or {})}
+            keys = (*HISTORY_KEYS, *state.metric_names, *(f"eval_{m}" for m in state.metric_names))
+            row = {k: float(logs[k]) for k in keys if k in (logs or {})}
             if not row:
                 return
             tokens, trained = state.counter.totals()
@@ -195,27 +220,43 @@ def _callbacks(state: FtState) -> list[Any]:
             else:
                 state.history.append(row)
 
+    def step_line(st: Any, logs: dict[str, Any] | None) -> str | None:
+        keys = (*HISTORY_KEYS, *state.metric_names[:4])
+        parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if k in (logs or {})]
+        if not parts:
+            return None
+        if state.history and state.history[-1].get("tokens_per_second"):
+            parts.append(f"tok/s {state.history[-1]['tokens_per_second']:,.0f}")
+        return f"step {st.global_step}/{st.max_steps}  " + "  ".join(parts)
+
     class Progress(ProgressCallback):
         """The training bar, with one short line per logged step instead of a dict dump."""
 
         def on_log(self, args, st, control, logs=None, **kwargs):
-            if not st.is_world_process_zero or self.training_bar is None or not logs:
-                return
-            parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in HISTORY_KEYS if k in logs]
-            if not parts:
-                return
-            if state.history and state.history[-1].get("tokens_per_second"):
-                parts.append(f"tok/s {state.history[-1]['tokens_per_second']:,.0f}")
-            self.training_bar.write(f"step {st.global_step}/{st.max_steps}  " + "  ".join(parts))
+            line = step_line(st, logs) if st.is_world_process_zero and self.training_bar is not None else None
+            if line:
+                self.training_bar.write(line)
 
-    return [MetricsHistory(), Progress()]
+    class StepLines(TrainerCallback):
+        """Without a progress bar (output to a file or pipe): the same line per logged step, nothing else."""
+
+        def on_log(self, args, st, control, logs=None, **kwargs):
+            line = step_line(st, logs) if st.is_world_process_zero else None
+            if line:
+                print(line, flush=True)
+
+    return [MetricsHistory(), Progress(), StepLines()]
 
 
 # -- TrainingArguments -------------------------------------------------------------------------
 
 
-def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
-    """TrainingArguments fields from the core config (before plugins add theirs)."""
+def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None = None) -> dict[str, Any]:
+    """TrainingArguments fields from the core config (before plugins add theirs).
+
+    ``steps_per_epoch`` (optimizer steps in one epoch of the prepared data) turns
+    ``evals_per_epoch`` / ``saves_per_epoch`` into step counts.
+    """
     import torch
 
     from ft.config import config_warnings
@@ -245,19 +286,16 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
         "logging_strategy": "steps",
         "logging_steps": cfg.logging_steps,
         "logging_first_step": True,
-        "save_strategy": "steps" if cfg.save_steps else "no",
         "save_total_limit": cfg.save_total_limit,
-        "eval_strategy": "steps" if has_eval and cfg.eval_steps else "no",
+        **cadence_arguments(cfg, has_eval=has_eval, steps_per_epoch=steps_per_epoch),
         "report_to": report_to(cfg),
+        "lr_scheduler_kwargs": scheduler_kwargs(cfg),
         "dataloader_num_workers": cfg.dataloader_num_workers,
+        "disable_tqdm": bool(os.environ.get("FT_NO_PROGRESS")),  # set by the CLI when stderr is no terminal
         "dataloader_pin_memory": torch.cuda.is_available(),
         "remove_unused_columns": False,  # formats may carry extra columns the collator uses
         "label_names": ["labels"],
     }
-    if cfg.save_steps:
-        args["save_steps"] = cfg.save_steps
-    if has_eval and cfg.eval_steps:
-        args["eval_steps"] = cfg.eval_steps
     if cfg.gradient_checkpointing:
         # transformers >= 5.2x renamed it activation_checkpointing; older 5.x only knows the old name
         name = "activation_checkpointing" if "activation_checkpointing" in _training_fields() else "gradient_checkpointing"
@@ -274,38 +312,92 @@ def training_arguments(cfg: Any, *, has_eval: bool) -> dict[str, Any]:
     return args
 
 
+def steps_per_epoch(cfg: Any, train: Any) -> int | None:
+    """Optimizer steps in one epoch over ``train`` (rows, or packed bins), as the Trainer counts them."""
+    try:
+        rows = len(train)
+    except TypeError:  # an iterable dataset: no epochs to divide
+        return None
+    world = max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    batches = math.ceil(rows / (cfg.micro_batch_size * world))
+    return max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+
+
+def cadence_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None) -> dict[str, Any]:
+    """When to evaluate and checkpoint, and which checkpoint is best (TrainingArguments fields).
+
+    ``evals_per_epoch: N`` evaluates every ceil(steps_per_epoch / N) steps, as axolotl does; with
+    ``load_best_model_at_end`` checkpoints are put on evaluation steps.
+    """
+
+    def every(n_steps: int | None, per_epoch: int | None) -> int | float | None:
+        if n_steps:
+            return n_steps
+        if not per_epoch:
+            return None
+        if steps_per_epoch:
+            return max(1, math.ceil(steps_per_epoch / per_epoch))
+        # unknown epoch length: a fraction of the whole run (what the Trainer resolves with max_steps)
+        return 1.0 / (per_epoch * cfg.num_epochs) if not cfg.max_steps else max(1, cfg.max_steps // per_epoch)
+
+    args: dict[str, Any] = {}
+    eval_every = every(cfg.eval_steps, cfg.evals_per_epoch) if has_eval else None
+    save_every = every(cfg.save_steps, cfg.saves_per_epoch)
+    if not has_eval or cfg.eval_strategy == "no":
+        args["eval_strategy"] = "no"
+    elif cfg.eval_strategy == "epoch":
+        args["eval_strategy"] = "epoch"
+    elif eval_every:
+        args["eval_strategy"], args["eval_steps"] = "steps", eval_every
+    else:
+        args["eval_strategy"] = "no"
+    if cfg.save_strategy == "epoch":
+        args["save_strategy"] = "epoch"
+    elif save_every and cfg.save_strategy != "no":
+        if cfg.load_best_model_at_end and cfg.saves_per_epoch and isinstance(eval_every, int) and cfg.evals_per_epoch:
+            save_every = eval_every * max(1, cfg.evals_per_epoch // cfg.saves_per_epoch)
+        args["save_strategy"], args["save_steps"] = "steps", save_every
+    else:
+        args["save_strategy"] = "no"
+    if (cfg.load_best_model_at_end or cfg.early_stopping_patience) and args["eval_strategy"] != "no":
+        args["load_best_model_at_end"] = bool(cfg.load_best_model_at_end)
+        args["metric_for_best_model"] = cfg.metric_for_best_model or "eval_loss"
+        if cfg.greater_is_better is not None:
+            args["greater_is_better"] = cfg.greater_is_better
+    return args
+
+
+def cadence_callbacks(cfg: Any, has_eval: bool) -> list[Any]:
+    """Callbacks the cadence settings need (early stopping)."""
+    if not (cfg.early_stopping_patience and has_eval):
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def scheduler_kwargs(cfg: Any) -> dict[str, Any]:
+    """``lr_scheduler_kwargs`` with ``cosine_min_lr_ratio`` folded in (as ``min_lr_rate``)."""
+    kwargs = dict(cfg.lr_scheduler_kwargs or {})
+    if cfg.cosine_min_lr_ratio is not None and "min_lr" not in kwargs:
+        kwargs.setdefault("min_lr_rate", cfg.cosine_min_lr_ratio)
+    return kwargs
+
+
 def _training_fields() -> set[str]:
     from transformers import TrainingArguments
 
     return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
-REPORTERS = {"tensorboard": ("tensorboard", "pip install 'ft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
-
-
 def report_to(cfg: Any) -> list[str] | str:
-    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
-    names = [n for n in names if n and n != "none"]
-    for name in names:
-        module, fix = REPORTERS.get(name, (None, ""))
-        if module and importlib.util.find_spec(module) is None:
-            if name == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
-                continue
-            raise MissingDependencyError(f"{cfg.where('report_to')}: reporting to {name} needs the '{module}' "
-                                         f"package, which is not installed: {fix} (or set report_to: none).")
-    return names or "none"
+    """The reporters for TrainingArguments; a missing package is an error with the install command."""
+    from ft.config import reporter_names, reporter_problems
 
-
-def _plugin_trainer_args(ctx: Context, known: set[str]) -> dict[str, Any]:
-    problems = []
-    for plugin, result in ctx.pm.call_each("ft_trainer_args", cfg=ctx.cfg):
-        for key in result or {}:
-            if key not in known:
-                problems.append(f"plugin '{plugin}' sets TrainingArguments field '{key}', which this transformers "
-                                "version does not have.")
+    problems = reporter_problems(cfg)  # checked at validation too; the environment may have changed since
     if problems:
-        raise FtError("\n".join(problems))
-    return ctx.pm.merge_dicts("ft_trainer_args", "TrainingArguments field", cfg=ctx.cfg)
+        raise MissingDependencyError("\n".join(problems))
+    return reporter_names(cfg) or "none"
 
 
 # -- optimizer and scheduler ---------------------------------------------------------------------
@@ -328,12 +420,12 @@ def _choose(registry: Any, name: str, key_path: str) -> tuple[str | None, Callab
 
 
 def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
-    """The Trainer for this run: core arguments + plugin arguments, registries, callbacks, collator."""
-    from transformers import TrainingArguments
-
-    cfg = ctx.cfg
+    """The Trainer of this run's method: core arguments + plugin arguments, registries, collator,
+    callbacks, and whatever extra arguments the method needs (a reference model, rewards)."""
+    cfg, method, calls = ctx.cfg, ctx.method, ctx.pm.calls
     eval_data = getattr(data, "eval", None)
-    args = training_arguments(cfg, has_eval=eval_data is not None)
+    args_cls = method.arguments_class() if method.arguments_class else _training_arguments_class()
+    args = training_arguments(cfg, has_eval=eval_data is not None, steps_per_epoch=steps_per_epoch(cfg, data.train))
 
     optim, optimizer_factory = _choose(ctx.registries.optimizers, cfg.optimizer, cfg.where("optimizer"))
     sched, scheduler_factory = _choose(ctx.registries.schedulers, cfg.lr_scheduler, cfg.where("lr_scheduler"))
@@ -342,20 +434,20 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     if sched:
         args["lr_scheduler_type"] = sched
 
-    for key, value in _plugin_trainer_args(ctx, _training_fields()).items():
+    fields = {f.name for f in dataclasses.fields(args_cls)}
+    for key, value in calls.trainer_args(cfg, fields).items():
         if key in args and args[key] != value:
             log.info("TrainingArguments %s=%r (set by a plugin; the config gave %r)", key, value, args[key])
         args[key] = value
     try:
-        training_args = TrainingArguments(**args)
+        training_args = args_cls(**args)
     except (ValueError, TypeError) as exc:
         raise FtError(f"the training settings are inconsistent: {exc}") from exc
 
-    collator = ctx.pm.hook.ft_collator(cfg=cfg, tokenizer=tokenizer)
-    if collator is None:
-        raise FtError("no active plugin returned a data collator from ft_collator. Is the 'hf' plugin blocked?")
-    trainer_cls = _with_mixin(ctx.pm.hook.ft_trainer_class(cfg=cfg) or _default_trainer_class())
-    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory)
+    collator = calls.collator(cfg, tokenizer, method)
+    trainer_cls = _with_mixin(method.trainer_class(), method)
+    extra = method.trainer_kwargs(cfg=cfg, model=model, tokenizer=tokenizer, data=data) if method.trainer_kwargs else {}
+    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory, metric_names=method.metrics)
     ft_callbacks = _callbacks(state)
 
     trainer = trainer_cls(
@@ -365,14 +457,26 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
         train_dataset=data.train,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[*ctx.pm.collect_lists("ft_callbacks", cfg=cfg), ft_callbacks[0]],
+        callbacks=[*calls.callbacks(cfg), *cadence_callbacks(cfg, eval_data is not None), ft_callbacks[0]],
+        **(extra or {}),
     )
     trainer.ft_state = state
     from transformers import ProgressCallback
 
     if trainer.pop_callback(ProgressCallback) is not None:  # absent when tqdm is disabled
         trainer.add_callback(ft_callbacks[1])
+    else:  # no bar: transformers prints each log dict instead; ft prints its step line
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.pop_callback(PrinterCallback)
+        trainer.add_callback(ft_callbacks[2])
     return trainer
+
+
+def _training_arguments_class() -> type:
+    from transformers import TrainingArguments
+
+    return TrainingArguments
 
 
 def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None = None) -> dict[str, Any]:
@@ -432,10 +536,22 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
         "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size,
         "samples": len(data.train) if hasattr(data.train, "__len__") else None,
         "precision": resolve_precision(cfg),
+        "method": cfg.method,
+        "method_metrics": _last_values(history, state.metric_names if state is not None else ()),
         "resumed_from": str(resume) if resume else None,
         "warnings": list(state.warnings) if state is not None else [],
     }
     return metrics
+
+
+def _last_values(history: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, float]:
+    """Each metric's value in the last logged row that has it."""
+    out: dict[str, float] = {}
+    for name in names:
+        row = next((r for r in reversed(history) if name in r), None)
+        if row is not None:
+            out[name] = row[name]
+    return out
 
 
 def whole_run_loss(trainer: Any, state: FtState | None, session_loss: float) -> float:
@@ -462,15 +578,6 @@ def history_of(trainer: Any) -> list[dict[str, Any]]:
 
 
 # -- out of memory ---------------------------------------------------------------------------------
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    seen = 0
-    while exc is not None and seen < 5:  # accelerate and plugins may wrap it
-        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
 
 
 def out_of_memory_message(cfg: Any) -> str:

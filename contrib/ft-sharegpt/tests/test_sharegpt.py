@@ -78,9 +78,11 @@ def test_unknown_role_is_dropped_with_a_reason_and_the_fix(ft_tiny_model_dir, ta
     fixed = tokenize(ft_tiny_model_dir, {"type": "sharegpt", "roles": {"assistant": ["gpt", "bing"]}}, rows)
     want = tokenize(ft_tiny_model_dir, {"type": "chat_template"}, talks[:3])
     assert fixed == want
-    # strict_roles: false renders the role as it is
-    loose = tokenize(ft_tiny_model_dir, {"type": "sharegpt", "strict_roles": False}, rows)
-    assert isinstance(loose[1], dict) and loose[1]["input_ids"] != want[1]["input_ids"]
+    # an unknown role is never rendered as it is: strict_roles: false is refused with the fix
+    from ft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strict_roles.*never rendered as they are.*roles: \{assistant"):
+        tokenize(ft_tiny_model_dir, {"type": "sharegpt", "strict_roles": False}, rows)
 
 
 def test_other_field_names(ft_tiny_model_dir, talks):

@@ -1,0 +1,1038 @@
+"""Coming from axolotl: ``ft convert axolotl.yml -o ft.yaml``, and hints for axolotl keys in ft configs.
+
+``ft convert`` translates an axolotl config into an ft config: ``adapter``/``lora_*`` become
+``plugins: [lora]`` and a ``lora:`` section, ``load_in_4bit``/``load_in_8bit`` the ``qlora`` plugin,
+``sample_packing`` the ``packing`` plugin, attention flags ``hf.attn_implementation``, ``liger_*``,
+``fsdp``/``fsdp_config``, ``deepspeed`` and ``torch_compile`` their plugins, W&B and hub keys the
+``wandb:`` and ``hub:`` sections, ``rl:`` a ``method:`` with its section, and datasets keep their
+field mappings, roles, ``ds_type``, ``split`` and ``name``. The YAML it writes starts with a comment
+for every key it could not express, and says which of them change what is trained; the command exits
+with status 3 when one of those was dropped (0 otherwise), so a script notices.
+
+The plugin also registers key hints (``ft_register_key_hints``): an axolotl key met in an ft config
+is reported with what to write instead (``adapter: lora`` -> ``plugins: [lora]``).
+
+Not a feature: it is loaded with ft and can be blocked (``-p no:axolotl``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ft import hookimpl
+
+FT_FEATURE = False
+
+EXIT_DROPPED_TRAINING = 3  # `ft convert` wrote the config but dropped something that changes training
+
+
+@dataclass
+class Note:
+    """An axolotl key (path) that ft could not express, or expressed with a caveat."""
+
+    key: str
+    value: Any
+    reason: str
+    changes_training: bool
+    expressed: bool = False  # translated, with a caveat worth reading
+
+
+@dataclass
+class Conversion:
+    """The ft config (plain data, in writing order) and the notes about what did not carry over."""
+
+    config: dict[str, Any]
+    notes: list[Note] = field(default_factory=list)
+
+    @property
+    def dropped_training(self) -> list[Note]:
+        return [n for n in self.notes if n.changes_training and not n.expressed]
+
+    def to_yaml(self, source: str | None = None) -> str:
+        import yaml
+
+        head = [f"# Converted from {source or 'an axolotl config'} by `ft convert` (axolotl -> ft).",
+                "# Check it with `ft validate`; keys are explained in docs/config.md.", "#"]
+        groups = (
+            ("NOT expressed in ft, and they change training -- review them:",
+             [n for n in self.notes if n.changes_training and not n.expressed]),
+            ("Not expressed in ft (no effect on the trained weights):",
+             [n for n in self.notes if not n.changes_training and not n.expressed]),
+            ("Translated, with a caveat:", [n for n in self.notes if n.expressed]),
+        )
+        for title, notes in groups:
+            if not notes:
+                continue
+            head.append(f"# {title}")
+            for n in notes:
+                head.append(f"#   {n.key}: {_short(n.value)}  -- {n.reason}")
+            head.append("#")
+        if len(head) == 3:
+            head.append("# Every key was expressed.")
+        body = yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True, width=110, default_flow_style=None)
+        return "\n".join(head) + "\n" + body
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- what maps where -------------------------------------------------------------------------------
+
+# axolotl key -> ft core key, same meaning (values are checked/coerced below)
+SAME_CORE = (
+    "base_model", "val_set_size", "sequence_len", "dataset_prepared_path", "dataset_num_proc", "output_dir",
+    "micro_batch_size", "eval_batch_size", "gradient_accumulation_steps", "learning_rate", "num_epochs", "max_steps",
+    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing_kwargs",
+    "seed", "save_total_limit", "logging_steps", "resume_from_checkpoint", "dataloader_num_workers", "train_on_inputs",
+    "evals_per_epoch", "saves_per_epoch", "early_stopping_patience", "load_best_model_at_end",
+    "metric_for_best_model", "greater_is_better", "lr_scheduler_kwargs", "cosine_min_lr_ratio",
+    "eval_sample_packing", "tokens",
+)
+RENAMED_CORE = {
+    "tokenizer_config": "tokenizer", "dataset_processes": "dataset_num_proc", "shuffle_merged_datasets": "shuffle",
+}
+FLOATS = ("learning_rate", "val_set_size", "num_epochs", "warmup_ratio", "weight_decay", "max_grad_norm",
+          "cosine_min_lr_ratio")
+
+# Keys with no effect on the trained weights (performance, logging, hardware, bookkeeping): dropped
+# with a comment. "" = nothing to say beyond "not needed in ft".
+NO_EFFECT: dict[str, str] = {
+    "strict": "axolotl's `strict` is about config checking; ft's `strict: true` turns dropped rows into errors",
+    "xformers_attention": "xformers attention is not offered; ft uses hf.attn_implementation",
+    "flash_attn_cross_entropy": "a kernel choice; see the liger plugin", "flash_attn_rms_norm": "a kernel choice",
+    "flash_attn_fuse_qkv": "a kernel choice", "flash_attn_fuse_mlp": "a kernel choice", "flash_optimum": "",
+    "pad_to_sequence_len": "ft pads each batch to its longest row (or packs)", "sample_packing_eff_est": "",
+    "sample_packing_group_size": "", "sample_packing_bin_size": "", "sample_packing_sequentially": "",
+    "sample_packing_mp_start_method": "", "multipack_real_batches": "", "total_num_tokens": "",
+    "total_supervised_tokens": "", "gc_steps": "", "torch_empty_cache_steps": "", "gc_collect_steps": "",
+    "max_memory": "", "gpu_memory_limit": "", "low_cpu_mem_usage": "", "device_map": "", "lora_on_cpu": "",
+    "ddp_timeout": "", "ddp_bucket_cap_mb": "", "ddp_broadcast_buffers": "", "ddp_find_unused_parameters": "",
+    "dataloader_pin_memory": "", "dataloader_prefetch_factor": "", "dataloader_drop_last": "",
+    "profiler_steps": "", "profiler_steps_start": "", "include_tokens_per_second": "", "include_tkps": "",
+    "save_safetensors": "ft always writes safetensors", "save_only_model": "", "save_first_step": "",
+    "eval_table_size": "", "eval_max_new_tokens": "", "eval_causal_lm_metrics": "", "do_causal_lm_eval": "",
+    "do_bench_eval": "", "bench_dataset": "", "bench_split": "", "eval_sequence_len": "",
+    "cut_cross_entropy": "a memory-saving loss kernel (same loss); see the liger plugin",
+    "lora_mlp_kernel": "", "lora_qkv_kernel": "", "lora_o_kernel": "", "lora_embedding_kernel": "",
+    "unsloth_cross_entropy_loss": "", "unsloth_lora_mlp": "", "unsloth_lora_qkv": "", "unsloth_lora_o": "",
+    "unsloth_rms_norm": "", "unsloth_rope": "", "activation_offloading": "memory only",
+    "tiled_mlp": "memory only", "chunked_cross_entropy": "memory only (same loss)",
+    "torchdistx_path": "", "auto_resume_from_checkpoints": "ft resumes from the run's last checkpoint by default",
+    "debug": "", "local_rank": "", "world_size": "", "ddp": "", "is_preprocess": "", "preprocess_iterable": "",
+    "axolotl_config_path": "", "push_dataset_to_hub": "", "hf_use_auth_token": "log in with `hf auth login`",
+    "dataset_keep_in_memory": "", "skip_prepare_dataset": "", "num_dataset_shards_to_save": "",
+    "mean_resizing_embeddings": "", "resize_token_embeddings_to_32x": "", "shrink_embeddings": "",
+    "merge_lora": "run `ft merge OUTPUT_DIR` after training", "merge_method": "", "lora_model_merge": "",
+    "sequence_parallel_degree": "sequence parallelism is not offered", "context_parallel_size": "",
+    "tensor_parallel_size": "tensor parallelism is not offered", "dp_shard_size": "", "dp_replicate_size": "",
+    "experimental_skip_move_to_device": "", "tokenizer_use_fast": "ft needs a fast tokenizer",
+    "tokenizer_legacy": "", "tokenizer_save_jinja_files": "", "processor_type": "", "remove_unused_columns": "",
+    "wandb_watch": "", "wandb_log_model": "", "wandb_run_id": "", "wandb_mode": "set WANDB_MODE in the environment",
+    "mlflow_tracking_uri": "set MLFLOW_TRACKING_URI in the environment",
+    "mlflow_experiment_name": "set MLFLOW_EXPERIMENT_NAME in the environment",
+    "mlflow_run_name": "", "hf_mlflow_log_artifacts": "", "comet_api_key": "set COMET_API_KEY in the environment",
+    "comet_workspace": "set COMET_WORKSPACE", "comet_project_name": "set COMET_PROJECT_NAME", "comet_experiment_key": "",
+    "comet_mode": "", "comet_online": "", "comet_experiment_config": "", "hub_revision": "",
+    "fsdp_final_state_dict_type": "", "deepcompile": "", "fp32_norms": "", "logging_dir": "",
+    "chat_template_save_jinja": "", "use_ray": "", "ray_num_workers": "", "ray_run_name": "",
+}
+# Keys that change what is trained and have no ft equivalent (yet).
+CHANGES_TRAINING: dict[str, str] = {
+    "lora_fan_in_fan_out": "peft decides fan-in/fan-out from the layer type",
+    "lora_target_parameters": "", "lora_rank_pattern": "", "lora_alpha_pattern": "",
+    "peft_layers_to_transform": "", "peft_layers_pattern": "", "peft_layer_replication": "",
+    "peft_init_lora_weights": "", "peft_trainable_token_indices": "", "loftq_config": "", "peft": "",
+    "loraplus_lr_ratio": "LoRA+ learning rates are not offered", "loraplus_lr_embedding": "",
+    "relora": "ReLoRA is not offered", "relora_steps": "", "relora_warmup_steps": "", "relora_anneal_steps": "",
+    "relora_prune_ratio": "", "relora_cpu_offload": "",
+    "neftune_noise_alpha": "NEFTune noise is not offered", "unfrozen_parameters": "partial freezing is not offered",
+    "adam_beta1": "", "adam_beta2": "", "adam_beta3": "", "adam_epsilon": "", "adam_epsilon2": "",
+    "optim_args": "", "optim_target_modules": "", "lr_groups": "", "embedding_lr": "", "embedding_lr_scale": "",
+    "lr_quadratic_warmup": "", "lr_div_factor": "", "cosine_constant_lr_ratio": "",
+    "group_by_length": "batches by length change the batches", "default_system_message": "",
+    "chat_template_kwargs": "", "dataset_exact_deduplication": "", "dataset_shard_num": "",
+    "dataset_shard_idx": "", "min_sample_len": "", "pretraining_dataset": "use a `type: completion` dataset",
+    "added_tokens_overrides": "", "fix_untrained_tokens": "", "gptq": "GPTQ models are not offered",
+    "fp8": "fp8 training is not offered", "qat": "", "quantization": "", "reward_model": "reward models are not offered",
+    "process_reward_model": "", "s2_attention": "", "use_pose": "", "curriculum_sampling": "",
+    "shuffle_before_merging_datasets": "", "auto_find_batch_size": "", "model_config_type": "",
+    "dpo_label_smoothing": "", "dpo_use_weighting": "", "dpo_loss_weights": "", "dpo_padding_free": "",
+    "precompute_ref_log_probs": "", "max_prompt_len": "", "dpo_use_liger_kernel": "", "center_rewards_coefficient": "",
+    "bfloat16": "axolotl loads the weights in bf16 (no fp32 master copy); ft: bf16 mixed precision",
+    "float16": "", "embeddings_skip_upcast": "", "reinit_weights": "", "trainer_cls": "",
+}
+KNOWN_PLUGINS = {  # axolotl `plugins:` entries -> ft plugin (None: no ft equivalent, and why)
+    "axolotl.integrations.liger.LigerPlugin": "liger",
+    "axolotl.integrations.liger.plugin.LigerPlugin": "liger",
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": None,
+}
+LIGER_KEYS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
+              "liger_swiglu": "swiglu", "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy"}
+ATTENTION = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager",
+             "flex_attention": "flex_attention"}
+# axolotl chat_template names -> ft shipped template (None: the tokenizer's own)
+TEMPLATES = {
+    "chatml": "chatml", "llama3": "llama3", "llama2": "llama2", "gemma": "gemma", "gemma3": "gemma",
+    "phi_3": "phi_3", "phi_35": "phi_3", "phi_4": "phi_4", "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3",
+    "mistral_v1": "mistral_v1", "mistral_v2v3": "mistral_v2v3", "mistral_v3_tekken": "mistral_v3_tekken",
+    "mistral_v7_tekken": "mistral_v7_tekken", "qwen_25": "qwen", "tokenizer_default": None,
+}
+SFT_TYPES = {"chat_template": "chat_template", "alpaca": "alpaca", "completion": "completion",
+             "input_output": "input_output", "sharegpt": "chat_template", "sharegpt:chat": "chat_template",
+             "chat_template.default": "chat_template", "alpaca:chat": "alpaca"}
+ENTRY_SAME = ("path", "split", "name", "data_files", "revision", "ds_type", "field_messages", "message_property_mappings",
+              "roles", "roles_to_train", "train_on_eos", "message_field_training", "field_system", "field_tools",
+              "field_thinking", "drop_system_message", "field", "train_on_inputs")
+ENTRY_NO_EFFECT = {"trust_remote_code": "set hf.trust_remote_code for code that ships with a dataset",
+                   "preprocess_shards": "", "template_thinking_key": "ft hands the reasoning to templates as "
+                   "reasoning_content"}
+ENTRY_CHANGES = {"shards": "only a shard of the rows", "shards_idx": "", "input_transform": "",
+                 "message_field_training_detail": "per-character training spans are not offered",
+                 "split_thinking": "", "logprobs_field": "", "temperature": "", "input_format": ""}
+RL_METHODS = {"dpo": "dpo", "ipo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo"}
+PREFERENCE_TYPES = {  # axolotl rl dataset type prefix/suffix -> ft preference fields
+    "intel": {"field_prompt": "question", "field_chosen": "chosen", "field_rejected": "rejected",
+              "field_system": "system"},
+    "argilla": {"field_prompt": "instruction", "field_chosen": "chosen_response",
+                "field_rejected": "rejected_response"},
+    "argilla_chat": {"field_chosen": "chosen", "field_rejected": "rejected"},
+    "ultra": {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected"},
+    "icr": {"field_prompt": "input", "field_chosen": "chosen", "field_rejected": "rejected"},
+    "prompt_pairs": {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected"},
+    "default": {"field_messages": "messages", "field_chosen": "chosen", "field_rejected": "rejected"},
+}
+
+
+# -- the conversion --------------------------------------------------------------------------------
+
+
+class _Converter:
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.core: dict[str, Any] = {}
+        self.plugins: list[str] = []
+        self.sections: dict[str, dict[str, Any]] = {}
+        self.notes: list[Note] = []
+        self.method: str | None = None
+        self.source: str | None = None
+
+    # helpers
+    def note(self, key: str, value: Any, reason: str, changes_training: bool, expressed: bool = False) -> None:
+        self.notes.append(Note(key, value, reason, changes_training, expressed))
+
+    def select(self, *plugins: str) -> None:
+        for p in plugins:
+            if p not in self.plugins:
+                self.plugins.append(p)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.sections.setdefault(name, {})
+
+    def report_to(self, name: str) -> None:
+        names = self.core.setdefault("report_to", [])
+        if name not in names:
+            names.append(name)
+
+    def run(self) -> Conversion:
+        data = self.data
+        rl = data.get("rl")
+        if rl:
+            self.convert_rl(rl)
+        for key, value in data.items():
+            if key in ("rl", "trl") or key.startswith(("rl_", "kto_", "orpo_", "simpo_", "cpo_")):
+                continue  # converted with the method
+            handler = getattr(self, f"key_{key}", None)
+            if handler is not None:
+                handler(value)
+            elif key in LIGER_KEYS:
+                self._liger(key, value)
+            elif key in ATTENTION:
+                if value:
+                    self.section("hf")["attn_implementation"] = ATTENTION[key]
+            elif key.startswith("lora_") or key.startswith("peft_use_"):
+                self._lora(key, value)
+            elif key.startswith("wandb_") and key in ("wandb_project", "wandb_entity", "wandb_name", "wandb_tags",
+                                                       "wandb_group", "wandb_notes"):
+                self._wandb(key, value)
+            elif key.startswith("fsdp_") and key not in ("fsdp_final_state_dict_type",):
+                self._fsdp_flat(key, value)
+            elif key in SAME_CORE:
+                self.copy(key, key, value)
+            elif key in RENAMED_CORE:
+                self.copy(key, RENAMED_CORE[key], value)
+            elif value is None or value is False or value == "" or value == [] or value == {}:
+                continue  # unset or off: what ft does anyway
+            elif key in NO_EFFECT:
+                self.note(key, value, NO_EFFECT[key] or "not needed in ft", False)
+            elif key in CHANGES_TRAINING:
+                self.note(key, value, CHANGES_TRAINING[key] or "no ft equivalent", True)
+            else:
+                self.note(key, value, "unknown to `ft convert`; no ft equivalent known", True)
+        return Conversion(self.assemble(), self.notes)
+
+    def assemble(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("base_model", "tokenizer"):
+            if key in self.core:
+                out[key] = self.core.pop(key)
+        if self.method:
+            out["method"] = self.method
+        if self.plugins:
+            out["plugins"] = list(self.plugins)
+        for key in ("datasets", "test_datasets"):
+            if key in self.core:
+                out[key] = self.core.pop(key)
+        out.update(self.core)
+        for name in sorted(self.sections, key=_section_order):
+            if self.sections[name] or name in self.plugins:
+                out[name] = self.sections[name]
+        return out
+
+    def copy(self, src: str, dst: str, value: Any) -> None:
+        if value is None:
+            return
+        if dst in FLOATS and isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 2e-5 (no dot) as text; axolotl accepts it
+            except ValueError:
+                pass
+        if dst == "bf16" and value == "full":
+            value = True
+            self.note(src, "full", "ft trains in bf16 mixed precision (fp32 master weights)", True, expressed=True)
+        self.core[dst] = value
+
+    # -- core keys with a twist ------------------------------------------------------------------
+
+    def key_datasets(self, value: Any) -> None:
+        self.core["datasets"] = self.convert_entries("datasets", value)
+
+    def key_test_datasets(self, value: Any) -> None:
+        if value:
+            self.core["test_datasets"] = self.convert_entries("test_datasets", value)
+
+    def key_special_tokens(self, value: Any) -> None:
+        if not value:
+            return
+        special = {k: v for k, v in value.items() if k != "additional_special_tokens" and v is not None}
+        if special:
+            self.core["special_tokens"] = special
+        extra = value.get("additional_special_tokens")
+        if extra:
+            tokens = self.core.setdefault("tokens", [])
+            tokens.extend(t for t in extra if t not in tokens)
+            self.note("special_tokens.additional_special_tokens", extra, "added to `tokens`", False, expressed=True)
+
+    def key_tokens(self, value: Any) -> None:
+        if value:
+            tokens = self.core.setdefault("tokens", [])
+            tokens.extend(t for t in value if t not in tokens)
+
+    def key_batch_size(self, value: Any) -> None:
+        if value and "gradient_accumulation_steps" not in self.data and self.data.get("micro_batch_size"):
+            self.core["gradient_accumulation_steps"] = max(1, int(value) // int(self.data["micro_batch_size"]))
+            self.note("batch_size", value, "became gradient_accumulation_steps (batch_size / micro_batch_size)",
+                      False, expressed=True)
+
+    def key_tf32(self, value: Any) -> None:
+        if isinstance(value, bool):
+            self.core["tf32"] = value
+
+    def key_gradient_checkpointing(self, value: Any) -> None:
+        if value in ("offload", "offload_disk"):
+            self.core["gradient_checkpointing"] = True
+            self.note("gradient_checkpointing", value, "offloading activations is not offered; plain "
+                      "gradient checkpointing is on", False, expressed=True)
+        elif value is not None:
+            self.core["gradient_checkpointing"] = bool(value)
+
+    def key_excess_length_strategy(self, value: Any) -> None:
+        if value:
+            self.core["excess_length"] = {"raise": "error"}.get(value, value)
+
+    def key_eval_steps(self, value: Any) -> None:
+        self._steps("eval_steps", value)
+
+    def key_save_steps(self, value: Any) -> None:
+        self._steps("save_steps", value)
+
+    def _steps(self, key: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, float) and value < 1:
+            per = "evals_per_epoch" if key == "eval_steps" else "saves_per_epoch"
+            self.note(key, value, f"a fraction of the run is not offered; use {per}", False)
+            return
+        self.core[key] = int(value)
+
+    def key_eval_strategy(self, value: Any) -> None:
+        if value in ("steps", "epoch", "no"):
+            self.core["eval_strategy"] = value
+        elif value:
+            self.note("eval_strategy", value, "ft evaluates by steps, epoch, or no", False)
+
+    key_evaluation_strategy = key_eval_strategy
+
+    def key_save_strategy(self, value: Any) -> None:
+        if value in ("steps", "epoch", "no"):
+            self.core["save_strategy"] = value
+        elif value:
+            self.note("save_strategy", value, "ft saves by steps, epoch, or no (keep the best with "
+                      "load_best_model_at_end)", False)
+
+    def key_optimizer(self, value: Any) -> None:
+        if not value:
+            return
+        from ft_plugins.optimizers import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
+
+        if value in {**TRANSFORMERS_OPTIMIZERS, **BNB_OPTIMIZERS, **TORCHAO_OPTIMIZERS}:
+            self.core["optimizer"] = value
+        else:
+            self.note("optimizer", value, "not offered; ft trains with adamw_torch (see `ft plugins` for the "
+                      "optimizer names plugins register)", True)
+
+    def key_lr_scheduler(self, value: Any) -> None:
+        if not value:
+            return
+        from ft_plugins.optimizers import SCHEDULERS
+
+        if value in SCHEDULERS:
+            self.core["lr_scheduler"] = value
+        else:
+            self.note("lr_scheduler", value, "not offered; ft uses cosine", True)
+
+    def key_base_model_config(self, value: Any) -> None:
+        if value and value != self.data.get("base_model"):
+            self.note("base_model_config", value, "ft reads the model config from base_model", True)
+
+    def key_model_type(self, value: Any) -> None:
+        if value and not str(value).startswith("AutoModel"):
+            self.note("model_type", value, "ft loads AutoModelForCausalLM", True)
+
+    def key_tokenizer_type(self, value: Any) -> None:
+        if value and not str(value).startswith(("AutoTokenizer", "PreTrainedTokenizerFast")):
+            self.note("tokenizer_type", value, "ft loads AutoTokenizer (a fast tokenizer)", False)
+
+    def key_trust_remote_code(self, value: Any) -> None:
+        if value:
+            self.section("hf")["trust_remote_code"] = True
+
+    def key_attn_implementation(self, value: Any) -> None:
+        if value:
+            self.section("hf")["attn_implementation"] = value
+
+    def key_pad_to_multiple_of(self, value: Any) -> None:
+        if value:
+            self.section("hf")["pad_to_multiple_of"] = int(value)
+
+    # -- chat templates --------------------------------------------------------------------------
+
+    def template(self, key: str, value: Any, jinja: Any = None) -> tuple[bool, Any]:
+        """(set?, ft chat_template value) for an axolotl chat_template value."""
+        if value in (None, ""):
+            return (True, jinja) if jinja else (False, None)
+        if value == "jinja" or jinja:
+            if not jinja:
+                self.note(key, value, "chat_template: jinja without chat_template_jinja", True)
+                return False, None
+            return True, jinja
+        if str(value).startswith("tokenizer_default_fallback_"):
+            fallback = str(value)[len("tokenizer_default_fallback_"):]
+            self.note(key, value, f"ft uses the tokenizer's own template and says so when it has none (then set "
+                      f"chat_template: {TEMPLATES.get(fallback, fallback)})", False, expressed=True)
+            return True, None
+        if value in TEMPLATES:
+            return True, TEMPLATES[value]
+        self.note(key, value, "not shipped with ft; the tokenizer's own template is used (check that it renders "
+                  "like axolotl's)", True, expressed=True)
+        return True, None
+
+    def key_chat_template(self, value: Any) -> None:
+        ok, spec = self.template("chat_template", value, self.data.get("chat_template_jinja"))
+        if ok and spec is not None:
+            self.core["chat_template"] = spec
+
+    def key_chat_template_jinja(self, value: Any) -> None:
+        if value and not self.data.get("chat_template"):
+            self.core["chat_template"] = value
+
+    def key_eot_tokens(self, value: Any) -> None:
+        pass  # put on every chat dataset entry (convert_entries)
+
+    # -- adapters and quantization ---------------------------------------------------------------
+
+    def key_adapter(self, value: Any) -> None:
+        if value in ("lora", "qlora"):
+            self.select("lora")
+            self.section("lora")
+            if value == "qlora":
+                self.select("qlora")
+                self.section("qlora").setdefault("bits", 4)
+        elif value:
+            self.note("adapter", value, "only lora and qlora adapters are offered", True)
+
+    def _lora(self, key: str, value: Any) -> None:
+        names = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules":
+                 "target_modules", "lora_modules_to_save": "modules_to_save", "peft_use_dora": "use_dora",
+                 "peft_use_rslora": "use_rslora", "lora_model_dir": "init_from"}
+        if value is None:
+            return
+        if key == "lora_target_linear":
+            if value:
+                self.section("lora")["target_modules"] = "all-linear"
+                if self.data.get("lora_target_modules"):
+                    self.note("lora_target_modules", self.data["lora_target_modules"],
+                              "lora_target_linear covers them: all-linear", False, expressed=True)
+            return
+        if key == "lora_target_modules" and self.data.get("lora_target_linear"):
+            return
+        if key in names:
+            if not self.data.get("adapter"):
+                if key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") and value in ([], None):
+                    return
+                self.note(key, value, "there is no adapter (full fine-tune); ignored", False)
+                return
+            if value == [] or value == "":
+                return
+            self.section("lora")[names[key]] = value
+        elif value not in (None, False, "", [], {}):
+            reason = CHANGES_TRAINING.get(key) or NO_EFFECT.get(key)
+            self.note(key, value, reason or "no ft equivalent", key not in NO_EFFECT)
+
+    def key_load_in_4bit(self, value: Any) -> None:
+        self._quantized(4, value)
+
+    def key_load_in_8bit(self, value: Any) -> None:
+        self._quantized(8, value)
+
+    def _quantized(self, bits: int, value: Any) -> None:
+        if not value:
+            return
+        if self.data.get("adapter") not in ("lora", "qlora"):
+            self.note(f"load_in_{bits}bit", value, "a quantized base trains only with an adapter (adapter: lora)", True)
+            return
+        self.select("lora", "qlora")
+        self.section("qlora")["bits"] = bits
+
+    def key_bnb_config_kwargs(self, value: Any) -> None:
+        if not value:
+            return
+        q = self.section("qlora")
+        names = {"bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+                 "bnb_4bit_compute_dtype": "compute_dtype"}
+        for k, v in value.items():
+            if k in names:
+                q[names[k]] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(v, v)
+            elif k not in ("llm_int8_has_fp16_weight",):
+                self.note(f"bnb_config_kwargs.{k}", v, "no ft equivalent", True)
+
+    # -- packing, kernels, compile ---------------------------------------------------------------
+
+    def key_sample_packing(self, value: Any) -> None:
+        if value:
+            self.select("packing")
+
+    def key_plugins(self, value: Any) -> None:
+        for name in value or []:
+            if name in KNOWN_PLUGINS and KNOWN_PLUGINS[name]:
+                self.select(KNOWN_PLUGINS[name])
+                self.section(KNOWN_PLUGINS[name])
+            elif name in KNOWN_PLUGINS:
+                self.note(f"plugins[{name}]", name, "a memory-saving loss kernel (same loss); see the liger plugin",
+                          False)
+            else:
+                self.note("plugins", name, "an axolotl integration with no ft plugin known", True)
+
+    def _liger(self, key: str, value: Any) -> None:
+        if value is None:
+            return
+        self.select("liger")
+        self.section("liger")[LIGER_KEYS[key]] = bool(value)
+
+    def key_liger_layer_norm(self, value: Any) -> None:
+        if value:
+            self.note("liger_layer_norm", value, "ft's liger plugin patches RMSNorm, RoPE, SwiGLU and the fused "
+                      "loss", False)
+
+    def key_torch_compile(self, value: Any) -> None:
+        if value is True:
+            self.select("compile")
+            self.section("compile")
+        elif value == "auto":
+            self.note("torch_compile", value, "ft compiles only when asked: plugins: [compile]", False)
+
+    def key_torch_compile_backend(self, value: Any) -> None:
+        if value:
+            self.section("compile")["backend"] = value
+
+    def key_torch_compile_mode(self, value: Any) -> None:
+        if value:
+            self.section("compile")["mode"] = value
+
+    # -- distributed -----------------------------------------------------------------------------
+
+    def key_fsdp(self, value: Any) -> None:
+        if not value:
+            return
+        self.select("fsdp")
+        section = self.section("fsdp")
+        opts = value if isinstance(value, list) else str(value).split()
+        if "shard_grad_op" in opts:
+            section["reshard_after_forward"] = False
+        if "offload" in opts:
+            section["offload_params"] = True
+
+    def key_fsdp_config(self, value: Any) -> None:
+        if not value:
+            return
+        self.select("fsdp")
+        for k, v in value.items():
+            self._fsdp_flat(k if k.startswith("fsdp_") else f"fsdp_{k}", v, where=f"fsdp_config.{k}")
+
+    def key_fsdp_version(self, value: Any) -> None:
+        if value and int(value) == 1:
+            self.note("fsdp_version", value, "ft shards with FSDP2 (same training)", False, expressed=True)
+
+    def _fsdp_flat(self, key: str, value: Any, where: str | None = None) -> None:
+        where = where or key
+        if value is None:
+            return
+        section = self.section("fsdp")
+        name = key[len("fsdp_"):]
+        if name == "offload_params":
+            section["offload_params"] = bool(value)
+        elif name == "transformer_layer_cls_to_wrap":
+            section["wrap_layers"] = [value] if isinstance(value, str) else list(value)
+        elif name == "activation_checkpointing":
+            section["activation_checkpointing"] = bool(value)
+        elif name == "reshard_after_forward":
+            section["reshard_after_forward"] = bool(value)
+        elif name == "state_dict_type":
+            section["save"] = "sharded" if "SHARDED" in str(value).upper() else "full"
+        elif name == "version":
+            self.key_fsdp_version(value)
+        elif name in ("auto_wrap_policy", "sync_module_states", "use_orig_params", "cpu_ram_efficient_loading",
+                      "backward_prefetch", "forward_prefetch", "limit_all_gathers", "sharding_strategy",
+                      "cpu_offload_pin_memory"):
+            if name == "sharding_strategy" and "SHARD_GRAD_OP" in str(value).upper():
+                section["reshard_after_forward"] = False
+            elif value not in (None, False):
+                self.note(where, value, "decided by ft's FSDP2 setup", False)
+        elif value not in (None, False, "", []):
+            self.note(where, value, "no ft equivalent", False)
+
+    def key_deepspeed(self, value: Any) -> None:
+        if not value:
+            return
+        self.select("deepspeed")
+        section = self.section("deepspeed")
+        if isinstance(value, dict):
+            zero = value.get("zero_optimization", {})
+            if zero.get("stage"):
+                section["stage"] = int(zero["stage"])
+            self.note("deepspeed", "{...}", "an inline DeepSpeed config: only the ZeRO stage was kept; write it to a "
+                      "file and set deepspeed.config to use all of it", True, expressed=True)
+            return
+        from pathlib import Path
+
+        base = Path(self.source).parent if self.source else Path(".")
+        if (base / value).is_file() or Path(value).is_file():
+            section["config"] = str(value)
+            return
+        match = re.search(r"zero(\d)", str(value))
+        if match and match.group(1) in "123":
+            section["stage"] = int(match.group(1))
+            if "offload" in str(value):
+                section["offload_optimizer"] = True
+                if match.group(1) == "3":
+                    section["offload_params"] = True
+            self.note("deepspeed", value, "the file is not here: its ZeRO stage (and offload) came from its name; "
+                      "set deepspeed.config to the file to use it as it is", False, expressed=True)
+        else:
+            section["config"] = str(value)
+            self.note("deepspeed", value, "the file is not next to the config; copy it there", False, expressed=True)
+
+    # -- tracking and hub ------------------------------------------------------------------------
+
+    def key_use_wandb(self, value: Any) -> None:
+        if value:
+            self.report_to("wandb")
+
+    def _wandb(self, key: str, value: Any) -> None:
+        if not value:
+            return
+        self.report_to("wandb")
+        self.section("wandb")[key[len("wandb_"):]] = value
+
+    def key_use_tensorboard(self, value: Any) -> None:
+        if value:
+            self.report_to("tensorboard")
+
+    def key_use_mlflow(self, value: Any) -> None:
+        if value:
+            self.report_to("mlflow")
+
+    def key_use_comet(self, value: Any) -> None:
+        if value:
+            self.report_to("comet_ml")
+
+    def key_report_to(self, value: Any) -> None:
+        for name in [value] if isinstance(value, str) else list(value or []):
+            if name and name != "none":
+                self.report_to(name)
+
+    def key_hub_model_id(self, value: Any) -> None:
+        if value:
+            self.section("hub")["model_id"] = value
+
+    def key_hub_strategy(self, value: Any) -> None:
+        if not value:
+            return
+        if value in ("end", "every_save"):
+            self.section("hub")["strategy"] = value
+        elif value in ("checkpoint", "all_checkpoints"):
+            self.section("hub")["strategy"] = "every_save"
+            self.note("hub_strategy", value, "ft pushes each checkpoint as it is written (every_save)", False,
+                      expressed=True)
+
+    def key_hub_private_repo(self, value: Any) -> None:
+        if value is not None:
+            self.section("hub")["private"] = bool(value)
+
+    key_hub_private = key_hub_private_repo
+
+    def key_push_to_hub(self, value: Any) -> None:
+        pass  # hub_model_id decides
+
+    # -- datasets --------------------------------------------------------------------------------
+
+    def convert_entries(self, group: str, entries: Any) -> list[dict[str, Any]]:
+        out = []
+        for i, entry in enumerate(entries or []):
+            where = f"{group}[{i}]"
+            if not isinstance(entry, dict):
+                self.note(where, entry, "not a mapping", True)
+                continue
+            converted = self.convert_entry(where, entry)
+            if converted is not None:
+                out.append(converted)
+        return out
+
+    def convert_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        kind = entry.get("type")
+        if self.method and self.method != "sft":
+            return self.preference_entry(where, entry)
+        out: dict[str, Any] = {}
+        if isinstance(kind, dict):
+            fields = {k: v for k, v in kind.items() if k in ("field_instruction", "field_input", "field_output") and v}
+            out["type"] = "alpaca"
+            out.update(fields)
+            custom = [k for k, v in kind.items() if v and k not in fields]
+            if custom:
+                self.note(f"{where}.type", {k: kind[k] for k in custom}, "a custom prompt format; ft's alpaca "
+                          "format renders the prompt its own way", True, expressed=True)
+        elif kind is None:
+            self.note(where, entry.get("path"), "no type: axolotl guesses; ft needs `type:` (e.g. chat_template)", True)
+            return None
+        elif str(kind) in SFT_TYPES:
+            out["type"] = SFT_TYPES[str(kind)]
+            if str(kind).startswith("sharegpt") and "field_messages" not in entry:
+                out["field_messages"] = "conversations"
+        else:
+            self.note(where, f"type: {kind}", f"dataset type '{kind}' is not offered (ft has chat_template, alpaca, "
+                      "completion, input_output); the dataset was left out", True)
+            return None
+        for key, value in entry.items():
+            if key == "type" or value is None:
+                continue
+            if key in ENTRY_SAME:
+                out[key] = value
+            elif key in ("message_field_role", "message_field_content"):
+                mapping = out.setdefault("message_property_mappings", dict(entry.get("message_property_mappings") or {}))
+                mapping.setdefault(key[len("message_field_"):], value)
+            elif key == "train_on_eot":
+                out["train_on_eos"] = value
+                if entry.get("train_on_eos") not in (None, value):
+                    self.note(f"{where}.train_on_eos", entry["train_on_eos"], "ft's train_on_eos is about the "
+                              "end-of-turn token: train_on_eot was used", True, expressed=True)
+            elif key in ("chat_template", "conversation"):
+                ok, spec = self.template(f"{where}.{key}", value, entry.get("chat_template_jinja"))
+                if ok and spec is not None:
+                    out["chat_template"] = spec
+            elif key == "chat_template_jinja":
+                if not entry.get("chat_template"):
+                    out["chat_template"] = value
+            elif key in ENTRY_NO_EFFECT:
+                if value:
+                    self.note(f"{where}.{key}", value, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+            elif key in ENTRY_CHANGES:
+                self.note(f"{where}.{key}", value, ENTRY_CHANGES[key] or "no ft equivalent", True)
+            elif value not in (False, "", [], {}):
+                self.note(f"{where}.{key}", value, "no ft equivalent", True)
+        if out["type"] == "chat_template" and self.data.get("eot_tokens"):
+            out.setdefault("eot_tokens", list(self.data["eot_tokens"]))
+        return _ordered_entry(out)
+
+    # -- rl -> method ----------------------------------------------------------------------------
+
+    def convert_rl(self, rl: Any) -> None:
+        data = self.data
+        method = RL_METHODS.get(str(rl))
+        if method is None:
+            self.note("rl", rl, "this training method is not offered", True)
+            return
+        self.method = method
+        section = self.section(method)
+        beta = data.get("rl_beta", (data.get("trl") or {}).get("beta"))
+        if method == "dpo":
+            if beta is not None:
+                section["beta"] = beta
+            section["loss_type"] = "ipo" if rl == "ipo" else "sigmoid"
+            if data.get("dpo_loss_type"):
+                self.note("dpo_loss_type", data["dpo_loss_type"], "one loss_type per run in ft", True)
+        elif method == "kto":
+            if beta is not None:
+                section["beta"] = beta
+            for src, dst in (("kto_desirable_weight", "desirable_weight"),
+                             ("kto_undesirable_weight", "undesirable_weight")):
+                if data.get(src) is not None:
+                    section[dst] = data[src]
+        elif method == "orpo":
+            alpha = data.get("orpo_alpha", beta)
+            if alpha is not None:
+                section["beta"] = alpha
+        elif method == "simpo":
+            if beta is not None:
+                section["beta"] = beta
+            if data.get("simpo_gamma") is not None:
+                section["gamma"] = data["simpo_gamma"]
+            if data.get("cpo_alpha") is not None:
+                section["cpo_alpha"] = data["cpo_alpha"]
+        elif method == "grpo":
+            self.convert_trl(data.get("trl") or {}, section)
+        for key in data:
+            if key.startswith(("rl_", "kto_", "orpo_", "simpo_", "cpo_")) and key not in (
+                    "rl_beta", "kto_desirable_weight", "kto_undesirable_weight", "orpo_alpha", "simpo_gamma", "cpo_alpha"):
+                if data[key] not in (None, False):
+                    self.note(key, data[key], "no ft equivalent", True)
+        if method != "grpo" and data.get("trl"):
+            for key, value in data["trl"].items():
+                if key != "beta" and value not in (None, False):
+                    self.note(f"trl.{key}", value, "no ft equivalent for this method", True)
+
+    def convert_trl(self, trl: dict[str, Any], section: dict[str, Any]) -> None:
+        names = {"num_generations": "num_generations", "temperature": "temperature", "top_p": "top_p",
+                 "max_completion_length": "max_completion_len", "beta": "beta", "epsilon": "epsilon",
+                 "loss_type": "loss_type", "scale_rewards": "scale_rewards", "num_iterations": "num_iterations"}
+        if self.data.get("rl_beta") is not None:
+            section["beta"] = self.data["rl_beta"]
+        for key, value in trl.items():
+            if value is None:
+                continue
+            if key in names:
+                section.setdefault(names[key], value)
+            elif key in ("reward_funcs", "reward_weights"):
+                continue
+            elif key.startswith("vllm") or key in ("use_vllm",):
+                if value:
+                    self.note(f"trl.{key}", value, "ft generates with the model being trained (no vLLM server)", False)
+            elif value is not False:
+                self.note(f"trl.{key}", value, "no ft equivalent", True)
+        funcs = trl.get("reward_funcs") or []
+        weights = trl.get("reward_weights") or [1.0] * len(funcs)
+        if funcs:
+            section["rewards"] = [{"name": str(f).rsplit(".", 1)[-1], "weight": w} for f, w in zip(funcs, weights,
+                                                                                                   strict=False)]
+            self.note("trl.reward_funcs", funcs, "reward functions are ft plugins registered by name: register each "
+                      "under the name given here", True, expressed=True)
+
+    def preference_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        kind = entry.get("type")
+        out: dict[str, Any] = {"path": entry.get("path"), "type": "kto" if self.method == "kto" else "preference"}
+        for key in ("split", "name", "data_files", "revision", "ds_type"):
+            if entry.get(key) is not None:
+                out[key] = entry[key]
+        fields: dict[str, str] = {}
+        template = None
+        if isinstance(kind, dict):
+            fields = {k: v for k, v in kind.items() if k.startswith("field_") and v}
+            if any(k.endswith("_format") and v for k, v in kind.items()):
+                self.note(f"{where}.type", kind, "custom prompt formats are not offered; the chat template renders",
+                          True, expressed=True)
+        elif isinstance(kind, str):
+            prefix, _, variant = kind.partition(".")
+            template = {"chatml": "chatml", "llama3": "llama3", "zephyr": None}.get(prefix)
+            fields = dict(PREFERENCE_TYPES.get(variant, {}))
+            if variant not in PREFERENCE_TYPES and prefix != "chat_template":
+                self.note(f"{where}.type", kind, "field names guessed (prompt, chosen, rejected): check them against "
+                          "your data", True, expressed=True)
+            else:
+                self.note(f"{where}.type", kind, f"became ft's '{out['type']}' type with this dataset's fields; check "
+                          "them against `ft plugins` (the preference formats)", False, expressed=True)
+        for key in ("field_messages", "field_chosen", "field_rejected", "field_prompt", "field_system"):
+            if entry.get(key):
+                fields[key] = entry[key]
+        if self.method == "kto":
+            fields = {k: v for k, v in fields.items() if k not in ("field_chosen", "field_rejected")}
+        out.update(fields)
+        if template:
+            out["chat_template"] = template
+        return out
+
+
+def _section_order(name: str) -> tuple[int, str]:
+    order = ["lora", "qlora", "dpo", "kto", "orpo", "simpo", "grpo", "hf", "liger", "compile", "fsdp", "deepspeed",
+             "wandb", "hub"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _ordered_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    first = [k for k in ("path", "type", "split", "name", "ds_type", "data_files") if k in entry]
+    return {**{k: entry[k] for k in first}, **{k: v for k, v in entry.items() if k not in first}}
+
+
+def convert(data: dict[str, Any], source: str | None = None) -> Conversion:
+    """An axolotl config (parsed YAML) as an ft config, with notes about what did not carry over."""
+    from ft.errors import FtError
+
+    if not isinstance(data, dict):
+        raise FtError(f"{source or 'the axolotl config'}: the top level must be a mapping of keys to values.")
+    if not data.get("base_model"):
+        raise FtError(f"{source or 'the axolotl config'}: has no base_model, so it is not an axolotl training config.")
+    converter = _Converter(data)
+    converter.source = source
+    return converter.run()
+
+
+# -- hints for axolotl keys in an ft config --------------------------------------------------------
+
+
+def _adapter_hint(value: Any) -> str:
+    if value == "qlora":
+        return "axolotl's `adapter: qlora` is `plugins: [lora, qlora]` in ft (qlora: {bits: 4} sets the bits)."
+    return "axolotl's `adapter: lora` is `plugins: [lora]` in ft, with the settings in a `lora:` section."
+
+
+KEY_HINTS: dict[str, str | Callable[[Any], str]] = {
+    "adapter": _adapter_hint,
+    "lora_r": "write `r:` in the `lora:` section (and select the plugin: plugins: [lora]).",
+    "lora_alpha": "write `alpha:` in the `lora:` section.",
+    "lora_dropout": "write `dropout:` in the `lora:` section.",
+    "lora_target_modules": "write `target_modules:` in the `lora:` section.",
+    "lora_target_linear": "write `target_modules: all-linear` in the `lora:` section.",
+    "lora_modules_to_save": "write `modules_to_save:` in the `lora:` section.",
+    "lora_model_dir": "write `init_from:` in the `lora:` section to continue from an adapter.",
+    "peft_use_dora": "write `use_dora: true` in the `lora:` section.",
+    "peft_use_rslora": "write `use_rslora: true` in the `lora:` section.",
+    "load_in_4bit": "write `plugins: [lora, qlora]` (4 bits is the qlora default).",
+    "load_in_8bit": "write `plugins: [lora, qlora]` and `qlora: {bits: 8}`.",
+    "bnb_config_kwargs": "write quant_type / double_quant / compute_dtype in the `qlora:` section.",
+    "sample_packing": "write `plugins: [packing]`.",
+    "flash_attention": "write `hf: {attn_implementation: flash_attention_2}`.",
+    "sdp_attention": "write `hf: {attn_implementation: sdpa}` (the default).",
+    "eager_attention": "write `hf: {attn_implementation: eager}`.",
+    "flex_attention": "write `hf: {attn_implementation: flex_attention}`.",
+    "attn_implementation": "write it in the `hf:` section: hf: {attn_implementation: ...}.",
+    "trust_remote_code": "write `hf: {trust_remote_code: true}`.",
+    "liger_rope": "write `plugins: [liger]` (its `liger:` section turns single kernels off).",
+    "liger_rms_norm": "write `plugins: [liger]`.", "liger_glu_activation": "write `plugins: [liger]`.",
+    "liger_fused_linear_cross_entropy": "write `plugins: [liger]`.",
+    "torch_compile": "write `plugins: [compile]` (its `compile:` section has mode and backend).",
+    "torch_compile_backend": "write `backend:` in the `compile:` section.",
+    "torch_compile_mode": "write `mode:` in the `compile:` section.",
+    "fsdp_config": "write `plugins: [fsdp]` with an `fsdp:` section (wrap_layers, offload_params ...).",
+    "fsdp_version": "ft's fsdp plugin is FSDP2; write `plugins: [fsdp]`.",
+    "wandb_project": "write `report_to: wandb` and `wandb: {project: ...}`.",
+    "wandb_entity": "write `entity:` in the `wandb:` section.",
+    "wandb_name": "write `name:` in the `wandb:` section.",
+    "wandb_tags": "write `tags:` in the `wandb:` section.",
+    "use_wandb": "write `report_to: wandb`.", "use_tensorboard": "write `report_to: tensorboard`.",
+    "use_mlflow": "write `report_to: mlflow`.",
+    "hub_model_id": "write `hub: {model_id: ...}`.", "hub_strategy": "write `strategy:` in the `hub:` section.",
+    "hub_private_repo": "write `private:` in the `hub:` section.",
+    "rl": "write `method:` (dpo, kto, orpo, simpo, grpo) with the method's section.",
+    "rl_beta": "write `beta:` in the method's section (e.g. dpo: {beta: 0.1}).",
+    "tokenizer_config": "write `tokenizer:`.", "dataset_processes": "write `dataset_num_proc:`.",
+    "excess_length_strategy": "write `excess_length:` (drop, truncate or error).",
+    "shuffle_merged_datasets": "write `shuffle:`.",
+    "chat_template_jinja": "write the jinja (or a .jinja file) as `chat_template:`.",
+    "eot_tokens": "write `eot_tokens:` on each chat_template dataset entry.",
+    "batch_size": "write gradient_accumulation_steps (batch_size / micro_batch_size).",
+    "base_model_config": "ft reads the model config from base_model; remove it.",
+    "model_type": "ft loads AutoModelForCausalLM; remove it.", "tokenizer_type": "ft loads AutoTokenizer; remove it.",
+    "datasets[].conversation": "write the template name as `chat_template:` on the entry.",
+    "datasets[].message_field_role": "write `message_property_mappings: {role: ...}`.",
+    "datasets[].message_field_content": "write `message_property_mappings: {content: ...}`.",
+    "datasets[].train_on_eot": "write `train_on_eos:` (in ft it is about the end-of-turn token).",
+    "datasets[].chat_template_jinja": "write the jinja (or a .jinja file) as `chat_template:`.",
+}
+CONVERT_TIP = " `ft convert axolotl.yml -o ft.yaml` translates a whole axolotl config."
+
+
+def _with_tip(hint: str | Callable[[Any], str]) -> Callable[[Any], str]:
+    def text(value: Any) -> str:
+        return (hint(value) if callable(hint) else f"This is axolotl's key: {hint}") + CONVERT_TIP
+
+    return text
+
+
+@hookimpl
+def ft_register_key_hints(register):
+    for key, hint in KEY_HINTS.items():
+        register.add(key, _with_tip(hint))
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+@hookimpl
+def ft_add_commands(cli):
+    import click
+
+    from ft.cli import handle_errors
+
+    @cli.command("convert")
+    @click.argument("source", type=click.Path(dir_okay=False, exists=True))
+    @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                  help="Write the ft config here (default: print it).")
+    @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+    @handle_errors
+    def convert_command(source, output, force):
+        """Convert an axolotl config to an ft config.
+
+        Keys ft cannot express are listed in a comment at the top of the output. Exits with status 3
+        when one of them changes what is trained (the config is still written), else 0.
+        """
+        import sys
+        from pathlib import Path
+
+        from ft.config import read_yaml
+        from ft.errors import FtError
+
+        raw = read_yaml(source)
+        result = convert(raw.data, source)
+        text = result.to_yaml(source)
+        if output:
+            out = Path(output)
+            if out.exists() and not force:
+                raise FtError(f"{out} exists; pass --force to replace it (or choose another -o).")
+            out.write_text(text, encoding="utf-8")
+            click.echo(f"wrote {out}", err=True)
+        else:
+            click.echo(text, nl=False)
+        dropped = result.dropped_training
+        others = [n for n in result.notes if not n.changes_training and not n.expressed]
+        if others:
+            click.echo(f"{len(others)} key(s) not needed in ft (listed at the top of the output).", err=True)
+        if dropped:
+            click.secho(f"{len(dropped)} key(s) that change training could not be expressed: "
+                        + ", ".join(n.key for n in dropped) + ". Review the comment at the top of the output.",
+                        fg="yellow", err=True)
+            sys.exit(EXIT_DROPPED_TRAINING)
+        if output:
+            click.echo(f"check it: ft validate {output}", err=True)

@@ -1,0 +1,74 @@
+"""Training methods: what a run optimises (``method: sft``, ``dpo``, ``grpo`` ... in the config).
+
+A method plugin registers a :class:`Method` in ``ft_register_methods``. The core reads nothing
+but this declaration: which row columns the method's dataset formats must produce (checked at
+validation, with file:line, before any model loads), how to build its collator, its Trainer and
+arguments classes, the extra Trainer keyword arguments it needs (a reference model, reward
+functions), the metrics it logs, and which features apply to it. SFT itself is the ``sft``
+method plugin (``ft_plugins.sft``) and goes through exactly this path.
+
+Metrics: a method's Trainer calls ``self.ft_record({name: value, ...})`` (from
+``ft.train.FtTrainerMixin``) once per micro-batch; the core averages them over each logging
+window, adds them to the logged values, ``metrics.json`` and the training-curves plot. Names
+listed in ``metrics`` are the ones a user can count on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Features a method may support. A feature plugin that only makes sense for some methods says
+# which of these it needs (``FT_METHOD_FEATURE = "packing"`` in its module).
+PACKING = "packing"
+EVAL = "eval"
+# The loss is the model's own next-token cross-entropy over the labels (``model(..., labels=...)``),
+# so a plugin may compute it another way (fused_loss) without changing the maths.
+MODEL_LOSS = "model_loss"
+
+SFT_COLUMNS = ("input_ids", "labels")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method, as its plugin declares it.
+
+    Attributes:
+        name: the ``method:`` value that selects it.
+        columns: row columns every dataset format used with this method must produce
+            (``input_ids``/``labels`` for SFT; ``chosen_input_ids``... for DPO).
+        collator: ``(cfg, tokenizer) -> callable(list[row]) -> dict of tensors``; used unless a
+            selected feature plugin (packing) supplies the collator through ``ft_collator``.
+        trainer_class: ``() -> type``, a subclass of ``transformers.Trainer`` (imported lazily).
+            The core mixes ft's checkpointing, token counting and metrics into it.
+        arguments_class: ``() -> type``, a subclass of ``transformers.TrainingArguments``, or None
+            for ``TrainingArguments``.
+        trainer_kwargs: ``(cfg, model, tokenizer, data) -> dict`` of extra keyword arguments for
+            the Trainer (a reference model, reward functions), or None.
+        metrics: names of the metrics it logs through ``ft_record``, in plotting order.
+        features: which features apply (``"packing"``, ``"eval"``, ``"model_loss"``); a selected
+            plugin that needs one the method lacks, or eval data for a method without ``"eval"``,
+            is a config error. Plugins read them with ``cfg.method_supports(name)``.
+        section: the config section holding the method's settings (default: the method's name);
+            a section of a method that is not chosen is a config error.
+        description: one line for ``ft plugins`` and the docs.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    collator: Callable[..., Any]
+    trainer_class: Callable[[], type]
+    arguments_class: Callable[[], type] | None = None
+    trainer_kwargs: Callable[..., dict[str, Any]] | None = None
+    metrics: tuple[str, ...] = ()
+    features: frozenset[str] = field(default_factory=lambda: frozenset({PACKING, EVAL}))
+    section: str | None = None
+    description: str = ""
+
+    @property
+    def section_name(self) -> str:
+        return self.section or self.name
+
+    def supports(self, feature: str) -> bool:
+        return feature in self.features

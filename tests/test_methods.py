@@ -1,0 +1,123 @@
+"""Training methods are plugins: a toy third-party method, installed from its own distribution,
+trains end to end through exactly the path SFT takes, and a format that lacks the method's
+columns is refused at validation with file:line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def weighted_sft_code() -> str:
+    """The toy method of docs/writing-a-method-plugin.md: SFT where each row's loss is scaled by its weight."""
+    import re
+
+    text = (DOCS / "writing-a-method-plugin.md").read_text(encoding="utf-8")
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith("# ft_weighted_sft.py\n")]
+    return code
+
+
+@pytest.fixture
+def weighted_env(tmp_path):
+    """The toy method as its own distribution (dist-info + entry point) on PYTHONPATH."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "ft_weighted_sft.py").write_text(weighted_sft_code())
+    info = site / "ft_weighted_sft-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-weighted-sft\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[ft]\nweighted_sft = ft_weighted_sft\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
+    env["FT_NO_PROGRESS"] = "1"
+    return env
+
+
+def ft(env, *args, cwd):
+    return subprocess.run([sys.executable, "-m", "ft.cli", *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def write_config(tmp_path: Path, model: Path, weight: float, *, dataset_type: str = "weighted") -> Path:
+    rows = [{"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}.", "text": "x", "weight": weight}
+            for i in range(16)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        base_model: {model}
+        method: weighted_sft
+        datasets:
+          - path: {data}
+            type: {dataset_type}
+        sequence_len: 64
+        micro_batch_size: 4
+        max_steps: 3
+        logging_steps: 1
+        learning_rate: 1.0e-2
+        weight_decay: 0.0
+        output_dir: {tmp_path / "out"}
+        dataset_prepared_path: {tmp_path / "prepared"}
+        dataset_num_proc: 1
+        """))
+    return config
+
+
+def test_a_third_party_method_trains_end_to_end(weighted_env, tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, weight=0.5)
+    listed = ft(weighted_env, "plugins", cwd=tmp_path)
+    assert "weighted_sft" in listed.stdout and "ft-weighted-sft 0.1.0" in listed.stdout
+    result = ft(weighted_env, "run", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["summary"]["method"] == "weighted_sft" and metrics["summary"]["steps"] == 3
+    history = metrics["history"]
+    # the method's own metrics are logged every step, averaged over the step's micro-batches
+    assert [row["weight_mean"] for row in history] == [0.5, 0.5, 0.5]
+    # and its loss is its own: half the unweighted per-row loss
+    assert all(row["loss"] == pytest.approx(0.5 * row["unweighted_loss"], rel=1e-4) for row in history)
+    assert metrics["summary"]["method_metrics"]["weight_mean"] == 0.5
+    assert (tmp_path / "out" / "training_curves.png").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_method_decides_the_loss_a_zero_weight_trains_nothing(weighted_env, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path, tiny_model_dir, weight=0.0)
+    result = ft(weighted_env, "run", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert all((after[k] == before[k]).all() for k in before)  # zero loss, zero gradients: no update
+
+
+def test_a_format_without_the_method_columns_is_refused_before_any_model_loads(weighted_env, tmp_path):
+    config = write_config(tmp_path, Path("no/such/model"), weight=1.0, dataset_type="completion")
+    result = ft(weighted_env, "validate", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{config}:5: datasets[0].type: dataset type 'completion' gives input_ids, labels, but method " \
+           "'weighted_sft' needs input_ids, labels, weight (missing: weight). Types for this method: weighted." \
+           in result.stderr
+
+
+def test_an_unknown_method_is_a_config_error_with_a_suggestion(tmp_path):
+    from ft.context import load_context
+    from ft.errors import ConfigError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base_model: m\nmethod: stf\ndatasets:\n  - path: {data}\n    type: completion\n")
+    with pytest.raises(ConfigError) as info:
+        load_context(config)
+    assert f"{config}:2: method: unknown training method 'stf'. Did you mean 'sft'?" in str(info.value)
