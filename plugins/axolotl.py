@@ -72,8 +72,26 @@ class Conversion:
             head.append("#")
         if len(head) == 3:
             head.append("# Every key was expressed.")
-        body = yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True, width=110, default_flow_style=None)
+        body = yaml.dump(self.config, Dumper=_dumper(), sort_keys=False, allow_unicode=True, width=110)
         return "\n".join(head) + "\n" + body
+
+
+def _dumper() -> type:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Block mappings; short lists of scalars inline ([lora, packing]); multi-line text as a block."""
+
+    def scalars(dumper: Any, items: list) -> Any:
+        flow = all(isinstance(x, (str, int, float, bool)) and not (isinstance(x, str) and "\n" in x) for x in items)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow and len(items) <= 12)
+
+    def text(dumper: Any, value: str) -> Any:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(list, scalars)
+    Dumper.add_representer(str, text)
+    return Dumper
 
 
 def _short(value: Any) -> str:
@@ -388,8 +406,11 @@ class _Converter:
     def key_optimizer(self, value: Any) -> None:
         if not value:
             return
-        from ft_plugins.optimizers import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
-
+        try:  # the names ft's optimizers plugin registers
+            from ft_plugins.optimizers import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
+        except ImportError:
+            self.core["optimizer"] = value
+            return
         if value in {**TRANSFORMERS_OPTIMIZERS, **BNB_OPTIMIZERS, **TORCHAO_OPTIMIZERS}:
             self.core["optimizer"] = value
         else:
@@ -399,8 +420,11 @@ class _Converter:
     def key_lr_scheduler(self, value: Any) -> None:
         if not value:
             return
-        from ft_plugins.optimizers import SCHEDULERS
-
+        try:
+            from ft_plugins.optimizers import SCHEDULERS
+        except ImportError:
+            self.core["lr_scheduler"] = value
+            return
         if value in SCHEDULERS:
             self.core["lr_scheduler"] = value
         else:
@@ -898,7 +922,7 @@ def _ordered_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 def convert(data: dict[str, Any], source: str | None = None) -> Conversion:
     """An axolotl config (parsed YAML) as an ft config, with notes about what did not carry over."""
-    from ft.errors import FtError
+    from ft.api import FtError
 
     if not isinstance(data, dict):
         raise FtError(f"{source or 'the axolotl config'}: the top level must be a mapping of keys to values.")
@@ -1011,8 +1035,7 @@ def ft_add_commands(cli):
         import sys
         from pathlib import Path
 
-        from ft.config import read_yaml
-        from ft.errors import FtError
+        from ft.api import FtError, read_yaml
 
         raw = read_yaml(source)
         result = convert(raw.data, source)

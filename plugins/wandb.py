@@ -57,7 +57,7 @@ def environment(section: WandbSection) -> dict[str, str]:
 
 @hookimpl
 def ft_validate_config(cfg):
-    from ft.config import reporter_names
+    from ft.api import reporter_names
 
     if cfg.wandb is not None and "wandb" not in reporter_names(cfg) and "all" not in reporter_names(cfg):
         return [f"{cfg.where('wandb')}: the wandb section has no effect unless the run reports to W&B; add "

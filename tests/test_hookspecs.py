@@ -14,7 +14,7 @@ HOOKS = hook_names()
 
 def test_there_are_hooks_for_every_phase():
     source = inspect.getsource(hookspecs)
-    for phase in ("config", "cli", "data", "model", "kernels", "adapter", "training", "saving"):
+    for phase in ("registration", "commands", "tokenizer", "data", "model", "trainer", "saving"):
         assert f"# {phase}\n" in source, f"no banner for phase {phase}"
     assert {"ft_load_model", "ft_apply_adapter", "ft_pack", "ft_patch_model", "ft_save_weights"} <= set(HOOKS)
 

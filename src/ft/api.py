@@ -11,7 +11,8 @@ Groups:
   ``is_installed``, ``load_or_explain``
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
   section model or field whose values do not change what training computes, so a resumed run may change them),
-  ``redact_text`` (a message or label with the credentials of any URL in it replaced)
+  ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
+  with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
@@ -36,6 +37,7 @@ _WHERE = {
     "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
     # config
     "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
+    "read_yaml": "ft.config", "reporter_names": "ft.config",
     # data sources
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",

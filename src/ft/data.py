@@ -13,7 +13,9 @@
    reason with the ``file:line`` of its row; ``strict: true`` turns any drop into an error.
 4. Entries are concatenated, shuffled with the seed, and the eval part is split off
    (``val_set_size``) and/or read from ``test_datasets``.
-5. If a packing plugin is selected, ``ft_pack`` packs the training samples into bins.
+5. If a packing plugin is selected, ``ft_pack`` packs the training samples into bins (and the eval
+   samples, unless ``eval_sample_packing: false``). Datasets with a ``weight`` get their share of the
+   training rows first (``mix_by_weight``).
 6. The result is written atomically into ``dataset_prepared_path/<key>/`` with a drop report
    (``report.json``) and figures (``stats.json``).
 """
@@ -164,7 +166,8 @@ class SampleOrigins:
     arrays: dict[str, Any]
 
     @classmethod
-    def of(cls, raws: list[RawRows], train: Any, eval_samples: Any, packed: bool) -> SampleOrigins:
+    def of(cls, raws: list[RawRows], train: Any, eval_samples: Any, packed: bool,
+           eval_packed: bool = False) -> SampleOrigins:
         """From the entries' rows (in the order they were tokenized) and the assembled samples."""
         import numpy as np
 
@@ -181,7 +184,7 @@ class SampleOrigins:
             base += len(raw)
         if not packed:  # packed bins mix samples: the packer does not say which
             arrays["train"] = train.groups
-        if eval_samples is not None:
+        if eval_samples is not None and not eval_packed:
             arrays["eval"] = eval_samples.groups
         return cls(parts, arrays)
 
@@ -331,7 +334,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     _tokenize(cfg, jobs)
     t2 = time.perf_counter()
     report, per_entry = _account(cfg, jobs)
-    train, eval_samples = _assemble(cfg, jobs, report)
+    train, eval_samples, mixing = _assemble(cfg, jobs, report)
     train_ds = train.to_dataset()
     eval_ds = eval_samples.to_dataset() if eval_samples is not None and eval_samples.count else None
     stats: dict[str, Any] = {
@@ -347,11 +350,13 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
         "read_seconds": round(t1 - t0, 3),
         "tokenize_seconds": round(t2 - t1, 3),
         "entries": per_entry,
+        "mixing": mixing,
         "assemble_seconds": round(time.perf_counter() - t2, 3),
     }
     if packing:
-        train_ds = _pack(ctx, train_ds, stats)
-    origins = SampleOrigins.of([job.raw for job in jobs], train, eval_samples, packed=bool(stats["packed"]))
+        train_ds, eval_ds = _pack(ctx, train_ds, eval_ds, stats)
+    origins = SampleOrigins.of([job.raw for job in jobs], train, eval_samples, packed=bool(stats["packed"]),
+                               eval_packed="eval_bins" in stats)
     return report, stats, train_ds, eval_ds, origins
 
 
@@ -415,8 +420,8 @@ def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str,
     return report, per_entry
 
 
-def _assemble(cfg: Any, jobs: list[_Job], report: dict[str, Any]) -> tuple[Any, Any]:
-    """Concatenate the entries, shuffle with the seed (whole rows), split off the eval part."""
+def _assemble(cfg: Any, jobs: list[_Job], report: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Concatenate the entries, shuffle with the seed (whole rows), split off the eval part, mix by weight."""
     import numpy as np
 
     from ft.data_tokenize import Samples
@@ -432,21 +437,28 @@ def _assemble(cfg: Any, jobs: list[_Job], report: dict[str, Any]) -> tuple[Any, 
         eval_parts.append(held_out)
     elif cfg.shuffle:
         train = train.take(_group_permutation(train.groups, rng))
+    train_jobs = [job for job in jobs if job.group == "datasets"]
+    train, mixing = mix_by_weight(train, [j.result.samples for j in train_jobs], [j.entry for j in train_jobs], cfg.seed,
+                                  cfg.shuffle)
     eval_parts.extend(job.result.samples for job in jobs if job.group == "test_datasets")
-    return train, (Samples.concat(eval_parts) if eval_parts else None)
+    return train, (Samples.concat(eval_parts) if eval_parts else None), mixing
 
 
-def _pack(ctx: Context, train_ds: Any, stats: dict[str, Any]) -> Any:
+def _pack(ctx: Context, train_ds: Any, eval_ds: Any, stats: dict[str, Any]) -> tuple[Any, Any]:
+    """Pack the training samples (and the eval samples, unless ``eval_sample_packing: false``)."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
     packed = ctx.pm.calls.pack(cfg, train_ds, ctx.method)
     if packed is None:
-        return train_ds
+        return train_ds, eval_ds
     stats["packed"] = True
     stats["bins"] = len(packed)
     stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * cfg.sequence_len), 6)
+    if eval_ds is not None and cfg.eval_sample_packing is not False:
+        eval_ds = ctx.pm.calls.pack(cfg, eval_ds, ctx.method) or eval_ds
+        stats["eval_bins"] = len(eval_ds)
     stats["pack_seconds"] = round(time.perf_counter() - t0, 3)
-    return packed
+    return packed, eval_ds
 
 
 def _split_eval(train: Any, cfg: Any, rng: Any) -> tuple[Any, Any]:
@@ -555,6 +567,9 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
     if stats.get("truncated"):
         msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} "
                    "(excess_length: truncate)")
+    for part in stats.get("mixing") or []:
+        msg.append(f"  {part['path']}: weight {part['weight']:g} -> {part['rows']} of the training rows "
+                   f"({100 * part['share']:.1f}%; {part['available']} available, {part['repeats']:.2f}x)")
     if stats.get("packed"):
         msg.append(f"  packed into {stats['bins']} bins of {stats['sequence_len']} tokens: "
                    f"efficiency {100 * stats['packing_efficiency']:.2f}%")
@@ -574,3 +589,68 @@ def _log_notes(report: dict[str, Any]) -> None:
         more = f"\n    ... {entry['count'] - 3} more in report.json" if entry["count"] > 3 else ""
         log.warning("%d row(s) kept with a note: %s\n%s%s", entry["count"], reason, examples, more)
 
+
+# -- mixing datasets by weight --------------------------------------------------------------------
+
+
+def mix_by_weight(train: Any, parts: Sequence[Any], entries: Sequence[Any], seed: int,
+                  shuffle: bool = True) -> tuple[Any, list[dict[str, Any]] | None]:
+    """Give each training dataset its share of the training rows, by weight.
+
+    ``train`` holds the training samples after the eval split; ``parts`` the samples of each entry
+    of ``datasets`` (in order, to tell which rows came from which entry) and ``entries`` the
+    entries themselves (``.weight``: None = 1; ``.path`` for the report). The number of training rows stays the same; entry *i* gets
+    ``round(rows * w_i / sum(w))`` of them: a random subset of its rows when it has more, else every
+    row once and a random rest repeated. A row's samples stay together, and copies of a row share
+    its group, so no row is on both sides of an eval split. Returns ``(train, report)``; the report
+    (one dict per entry: path, weight, rows available, rows used, share, repeats) is None when no
+    entry has a weight.
+    """
+    import numpy as np
+
+    weights = [getattr(e, "weight", None) for e in entries]
+    if all(w is None for w in weights) or train.count == 0:
+        return train, None
+    rng = np.random.default_rng([seed, 0x6D6978])  # its own stream: the split and shuffle are unchanged
+    groups = train.groups
+    unique = np.unique(groups)
+    owner = np.full(len(unique), -1, dtype=np.int64)  # which entry each training row came from
+    for i, part in enumerate(parts):
+        owner[np.isin(unique, np.unique(part.groups))] = i
+    chosen: list[np.ndarray] = []
+    report = []
+    w = np.array([1.0 if x is None else float(x) for x in weights])
+    available = [unique[owner == i] for i in range(len(parts))]
+    total = sum(len(a) for a in available)
+    targets = _largest_remainder(total * w / w.sum())
+    for i, (rows, target) in enumerate(zip(available, targets, strict=True)):
+        if len(rows) == 0:
+            report.append({"path": entries[i].path, "weight": float(w[i]), "available": 0, "rows": 0, "share": 0.0, "repeats": 0.0})
+            continue
+        whole, rest = divmod(int(target), len(rows))
+        picked = np.concatenate([np.tile(rows, whole), rng.choice(rows, size=rest, replace=False)])
+        chosen.append(picked)
+        report.append({"path": entries[i].path, "weight": float(w[i]), "available": int(len(rows)), "rows": int(len(picked)),
+                       "share": round(len(picked) / max(total, 1), 6), "repeats": round(len(picked) / len(rows), 4)})
+    picked_rows = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    if shuffle:
+        picked_rows = picked_rows[rng.permutation(len(picked_rows))]
+    # samples of each picked row, in the row's own order
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    starts = np.searchsorted(sorted_groups, picked_rows, side="left")
+    ends = np.searchsorted(sorted_groups, picked_rows, side="right")
+    idx = np.concatenate([order[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]) \
+        if len(picked_rows) else np.zeros(0, dtype=np.int64)
+    return train.take(idx), report
+
+
+def _largest_remainder(quotas: Any) -> list[int]:
+    """Whole numbers that add up to round(sum(quotas)), each within 1 of its quota."""
+    import numpy as np
+
+    floor = np.floor(quotas).astype(np.int64)
+    short = int(round(float(np.sum(quotas)))) - int(floor.sum())
+    for i in np.argsort(-(quotas - floor), kind="stable")[:max(short, 0)]:
+        floor[i] += 1
+    return floor.tolist()

@@ -36,6 +36,10 @@ class DatasetOptions(BaseModel):
     train_on_inputs: bool | None = Field(
         None, description="Train on prompt tokens too; defaults to the top-level train_on_inputs."
     )
+    weight: float | None = Field(
+        None, gt=0, description="This dataset's share of the training rows, relative to the other datasets' "
+        "weights (1 where unset): rows are sampled, or repeated, to reach it. Unset everywhere: every row once."
+    )
 
 
 @dataclass

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # heavy types only for type checkers; importing this module s
 
 
 # ---------------------------------------------------------------------------------------------
-# registration: before any config is validated
+# registration
 # ---------------------------------------------------------------------------------------------
 
 
@@ -375,7 +375,7 @@ def ft_before_train(cfg: Config, trainer: Any, model: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# saving and after training
+# saving
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,493 @@
+"""Coming from axolotl: `ft convert` turns configs in the shapes of axolotl's examples into ft configs
+that `ft validate` accepts, says what it could not express, and axolotl keys in ft configs get hints.
+
+The axolotl configs here are written for these tests in the shapes axolotl's published examples use
+(LoRA, QLoRA, full fine-tune, chat_template with field mappings, alpaca, 8-bit, FSDP, DPO): the keys
+and value kinds users have in their files, not copies of those files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ft.tiny import make_chat_rows, write_jsonl
+
+LORA = """
+base_model: {base}
+load_in_8bit: false
+load_in_4bit: false
+datasets:
+  - path: {data}
+    type: chat_template
+    field_messages: messages
+dataset_prepared_path: last_run_prepared
+val_set_size: 0.1
+output_dir: ./outputs/lora-out
+adapter: lora
+lora_model_dir:
+sequence_len: 2048
+sample_packing: true
+eval_sample_packing: false
+pad_to_sequence_len: true
+lora_r: 16
+lora_alpha: 32
+lora_dropout: 0.05
+lora_fan_in_fan_out:
+lora_target_linear: true
+wandb_project: chat-lora
+wandb_entity:
+wandb_watch:
+wandb_name: run-7
+wandb_log_model:
+gradient_accumulation_steps: 4
+micro_batch_size: 2
+num_epochs: 1
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 2e-4
+bf16: auto
+tf32: false
+gradient_checkpointing: true
+resume_from_checkpoint:
+logging_steps: 1
+flash_attention: true
+warmup_ratio: 0.1
+evals_per_epoch: 4
+saves_per_epoch: 1
+weight_decay: 0.0
+special_tokens:
+  pad_token: <|endoftext|>
+"""
+
+QLORA = """
+base_model: {base}
+model_type: AutoModelForCausalLM
+tokenizer_type: AutoTokenizer
+load_in_8bit: false
+load_in_4bit: true
+strict: false
+datasets:
+  - path: {data}
+    type: alpaca
+dataset_prepared_path:
+val_set_size: 0.05
+output_dir: ./outputs/qlora-out
+adapter: qlora
+lora_model_dir:
+sequence_len: 4096
+sample_packing: true
+pad_to_sequence_len: true
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_modules:
+  - q_proj
+  - v_proj
+  - k_proj
+  - o_proj
+gradient_accumulation_steps: 4
+micro_batch_size: 2
+num_epochs: 4
+optimizer: paged_adamw_32bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+train_on_inputs: false
+group_by_length: false
+bf16: auto
+gradient_checkpointing: true
+logging_steps: 1
+xformers_attention:
+flash_attention: true
+warmup_steps: 10
+evals_per_epoch: 4
+eval_table_size:
+saves_per_epoch: 1
+debug:
+deepspeed:
+weight_decay: 0.0
+fsdp:
+fsdp_config:
+special_tokens:
+"""
+
+FULL = """
+base_model: {base}
+datasets:
+  - path: {data}
+    type: completion
+    field: text
+dataset_prepared_path: ./prepared
+val_set_size: 0.0
+output_dir: ./outputs/full
+sequence_len: 1024
+sample_packing: true
+gradient_accumulation_steps: 8
+micro_batch_size: 1
+num_epochs: 3
+optimizer: adamw_torch_fused
+lr_scheduler: cosine
+learning_rate: 1e-5
+cosine_min_lr_ratio: 0.1
+bf16: true
+tf32: true
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+logging_steps: 1
+sdp_attention: true
+warmup_steps: 100
+saves_per_epoch: 1
+save_total_limit: 2
+weight_decay: 0.01
+use_tensorboard: true
+torch_compile: true
+"""
+
+CHAT_MAPPINGS = """
+base_model: {base}
+chat_template: chatml
+datasets:
+  - path: {data}
+    type: chat_template
+    field_messages: conversations
+    message_property_mappings:
+      role: from
+      content: value
+    roles:
+      user: ["human"]
+      assistant: ["gpt"]
+      system: ["system"]
+    roles_to_train: ["assistant"]
+    train_on_eos: turn
+    split: train
+    ds_type: json
+dataset_prepared_path: {prepared}
+val_set_size: 0
+output_dir: {out}
+sequence_len: 512
+micro_batch_size: 2
+gradient_accumulation_steps: 1
+num_epochs: 1
+learning_rate: 0.0001
+eot_tokens:
+  - <|im_end|>
+"""
+
+ALPACA = """
+base_model: {base}
+tokenizer_config: {base}
+datasets:
+  - path: {data}
+    type: alpaca
+    name: default
+shuffle_merged_datasets: true
+dataset_processes: 2
+val_set_size: 20
+output_dir: ./outputs/alpaca
+sequence_len: 512
+micro_batch_size: 4
+gradient_accumulation_steps: 2
+num_epochs: 2
+learning_rate: 0.00003
+optimizer: adamw_torch
+lr_scheduler: linear
+eval_steps: 50
+save_steps: 100
+early_stopping_patience: 3
+load_best_model_at_end: true
+excess_length_strategy: truncate
+"""
+
+EIGHT_BIT = """
+base_model: {base}
+load_in_8bit: true
+adapter: lora
+lora_r: 8
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_modules: [q_proj, v_proj]
+datasets:
+  - path: {data}
+    type: chat_template
+output_dir: ./outputs/lora-8bit
+sequence_len: 1024
+micro_batch_size: 2
+gradient_accumulation_steps: 4
+num_epochs: 1
+learning_rate: 0.0002
+optimizer: adamw_8bit
+"""
+
+FSDP = """
+base_model: {base}
+datasets:
+  - path: {data}
+    type: chat_template
+output_dir: ./outputs/fsdp
+sequence_len: 2048
+micro_batch_size: 1
+gradient_accumulation_steps: 1
+num_epochs: 1
+learning_rate: 2e-5
+bf16: auto
+fsdp:
+  - full_shard
+  - auto_wrap
+fsdp_config:
+  fsdp_version: 2
+  fsdp_offload_params: false
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_activation_checkpointing: true
+hub_model_id: someone/fsdp-run
+hub_strategy: every_save
+"""
+
+DPO = """
+base_model: {base}
+rl: dpo
+rl_beta: 0.1
+chat_template: llama3
+datasets:
+  - path: {data}
+    split: train
+    type: chatml.intel
+adapter: lora
+lora_r: 16
+lora_alpha: 32
+lora_target_linear: true
+output_dir: ./outputs/dpo
+sequence_len: 1024
+micro_batch_size: 1
+gradient_accumulation_steps: 8
+num_epochs: 1
+learning_rate: 5e-6
+"""
+
+SHAPES = {"lora": LORA, "qlora": QLORA, "full": FULL, "chat_mappings": CHAT_MAPPINGS, "alpaca": ALPACA,
+          "eight_bit": EIGHT_BIT, "fsdp": FSDP, "dpo": DPO}
+NEEDS = {"qlora": "bitsandbytes", "eight_bit": "bitsandbytes"}
+
+
+@pytest.fixture
+def axolotl_config(tmp_path, tiny_model_dir):
+    def write(shape: str) -> tuple:
+        data = write_jsonl(tmp_path / "data.jsonl", make_chat_rows(8))
+        text = SHAPES[shape].format(base=tiny_model_dir, data=data, prepared=tmp_path / "prepared",
+                                    out=tmp_path / "out")
+        src = tmp_path / f"{shape}.yml"
+        src.write_text(text)
+        return src, tmp_path / f"{shape}.ft.yaml"
+
+    return write
+
+
+def convert(ft_runner, src, out):
+    return ft_runner.invoke("convert", str(src), "-o", str(out))
+
+
+def methods_registered(tiny_model_dir) -> set[str]:
+    from ft.context import load_context
+
+    ctx = load_context({"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})
+    return set(ctx.registries.methods.names())
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, tiny_model_dir, monkeypatch):
+    import ft.config
+
+    real = ft.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
+    monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    if shape in NEEDS:
+        pytest.importorskip(NEEDS[shape])
+    if shape == "dpo" and "dpo" not in methods_registered(tiny_model_dir):
+        pytest.skip("the dpo method is not registered in this checkout (it comes with the method plugins)")
+    src, out = axolotl_config(shape)
+    result = convert(ft_runner, src, out)
+    assert result.exit_code in (0, 3), result.output
+    assert out.is_file()
+    ft_runner.validate(out).assert_ok()
+
+
+def converted(ft_runner, axolotl_config, shape):
+    src, out = axolotl_config(shape)
+    result = convert(ft_runner, src, out)
+    return result, yaml.safe_load(out.read_text()), out.read_text()
+
+
+def test_lora_shape(ft_runner, axolotl_config):
+    result, cfg, text = converted(ft_runner, axolotl_config, "lora")
+    assert cfg["plugins"] == ["lora", "packing"]
+    assert cfg["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    assert cfg["hf"] == {"attn_implementation": "flash_attention_2"}
+    assert cfg["learning_rate"] == 2e-4  # axolotl's 2e-4 is text in YAML; ft wants the number
+    assert (cfg["evals_per_epoch"], cfg["saves_per_epoch"], cfg["eval_sample_packing"]) == (4, 1, False)
+    assert cfg["report_to"] == ["wandb"] and cfg["wandb"] == {"project": "chat-lora", "name": "run-7"}
+    assert cfg["optimizer"] == "adamw_bnb_8bit" and cfg["special_tokens"] == {"pad_token": "<|endoftext|>"}
+    assert "pad_to_sequence_len: True  -- ft pads each batch" in text
+    assert result.exit_code == 0  # nothing that changes training was dropped
+
+
+def test_qlora_shape(ft_runner, axolotl_config):
+    result, cfg, text = converted(ft_runner, axolotl_config, "qlora")
+    assert cfg["plugins"] == ["lora", "qlora", "packing"]
+    assert cfg["qlora"] == {"bits": 4}
+    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj", "k_proj", "o_proj"]
+    assert cfg["optimizer"] == "paged_adamw_32bit" and cfg["num_epochs"] == 4
+    assert "strict: False  --" not in text  # false/empty keys are what ft does anyway: nothing to say
+    assert result.exit_code == 0
+
+
+def test_full_finetune_shape_with_compile_and_tensorboard(ft_runner, axolotl_config):
+    _, cfg, _ = converted(ft_runner, axolotl_config, "full")
+    assert cfg["plugins"] == ["packing", "compile"]
+    assert cfg["datasets"][0] == {"path": cfg["datasets"][0]["path"], "type": "completion", "field": "text"}
+    assert cfg["cosine_min_lr_ratio"] == 0.1 and cfg["report_to"] == ["tensorboard"]
+    assert cfg["hf"] == {"attn_implementation": "sdpa"} and "lora" not in cfg
+
+
+def test_alpaca_shape(ft_runner, axolotl_config, tiny_model_dir):
+    _, cfg, _ = converted(ft_runner, axolotl_config, "alpaca")
+    assert cfg["tokenizer"] == str(tiny_model_dir) and cfg["dataset_num_proc"] == 2 and cfg["shuffle"] is True
+    assert cfg["datasets"][0]["name"] == "default" and cfg["excess_length"] == "truncate"
+    assert (cfg["eval_steps"], cfg["save_steps"], cfg["early_stopping_patience"], cfg["load_best_model_at_end"]) == \
+        (50, 100, 3, True)
+
+
+def test_eight_bit_and_fsdp_shapes(ft_runner, axolotl_config):
+    _, cfg, _ = converted(ft_runner, axolotl_config, "eight_bit")
+    assert cfg["plugins"] == ["lora", "qlora"] and cfg["qlora"] == {"bits": 8}
+    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    _, cfg, _ = converted(ft_runner, axolotl_config, "fsdp")
+    assert cfg["plugins"] == ["fsdp"]
+    assert cfg["fsdp"] == {"wrap_layers": ["LlamaDecoderLayer"], "offload_params": False,
+                           "activation_checkpointing": True, "save": "full"}
+    assert cfg["hub"] == {"model_id": "someone/fsdp-run", "strategy": "every_save"}
+
+
+def test_dpo_shape_becomes_a_method_with_its_section(ft_runner, axolotl_config):
+    _, cfg, text = converted(ft_runner, axolotl_config, "dpo")
+    assert cfg["method"] == "dpo" and cfg["dpo"] == {"beta": 0.1, "loss_type": "sigmoid"}
+    entry = cfg["datasets"][0]
+    assert entry["type"] == "preference" and entry["field_prompt"] == "question"
+    assert (entry["field_chosen"], entry["field_rejected"], entry["chat_template"]) == ("chosen", "rejected", "chatml")
+    assert "chatml.intel" in text  # the comment says what became of the dataset type
+
+
+def test_liger_plugin_and_its_keys():
+    from ft_plugins.axolotl import convert as convert_data
+
+    result = convert_data({"base_model": "m", "datasets": [{"path": "p.jsonl", "type": "alpaca"}],
+                           "plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rope": True,
+                           "liger_rms_norm": True, "liger_glu_activation": False,
+                           "liger_fused_linear_cross_entropy": True})
+    assert result.config["plugins"] == ["liger"]
+    assert result.config["liger"] == {"rope": True, "rms_norm": True, "swiglu": False,
+                                      "fused_linear_cross_entropy": True}
+    assert not result.notes
+
+
+@pytest.mark.parametrize(("rl", "extra", "method", "section"), [
+    ("ipo", {"rl_beta": 0.2}, "dpo", {"beta": 0.2, "loss_type": "ipo"}),
+    ("kto", {"rl_beta": 0.1, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.5}, "kto",
+     {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.5}),
+    ("orpo", {"orpo_alpha": 0.1}, "orpo", {"beta": 0.1}),
+    ("simpo", {"rl_beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0}, "simpo",
+     {"beta": 2.0, "gamma": 0.5, "cpo_alpha": 0.0}),
+    ("grpo", {"trl": {"beta": 0.04, "num_generations": 4, "max_completion_length": 128, "temperature": 0.9,
+                      "reward_funcs": ["rewards.correct", "rewards.format"], "reward_weights": [1.0, 0.5]}},
+     "grpo", {"beta": 0.04, "num_generations": 4, "max_completion_len": 128, "temperature": 0.9,
+              "rewards": [{"name": "correct", "weight": 1.0}, {"name": "format", "weight": 0.5}]}),
+])
+def test_rl_methods(rl, extra, method, section):
+    from ft_plugins.axolotl import convert as convert_data
+
+    data = {"base_model": "m", "rl": rl, "datasets": [{"path": "p.jsonl", "type": "chatml.intel"}], **extra}
+    result = convert_data(data)
+    assert result.config["method"] == method and result.config[method] == section
+    assert result.config["datasets"][0]["type"] == ("kto" if rl == "kto" else "preference")
+
+
+def test_what_cannot_be_expressed_is_listed_and_the_exit_code_says_if_training_changes(ft_runner, axolotl_config,
+                                                                                         tmp_path):
+    src, out = axolotl_config("alpaca")
+    src.write_text(src.read_text() + "neftune_noise_alpha: 5\nmax_memory: {0: 20GiB}\nstrict: true\n")
+    result = convert(ft_runner, src, out)
+    assert result.exit_code == 3
+    assert "neftune_noise_alpha" in result.output and "could not be expressed" in result.output
+    text = out.read_text()
+    head = text.split("\n\n")[0] if "\n\n" in text else text
+    assert "# NOT expressed in ft, and they change training -- review them:" in text
+    assert "#   neftune_noise_alpha: 5  -- NEFTune noise is not offered" in text
+    assert "# Not expressed in ft (no effect on the trained weights):" in text
+    assert "#   strict: True  -- axolotl's `strict` is about config checking" in text
+    assert "max_memory" in head
+    ft_runner.validate(out).assert_ok()  # still a valid config
+    # an existing output is not replaced without --force
+    again = convert(ft_runner, src, out)
+    assert again.exit_code == 2 and "pass --force" in again.output
+    assert ft_runner.invoke("convert", str(src), "-o", str(out), "--force").exit_code == 3
+
+
+def test_printed_when_no_output_is_given(ft_runner, axolotl_config):
+    src, _ = axolotl_config("qlora")
+    result = ft_runner.invoke("convert", str(src))
+    assert result.exit_code == 0
+    assert "# Converted from" in result.output and "plugins: [lora, qlora, packing]" in result.output
+
+
+def test_sharegpt_chat_config_converted_literally_trains_every_row(ft_runner, axolotl_config, tmp_path):
+    # the issue: a ShareGPT chat config (from: human/gpt) translated literally used to drop every row
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    rows = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in r["messages"]]}
+            for r in make_chat_rows(12)]
+    src, out = axolotl_config("chat_mappings")
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    assert convert(ft_runner, src, out).exit_code == 0
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["chat_template"] == "chatml" and cfg["datasets"][0]["eot_tokens"] == ["<|im_end|>"]
+    result = ft_runner.preprocess(out).assert_ok()
+    assert "dropped nothing" in result.log
+    stats = json.loads(next((tmp_path / "prepared").glob("*/stats.json")).read_text())
+    assert stats["samples"] == 12 and stats["trained_tokens"] > 0
+    # and with no mappings at all, as the axolotl user first wrote it: ShareGPT is recognised
+    plain = {"base_model": cfg["base_model"], "chat_template": "chatml", "output_dir": str(tmp_path / "o2"),
+             "dataset_prepared_path": str(tmp_path / "p2"),
+             "datasets": [{"path": str(tmp_path / "data.jsonl"), "type": "chat_template"}]}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    assert "dropped nothing" in ft_runner.preprocess(tmp_path / "plain.yaml").assert_ok().log
+
+
+# -- hints for axolotl keys in an ft config ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "fragments"), [
+    ({"adapter": "lora"}, ["adapter: unknown key.", "axolotl's `adapter: lora` is `plugins: [lora]` in ft",
+                           "ft convert axolotl.yml"]),
+    ({"adapter": "qlora"}, ["`plugins: [lora, qlora]`"]),
+    ({"lora_r": 8}, ["lora_r: unknown key. This is axolotl's key: write `r:` in the `lora:` section"]),
+    ({"sample_packing": True}, ["write `plugins: [packing]`"]),
+    ({"wandb_project": "p"}, ["write `report_to: wandb` and `wandb: {project: ...}`"]),
+    ({"flash_attention": True}, ["hf: {attn_implementation: flash_attention_2}"]),
+])
+def test_axolotl_keys_in_an_ft_config_say_what_to_write(ft_runner, ft_config, ft_dataset, extra, fragments):
+    path = ft_config(name="mine.yaml", dataset=ft_dataset(), **extra)
+    ft_runner.validate(path).assert_error("mine.yaml:", *fragments)
+
+
+def test_axolotl_keys_in_dataset_entries_get_hints_too(ft_runner, ft_config, ft_dataset):
+    data = ft_dataset()
+    path = ft_config(datasets=[{"path": str(data), "type": "chat_template", "conversation": "chatml"}])
+    ft_runner.validate(path).assert_error("datasets[0].conversation", "write the template name as `chat_template:`")
+
+
+def test_hints_come_from_the_plugin(ft_runner, ft_config, ft_dataset):
+    path = ft_config(dataset=ft_dataset(), adapter="lora")
+    result = ft_runner.validate(path, "-p", "no:axolotl")
+    assert result.exit_code != 0 and "unknown key" in result.output and "plugins: [lora]" not in result.output
