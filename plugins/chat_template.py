@@ -34,9 +34,12 @@ Imports no torch/transformers at module import time.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+import signal
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -44,7 +47,7 @@ from pydantic import Field
 
 from ft import hookimpl
 from ft.errors import FtError
-from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped, TextEncoder, entry_where
+from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped, Note, TextEncoder, entry_where
 
 FT_FEATURE = False  # essential: always active
 
@@ -81,6 +84,7 @@ SHIPPED_TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
 }
 
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+TYPED_SPECIAL = "special token text in a message"  # the data report's name for such rows
 
 
 class ChatTemplateOptions(DatasetOptions):
@@ -134,6 +138,17 @@ class ChatTemplateOptions(DatasetOptions):
         "training",
         description="Per-message boolean field that forces a message to be trained (true) or not (false), "
         "whatever its role.",
+    )
+    escape_special_tokens: bool = Field(
+        False,
+        description="Special-token text typed inside a message (e.g. '<|im_end|>') is tokenized as ordinary text "
+        "instead of becoming that control token. Either way such rows are counted in the data report.",
+    )
+    max_render_seconds: float | None = Field(
+        5.0, gt=0,
+        description="CPU seconds one conversation may take to render; a slower one is dropped ('template too "
+        "slow'), and a template too slow for most rows is an error, so a looping template (one shipped with a "
+        "downloaded tokenizer, say) cannot hang preprocessing. null: no limit.",
     )
 
 
@@ -253,6 +268,35 @@ def compile_template(source: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+class _RenderTimeout(BaseException):
+    """Raised inside a render that ran out of time (a BaseException: templates and `except Exception` keep out)."""
+
+
+def _on_render_alarm(signum: int, frame: Any) -> None:
+    raise _RenderTimeout
+
+
+@contextlib.contextmanager
+def render_time_limit(seconds: float | None) -> Iterator[bool]:
+    """While inside: a render that uses more than ``seconds`` of CPU raises ``_RenderTimeout``. Yields
+    whether renders are bounded.
+
+    A CPU-time interval timer (``ITIMER_VIRTUAL``, so a busy machine does not shorten the limit) whose
+    signal handler raises in the rendering thread. Only where there are interval timers and in the main
+    thread (data workers are); elsewhere renders are not bounded. The handler is installed once around a
+    batch; arming the timer costs two system calls per conversation.
+    """
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.signal(signal.SIGVTALRM, _on_render_alarm)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
+
+
 class _Skip(Exception):
     """One row cannot be used: carries the Dropped to return for it."""
 
@@ -276,6 +320,9 @@ class ChatTokenize:
         self.special_ids = frozenset(i for i, t in added.items() if getattr(t, "special", False))
         self.added_ids = frozenset(added) - self.special_ids
         self.eot_ids = _token_ids(tokenizer, options.eot_tokens, where) if options.eot_tokens else frozenset()
+        texts = sorted({added[i].content for i in self.special_ids if added[i].content}, key=len, reverse=True)
+        self.special_text = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self.escape_special = options.escape_special_tokens
         self.field = options.field_messages
         mapping = {"role": "role", "content": "content", **options.message_property_mappings}
         self.role_key, self.content_key = mapping.pop("role"), mapping.pop("content")
@@ -305,6 +352,10 @@ class ChatTokenize:
         self.train_on_eos = options.train_on_eos
         self.train_on_inputs = train_on_inputs
         self.where = where
+        self.max_render_seconds = options.max_render_seconds
+        self._timed = False  # inside render_time_limit: arm the timer per render
+        self._rendered = 0
+        self._too_slow = 0
         self._compiled: Any = None
         self._skeletons: dict[Any, Any] = {}
 
@@ -312,6 +363,7 @@ class ChatTokenize:
         state = dict(self.__dict__)
         state["_compiled"] = None
         state["_skeletons"] = {}
+        state["_timed"] = False
         return state
 
     # -- rendering ---------------------------------------------------------------------------
@@ -319,8 +371,40 @@ class ChatTokenize:
     def render(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
         if self._compiled is None:
             self._compiled = compile_template(self.template)
-        return self._compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=False,
-                                     **self.template_kwargs)
+        if not self._timed:
+            return self._compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=False,
+                                         **self.template_kwargs)
+        signal.setitimer(signal.ITIMER_VIRTUAL, self.max_render_seconds)
+        try:
+            return self._compiled.render(messages=messages, tools=tools, documents=None, add_generation_prompt=False,
+                                         **self.template_kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+
+    @contextlib.contextmanager
+    def _time_limit(self) -> Iterator[None]:
+        if self._timed:  # already inside one
+            yield
+            return
+        with render_time_limit(self.max_render_seconds) as bounded:
+            self._timed = bounded
+            try:
+                yield
+            finally:
+                self._timed = False
+
+    def _too_slow_row(self) -> Dropped:
+        """A row whose render ran out of time; an error once most rows do."""
+        self._too_slow += 1
+        if self._too_slow >= 3 and self._too_slow * 2 > self._rendered + self._too_slow:
+            raise FtError(
+                f"{self.where}: the chat template took more than {self.max_render_seconds:g} s of CPU to render "
+                f"{self._too_slow} of the {self._rendered + self._too_slow} conversations tried so far. It loops too "
+                "long (check its loops; a template that came with a downloaded tokenizer may do this): use another "
+                "chat_template, or raise max_render_seconds on this dataset entry if conversations are that long."
+            )
+        return Dropped("template too slow", f"rendering took more than {self.max_render_seconds:g} s of CPU "
+                                            "(max_render_seconds); a loop in the chat template?")
 
     def _skeleton(self, messages: list[dict[str, Any]], tools: list[Any] | None = None
                   ) -> tuple[list[str], list[int]] | None:
@@ -362,9 +446,15 @@ class ChatTokenize:
         if not any(trained):
             return
         try:
-            text = self.render(messages)
-            spans = self.content_spans(text, messages)
+            with self._time_limit():
+                text = self.render(messages)
+                spans = self.content_spans(text, messages)
             (enc,) = self.encoder.encodings([text])
+        except _RenderTimeout:
+            raise FtError(f"{self.where}: the chat template did not finish rendering a two-message conversation "
+                          f"within {self.max_render_seconds:g} s of CPU (max_render_seconds): it loops too long. Use "
+                          "another chat_template (a template that came with a downloaded tokenizer may do this).") \
+                from None
         except Exception:  # a template that needs other roles: the rows themselves will tell
             return
         try:
@@ -490,31 +580,73 @@ class ChatTokenize:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
         texts, pending = [], []
-        for r, row in enumerate(rows):
-            try:
-                messages, trained = self.messages_of(row)
-                tools = self.tools_of(row) if self.field_tools and self.field_tools in row else None
+        with self._time_limit():
+            for r, row in enumerate(rows):
                 try:
-                    text = self.render(messages, tools) if tools else self.render(messages)
-                except Exception as exc:  # jinja raise_exception (e.g. roles must alternate), bad values
-                    raise _Skip(Dropped("template error", f"{type(exc).__name__}: {exc}")) from None
-                spans = None if self.train_on_inputs else self.content_spans(text, messages, tools)
-            except _Skip as skip:
-                out[r] = skip.dropped
-                continue
-            texts.append(text)
-            pending.append((r, trained, spans, messages))
+                    messages, trained = self.messages_of(row)
+                    tools = self.tools_of(row) if self.field_tools and self.field_tools in row else None
+                    try:
+                        text = self.render(messages, tools) if tools else self.render(messages)
+                    except Exception as exc:  # jinja raise_exception (e.g. roles must alternate), bad values
+                        raise _Skip(Dropped("template error", f"{type(exc).__name__}: {exc}")) from None
+                    spans = None if self.train_on_inputs else self.content_spans(text, messages, tools)
+                except _Skip as skip:
+                    out[r] = skip.dropped
+                    continue
+                except _RenderTimeout:
+                    out[r] = self._too_slow_row()
+                    continue
+                self._rendered += 1
+                texts.append(text)
+                pending.append((r, trained, spans, messages, tools))
         encodings = self.encoder.encodings(texts) if texts else []
-        for (r, trained, spans, messages), enc in zip(pending, encodings, strict=True):
+        for (r, trained, spans, messages, tools), enc, text in zip(pending, encodings, texts, strict=True):
             ids = enc.ids
-            if self.train_on_inputs:
-                out[r] = {"input_ids": ids, "labels": list(ids)}
-                continue
             try:
-                out[r] = {"input_ids": ids, "labels": self.labels(enc, ids, trained, spans, messages)}
+                labels = list(ids) if self.train_on_inputs else self.labels(enc, ids, trained, spans, messages)
             except _Skip as skip:
                 out[r] = skip.dropped
+                continue
+            sample = {"input_ids": ids, "labels": labels}
+            typed = self._typed_special_tokens(messages)
+            if typed:
+                sample["notes"] = [Note(TYPED_SPECIAL, f"message {i} contains '{token}', " + (
+                    "tokenized as text (escape_special_tokens)" if self.escape_special else
+                    "which becomes that control token; escape_special_tokens: true on the dataset entry "
+                    "tokenizes it as text")) for i, token in typed]
+                if self.escape_special:
+                    if spans is None:
+                        with self._time_limit():
+                            spans = self.content_spans(text, messages, tools)
+                    sample["input_ids"], sample["labels"] = self._escaped(enc, ids, labels, text, spans)
+            out[r] = sample
         return out
+
+    def _typed_special_tokens(self, messages: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """(message index, first special-token text) of each message whose content contains one."""
+        if self.special_text is None:
+            return []
+        search = self.special_text.search
+        return [(i, found.group()) for i, m in enumerate(messages) if (found := search(m["content"]))]
+
+    def _escaped(self, enc: Any, ids: list[int], labels: list[int], text: str,
+                 spans: list[tuple[int, int] | None]) -> tuple[list[int], list[int]]:
+        """``ids``/``labels`` with each special token that lies inside a message's content re-tokenized as
+        text (its pieces trained where the token was)."""
+        contents = [s for s in spans if s is not None]
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for j, token in enumerate(ids):
+            if token in self.special_ids:
+                a, b = enc.offsets[j]
+                if any(start <= a and b <= end for start, end in contents):
+                    plain = self.encoder.plain_ids(text[a:b])
+                    out_ids.extend(plain)
+                    out_labels.extend(plain if labels[j] != IGNORE_INDEX else [IGNORE_INDEX] * len(plain))
+                    continue
+            out_ids.append(token)
+            out_labels.append(labels[j])
+        return out_ids, out_labels
 
     def labels(self, enc: Any, ids: list[int], trained: list[bool], spans: list[tuple[int, int] | None],
                messages: list[dict[str, Any]]) -> list[int]:

@@ -57,6 +57,26 @@ def ft_add_config(registry):
     registry.add("hf", HfOptions)
 
 
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+@hookimpl
+def ft_validate_config(cfg):
+    """What transformers would refuse only after the data is prepared: special token names, and a precision
+    this machine cannot train in (torch is imported only when fp16 or bf16 is asked for explicitly)."""
+    problems = [f"{cfg.where('special_tokens', key)}: unknown special token name '{key}'. Use one of: "
+                f"{', '.join(SPECIAL_TOKEN_NAMES)} (extra tokens go in `tokens:`)."
+                for key in cfg.special_tokens if key not in SPECIAL_TOKEN_NAMES]
+    if cfg.fp16 or cfg.bf16 is True:
+        from ft.api import resolve_precision
+
+        try:
+            resolve_precision(cfg)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
 # -- tokenizer -----------------------------------------------------------------------------
 
 
@@ -69,6 +89,7 @@ def ft_load_tokenizer(cfg):
     opts = options(cfg)
     key = "tokenizer" if cfg.tokenizer else "base_model"
     source = resolve_path(cfg, cfg.tokenizer or cfg.base_model)
+    _say_remote_code(cfg, source, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=opts.revision, trust_remote_code=opts.trust_remote_code
@@ -87,21 +108,20 @@ def ft_load_tokenizer(cfg):
     return tokenizer
 
 
+def _say_remote_code(cfg: Any, source: str, what: str) -> None:
+    if options(cfg).trust_remote_code:
+        log.warning("%s: true, so loading the %s runs the Python code shipped with %s (if it has any). Only do this "
+                    "for repositories you trust.", cfg.where("hf", "trust_remote_code"), what, source)
+
+
 def _apply_special_tokens(cfg: Any, tokenizer: Any) -> list[str]:
     """Set ``special_tokens:`` (pad_token, eos_token ...); return the ones that were new."""
-    named = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-    problems, new = [], []
-    for key, token in cfg.special_tokens.items():
-        if key not in named:
-            problems.append(f"{cfg.where('special_tokens', key)}: unknown special token name '{key}'. "
-                            f"Use one of: {', '.join(named)} (extra tokens go in `tokens:`).")
-            continue
+    new = []
+    for key, token in cfg.special_tokens.items():  # the names are checked by ft_validate_config
         before = len(tokenizer)
         tokenizer.add_special_tokens({key: token})
         if len(tokenizer) > before:
             new.append(token)
-    if problems:
-        raise ConfigError(problems, cfg.source)
     return new
 
 
@@ -179,6 +199,8 @@ def ft_load_model(cfg, kwargs, tokenizer):
     from ft.context import resolve_path
 
     source = resolve_path(cfg, cfg.base_model)
+    if kwargs.get("trust_remote_code"):
+        _say_remote_code(cfg, source, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
+from ft.api import redact_text
 from ft.errors import DataError, MissingDependencyError
 
 FT_FEATURE = False  # essential: ft cannot read data without it
@@ -319,25 +320,38 @@ def _short(exc: Exception) -> str:
 
 
 def _read_csv(data: bytes, label: str, delimiter: str, where: str) -> tuple[list, list, int]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
+    """Rows of a CSV/TSV file as dicts of strings (CSV has no types: ``4`` is text an answer may be), each
+    with the file line it starts on; a row with the wrong number of cells is dropped naming its line."""
+    import csv
+    import io
 
     from ft.data import MALFORMED, Drop, RowPart
 
-    dropped = []
-
-    def bad_row(row: Any) -> str:
-        line = f":{row.number}" if row.number is not None else ""
-        dropped.append(Drop(MALFORMED, f"{label}{line}",
-                            f"expected {row.expected_columns} columns, got {row.actual_columns}"))
-        return "skip"
-
     try:
-        table = pacsv.read_csv(pa.py_buffer(data), parse_options=pacsv.ParseOptions(
-            delimiter=delimiter, newlines_in_values=True, invalid_row_handler=bad_row))
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"{label}: cannot read this CSV file: {exc}") from None
-    return [RowPart(table, label)], dropped, 0
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{label}:{line}: this CSV file is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "save it as UTF-8.") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[dict[str, str]] = []
+    lines, dropped, blank = array("I"), [], 0
+    try:
+        header = next(reader, None)
+        start = reader.line_num + 1
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if not record:
+                blank += 1
+            elif header is None or len(record) != len(header):
+                dropped.append(Drop(MALFORMED, f"{label}:{line}",
+                                    f"expected {len(header or [])} columns, got {len(record)}"))
+            else:
+                rows.append(dict(zip(header, record, strict=True)))
+                lines.append(line)
+    except csv.Error as exc:
+        raise DataError(f"{label}:{reader.line_num}: cannot read this CSV file: {exc}") from None
+    return [RowPart(rows, label, lines)], dropped, blank
 
 
 # -- remote sources ---------------------------------------------------------------------------
@@ -361,7 +375,8 @@ def _url_files(fs: Any, root: str, entry: Any) -> list[str]:
     try:
         is_dir = fs.isdir(root)
     except Exception as exc:  # noqa: BLE001 - network and auth errors differ per backend
-        raise DataError(f"cannot reach '{entry.path}': {type(exc).__name__}: {exc}") from None
+        raise DataError(f"cannot reach '{redact_text(entry.path)}': {type(exc).__name__}: "
+                        f"{redact_text(str(exc))}") from None
     if not is_dir:
         return [root]
     patterns = [entry.data_files] if isinstance(entry.data_files, str) else list(entry.data_files or [])
@@ -383,11 +398,11 @@ def _load_url(url: str, entry: Any, where: str):
     fs, root = _url_fs(url, where)
     files = _url_files(fs, root, entry)
     if not files:
-        raise DataError(f"{where}: no data files found under '{url}'.")
+        raise DataError(f"{where}: no data files found under '{redact_text(url)}'.")
     scheme = url.split("://", 1)[0]
     parts, dropped, blank = [], [], 0
     for f in files:
-        label = f"{scheme}://{f}"
+        label = redact_text(f if "://" in f else f"{scheme}://{f}")  # drop reports never show credentials
         kind, gz = _file_kind(f.rsplit("/", 1)[-1], entry.ds_type, where)
         try:
             with fs.open(f, "rb") as raw_fh:
@@ -400,7 +415,7 @@ def _load_url(url: str, entry: Any, where: str):
 
                     p, d, b = _parse_binary(pa.BufferReader(fh.read()), kind, label, where)
         except (OSError, PermissionError) as exc:
-            raise DataError(f"{where}: cannot read '{label}': {exc}") from None
+            raise DataError(f"{where}: cannot read '{label}': {redact_text(str(exc))}") from None
         parts += p
         dropped += d
         blank += b

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -95,26 +96,34 @@ def test_editing_a_file_named_by_a_dataset_option_rebuilds(tmp_path, tiny_tokeni
     assert calls > 0 and tiny_tokenizer.decode(second.train[0]["input_ids"]).startswith("Question: ")
 
 
-def test_a_crash_while_writing_leaves_no_cache_behind(tmp_path, tiny_tokenizer, data, monkeypatch):
-    from ft import cache
+def test_a_full_disk_while_writing_says_so_and_leaves_no_cache_behind(tmp_path, tiny_tokenizer, data, monkeypatch):
+    import errno
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("disk full")
+    from ft import cache
+    from ft.errors import DiskFullError
+
+    def boom(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     real = cache.store
 
-    def crashing_store(root, key, inputs, train, eval_ds, report, stats):
+    def crashing_store(root, key, inputs, train, *args):
         monkeypatch.setattr(type(train), "save_to_disk", boom)
         try:
-            return real(root, key, inputs, train, eval_ds, report, stats)
+            return real(root, key, inputs, train, *args)
         finally:
             monkeypatch.undo()
 
     monkeypatch.setattr(cache, "store", crashing_store)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(DiskFullError) as err:
         run(tmp_path, tiny_tokenizer, data)
     monkeypatch.undo()
     prepared = tmp_path / "prepared"
+    message = str(err.value)
+    assert message.startswith(f"no space left on device at {prepared} while writing the prepared data"), message
+    assert "dataset_prepared_path" in message and "run the same command again" in message
     assert [p.name for p in prepared.iterdir() if not p.name.endswith(".lock")] == []
 
     out, calls = run(tmp_path, tiny_tokenizer, data)
@@ -201,3 +210,76 @@ def test_installing_an_unrelated_format_plugin_keeps_the_cache(tmp_path, tiny_to
     with registered_plugin(OtherFormat(), "other_format_plugin"):
         _, calls = run(tmp_path, tiny_tokenizer, data)
     assert calls == 0
+
+
+class TokenQAOptions(test_data.QAOptions):
+    api_token: str = ""  # a format that fetches something would hold one
+    mirror: str = ""
+
+
+class TokenQA:
+    @staticmethod
+    @test_data.hookimpl
+    def ft_register_formats(register):
+        register.add("qa_token", TokenQAOptions, test_data.build_qa)
+
+
+def test_the_cache_key_file_holds_no_secret(tmp_path, tiny_tokenizer, data):
+    from ft.context import load_context
+
+    cfg = base_config(tmp_path, data)
+    cfg["datasets"][0].update(type="qa_token", api_token="tok-cache-5c5c5c",
+                              mirror="https://me:pw-cache-6d6d6d@example.invalid/x")
+    prepared = prepare_datasets(load_context(cfg, extra_plugins=[("qa_token", TokenQA)]), tiny_tokenizer)
+    written = [p.read_text(errors="replace") for p in Path(prepared.cache_dir).rglob("*.json")]
+    assert any('"api_token": "***"' in text for text in written), "key.json shows that a token was set"
+    assert not [t for t in written if "tok-cache-5c5c5c" in t or "pw-cache-6d6d6d" in t]
+
+
+def test_a_damaged_cache_file_is_noticed_and_rebuilt(tmp_path, tiny_tokenizer, data, caplog):
+    first, _ = run(tmp_path, tiny_tokenizer, data)
+    want = rows_of(first.train)
+    arrow = next(Path(first.cache_dir, "train").glob("*.arrow"))
+    blob = bytearray(arrow.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 8] = bytes(b ^ 0xFF for b in blob[middle:middle + 8])  # same size, other content
+    arrow.write_bytes(bytes(blob))
+
+    with caplog.at_level(logging.WARNING, logger="ft"):
+        again, calls = run(tmp_path, tiny_tokenizer, data)
+    assert calls > 0 and again.stats["cache"] == "built", "the damaged cache was not used"
+    assert f"{arrow.relative_to(first.cache_dir)} changed since it was written" in caplog.text, caplog.text
+    assert rows_of(again.train) == want
+
+
+class BigIdFormat:
+    """A buggy format: the last token id is one past the tokenizer's vocabulary."""
+
+    @staticmethod
+    @test_data.hookimpl
+    def ft_register_formats(register):
+        def build(cfg, entry, tokenizer):
+            qa = test_data.build_qa(cfg, entry, tokenizer)
+
+            def tokenize(rows):
+                out = qa(rows)
+                for sample in out:
+                    if isinstance(sample, dict):
+                        sample["input_ids"][-1] = len(tokenizer)
+                return out
+
+            return tokenize
+
+        register.add("qa_big_ids", test_data.QAOptions, build)
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error_at_preparation(tmp_path, tiny_tokenizer, data):
+    from ft.context import load_context
+    from ft.errors import DataError
+
+    cfg = base_config(tmp_path, data)
+    cfg["datasets"][0]["type"] = "qa_big_ids"
+    with pytest.raises(DataError) as err:
+        prepare_datasets(load_context(cfg, extra_plugins=[("qa_big_ids", BigIdFormat)]), tiny_tokenizer)
+    message = str(err.value)
+    assert f"token id {len(tiny_tokenizer)}" in message and f"{len(tiny_tokenizer)} tokens" in message, message

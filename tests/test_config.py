@@ -176,6 +176,37 @@ def test_secrets_are_redacted(tmp_path):
     assert redact({"wandb": {"api_key": "abc"}, "hub_token": "t"}) == {"wandb": {"api_key": "***"}, "hub_token": "***"}
 
 
+@pytest.mark.parametrize(("saved", "written"), [
+    # secrets: any key with a secret word, whatever else its name says
+    ({"openai_api_key": "sk-1"}, {"openai_api_key": "***"}),
+    ({"api_token": "t-2"}, {"api_token": "***"}),
+    ({"github_token": "ghp_3"}, {"github_token": "***"}),
+    ({"hfToken": "hf_4"}, {"hfToken": "***"}),
+    ({"db_password": "p", "client_secret": "s", "aws_secret_access_key": "k", "apikey": "a"},
+     {"db_password": "***", "client_secret": "***", "aws_secret_access_key": "***", "apikey": "***"}),
+    ({"credentials": {"user": "me", "pass": "p"}}, {"credentials": {"user": "***", "pass": "***"}}),
+    ({"api_keys_in_list": ["k1"], "hub_token": ["t1", "t2"]}, {"api_keys_in_list": ["k1"], "hub_token": ["***", "***"]}),
+    # not secrets: token lists and names, counts, flags, empty values, words that only contain "key"
+    ({"tokenizer": "gpt2", "tokens": ["<a>"], "eot_tokens": ["<|im_end|>"]},
+     {"tokenizer": "gpt2", "tokens": ["<a>"], "eot_tokens": ["<|im_end|>"]}),
+    ({"special_tokens": {"pad_token": "<pad>", "eos_token": "</s>"}},
+     {"special_tokens": {"pad_token": "<pad>", "eos_token": "</s>"}}),
+    ({"max_tokens": 512, "key_count": 3, "use_auth_token": True, "api_key": ""},
+     {"max_tokens": 512, "key_count": 3, "use_auth_token": True, "api_key": ""}),
+    ({"pad_token": "<pad>", "monkey": "banana", "keys": ["instruction", "output"]},
+     {"pad_token": "<pad>", "monkey": "banana", "keys": ["instruction", "output"]}),
+    # credentials in URLs, wherever they are
+    ({"path": "https://user:SECRET@host/data.jsonl"}, {"path": "https://user:***@host/data.jsonl"}),
+    ({"base_model": "https://ghp_abc@github.com/org/repo"}, {"base_model": "https://***@github.com/org/repo"}),
+    ({"datasets": [{"path": "s3://key:secret@bucket/x.jsonl"}]}, {"datasets": [{"path": "s3://key:***@bucket/x.jsonl"}]}),
+    ({"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}, {"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}),
+])
+def test_secrets_are_redacted_by_pattern(saved, written):
+    from ft.config import redact
+
+    assert redact(saved) == written
+
+
 def test_validate_cli_prints_effective_batch_and_selection(tmp_path):
     from ft.cli import cli
     from ft.plugins import add_process_plugin, remove_process_plugin
@@ -194,3 +225,55 @@ def test_validate_cli_prints_effective_batch_and_selection(tmp_path):
         assert "micro_bach_size: unknown key. Did you mean 'micro_batch_size'?" in res.output
     finally:
         remove_process_plugin("fakefeat")
+
+
+# -- values that pass the types but fail later: caught by `ft validate`, with file:line ------------------
+
+REAL = """\
+base_model: tiny
+datasets:
+  - path: data.jsonl
+    type: chat_template
+"""
+
+
+def real_problems(tmp_path, text: str) -> list[str]:
+    path = tmp_path / "c.yaml"
+    path.write_text(REAL + text)
+    with pytest.raises(ConfigError) as info:
+        load_context(path)
+    return info.value.problems
+
+
+@pytest.mark.parametrize(("text", "line", "says"), [
+    ("seed: -1\n", 5, "seed: Input should be greater than or equal to 0"),
+    ("seed: 1099511627776\n", 5, "seed: Input should be less than or equal to 4294967295"),
+    ("micro_batch_size: 1.0e+18\n", 5, "micro_batch_size: Input should be less than or equal to 2147483647"),
+    ("gradient_accumulation_steps: 1.0e+15\n", 5, "gradient_accumulation_steps: Input should be less than"),
+    ("fp16: true\n", 5, "fp16: fp16 mixed precision needs a CUDA GPU"),
+    ("special_tokens:\n  pad_token: '<pad>'\n  padding_token: '<p>'\n", 7,
+     "special_tokens.padding_token: unknown special token name 'padding_token'"),
+])
+def test_values_that_would_fail_later_fail_validation_with_file_and_line(tmp_path, text, line, says):
+    problems = real_problems(tmp_path, text)
+    assert any(p.startswith(f"{tmp_path / 'c.yaml'}:{line}: {says}") for p in problems), problems
+
+
+def test_bf16_on_a_gpu_without_it_fails_validation(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    problems = real_problems(tmp_path, "bf16: true\n")
+    assert any(p.startswith(f"{tmp_path / 'c.yaml'}:5: bf16: this GPU has no bf16 support") for p in problems)
+
+
+def test_warmup_longer_than_the_run_is_a_warning_of_ft_validate(tmp_path):
+    from ft.cli import cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text(REAL + "max_steps: 10\nwarmup_steps: 50\n")
+    res = CliRunner().invoke(cli, ["validate", str(path)])
+    assert res.exit_code == 0, res.output
+    assert (f"warning: {path}:6: warmup_steps: 50 warmup steps but max_steps is 10: the learning rate never "
+            "reaches learning_rate") in res.output, res.output

@@ -28,7 +28,9 @@ from ft.run import run
 
 MAX_STEPS = 8
 SAVE_STEPS = 3
-SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz"}
+SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz",
+           "openai_api_key": "sk-openai-1e1e1e", "api_token": "tok-api-2f2f2f", "github_token": "ghp_3a3a3a3a",
+           "mirror": "https://mirror-user:url-pass-4b4b4b@example.invalid/models"}
 ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
 
 
@@ -73,6 +75,10 @@ class VaultSection(BaseModel):
     api_key: str = ""
     hub_token: str = ""
     password: str = ""
+    openai_api_key: str = ""
+    api_token: str = ""
+    github_token: str = ""
+    mirror: str = ""  # credentials inside a URL
     signing_key: SecretStr = SecretStr("")
 
 
@@ -442,7 +448,7 @@ def test_a_data_build_killed_midway_leaves_no_cache_behind(tiny_model_dir, tmp_p
 
 def test_secrets_never_reach_saved_files_or_logs(reference):
     root, _, _, logs = reference
-    secrets = [*SECRETS.values(), "sk-signing-0a0a0a", *ENV_SECRETS.values()]
+    secrets = [*SECRETS.values(), "url-pass-4b4b4b", "sk-signing-0a0a0a", *ENV_SECRETS.values()]
     files = [p for p in (root / "out").rglob("*") if p.is_file()]
     assert any(p.name == "ft_config.yaml" and p.parent.name == "checkpoint-3" for p in files)
     for path in files:
@@ -452,7 +458,9 @@ def test_secrets_never_reach_saved_files_or_logs(reference):
     for secret in secrets:
         assert secret not in logs
     saved = yaml.safe_load((root / "out" / "ft_config.yaml").read_text())
-    assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "**********"
+    assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "***"
+    assert saved["vault"]["github_token"] == "***"
+    assert saved["vault"]["mirror"] == "https://mirror-user:***@example.invalid/models"
     assert "training finished" in logs, "the captured output is the run's"
 
 
@@ -748,3 +756,26 @@ def test_installing_a_plugin_with_a_section_does_not_block_resuming(reference, t
         assert config_differences(health, out / "checkpoint-8") == [], "health declares it does not change training"
         result = run(config)
     assert result.metrics["resumed_from"] == str(out / "checkpoint-8")
+
+
+def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(reference, tmp_path, vault):
+    """torch loads checkpoint files with weights_only=True, which refuses arbitrary objects (they could run
+    code). A checkpoint holding one (here a datetime in rng_state.pth) ends in an ft error naming it."""
+    import datetime
+
+    import torch
+
+    from ft.checkpoints import write_manifest
+
+    config, out = copy_of_run(reference, tmp_path)
+    for step in (6, 8):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    checkpoint = out / "checkpoint-3"
+    state = torch.load(checkpoint / "rng_state.pth", weights_only=False)
+    torch.save({**state, "saved_at": datetime.datetime(2024, 1, 1)}, checkpoint / "rng_state.pth")
+    write_manifest(checkpoint, 3)  # a complete checkpoint, as far as its manifest goes
+    with pytest.raises(FtError) as err:
+        run(config)
+    message = str(err.value)
+    assert str(checkpoint) in message and "weights_only" in message and "datetime" in message, message
+    assert "resume_from_checkpoint" in message, "says how to go on"

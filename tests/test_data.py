@@ -369,5 +369,38 @@ def test_ft_preprocess_debug_prints_labelled_samples(tmp_path, tiny_model_dir, w
     with registered_plugin(QAPlugin(), "qa_test_format"):
         result = FtRunner().preprocess(cfg, "--debug", "2")
     result.assert_ok()
-    assert "[+The result is" in result.output and "--- row 2:" in result.output and "--- row 3:" not in result.output
+    assert "[+The result is" in result.output and "--- sample 2 (" in result.output and "--- sample 3" not in result.output
+    assert f"{a}:" in result.output, "each sample names its file and line"
     assert (tmp_path / "prepared").is_dir()
+
+
+def test_debug_view_names_the_file_line_of_each_sample(tmp_path, tiny_tokenizer):
+    """Shuffled, with a malformed line before them: each sample says where it came from, not its position."""
+    import io
+
+    from ft.debug import show_samples
+
+    a = write_lines(tmp_path / "a.jsonl", ["{broken"] + [json.dumps(r) for r in qa_rows(6)])
+    out = prepare(tmp_path, tiny_tokenizer, a, seed=3)
+    buf = io.StringIO()
+    show_samples(out.train, tiny_tokenizer, 6, stream=buf, colour=False, where=out.where)
+    text = buf.getvalue()
+    for i in range(6):  # row i of qa_rows is on line i + 2
+        line = next(x for x in text.splitlines() if x.startswith("---") and f"{a}:{i + 2})" in x)
+        body = text.split(line, 1)[1].split("---", 1)[0]
+        assert f"What is {i} plus {i}?" in body, (line, body)
+    assert [out.where(k) for k in range(6)] != [f"{a}:{i + 2}" for i in range(6)], "the samples are shuffled"
+
+
+def test_an_empty_dataset_file_is_a_warning_naming_the_entry(tmp_path, tiny_tokenizer, caplog, write_yaml):
+    from ft.context import load_context
+    from ft.data import prepare_datasets
+
+    a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = write_yaml(base_config(tmp_path, a, empty))
+    ctx = load_context(config, extra_plugins=[("qa_test_format", QAPlugin())])
+    with caplog.at_level(logging.WARNING, logger="ft"):
+        prepare_datasets(ctx, tiny_tokenizer)
+    assert f"{config}:" in caplog.text and f"datasets[1].path: {empty} has no rows" in caplog.text, caplog.text

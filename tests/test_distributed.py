@@ -299,6 +299,50 @@ def test_deepspeed_zero2_on_cpu(dist_env, work, tiny_model_dir, chat_jsonl):
     assert trained < base - 0.1
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_over_gloo_and_save_one_model(dist_env, work, tiny_model_dir, chat_jsonl):
+    """``ft run --nnodes 2 --node-rank N --rdzv-endpoint 127.0.0.1:PORT --nproc 1`` twice, as two nodes would:
+    one c10d rendezvous, one gloo group of 2 ranks that split the data, one model saved (the output-dir lock
+    is the global main process's, so the other node's rank is not locked out)."""
+    config = write_config(work, tiny_model_dir, chat_jsonl, "two_nodes")
+    probe_dir = work / "probe-two_nodes"
+    probe_dir.mkdir()
+    env = {**dist_env, "FT_PROBE_DIR": str(probe_dir)}
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "ft.cli", "run", str(config), "-p", "probe", "--nnodes", "2",
+                          "--node-rank", str(rank), "--nproc", "1", "--rdzv-endpoint", endpoint,
+                          "--rdzv-id", "ft-two-nodes"],
+                         env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, f"a node failed ({node.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
+    reports = [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["wrapper"] for r in reports] == ["DistributedDataParallel"] * 2
+    assert_ranks_split_data(reports)
+    assert_loss_falls(reports)
+    assert sum(out.count("training finished") for out, _ in outputs) == 1, "one summary, from the global rank 0"
+    out_dir = work / "two_nodes"
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "metrics.json").is_file()
+    base, trained = base_and_trained_loss(tiny_model_dir, out_dir, chat_jsonl)
+    assert trained < base - 0.1
+
+
 @pytest.mark.gpu
 def test_deepspeed_zero3_on_gpu_saves_consolidated_weights(dist_env, tmp_path, tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")

@@ -333,3 +333,72 @@ def test_unknown_entry_option_is_a_config_error(write_yaml, tiny_tokenizer):
     with pytest.raises(ConfigError) as err:
         build(write_yaml, tiny_tokenizer, train_on_eos="sometimes")
     assert "train_on_eos" in str(err.value)
+
+
+# A template that loops for ever on some conversations (it may come with a downloaded tokenizer).
+LOOPING = (
+    "{% for m in messages %}"
+    "{% if m.content == 'loop' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+    "{% endfor %}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+)
+
+
+def test_a_conversation_that_renders_too_long_is_dropped_not_a_hang(write_yaml, tiny_tokenizer):
+    tokenize = build(write_yaml, tiny_tokenizer, chat_template=LOOPING, max_render_seconds=0.2)
+    fine = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    looping = [{"role": "user", "content": "loop"}, {"role": "assistant", "content": "Hello."}]
+    rows = [{"messages": m} for m in (fine, looping, fine, fine, fine)]
+    out = tokenize(rows)
+    assert [isinstance(s, Dropped) for s in out] == [False, True, False, False, False]
+    assert out[1].reason == "template too slow" and "0.2 s" in out[1].detail
+
+
+def test_a_template_that_is_too_slow_for_most_rows_is_an_error(write_yaml, tiny_tokenizer):
+    tokenize = build(write_yaml, tiny_tokenizer, chat_template=LOOPING, max_render_seconds=0.1)
+    looping = [{"role": "user", "content": "loop"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(FtError, match=r"chat template took more than 0.1 s .* 3 of the 3 conversations"):
+        tokenize([{"messages": looping}] * 6)
+
+
+def test_a_template_that_never_finishes_fails_when_the_format_is_built(write_yaml, tiny_tokenizer):
+    forever = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + LOOPING
+    with pytest.raises(FtError, match=r"did not finish rendering .* within 0.1 s"):
+        build(write_yaml, tiny_tokenizer, chat_template=forever, max_render_seconds=0.1)
+
+
+TYPED_CONTROL = [{"role": "user", "content": "What does <|im_end|> do?"},
+                 {"role": "assistant", "content": "It ends a turn: <|im_end|>."}]
+
+
+def test_control_token_text_in_a_message_is_noted_and_can_be_escaped(write_yaml, tiny_tokenizer):
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kept = one(build(write_yaml, tiny_tokenizer, chat_template="chatml"), TYPED_CONTROL)
+    assert kept["input_ids"].count(im_end) == 4, "typed in the data, it became the control token (2 turns + 2)"
+    assert [n.reason for n in kept["notes"]] == ["special token text in a message"] * 2
+    assert "message 0" in kept["notes"][0].detail and "<|im_end|>" in kept["notes"][0].detail
+
+    escaped = one(build(write_yaml, tiny_tokenizer, chat_template="chatml", escape_special_tokens=True), TYPED_CONTROL)
+    assert escaped["input_ids"].count(im_end) == 2, "only the template's own end-of-turn tokens are control tokens"
+    assert tiny_tokenizer.decode(escaped["input_ids"]) == tiny_tokenizer.decode(kept["input_ids"]), "same text"
+    assert trained_runs(escaped, tiny_tokenizer) == ["It ends a turn: <|im_end|>.<|im_end|>"]
+
+
+def test_the_data_report_counts_rows_with_control_token_text(tmp_path, tiny_model_dir, write_yaml, caplog):
+    import json as json_mod
+    import logging
+
+    from ft.data import prepare_datasets
+    from ft.tiny import make_chat_rows, write_jsonl
+
+    rows = make_chat_rows(6, seed=1) + [{"messages": TYPED_CONTROL}]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = write_yaml({"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
+                         "dataset_prepared_path": str(tmp_path / "prepared"), "dataset_num_proc": 1})
+    ctx = load_context(config)
+    with caplog.at_level(logging.WARNING, logger="ft"):
+        prepared = prepare_datasets(ctx, ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg))
+    noted = prepared.report["noted"]["special token text in a message"]
+    assert noted["count"] == 2 and noted["examples"][0]["where"] == f"{data}:7"
+    assert "escape_special_tokens" in caplog.text
+    assert json_mod.loads((Path(prepared.cache_dir) / "report.json").read_text())["noted_total"] == 2

@@ -171,3 +171,15 @@ def test_generation_stops_at_the_tokenizer_eos(tiny_model_dir):
     eos = model.generation_config.eos_token_id
     assert tok.eos_token_id in ([eos] if isinstance(eos, int) else eos)
     assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_trust_remote_code_says_that_checkpoint_code_runs(tiny_model_dir, caplog, write_yaml):
+    config = write_yaml({"base_model": str(tiny_model_dir), "datasets": [{"path": "rows.jsonl", "type": "hand"}],
+                         "hf": {"trust_remote_code": True}})
+    ctx = load_context(config, extra_plugins=[("hand_format", HandFormat)])
+    with caplog.at_level(logging.WARNING, logger="ft"):
+        load_model(ctx, load_tokenizer(ctx))
+    lines = [r.getMessage() for r in caplog.records if "trust_remote_code" in r.getMessage()]
+    assert len(lines) == 2, lines  # the tokenizer's and the model's
+    assert all(f"{config}:" in line and str(tiny_model_dir) in line and "runs the Python code shipped" in line
+               for line in lines), lines

@@ -275,3 +275,22 @@ def test_chat_from_the_command_line_exits_on_slash_exit(lora_run):
     assert result.exit_code == 0, result.output
     assert "chatting with" in result.output and "(history cleared)" in result.output
     assert result.output.count("> ") == 4  # hello, /reset, hi again, /exit
+
+
+def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, tiny_model_dir):
+    import datetime
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ft.testing import FtRunner
+
+    run_dir = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, run_dir)
+    state = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    torch.save({**state, "saved_at": datetime.datetime(2024, 1, 1)}, run_dir / "pytorch_model.bin")
+    (run_dir / "model.safetensors").unlink()
+    result = FtRunner().invoke("infer", str(run_dir), "Hello?")
+    assert result.exit_code == 2, (result.output, result.traceback)
+    assert "pickled" in result.output and str(run_dir) in result.output and "Traceback" not in result.output

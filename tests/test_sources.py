@@ -198,3 +198,31 @@ def test_a_missing_local_file_and_an_unreachable_hub_id_are_clear_errors(tmp_pat
     with pytest.raises(DataError, match="neither a local file nor a readable hub dataset") as err:
         load(tmp_path, "some-org/some-dataset")
     assert "HF_HUB_OFFLINE" in str(err.value)
+
+
+def test_csv_cells_are_read_as_text_so_numeric_answers_are_kept(tmp_path, tiny_tokenizer):
+    """An alpaca CSV whose outputs are numbers: every row is trained on, none dropped as "'output' is a int"."""
+    from ft.data import prepare_datasets
+
+    p = tmp_path / "sums.csv"
+    p.write_text("instruction,input,output\n" + "".join(f"What is {i} plus {i}?,,{2 * i}\n" for i in range(6)))
+    raw, _ = load(tmp_path, p)
+    assert all_rows(raw)[2] == {"instruction": "What is 2 plus 2?", "input": "", "output": "4"}
+    cfg = base_config(tmp_path, p, sequence_len=256)
+    cfg["datasets"][0]["type"] = "alpaca"
+    data = prepare_datasets(make_context(cfg), tiny_tokenizer)
+    assert data.report["dropped_total"] == 0 and len(data.train) == 6
+
+
+def test_malformed_csv_rows_and_later_drops_name_their_file_line(tmp_path, tiny_tokenizer):
+    """Lines, not the count of kept rows: a quoted cell spanning two lines and a skipped row shift them."""
+    from ft.data import prepare_datasets
+
+    p = tmp_path / "d.csv"
+    p.write_text('prompt,completion\na,b\n"two\nlines",c\nd,e,f\ng,\nh,i\n')
+    raw, _ = load(tmp_path, p)
+    assert [raw.where(i) for i in range(len(raw))] == [f"{p}:2", f"{p}:3", f"{p}:6", f"{p}:7"]
+    assert [(d.where, d.detail) for d in raw.dropped] == [(f"{p}:5", "expected 2 columns, got 3")]
+    data = prepare_datasets(make_context(base_config(tmp_path, p)), tiny_tokenizer)
+    wheres = [e["where"] for reason in data.report["dropped"].values() for e in reason["examples"]]
+    assert sorted(wheres) == [f"{p}:5", f"{p}:6"], data.report  # line 6: an empty completion (nothing to train)

@@ -11,9 +11,10 @@ Groups:
   ``is_installed``, ``load_or_explain``
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
   section model or field whose values do not change what training computes, so a resumed run may change them),
-  ``read_yaml`` (a YAML file with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
+  ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
+  with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
-- formats: ``DatasetOptions``, ``Dropped``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
+- formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
   ``sequence_logps``, ``has_adapter``
@@ -35,13 +36,13 @@ _WHERE = {
     "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
     "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
     # config
-    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "read_yaml": "ft.config",
-    "reporter_names": "ft.config",
+    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
+    "read_yaml": "ft.config", "reporter_names": "ft.config",
     # data sources
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",
     # formats
-    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Tokenize": "ft.formats",
+    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Note": "ft.formats", "Tokenize": "ft.formats",
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
     "PromptCompletion": "ft.formats",
     # methods

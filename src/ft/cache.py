@@ -5,15 +5,19 @@ Layout of ``dataset_prepared_path``::
     <key>/train/        the training dataset (``datasets.save_to_disk``; loaded memory-mapped)
     <key>/eval/         the eval dataset, when there is one
     <key>/report.json   rows dropped, per reason, with file:line examples
+    <key>/origins.*     the file:line each sample came from (``ft preprocess --debug``)
     <key>/stats.json    rows, samples, tokens, packing efficiency, seconds
-    <key>/key.json      what went into the key (to see why a cache was rebuilt)
+    <key>/key.json      what went into the key (to see why a cache was rebuilt), secrets redacted
+    <key>/manifest.json size and xxh3 checksum of every file above (checked on every load)
     <key>.lock          held while one process builds; the others wait, then load
 
 The key hashes everything that changes the prepared rows: the data files' contents (through
 ``ft_data_fingerprint``), files named by dataset options (e.g. a jinja template file), the
 tokenizer (vocabulary, added tokens, chat template), the config keys that matter, and the
 version and source of every plugin on the data path. A build is written to a temporary
-directory and renamed into place, so a crash never leaves a half-written cache behind.
+directory and renamed into place, so a crash never leaves a half-written cache behind. Every load
+checks the files against the manifest's checksums (xxh3, at disk-read speed): a damaged cache is
+rebuilt with a warning, never used.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ft.errors import DataError
+from ft.errors import DataError, disk_full_error, is_disk_full
 
 log = logging.getLogger("ft.data")
 
 # Bump when the layout or meaning of prepared data changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: manifest.json with a checksum of every file
 # Config keys that change the prepared rows (datasets entries are added separately).
 KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_tokens", "tokens", "val_set_size",
               "seed", "shuffle", "chat_template", "eval_sample_packing")
@@ -230,6 +234,11 @@ def load(root: Path, key: str) -> dict[str, Any] | None:
         return None
     from datasets import load_from_disk
 
+    problems = verify_manifest(path)
+    if problems:
+        log.warning("the prepared data in %s is damaged (%s); rebuilding it", path, "; ".join(problems[:3]))
+        shutil.rmtree(path, ignore_errors=True)
+        return None
     try:
         with _quiet_datasets():
             train = load_from_disk(str(path / "train"))
@@ -244,7 +253,7 @@ def load(root: Path, key: str) -> dict[str, Any] | None:
 
 
 def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any,
-          report: dict[str, Any], stats: dict[str, Any]) -> str:
+          report: dict[str, Any], stats: dict[str, Any], origins: Any = None) -> str:
     """Write a build into a temporary directory, then rename it to ``<root>/<key>`` (atomic)."""
     final = root / key
     for stale in root.glob(f".tmp-{key}-*"):  # left by a crashed build (we hold the lock)
@@ -257,16 +266,63 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
             if eval_ds is not None:
                 eval_ds.save_to_disk(str(tmp / "eval"))
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        (tmp / "key.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        if origins is not None:  # where each sample came from (file:line), for `ft preprocess --debug`
+            origins.save(tmp)
+        from ft.config import redact
+
+        key_text = json.dumps(redact(json.loads(json.dumps(inputs, default=str))), indent=2, sort_keys=True)
+        (tmp / "key.json").write_text(key_text, encoding="utf-8")  # what went into the key, secrets redacted
         stats = {**stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        write_manifest(tmp)
         if final.exists():  # only after a damaged cache was half-removed
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full_error(root, "the prepared data", "Nothing half-written was kept. Free some space there "
+                                  "or point dataset_prepared_path at a disk with room, then run the same command "
+                                  "again.") from exc
         raise
     return str(final)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Remove a prepared cache (held under the build lock): it is rebuilt."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+MANIFEST = "manifest.json"
+UNCHECKED = frozenset({MANIFEST, "stats.json"})  # stats.json gets figures after the build (update_stats)
+
+
+def write_manifest(path: Path) -> None:
+    """Size and checksum of every file of a prepared cache (but stats.json), in ``manifest.json``."""
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        if name not in UNCHECKED:
+            files[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
+    (path / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}, indent=1), encoding="utf-8")
+
+
+def verify_manifest(path: Path) -> list[str]:
+    """What is wrong with the files of the cache at ``path`` (empty when every checksum matches)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"its {MANIFEST} cannot be read ({type(exc).__name__})"]
+    problems = []
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != want.get("size"):
+            problems.append(f"{name} has {file.stat().st_size} bytes, {want.get('size')} were written")
+        elif file_digest(file) != want.get("digest"):
+            problems.append(f"{name} changed since it was written")
+    return problems
 
 
 def update_stats(path: str, **values: Any) -> None:
@@ -275,8 +331,14 @@ def update_stats(path: str, **values: Any) -> None:
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
     stats.update(values)
     tmp = stats_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    os.replace(tmp, stats_file)
+    try:
+        tmp.write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        os.replace(tmp, stats_file)
+    except OSError as exc:  # the figures are a nicety: the cache itself is complete
+        tmp.unlink(missing_ok=True)
+        if not is_disk_full(exc):
+            raise
+        log.warning("no space left on device at %s to add the write time to stats.json; the cache is complete", path)
 
 
 @contextlib.contextmanager

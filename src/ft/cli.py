@@ -197,7 +197,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
     if debug_n:
         from ft.debug import show_samples
 
-        show_samples(data.train, tokenizer, debug_n)
+        show_samples(data.train, tokenizer, debug_n, where=data.where)
 
 
 @cli.command()
@@ -209,10 +209,14 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
+    from ft.config import config_warnings
+
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     click.echo(f"{cfg.source}: valid")
+    for warning in config_warnings(cfg):
+        click.secho(f"  warning: {warning}", fg="yellow")
     click.echo(f"  base_model: {cfg.base_model}")
     click.echo(f"  method: {cfg.method} ({ctx.method.description or 'from plugin ' + ctx.registries.methods.get(cfg.method).plugin})")
     click.echo(f"  datasets: {', '.join(f'{d.path} ({d.type})' for d in cfg.datasets)}")

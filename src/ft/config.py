@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,28 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ft.errors import ConfigError, FtError
 from ft.formats import DatasetOptions
 
-SECRET_KEYS = frozenset({"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "wandb_api_key",
-                         "wandb_key", "password", "secret", "aws_secret_access_key"})
+# Redaction (``redact``): a key is secret when a word of its name (split at _ - . and camelCase) is one of
+# SECRET_WORDS or ends in token/secret/password (``apitoken``), unless the key is one of NOT_SECRET_KEYS (token
+# lists and the names of a tokenizer's special tokens). Only string values are redacted (every string under a
+# secret key, so a ``credentials:`` mapping goes whole); counts and flags (``max_tokens: 512``,
+# ``use_auth_token: true``) stay. ``user:password@`` in any URL-like string is redacted wherever it is.
+SECRET_WORDS = frozenset({"token", "key", "secret", "secrets", "password", "passwords", "passwd", "pwd",
+                          "credential", "credentials", "apikey", "auth"})
+SECRET_WORD_ENDINGS = ("token", "secret", "password", "passwd")
+NOT_SECRET_KEYS = frozenset({"tokenizer", "tokens", "special_tokens", "eot_tokens", "eot_token",
+                             "additional_special_tokens", "pad_token", "bos_token", "eos_token", "unk_token",
+                             "sep_token", "cls_token", "mask_token"})
+REDACTED = "***"
+_WORD_RE = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:?#]*)(?::[^/@\s?#]*)?@")
 
 
 # ``json_schema_extra`` of a field, or of a plugin's section model, whose values do not change what training
 # computes (where files go, how often it logs or saves): a resumed run may change them (``ft.resume``).
 AFFECTS_TRAINING = "affects_training"
 NOT_TRAINING = {AFFECTS_TRAINING: False}
+MAX_COUNT = 2**31 - 1  # counts beyond a C int fail deep inside torch / itertools, so they are refused here
+MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
 class CoreConfig(BaseModel):
@@ -47,7 +62,9 @@ class CoreConfig(BaseModel):
     test_datasets: list[Any] = Field(default_factory=list, description="Evaluation datasets (same form).")
     val_set_size: float = Field(0.0, ge=0, description="Held-out evaluation part: a fraction (<1) or a row count.")
     shuffle: bool = Field(True, description="Shuffle the concatenated training rows with the seed.")
-    sequence_len: int = Field(2048, gt=0, description="Maximum tokens per sample (and per packed bin).")
+    sequence_len: int = Field(
+        2048, gt=0, le=MAX_COUNT, description="Maximum tokens per sample (and per packed bin)."
+    )
     excess_length: Literal["drop", "truncate", "error"] = Field(
         "drop", description="What to do with samples longer than sequence_len."
     )
@@ -57,7 +74,7 @@ class CoreConfig(BaseModel):
         "./prepared", description="Cache directory for tokenized datasets.", json_schema_extra=NOT_TRAINING
     )
     dataset_num_proc: int | None = Field(
-        None, ge=1, description="Processes for tokenization; default: all cores.",
+        None, ge=1, le=MAX_COUNT, description="Processes for tokenization; default: all cores.",
         json_schema_extra=NOT_TRAINING
     )
     special_tokens: dict[str, str] = Field(
@@ -76,16 +93,22 @@ class CoreConfig(BaseModel):
     output_dir: str = Field(
         "./out", description="Where checkpoints, weights and reports go.", json_schema_extra=NOT_TRAINING
     )
-    micro_batch_size: int = Field(1, ge=1, description="Samples (or packed bins) per device per step.")
+    micro_batch_size: int = Field(
+        1, ge=1, le=MAX_COUNT, description="Samples (or packed bins) per device per step."
+    )
     eval_batch_size: int | None = Field(
-        None, ge=1, description="Per-device eval batch; defaults to micro_batch_size.",
+        None, ge=1, le=MAX_COUNT, description="Per-device eval batch; defaults to micro_batch_size.",
         json_schema_extra=NOT_TRAINING
     )
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=MAX_COUNT, description="Micro-batches per optimizer step."
+    )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    num_epochs: float = Field(1.0, gt=0, description="Epochs, when max_steps is not set.")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides num_epochs.")
-    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps.")
+    num_epochs: float = Field(1.0, gt=0, le=MAX_COUNT, description="Epochs, when max_steps is not set.")
+    max_steps: int | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Optimizer steps; overrides num_epochs."
+    )
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT, description="Warmup steps.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
@@ -106,9 +129,11 @@ class CoreConfig(BaseModel):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Passed through, e.g. {use_reentrant: false}."
     )
-    seed: int = Field(42, description="Seed for shuffling, initialisation and dropout.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed for shuffling, initialisation and dropout (0 to 2**32 - 1)."
+    )
     save_steps: int | None = Field(
-        None, gt=0, description="Checkpoint every N steps (default: at the end only).",
+        None, gt=0, le=MAX_COUNT, description="Checkpoint every N steps (default: at the end only).",
         json_schema_extra=NOT_TRAINING
     )
     saves_per_epoch: int | None = Field(
@@ -121,11 +146,13 @@ class CoreConfig(BaseModel):
         json_schema_extra=NOT_TRAINING
     )
     save_total_limit: int | None = Field(
-        3, ge=1, description="Checkpoints to keep.", json_schema_extra=NOT_TRAINING
+        3, ge=1, le=MAX_COUNT, description="Checkpoints to keep.", json_schema_extra=NOT_TRAINING
     )
-    logging_steps: int = Field(10, ge=1, description="Log every N steps.", json_schema_extra=NOT_TRAINING)
+    logging_steps: int = Field(
+        10, ge=1, le=MAX_COUNT, description="Log every N steps.", json_schema_extra=NOT_TRAINING
+    )
     eval_steps: int | None = Field(
-        None, gt=0, description="Evaluate every N steps (when there is eval data).",
+        None, gt=0, le=MAX_COUNT, description="Evaluate every N steps (when there is eval data).",
         json_schema_extra=NOT_TRAINING
     )
     evals_per_epoch: int | None = Field(
@@ -158,7 +185,7 @@ class CoreConfig(BaseModel):
         None, description="Checkpoint directory to resume from.", json_schema_extra=NOT_TRAINING
     )
     dataloader_num_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes.", json_schema_extra=NOT_TRAINING
+        0, ge=0, le=MAX_COUNT, description="DataLoader worker processes.", json_schema_extra=NOT_TRAINING
     )
 
     _source: str | None = PrivateAttr(None)
@@ -591,8 +618,10 @@ def _message(err: dict, loc: tuple, model: type[BaseModel], format_names: Sequen
         return "required key is missing."
     msg = err.get("msg", "invalid value")
     given = err.get("input")
-    if loc and str(loc[-1]).lower() in SECRET_KEYS:  # an error message must not print a secret
+    if any(is_secret_key(part) for part in loc if isinstance(part, str)):  # an error must not print a secret
         given = None
+    elif isinstance(given, str):
+        given = redact_text(given)
     if err["type"] not in ("missing",) and not isinstance(given, (dict, list)) and given is not None:
         return f"{msg} (got {given!r})."
     return f"{msg}."
@@ -666,6 +695,15 @@ def format_loc(loc: Sequence[Any]) -> str:
     return out
 
 
+def config_warnings(cfg: CoreConfig) -> list[str]:
+    """Settings that are valid but probably not meant (``ft validate`` prints them, ``ft run`` logs them)."""
+    out = []
+    if cfg.max_steps is not None and cfg.warmup_steps is not None and cfg.warmup_steps >= cfg.max_steps:
+        out.append(f"{cfg.where('warmup_steps')}: {cfg.warmup_steps} warmup steps but max_steps is {cfg.max_steps}: "
+                   "the learning rate never reaches learning_rate. Lower warmup_steps (or use warmup_ratio).")
+    return out
+
+
 # -- what changes training (the resume check compares only that) ------------------------------
 
 
@@ -720,11 +758,34 @@ def entry_default(cfg: CoreConfig, group: str, index: int, key: str) -> Any:
 _NO_DEFAULT = object()
 
 
-def redact(value: Any) -> Any:
+def is_secret_key(key: Any) -> bool:
+    """Whether values under config key ``key`` are secrets (see SECRET_WORDS)."""
+    name = str(key)
+    if name.lower() in NOT_SECRET_KEYS:
+        return False
+    words = [w.lower() for w in _WORD_RE.split(name) if w]
+    return any(w in SECRET_WORDS or w.endswith(SECRET_WORD_ENDINGS) for w in words)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced: ``https://user:***@host``, ``https://***@host``."""
+    if "@" not in text or "://" not in text:
+        return text
+
+    def replace(match: re.Match) -> str:
+        user = match.group("user")
+        has_password = match.group(0)[len(match.group("scheme")) + len(user):].startswith(":")
+        return f"{match.group('scheme')}{user}:{REDACTED}@" if has_password else f"{match.group('scheme')}{REDACTED}@"
+
+    return _URL_CREDENTIALS_RE.sub(replace, text)
+
+
+def redact(value: Any, secret: bool = False) -> Any:
+    """A copy of ``value`` (config data) with secrets replaced by ``***`` (see SECRET_WORDS)."""
     if isinstance(value, dict):
-        return {
-            k: ("***" if str(k).lower() in SECRET_KEYS and v else redact(v)) for k, v in value.items()
-        }
+        return {k: redact(v, secret or is_secret_key(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact(v, secret) for v in value]
+    if isinstance(value, str):
+        return REDACTED if secret and value else redact_text(value)
     return value

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ft.errors import DataError
-from ft.formats import Drop
+from ft.formats import IGNORE_INDEX, Drop, entry_where
 
 if TYPE_CHECKING:
     import datasets
@@ -140,6 +141,82 @@ class PreparedData:
     report: dict[str, Any]
     stats: dict[str, Any]
     cache_dir: str
+    _origins: Any = field(default=None, repr=False)
+
+    def where(self, sample: int, split: str = "train") -> str:
+        """``file:line`` of the row that sample ``sample`` (0-based) of ``split`` came from."""
+        if self._origins is None:
+            self._origins = SampleOrigins.load(self.cache_dir) or False
+        found = self._origins.where(sample, split) if self._origins else None
+        return found or f"{'packed bin' if self.packed and split == 'train' else 'sample'} {sample + 1}"
+
+
+ORIGINS_JSON, ORIGINS_ARRAYS = "origins.json", "origins.npz"
+
+
+@dataclass
+class SampleOrigins:
+    """Where each prepared sample came from, kept with the cache (``ft preprocess --debug`` shows it).
+
+    ``arrays["train"]`` / ``arrays["eval"]`` hold each sample's row number across all dataset entries;
+    ``parts`` say which file (and lines) a range of row numbers came from.
+    """
+
+    parts: list[dict[str, Any]]
+    arrays: dict[str, Any]
+
+    @classmethod
+    def of(cls, raws: list[RawRows], train: Any, eval_samples: Any, packed: bool,
+           eval_packed: bool = False) -> SampleOrigins:
+        """From the entries' rows (in the order they were tokenized) and the assembled samples."""
+        import numpy as np
+
+        parts: list[dict[str, Any]] = []
+        arrays: dict[str, Any] = {}
+        base = 0
+        for raw in raws:
+            for start, part in zip(raw._starts, raw.parts, strict=True):
+                key = None
+                if part.lines is not None:
+                    key = f"lines_{len(parts)}"
+                    arrays[key] = np.asarray(part.lines, dtype=np.uint32)
+                parts.append({"start": base + start, "file": part.file, "unit": part.unit, "lines": key})
+            base += len(raw)
+        if not packed:  # packed bins mix samples: the packer does not say which
+            arrays["train"] = train.groups
+        if eval_samples is not None and not eval_packed:
+            arrays["eval"] = eval_samples.groups
+        return cls(parts, arrays)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        import numpy as np
+
+        np.savez(os.path.join(directory, ORIGINS_ARRAYS), **self.arrays)
+        with open(os.path.join(directory, ORIGINS_JSON), "w", encoding="utf-8") as fh:
+            json.dump(self.parts, fh)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> SampleOrigins | None:
+        import numpy as np
+
+        try:
+            with open(os.path.join(directory, ORIGINS_JSON), encoding="utf-8") as fh:
+                parts = json.load(fh)
+            with np.load(os.path.join(directory, ORIGINS_ARRAYS)) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError):
+            return None
+        return cls(parts, arrays)
+
+    def where(self, sample: int, split: str = "train") -> str | None:
+        rows = self.arrays.get(split)
+        if rows is None or not 0 <= sample < len(rows):
+            return None
+        row = int(rows[sample])
+        starts = [p["start"] for p in self.parts]
+        part = self.parts[bisect.bisect_right(starts, row) - 1]
+        lines = self.arrays[part["lines"]] if part["lines"] else None
+        return RowPart([], part["file"], lines, part["unit"]).where(row - part["start"])
 
 
 def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
@@ -156,14 +233,25 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
         found = cache.load(root, key)
         if found is not None:
             data = _from_cache(found, cfg)
-            log.info("prepared data: using the cache %s (%s)", data.cache_dir, _one_line(data.stats))
-            _log_drops(data.report)
-            return data
+            problem = token_id_problem(data.train, tokenizer) or token_id_problem(data.eval, tokenizer)
+            if problem is None:
+                log.info("prepared data: using the cache %s (%s)", data.cache_dir, _one_line(data.stats))
+                _log_drops(data.report)
+                return data
+            log.warning("the prepared data in %s does not fit the tokenizer (%s); rebuilding it", data.cache_dir,
+                        problem)
+            cache.remove(found["path"])
 
-        report, stats, train, eval_ds = _build(ctx, tokenizer, packing)
+        report, stats, train, eval_ds, origins = _build(ctx, tokenizer, packing)
+        problem = token_id_problem(train, tokenizer) or token_id_problem(eval_ds, tokenizer, "eval ")
+        if problem is not None:
+            formats = ", ".join(sorted({e.type for g in ("datasets", "test_datasets") for e in getattr(cfg, g) or []}))
+            raise DataError(f"the prepared data has {problem}: the dataset format(s) {formats} produced token ids "
+                            "the tokenizer does not have (a bug in the format plugin, or a tokenizer other than the "
+                            "one the format expects). Nothing was cached.")
         t1 = time.perf_counter()
         stats["seconds"] = round(t1 - t0, 3)  # updated below, once written
-        path = cache.store(root, key, key_inputs, train, eval_ds, report, stats)
+        path = cache.store(root, key, key_inputs, train, eval_ds, report, stats, origins)
         cache.update_stats(path, write_seconds=round(time.perf_counter() - t1, 3),
                            seconds=round(time.perf_counter() - t0, 3))
         found = cache.load(root, key)
@@ -172,6 +260,43 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
         data.stats["cache"] = "built"
         _log_report(report, stats, path)
         return data
+
+
+def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None:
+    """What is wrong with the token ids of ``dataset`` for ``tokenizer`` (None when every id of every token
+    column is in ``0 .. len(tokenizer) - 1``, labels may also be -100). One vectorised pass per column."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ft.data_tokenize import is_token_column
+
+    vocab = len(tokenizer)
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    for column in table.column_names:
+        if not is_token_column(column):
+            continue
+        ignore = None if column.endswith("input_ids") else IGNORE_INDEX  # labels may be -100
+        lists = table.column(column).combine_chunks()
+        flat = pc.list_flatten(lists)
+        checked = flat if ignore is None else pc.filter(flat, pc.not_equal(flat, pa.scalar(ignore, flat.type)))
+        if len(checked) == 0:
+            continue
+        low, high = pc.min_max(checked).values()
+        if low.as_py() >= 0 and high.as_py() < vocab:
+            continue
+        values = flat.to_numpy(zero_copy_only=False)
+        bad = (values < 0) | (values >= vocab)
+        if ignore is not None:
+            bad &= values != ignore
+        first = int(np.argmax(bad))
+        offsets = lists.offsets.to_numpy(zero_copy_only=False)
+        sample = int(np.searchsorted(offsets, first, side="right")) - 1
+        return (f"token id {int(values[first])} in {column} of {what}sample {sample} (and {int(bad.sum()) - 1} more), "
+                f"but the tokenizer has {vocab} tokens (ids 0-{vocab - 1})")
+    return None
 
 
 def _packing_active(ctx: Context) -> bool:
@@ -200,7 +325,7 @@ class _Job:
     result: Any = None  # ft.data_tokenize.EntryResult, once tokenized
 
 
-def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any]:
+def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
     """Read, tokenize, account for drops, assemble train/eval, pack: the steps of a cache miss."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
@@ -230,7 +355,9 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     }
     if packing:
         train_ds, eval_ds = _pack(ctx, train_ds, eval_ds, stats)
-    return report, stats, train_ds, eval_ds
+    origins = SampleOrigins.of([job.raw for job in jobs], train, eval_samples, packed=bool(stats["packed"]),
+                               eval_packed="eval_bins" in stats)
+    return report, stats, train_ds, eval_ds, origins
 
 
 def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
@@ -263,12 +390,17 @@ def _tokenize(cfg: Any, jobs: list[_Job]) -> None:
 def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The drop report and per-entry figures; ``excess_length: error`` and ``strict`` stop here."""
     drops: list[Drop] = []
+    notes: list[Drop] = []
     rows_read = 0
     per_entry = []
     for job in jobs:
         raw, res = job.raw, job.result
+        if len(raw) + len(raw.dropped) == 0:
+            log.warning("%s: %s has no rows (an empty file?): this entry adds nothing",
+                        entry_where(cfg, job.entry, "path"), raw.source)
         drops.extend(raw.dropped)
         drops.extend(res.drops)
+        notes.extend(res.notes)
         rows_read += len(raw) + len(raw.dropped)
         per_entry.append({
             "path": job.entry.path, "type": job.entry.type, "group": job.group,
@@ -282,7 +414,7 @@ def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str,
             f"({cfg.where('excess_length')}: error):\n" + _examples(too_long, 10)
             + "\nRaise sequence_len, or set excess_length: drop or truncate."
         )
-    report = build_report(drops, rows_read)
+    report = build_report(drops, rows_read, notes)
     if cfg.strict and drops:
         raise DataError(_strict_message(report))
     return report, per_entry
@@ -377,15 +509,21 @@ def _cpu_count() -> int:
 # -- the drop report --------------------------------------------------------------------------
 
 
-def build_report(drops: list[Drop], rows_read: int) -> dict[str, Any]:
-    """Counts per reason with the first examples (``where``, ``detail``) of each."""
-    by_reason: dict[str, dict[str, Any]] = {}
-    for d in drops:
-        entry = by_reason.setdefault(d.reason, {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < EXAMPLES_PER_REASON:
-            entry["examples"].append({"where": d.where, "detail": d.detail})
-    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason}
+def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = ()) -> dict[str, Any]:
+    """Counts per reason with the first examples (``where``, ``detail``) of each: rows dropped, and notes
+    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message)."""
+
+    def by_reason(items: Sequence[Drop]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for d in items:
+            entry = out.setdefault(d.reason, {"count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < EXAMPLES_PER_REASON:
+                entry["examples"].append({"where": d.where, "detail": d.detail})
+        return out
+
+    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops),
+            "noted_total": len(notes), "noted": by_reason(notes)}
 
 
 def _examples(drops: list[Drop], n: int) -> str:
@@ -436,11 +574,20 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         msg.append(f"  packed into {stats['bins']} bins of {stats['sequence_len']} tokens: "
                    f"efficiency {100 * stats['packing_efficiency']:.2f}%")
     log.info("\n".join(msg))
+    _log_notes(report)
 
 
 def _log_drops(report: dict[str, Any]) -> None:
     if report.get("dropped_total"):
         log.info("rows dropped when this cache was built:\n%s", _report_text(report))
+    _log_notes(report)
+
+
+def _log_notes(report: dict[str, Any]) -> None:
+    for reason, entry in sorted((report.get("noted") or {}).items()):
+        examples = "\n".join(f"    {ex['where']}: {ex['detail']}" for ex in entry["examples"][:3])
+        more = f"\n    ... {entry['count'] - 3} more in report.json" if entry["count"] > 3 else ""
+        log.warning("%d row(s) kept with a note: %s\n%s%s", entry["count"], reason, examples, more)
 
 
 # -- mixing datasets by weight --------------------------------------------------------------------

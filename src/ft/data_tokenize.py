@@ -33,6 +33,7 @@ TOO_LONG = "longer than sequence_len"
 NOTHING_TO_TRAIN = "nothing to train"
 
 INLINE_BELOW_ROWS = 2000  # fewer rows than this: forking workers costs more than it saves
+NOTES = "notes"  # a sample's list of ft.formats.Note: counted in the data report, not a column
 
 
 def is_token_column(name: str) -> bool:
@@ -180,6 +181,7 @@ class EntryResult:
     drops: list[Drop] = field(default_factory=list)
     truncated: int = 0
     tokenize_calls: int = 0
+    notes: list[Drop] = field(default_factory=list)  # Notes of kept rows (reason, file:line, detail)
 
 
 @dataclass
@@ -190,6 +192,7 @@ class _ChunkOut:
     tokens: dict[str, tuple[np.ndarray, np.ndarray]]  # column -> (flat values, lengths)
     rows: np.ndarray  # row index (within the entry) of each sample
     drops: list[tuple[int, str, str]]  # (row index, reason, detail)
+    notes: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, reason, detail)
     extras: dict[str, list[Any]] = field(default_factory=dict)
     truncated: int = 0
     calls: int = 0
@@ -242,8 +245,10 @@ def tokenize_entries(
                 row, message = o.error
                 raise DataError(f"{raw.where(row)}: the '{name}' format failed on this row: {message}")
         drops = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.drops]
+        notes = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.notes]
         samples = _merge(mine, base)
-        results.append(EntryResult(samples, drops, sum(o.truncated for o in mine), sum(o.calls for o in mine)))
+        results.append(EntryResult(samples, drops, sum(o.truncated for o in mine), sum(o.calls for o in mine),
+                                   notes))
         base += len(raw)
     return results
 
@@ -409,9 +414,11 @@ def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict
             out.drops.append((row, EMPTY, "the row produced no tokens"))
             continue
         for s in samples:
+            for note in s.get(NOTES) or ():  # Notes about a kept row: counted in the data report
+                out.notes.append((row, note[0], note[1]))
             if parts is None:
                 parts = {name: [] for name in s if is_token_column(name)}
-                extras = {name: [] for name in s if not is_token_column(name)}
+                extras = {name: [] for name in s if not is_token_column(name) and name != NOTES}
                 if not any(name.endswith("input_ids") for name in parts):
                     out.error = (row, f"it returned a sample without token ids (keys: {', '.join(s)}); a sample "
                                       "needs input_ids (or a prefixed form such as chosen_input_ids)")

@@ -3,13 +3,15 @@
 Each sample is printed as text, cut into runs of trained / not-trained tokens. On a colour
 terminal trained text is green and the rest grey; without colour (a pipe, a log file,
 ``NO_COLOR``) trained text is wrapped in ``[+ ... +]``, so the view reads the same in CI logs.
-Packed rows are split into their samples (where ``position_ids`` restart).
+Each sample is headed by the file:line it came from; packed bins are split into their samples
+(where ``position_ids`` restart).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from ft.formats import IGNORE_INDEX
@@ -27,8 +29,9 @@ def use_colour(stream: TextIO) -> bool:
 
 
 def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = None,
-                 colour: bool | None = None) -> None:
-    """Print the first ``n`` samples of ``dataset`` with trained tokens highlighted."""
+                 colour: bool | None = None, where: Callable[[int], str] | None = None) -> None:
+    """Print the first ``n`` samples of ``dataset`` with trained tokens highlighted; ``where(i)`` names
+    the file:line sample ``i`` came from (``PreparedData.where``)."""
     out = stream or sys.stdout
     colour = use_colour(out) if colour is None else colour
     legend = (f"{GREEN}green{RESET} = trained, {GREY}grey{RESET} = not trained" if colour
@@ -39,8 +42,11 @@ def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = N
         pieces = list(_samples_of(row))
         trained = sum(_trained(labels) for _ids, labels in pieces)
         tokens = sum(len(ids) for ids, _labels in pieces)
-        what = f"{len(pieces)} packed samples, " if "position_ids" in row else ""
-        header = f"--- row {i + 1}: {what}{tokens} tokens, {trained} trained ---"
+        if "position_ids" in row:
+            header = f"--- bin {i + 1}: {len(pieces)} packed samples, {tokens} tokens, {trained} trained ---"
+        else:
+            origin = f" ({where(i)})" if where is not None else ""
+            header = f"--- sample {i + 1}{origin}: {tokens} tokens, {trained} trained ---"
         out.write((f"{BOLD}{header}{RESET}" if colour else header) + "\n")
         for k, (ids, labels) in enumerate(pieces):
             if len(pieces) > 1:

@@ -58,8 +58,22 @@ def is_installed(module: str) -> bool:
         return False
 
 
+def refused_pickle(exc: BaseException | None) -> str | None:
+    """What torch's safe loader (``weights_only=True``) refused, if that is what ``exc`` (or what it wraps) is."""
+    seen = 0
+    while exc is not None and seen < 8:
+        text = str(exc)
+        if type(exc).__name__ == "UnpicklingError" and "weights only load failed" in text.lower():
+            detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+            detail = detail.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+            return detail or text.strip().splitlines()[0]
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def load_or_explain(source: str, what: str, load: Any, *args: Any, **kwargs: Any) -> Any:
-    """``load(*args, **kwargs)``; a missing or unreachable source becomes one clear error."""
+    """``load(*args, **kwargs)``; a missing or unreachable source, or pickled weights torch refuses to load,
+    becomes one clear error."""
     from pathlib import Path
 
     try:
@@ -71,6 +85,13 @@ def load_or_explain(source: str, what: str, load: Any, *args: Any, **kwargs: Any
             "network, HF_TOKEN for gated models)."
         )
         raise FtError(f"could not load the {what} from '{source}': {first}.{hint}") from exc
+    except Exception as exc:
+        refused = refused_pickle(exc)
+        if refused is None:
+            raise
+        raise FtError(f"could not load the {what} from '{source}': its pickled weights hold an object that torch "
+                      f"refuses to load ({refused}; weights_only=True), because loading it could run code. Use "
+                      "safetensors weights (model.safetensors), or convert these where you trust them.") from None
 
 
 class DiskFullError(FtError):

@@ -12,7 +12,7 @@ row into ``(prompt, completion)`` text; the base does the rest (see docs/writing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,12 +59,20 @@ class Dropped(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+class Note(NamedTuple):
+    """Something the data report should count about a row that is kept (``notes`` of a sample)."""
+
+    reason: str
+    detail: str = ""
+
+
 class Tokenize(Protocol):
     """Turns a batch of rows into tokenized samples.
 
     Receives ``rows`` (a list of dicts) and returns one item per row: either a dict with
     ``input_ids`` and ``labels`` (lists of int of equal length, label -100 = not trained;
-    optional extra keys), a list of such dicts (a row that yields several samples, e.g.
+    optional extra keys; ``notes``: a list of :class:`Note` the data report counts with the
+    row's file:line), a list of such dicts (a row that yields several samples, e.g.
     chunked completion text), or a :class:`Dropped` instance saying why the row was dropped.
     """
 
@@ -126,6 +134,19 @@ class TextEncoder:
 
             raise FtError("a fast tokenizer (tokenizer.json) is needed to find chat spans; this one is not fast.")
         return self.backend.encode_batch(texts, add_special_tokens=False)
+
+    def plain_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` with special-token text in it tokenized as ordinary text (fast tokenizers)."""
+        plain = getattr(self, "_plain", None)
+        if plain is None:
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(self.backend.to_str())
+            plain.no_truncation()
+            plain.no_padding()
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return plain.encode(text, add_special_tokens=False).ids
 
     def ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:

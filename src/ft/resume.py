@@ -12,9 +12,9 @@ returns a :class:`ResumePlan`, which ``run.py`` hands to training:
 5. ``set_damaged_aside``: checkpoints that fail verification become ``damaged-checkpoint-N``.
 6. ``check_same_config``: checkpoints of another config are an error naming the keys.
 
-Only the main process changes files. The other ranks compute the same plan without touching
-anything; training then makes every rank follow the main process's plan
-(:meth:`ResumePlan.shared`), so they cannot disagree about where to start.
+Only the main process decides and changes files. The other ranks return a placeholder at once
+(deciding too would race the main process's tidying); training makes every rank follow the main
+process's plan (:meth:`ResumePlan.shared`), so they cannot disagree about where to start.
 
 Nothing here imports torch or transformers at module import time.
 """
@@ -72,27 +72,28 @@ class ResumePlan:
 
 
 START = ResumePlan(None, "a new run")
+FOLLOW_MAIN = ResumePlan(None, "another rank: the main process decides")
 
 
 def plan_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> ResumePlan:
     """Decide where this run starts (see the module docstring); refuse what would lose work."""
     cfg = ctx.cfg
     out = Path(cfg.output_dir)
-    main = is_main_process()
     check_flags(ctx, fresh)
+    if not is_main_process():  # it would race the main process's tidying; training follows the main's plan
+        return FOLLOW_MAIN
     if out.exists() and not out.is_dir():
         raise FtError(f"{cfg.where('output_dir')}: '{out}' is a file, not a directory; choose another output_dir.")
     finished = refuse_finished(ctx, overwrite)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        clear_leftovers(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(out)
     explicit = cfg.resume_from_checkpoint
     if explicit:
-        return explicit_resume(ctx, str(explicit), announce=main)
+        return explicit_resume(ctx, str(explicit))
     if fresh or finished:  # finished: only reached with --overwrite
-        start_over(out, "--fresh" if fresh else "--overwrite", main)
+        start_over(out, "--fresh" if fresh else "--overwrite")
         return ResumePlan(None, "--fresh: starting over" if fresh else "--overwrite: starting over")
-    found = set_damaged_aside(out, main)
+    found = set_damaged_aside(out)
     if found is None:
         return START
     check_same_config(ctx, found)
@@ -100,8 +101,7 @@ def plan_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -
     if finished_weights(out):
         reason = "the final save of this run did not finish"
     plan = ResumePlan(str(found.path), f"{reason} (step {found.step}); --fresh would delete them and start over")
-    if main:
-        log.info("resuming from %s: %s", plan.checkpoint, plan.reason)
+    log.info("resuming from %s: %s", plan.checkpoint, plan.reason)
     return plan
 
 
@@ -136,10 +136,9 @@ def refuse_finished(ctx: Context, overwrite: bool) -> bool:
             f"{cfg.where('output_dir')}: '{out}' already holds {what}. To train again from step 0 pass --overwrite: "
             f"it {deleted}replaces the weights. To keep them, choose another output_dir: --set output_dir={out}-2"
         )
-    if is_main_process():
-        log.warning("--overwrite: %s holds %s; this run %sreplaces them", out, what, deleted)
-        with contextlib.suppress(FileNotFoundError):
-            (out / METRICS_FILE).unlink()  # no longer a finished run: if this one stops early, it resumes
+    log.warning("--overwrite: %s holds %s; this run %sreplaces them", out, what, deleted)
+    with contextlib.suppress(FileNotFoundError):
+        (out / METRICS_FILE).unlink()  # no longer a finished run: if this one stops early, it resumes
     return True
 
 
@@ -150,21 +149,19 @@ def clear_leftovers(out: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def start_over(out: Path, flag: str, main: bool) -> None:
+def start_over(out: Path, flag: str) -> None:
     """Remove the earlier run's checkpoints (``--fresh``, or ``--overwrite`` of a finished run)."""
     old = list_checkpoints(out)
-    if old and main:
+    if old:
         log.warning("%s: removing %d checkpoint(s) of the earlier run in %s (%s)", flag, len(old), out,
                     ", ".join(c.path.name for c in old))
         for checkpoint in old:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
-def set_damaged_aside(out: Path, main: bool) -> Checkpoint | None:
+def set_damaged_aside(out: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies; newer damaged ones are renamed ``damaged-checkpoint-N``."""
     found, skipped = find_resumable(out)
-    if not main:
-        return found
     aside = []
     for checkpoint, problems in skipped:
         target = unused_name(out, f"{DAMAGED_PREFIX}{checkpoint.path.name}")
@@ -196,7 +193,7 @@ def check_same_config(ctx: Context, checkpoint: Checkpoint) -> None:
     )
 
 
-def explicit_resume(ctx: Context, explicit: str, announce: bool) -> ResumePlan:
+def explicit_resume(ctx: Context, explicit: str) -> ResumePlan:
     """``resume_from_checkpoint: PATH``: that checkpoint, verified; deliberate config changes are allowed."""
     from ft.context import resolve_path
 
@@ -216,13 +213,12 @@ def explicit_resume(ctx: Context, explicit: str, announce: bool) -> ResumePlan:
         raise FtError(f"{cfg.where('weight_decay')}: weight_decay cannot be turned on when resuming {path}: its "
                       "optimizer state does not say which parameters decay (biases and norms do not). Keep "
                       "weight_decay: 0 for this run, or start a new one with it.")
-    if announce:
-        if problems:
-            log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
-                        path, problems[0])
-        if differences:
-            log.warning("resuming from %s with a config that differs from the one that wrote it: %s. This run "
-                        "trains with the new values (learning rate and weight decay too: the restored optimizer "
-                        "and schedule are adjusted to them).", path, "; ".join(differences))
-        log.info("resuming from %s (resume_from_checkpoint)", path)
+    if problems:
+        log.warning("resume_from_checkpoint: %s was not written by ft (%s); resuming from it unverified",
+                    path, problems[0])
+    if differences:
+        log.warning("resuming from %s with a config that differs from the one that wrote it: %s. This run "
+                    "trains with the new values (learning rate and weight decay too: the restored optimizer "
+                    "and schedule are adjusted to them).", path, "; ".join(differences))
+    log.info("resuming from %s (resume_from_checkpoint)", path)
     return ResumePlan(str(path), "resume_from_checkpoint")

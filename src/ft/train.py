@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ft.checkpoints import AtomicCheckpointsMixin
-from ft.errors import ConfigError, FtError, MissingDependencyError, is_out_of_memory
+from ft.errors import ConfigError, FtError, MissingDependencyError, is_out_of_memory, refused_pickle
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -262,7 +262,11 @@ def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None 
     """
     import torch
 
+    from ft.config import config_warnings
+
     precision = resolve_precision(cfg)
+    for warning in config_warnings(cfg):
+        log.warning(warning)
     if cfg.warmup_steps is not None and cfg.warmup_ratio:
         log.warning("%s and warmup_ratio are both set; using warmup_steps=%d", cfg.where("warmup_steps"),
                     cfg.warmup_steps)
@@ -495,6 +499,15 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
             close_progress_bars(trainer)
             _free_memory()
             raise FtError(out_of_memory_message(cfg)) from exc
+        refused = refused_pickle(exc)
+        if refused is not None and resume:
+            close_progress_bars(trainer)
+            raise FtError(
+                f"cannot resume from {resume}: one of its files holds an object that torch refuses to load "
+                f"({refused}; weights_only=True), because loading it could run code. Resume from another "
+                "checkpoint (resume_from_checkpoint: PATH), or start over with --fresh (which deletes the "
+                "checkpoints in output_dir)."
+            ) from None
         raise
     if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
         raise interrupted_error(ctx, trainer, stop)
