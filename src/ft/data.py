@@ -295,7 +295,10 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
             train_ds = packed
             stats["packed"] = True
             stats["bins"] = len(packed)
-            stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * cfg.sequence_len), 6)
+            # a bin holds what one unpacked row could: sequence_len per sequence of the method's rows
+            sequences = sum(1 for c in ctx.method.columns if c.endswith("input_ids")) or 1
+            stats["bin_tokens"] = sequences * cfg.sequence_len
+            stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * stats["bin_tokens"]), 6)
             stats["pack_seconds"] = round(time.perf_counter() - t1, 3)
     return report, stats, train_ds, eval_ds
 
@@ -401,7 +404,7 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} "
                    "(excess_length: truncate)")
     if stats.get("packed"):
-        msg.append(f"  packed into {stats['bins']} bins of {stats['sequence_len']} tokens: "
+        msg.append(f"  packed into {stats['bins']} bins of {stats.get('bin_tokens', stats['sequence_len'])} tokens: "
                    f"efficiency {100 * stats['packing_efficiency']:.2f}%")
     log.info("\n".join(msg))
 
