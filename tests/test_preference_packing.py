@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 def pair_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         q = f"What is {a} plus {b}?" + " Think." * rng.randint(0, 3)
         rows.append({"prompt": [{"role": "user", "content": q}],

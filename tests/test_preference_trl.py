@@ -154,9 +154,8 @@ def test_conservative_dpo_equals_trl_cpo_sigmoid_on_the_log_ratios():
     """TRL 1.9's DPOTrainer ignores label_smoothing with sigmoid; ft applies the conservative form
     (cDPO), which TRL's CPO sigmoid loss computes on the same margins."""
     import torch
-    from trl.experimental.cpo import CPOTrainer
-
     from ft_plugins.preference_losses import dpo_losses
+    from trl.experimental.cpo import CPOTrainer
 
     g = torch.Generator().manual_seed(0)
     chosen, rejected, ref_c, ref_r = (torch.randn(8, generator=g) * 5 - 20 for _ in range(4))
