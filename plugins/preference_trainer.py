@@ -4,8 +4,8 @@ A batch (from ``preference_data.UnitCollator`` or, packed, from the packing plug
 holds every sequence of every unit (a pair: chosen then rejected) plus ``sequence_ids``, which
 names the sequence of each token (-1 on padding). One forward pass of the policy scores them all;
 per-sequence log-probabilities are sums over each sequence's scored labels. Logits are computed
-only where a label is scored (``logits_to_keep``, when the model takes it): prompts cost no
-output-layer work and no log-softmax memory.
+only where a label is scored (the output layer is handed the hidden states at those positions):
+prompts and padding cost no output-layer work and no log-softmax memory.
 
 The reference policy (DPO, KTO) is ``ft.api.ReferenceModel`` (the base with the adapter
 disabled under lora/qlora, else a frozen copy), or with ``precompute_ref_logps`` log-probabilities
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -57,17 +56,41 @@ def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return {key: batch[prefix + key] for key in MODEL_KEYS if prefix + key in batch}
 
 
-def accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the model's forward can compute logits at chosen positions only."""
+def output_layer(model: Any) -> Any:
+    """The model's output projection (``get_output_embeddings``), through DDP/DeepSpeed/peft wrappers."""
     inner = model
-    for _ in range(4):  # DDP / DeepSpeed wrappers, then peft
+    for _ in range(4):
         inner = getattr(inner, "module", inner)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
+    get = getattr(inner, "get_output_embeddings", None)
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+@contextlib.contextmanager
+def hidden_states_at(model: Any, positions: Any) -> Any:
+    """While active, the model's output layer sees only the hidden states at ``positions`` (``[R, L - 1]``,
+    True where a next token is scored), flattened to ``[1, N, H]``: logits (and their log-softmax and
+    gradient) exist only where something is scored -- not for prompts, not for padding. Yields a list
+    that holds True once the selection happened (a model whose output layer saw another shape is
+    left alone and returns all logits)."""
+    head = output_layer(model)
+    done: list[bool] = []
+
+    def select(module: Any, args: tuple) -> Any:
+        hidden = args[0]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (positions.shape[0], positions.shape[1] + 1):
+            return None
+        done.append(True)
+        return (hidden[:, :-1][positions].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        yield done
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def score(logits: Any, targets: Any) -> Any:
@@ -106,41 +129,36 @@ class Scored:
         return tuple(sums[:, k] for k in range(n)) + tuple(counts[:, k] for k in range(n))
 
 
-def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, keep: bool = True,
-                  whole_first_sequences: int = 0) -> Scored:
+def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, whole_first_sequences: int = 0) -> Scored:
     """Run ``model`` once on every sequence of the batch and score each sequence's labels.
 
-    ``keep``: compute logits only where a label is scored. ``whole_first_sequences`` = n also
-    scores every next token of the first sequence of each n-sequence unit (ORPO's NLL on the prompt).
+    Logits are computed only at scored positions (``hidden_states_at``). ``whole_first_sequences``
+    = n also scores every next token of the first sequence of each n-sequence unit (ORPO's NLL on
+    the prompt).
     """
     import torch
 
     labels, sequence_ids = batch[f"{prefix}labels"], batch[f"{prefix}sequence_ids"]
     count = int(sequence_ids.max()) + 1
-    inputs = model_inputs(batch, prefix)
     targets, ids_at = labels[:, 1:], sequence_ids[:, 1:]
-    positions = None
-    if keep and not whole_first_sequences:
-        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-        inputs["logits_to_keep"] = positions
-    out = model(**inputs, use_cache=False)
-    logits = out.logits
-    if positions is not None:
-        targets, ids_at = targets[:, positions], ids_at[:, positions]
-    else:
-        logits = logits[:, :-1]
-    logps = score(logits, targets)
-    sums, counts = per_sequence(logps, ids_at, targets != IGNORE_INDEX, count)
-    scored = Scored(sums, counts)
+    scored = targets != IGNORE_INDEX
+    wanted, first = scored, None
     if whole_first_sequences:
-        n = whole_first_sequences
-        ids = batch[f"{prefix}input_ids"]
-        nxt = ids[:, 1:]
-        same = (sequence_ids[:, 1:] == sequence_ids[:, :-1]) & (sequence_ids[:, 1:] >= 0)
-        first = same & (sequence_ids[:, 1:] % n == 0)
-        every = score(logits, torch.where(first, nxt, torch.full_like(nxt, IGNORE_INDEX)))
-        scored.nll_sum, scored.nll_count = every.sum(), first.sum()
-    return scored
+        nxt = batch[f"{prefix}input_ids"][:, 1:]
+        same = (ids_at == sequence_ids[:, :-1]) & (ids_at >= 0)
+        first = same & (ids_at % whole_first_sequences == 0)
+        wanted = scored | first
+        targets = torch.where(scored, targets, nxt)  # scored labels are the next tokens themselves
+    with hidden_states_at(model, wanted) as selected:
+        out = model(**model_inputs(batch, prefix), use_cache=False)
+    logits = out.logits[0] if selected else out.logits[:, :-1][wanted]  # [N, V]
+    logps = score(logits, targets[wanted])
+    sums, counts = per_sequence(logps, ids_at[wanted], scored[wanted], count)
+    result = Scored(sums, counts)
+    if first is not None:
+        on_first = first[wanted]
+        result.nll_sum, result.nll_count = (logps * on_first).sum(), on_first.sum()
+    return result
 
 
 # -- the Trainer ------------------------------------------------------------------------------------
@@ -158,7 +176,6 @@ def trainer_class() -> type:
             self.preference = preference
             self._ft_window_units = None
             super().__init__(*args, **kwargs)
-            self._keep = accepts_logits_to_keep(self.model)
             if preference.reference is not None:
                 preference.reference.to(self.args.device)
             if preference.precompute:
@@ -195,12 +212,12 @@ def trainer_class() -> type:
         # -- forward passes ---------------------------------------------------------------------
 
         def _policy(self, model: Any, batch: dict[str, Any], prefix: str = "", whole_first: int = 0) -> Scored:
-            return forward_logps(model, batch, prefix, keep=self._keep, whole_first_sequences=whole_first)
+            return forward_logps(model, batch, prefix, whole_first_sequences=whole_first)
 
         def _reference(self, batch: dict[str, Any], prefix: str = "") -> Scored:
             ref = self.preference.reference
             with torch.no_grad():
-                return forward_logps(_Forward(ref.forward), batch, prefix, keep=self._keep)
+                return forward_logps(_Reference(ref), batch, prefix)
 
         # -- the methods ---------------------------------------------------------------------------
 
@@ -270,7 +287,7 @@ def trainer_class() -> type:
             o = self.preference.options
             logps = self._policy(model, batch).sums
             with torch.no_grad():
-                kl_logps = forward_logps(model, batch, "kl_", keep=self._keep).sums
+                kl_logps = forward_logps(model, batch, "kl_").sums
             ref_logps = self._reference(batch).sums
             ref_kl_logps = self._reference(batch, "kl_").sums
             kl = (kl_logps - ref_kl_logps).mean().detach()
@@ -343,7 +360,7 @@ def trainer_class() -> type:
                             continue
                         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                         batch = self._prepare_inputs(self.data_collator(rows))
-                        scored = forward_logps(model, batch, keep=self._keep)
+                        scored = forward_logps(model, batch)
                         chosen, rejected, _c, _r = scored.by_unit(2)
                         units = [row_units(r, len(self.preference.sequences)) for r in rows]
                         pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
@@ -364,14 +381,17 @@ def trainer_class() -> type:
     return PreferenceTrainer
 
 
-class _Forward:
-    """Calls ``fn`` as if it were a model (``forward_logps`` takes a module)."""
+class _Reference:
+    """A ``ReferenceModel`` as ``forward_logps`` calls a model: its forward, and its output layer."""
 
-    def __init__(self, fn: Any):
-        self.fn = fn
+    def __init__(self, reference: Any):
+        self.reference = reference
 
     def __call__(self, **inputs: Any) -> Any:
-        return self.fn(**inputs)
+        return self.reference.forward(**inputs)
+
+    def get_output_embeddings(self) -> Any:
+        return output_layer(self.reference.copy if self.reference.copy is not None else self.reference.policy)
 
 
 def row_units(row: dict[str, Any], sequences: int) -> int | None:

@@ -137,3 +137,24 @@ def test_a_packed_batch_gives_the_unpacked_dpo_loss_and_gradients(tmp_path, tiny
     assert packed_loss == pytest.approx(plain_loss, rel=1e-5)
     for name, g in plain_grads.items():
         assert (packed_grads[name] - g).abs().max().item() <= 1e-5 * g.abs().max().item() + 1e-12, name
+
+
+def test_logits_are_computed_only_where_a_label_is_scored(tmp_path, tiny_model_dir):
+    """Prompts and padding never reach the output layer: it sees one row per scored token."""
+    import torch
+    from ft_plugins.preference_data import UnitCollator
+    from ft_plugins.preference_trainer import forward_logps
+    from transformers import AutoModelForCausalLM
+
+    _ctx, tokenizer, plain = prepared(tmp_path, tiny_model_dir, pair_rows(6))
+    rows = [plain.train[i] for i in range(len(plain.train))]
+    batch = UnitCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    with torch.no_grad():
+        scored = forward_logps(model, batch)
+    scored_tokens = sum(sum(x != -100 for x in r[f"{side}_labels"][1:]) for r in rows for side in ("chosen", "rejected"))
+    assert seen == [(1, scored_tokens, model.config.vocab_size)]
+    assert batch["input_ids"].numel() > 3 * scored_tokens  # most positions are prompt or padding
+    assert int(scored.counts.sum()) == scored_tokens
