@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ft_plugins.chat_template import ChatTemplateOptions, build_chat_tokenize
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ft.api import IGNORE_INDEX, Dropped, FtError, entry_where
 
@@ -63,6 +63,16 @@ class PreferenceOptions(ChatTemplateOptions):
     field_rejected: str = Field("rejected", description="Row field with the dispreferred completion.")
     field_system: str = Field("system", description="Row field with a system message (chatml.intel layout).")
     field_question: str = Field("question", description="Row field with the user's question (chatml.intel layout).")
+    field_messages: str = Field("messages", description="Not used: preference rows name their fields with "
+                                "field_prompt, field_chosen and field_rejected (field_completion for kto).")
+
+    @field_validator("field_messages")
+    @classmethod
+    def _no_messages_field(cls, value: str) -> str:
+        if value != "messages":
+            raise ValueError("preference rows have no messages field; name the row fields with field_prompt, "
+                             "field_chosen and field_rejected (field_completion for kto)")
+        return value
 
 
 class KtoOptions(PreferenceOptions):
