@@ -12,15 +12,16 @@ gradient checkpointing. Each configuration runs in its own subprocess, so its pe
 ``ru_maxrss``: the whole process, model loading included) is its own; the machine may be shared,
 so every configuration runs ``--repeats`` times, interleaved, and medians are reported.
 
-Configurations: ``trl`` (DPOTrainer, defaults), ``ft`` (ft's collator: chosen and rejected in one
-padded batch), ``ft_packed`` (``-p packing``: pairs packed padding-free, block-diagonal mask; as
+Configurations: ``trl`` (DPOTrainer, defaults), ``ft`` (ft's default: one row per pair, its prompt
+computed once for both sides), ``ft_packed`` (``-p packing``: pairs packed padding-free, block-diagonal mask; as
 many bins per step as hold about ``--batch`` pairs). On a CPU the mask makes attention
 cost grow with the square of the bin's length (2 x ``sequence_len``), so packing pays off where
 attention is varlen (flash attention on a GPU); on a CPU ``ft`` is the faster configuration. Both sides read the pairs in file order
 (sequential sampler), so the unpacked configurations train on the same pairs at every step.
 
-Tokens/s counts real tokens (prompt + chosen and prompt + rejected, no padding) of the timed
-steps over their wall time; the first ``--warmup`` steps are not timed. Tokens per CPU-second
+Tokens/s counts the pairs' real tokens (prompt + chosen and prompt + rejected, no padding; ft's
+shared-prompt rows compute each prompt once but are counted the same way) of the timed steps over
+their wall time; the first ``--warmup`` steps are not timed. Tokens per CPU-second
 divides by the process's CPU time in the same steps instead: with one thread per run (the
 default) it measures the work a configuration does, and stays put when other jobs load the
 machine, which wall time does not; the comparison uses it, and reports the wall-time ratio too. Printed JSON (also
@@ -107,7 +108,7 @@ class StepClock:
     def counting(self, collate: Any, count: Any) -> Any:
         def wrapped(rows):
             batch = collate(rows)
-            self.batch_tokens.append(int(count(batch)))
+            self.batch_tokens.append(int(count(rows, batch)))
             return batch
 
         return wrapped
@@ -148,7 +149,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
                          processing_class=tokenizer)
     clock = StepClock(a["warmup"])
     trainer.add_callback(clock.callback())
-    trainer.data_collator = clock.counting(trainer.data_collator, lambda b: b["attention_mask"].sum())
+    trainer.data_collator = clock.counting(trainer.data_collator, lambda rows, b: b["attention_mask"].sum())
     trainer.train()
     return clock.result()
 
@@ -171,7 +172,7 @@ def run_ft(a: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
 
         @hookimpl
         def ft_before_train(self, cfg, trainer, model):
-            trainer.data_collator = clock.counting(trainer.data_collator, lambda b: (b["sequence_ids"] >= 0).sum())
+            trainer.data_collator = clock.counting(trainer.data_collator, pair_tokens)
 
     add_process_plugin("bench_probe", Probe())
     config = {
@@ -187,6 +188,13 @@ def run_ft(a: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
     with contextlib.redirect_stdout(sys.stderr):
         ft.run.run(config, overwrite=True)
     return clock.result()
+
+
+def pair_tokens(rows: list[dict[str, Any]], batch: Any) -> int:
+    """The pairs' tokens: prompt + chosen and prompt + rejected (what TRL's batch holds), however ft
+    lays them out (a shared prompt is computed once but counted twice here; a packed bin is its tokens)."""
+    return sum(len(r["input_ids"]) if "input_ids" in r else len(r["chosen_input_ids"]) + len(r["rejected_input_ids"])
+               for r in rows)
 
 
 def worker(name: str, a: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from ft_plugins.preference_data import (
     KtoCollator,
     KtoOptions,
     PreferenceOptions,
+    SharedPromptCollator,
     UnitCollator,
     build_pairs,
     build_unpaired,
@@ -124,9 +125,23 @@ def _pad_id(tokenizer: Any) -> int:
     return pad if pad is not None else tokenizer.eos_token_id
 
 
-def pair_collator(cfg: Any, tokenizer: Any) -> UnitCollator:
+def shares_prompt(cfg: Any) -> bool:
+    """Whether pairs can go as one ``[prompt | chosen | rejected]`` row: the attention must honour a 4D
+    mask (eager, SDPA), not cut sequences at position restarts (flash attention, ``-p varlen``)."""
     hf = cfg.section("hf")
-    return UnitCollator(_pad_id(tokenizer), ("chosen", "rejected"), getattr(hf, "pad_to_multiple_of", None))
+    attention = str(getattr(hf, "attn_implementation", None) or "").lower()
+    return "flash" not in attention and not cfg.provides("varlen_attention")
+
+
+def pair_collator(cfg: Any, tokenizer: Any) -> Any:
+    hf = cfg.section("hf")
+    multiple = getattr(hf, "pad_to_multiple_of", None)
+    if shares_prompt(cfg):
+        from ft.api import resolve_precision, torch_dtype
+
+        log.info("%s: each pair is one row, its prompt computed once for both sides", cfg.method)
+        return SharedPromptCollator(_pad_id(tokenizer), torch_dtype(resolve_precision(cfg)), multiple)
+    return UnitCollator(_pad_id(tokenizer), ("chosen", "rejected"), multiple)
 
 
 def kto_collator(cfg: Any, tokenizer: Any) -> KtoCollator:

@@ -409,6 +409,82 @@ def unit_extras(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class SharedPromptCollator:
+    """Pairs -> one row each, ``[prompt | chosen | rejected]``: the prompt goes through the model once.
+
+    The prompt is what both sides share before their first scored token. Rejected tokens attend to
+    the prompt and to earlier rejected tokens, never to the chosen ones, and their positions
+    continue from the prompt's end, as if they followed it directly; so every token sees exactly
+    what it would see in its own sequence and each side's log-probability is its unshared value.
+    The batch carries a 4D additive mask (``[B, 1, L, L]``, in ``mask_dtype``), ``position_ids``,
+    ``sequence_ids`` (prompt and chosen: sequence ``2u``, rejected: ``2u + 1``; -1 on padding) and
+    ``previous``: where each token's predecessor is (the rejected side's first token follows the
+    prompt's last). Padding is a block of its own. For attentions that take a mask (eager, SDPA).
+    """
+
+    def __init__(self, pad_token_id: int, mask_dtype: Any = None, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.mask_dtype = mask_dtype
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    @staticmethod
+    def shared_prompt(chosen: tuple[list, list], rejected: tuple[list, list]) -> int:
+        (c_ids, c_labels), (r_ids, r_labels) = chosen, rejected
+        limit = min(_first_scored(c_labels), _first_scored(r_labels))
+        n = 0
+        while n < limit and c_ids[n] == r_ids[n]:
+            n += 1
+        return n
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        laid = []
+        for u, r in enumerate(rows):
+            c_ids, c_labels = list(r["chosen_input_ids"]), list(r["chosen_labels"])
+            r_ids, r_labels = list(r["rejected_input_ids"]), list(r["rejected_labels"])
+            p = self.shared_prompt((c_ids, c_labels), (r_ids, r_labels))
+            nc, tail = len(c_ids), len(r_ids) - p
+            previous = list(range(-1, nc - 1)) + [p - 1] + list(range(nc, nc + tail - 1))
+            laid.append({
+                "ids": c_ids + r_ids[p:], "labels": c_labels + r_labels[p:],
+                "positions": list(range(nc)) + list(range(p, len(r_ids))),
+                "branch": [0] * p + [1] * (nc - p) + [2] * tail,
+                "sequence": [2 * u] * nc + [2 * u + 1] * tail,
+                "previous": previous[: nc + tail],
+            })
+        longest = max(len(x["ids"]) for x in laid)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(laid)
+        ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((n, longest), dtype=torch.long)
+        branch = torch.full((n, longest), 3, dtype=torch.long)  # 3: padding
+        sequence = torch.full((n, longest), -1, dtype=torch.long)
+        previous = torch.full((n, longest), -1, dtype=torch.long)
+        for i, x in enumerate(laid):
+            k = len(x["ids"])
+            ids[i, :k], labels[i, :k] = torch.tensor(x["ids"]), torch.tensor(x["labels"])
+            positions[i, :k], positions[i, k:] = torch.tensor(x["positions"]), torch.arange(longest - k)
+            branch[i, :k], sequence[i, :k] = torch.tensor(x["branch"]), torch.tensor(x["sequence"])
+            previous[i, :k] = torch.tensor(x["previous"])
+        causal = torch.ones((longest, longest), dtype=torch.bool).tril()
+        query, key = branch[:, :, None], branch[:, None, :]
+        allowed = causal & ((key == query) | ((key == 0) & (query != 3)))
+        dtype = self.mask_dtype or torch.float32
+        mask = torch.zeros((n, 1, longest, longest), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask,
+                 "sequence_ids": sequence, "previous": previous}
+        batch.update(unit_extras(rows))
+        return batch
+
+
+def _first_scored(labels: Sequence[int]) -> int:
+    return next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
+
+
 class KtoCollator(UnitCollator):
     """KTO rows -> the completions' batch plus the mismatched ``kl_*`` batch of the KL term.
 

@@ -69,21 +69,21 @@ def output_layer(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def hidden_states_at(model: Any, positions: Any) -> Any:
-    """While active, the model's output layer sees only the hidden states at ``positions`` (``[R, L - 1]``,
-    True where a next token is scored), flattened to ``[1, N, H]``: logits (and their log-softmax and
-    gradient) exist only where something is scored -- not for prompts, not for padding. Yields a list
-    that holds True once the selection happened (a model whose output layer saw another shape is
-    left alone and returns all logits)."""
+def hidden_states_at(model: Any, rows: Any, cols: Any, shape: tuple[int, int]) -> Any:
+    """While active, the model's output layer sees only the hidden states at ``(rows, cols)`` of the
+    ``shape`` = ``[R, L]`` batch, as one ``[1, N, H]`` row: logits (and their log-softmax and gradient)
+    exist only where something is scored -- not for prompts, not for padding. Yields a list that holds
+    True once the selection happened (a model whose output layer saw another shape is left alone and
+    returns all logits)."""
     head = output_layer(model)
     done: list[bool] = []
 
     def select(module: Any, args: tuple) -> Any:
         hidden = args[0]
-        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (positions.shape[0], positions.shape[1] + 1):
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(shape):
             return None
         done.append(True)
-        return (hidden[:, :-1][positions].unsqueeze(0), *args[1:])
+        return (hidden[rows, cols].unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(select) if head is not None else None
     try:
@@ -91,6 +91,18 @@ def hidden_states_at(model: Any, positions: Any) -> Any:
     finally:
         if handle is not None:
             handle.remove()
+
+
+def previous_positions(sequence_ids: Any) -> Any:
+    """For rows of consecutive sequences: where each token's predecessor in its sequence is (-1 at a
+    sequence's first token and on padding)."""
+    import torch
+
+    length = sequence_ids.shape[1]
+    prev = torch.arange(-1, length - 1, device=sequence_ids.device).expand_as(sequence_ids).clone()
+    same = torch.zeros_like(sequence_ids, dtype=torch.bool)
+    same[:, 1:] = (sequence_ids[:, 1:] == sequence_ids[:, :-1]) & (sequence_ids[:, 1:] >= 0)
+    return torch.where(same, prev, torch.full_like(prev, -1))
 
 
 def score(logits: Any, targets: Any) -> Any:
@@ -132,31 +144,36 @@ class Scored:
 def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, whole_first_sequences: int = 0) -> Scored:
     """Run ``model`` once on every sequence of the batch and score each sequence's labels.
 
-    Logits are computed only at scored positions (``hidden_states_at``). ``whole_first_sequences``
-    = n also scores every next token of the first sequence of each n-sequence unit (ORPO's NLL on
-    the prompt).
+    A token is scored from its predecessor's hidden state: the previous position, or where the
+    batch's ``previous`` says (rows where the rejected side continues from the shared prompt).
+    Logits are computed only for scored tokens (``hidden_states_at``). ``whole_first_sequences`` = n
+    also scores every token of the first sequence of each n-sequence unit (ORPO's NLL on the prompt).
     """
     import torch
 
     labels, sequence_ids = batch[f"{prefix}labels"], batch[f"{prefix}sequence_ids"]
     count = int(sequence_ids.max()) + 1
-    targets, ids_at = labels[:, 1:], sequence_ids[:, 1:]
-    scored = targets != IGNORE_INDEX
-    wanted, first = scored, None
+    prev = batch.get(f"{prefix}previous")
+    if prev is None:
+        prev = previous_positions(sequence_ids)
+    has_prev = prev >= 0
+    scored = (labels != IGNORE_INDEX) & has_prev
+    wanted, first, targets = scored, None, labels
     if whole_first_sequences:
-        nxt = batch[f"{prefix}input_ids"][:, 1:]
-        same = (ids_at == sequence_ids[:, :-1]) & (ids_at >= 0)
-        first = same & (ids_at % whole_first_sequences == 0)
+        first = has_prev & (sequence_ids % whole_first_sequences == 0)
         wanted = scored | first
-        targets = torch.where(scored, targets, nxt)  # scored labels are the next tokens themselves
-    with hidden_states_at(model, wanted) as selected:
+        targets = torch.where(scored, labels, batch[f"{prefix}input_ids"])  # scored labels are the tokens themselves
+    rows, at = wanted.nonzero(as_tuple=True)
+    cols = prev[rows, at]
+    with hidden_states_at(model, rows, cols, tuple(labels.shape)) as selected:
         out = model(**model_inputs(batch, prefix), use_cache=False)
-    logits = out.logits[0] if selected else out.logits[:, :-1][wanted]  # [N, V]
-    logps = score(logits, targets[wanted])
-    sums, counts = per_sequence(logps, ids_at[wanted], scored[wanted], count)
+    logits = out.logits[0] if selected else out.logits[rows, cols]  # [N, V]
+    logps = score(logits, targets[rows, at])
+    on_scored = scored[rows, at]
+    sums, counts = per_sequence(logps, sequence_ids[rows, at], on_scored, count)
     result = Scored(sums, counts)
     if first is not None:
-        on_first = first[wanted]
+        on_first = first[rows, at]
         result.nll_sum, result.nll_count = (logps * on_first).sum(), on_first.sum()
     return result
 

@@ -158,3 +158,33 @@ def test_logits_are_computed_only_where_a_label_is_scored(tmp_path, tiny_model_d
     assert seen == [(1, scored_tokens, model.config.vocab_size)]
     assert batch["input_ids"].numel() > 3 * scored_tokens  # most positions are prompt or padding
     assert int(scored.counts.sum()) == scored_tokens
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_shared_prompt_row_gives_each_side_its_own_log_probability(tmp_path, tiny_model_dir, attention):
+    """[prompt | chosen | rejected] in one row: the prompt is computed once, the rejected side never
+    sees the chosen one, and both sides score exactly what they score alone."""
+    import torch
+    from ft_plugins.preference_data import SharedPromptCollator, UnitCollator
+    from ft_plugins.preference_trainer import forward_logps
+    from transformers import AutoModelForCausalLM
+
+    rows = pair_rows(10, seed=2)
+    rows.append({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "user", "content": "Hi"},  # no shared
+                 {"role": "assistant", "content": "Yes."}]})  # prompt beyond the first tokens
+    _ctx, tokenizer, plain = prepared(tmp_path, tiny_model_dir, rows)
+    data = [plain.train[i] for i in range(len(plain.train))]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    model.eval()
+    shared = SharedPromptCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)(data)
+    separate = UnitCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(data)
+    assert shared["input_ids"].shape[0] == len(data) and shared["attention_mask"].dim() == 4
+    real = int((shared["sequence_ids"] >= 0).sum())
+    assert real < int(separate["attention_mask"].sum())  # each prompt once
+    with torch.no_grad():
+        got, want = forward_logps(model, shared), forward_logps(model, separate)
+    torch.testing.assert_close(got.sums, want.sums, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.counts, want.counts)
+    expected = [unpacked_logps(model, r[f"{side}_input_ids"], r[f"{side}_labels"])
+                for r in data for side in ("chosen", "rejected")]
+    assert got.sums.tolist() == pytest.approx(expected, rel=1e-5)
