@@ -384,3 +384,23 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path, tiny_model_dir, pre
     for step in range(4, 9):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", [False, True])
+def test_qlora_dpo_uses_the_quantized_base_without_its_adapter(tmp_path, tiny_model_dir, caplog, precompute):
+    import logging
+
+    from ft.run import run
+
+    caplog.set_level(logging.INFO)
+    result = run(train_config(tmp_path, tiny_model_dir, plugins=["lora", "qlora"], bf16=False, val_set_size=0,
+                              eval_steps=None, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                              qlora={"compute_dtype": "float32"}, dpo={"beta": 0.1, "precompute_ref_logps": precompute}))
+    plan = ("precomputed in one pass before training (the base with the adapter disabled)" if precompute
+            else "reference model = the base model with the adapter disabled (no second copy in memory)")
+    assert plan in caplog.text
+    history = [r for r in json.loads((tmp_path / "out" / "metrics.json").read_text())["history"] if "loss" in r]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert result.metrics["steps"] == 4 and history[-1]["rewards/margins"] > 0
+    assert (tmp_path / "out" / "base_quantization.json").is_file()
