@@ -489,8 +489,10 @@ class KtoCollator(UnitCollator):
     """KTO rows -> the completions' batch plus the mismatched ``kl_*`` batch of the KL term.
 
     The KL term is estimated on mismatched pairs built within the micro-batch: row ``i``'s prompt
-    with row ``i - 1``'s completion (rotated by one), as KTO prescribes, so the mismatched outputs
-    are the batch's own completions paired with other prompts. A mismatched sequence longer than
+    with the completion of row ``i - 1`` (rotated by one, as KTO and TRL do), so the mismatched
+    outputs are the batch's own completions paired with other prompts. Where row ``i - 1`` has the
+    same prompt (the two rows an unpaired pair gives stay together), the nearest earlier row with
+    another prompt is taken instead, so no pair is matched. A mismatched sequence longer than
     ``max_len`` is cut to it (its completion's tail goes).
     """
 
@@ -507,7 +509,8 @@ class KtoCollator(UnitCollator):
             parts.append((ids[:first], ids[first:], labels[first:]))
         mismatched = []
         for i, (prompt, _ids, _labels) in enumerate(parts):
-            _p, ids, labels = parts[i - 1]
+            j = next((i - k for k in range(1, len(parts)) if parts[i - k][0] != prompt), i - 1)
+            _p, ids, labels = parts[j]
             seq_ids = (prompt + ids)[: self.max_len]
             seq_labels = ([IGNORE_INDEX] * len(prompt) + labels)[: self.max_len]
             mismatched.append((seq_ids, seq_labels))

@@ -404,3 +404,24 @@ def test_qlora_dpo_uses_the_quantized_base_without_its_adapter(tmp_path, tiny_mo
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert result.metrics["steps"] == 4 and history[-1]["rewards/margins"] > 0
     assert (tmp_path / "out" / "base_quantization.json").is_file()
+
+
+def test_kto_mismatched_pairs_take_another_prompt(tmp_path, tiny_model_dir):
+    """The KL term's pairs put each prompt with a completion of another prompt, also when the two rows
+    of an unpaired pair sit next to each other."""
+    from ft.context import load_context
+
+    questions = ["What is one plus two?", "Say hello.", "Name a red fish."]
+    answers = [("It is three.", "It is four."), ("Hello there.", "Bye now."), ("A red cat.", "A blue dog.")]
+    rows = [{"prompt": q, "chosen": good, "rejected": bad} for q, (good, bad) in zip(questions, answers, strict=True)]
+    data = write_rows(tmp_path / "kto.jsonl", rows)  # 6 kto rows: each pair's two rows side by side
+    cfg = config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=6)
+    out, tok = prepare(cfg)
+    ctx = load_context(cfg)
+    batch = ctx.method.collator(ctx.cfg, tok)(rows_of(out.train))
+    texts = [tok.decode(ids[ids != tok.pad_token_id]) for ids in batch["kl_input_ids"]]
+    flat = [a for pair in answers for a in pair]
+    for i, text in enumerate(texts):
+        assert questions[i // 2] in text
+        partner = next(k for k, a in enumerate(flat) if f"{a}<|im_end|>" in text)
+        assert partner // 2 != i // 2, f"row {i} is paired with its own prompt's answer: {text!r}"
