@@ -74,7 +74,8 @@ def _show_sequences(i: int, row: dict[str, Any], tokenizer: Any, colour: bool, o
     if shared:
         out.write("prompt:\n" + render(reference[:shared], [IGNORE_INDEX] * shared, tokenizer, colour) + "\n")
     for name, (ids, labels) in seqs.items():
-        out.write(f"{name.rstrip('_') or 'completion'}:\n" + render(ids[shared:], labels[shared:], tokenizer, colour)
+        title = name.rstrip("_") if len(seqs) > 1 else "completion"
+        out.write(f"{title}:\n" + render(ids[shared:], labels[shared:], tokenizer, colour)
                   + "\n")
     for key, value in row.items():
         if key.endswith("input_ids") or key == "labels" or key.endswith("_labels"):
