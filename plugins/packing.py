@@ -13,6 +13,15 @@ block-diagonal causal mask for eager/SDPA attention, and padding-free rows with
 
 Bin order: bins are shuffled once with the seed here, and the Trainer's sampler reshuffles
 rows (= bins) every epoch with the seed, so no epoch sees bins sorted by length.
+
+Rows of several sequences (a preference pair: ``chosen_input_ids``/``chosen_labels`` and
+``rejected_input_ids``/``rejected_labels``) are packed as *units*: a row's sequences go into one
+bin together, one after the other in the order of the method's columns, each with its own
+position restart, and a bin holds as many tokens as one unpacked row of the method could
+(sequences x ``sequence_len``). The row's other columns (reference log-probabilities, say)
+become one list per bin. The collator then also says where each sequence is (``sequence_ids``)
+and returns those columns as one value per unit, so the method reads packed and unpacked batches
+alike.
 """
 
 from __future__ import annotations
@@ -33,15 +42,18 @@ log = logging.getLogger("ft.packing")
 
 @hookimpl
 def ft_pack(cfg, dataset, method):
-    """Pack the tokenized training samples into bins of ``cfg.sequence_len`` tokens."""
-    _check_columns(method)
-    return pack_dataset(dataset, cfg.sequence_len, seed=cfg.seed)
+    """Pack the tokenized training samples into bins of ``cfg.sequence_len`` tokens (units of
+    several sequences into bins of sequences x ``sequence_len``)."""
+    prefixes = method_sequences(method)
+    if prefixes == ("",):
+        return pack_dataset(dataset, cfg.sequence_len, seed=cfg.seed)
+    return pack_units(dataset, prefixes, len(prefixes) * cfg.sequence_len, seed=cfg.seed)
 
 
 @hookimpl
 def ft_collator(cfg, tokenizer, method):
     """The packed collator (exact attention for the configured attention implementation)."""
-    _check_columns(method)
+    prefixes = method_sequences(method)
     hf = cfg.section("hf")  # the hf plugin's section (None only if the hf plugin is not loaded)
     attention = PackedCollator.attention_for(getattr(hf, "attn_implementation", None))
     if cfg.provides("varlen_attention"):  # an attention that cuts sequences at position_ids: no mask needed
@@ -57,14 +69,23 @@ def ft_collator(cfg, tokenizer, method):
                         "flash_attention_2 or `-p varlen` avoids the mask", cfg.sequence_len, cfg.sequence_len,
                         getattr(hf, "attn_implementation", "sdpa"))
     return PackedCollator(pad_token_id=pad if pad is not None else 0, attention=attention,
-                          pad_to_multiple_of=getattr(hf, "pad_to_multiple_of", None), mask_dtype=mask_dtype)
+                          pad_to_multiple_of=getattr(hf, "pad_to_multiple_of", None), mask_dtype=mask_dtype,
+                          sequences=None if prefixes == ("",) else prefixes)
 
 
-def _check_columns(method: Any) -> None:
-    if tuple(method.columns) != ("input_ids", "labels"):
-        raise DataError(f"method '{method.name}' declares packing, but its rows ({', '.join(method.columns)}) are not "
-                        "input_ids/labels sequences, which this packing plugin packs; the method must pack its rows "
-                        "itself (answer ft_pack and ft_collator first) or not declare packing.")
+def method_sequences(method: Any) -> tuple[str, ...]:
+    """Column prefixes of the sequences in a method's rows: ``("",)`` for SFT's ``input_ids``/``labels``;
+    ``("chosen_", "rejected_")`` for a preference pair, packed as units."""
+    columns = tuple(method.columns)
+    if columns == ("input_ids", "labels"):
+        return ("",)
+    prefixes = tuple(c[: -len("input_ids")] for c in columns if c.endswith("input_ids"))
+    if not prefixes or "" in prefixes or any(f"{p}labels" not in columns for p in prefixes):
+        raise DataError(f"method '{method.name}' declares packing, but its rows ({', '.join(columns)}) are neither "
+                        "input_ids/labels nor named sequences (<name>_input_ids with <name>_labels), which this "
+                        "packing plugin packs; the method must pack its rows itself (answer ft_pack and ft_collator "
+                        "first) or not declare packing.")
+    return prefixes
 
 
 # -- the packed collator ------------------------------------------------------------------------
@@ -101,10 +122,17 @@ class PackedCollator:
 
     Bin order is not decided here: the Trainer's sampler reshuffles the rows (= bins) every
     epoch with the seed.
+
+    With ``sequences`` (column prefixes, e.g. ``("chosen_", "rejected_")``) the rows are units of
+    several sequences, packed (``pack_units``) or not (an evaluation row: its sequences are laid
+    out one after the other here). The batch then also holds ``sequence_ids`` (``[B, L]``, or
+    ``[1, N]`` flattened): the number of the sequence each token belongs to, counted over the
+    batch in order (the ``k``-th sequence of unit ``u`` is ``u * len(sequences) + k``), -1 on
+    padding; and every other column of the rows as a tensor with one value per unit.
     """
 
     def __init__(self, pad_token_id: int, attention: str = "mask", pad_to_multiple_of: int | None = None,
-                 mask_dtype: Any = None):
+                 mask_dtype: Any = None, sequences: tuple[str, ...] | None = None):
         if attention not in ("mask", "varlen"):
             raise ValueError(f"attention must be 'mask' or 'varlen', not {attention!r}")
         self.pad_token_id = pad_token_id
@@ -112,6 +140,7 @@ class PackedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         # The model's compute dtype: SDPA kernels on GPU want the mask in the query's dtype.
         self.mask_dtype = mask_dtype
+        self.sequences = tuple(sequences) if sequences else None
 
     @staticmethod
     def attention_for(attn_implementation: str | None) -> str:
@@ -122,9 +151,29 @@ class PackedCollator:
         return "mask"
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.attention == "varlen":
-            return self._flattened(rows)
-        return self._masked(rows)
+        if self.sequences is None:
+            return self._flattened(rows) if self.attention == "varlen" else self._masked(rows)
+        rows = [self._laid_out(r) for r in rows]
+        batch = self._flattened(rows) if self.attention == "varlen" else self._masked(rows)
+        batch["sequence_ids"] = _sequence_ids(batch["position_ids"], batch.pop("real", None))
+        batch.update(_unit_values(rows))
+        return batch
+
+    def _laid_out(self, row: dict[str, Any]) -> dict[str, Any]:
+        """An unpacked unit (an evaluation row) as a packed row of its sequences."""
+        if "input_ids" in row:
+            return row
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for prefix in self.sequences or ():
+            seq = list(row[f"{prefix}input_ids"])
+            ids += seq
+            labels += list(row[f"{prefix}labels"])
+            positions += range(len(seq))
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        out.update({k: [v] for k, v in row.items() if not _is_token_column(k)})
+        return out
 
     @staticmethod
     def _positions(row: dict[str, Any]) -> list[int]:
@@ -153,7 +202,10 @@ class PackedCollator:
         dtype = self.mask_dtype or torch.float32
         mask = torch.zeros(allowed.shape, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+        if self.sequences is not None:  # where the real tokens are, for sequence_ids
+            batch["real"] = torch.arange(longest)[None, :] < lengths[:, None]
+        return batch
 
     def _flattened(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -170,6 +222,31 @@ class PackedCollator:
             "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
         }
+
+
+def _is_token_column(name: str) -> bool:
+    return name.endswith("input_ids") or name == "labels" or name.endswith("_labels") or name == "position_ids"
+
+
+def _unit_values(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows' other columns (one list per packed row) as one tensor each, one value per unit."""
+    import torch
+
+    return {name: torch.tensor([v for r in rows for v in r[name]]) for name in rows[0] if not _is_token_column(name)}
+
+
+def _sequence_ids(position_ids: Any, real: Any = None) -> Any:
+    """The number of each token's sequence over the whole batch (rows in order); -1 where ``real`` is False."""
+    import torch
+
+    starts = _sample_starts(position_ids)
+    if real is None:  # flattened: one row, no padding
+        return starts.long().cumsum(dim=1) - 1
+    starts = starts & real
+    counts = starts.sum(dim=1)
+    offsets = torch.cumsum(counts, dim=0) - counts
+    ids = starts.long().cumsum(dim=1) - 1 + offsets[:, None]
+    return torch.where(real, ids, torch.full_like(ids, -1))
 
 
 def _sample_starts(position_ids: Any) -> Any:
@@ -295,4 +372,73 @@ def pack_dataset(dataset: Any, capacity: int, seed: int = 0) -> Any:
     lower_bound = -(-total // capacity)
     log.info("packed %d samples (%d tokens) into %d bins of %d tokens: efficiency %.2f%% (fewest possible bins: %d)",
              len(lengths), total, len(bins), capacity, 100 * efficiency, lower_bound)
+    return Dataset(InMemoryTable(packed), fingerprint=f"ft-packed-{uuid.uuid4().hex}")
+
+
+def pack_units(dataset: Any, prefixes: tuple[str, ...], capacity: int, seed: int = 0) -> Any:
+    """A ``datasets.Dataset`` of bins of units: each row's sequences (``<prefix>input_ids`` /
+    ``<prefix>labels`` for each prefix, in order) are laid one after the other in one bin, each
+    with positions from 0 and its first label -100; the other columns become one list per bin."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    from ft.api import gather_ranges
+
+    table = dataset.with_format("arrow")[:]
+    n_units, n_seq = table.num_rows, len(prefixes)
+    flat_ids, flat_labels, starts, lengths = [], [], [], []
+    base = 0
+    for prefix in prefixes:  # every sequence column in one flat array; where each unit's sequence starts
+        ids_col = table.column(f"{prefix}input_ids").combine_chunks()
+        lab_col = table.column(f"{prefix}labels").combine_chunks()
+        seq_lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(n_units + 1, dtype=np.int64)
+        np.cumsum(seq_lengths, out=offsets[1:])
+        flat_ids.append(ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
+        flat_labels.append(lab_col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False))
+        starts.append(offsets[:-1] + base)
+        lengths.append(seq_lengths)
+        base += int(offsets[-1])
+    all_ids, all_labels = np.concatenate(flat_ids), np.concatenate(flat_labels)
+    seq_starts = np.stack(starts, axis=1)  # [unit, sequence]
+    seq_lengths = np.stack(lengths, axis=1)
+
+    bins = pack_best_fit_decreasing(seq_lengths.sum(axis=1), capacity)
+    rng = np.random.default_rng(seed)
+    bins = [bins[i] for i in rng.permutation(len(bins))]
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=n_units)
+    sequence_lengths = seq_lengths[order].ravel()  # unit by unit, sequence by sequence
+    ids = gather_ranges(all_ids, seq_starts[order].ravel(), sequence_lengths)
+    labels = gather_ranges(all_labels, seq_starts[order].ravel(), sequence_lengths)
+    packed_starts = np.zeros(len(sequence_lengths) + 1, dtype=np.int64)
+    np.cumsum(sequence_lengths, out=packed_starts[1:])
+    positions = gather_ranges(np.arange(capacity, dtype=np.int32), np.zeros(len(sequence_lengths), dtype=np.int64),
+                              sequence_lengths)
+    labels[packed_starts[:-1][sequence_lengths > 0]] = IGNORE_INDEX  # never predicted from the previous sequence
+
+    per_bin = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    unit_offsets = np.zeros(len(bins) + 1, dtype=np.int64)
+    np.cumsum(per_bin, out=unit_offsets[1:])
+    total = int(packed_starts[-1])
+    large = total >= 2**31 - 1
+    make = pa.LargeListArray if large else pa.ListArray
+    offsets = pa.array(packed_starts[unit_offsets * n_seq], type=pa.int64() if large else pa.int32())
+    columns = {
+        "input_ids": make.from_arrays(offsets, pa.array(ids, type=pa.int32())),
+        "labels": make.from_arrays(offsets, pa.array(labels, type=pa.int32())),
+        "position_ids": make.from_arrays(offsets, pa.array(positions, type=pa.int32())),
+    }
+    token_columns = {f"{p}{c}" for p in prefixes for c in ("input_ids", "labels")}
+    for name in table.column_names:
+        if name not in token_columns:
+            values = table.column(name).combine_chunks().take(pa.array(order))
+            columns[name] = pa.ListArray.from_arrays(pa.array(unit_offsets, type=pa.int32()), values)
+    packed = pa.table(columns)
+    efficiency = total / (len(bins) * capacity) if bins else 1.0
+    log.info("packed %d units of %d sequences (%d tokens) into %d bins of %d tokens: efficiency %.2f%% "
+             "(fewest possible bins: %d)", n_units, n_seq, total, len(bins), capacity, 100 * efficiency,
+             -(-total // capacity))
     return Dataset(InMemoryTable(packed), fingerprint=f"ft-packed-{uuid.uuid4().hex}")

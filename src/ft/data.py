@@ -453,7 +453,10 @@ def _pack(ctx: Context, train_ds: Any, eval_ds: Any, stats: dict[str, Any]) -> t
         return train_ds, eval_ds
     stats["packed"] = True
     stats["bins"] = len(packed)
-    stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * cfg.sequence_len), 6)
+    # a bin holds what one unpacked row could: sequence_len per sequence of the method's rows
+    sequences = sum(1 for c in ctx.method.columns if c.endswith("input_ids")) or 1
+    stats["bin_tokens"] = sequences * cfg.sequence_len
+    stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * stats["bin_tokens"]), 6)
     if eval_ds is not None and cfg.eval_sample_packing is not False:
         eval_ds = ctx.pm.calls.pack(cfg, eval_ds, ctx.method) or eval_ds
         stats["eval_bins"] = len(eval_ds)
@@ -571,7 +574,7 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         msg.append(f"  {part['path']}: weight {part['weight']:g} -> {part['rows']} of the training rows "
                    f"({100 * part['share']:.1f}%; {part['available']} available, {part['repeats']:.2f}x)")
     if stats.get("packed"):
-        msg.append(f"  packed into {stats['bins']} bins of {stats['sequence_len']} tokens: "
+        msg.append(f"  packed into {stats['bins']} bins of {stats.get('bin_tokens', stats['sequence_len'])} tokens: "
                    f"efficiency {100 * stats['packing_efficiency']:.2f}%")
     log.info("\n".join(msg))
     _log_notes(report)

@@ -5,6 +5,11 @@ terminal trained text is green and the rest grey; without colour (a pipe, a log 
 ``NO_COLOR``) trained text is wrapped in ``[+ ... +]``, so the view reads the same in CI logs.
 Each sample is headed by the file:line it came from; packed bins are split into their samples
 (where ``position_ids`` restart).
+
+Rows of several sequences (a preference pair: ``chosen_input_ids``/``chosen_labels``,
+``rejected_input_ids``/``rejected_labels``; any ``<name>_input_ids`` with ``<name>_labels``) show
+the prompt they share once, then each sequence's completion under its name, then the row's other
+columns (a KTO ``label``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = N
     out.write(f"{len(dataset)} rows; showing {min(n, len(dataset))} ({legend})\n")
     for i in range(min(n, len(dataset))):
         row = dataset[i]
+        if "input_ids" not in row:
+            _show_sequences(i, row, tokenizer, colour, out)
+            continue
         pieces = list(_samples_of(row))
         trained = sum(_trained(labels) for _ids, labels in pieces)
         tokens = sum(len(ids) for ids, _labels in pieces)
@@ -53,6 +61,32 @@ def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = N
                 out.write(f"[sample {k + 1}/{len(pieces)}, {len(ids)} tokens]\n")
             out.write(render(ids, labels, tokenizer, colour) + "\n")
     out.flush()
+
+
+def _show_sequences(i: int, row: dict[str, Any], tokenizer: Any, colour: bool, out: TextIO) -> None:
+    """A row of named sequences: the shared prompt once, then each sequence's completion."""
+    names = [k[: -len("input_ids")] for k in row if k.endswith("input_ids") and f"{k[: -len('input_ids')]}labels" in row]
+    seqs = {name: (list(row[f"{name}input_ids"]), list(row[f"{name}labels"])) for name in names}
+    sizes = ", ".join(f"{name.rstrip('_')} {len(ids)} tokens ({_trained(labels[1:])} scored)"
+                      for name, (ids, labels) in seqs.items())
+    header = f"--- row {i + 1}: {sizes} ---"
+    out.write((f"{BOLD}{header}{RESET}" if colour else header) + "\n")
+    # the prompt: the tokens every sequence shares before its first scored token
+    firsts = [next((k for k, x in enumerate(labels) if x != IGNORE_INDEX), len(labels)) for _i, labels in seqs.values()]
+    shared = 0
+    reference = next(iter(seqs.values()))[0] if seqs else []
+    while shared < min(firsts, default=0) and all(ids[shared] == reference[shared] for ids, _l in seqs.values()):
+        shared += 1
+    if shared:
+        out.write("prompt:\n" + render(reference[:shared], [IGNORE_INDEX] * shared, tokenizer, colour) + "\n")
+    for name, (ids, labels) in seqs.items():
+        title = name.rstrip("_") if len(seqs) > 1 else "completion"
+        out.write(f"{title}:\n" + render(ids[shared:], labels[shared:], tokenizer, colour)
+                  + "\n")
+    for key, value in row.items():
+        if key.endswith("input_ids") or key == "labels" or key.endswith("_labels"):
+            continue
+        out.write(f"{key}: {value}\n")
 
 
 def render(ids: list[int], labels: list[int], tokenizer: Any, colour: bool = False) -> str:
