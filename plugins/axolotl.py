@@ -17,6 +17,7 @@ Not a feature: it is loaded with ft and can be blocked (``-p no:axolotl``).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -406,12 +407,7 @@ class _Converter:
     def key_optimizer(self, value: Any) -> None:
         if not value:
             return
-        try:  # the names ft's optimizers plugin registers
-            from ft_plugins.optimizers import BNB_OPTIMIZERS, TORCHAO_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
-        except ImportError:
-            self.core["optimizer"] = value
-            return
-        if value in {**TRANSFORMERS_OPTIMIZERS, **BNB_OPTIMIZERS, **TORCHAO_OPTIMIZERS}:
+        if value in registered_names("optimizers"):  # the names the installed plugins register
             self.core["optimizer"] = value
         else:
             self.note("optimizer", value, "not offered; ft trains with adamw_torch (see `ft plugins` for the "
@@ -420,12 +416,7 @@ class _Converter:
     def key_lr_scheduler(self, value: Any) -> None:
         if not value:
             return
-        try:
-            from ft_plugins.optimizers import SCHEDULERS
-        except ImportError:
-            self.core["lr_scheduler"] = value
-            return
-        if value in SCHEDULERS:
+        if value in registered_names("schedulers"):
             self.core["lr_scheduler"] = value
         else:
             self.note("lr_scheduler", value, "not offered; ft uses cosine", True)
@@ -1018,7 +1009,7 @@ def ft_register_key_hints(register):
 def ft_add_commands(cli):
     import click
 
-    from ft.cli import handle_errors
+    from ft.api import handle_errors
 
     @cli.command("convert")
     @click.argument("source", type=click.Path(dir_okay=False, exists=True))
@@ -1059,3 +1050,15 @@ def ft_add_commands(cli):
             sys.exit(EXIT_DROPPED_TRAINING)
         if output:
             click.echo(f"check it: ft validate {output}", err=True)
+
+
+@functools.cache
+def _registries() -> Any:
+    from ft.api import collect_registries, make_plugin_manager
+
+    return collect_registries(make_plugin_manager())
+
+
+def registered_names(kind: str) -> frozenset[str]:
+    """Names the installed plugins register as ``kind`` (``optimizers``, ``schedulers``)."""
+    return frozenset(getattr(_registries(), kind).names())

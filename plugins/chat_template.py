@@ -46,8 +46,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ft import hookimpl
-from ft.errors import FtError
-from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped, Note, TextEncoder, entry_where
+from ft.api import IGNORE_INDEX, DatasetOptions, Dropped, FtError, Note, TextEncoder, entry_where
 
 FT_FEATURE = False  # essential: always active
 
@@ -202,7 +201,7 @@ def resolve_chat_template(spec: str | None, tokenizer: Any, where: str, cfg: Any
 
         path = Path(spec)
         if cfg is not None and not path.exists():
-            from ft.context import resolve_path
+            from ft.api import resolve_path
 
             path = Path(resolve_path(cfg, spec))
         try:

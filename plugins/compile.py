@@ -77,7 +77,7 @@ def ft_validate_config(cfg):
 def ft_patch_model(cfg, model):
     import torch
 
-    from ft.patching import PatchRecord
+    from ft.api import PatchRecord
 
     opts = options(cfg)
     original = model.forward

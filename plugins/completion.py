@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from ft import hookimpl
-from ft.formats import DatasetOptions, Dropped
+from ft.api import DatasetOptions, Dropped
 
 FT_FEATURE = False  # essential: always active
 
@@ -28,8 +28,7 @@ class CompletionTokenize:
     """Batched raw-text tokenization, chunked to ``sequence_len`` (picklable)."""
 
     def __init__(self, tokenizer: Any, options: CompletionOptions, *, sequence_len: int, where: str):
-        from ft.errors import FtError
-        from ft.formats import TextEncoder
+        from ft.api import FtError, TextEncoder
 
         if tokenizer.eos_token_id is None:
             raise FtError(f"{where}: the tokenizer has no eos_token, which ends each completion document; set "
@@ -65,7 +64,7 @@ class CompletionTokenize:
 
 
 def build(cfg: Any, entry: CompletionOptions, tokenizer: Any) -> CompletionTokenize:
-    from ft.formats import entry_where
+    from ft.api import entry_where
 
     return CompletionTokenize(tokenizer, entry, sequence_len=cfg.sequence_len, where=entry_where(cfg, entry))
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import ConfigError, MissingDependencyError, is_installed
+from ft.api import ConfigError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
 FT_PROVIDES = ("sharding",)  # one engine shards the model
@@ -100,7 +100,7 @@ def ft_validate_config(cfg):
 
 def load_json(cfg: Any, path: str) -> dict[str, Any]:
     """The user's DeepSpeed JSON file, with errors that name the file and line."""
-    from ft.context import resolve_path
+    from ft.api import resolve_path
 
     where = cfg.where("deepspeed", "config")
     resolved = Path(resolve_path(cfg, path))

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import FtError
+from ft.api import FtError
 
 FT_FEATURE = True
 FT_PROVIDES = ("sharding",)  # one engine shards the model
@@ -205,7 +205,7 @@ def _upcast_trainable(module: Any) -> None:
 def _compute_dtype(cfg: Any, fsdp: FsdpSection) -> Any:
     import torch
 
-    from ft.train import resolve_precision
+    from ft.api import resolve_precision
 
     if fsdp.mixed_precision == "auto":
         return torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32

@@ -56,7 +56,7 @@ IGNORE_INDEX = -100
 
 @hookimpl(trylast=True)
 def ft_patch_model(cfg, model):
-    from ft.patching import PatchRecord
+    from ft.api import PatchRecord
 
     reason = not_applicable(cfg, model)
     if reason:

@@ -31,8 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import NOT_TRAINING
-from ft.errors import FtError
+from ft.api import NOT_TRAINING, FtError
 
 FT_FEATURE = False  # always active; `-p no:health` blocks it
 
@@ -386,8 +385,7 @@ def _callback_class() -> type:
                 "instead of fp16, and check the data for broken samples.")
 
         def _stop(self, step: int, what: str) -> FtError:
-            from ft.api import close_progress_bars
-            from ft.checkpoints import last_good_checkpoint
+            from ft.api import close_progress_bars, last_good_checkpoint
 
             if self.trainer is not None:
                 close_progress_bars(self.trainer)

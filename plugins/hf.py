@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import ConfigError, FtError
+from ft.api import ConfigError, FtError
 
 FT_FEATURE = False  # essential: always active
 
@@ -84,7 +84,7 @@ def ft_validate_config(cfg):
 def ft_load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
-    from ft.context import resolve_path
+    from ft.api import resolve_path
 
     opts = options(cfg)
     key = "tokenizer" if cfg.tokenizer else "base_model"
@@ -177,7 +177,7 @@ def find_spare_special_token(tokenizer: Any) -> str | None:
 
 @hookimpl
 def ft_model_kwargs(cfg):
-    from ft.train import resolve_precision, torch_dtype
+    from ft.api import resolve_precision, torch_dtype
 
     opts = options(cfg)
     kwargs: dict[str, Any] = {
@@ -196,7 +196,7 @@ def ft_model_kwargs(cfg):
 def ft_load_model(cfg, kwargs, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from ft.context import resolve_path
+    from ft.api import resolve_path
 
     source = resolve_path(cfg, cfg.base_model)
     if kwargs.get("trust_remote_code"):

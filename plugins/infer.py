@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
-from ft.errors import FtError, load_or_explain
+from ft.api import FtError, load_or_explain
 
 FT_FEATURE = False  # essential: always active
 
@@ -21,7 +21,7 @@ FT_FEATURE = False  # essential: always active
 def ft_add_commands(cli):
     import click
 
-    from ft.cli import handle_errors
+    from ft.api import handle_errors
 
     @cli.command()
     @click.argument("output_dir", type=click.Path(file_okay=False, exists=True))
@@ -45,7 +45,7 @@ def load_for_inference(run_dir: str | Path, plugins: Any = None) -> tuple[Any, A
     """
     import torch
 
-    from ft.context import make_plugin_manager
+    from ft.api import make_plugin_manager
 
     run_dir = Path(run_dir)
     cuda = torch.cuda.is_available()

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from ft import hookimpl
-from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped
+from ft.api import IGNORE_INDEX, DatasetOptions, Dropped
 
 FT_FEATURE = False  # essential: always active
 
@@ -28,7 +28,7 @@ class InputOutputTokenize:
     """Batched segment tokenization: one encoder call for every segment of the batch (picklable)."""
 
     def __init__(self, tokenizer: Any, options: InputOutputOptions, *, train_on_inputs: bool):
-        from ft.formats import TextEncoder
+        from ft.api import TextEncoder
 
         self.encoder = TextEncoder(tokenizer)
         self.field = options.field_segments

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import FtError, MissingDependencyError, is_installed
+from ft.api import FtError, MissingDependencyError, is_installed
 
 FT_FEATURE = True
 FT_PROVIDES = ("fused_kernels",)  # replaces modules' forward functions
@@ -136,7 +136,7 @@ _MISSING = object()
 
 
 def _global_changes(watched: list[tuple[str, Any]], before: list[dict[str, Any]]) -> list[Any]:
-    from ft.patching import PatchRecord
+    from ft.api import PatchRecord
 
     records = []
     for (name, namespace), old in zip(watched, before, strict=True):
@@ -168,7 +168,7 @@ def _describe(value: Any) -> str:
 
 def _instance_records(model: Any) -> list[Any]:
     """Modules of this model whose ``forward`` Liger bound on the instance, counted by class."""
-    from ft.patching import PatchRecord
+    from ft.api import PatchRecord
 
     counts: dict[tuple[str, str], int] = {}
     for _, module in model.named_modules():

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import ConfigError, FtError, MissingDependencyError, is_installed, load_or_explain
+from ft.api import ConfigError, FtError, MissingDependencyError, is_installed, load_or_explain
 
 FT_FEATURE = True
 FT_PROVIDES = ("adapter",)  # a trainable adapter on a frozen base
@@ -95,7 +95,7 @@ def ft_validate_config(cfg):
             f"[q_proj, v_proj] or use target_modules: {ALL_LINEAR}."
         )
     if lora.init_from:
-        from ft.context import resolve_path
+        from ft.api import resolve_path
 
         path = resolve_path(cfg, lora.init_from)
         if not (Path(path) / "adapter_config.json").is_file():
@@ -121,7 +121,7 @@ def is_quantized(model: Any) -> bool:
 def ft_apply_adapter(cfg, model):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from ft.context import resolve_path
+    from ft.api import resolve_path
 
     lora = section(cfg)
     if is_quantized(model):
@@ -492,7 +492,7 @@ def ft_load_trained(run_dir, dtype):
 def ft_add_commands(cli):
     import click
 
-    from ft.cli import handle_errors, setup_logging
+    from ft.api import handle_errors, setup_logging
 
     @cli.command()
     @click.argument("output_dir", type=click.Path(file_okay=False, exists=True))

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import MissingDependencyError, is_installed
+from ft.api import MissingDependencyError, is_installed
 
 FT_FEATURE = True
 FT_PROVIDES = ("quantized_base",)

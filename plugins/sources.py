@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
-from ft.api import redact_text
-from ft.errors import DataError, MissingDependencyError
+from ft.api import DataError, MissingDependencyError, redact_text
 
 FT_FEATURE = False  # essential: ft cannot read data without it
 
@@ -40,7 +39,7 @@ BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "a
 @hookimpl(trylast=True)
 def ft_load_dataset(cfg, entry):
     """Rows of one dataset entry, with file:line origins and malformed rows reported."""
-    from ft.data import RawRows
+    from ft.api import RawRows
 
     path = entry.path
     where = _where(cfg, entry)
@@ -61,7 +60,7 @@ def ft_load_dataset(cfg, entry):
 @hookimpl
 def ft_data_fingerprint(cfg, entry):
     """Content hash of local files; ETag/size/mtime for URLs; the commit for hub datasets."""
-    from ft.cache import file_digest
+    from ft.api import file_digest
 
     path = entry.path
     if _is_url(path):
@@ -92,7 +91,7 @@ def _is_url(path: str) -> bool:
 
 
 def _local_path(cfg: Any, path: str) -> Path | None:
-    from ft.context import resolve_path
+    from ft.api import resolve_path
 
     if path.startswith("file://"):
         path = path[len("file://"):]
@@ -147,7 +146,7 @@ def _dir_files(root: Path, data_files: Any, saved: bool = False) -> list[Path]:
 
 
 def _load_dir(root: Path, entry: Any, where: str):
-    from ft.data import RawRows, RowPart
+    from ft.api import RawRows, RowPart
 
     if _is_saved_dataset(root):
         from datasets import DatasetDict, load_from_disk
@@ -189,7 +188,7 @@ def _parse_text(fh: Any, kind: str, label: str, name: str, where: str) -> tuple[
 def _parse_binary(source: Any, kind: str, label: str, where: str) -> tuple[list, list, int]:
     import pyarrow as pa
 
-    from ft.data import RowPart
+    from ft.api import RowPart
 
     try:
         if kind == "parquet":
@@ -226,7 +225,7 @@ def read_json(fh: Any, label: str, json_lines_only: bool = False) -> tuple[list,
     Returns ``(parts, dropped, blank_lines)``: each malformed line is a ``Drop`` naming
     ``file:line``; every good line is kept.
     """
-    from ft.data import MALFORMED, Drop, RowPart
+    from ft.api import MALFORMED, Drop, RowPart
 
     loads = _json_loads()
     if not json_lines_only:
@@ -293,7 +292,7 @@ def _json_problem(line: bytes, exc: Exception) -> str:
 
 
 def _rows_of_document(items: list, label: str) -> tuple[list, list, int]:
-    from ft.data import MALFORMED, Drop, RowPart
+    from ft.api import MALFORMED, Drop, RowPart
 
     rows, numbers, dropped = [], array("I"), []
     for i, item in enumerate(items, 1):
@@ -325,7 +324,7 @@ def _read_csv(data: bytes, label: str, delimiter: str, where: str) -> tuple[list
     import csv
     import io
 
-    from ft.data import MALFORMED, Drop, RowPart
+    from ft.api import MALFORMED, Drop, RowPart
 
     try:
         text = data.decode("utf-8-sig")
@@ -393,7 +392,7 @@ def _url_files(fs: Any, root: str, entry: Any) -> list[str]:
 
 
 def _load_url(url: str, entry: Any, where: str):
-    from ft.data import RawRows
+    from ft.api import RawRows
 
     fs, root = _url_fs(url, where)
     files = _url_files(fs, root, entry)
@@ -432,7 +431,7 @@ def _remote_stamp(fs: Any, path: str) -> Any:
 
 
 def _load_hub(path: str, entry: Any, where: str):
-    from ft.data import RawRows, RowPart
+    from ft.api import RawRows, RowPart
 
     try:
         from datasets import load_dataset

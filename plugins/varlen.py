@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.errors import FtError, MissingDependencyError
+from ft.api import FtError, MissingDependencyError
 
 FT_FEATURE = True
 FT_PROVIDES = ("varlen_attention",)  # attention cut at position_ids: packed rows need no mask
@@ -73,7 +73,7 @@ def ft_validate_config(cfg):
 
 @hookimpl
 def ft_patch_model(cfg, model):
-    from ft.patching import PatchRecord
+    from ft.api import PatchRecord
 
     decoder = _decoder_of(model)
     cuda_kernel = resolve_cuda_kernel(options(cfg).backend)

@@ -22,6 +22,9 @@ Groups:
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
   ``last_good_checkpoint``
 - kernels: ``PatchRecord``, ``patch_attribute``
+- commands (``ft_add_commands``): ``handle_errors`` (ft's error display for a click command),
+  ``setup_logging``, ``make_plugin_manager`` (the installed plugins, for commands that call hooks),
+  ``collect_registries`` (what they register)
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ _WHERE = {
     # training
     "resolve_precision": "ft.train", "torch_dtype": "ft.train", "torch_dtype_named": "ft.train",
     "close_progress_bars": "ft.train", "last_good_checkpoint": "ft.checkpoints",
+    # commands
+    "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.context",
+    "collect_registries": "ft.context",
     # kernels
     "PatchRecord": "ft.patching", "patch_attribute": "ft.patching",
 }  # fmt: skip
