@@ -47,10 +47,17 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward
                 "logps/rejected")
 
 
-class DpoSection(BaseModel):
-    """The ``dpo:`` section."""
+class _Section(BaseModel):
+    """What every preference method's section has."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_prompt_len: int | None = Field(
+        None, gt=0, description="Drop rows whose prompt has more tokens than this (counted and reported).")
+
+
+class DpoSection(_Section):
+    """The ``dpo:`` section."""
 
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference policy (higher = closer). "
                         "For ipo it is the regularisation tau.")
@@ -63,45 +70,31 @@ class DpoSection(BaseModel):
     precompute_ref_logps: bool = Field(
         False, description="Compute the reference log-probabilities in one pass before training and store them "
         "with the prepared data, instead of keeping a reference model (saves memory in a full fine-tune).")
-    max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop pairs whose prompt has more tokens than this (counted and reported).")
 
 
-class KtoSection(BaseModel):
+class KtoSection(_Section):
     """The ``kto:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference policy.")
     desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable rows (label true).")
     undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable rows (label false). With "
                                       "unbalanced data, keep weight x count about equal on both sides.")
-    max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop rows whose prompt has more tokens than this (counted and reported).")
 
 
-class OrpoSection(BaseModel):
+class OrpoSection(_Section):
     """The ``orpo:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, description="Weight of the log-odds-ratio term next to the NLL (axolotl's "
                         "orpo_alpha, the paper's lambda).")
-    max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop pairs whose prompt has more tokens than this (counted and reported).")
 
 
-class SimpoSection(BaseModel):
+class SimpoSection(_Section):
     """The ``simpo:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(2.0, gt=0, description="Scale of the length-normalised rewards (the paper uses 2.0-2.5).")
     gamma: float = Field(1.0, ge=0, description="Target reward margin (the paper: gamma/beta about 0.5).")
     cpo_alpha: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen completion (CPO); 0 = "
                              "pure SimPO.")
-    max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop pairs whose prompt has more tokens than this (counted and reported).")
 
 
 SECTIONS = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection, "simpo": SimpoSection}

@@ -162,17 +162,18 @@ def write_manifest(path: Path, step: int) -> None:
         name = file.relative_to(path).as_posix()
         if name == MANIFEST_FILE:
             continue
-        _fsync(file)
+        fsync_path(file)
         size = file.stat().st_size
         files[name] = {"size": size, "digest": file_digest(file, size)}
     manifest = {"format": MANIFEST_FORMAT, "step": step, "written_by": f"ft {__version__}",
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
     target = path / MANIFEST_FILE
     target.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    _fsync(target)
+    fsync_path(target)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk (best effort: some filesystems refuse directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -264,7 +265,7 @@ def publish(staged: Path, final: Path) -> None:
         replaced = final.with_name(f"{REPLACED_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
         os.rename(final, replaced)
     os.rename(staged, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
 

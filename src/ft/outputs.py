@@ -37,7 +37,7 @@ import click
 import yaml
 
 from ft import __version__
-from ft.checkpoints import STAGING_PREFIX, last_good_checkpoint, resume_command
+from ft.checkpoints import STAGING_PREFIX, fsync_path, last_good_checkpoint, resume_command
 from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
@@ -214,11 +214,11 @@ def publish_final(staging: Path, out: Path, files: list[str]) -> list[str]:
     for entry in entries:
         target = out / entry.name
         if entry.name == METRICS_FILE:
-            _fsync_dir(out)  # everything else is in place before the run is marked finished
+            fsync_path(out)  # everything else is in place before the run is marked finished
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(entry, target)
-    _fsync_dir(out)
+    fsync_path(out)
     shutil.rmtree(staging, ignore_errors=True)
     moved = []
     for name in files:
@@ -227,19 +227,6 @@ def publish_final(staging: Path, out: Path, files: list[str]) -> list[str]:
             path = out / path.relative_to(staging)
         moved.append(str(path))
     return moved
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[str, Any], patches: list[Any],
