@@ -142,6 +142,33 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def malloc_in_use() -> Any:
+    """A function returning the bytes malloc has handed out and not got back (glibc's mallinfo2), or None.
+
+    Unlike RSS it does not count memory freed but kept by the allocator, which varies from run
+    to run with how threads' allocations land in malloc's arenas.
+    """
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return in_use
+
+
 class Probe:
     """Counts each consumed micro-batch's real and trained tokens, times steps, samples RSS."""
 
@@ -156,6 +183,8 @@ class Probe:
         self.rss_at_start = 0
         self.rss_peak = 0
         self.step_rss: list[tuple[float, float]] = []  # (RSS when the step began, its peak), GiB
+        self.in_use = malloc_in_use()
+        self.in_use_peak = 0
         self._step_peak = 0
         self._sampling = False
 
@@ -215,6 +244,8 @@ class Probe:
                 now = rss_bytes()
                 self.rss_peak = max(self.rss_peak, now)
                 self._step_peak = max(self._step_peak, now)
+                if self.in_use is not None:
+                    self.in_use_peak = max(self.in_use_peak, self.in_use())
                 time.sleep(0.005)
 
         threading.Thread(target=sample, daemon=True).start()
@@ -241,6 +272,7 @@ class Probe:
             "losses": [round(x, 5) for x in self.losses],
             "rss_at_train_start_gb": round(self.rss_at_start / 2**30, 3),
             "train_peak_rss_gb": round(self.rss_peak / 2**30, 3),
+            "train_peak_malloc_in_use_gb": round(self.in_use_peak / 2**30, 3) if self.in_use is not None else None,
             "step_rss_gb": [[round(a, 3), round(b, 3)] for a, b in self.step_rss],  # [at step start, step peak]
         }
 
@@ -398,7 +430,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs}
     if ok:
         out["median"] = {k: median_of(ok, k) for k in ("tokens_per_second", "tokens_per_cpu_second", "peak_rss_gb",
-                                                        "train_peak_rss_gb", "timed_seconds", "train_seconds")}
+                                                        "train_peak_rss_gb", "train_peak_malloc_in_use_gb",
+                                                        "timed_seconds", "train_seconds")}
         out["median"].update({"tokens": ok[0]["tokens"], "trained_tokens": ok[0]["trained_tokens"],
                               "first_loss": ok[0]["losses"][0] if ok[0]["losses"] else None,
                               "final_loss": ok[0]["losses"][-1] if ok[0]["losses"] else None})
