@@ -11,7 +11,8 @@ checkpointing, assistant tokens only, on a multi-turn chat JSONL (a synthetic on
 or ``--data``). Mode ``padded``: no packing (TRL as it is by default, ``padding_free=False``);
 mode ``packed``: ft with ``plugins: [packing]`` against TRL's ``packing=True`` (best-fit
 decreasing, which turns on ``padding_free``). Each side keeps its own defaults otherwise (TRL's
-``loss_type`` is ``chunked_nll``; both use the fused AdamW), with ``gradient_checkpointing=False``
+``loss_type`` is its chunked loss: ``chunked_nll`` up to TRL 1.15, ``nll`` from 1.16 on, where
+``chunked_nll`` became its deprecated alias; both use the fused AdamW), with ``gradient_checkpointing=False``
 for TRL, which turns it on by default.
 
 Same data: ft tokenizes the JSONL with its ``chat_template`` format (assistant turns and their
