@@ -311,8 +311,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
         ax_method = axes[2]
         for key in extra:
             steps, values = series(key)
-            ax_method.plot(steps, values, "o-" if key.startswith("eval_") else "-", label=key,
-                           marker="." if len(values) < 30 else None)
+            marker = "o" if key.startswith("eval_") else ("." if len(values) < 30 else None)
+            ax_method.plot(steps, values, linestyle="-", marker=marker, label=key)
         ax_method.legend(fontsize="small")
         titled.append((ax_method, "method metrics"))
     for ax, title in titled:
