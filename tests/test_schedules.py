@@ -9,58 +9,26 @@ from __future__ import annotations
 
 import json
 import math
-import types
 
 import pytest
+from test_train import load
+from test_train import make_ctx as train_context
 
 from ft import hookimpl
 from ft.context import load_context
 from ft.errors import ConfigError, FtError
-from ft.formats import DatasetOptions
 from ft.train import build_trainer, run_training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class HandFormat:
-    @hookimpl
-    def ft_register_formats(register):
-        register.add("hand", DatasetOptions, lambda cfg, entry, tokenizer: None)
-
-
 def make_ctx(tiny_model_dir, tmp_path, **overrides):
-    config = {
-        "base_model": str(tiny_model_dir),
-        "datasets": [{"path": "rows.jsonl", "type": "hand"}],
-        "output_dir": str(tmp_path / "out"),
-        "micro_batch_size": 2,
-        "max_steps": 10,
-        "logging_steps": 1,
-        "learning_rate": 1e-3,
-        **overrides,
-    }
-    return load_context(config, extra_plugins=[("hand_format", HandFormat)])
-
-
-def rows(tokenizer, n):
-    out = []
-    for i in range(n):
-        prompt = tokenizer(f"<|im_start|>user\nWhat is {i} plus {i}?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
-        answer = tokenizer(f"It is {2 * i}.<|im_end|>")["input_ids"]
-        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return out
+    """test_train's context (its hand-tokenized dataset type), 10 steps unless overridden."""
+    return train_context(tiny_model_dir, tmp_path, **{"max_steps": 10, **overrides})
 
 
 def trainer_for(ctx, n_rows=8, eval_rows=0):
-    import datasets
-
-    hook = ctx.pm.hook
-    tok = hook.ft_load_tokenizer(cfg=ctx.cfg)
-    all_rows = rows(tok, n_rows + eval_rows)
-    data = types.SimpleNamespace(train=datasets.Dataset.from_list(all_rows[:n_rows]),
-                                 eval=datasets.Dataset.from_list(all_rows[n_rows:]) if eval_rows else None,
-                                 packed=False)
-    model = hook.ft_load_model(cfg=ctx.cfg, kwargs=ctx.pm.calls.model_kwargs(ctx.cfg), tokenizer=tok)
+    tok, model, data, _ = load(ctx, n_rows=n_rows, eval_rows=eval_rows)
     return build_trainer(ctx, model, tok, data), data
 
 
@@ -241,13 +209,9 @@ class RisingEvalLoss:
 
 
 def test_early_stopping_stops_and_the_best_checkpoint_is_loaded_at_the_end(tiny_model_dir, tmp_path):
-    config = {
-        "base_model": str(tiny_model_dir), "datasets": [{"path": "rows.jsonl", "type": "hand"}],
-        "output_dir": str(tmp_path / "out"), "micro_batch_size": 2, "max_steps": 20, "logging_steps": 1,
-        "learning_rate": 1e-3, "val_set_size": 0.1, "eval_steps": 2, "save_steps": 2, "save_total_limit": 2,
-        "early_stopping_patience": 2, "load_best_model_at_end": True,
-    }
-    ctx = load_context(config, extra_plugins=[("hand_format", HandFormat), ("rising", RisingEvalLoss)])
+    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("rising", RisingEvalLoss)], max_steps=20, val_set_size=0.1,
+                   eval_steps=2, save_steps=2, save_total_limit=2, early_stopping_patience=2,
+                   load_best_model_at_end=True)
     trainer, data = trainer_for(ctx, eval_rows=2)
     assert trainer.args.metric_for_best_model == "eval_loss" and trainer.args.load_best_model_at_end
     run_training(ctx, trainer, data)

@@ -16,15 +16,8 @@ import os
 
 import pytest
 from ft_plugins.chat_template import compile_template, load_shipped_template, shipped_template_names
-from test_formats_chat import build, one, trained_runs
+from test_formats_chat import TALK, build, one, trained_runs
 
-TALK = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "And Italy?"},
-    {"role": "assistant", "content": "Rome."},
-]
 DS_BOS, DS_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 # name -> (bos, eos, rendering with the system message, rendering without it, trained runs)
