@@ -11,13 +11,13 @@ without starting processes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from ft.testing import install_distribution
 
 PROBE = '''
     """Test probe: records, per rank, what the trainer trained on and how the model is distributed."""
@@ -85,16 +85,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dist_env(work):
     """Environment with the probe plugin installed (a dist-info on PYTHONPATH)."""
-    site = work / "site"
-    site.mkdir()
-    (site / "ft_probe.py").write_text(textwrap.dedent(PROBE))
-    info = site / "ft_probe-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-probe\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ft]\nprobe = ft_probe\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
+    env = install_distribution(work / "site", "ft-probe", "0.1", {"ft_probe": PROBE}, {"probe": "ft_probe"})
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     env["OMP_NUM_THREADS"] = "1"

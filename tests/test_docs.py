@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from ft import hookspecs
 from ft.plugins import hook_names
+from ft.testing import install_distribution
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 REGENERATE = "run `python docs/generate.py` and commit the result"
@@ -167,16 +167,11 @@ def _code_block(text: str, first_line: str) -> str:
 def test_format_guide_example_works_as_an_installed_plugin(tmp_path):
     """The guide's plugin, installed through a real entry point, passes the guide's own tests."""
     text = (DOCS / "writing-a-format-plugin.md").read_text(encoding="utf-8")
-    site = tmp_path / "site"
-    (site / "ft_qa-0.1.0.dist-info").mkdir(parents=True)
-    (site / "ft_qa.py").write_text(_code_block(text, "# ft_qa.py"))
-    (site / "ft_qa-0.1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-qa\nVersion: 0.1.0\n")
-    (site / "ft_qa-0.1.0.dist-info" / "entry_points.txt").write_text("[ft]\nqa = ft_qa\n")
+    env = install_distribution(tmp_path / "site", "ft-qa", "0.1.0", {"ft_qa": _code_block(text, "# ft_qa.py")},
+                               {"qa": "ft_qa"})
     project = tmp_path / "ft-qa"
     (project / "tests").mkdir(parents=True)
     (project / "tests" / "test_qa.py").write_text(_code_block(text, "# tests/test_qa.py"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=project,
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

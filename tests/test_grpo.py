@@ -17,7 +17,7 @@ import yaml
 from ft import hookimpl
 from ft.context import load_context
 from ft.errors import ConfigError, FtError
-from ft.testing import registered_plugin
+from ft.testing import install_distribution, registered_plugin
 
 QUESTION = "What is {a} plus {b}?"
 
@@ -447,16 +447,9 @@ THIRD_PARTY = '''
 
 @pytest.mark.slow
 def test_a_pip_installed_reward_works(tiny_model_dir, tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "ft_answer_reward.py").write_text(textwrap.dedent(THIRD_PARTY))
-    info = site / "ft_answer_reward-0.2.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-answer-reward\nVersion: 0.2.0\n")
-    (info / "entry_points.txt").write_text("[ft]\nanswer_reward = ft_answer_reward\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    env = {**install_distribution(tmp_path / "site", "ft-answer-reward", "0.2.0", {"ft_answer_reward": THIRD_PARTY},
+                                  {"answer_reward": "ft_answer_reward"}),
            "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
     config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "says_the_answer"}]})
     listed = subprocess.run([sys.executable, "-m", "ft.cli", "plugins"], env=env, capture_output=True, text=True)
     assert "answer_reward" in listed.stdout and "ft-answer-reward 0.2.0" in listed.stdout
@@ -590,17 +583,12 @@ PROBE_REWARD = '''
 
 @pytest.mark.slow
 def test_ddp_two_processes_each_generate_for_their_own_prompts(tiny_model_dir, tmp_path):
-    site, probe = tmp_path / "site", tmp_path / "probe"
-    site.mkdir()
+    probe = tmp_path / "probe"
     probe.mkdir()
-    (site / "ft_probe_reward.py").write_text(textwrap.dedent(PROBE_REWARD))
-    info = site / "ft_probe_reward-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-probe-reward\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ft]\nprobe_reward = ft_probe_reward\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    env = {**install_distribution(tmp_path / "site", "ft-probe-reward", "0.1", {"ft_probe_reward": PROBE_REWARD},
+                                  {"probe_reward": "ft_probe_reward"}),
            "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "FT_PROBE_DIR": str(probe)}
-    for var in ("FT_DISABLE_PLUGIN_AUTOLOAD", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     # 16 distinct prompts; per step each rank takes 2 prompts x 4 completions (micro-batches of 4, accumulation 2)
     config = grpo_config(tmp_path, tiny_model_dir, max_steps=3, grpo={"rewards": [{"name": "probe"}],

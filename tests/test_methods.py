@@ -5,13 +5,14 @@ columns is refused at validation with file:line."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from ft.testing import install_distribution
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +31,8 @@ def weighted_sft_code() -> str:
 @pytest.fixture
 def weighted_env(tmp_path):
     """The toy method as its own distribution (dist-info + entry point) on PYTHONPATH."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "ft_weighted_sft.py").write_text(weighted_sft_code())
-    info = site / "ft_weighted_sft-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-weighted-sft\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text("[ft]\nweighted_sft = ft_weighted_sft\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
-    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
+    env = install_distribution(tmp_path / "site", "ft-weighted-sft", "0.1.0", {"ft_weighted_sft": weighted_sft_code()},
+                               {"weighted_sft": "ft_weighted_sft"})
     env["FT_NO_PROGRESS"] = "1"
     return env
 

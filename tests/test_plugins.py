@@ -8,13 +8,14 @@ PYTHONPATH, so discovery goes through importlib.metadata exactly as for pip-inst
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from ft.testing import install_distribution
 
 PLUGINS = {
     "ftt_good": '''
@@ -108,20 +109,8 @@ ENTRY_POINTS = {
 
 @pytest.fixture
 def plugin_env(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    for mod, code in PLUGINS.items():
-        (site / f"{mod}.py").write_text(textwrap.dedent(code))
-    info = site / "ft_test_plugins-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ft-test-plugins\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(
-        "[ft]\n" + "".join(f"{k} = {v}\n" for k, v in ENTRY_POINTS.items())
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env = install_distribution(tmp_path / "site", "ft-test-plugins", "1.2.3", PLUGINS, ENTRY_POINTS)
     env["FTT_SENTINEL"] = str(tmp_path / "sentinel")
-    env.pop(  "FT_DISABLE_PLUGIN_AUTOLOAD", None)
     return env, tmp_path
 
 

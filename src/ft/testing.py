@@ -13,6 +13,8 @@ Installing ft makes these fixtures available in any project's tests (``-p no:ft`
 
 The same tools are plain functions and classes for use outside fixtures:
 :func:`registered_plugin` (a context manager), :class:`HookRecorder`, :class:`FtRunner`.
+:func:`install_distribution` writes plugin modules as an installed distribution (dist-info and
+``[ft]`` entry points) for a subprocess that should find them as it finds pip-installed ones.
 
 This module is imported by pytest in every project that installs ft, so it imports neither
 torch nor transformers at import time.
@@ -37,6 +39,7 @@ __all__ = [
     "FtRunner",
     "HookCall",
     "HookRecorder",
+    "install_distribution",
     "make_rows",
     "registered_plugin",
     "write_config",
@@ -389,6 +392,31 @@ def write_config(path: str | Path, *, base_model: str | Path, datasets: list[dic
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return p
+
+
+def install_distribution(site: str | Path, name: str, version: str, modules: dict[str, str],
+                         entry_points: dict[str, str]) -> dict[str, str]:
+    """Install plugin modules into directory ``site`` as distribution ``name`` (without pip).
+
+    ``modules`` maps module names to their source (dedented here); ``entry_points`` maps plugin
+    names to modules (the ``[ft]`` group). Returns a copy of the environment with ``site`` first on
+    ``PYTHONPATH`` and plugin autoloading on: a subprocess run with it discovers the plugins
+    through ``importlib.metadata``, exactly as pip-installed ones.
+    """
+    import os
+    import textwrap
+
+    site = Path(site)
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    for module, code in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(code), encoding="utf-8")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text(
+        "[ft]\n" + "".join(f"{plugin} = {module}\n" for plugin, module in entry_points.items()), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
