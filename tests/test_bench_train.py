@@ -12,9 +12,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ft_bench_train", BENCH)
+def load_bench(path: Path, name: str):
+    """A bench/ script imported as module ``name`` (a generator: the module, then its removal)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
@@ -22,6 +22,11 @@ def bench():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from load_bench(BENCH, "ft_bench_train")
 
 
 def test_cpu_tiny_run_prints_figures_for_each_configuration(bench, tmp_path, capsys):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from test_bench_train import load_bench
 
 pytest.importorskip("trl")
 
@@ -17,14 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "vs_trl.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ft_bench_vs_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_bench(BENCH, "ft_bench_vs_trl")
 
 
 def test_tiny_run_trains_both_sides_on_the_same_tokens(bench, tmp_path, capsys):
