@@ -171,7 +171,7 @@ def test_watch_reports_a_forward_in_place_but_never_called(tiny):
     [change] = watch.add("p")
     assert change.where == "lm_head (Linear).forward"
     tiny.model(input_ids=torch.arange(4).reshape(1, 4))  # the decoder only: the head is not called
-    assert watch.problems() == [("p", "lm_head (Linear).forward is in place but was never called during the first "
+    assert watch.problems() == [("p", "lm_head (Linear).forward is in place but was never called during the "
                                       "training step")]
 
 
@@ -189,6 +189,22 @@ def test_watch_sees_swapped_modules_and_each_plugin_separately(tiny):
     watch.close()
     assert not tiny.model.layers[0].mlp._forward_pre_hooks
     assert not isinstance(tiny.model.norm.__dict__["forward"], CountingForward)  # the plugin's forward again
+
+
+def test_watch_reports_a_swapped_module_whose_forward_was_replaced_or_that_is_not_called(tiny):
+    """What kernelize does on a GPU to a swapped-in subclass of a hub-kernel layer: binds the hub's forward."""
+    watch = PatchWatch(tiny)
+    tiny.model.norm = type("FastNorm", (type(tiny.model.norm),), {})(tiny.config.hidden_size)
+    tiny.model.extra = torch.nn.Linear(2, 2)  # added, and never used by the model
+    watch.add("p")
+    bind_counting_forward(tiny.model.norm, [])  # someone else's forward on the plugin's module
+    tiny(input_ids=torch.arange(4).reshape(1, 4))
+    assert watch.problems() == [
+        ("p", "model.norm (FastNorm), swapped in: its forward was replaced after the plugin swapped it in, so its "
+              "code never ran"),
+        ("p", "model.extra (Linear), swapped in was never called during the training step"),
+    ]
+    assert "FastNorm is a transformers hub-kernel layer ('RMSNorm')" in watch.hints()[0]
 
 
 def test_counting_forward_keeps_the_signature_and_follows_a_deepcopy(tiny):

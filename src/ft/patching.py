@@ -113,13 +113,12 @@ class WatchedChange:
                 return None
             if now is not self.counter:
                 return f"{self.where} was removed after the plugin bound it, so the plugin's code never ran"
-            return f"{self.where} is in place but was never called during the first training step"
+            return f"{self.where} is in place but was never called during the training step"
         if now is not self.forward:
             return f"{self.where}: its forward was replaced after the plugin swapped it in, so its code never ran"
         if not self.calls:
-            return f"{self.where} was never called during the first training step"
+            return f"{self.where} was never called during the training step"
         return None
-
 
     def hint(self) -> str | None:
         """Why a hub-kernel layer loses its patch, when this change is on one."""
