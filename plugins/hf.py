@@ -46,6 +46,13 @@ class HfOptions(BaseModel):
     padding_side: Literal["right", "left"] = Field(
         "right", description="Padding side saved with the tokenizer (training always pads on the right)."
     )
+    use_kernels: bool = Field(
+        False,
+        description="Let transformers swap hub-kernel layers (RMSNorm ...) for kernels from the Hugging Face hub "
+        "(the `kernels` package; on a GPU this downloads and runs hub code). Off: ft's kernel plugins own the "
+        "layers. On, transformers redoes it at every train()/eval() switch, undoing kernel plugins' patches of "
+        "those layers (ft then stops after the first step and names the plugin).",
+    )
 
 
 def options(cfg: Any) -> HfOptions:
@@ -184,6 +191,9 @@ def ft_model_kwargs(cfg):
         "dtype": torch_dtype(resolve_precision(cfg)),
         "attn_implementation": opts.attn_implementation,
         "trust_remote_code": opts.trust_remote_code,
+        # transformers >= 5 kernelizes hub-kernel layers by default, again at every train()/eval() switch,
+        # which silently drops a forward a kernel plugin bound on them (docs/writing-a-kernel-plugin.md)
+        "use_kernels": opts.use_kernels,
     }
     if not opts.allow_pickle:
         kwargs["use_safetensors"] = True

@@ -114,17 +114,17 @@ class HookCalls:
     def load_model(self, cfg: Config, kwargs: dict[str, Any], tokenizer: Any) -> Any:
         return self._required("ft_load_model", "a model", cfg=cfg, kwargs=kwargs, tokenizer=tokenizer)
 
-    def patch_model(self, cfg: Config, model: Any) -> Iterator[Any]:
-        """Each plugin's patch records, yielded before the next plugin patches (so the caller can
-        register every undo even if a later plugin raises)."""
+    def patch_model(self, cfg: Config, model: Any) -> Iterator[tuple[str, list[Any]]]:
+        """``(plugin, its patch records)`` for each plugin, yielded before the next plugin patches (so
+        the caller can register every undo, and see what each plugin changed, even if a later one raises)."""
         from ft.patching import PatchRecord
 
         for plugin, records in self.pm.call_each("ft_patch_model", cfg=cfg, model=model):
             if records is None:
-                continue
+                records = []
             if not isinstance(records, (list, tuple)) or not all(isinstance(r, PatchRecord) for r in records):
                 raise self._contract("ft_patch_model", plugin, records, "a list of ft.api.PatchRecord or None")
-            yield from records
+            yield plugin, list(records)
 
     def apply_adapter(self, cfg: Config, model: Any) -> Any:
         return self.pm.call_first("ft_apply_adapter", cfg=cfg, model=model)[1] or model

@@ -251,6 +251,20 @@ def _callbacks(state: FtState) -> list[Any]:
     return [MetricsHistory(), Progress(), StepLines()]
 
 
+def patch_check_callback(watch: Any) -> Any:
+    """A callback that checks, after this session's first training step, that every kernel patch is in
+    effect (``ft.patching.PatchWatch.verify``): a patch that was undone or never ran stops the run."""
+    from transformers import TrainerCallback
+
+    class PatchCheck(TrainerCallback):
+        def on_step_end(self, args, st, control, **kwargs):
+            if not watch.verified:
+                watch.verify(st.global_step)
+            return control
+
+    return PatchCheck()
+
+
 # -- TrainingArguments -------------------------------------------------------------------------
 
 
