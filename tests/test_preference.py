@@ -317,6 +317,41 @@ def test_reference_plans_are_logged_and_precomputed_logps_give_the_same_run(tmp_
     caplog.clear()
     run(cfg, overwrite=True)
     assert "reference log-probabilities precomputed earlier, read from" in caplog.text
+    # an edited file fails its checksum: computed again, with a warning, and the run is the same
+    [stored_file] = stored
+    values = json.loads(stored_file.read_text())
+    values["train"] = [[c - 5.0, r] for c, r in values["train"]]
+    stored_file.write_text(json.dumps(values))
+    caplog.clear()
+    run(cfg, overwrite=True)
+    assert "do not match the prepared data's manifest" in caplog.text and "computing them again" in caplog.text
+    assert losses("pre") == pytest.approx(losses("copy"), rel=1e-5, abs=1e-6)
+
+
+def test_stored_reference_logps_are_checked_against_the_prepared_data_manifest(tmp_path, caplog):
+    from ft_plugins.preference_trainer import load_reference, save_reference
+
+    from ft.cache import write_manifest
+
+    cache_dir = tmp_path / "key"
+    cache_dir.mkdir()
+    (cache_dir / "report.json").write_text("{}")
+    write_manifest(cache_dir)
+    path = cache_dir / "reference" / "dpo-abc.json"
+    stored = {"train": [[-1.5, -2.5], [-3.0, -4.0]]}
+    save_reference(path, stored)
+    assert load_reference(path) == stored
+    assert "reference/dpo-abc.json" in json.loads((cache_dir / "manifest.json").read_text())["added"]
+    # same size, other values: only the checksum tells
+    path.write_text(path.read_text().replace("-1.5", "-7.5"))
+    assert load_reference(path) is None and not path.exists()
+    assert "(reference/dpo-abc.json changed since it was written); computing them again" in caplog.text
+    # a file the manifest does not list (written by hand, or a run killed before recording it) is not trusted
+    by_hand = cache_dir / "reference" / "kto-def.json"
+    by_hand.write_text(json.dumps(stored))
+    caplog.clear()
+    assert load_reference(by_hand) is None
+    assert "is not listed in the cache's manifest.json" in caplog.text
 
 
 @pytest.mark.slow
