@@ -26,8 +26,8 @@ to rejected, an empty completion, a prompt longer than the method's ``max_prompt
 Truncation: a sequence (prompt + one completion) longer than ``sequence_len`` follows
 ``excess_length``, side by side and the same way for both sides: ``drop`` (the default) drops the
 whole pair, ``truncate`` cuts each side to ``sequence_len`` from the end (the prompt is kept, the
-completion's tail goes), ``error`` stops. The prompt itself is never cut: a prompt over
-``max_prompt_len`` drops the row.
+completion's tail goes; the core then drops a pair whose sides became identical as "chosen equals
+rejected"), ``error`` stops. The prompt itself is never cut: a prompt over ``max_prompt_len`` drops the row.
 
 torch is imported inside functions.
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,8 @@ def test_excess_length_drop_reports_each_long_sample(tmp_path, tiny_tokenizer):
     assert len(out.train) == 2
     entry = out.report["dropped"]["longer than sequence_len"]
     assert entry["count"] == 1 and entry["examples"][0]["where"] == f"{data}:2"
-    assert "> 32" in entry["examples"][0]["detail"]
+    assert re.fullmatch(r"sample \d+ tokens \(prompt \d+ \+ completion \d+\) > sequence_len 32",
+                        entry["examples"][0]["detail"]), entry["examples"][0]["detail"]
 
 
 def test_excess_length_truncate_keeps_the_first_sequence_len_tokens(tmp_path, tiny_tokenizer):
@@ -199,7 +201,10 @@ def test_excess_length_truncate_drops_a_sample_left_with_nothing_to_train(tmp_pa
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
     out = prepare(tmp_path, tiny_tokenizer, data, sequence_len=16, excess_length="truncate")
     assert len(out.train) == 1
-    assert out.report["dropped"]["nothing to train"]["examples"][0]["where"] == f"{data}:1"
+    [example] = out.report["dropped"]["nothing to train"]["examples"]
+    assert example["where"] == f"{data}:1" and example["detail"].endswith("after truncation to sequence_len 16")
+    # dropped, so not counted as truncated (and kept)
+    assert out.report["truncated"] == out.stats["truncated"] == 0 and out.report["dropped_total"] == 1
 
 
 def test_excess_length_error_lists_the_long_samples(tmp_path, tiny_tokenizer):

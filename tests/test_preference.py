@@ -10,6 +10,7 @@ import io
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -151,6 +152,30 @@ def test_truncation_applies_to_both_sides_alike(tmp_path, tiny_model_dir):
         assert len(ids) == 48  # cut to sequence_len from the end: the prompt stays whole
         assert tok.decode(ids).startswith(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
         assert long_pair[f"{side}_labels"][-1] != IGNORE_INDEX  # the kept part of the completion is scored
+
+
+def test_a_pair_that_truncation_makes_identical_is_dropped_and_counted_apart(tmp_path, tiny_model_dir):
+    q = "What is 1 plus 1?"
+    same_start = {"prompt": q, "chosen": "The answer is two, " * 10 + "right.",
+                  "rejected": "The answer is two, " * 10 + "wrong."}  # they differ only past sequence_len
+    differ = {"prompt": q, "chosen": "Two. " * 30, "rejected": "It is two, " * 25}
+    data = write_rows(tmp_path / "long.jsonl", [same_start, differ, *pair_rows(2)])
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48, excess_length="truncate"))
+    assert len(out.train) == 3
+    assert all(r["chosen_input_ids"] != r["rejected_input_ids"] for r in rows_of(out.train))
+    [example] = out.report["dropped"]["chosen equals rejected"]["examples"]
+    assert example["where"] == f"{data}:1" and "identical after truncation to sequence_len 48" in example["detail"]
+    # the truncated pair that is kept counts as truncated; the one truncation spoilt as a drop only
+    assert out.report["truncated"] == out.stats["truncated"] == 1 and out.report["dropped_total"] == 1
+
+
+def test_a_long_pair_names_the_side_that_is_too_long(tmp_path, tiny_model_dir):
+    row = {"prompt": "What is 1 plus 1?", "chosen": "Two.", "rejected": "It is two, " * 25}
+    data = write_rows(tmp_path / "long.jsonl", [row, *pair_rows(2)])
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48))
+    [example] = out.report["dropped"]["longer than sequence_len"]["examples"]
+    assert re.fullmatch(r"rejected (\d+) tokens \(prompt (\d+) \+ completion (\d+)\) > sequence_len 48",
+                        example["detail"]), example["detail"]
 
 
 def test_kto_rows_and_unpaired_pairs(tmp_path, tiny_model_dir):

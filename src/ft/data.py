@@ -8,8 +8,9 @@
 2. On a miss, each dataset entry is read by ``ft_load_dataset`` into :class:`RawRows` (rows
    plus where each came from, plus the rows that could not be read), and tokenized by its
    format's ``Tokenize`` in parallel worker processes (``ft.data_tokenize``).
-3. Samples longer than ``sequence_len`` are dropped, truncated or refused (``excess_length``);
-   samples with no trained label are dropped ("nothing to train"). Every drop is counted by
+3. Samples longer than ``sequence_len`` are dropped, truncated or refused (``excess_length``; a
+   drop names the side that is too long); samples with no trained label are dropped ("nothing to
+   train"), and so are samples whose sequences truncation made identical ("chosen equals rejected"). Every drop is counted by
    reason with the ``file:line`` of its row; ``strict: true`` turns any drop into an error.
 4. Entries are concatenated, shuffled with the seed, and the eval part is split off
    (``val_set_size``) and/or read from ``test_datasets``.
@@ -414,7 +415,7 @@ def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str,
             f"({cfg.where('excess_length')}: error):\n" + _examples(too_long, 10)
             + "\nRaise sequence_len, or set excess_length: drop or truncate."
         )
-    report = build_report(drops, rows_read, notes)
+    report = build_report(drops, rows_read, notes, truncated=sum(e["truncated"] for e in per_entry))
     if cfg.strict and drops:
         raise DataError(_strict_message(report))
     return report, per_entry
@@ -512,9 +513,11 @@ def _cpu_count() -> int:
 # -- the drop report --------------------------------------------------------------------------
 
 
-def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = ()) -> dict[str, Any]:
+def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = (), truncated: int = 0) -> dict[str, Any]:
     """Counts per reason with the first examples (``where``, ``detail``) of each: rows dropped, and notes
-    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message)."""
+    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message). ``truncated``
+    counts the samples cut to sequence_len and kept (``excess_length: truncate``); one that truncation
+    left unusable (nothing to train, chosen equal to rejected) is counted as a drop only."""
 
     def by_reason(items: Sequence[Drop]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -525,7 +528,7 @@ def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = ()) -> d
                 entry["examples"].append({"where": d.where, "detail": d.detail})
         return out
 
-    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops),
+    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops), "truncated": truncated,
             "noted_total": len(notes), "noted": by_reason(notes)}
 
 
@@ -568,8 +571,8 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         _report_text(report),
     ]
     if stats.get("truncated"):
-        msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} "
-                   "(excess_length: truncate)")
+        msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} and kept them "
+                   "(excess_length: truncate; samples truncation left unusable are counted among the drops)")
     for part in stats.get("mixing") or []:
         msg.append(f"  {part['path']}: weight {part['weight']:g} -> {part['rows']} of the training rows "
                    f"({100 * part['share']:.1f}%; {part['available']} available, {part['repeats']:.2f}x)")
@@ -583,6 +586,8 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
 def _log_drops(report: dict[str, Any]) -> None:
     if report.get("dropped_total"):
         log.info("rows dropped when this cache was built:\n%s", _report_text(report))
+    if report.get("truncated"):
+        log.info("samples truncated to sequence_len and kept when this cache was built: %d", report["truncated"])
     _log_notes(report)
 
 

@@ -362,11 +362,11 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
         if excess == "truncate":
             for name in list(columns):
                 columns[name] = _truncate(*columns[name], seq_len)
-            out.truncated = int(long.sum())
+            _drop_equal_sides(columns, sequences, long, keep, rows_arr, out, seq_len)
         else:  # drop, or error (the parent raises with every example)
+            starts = _starts(columns)
             for i in np.flatnonzero(long & keep):
-                sizes = " + ".join(str(int(columns[n][1][i])) for n in sequences if columns[n][1][i] > seq_len)
-                out.drops.append((int(rows_arr[i]), TOO_LONG, f"{sizes} tokens > {seq_len}"))
+                out.drops.append((int(rows_arr[i]), TOO_LONG, _too_long_detail(columns, starts, sequences, i, seq_len)))
             keep &= ~long
 
     # The first label of a sequence never is a target (the model shifts labels by one), so a
@@ -382,8 +382,12 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
         nothing = keep & ((csum[offsets[1:]] - csum[offsets[:-1]]) == 0)
         side = "" if name == "labels" else f" of {name[: -len('_labels')]}"
         for i in np.flatnonzero(nothing):
-            out.drops.append((int(rows_arr[i]), NOTHING_TO_TRAIN, f"all {int(lengths[i])} labels{side} are masked (-100)"))
+            cut = f" after truncation to sequence_len {seq_len}" if long[i] and excess == "truncate" else ""
+            out.drops.append((int(rows_arr[i]), NOTHING_TO_TRAIN,
+                              f"all {int(lengths[i])} labels{side} are masked (-100){cut}"))
         keep &= ~nothing
+    if excess == "truncate":  # truncated rows that are kept; those dropped above count as drops only
+        out.truncated = int((long & keep).sum())
 
     if not keep.all():
         for name, (values, lengths) in columns.items():
@@ -396,6 +400,72 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
     out.rows = rows_arr
     out.drops.sort(key=lambda d: d[0])
     return out
+
+
+def _side(name: str) -> str:
+    """What a token column holds, for messages: ``chosen`` for ``chosen_input_ids``, ``sample`` for ``input_ids``."""
+    prefix = name[: -len("input_ids")].rstrip("_")
+    return prefix or "sample"
+
+
+def _starts(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Where each sample starts in each column's flat values."""
+    out = {}
+    for name, (_values, lengths) in columns.items():
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        out[name] = starts
+    return out
+
+
+def _too_long_detail(columns: dict[str, tuple[np.ndarray, np.ndarray]], starts: dict[str, np.ndarray],
+                     sequences: list[str], i: int, seq_len: int) -> str:
+    """Which side of sample ``i`` is too long, and how its tokens split into prompt (up to the first
+    trained label) and completion: "rejected 109 tokens (prompt 20 + completion 89) > sequence_len 48"."""
+    parts = []
+    for name in sequences:
+        values, lengths = columns[name]
+        n = int(lengths[i])
+        if n <= seq_len:
+            continue
+        split = ""
+        labels = columns.get(labels_of(name))
+        if labels is not None:
+            start = int(starts[labels_of(name)][i])
+            trained = np.flatnonzero(labels[0][start:start + n] != IGNORE_INDEX)
+            prompt = int(trained[0]) if len(trained) else n
+            if 1 < prompt < n:
+                split = f" (prompt {prompt} + completion {n - prompt})"
+            elif prompt >= n:
+                split = " (no trained token)"
+        parts.append(f"{_side(name)} {n} tokens{split}")
+    return f"{', '.join(parts)} > sequence_len {seq_len}"
+
+
+def _drop_equal_sides(columns: dict[str, tuple[np.ndarray, np.ndarray]], sequences: list[str], long: np.ndarray,
+                      keep: np.ndarray, rows_arr: np.ndarray, out: _ChunkOut, seq_len: int) -> None:
+    """Drop truncated samples whose sequences became identical (a pair whose chosen and rejected differ only
+    past ``sequence_len``): reason "chosen equals rejected", named after the sides."""
+    if len(sequences) < 2:
+        return
+    starts = _starts(columns)
+    for i in np.flatnonzero(long & keep):
+        cut = {}
+        for name in sequences:
+            values, lengths = columns[name]
+            start = int(starts[name][i])
+            ids = values[start:start + int(lengths[i])]
+            labels = columns.get(labels_of(name))
+            lab = labels[0][start:start + int(lengths[i])] if labels is not None else None
+            cut[name] = (ids, lab)
+        for a, b in itertools.combinations(sequences, 2):
+            (ids_a, lab_a), (ids_b, lab_b) = cut[a], cut[b]
+            if np.array_equal(ids_a, ids_b) and (lab_a is None or np.array_equal(lab_a, lab_b)):
+                out.drops.append((int(rows_arr[i]), f"{_side(a)} equals {_side(b)}",
+                                  f"identical after truncation to sequence_len {seq_len} (excess_length: truncate): "
+                                  "they differ only past it"))
+                keep[i] = False
+                break
 
 
 def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict, list[int]] | None:
