@@ -77,6 +77,13 @@ def test_every_pair_layout_gives_the_same_tokens(tmp_path, tiny_model_dir):
         "implicit prompt": {"chosen": [sys_msg, user, {"role": "assistant", "content": good}],
                             "rejected": [sys_msg, user, {"role": "assistant", "content": bad}]},
         "chatml.intel": {"system": system, "question": q, "chosen": good, "rejected": bad},
+        # UltraFeedback: a prompt, and sides that are the whole conversations (they repeat the prompt's turns)
+        "prompt + whole conversations": {"prompt": [sys_msg, user],
+                                         "chosen": [sys_msg, user, {"role": "assistant", "content": good}],
+                                         "rejected": [sys_msg, user, {"role": "assistant", "content": bad}]},
+        "text prompt + system + whole conversations": {"system": system, "prompt": q,
+                                                       "chosen": [user, {"role": "assistant", "content": good}],
+                                                       "rejected": [user, {"role": "assistant", "content": bad}]},
     }
     data = write_rows(tmp_path / "layouts.jsonl", list(layouts.values()))
     out, tok = prepare(config(tmp_path, tiny_model_dir, data))
@@ -88,6 +95,52 @@ def test_every_pair_layout_gives_the_same_tokens(tmp_path, tiny_model_dir):
     out2, _ = prepare(config(tmp_path, tiny_model_dir, text_prompt, dataset_prepared_path=str(tmp_path / "p2")))
     no_system = rows_of(out2.train)[0]
     assert tok.decode(no_system["chosen_input_ids"]).startswith("<|im_start|>user\nWhat is 2 plus 3?")
+    # axolotl's field_messages names the prompt's field
+    axolotl = write_rows(tmp_path / "axolotl.jsonl", [{"messages": [sys_msg, user],
+                                                       "chosen": {"role": "assistant", "content": good},
+                                                       "rejected": {"role": "assistant", "content": bad}}])
+    cfg = config(tmp_path, tiny_model_dir, axolotl, dataset_prepared_path=str(tmp_path / "p3"))
+    cfg["datasets"][0]["field_messages"] = "messages"
+    out3, _ = prepare(cfg)
+    assert rows_of(out3.train) == [rows[0]] and out3.report["dropped_total"] == 0
+
+
+def test_a_side_that_begins_with_another_user_turn_than_the_prompt_is_dropped(tmp_path, tiny_model_dir):
+    q, good, bad = sums(1)[0]
+    other = {"role": "user", "content": "Something else?"}
+    rows = [*pair_rows(1), {"prompt": q, "chosen": [other, {"role": "assistant", "content": good}],
+                            "rejected": [other, {"role": "assistant", "content": bad}]}]
+    data = write_rows(tmp_path / "ambiguous.jsonl", rows)
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data))
+    assert len(out.train) == 1
+    [example] = out.report["dropped"]["prompt turn in the completion"]["examples"]
+    assert example["where"] == f"{data}:2"
+    assert example["detail"].startswith("'chosen' begins with a user message although the row has a prompt")
+
+
+def test_kto_reads_the_chatml_intel_layout_with_its_system_message(tmp_path, tiny_model_dir):
+    q, good, bad = sums(1)[0]
+    rows = [{"system": "You add numbers.", "question": q, "completion": good, "label": True},
+            {"system": "You add numbers.", "question": q, "completion": bad, "label": False}]
+    data = write_rows(tmp_path / "intel.jsonl", rows)
+    expected = f"<|im_start|>system\nYou add numbers.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+    for name, extra in (("default", {}), ("field_prompt", {"field_prompt": "question"})):
+        cfg = config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
+                     dataset_prepared_path=str(tmp_path / name))
+        cfg["datasets"][0].update(extra)
+        out, tok = prepare(cfg)
+        kept = rows_of(out.train)
+        assert [r["label"] for r in kept] == [True, False] and out.report["dropped_total"] == 0, name
+        assert tok.decode(kept[0]["kto_input_ids"]).startswith(expected), name
+
+
+def test_field_messages_and_another_field_prompt_is_a_config_error(tmp_path, write_yaml):
+    data = write_rows(tmp_path / "d.jsonl", pair_rows(2))
+    cfg = config(tmp_path, "m", data)
+    cfg["datasets"][0].update(field_messages="conversation", field_prompt="question")
+    problems, path = errors(write_yaml, cfg)
+    assert any(p.startswith(f"{path}:") and "field_messages ('conversation') and field_prompt ('question') both name "
+               "the row field with the prompt; set one of them" in p for p in problems), problems
 
 
 def test_labels_score_the_completion_and_its_end_of_turn_only(tmp_path, tiny_model_dir):
