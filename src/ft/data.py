@@ -323,19 +323,29 @@ class _Job:
     entry: Any
     raw: RawRows
     tokenize: Any
+    plugin: str = ""  # the plugin that registered the entry's format (for messages)
     result: Any = None  # ft.data_tokenize.EntryResult, once tokenized
 
 
 def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
     """Read, tokenize, account for drops, assemble train/eval, pack: the steps of a cache miss."""
+    from ft.data_tokenize import is_labels_column
+
     cfg = ctx.cfg
     t0 = time.perf_counter()
     jobs = _read(ctx, tokenizer)
     t1 = time.perf_counter()
-    _tokenize(cfg, jobs)
+    _tokenize(cfg, jobs, ctx.method)
     t2 = time.perf_counter()
     report, per_entry = _account(cfg, jobs)
     train, eval_samples, mixing = _assemble(cfg, jobs, report)
+    trained = int(train.trained_tokens())
+    if trained == 0 and any(is_labels_column(c) for c in ctx.method.columns):
+        formats = ", ".join(f"'{j.entry.type}' (plugin '{j.plugin}')" for j in jobs if j.group == "datasets")
+        raise DataError(f"the training data has {train.count} samples but not one trained token: method "
+                        f"'{ctx.method.name}' learns from its labels, and every label is -100. The format(s) {formats} "
+                        "masked everything (a bug in the format plugin, or train_on_... settings that leave nothing); "
+                        "`ft preprocess --debug 3` shows the labels. Nothing was cached.")
     train_ds = train.to_dataset()
     eval_ds = eval_samples.to_dataset() if eval_samples is not None and eval_samples.count else None
     stats: dict[str, Any] = {
@@ -343,7 +353,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
         "samples": int(train.count),
         "eval_samples": int(eval_samples.count) if eval_samples is not None else 0,
         "tokens": int(train.lengths.sum()),
-        "trained_tokens": int(train.trained_tokens()),
+        "trained_tokens": trained,
         "dropped": report["dropped_total"],
         "truncated": sum(e["truncated"] for e in per_entry),
         "packed": False,
@@ -370,12 +380,12 @@ def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
             if raw is None:
                 raise DataError(f"{cfg.where(group, i, 'path')}: no active plugin can read '{entry.path}'. "
                                 "Is the 'sources' plugin blocked, or does this source need a plugin? See `ft plugins`.")
-            fmt = ctx.formats.get(entry.type, cfg.where(group, i, "type")).value
-            jobs.append(_Job(group, entry, raw, fmt.build(cfg, entry, tokenizer)))
+            registered = ctx.formats.get(entry.type, cfg.where(group, i, "type"))
+            jobs.append(_Job(group, entry, raw, registered.value.build(cfg, entry, tokenizer), registered.plugin))
     return jobs
 
 
-def _tokenize(cfg: Any, jobs: list[_Job]) -> None:
+def _tokenize(cfg: Any, jobs: list[_Job], method: Any) -> None:
     from ft.data_tokenize import tokenize_entries
 
     results = tokenize_entries(
@@ -383,6 +393,9 @@ def _tokenize(cfg: Any, jobs: list[_Job]) -> None:
         sequence_len=cfg.sequence_len,
         excess_length=cfg.excess_length,
         num_proc=cfg.dataset_num_proc or _cpu_count(),
+        columns=method.columns,
+        method=method.name,
+        plugins=[job.plugin for job in jobs],
     )
     for job, result in zip(jobs, results, strict=True):
         job.result = result

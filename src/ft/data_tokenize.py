@@ -39,7 +39,12 @@ NOTES = "notes"  # a sample's list of ft.formats.Note: counted in the data repor
 def is_token_column(name: str) -> bool:
     """Token columns hold a list of ints per sample: ``input_ids``, ``labels`` and prefixed forms
     (``chosen_input_ids``, ``rejected_labels`` ...). Every other column is carried as it is."""
-    return name.endswith("input_ids") or name == "labels" or name.endswith("_labels")
+    return name.endswith("input_ids") or is_labels_column(name)
+
+
+def is_labels_column(name: str) -> bool:
+    """``labels`` and prefixed forms (``chosen_labels``): -100 where not trained."""
+    return name == "labels" or name.endswith("_labels")
 
 
 def labels_of(ids_column: str) -> str:
@@ -124,7 +129,7 @@ class Samples:
         target: labels shift)."""
         total = 0
         for name, (values, offsets) in self.tokens.items():
-            if not (name == "labels" or name.endswith("_labels")):
+            if not is_labels_column(name):
                 continue
             trained = values != IGNORE_INDEX
             starts = offsets[:-1][np.diff(offsets) > 0]
@@ -201,7 +206,7 @@ class _ChunkOut:
 
 # Set in the parent right before the workers fork (inherited, never pickled).
 _JOBS: list[tuple[Any, Any]] | None = None
-_SETTINGS: tuple[int, str] = (0, "drop")
+_SETTINGS: tuple[int, str, tuple[str, ...], str] = (0, "drop", (), "")
 
 
 def tokenize_entries(
@@ -211,8 +216,16 @@ def tokenize_entries(
     excess_length: str,
     num_proc: int,
     progress: bool | None = None,
+    columns: Sequence[str] = (),
+    method: str = "",
+    plugins: Sequence[str] | None = None,
 ) -> list[EntryResult]:
-    """Tokenize every ``(raw_rows, tokenize, format_name)`` job; returns one :class:`EntryResult` per job."""
+    """Tokenize every ``(raw_rows, tokenize, format_name)`` job; returns one :class:`EntryResult` per job.
+
+    ``columns`` are the columns the training method ``method`` reads: every sample a format returns
+    must have them (checked on each chunk's first sample), else the build stops with an error that
+    names the format, its plugin (``plugins``: one per job) and the row.
+    """
     global _JOBS, _SETTINGS
     total = sum(len(raw) for raw, _t, _n in jobs)
     num_proc = max(1, min(num_proc, (total + 63) // 64))
@@ -223,7 +236,7 @@ def tokenize_entries(
     bar = _progress_bar(total, show)
 
     _JOBS = [(raw, tok) for raw, tok, _n in jobs]
-    _SETTINGS = (sequence_len, excess_length)
+    _SETTINGS = (sequence_len, excess_length, tuple(columns), method)
     outs: list[_ChunkOut] = []
     try:
         if num_proc == 1 or total < INLINE_BELOW_ROWS:
@@ -243,7 +256,8 @@ def tokenize_entries(
         for o in mine:
             if o.error is not None:
                 row, message = o.error
-                raise DataError(f"{raw.where(row)}: the '{name}' format failed on this row: {message}")
+                owner = f" (plugin '{plugins[j]}')" if plugins and plugins[j] else ""
+                raise DataError(f"{raw.where(row)}: the '{name}' format{owner} failed on this row: {message}")
         drops = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.drops]
         notes = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.notes]
         samples = _merge(mine, base)
@@ -317,7 +331,7 @@ def start_method() -> str:
     return "fork" if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def _init_spawned(jobs: list, settings: tuple[int, str]) -> None:
+def _init_spawned(jobs: list, settings: tuple[int, str, tuple[str, ...], str]) -> None:
     global _JOBS, _SETTINGS
     _JOBS, _SETTINGS = jobs, settings
 
@@ -328,7 +342,7 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
     raw, tokenize = _JOBS[j]
     if rows is None:
         rows = raw.batch(start, stop)
-    seq_len, excess = _SETTINGS
+    seq_len, excess, _columns, _method = _SETTINGS
     out = _ChunkOut(j, start, len(rows), {}, np.zeros(0, dtype=np.int64), drops=[])
 
     results, calls, error = _call_tokenize(tokenize, rows)
@@ -346,7 +360,14 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
         return out
     parts, extras, sample_rows = collected
     rows_arr = np.asarray(sample_rows, dtype=np.int64)
-    columns = {name: _flat(values) for name, values in parts.items()}  # name -> (flat, lengths)
+    try:
+        columns = {name: _flat(values) for name, values in parts.items()}  # name -> (flat, lengths)
+    except (TypeError, ValueError, OverflowError) as exc:
+        bad = next(n for n, values in parts.items() if not _int_lists(values))
+        k = next(k for k, v in enumerate(parts[bad]) if not _int_lists([v]))
+        out.error = (sample_rows[k], f"its '{bad}' is not a list of token ids ({type(exc).__name__}: {exc}); "
+                                     "token columns hold lists of ints")
+        return out
     keep = np.ones(len(rows_arr), dtype=bool)
 
     sequences = [name for name in columns if name.endswith("input_ids")]
@@ -371,7 +392,7 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
 
     # The first label of a sequence never is a target (the model shifts labels by one), so a
     # sequence trains on something only if a label after its first position is not -100.
-    for name in [n for n in columns if n == "labels" or n.endswith("_labels")]:
+    for name in [n for n in columns if is_labels_column(n)]:
         values, lengths = columns[name]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -487,6 +508,10 @@ def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict
             for note in s.get(NOTES) or ():  # Notes about a kept row: counted in the data report
                 out.notes.append((row, note[0], note[1]))
             if parts is None:
+                problem = _column_problem(s)
+                if problem:
+                    out.error = (row, problem)
+                    return None
                 parts = {name: [] for name in s if is_token_column(name)}
                 extras = {name: [] for name in s if not is_token_column(name) and name != NOTES}
                 if not any(name.endswith("input_ids") for name in parts):
@@ -508,6 +533,43 @@ def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict
                     return None
             sample_rows.append(row)
     return parts or {"input_ids": [], "labels": []}, extras, sample_rows
+
+
+def _column_problem(sample: Any) -> str | None:
+    """What is wrong with a sample a format returned, against the columns the method reads (checked on the
+    first sample of each chunk: a format returns the same keys for every row)."""
+    _seq, _excess, columns, method = _SETTINGS
+    if not isinstance(sample, dict):
+        return (f"it returned a {type(sample).__name__} for a row, not a dict of columns (a bug in the format "
+                "plugin: a row gives a dict, a list of dicts, or ft.api.Dropped)")
+    missing = [c for c in columns if c not in sample]
+    if missing:
+        keys = ", ".join(k for k in sample if k != NOTES) or "none"
+        return (f"it returned a sample with the columns {keys}, but method '{method}' reads {', '.join(columns)} "
+                f"(missing: {', '.join(missing)}). A bug in the format plugin: its samples must have the columns "
+                "it declares (register.add(..., columns=...)), under those names")
+    for name, value in sample.items():
+        if is_token_column(name) and not _looks_like_ids(value):
+            shown = repr(value)[:60]
+            return f"its '{name}' is not a list of token ids (got {shown}); token columns hold lists of ints"
+    return None
+
+
+def _looks_like_ids(value: Any) -> bool:
+    """Whether ``value`` is a list (tuple, array) of ints, judged on its first elements (cheap)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype.kind in "iu"
+    if not isinstance(value, (list, tuple)):
+        return False
+    return all(type(x) is int or isinstance(x, np.integer) for x in value[:16])
+
+
+def _int_lists(values: list[Any]) -> bool:
+    try:
+        _flat(values)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def _flat(parts: list[Any]) -> tuple[np.ndarray, np.ndarray]:
