@@ -23,8 +23,9 @@ message, whichever field the prompt came from.
 Rows become ``chosen_input_ids``/``chosen_labels`` and ``rejected_input_ids``/``rejected_labels``.
 
 ``type: kto`` -- unpaired rows ``{"prompt", "completion", "label": true|false}`` (``label`` true =
-desirable), or ``{"system", "question", "completion", "label"}`` (chatml.intel). A pair in any of the layouts above is unpaired into two rows (chosen desirable,
-rejected undesirable). Rows become ``kto_input_ids``/``kto_labels`` and ``label``.
+desirable), or ``{"system", "question", "completion", "label"}`` (chatml.intel). A pair in any of
+the layouts above is unpaired into two rows (chosen desirable, rejected undesirable). Rows become
+``kto_input_ids``/``kto_labels`` and ``label``.
 
 Bad rows are dropped and counted with their ``file:line``: a missing side or prompt, chosen equal
 to rejected, an empty completion, a prompt longer than the method's ``max_prompt_len``.

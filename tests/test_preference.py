@@ -222,6 +222,18 @@ def test_a_pair_that_truncation_makes_identical_is_dropped_and_counted_apart(tmp
     assert out.report["truncated"] == out.stats["truncated"] == 1 and out.report["dropped_total"] == 1
 
 
+def test_kto_drops_an_unpaired_pair_that_truncation_makes_identical(tmp_path, tiny_model_dir):
+    q = "What is 1 plus 1?"
+    same_start = {"prompt": q, "chosen": "The answer is two, " * 10 + "right.",
+                  "rejected": "The answer is two, " * 10 + "wrong."}
+    data = write_rows(tmp_path / "long.jsonl", [same_start, *pair_rows(2)])
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
+                            sequence_len=48, excess_length="truncate"))
+    assert [r["label"] for r in rows_of(out.train)] == [True, False, True, False]
+    [example] = out.report["dropped"]["samples of one row are identical"]["examples"]
+    assert example["where"] == f"{data}:1" and "after truncation to sequence_len 48" in example["detail"]
+
+
 def test_a_long_pair_names_the_side_that_is_too_long(tmp_path, tiny_model_dir):
     row = {"prompt": "What is 1 plus 1?", "chosen": "Two.", "rejected": "It is two, " * 25}
     data = write_rows(tmp_path / "long.jsonl", [row, *pair_rows(2)])

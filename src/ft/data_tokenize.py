@@ -384,6 +384,7 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
             for name in list(columns):
                 columns[name] = _truncate(*columns[name], seq_len)
             _drop_equal_sides(columns, sequences, long, keep, rows_arr, out, seq_len)
+            _drop_equal_samples(columns, long, keep, rows_arr, out, seq_len)
         else:  # drop, or error (the parent raises with every example)
             starts = _starts(columns)
             for i in np.flatnonzero(long & keep):
@@ -487,6 +488,35 @@ def _drop_equal_sides(columns: dict[str, tuple[np.ndarray, np.ndarray]], sequenc
                                   "they differ only past it"))
                 keep[i] = False
                 break
+
+
+SAME_SAMPLES = "samples of one row are identical"
+
+
+def _drop_equal_samples(columns: dict[str, tuple[np.ndarray, np.ndarray]], long: np.ndarray, keep: np.ndarray,
+                        rows_arr: np.ndarray, out: _ChunkOut, seq_len: int) -> None:
+    """Drop a row whose samples truncation made identical (KTO's unpaired pair: the desirable and the
+    undesirable completion differ only past ``sequence_len``, and would train against each other)."""
+    rows, counts = np.unique(rows_arr, return_counts=True)
+    if not (counts > 1).any():
+        return
+    candidates = set(rows_arr[long & keep].tolist()) & set(rows[counts > 1].tolist())
+    if not candidates:
+        return
+    starts = _starts(columns)
+    by_row: dict[int, list[int]] = {}
+    for i in np.flatnonzero(np.isin(rows_arr, list(candidates))).tolist():
+        by_row.setdefault(int(rows_arr[i]), []).append(i)
+    for row, samples in by_row.items():
+        seen = set()
+        for i in samples:
+            key = tuple(values[starts[n][i]:starts[n][i] + lengths[i]].tobytes() for n, (values, lengths) in columns.items())
+            if key in seen:
+                out.drops.append((row, SAME_SAMPLES, f"identical after truncation to sequence_len {seq_len} "
+                                                     "(excess_length: truncate): they differ only past it"))
+                keep[samples] = False
+                break
+            seen.add(key)
 
 
 def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict, list[int]] | None:
