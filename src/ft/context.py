@@ -241,8 +241,8 @@ def _method_problems(raw: RawConfig, regs: Registries, pm: PluginManager) -> lis
         needs = info.method_feature if info else None
         if needs and not method.supports(needs):
             loc = ("plugins",) if plugin in (data.get("plugins") or []) else ()
-            problems.append((loc, f"plugin '{plugin}' needs {needs}, which method '{name}' does not support; "
-                                  f"remove it (or pass -p no:{plugin})."))
+            problems.append((loc, f"plugin '{plugin}' needs {needs}, which method '{name}' does not support (its "
+                                  f"Method.features do not list '{needs}'); remove it (or pass -p no:{plugin})."))
     if not method.supports(EVAL):
         for key in ("val_set_size", "test_datasets"):
             if data.get(key):
