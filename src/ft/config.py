@@ -193,6 +193,7 @@ class CoreConfig(BaseModel):
     _capabilities: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
     _method_features: frozenset[str] = PrivateAttr(default_factory=frozenset)
     _registries: Any = PrivateAttr(None)
+    _known_names: frozenset[str] | None = PrivateAttr(None)  # installed plugins and methods (``section`` checks)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -207,12 +208,28 @@ class CoreConfig(BaseModel):
         return self._source
 
     def section(self, name: str) -> Any:
-        """A plugin's validated section, or its defaults when the YAML has none (None if no such section)."""
-        value = getattr(self, name, None)
-        if value is None and name in type(self).model_fields:
-            model = _find_model(type(self).model_fields[name].annotation, None)
-            return model() if model is not None else None
-        return value
+        """A plugin's validated section, or its defaults when the YAML has none.
+
+        None for an installed plugin (or a method) that declares no section, or one that is not loaded (blocked,
+        failed); any other name is a mistake, and an error with a "did you mean" and the caller's file:line."""
+        fields = type(self).model_fields
+        if name in fields and name not in CoreConfig.model_fields:
+            value = getattr(self, name, None)
+            if value is None:
+                model = _find_model(fields[name].annotation, None)
+                return model() if model is not None else None
+            return value
+        if self._known_names is None or name in self._known_names:
+            return None  # no plugin information (a config built by hand), or a plugin/method without a section
+        import sys
+
+        caller = sys._getframe(1)
+        sections = sorted(n for n in fields if n not in CoreConfig.model_fields)
+        close = difflib.get_close_matches(str(name), [*sections, *self._known_names], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        core = " It is a core key: read it as an attribute (cfg." + str(name) + ")." if name in CoreConfig.model_fields else ""
+        raise FtError(f"{caller.f_code.co_filename}:{caller.f_lineno}: cfg.section({name!r}): no plugin or method "
+                      f"named {name!r} is installed.{core}{hint} Sections: {', '.join(sections) or 'none'}.")
 
     def provides(self, capability: str) -> bool:
         """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
