@@ -194,7 +194,7 @@ def test_cfg_section_with_a_typo_raises_with_a_did_you_mean(head, tmp_path):
 
 def test_an_exception_in_code_a_plugin_patched_into_torch_names_the_plugin(head, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(head + "max_steps: 1\nsequence_len: 64\n")
+    config.write_text(head + "max_steps: 1\nsequence_len: 256\n")
     plugin = plugin_file(tmp_path, "patcher", '''
         import torch
 
@@ -212,3 +212,47 @@ def test_an_exception_in_code_a_plugin_patched_into_torch_names_the_plugin(head,
         torch.nn.Linear.forward = original
     result.assert_error("plugin 'patcher' failed in code it runs outside its hooks",
                         "RuntimeError: patched away", f"at {plugin}:5 in forward")
+
+
+# -- absurd batch sizes ----------------------------------------------------------------------------
+
+
+def test_an_absurd_effective_batch_is_refused_at_validation(head, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(head + "gradient_accumulation_steps: 1000000000\n")
+    FtRunner().validate(config).assert_error(
+        f"{config}:5: gradient_accumulation_steps: the effective batch is 1,000,000,000 samples per optimizer step "
+        "(micro_batch_size 1 x gradient_accumulation_steps 1,000,000,000 x 1 process(es)); at most 1,048,576")
+    config.write_text(head + "gradient_accumulation_steps: 100000\nmicro_batch_size: 2\n")
+    FtRunner().validate(config).assert_ok()
+    FtRunner().validate(config, "--nproc", "8").assert_error("the effective batch is 1,600,000 samples",
+                                                               "x 8 process(es)")
+
+
+def test_data_smaller_than_the_batch_warns_with_the_real_figures_and_reports_the_real_batch(head, tmp_path):
+    import json
+
+    config = tmp_path / "c.yaml"
+    config.write_text(head + f"micro_batch_size: 2\ngradient_accumulation_steps: 100\nmax_steps: 1\nsequence_len: 256\n"
+                             f"output_dir: {tmp_path / 'out'}\ndataset_prepared_path: {tmp_path / 'prepared'}\n")
+    result = FtRunner().run(config).assert_ok()
+    assert (f"{config}:6: gradient_accumulation_steps: the training data has 32 rows, fewer than one effective batch "
+            "(2 x 100 x 1 = 200): every optimizer step is the whole epoch, so the effective batch is 32, not 200. "
+            "Lower gradient_accumulation_steps to 16 or less") in result.log
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"]
+    assert summary["effective_batch_size"] == 32  # was 200: the configured product, not what a step took
+
+
+def test_a_micro_batch_larger_than_the_data_names_both_figures(head, tmp_path):
+    from ft.config import batch_warnings, real_effective_batch
+    from ft.context import load_context
+
+    config = tmp_path / "c.yaml"
+    config.write_text(head + "micro_batch_size: 64\n")
+    cfg = load_context(config).cfg
+    (warning,) = batch_warnings(cfg, 32, world=2)
+    assert warning.startswith(f"{config}:5: micro_batch_size: the training data has 32 rows, fewer than one batch of "
+                              "micro_batch_size 64 x 2 process(es) = 128: every optimizer step is the whole epoch, so "
+                              "the effective batch is 32, not 128. Lower micro_batch_size to 16 or less")
+    assert real_effective_batch(cfg, 32, world=2) == 32 and real_effective_batch(cfg, 1000, world=2) == 128
+    assert batch_warnings(cfg, 1000, world=1) == []

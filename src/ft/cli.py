@@ -234,9 +234,14 @@ def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
     from ft.config import config_warnings
 
+    from ft.config import batch_problems
+    from ft.errors import ConfigError
+
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_problems(cfg, world):  # --nproc multiplies the batch the config was checked with
+        raise ConfigError(batch_problems(cfg, world), cfg.source)
     click.echo(f"{cfg.source}: valid")
     for warning in config_warnings(cfg):
         click.secho(f"  warning: {warning}", fg="yellow")

@@ -785,6 +785,49 @@ def format_loc(loc: Sequence[Any]) -> str:
     return out
 
 
+# Samples (or packed bins) per optimizer step, over every process: far beyond any fine-tuning batch. A larger product
+# of micro_batch_size and gradient_accumulation_steps is a typo (1e9) that would divide the loss to nothing.
+MAX_EFFECTIVE_BATCH = 1 << 20
+
+
+def batch_problems(cfg: CoreConfig, world: int = 1) -> list[str]:
+    """An effective batch (micro_batch_size x gradient_accumulation_steps x processes) beyond MAX_EFFECTIVE_BATCH."""
+    effective = cfg.effective_batch_size(world)
+    if effective <= MAX_EFFECTIVE_BATCH:
+        return []
+    key = "gradient_accumulation_steps" if cfg.gradient_accumulation_steps >= cfg.micro_batch_size else "micro_batch_size"
+    return [f"{cfg.where(key)}: the effective batch is {effective:,} samples per optimizer step (micro_batch_size "
+            f"{cfg.micro_batch_size:,} x gradient_accumulation_steps {cfg.gradient_accumulation_steps:,} x {world} "
+            f"process(es)); at most {MAX_EFFECTIVE_BATCH:,} are allowed. Fine-tuning batches are tens to thousands: "
+            "lower it."]
+
+
+def real_effective_batch(cfg: CoreConfig, rows: int | None, world: int = 1) -> int:
+    """Samples in one optimizer step as training takes them: the configured effective batch, or the whole epoch when
+    the data holds fewer rows (an optimizer step then ends with the epoch)."""
+    effective = cfg.effective_batch_size(world)
+    return effective if rows is None else max(1, min(effective, rows))
+
+
+def batch_warnings(cfg: CoreConfig, rows: int | None, world: int = 1, unit: str = "rows") -> list[str]:
+    """What the prepared data (``rows`` training rows, or packed bins) does to the batch the config asks for."""
+    if rows is None or rows <= 0:
+        return []
+    per_batch, effective = cfg.micro_batch_size * world, cfg.effective_batch_size(world)
+    if rows < per_batch:
+        return [f"{cfg.where('micro_batch_size')}: the training data has {rows:,} {unit}, fewer than one batch of "
+                f"micro_batch_size {cfg.micro_batch_size:,} x {world} process(es) = {per_batch:,}: every optimizer step "
+                f"is the whole epoch, so the effective batch is {rows:,}, not {effective:,}. Lower micro_batch_size to "
+                f"{max(1, rows // world):,} or less (and gradient_accumulation_steps to 1), or add data."]
+    if rows < effective:
+        fits = max(1, rows // per_batch)
+        return [f"{cfg.where('gradient_accumulation_steps')}: the training data has {rows:,} {unit}, fewer than one "
+                f"effective batch ({cfg.micro_batch_size:,} x {cfg.gradient_accumulation_steps:,} x {world} = "
+                f"{effective:,}): every optimizer step is the whole epoch, so the effective batch is {rows:,}, not "
+                f"{effective:,}. Lower gradient_accumulation_steps to {fits:,} or less, or add data."]
+    return []
+
+
 def config_warnings(cfg: CoreConfig) -> list[str]:
     """Settings that are valid but probably not meant (``ft validate`` prints them, ``ft run`` logs them)."""
     out = []

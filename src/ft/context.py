@@ -14,6 +14,7 @@ from ft.config import (
     RawConfig,
     SectionRegistry,
     apply_overrides,
+    batch_problems,
     build_config_model,
     cadence_problems,
     format_loc,
@@ -169,7 +170,8 @@ def load_context(
         name = getattr(cfg, key)
         if name not in registry:
             problems.append(f"{cfg.where(key)}: {registry.unknown_message(name)}")
-    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg)])
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg), *batch_problems(cfg, world)])
     problems.extend(pm.calls.validate_config(cfg))
     if problems:
         raise ConfigError(problems, raw.source)
