@@ -65,13 +65,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except FtError as exc:
             _fail(exc)
         except Exception as exc:
-            _fail(_from_plugin(exc) or _reraise(exc))
+            error = _from_plugin(exc)
+            if error is None:
+                raise
+            _fail(error)
 
     return wrapper
-
-
-def _reraise(exc: BaseException) -> Any:
-    raise exc
 
 
 def _from_plugin(exc: Exception) -> FtError | None:
@@ -232,9 +231,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.config import config_warnings
-
-    from ft.config import batch_problems
+    from ft.config import batch_problems, config_warnings
     from ft.errors import ConfigError
 
     ctx = _context(config, plugin_args, overrides, trace)
