@@ -458,6 +458,10 @@ def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtyp
     if target.exists() and not target.is_dir():
         raise FtError(f"--to {target}: it is a file; give a directory to write the merged model into.")
     found = occupied(target)
+    if found and force:
+        stale = [name for name in found if name in ("ft_config.yaml", "metrics.json", "ft_plugins.json")]
+        log.warning("--force: writing the merged model into %s, which holds %s%s", target, ", ".join(found),
+                    f"; its {', '.join(stale)} will describe the run that was there, not this model" if stale else "")
     if found and not force:
         raise FtError(
             f"--to {target}: the directory already holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} "

@@ -52,6 +52,7 @@ def test_a_config_over_the_size_limit_is_refused_before_it_is_parsed(head, tmp_p
     config = tmp_path / "huge.yaml"
     config.write_text(head + ("# " + "x" * 98 + "\n") * 11_000)  # 1.1 MB, a valid config otherwise
     FtRunner().validate(config).assert_error(f"{config}: the config is 1,1", "bytes; ft reads configs of at most 1,048,576 bytes")
+    FtRunner().validate("/dev/zero").assert_error("/dev/zero: the config is more than 1,048,576 bytes")  # no end
 
 
 def test_a_config_that_is_not_utf8_names_the_line(head, tmp_path):

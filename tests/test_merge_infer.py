@@ -311,8 +311,9 @@ def test_merge_refuses_a_directory_that_holds_another_run_unless_forced(lora_run
         f"--to {other}: the directory already holds ft_config.yaml, metrics.json, model.safetensors", "--force")
     assert {name: (other / name).read_bytes() for name in files} == files  # nothing written
 
-    FtRunner().invoke("merge", lora_run, "--to", other, "--force").assert_ok()
+    forced = FtRunner().invoke("merge", lora_run, "--to", other, "--force").assert_ok()
     assert (other / "model.safetensors").read_bytes() != files["model.safetensors"]
+    assert "its ft_config.yaml, metrics.json will describe the run that was there, not this model" in forced.log
     FtRunner().invoke("merge", lora_run, "--to", tmp_path / "empty").assert_ok()  # a new directory is fine
 
 

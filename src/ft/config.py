@@ -423,12 +423,14 @@ def read_yaml(path: str | os.PathLike) -> RawConfig:
     """Parse a YAML config safely, keeping the line of every key."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError([f"{p}: the config is {size:,} bytes; ft reads configs of at most {MAX_CONFIG_BYTES:,} "
+        with open(p, "rb") as fh:  # read no more than the limit allows: /dev/zero or a pipe never ends
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            size = p.stat().st_size if p.is_file() else 0
+            shown = f"{size:,} bytes" if size else f"more than {MAX_CONFIG_BYTES:,} bytes"
+            raise ConfigError([f"{p}: the config is {shown}; ft reads configs of at most {MAX_CONFIG_BYTES:,} "
                                "bytes. Is it the right file? Keep data, templates and long lists in files the config "
                                "names (datasets, chat_template: file.jinja)."], str(p))
-        data = p.read_bytes()
     except FileNotFoundError:
         raise FtError(f"config file not found: {p}. Check the path (or run `ft run examples/tiny.yaml`).") from None
     except OSError as exc:
