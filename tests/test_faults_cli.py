@@ -257,3 +257,14 @@ def test_a_micro_batch_larger_than_the_data_names_both_figures(head, tmp_path):
                               "the effective batch is 32, not 128. Lower micro_batch_size to 16 or less")
     assert real_effective_batch(cfg, 32, world=2) == 32 and real_effective_batch(cfg, 1000, world=2) == 128
     assert batch_warnings(cfg, 1000, world=1) == []
+
+
+def test_vllm_serve_reads_its_config_with_the_same_limits(head, tmp_path):
+    from ft_plugins.vllm import _source
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(head + alias_bomb(6))
+    with pytest.raises(ConfigError, match="the alias \\*a3 makes the config expand to"):
+        _source(str(config))
+    config.write_text(head)
+    assert _source(str(config))[0] == head.split("\n")[0].split(": ")[1]
