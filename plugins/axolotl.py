@@ -18,9 +18,11 @@ Not a feature: it is loaded with ft and can be blocked (``-p no:axolotl``).
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
@@ -1024,18 +1026,17 @@ def ft_add_commands(cli):
         when one of them changes what is trained (the config is still written), else 0.
         """
         import sys
-        from pathlib import Path
 
-        from ft.api import FtError, read_yaml
+        from ft.api import read_yaml
 
+        if output:
+            check_output(Path(source), Path(output), force)
         raw = read_yaml(source)
         result = convert(raw.data, source)
         text = result.to_yaml(source)
         if output:
             out = Path(output)
-            if out.exists() and not force:
-                raise FtError(f"{out} exists; pass --force to replace it (or choose another -o).")
-            out.write_text(text, encoding="utf-8")
+            write_output(out, text)
             click.echo(f"wrote {out}", err=True)
         else:
             click.echo(text, nl=False)
@@ -1050,6 +1051,44 @@ def ft_add_commands(cli):
             sys.exit(EXIT_DROPPED_TRAINING)
         if output:
             click.echo(f"check it: ft validate {output}", err=True)
+
+
+def check_output(source: Path, out: Path, force: bool) -> None:
+    """Refuse an ``-o`` that is the input (itself, a symlink or a hard link to it), one that exists without
+    ``--force``, and one whose folder does not exist (created for nobody: a typo in the folder would go unseen)."""
+    from ft.api import FtError
+
+    if out.exists() and os.path.samefile(out, source):
+        same = "a link to " if out.is_symlink() or out.resolve() != source.resolve() else ""
+        raise FtError(f"-o {out} is {same}the input {source}: converting would replace the axolotl config it reads, "
+                      "even with --force. Write the ft config to another file.")
+    if out.exists() and not force:
+        raise FtError(f"{out} exists; pass --force to replace it (or choose another -o).")
+    folder = out.resolve().parent if out.is_symlink() else out.absolute().parent
+    if not folder.is_dir():
+        raise FtError(f"-o {out}: the folder {folder} does not exist. Create it first (mkdir -p {folder}) or choose "
+                      "another -o.")
+
+
+def write_output(out: Path, text: str) -> None:
+    """Write ``text`` whole or not at all (a temporary file beside the target, then renamed over it); an ``-o``
+    that is a symlink is written through."""
+    import tempfile
+
+    from ft.api import FtError
+
+    target = out.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~umask)  # not mkstemp's 0600
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise FtError(f"could not write {out}: {exc.strerror or exc}.") from None
 
 
 @functools.cache

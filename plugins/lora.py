@@ -397,7 +397,7 @@ def _match_vocab(model: Any, adapter_dir: Path, tokenizer: Any) -> None:
     rows = None
     weights = adapter_dir / ADAPTER_WEIGHTS_FILE
     if emb_path and weights.is_file():
-        with safe_open(str(weights), framework="pt") as fh:
+        with load_or_explain(str(weights), "LoRA adapter", safe_open, str(weights), framework="pt") as fh:
             for key in fh.keys():
                 if key.endswith(f"{emb_path}.weight") or ".".join(key.split(".")[:-1]).endswith(emb_path):
                     rows = fh.get_slice(key).get_shape()[0]
@@ -434,17 +434,19 @@ def load_adapter_model(adapter_dir: str | Path, dtype: Any = None, quantized: bo
     else:
         model = load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=dtype)
     _match_vocab(model, adapter_dir, tokenizer)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model = load_or_explain(str(adapter_dir), "LoRA adapter", PeftModel.from_pretrained, model, str(adapter_dir))
     model.eval()
     return model, tokenizer
 
 
-def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtype: str = "float32") -> str:
+def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtype: str = "float32",
+                  force: bool = False) -> str:
     """Merge the LoRA adapter in ``output_dir`` into its base; write a full model + tokenizer.
 
     The merge is done in float32, then the weights are cast to ``dtype``. A QLoRA adapter is merged
     into the base dequantized from the bits it was trained on. Returns the directory written
-    (default ``<output_dir>/merged``).
+    (default ``<output_dir>/merged``). A directory that already holds a run or a model is refused
+    unless ``force``.
     """
     output_dir = Path(output_dir)
     if not is_adapter_dir(output_dir):
@@ -453,6 +455,19 @@ def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtyp
     target = Path(to_dir) if to_dir else output_dir / "merged"
     if target.resolve() == output_dir.resolve():
         raise FtError(f"--to {target}: merging into the adapter's own directory would mix two models; choose another directory.")
+    if target.exists() and not target.is_dir():
+        raise FtError(f"--to {target}: it is a file; give a directory to write the merged model into.")
+    found = occupied(target)
+    if found and force:
+        stale = [name for name in found if name in ("ft_config.yaml", "metrics.json", "ft_plugins.json")]
+        log.warning("--force: writing the merged model into %s, which holds %s%s", target, ", ".join(found),
+                    f"; its {', '.join(stale)} will describe the run that was there, not this model" if stale else "")
+    if found and not force:
+        raise FtError(
+            f"--to {target}: the directory already holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} "
+            "(a run or a model); merging would replace its weights and leave its other files describing a different "
+            "model. Choose a new or empty directory, or pass --force to write into it anyway."
+        )
     from ft.api import torch_dtype_named
 
     final_dtype = torch_dtype_named(dtype)
@@ -474,6 +489,24 @@ def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtyp
     tokenizer.save_pretrained(target)
     log.info("merged model (%s) written to %s", str(final_dtype).replace("torch.", ""), target)
     return str(target)
+
+
+# What marks a directory as a run's or a model's: never written into by ``ft merge`` without --force.
+RUN_MARKERS = ("ft_config.yaml", "metrics.json", "ft_plugins.json", "config.json", ADAPTER_CONFIG_FILE,
+               BASE_QUANTIZATION_FILE, "tokenizer.json", "tokenizer_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def occupied(directory: Path) -> list[str]:
+    """The files and checkpoints in ``directory`` that belong to a run or a model (empty if none)."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name in RUN_MARKERS or name.endswith(WEIGHT_SUFFIXES) or (entry.is_dir() and name.startswith("checkpoint-")):
+            found.append(name + ("/" if entry.is_dir() else ""))
+    return found
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -499,9 +532,10 @@ def ft_add_commands(cli):
     @click.option("--to", "to_dir", type=click.Path(file_okay=False), default=None,
                   help="Where to write the merged model.")
     @click.option("--dtype", default="float32", show_default=True, help="dtype of the merged weights.")
+    @click.option("--force", is_flag=True, help="Write into a directory that already holds a run or a model.")
     @handle_errors
-    def merge(output_dir, to_dir, dtype):
+    def merge(output_dir, to_dir, dtype, force):
         """Merge a trained LoRA adapter into its base model and write a full model."""
         setup_logging()
-        written = merge_adapter(output_dir, to_dir, dtype=dtype)
+        written = merge_adapter(output_dir, to_dir, dtype=dtype, force=force)
         click.echo(f"merged model written to {written}")

@@ -491,3 +491,29 @@ def test_hints_come_from_the_plugin(ft_runner, ft_config, ft_dataset):
     path = ft_config(dataset=ft_dataset(), adapter="lora")
     result = ft_runner.validate(path, "-p", "no:axolotl")
     assert result.exit_code != 0 and "unknown key" in result.output and "plugins: [lora]" not in result.output
+
+
+def test_convert_never_replaces_its_own_input(ft_runner, axolotl_config, tmp_path):
+    """Issue 22: `-o x.yml --force` on x.yml, a symlink or a hard link to it, replaced the axolotl config."""
+    import os
+
+    src, _ = axolotl_config("alpaca")
+    original = src.read_text()
+    os.symlink(src, tmp_path / "link.yml")
+    os.link(src, tmp_path / "hard.yml")
+    for out, said in ((src, f"-o {src} is the input"), (tmp_path / "link.yml", "is a link to the input"),
+                      (tmp_path / "hard.yml", "is a link to the input")):
+        ft_runner.invoke("convert", str(src), "-o", str(out), "--force").assert_error(said, "another file")
+        assert src.read_text() == original
+
+
+def test_convert_into_a_missing_folder_is_an_error_and_writes_nothing(ft_runner, axolotl_config, tmp_path):
+    src, _ = axolotl_config("alpaca")
+    out = tmp_path / "no" / "such" / "ft.yaml"
+    ft_runner.invoke("convert", str(src), "-o", str(out)).assert_error(
+        f"the folder {out.parent} does not exist", "mkdir -p")
+    assert not (tmp_path / "no").exists()
+    written = tmp_path / "ft.yaml"
+    ft_runner.invoke("convert", str(src), "-o", str(written)).assert_ok()
+    assert written.read_text().startswith("# Converted from") and oct(written.stat().st_mode & 0o777) != "0o600"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -80,7 +80,9 @@ def test_valid_config_and_defaults(tmp_path):
 def test_absent_section_reads_as_its_defaults(tmp_path):
     cfg = ctx_of(BASE, tmp_path, plugin_args=["fakefeat"]).cfg
     assert cfg.fakefeat is None  # not in the YAML
-    assert cfg.section("fakefeat") == FakeSection() and cfg.section("no_such_section") is None
+    assert cfg.section("fakefeat") == FakeSection()
+    with pytest.raises(FtError, match="cfg.section\\('no_such_section'\\): no plugin or method named"):
+        cfg.section("no_such_section")  # issue 22: a typo was None, read as "section absent"
     cfg = ctx_of(BASE + "fakefeat:\n  r: 4\n", tmp_path, plugin_args=["fakefeat"]).cfg
     assert cfg.section("fakefeat").r == 4
 
