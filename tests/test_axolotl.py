@@ -386,7 +386,7 @@ def test_liger_plugin_and_its_keys():
     result = convert_data({"base_model": "m", "datasets": [{"path": "p.jsonl", "type": "alpaca"}],
                            "plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rope": True,
                            "liger_rms_norm": True, "liger_glu_activation": False,
-                           "liger_fused_linear_cross_entropy": True})
+                           "liger_fused_linear_cross_entropy": True, "warmup_steps": 0})
     assert result.config["plugins"] == ["liger"]
     assert result.config["liger"] == {"rope": True, "rms_norm": True, "swiglu": False,
                                       "fused_linear_cross_entropy": True}
@@ -411,7 +411,8 @@ def test_rl_methods(rl, extra, method, section):
     data = {"base_model": "m", "rl": rl, "datasets": [{"path": "p.jsonl", "type": "chatml.intel"}], **extra}
     result = convert_data(data)
     assert result.config["method"] == method and result.config[method] == section
-    assert result.config["datasets"][0]["type"] == ("kto" if rl == "kto" else "preference")
+    expected = {"kto": "kto", "grpo": "prompt"}.get(rl, "preference")  # GRPO trains on prompts
+    assert result.config["datasets"][0]["type"] == expected
 
 
 def test_what_cannot_be_expressed_is_listed_and_the_exit_code_says_if_training_changes(ft_runner, axolotl_config,
