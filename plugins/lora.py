@@ -195,7 +195,7 @@ def check_modules(cfg: Any, lora: LoraSection, model: Any) -> None:
 
         if not any(re.fullmatch(lora.target_modules, p) for p in paths):
             problems.append(
-                f"{cfg.where('lora', 'target_modules')}: the regular expression {lora.target_modules!r} matches no "
+                f"{cfg.where('lora', 'target_modules')}: the regular expression '{lora.target_modules}' matches no "
                 f"module path of {type(model).__name__} (it must match a whole path, e.g. "
                 f"{next((p for p in paths if p.endswith('q_proj')), paths[-1] if paths else '')!r}). Its linear layers "
                 f"are named: {', '.join(linear_module_names(model)[:10]) or 'none'}."
