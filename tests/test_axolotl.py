@@ -300,10 +300,15 @@ def methods_registered(tiny_model_dir) -> set[str]:
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, tiny_model_dir, monkeypatch):
+    from ft_plugins import hf
+
     import ft.config
 
     real = ft.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
     monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    # the shapes are written for a GPU machine (bf16, flash attention); those checks have their own tests
+    monkeypatch.setattr(hf, "_has_cuda", lambda: True)
+    monkeypatch.setattr(hf, "attention_problems", lambda cfg: [])
     if shape in NEEDS:
         pytest.importorskip(NEEDS[shape])
     if shape == "dpo" and "dpo" not in methods_registered(tiny_model_dir):
@@ -670,6 +675,7 @@ def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, tiny_mo
     no_adapter = _convert(lora_target_linear=True)  # a full fine-tune with a stray lora key
     assert "lora" not in no_adapter.config
     # each of them validates
+    (tmp_path / "p.jsonl").write_text("")
     for i, res in enumerate((result, sharded, no_adapter)):
         cfg = dict(res.config, base_model=str(tiny_model_dir), datasets=[{"path": "p.jsonl", "type": "chat_template"}])
         path = tmp_path / f"{i}.yaml"
@@ -717,3 +723,50 @@ def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, 
     out_of_range = ft_runner.validate(write_yaml({**base, "adam": {"beta1": 1.5}}))
     assert out_of_range.exit_code != 0 and "adam.beta1" in out_of_range.output
 
+
+
+# -- `ft validate` checks what `ft run` will hit --------------------------------------------------------
+
+
+def test_validate_refuses_local_paths_that_do_not_exist_and_lets_hub_ids_pass(ft_runner, write_yaml, tmp_path,
+                                                                              tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    ok = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}]}
+    ft_runner.validate(write_yaml(ok)).assert_ok()
+    hub = {**ok, "base_model": "org/some-model", "datasets": [{"path": "org/some-dataset", "type": "chat_template"}]}
+    ft_runner.validate(write_yaml(hub, "hub.yaml")).assert_ok()  # hub ids are not checked (no network)
+    missing = {**ok, "base_model": str(tmp_path / "no-model"),
+               "datasets": [{"path": "./no-data.jsonl", "type": "chat_template"}]}
+    result = ft_runner.validate(write_yaml(missing, "missing.yaml"))
+    assert result.exit_code == 2
+    assert f"base_model: '{tmp_path / 'no-model'}' is a local path that does not exist" in result.output
+    assert "datasets[0].path: file './no-data.jsonl' not found" in result.output
+    # a relative file next to the config is found, as `ft run` finds it
+    beside = {**ok, "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
+    ft_runner.validate(write_yaml(beside, "beside.yaml")).assert_ok()
+
+
+def test_validate_refuses_an_attention_implementation_whose_package_is_missing(ft_runner, write_yaml, tmp_path,
+                                                                               tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    cfg = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
+           "hf": {"attn_implementation": "flash_attention_2"}}
+    result = ft_runner.validate(write_yaml(cfg))
+    assert result.exit_code == 2
+    assert "hf.attn_implementation: flash_attention_2 needs the 'flash_attn' package, which is not installed" in \
+        result.output
+
+
+def test_validate_refuses_bf16_true_without_a_gpu(ft_runner, write_yaml, tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    cfg = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}], "bf16": True}
+    result = ft_runner.validate(write_yaml(cfg))
+    assert result.exit_code == 2 and "bf16: true needs a GPU with bf16 support" in result.output
+    ft_runner.validate(write_yaml({**cfg, "bf16": "auto"}, "auto.yaml")).assert_ok()

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ft import __version__
-from ft.errors import FtError
+from ft.errors import ConfigError, FtError
 
 plugin_option = click.option(
     "-p", "plugin_args", multiple=True, metavar="NAME",
@@ -209,10 +209,13 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.config import config_warnings
+    from ft.config import config_warnings, missing_local_paths
 
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
+    missing = missing_local_paths(cfg)  # what `ft run` would open first
+    if missing:
+        raise ConfigError(missing, cfg.source)
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     click.echo(f"{cfg.source}: valid")
     for warning in config_warnings(cfg):
