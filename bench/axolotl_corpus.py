@@ -9,8 +9,11 @@ config is converted in-process (``ft convert SRC -o OUT``) and the result valida
 with the click runner, so no subprocess per file. Reported:
 
 - ``convert_exit``: counts of 0 (all expressed), 3 (a key that changes training was dropped), other;
-- ``validated``: configs whose converted file ``ft validate`` accepts, and per ``rl:`` method;
-- ``validate_failures``: the first line of each validate error, counted;
+- ``validated_here``: configs whose converted file ``ft validate`` accepts on this machine;
+- ``validated_with_gpu_and_packages``: those plus the ones refused only for a package or a GPU this
+  machine lacks (``validated_by_rl`` counts these per ``rl:`` method);
+- ``refused``: configs ``ft convert`` refuses (exit 2, nothing written), by reason;
+- ``validate_failures`` / ``machine_failures``: each validate problem, counted;
 - ``dropped``: the keys behind exit 3, counted (what ft lacks);
 - ``tracebacks``: any crash (there should be none).
 """
@@ -20,23 +23,28 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+# problems that depend on this machine, not on the config: a package not installed, no GPU
+MACHINE = ("is not installed", "needs a CUDA GPU", "needs a GPU with bf16", "no CUDA GPU")
 
-def _first_problem(output: str) -> str:
-    """The first error line of `ft validate`, without the file:line prefix (so lines group)."""
+
+def _problems(output: str) -> list[str]:
+    """The problems `ft validate` / `ft convert` printed, without file:line prefixes (so they group)."""
+    out = []
     for line in output.splitlines():
         line = line.strip()
-        if not line or line.startswith(("Error", "error:")) and line.endswith(":"):
+        if not line or line.endswith(":") and line.startswith(("error", "Error")):
             continue
-        if ".yaml:" in line:
-            line = line.split(".yaml:", 1)[1]
-            line = line.split(":", 1)[1].strip() if line.split(":", 1)[0].strip().isdigit() else line.strip()
-        return line[:160]
-    return output.strip()[:160]
+        line = line[2:] if line.startswith("- ") else line
+        line = re.sub(r"^error: ", "", line)
+        line = re.sub(r"^\S+\.ya?ml:(\d+:)?\s*", "", line)
+        out.append(line[:160])
+    return out or [output.strip()[:160]]
 
 
 def measure(folder: Path, details: bool = False) -> dict[str, Any]:
@@ -75,24 +83,32 @@ def measure(folder: Path, details: bool = False) -> dict[str, Any]:
                 rec["valid"] = val.exit_code == 0
                 rec["traceback"] = rec["traceback"] or val.traceback or None
                 if val.exit_code != 0:
-                    rec["problem"] = _first_problem(val.output + val.stderr)
+                    rec["problems"] = _problems(val.output)  # click puts stderr in output too
+                    rec["machine_only"] = all(any(m in p for m in MACHINE) for p in rec["problems"])
             else:
                 rec["valid"] = False
-                rec["problem"] = _first_problem(conv.output + conv.stderr)
+                rec["refused"] = _problems(conv.output)[0]
             records.append(rec)
     done = [r for r in records if not r.get("skipped")]
     by_rl: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for r in done:
         if r["rl"]:
-            by_rl[str(r["rl"])][0] += r["valid"]
+            by_rl[str(r["rl"])][0] += r["valid"] or bool(r.get("machine_only"))
             by_rl[str(r["rl"])][1] += 1
     report: dict[str, Any] = {
         "configs": len(done),
         "skipped": [r["file"] for r in records if r.get("skipped")],
-        "validated": sum(r["valid"] for r in done),
+        "validated_here": sum(r["valid"] for r in done),
+        # refused here only for want of a package or a GPU (flash-attn, torchao, bf16): valid where they are
+        "validated_but_for_this_machine": sum(bool(r.get("machine_only")) for r in done),
+        "validated_with_gpu_and_packages": sum(r["valid"] or bool(r.get("machine_only")) for r in done),
         "validated_by_rl": {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_rl.items())},
         "convert_exit": dict(collections.Counter(str(r["convert_exit"]) for r in done)),
-        "validate_failures": dict(collections.Counter(r["problem"] for r in done if "problem" in r).most_common()),
+        "refused": dict(collections.Counter(r["refused"] for r in done if "refused" in r).most_common()),
+        "validate_failures": dict(collections.Counter(p for r in done if not r.get("machine_only")
+                                                      for p in r.get("problems", [])).most_common()),
+        "machine_failures": dict(collections.Counter(p for r in done if r.get("machine_only")
+                                                     for p in r.get("problems", [])).most_common()),
         "dropped": dict(collections.Counter(k for r in done for k in set(r.get("dropped", []))).most_common()),
         "tracebacks": [r["file"] for r in done if r.get("traceback")],
     }

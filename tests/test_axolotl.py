@@ -9,6 +9,7 @@ and value kinds users have in their files, not copies of those files.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -770,3 +771,38 @@ def test_validate_refuses_bf16_true_without_a_gpu(ft_runner, write_yaml, tmp_pat
     result = ft_runner.validate(write_yaml(cfg))
     assert result.exit_code == 2 and "bf16: true needs a GPU with bf16 support" in result.output
     ft_runner.validate(write_yaml({**cfg, "bf16": "auto"}, "auto.yaml")).assert_ok()
+
+
+# -- the corpus harness (bench/axolotl_corpus.py) -----------------------------------------------------
+
+
+def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, tiny_model_dir, capsys):
+    from test_bench_train import load_bench
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    sft = f"base_model: {tiny_model_dir}\ndatasets:\n  - path: {data}\n    type: chat_template\n"
+    (folder / "sft.yml").write_text(sft)
+    (folder / "dpo.yml").write_text(f"base_model: {tiny_model_dir}\nrl: dpo\ndatasets:\n  - path: {data}\n"
+                                    "    type: chatml.intel\n")
+    (folder / "classifier.yml").write_text(sft + "model_type: AutoModelForSequenceClassification\n")
+    (folder / "ebft.yml").write_text(sft + "rl: ebft\n")
+    (folder / "gpu.yml").write_text(sft + "flash_attention: true\nbf16: true\n")
+    (folder / "launcher.yaml").write_text("provider: somewhere\ngpu: h100\n")  # not a training config
+    loader = load_bench(Path(__file__).resolve().parents[1] / "bench" / "axolotl_corpus.py", "ft_bench_axolotl")
+    bench = next(loader)
+    try:
+        report = bench.main([str(folder)])
+    finally:
+        next(loader, None)
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["configs"] == 5 and report["skipped"] == ["launcher.yaml"]
+    assert report["convert_exit"] == {"0": 3, "3": 1, "2": 1}
+    assert report["dropped"] == {"model_type": 1}
+    assert list(report["refused"]) == ["rl: ebft is a training method ft does not offer (ft has dpo, grpo, ipo, "
+                                       "kto, orpo, simpo). Nothing was written."]
+    assert report["validated_by_rl"] == {"dpo": "1/1", "ebft": "0/1"} and report["tracebacks"] == []
+    # gpu.yml is refused here only for flash-attn / bf16 on a CPU machine, if this machine lacks them
+    assert report["validated_with_gpu_and_packages"] == 4
+    assert report["validated_here"] + report["validated_but_for_this_machine"] == 4
