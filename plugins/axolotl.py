@@ -171,6 +171,9 @@ NO_EFFECT: dict[str, str] = {
     "use_swanlab": "SwanLab is not a reporter of ft", "swanlab_project": "", "swanlab_experiment_name": "",
     "swanlab_description": "", "swanlab_mode": "", "swanlab_workspace": "", "swanlab_log_completions": "",
     "swanlab_completion_log_interval": "", "swanlab_completion_max_buffer": "",
+    "use_dsv4_kernels": "a kernel choice (same maths)", "use_glm_dsa_kernels": "a kernel choice (same maths)",
+    "base_model_ignore_patterns": "ft loads safetensors only (hf.allow_pickle: false)",
+    "accelerator_config": "accelerate's own settings (gradient-accumulation syncing: same gradients)",
     "use_otel_metrics": "", "otel_metrics_host": "", "otel_metrics_port": "", "streaming_multipack_buffer_size": "",
 }
 # Keys that change what is trained and have no ft equivalent (yet).
@@ -567,6 +570,10 @@ class _Converter:
     def key_attn_implementation(self, value: Any) -> None:
         if value:
             self.section("hf")["attn_implementation"] = value
+
+    def key_revision_of_model(self, value: Any) -> None:
+        if value:
+            self.section("hf")["revision"] = str(value)
 
     def key_pad_to_multiple_of(self, value: Any) -> None:
         if value:
