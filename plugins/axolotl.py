@@ -174,6 +174,7 @@ NO_EFFECT: dict[str, str] = {
     "use_dsv4_kernels": "a kernel choice (same maths)", "use_glm_dsa_kernels": "a kernel choice (same maths)",
     "base_model_ignore_patterns": "ft loads safetensors only (hf.allow_pickle: false)",
     "accelerator_config": "accelerate's own settings (gradient-accumulation syncing: same gradients)",
+    "adam_eps": "not an axolotl key, so axolotl ignores it (adam_epsilon sets the epsilon)",
     "use_otel_metrics": "", "otel_metrics_host": "", "otel_metrics_port": "", "streaming_multipack_buffer_size": "",
 }
 # Keys that change what is trained and have no ft equivalent (yet).
@@ -361,6 +362,10 @@ class _Converter:
                 if self.sections.pop(name):
                     self.note(name, name, f"settings for the {name} plugin, which this config does not use "
                               "(e.g. no adapter: a full fine-tune); left out", False)
+        if "qlora" in self.plugins and "fsdp" in self.plugins:
+            self.note("fsdp", "with a quantized base", "QLoRA with FSDP is not offered (ft validate refuses it): train "
+                      "QLoRA with plain data parallel (drop fsdp) or DeepSpeed ZeRO-2, or LoRA on a 16-bit base "
+                      "with fsdp", True)
         if self.sections.get("fsdp", {}).get("save") == "sharded" and "lora" in self.plugins:
             del self.sections["fsdp"]["save"]
             self.note("fsdp_config.state_dict_type", "SHARDED_STATE_DICT", "a LoRA adapter is small: ft saves it whole "
@@ -407,8 +412,6 @@ class _Converter:
 
     def key_adam_epsilon(self, value: Any) -> None:
         self._adam("epsilon", value)
-
-    key_adam_eps = key_adam_epsilon
 
     def _adam(self, name: str, value: Any) -> None:
         if value is not None:

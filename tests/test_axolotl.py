@@ -673,6 +673,8 @@ def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, tiny_mo
     assert both.config["plugins"] == ["liger"] and "compile" not in both.config and not _dropped(both)
     autotune = _convert(torch_compile=True, torch_compile_mode="max-autotune")
     assert autotune.config["compile"]["mode"] == "max-autotune-no-cudagraphs"
+    qlora_fsdp = _convert(adapter="qlora", load_in_4bit=True, fsdp=["full_shard"])
+    assert "fsdp" in _dropped(qlora_fsdp)  # not offered: exit 3 with the reason (validate refuses it)
     no_adapter = _convert(lora_target_linear=True)  # a full fine-tune with a stray lora key
     assert "lora" not in no_adapter.config
     # each of them validates
@@ -706,6 +708,9 @@ def test_equivalents_ft_has_are_used(ft_runner, tmp_path, tiny_model_dir):
     assert adam.config["adam"] == {"beta1": 0.9, "beta2": 0.95, "epsilon": 1e-6} and not _dropped(adam)
     watchdog = _convert(loss_watchdog_threshold=5.0, loss_watchdog_patience=3)
     assert not _dropped(watchdog) and "health plugin" in watchdog.notes[0].reason
+    assert _convert(revision_of_model="abc123").config["hf"] == {"revision": "abc123"}
+    ignored = _convert(adam_eps=1e-5)  # not an axolotl key: axolotl ignores it, so ft does too
+    assert "adam" not in ignored.config and not _dropped(ignored)
     cce = _convert(plugins=["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"])
     assert not _dropped(cce) and "fused_loss" in cce.notes[0].reason
 
