@@ -7,7 +7,9 @@
 ``wandb:`` and ``hub:`` sections, ``rl:`` a ``method:`` with its section, and datasets keep their
 field mappings, roles, ``ds_type``, ``split`` and ``name``. The YAML it writes starts with a comment
 for every key it could not express, and says which of them change what is trained; the command exits
-with status 3 when one of those was dropped (0 otherwise), so a script notices.
+with status 3 when one of those was dropped (0 otherwise), so a script notices. Where axolotl's default
+differs from ft's (lora_dropout, warmup), axolotl's value is written. A config ft cannot train at all (an
+``rl:`` method it lacks, no dataset it can read) is refused with the reason, and nothing is written.
 
 The plugin also registers key hints (``ft_register_key_hints``): an axolotl key met in an ft config
 is reported with what to write instead (``adapter: lora`` -> ``plugins: [lora]``).
