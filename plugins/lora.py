@@ -44,7 +44,8 @@ class LoraSection(BaseModel):
     target_modules: list[str] | str = Field(
         ALL_LINEAR,
         description="Module names to adapt, e.g. [q_proj, v_proj] (a name matches a module whose path ends with "
-        "it), or 'all-linear' for every linear layer except the output head.",
+        "it), 'all-linear' for every linear layer except the output head, or one regular expression that must match "
+        "a module's whole path, as peft reads it (e.g. 'model.layers.[0-9]+.self_attn.(q|v)_proj').",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -85,10 +86,21 @@ def ft_validate_config(cfg):
         problems.append(f"{cfg.where('lora', 'alpha')}: must be positive (got {lora.alpha}); 1-2x r is usual, e.g. alpha: 32.")
     targets = lora.target_modules
     if isinstance(targets, str) and targets != ALL_LINEAR:
-        problems.append(
-            f"{cfg.where('lora', 'target_modules')}: must be a list of module names or '{ALL_LINEAR}' (got {targets!r}); "
-            f"write target_modules: [{targets}] or target_modules: {ALL_LINEAR}."
-        )
+        import re
+
+        if re.escape(targets) == targets:  # a plain name: meant as a list of one, which matches by suffix
+            problems.append(
+                f"{cfg.where('lora', 'target_modules')}: must be a list of module names, '{ALL_LINEAR}', or a "
+                f"regular expression over whole module paths (got {targets!r}); write target_modules: [{targets}] or "
+                f"target_modules: {ALL_LINEAR}."
+            )
+        try:  # one string is a regular expression over the module paths (peft: re.fullmatch)
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(
+                f"{cfg.where('lora', 'target_modules')}: {targets!r} is not a regular expression ({exc}); give a list "
+                f"of module names such as [q_proj, v_proj], a valid expression, or target_modules: {ALL_LINEAR}."
+            )
     elif isinstance(targets, list) and not targets:
         problems.append(
             f"{cfg.where('lora', 'target_modules')}: is empty, so nothing would train; list module names such as "
@@ -178,7 +190,17 @@ def check_modules(cfg: Any, lora: LoraSection, model: Any) -> None:
     """Every name in target_modules / modules_to_save must match a module of this model."""
     paths = [path for path, _ in model.named_modules() if path]
     problems = []
-    targets = [] if lora.target_modules == ALL_LINEAR else list(lora.target_modules)
+    if isinstance(lora.target_modules, str) and lora.target_modules != ALL_LINEAR:
+        import re
+
+        if not any(re.fullmatch(lora.target_modules, p) for p in paths):
+            problems.append(
+                f"{cfg.where('lora', 'target_modules')}: the regular expression '{lora.target_modules}' matches no "
+                f"module path of {type(model).__name__} (it must match a whole path, e.g. "
+                f"{next((p for p in paths if p.endswith('q_proj')), paths[-1] if paths else '')!r}). Its linear layers "
+                f"are named: {', '.join(linear_module_names(model)[:10]) or 'none'}."
+            )
+    targets = [] if isinstance(lora.target_modules, str) else list(lora.target_modules)
     missing = [key for key in targets if not any(_matches(p, key) for p in paths)]
     if missing:
         real = linear_module_names(model)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ft import __version__
-from ft.errors import FtError
+from ft.errors import ConfigError, FtError
 
 plugin_option = click.option(
     "-p", "plugin_args", multiple=True, metavar="NAME",
@@ -231,11 +231,13 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.config import batch_problems, config_warnings
-    from ft.errors import ConfigError
+    from ft.config import batch_problems, config_warnings, missing_local_paths
 
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
+    missing = missing_local_paths(cfg)  # what `ft run` would open first
+    if missing:
+        raise ConfigError(missing, cfg.source)
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     if batch_problems(cfg, world):  # --nproc multiplies the batch the config was checked with
         raise ConfigError(batch_problems(cfg, world), cfg.source)

@@ -839,6 +839,43 @@ def config_warnings(cfg: CoreConfig) -> list[str]:
     return out
 
 
+
+# -- paths `ft run` will open -------------------------------------------------------------------
+
+DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".gz")
+
+
+def _looks_local(value: str, data: bool = False) -> bool:
+    """A path on this machine, not a hub id (``org/name``) or a URL."""
+    if "://" in value:
+        return False
+    return value.startswith(("/", "./", "../", "~", ".\\")) or (data and value.lower().endswith(DATA_SUFFIXES))
+
+
+def missing_local_paths(cfg: CoreConfig) -> list[str]:
+    """Local base_model / tokenizer / dataset paths that do not exist (``ft validate`` reports them; ``ft run``
+    would fail on them after loading). Relative paths count from the working directory or the config's folder,
+    as ``ft run`` reads them; hub ids pass."""
+    def exists(value: str) -> bool:
+        p = Path(value).expanduser()
+        return p.exists() or (not p.is_absolute() and cfg.source is not None and (Path(cfg.source).parent / p).exists())
+
+    out = []
+    for key in ("base_model", "tokenizer"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, str) and _looks_local(value) and not exists(value):
+            out.append(f"{cfg.where(key)}: '{value}' is a local path that does not exist; fix the path, or give a "
+                       "hub id (org/name).")
+    for group in ("datasets", "test_datasets"):
+        for i, entry in enumerate(getattr(cfg, group, None) or []):
+            path = getattr(entry, "path", None)
+            if isinstance(path, str) and path.startswith("file://"):
+                path = path[len("file://"):]
+            if isinstance(path, str) and _looks_local(path, data=True) and not exists(path):
+                out.append(f"{cfg.where(group, i, 'path')}: file '{path}' not found (looked in {os.getcwd()}"
+                           + (f" and next to {cfg.source}" if cfg.source else "") + "). Check the path.")
+    return out
+
 # -- what changes training (the resume check compares only that) ------------------------------
 
 
