@@ -174,7 +174,7 @@ def test_ft_plugins_says_what_each_plugin_registers_and_why_one_failed(tmp_path)
     text = result.stdout
     assert "registers sections lora; commands merge" in text
     assert "registers formats alpaca" in text and "registers rewards exact_match," in text
-    assert "registers optimizers adamw_torch," in text and "; schedulers cosine," in text
+    assert "optimizers adamw_torch," in text and "; schedulers cosine," in text
     listed = {i["name"]: i for i in FtRunner().plugins("--json").assert_ok().json()}
     assert listed["grpo"]["registers"] == {"sections": ["grpo"], "formats": ["prompt"], "methods": ["grpo"]}
     assert listed["axolotl"]["registers"] == {"commands": ["convert"]}
