@@ -195,6 +195,16 @@ PAUSING_RUN = textwrap.dedent('''
                 return save_optimizer(output_dir)
 
             trainer._save_optimizer_and_scheduler = slow_save
+            if kind == "final":  # inside the final save: the weights are written, the tokenizer is not yet
+                tokenizer = trainer.processing_class
+                save_tokenizer = tokenizer.save_pretrained
+
+                def slow_tokenizer_save(directory, *args, **kwargs):  # checkpoints save the tokenizer too
+                    if Path(directory).name == ".ft-tmp-final":
+                        pause()
+                    return save_tokenizer(directory, *args, **kwargs)
+
+                tokenizer.save_pretrained = slow_tokenizer_save
 
 
     add_process_plugin("pause", Pause)
@@ -206,7 +216,8 @@ PAUSING_RUN = textwrap.dedent('''
 
 
 class PausedRun:
-    """``ft run`` in a subprocess, paused at ``where`` ("step_end:N" or "saving:N")."""
+    """``ft run`` in a subprocess, paused at ``where`` ("step_end:N", "saving:N" or "final:0", inside the
+    final save)."""
 
     def __init__(self, tmp_path: Path, config: Path, where: str):
         self.dir = tmp_path
@@ -559,8 +570,11 @@ class FailingSave:
 
         if self.what == "tokenizer":  # the final save: a truncated tokenizer.json, then ENOSPC
             tokenizer = trainer.processing_class
+            save_tokenizer = tokenizer.save_pretrained
 
             def save_pretrained(directory, *args, **kwargs):
+                if Path(directory).name != ".ft-tmp-final":  # a checkpoint's copy
+                    return save_tokenizer(directory, *args, **kwargs)
                 (Path(directory) / "tokenizer.json").write_text('{"version": "1.0", "trunc')
                 raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -779,3 +793,56 @@ def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(refere
     message = str(err.value)
     assert str(checkpoint) in message and "weights_only" in message and "datetime" in message, message
     assert "resume_from_checkpoint" in message, "says how to go on"
+
+
+# -- issue 22: an interrupted final save is finished, not trained further --------------------------------
+
+
+def final_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_ends_at_the_final_checkpoint(out: Path, result, steps: int) -> None:
+    """The rerun re-does only the final save: no step beyond max_steps, and the final weights are the
+    last checkpoint's (the uninterrupted run's final weights are that checkpoint's)."""
+    assert result.metrics["resumed_from"] == str(out / f"checkpoint-{steps}")
+    assert result.metrics["steps"] == steps
+    assert not (out / f"checkpoint-{steps + 1}").exists(), "trained one step beyond max_steps"
+    assert max(history(out)) == steps
+    assert_same_weights(final_weights(out), final_weights(out / f"checkpoint-{steps}"))
+
+
+def test_sigkill_inside_the_final_save_then_resume_only_redoes_the_save(tiny_model_dir, tmp_path):
+    """max_steps 7 with 2 steps per epoch ends mid-epoch; the run is killed after the weights of the final save
+    are written. The rerun must not train step 8 (it logged 'step 8/7' and wrote checkpoint-8)."""
+    config = write_run(tmp_path, tiny_model_dir, max_steps=7)
+    out = tmp_path / "out"
+    paused = PausedRun(tmp_path, config, "final:0")
+    assert (out / "checkpoint-7").is_dir()
+    paused.proc.kill()
+    assert paused.finish() == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+
+    result = run(config)
+    assert_ends_at_the_final_checkpoint(out, result, 7)
+
+
+def test_disk_full_in_the_final_save_then_the_rerun_ends_at_max_steps(tiny_model_dir, tmp_path):
+    from ft.testing import registered_plugin
+
+    config = write_run(tmp_path, tiny_model_dir, max_steps=7)
+    out = tmp_path / "out"
+    with registered_plugin(FailingSave("tokenizer"), "disk_full"), pytest.raises(FtError, match="run the same"):
+        run(config)
+    result = run(config)
+    assert_ends_at_the_final_checkpoint(out, result, 7)

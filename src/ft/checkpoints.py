@@ -203,6 +203,15 @@ class AtomicCheckpointsMixin:
         parent = super()
         save_atomically(self, lambda: parent._save_checkpoint(model, trial, *args, **kwargs), trial)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the checkpoint of the last step (the final save was interrupted, or the disk filled up):
+        # the Trainer's epoch loop would run one more step before it checks max_steps (step 8/7 when max_steps
+        # ends mid-epoch). Nothing is left to train: the run goes straight to its final save.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
 
 def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) -> Path:
     """Run the Trainer's ``save`` into ``.ft-tmp-checkpoint-N/`` and publish it as ``checkpoint-N``."""
