@@ -846,3 +846,69 @@ def test_disk_full_in_the_final_save_then_the_rerun_ends_at_max_steps(tiny_model
         run(config)
     result = run(config)
     assert_ends_at_the_final_checkpoint(out, result, 7)
+
+
+# -- issue 22: --overwrite deletes the earlier run only once the new one has saved -----------------------
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` (but the lock file) with its content."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".ft-run.lock"}
+
+
+def test_overwrite_that_fails_before_saving_puts_the_earlier_run_back(reference, tmp_path, vault):
+    """The new run fails at data loading: the finished run it was to replace is there as it was, and the next
+    run still calls it finished (it said 'the final save of that run did not finish')."""
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    before = snapshot(out)
+    with pytest.raises(FtError):
+        run(config, overrides=[f"datasets.0.path={tmp_path / 'missing.jsonl'}"], overwrite=True)
+    assert snapshot(out) == before
+    with pytest.raises(FtError, match="already holds a finished run"):
+        run(config)
+
+
+def test_overwrite_deletes_the_earlier_run_once_the_new_one_saved_its_first_checkpoint(reference, tmp_path, vault):
+    from transformers import TrainerCallback
+
+    from ft.checkpoints import SET_ASIDE
+    from ft.testing import registered_plugin
+
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    seen = []
+
+    class Watch:
+        @hookimpl
+        def ft_callbacks(cfg):
+            class AtEachStep(TrainerCallback):
+                def on_step_begin(self, args, state, control, **kwargs):
+                    aside = out / SET_ASIDE
+                    seen.append((state.global_step, sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []))
+
+            return [AtEachStep()]
+
+    with registered_plugin(Watch, "watch"):
+        result = run(config, overrides=["max_steps=3", "save_steps=2"], overwrite=True)
+    assert result.metrics["steps"] == 3 and result.metrics["resumed_from"] is None
+    assert json.loads((out / "metrics.json").read_text())["summary"]["steps"] == 3, "the new run's"
+    assert seen[0] == (0, ["checkpoint-3", "checkpoint-6", "checkpoint-8", "ft_config.yaml", "ft_plugins.json",
+                           "metrics.json", "model.safetensors", "training_curves.png"]), seen[0]
+    assert seen[1][1] == seen[0][1], "kept until the first checkpoint is written"
+    assert seen[2] == (2, []), "deleted once checkpoint-2 is saved"
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert not (out / SET_ASIDE).exists()
+
+
+def test_a_run_killed_before_saving_after_overwrite_gets_the_earlier_run_back(reference, tmp_path, vault):
+    """kill -9 after --overwrite set the earlier run aside and before the new run saved: the next run puts it back."""
+    from ft.context import load_context
+    from ft.resume import plan_resume
+
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    before = snapshot(out)
+    plan_resume(load_context(config), overwrite=True)  # what the killed run had done
+    assert not (out / "metrics.json").exists() and list_checkpoints(out) == []
+    with pytest.raises(FtError, match="already holds a finished run"):
+        run(config)
+    assert snapshot(out) == before

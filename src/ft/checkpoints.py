@@ -51,6 +51,12 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".ft-tmp-"  # .ft-tmp-checkpoint-N/checkpoint-N while it is being written
 REPLACED_PREFIX = ".ft-old-"  # a checkpoint of the same step being replaced
 DAMAGED_PREFIX = "damaged-"  # set aside at start-up; never resumed from or rotated
+# the earlier run that --overwrite / --fresh replaces: kept here until this run saves a checkpoint (or finishes),
+# put back if it stops before then. Moved in through SETTING_ASIDE (one rename makes the set-aside whole), and
+# renamed to DISCARDING before it is deleted, so a kill at any point leaves a state the next run can tell apart.
+SET_ASIDE = ".ft-set-aside"
+SETTING_ASIDE = ".ft-setting-aside"
+DISCARDING = ".ft-set-aside-deleting"
 MANIFEST_FILE = "ft_checkpoint.json"
 STATE_FILE = "ft_state.json"
 CONFIG_FILE = "ft_config.yaml"
@@ -249,6 +255,7 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
         trainer._ft_staging_root = None
     if main:
         shutil.rmtree(root, ignore_errors=True)
+        discard_set_aside(run_dir)  # this run now has a checkpoint: the run it replaces can go
         keep = {final} | ({Path(trainer.state.best_model_checkpoint)} if trainer.state.best_model_checkpoint else set())
         rotate(run_dir, trainer.args.save_total_limit, keep)
         log.info("checkpoint saved: %s", final)
@@ -265,6 +272,57 @@ def _checkpoint_disk_full(trainer: Any, run_dir: Path, final: Path) -> FtError:
             if good else "No earlier checkpoint was written; free some space, then run the same command again")
     command = resume_command(cfg) if cfg is not None else "ft run CONFIG"
     return disk_full_error(run_dir, final.name, f"{kept}: {command}")
+
+
+def set_aside(out: Path, paths: list[Path]) -> Path | None:
+    """Move ``paths`` (entries of ``out``: the earlier run) into ``out/.ft-set-aside/``; None if none."""
+    paths = [p for p in paths if p.exists() or p.is_symlink()]
+    if not paths:
+        return None
+    moving = out / SETTING_ASIDE
+    shutil.rmtree(moving, ignore_errors=True)  # empty unless put_back_set_aside failed
+    moving.mkdir()
+    for path in paths:
+        os.rename(path, moving / path.name)
+    fsync_path(moving)
+    os.rename(moving, out / SET_ASIDE)
+    fsync_path(out)
+    return out / SET_ASIDE
+
+
+def discard_set_aside(out: Path) -> None:
+    """This run saved (a checkpoint, or its final outputs): the earlier run it replaces is deleted now."""
+    aside = out / SET_ASIDE
+    if not aside.is_dir():
+        return
+    doomed = out / DISCARDING
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(aside, doomed)
+    log.info("deleting the earlier run set aside in %s, now that this run has saved", aside)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def put_back_set_aside(out: Path) -> list[str]:
+    """Put the earlier run back where it was (this run stopped before saving anything); the names put back.
+
+    Also tidies what a killed run left: a half-done set-aside is put back, a half-done deletion finished."""
+    shutil.rmtree(out / DISCARDING, ignore_errors=True)
+    restored = []
+    for folder in (out / SETTING_ASIDE, out / SET_ASIDE):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            target = out / entry.name
+            if target.exists() or target.is_symlink():  # only if killed between a save and its deletion
+                log.warning("%s was set aside by --overwrite/--fresh, but this run wrote %s since; keeping the new one",
+                            entry, target)
+                continue
+            os.rename(entry, target)
+            restored.append(entry.name)
+        shutil.rmtree(folder, ignore_errors=True)
+    if restored:
+        fsync_path(out)
+    return restored
 
 
 def publish(staged: Path, final: Path) -> None:

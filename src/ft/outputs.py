@@ -37,7 +37,15 @@ import click
 import yaml
 
 from ft import __version__
-from ft.checkpoints import STAGING_PREFIX, fsync_path, last_good_checkpoint, resume_command
+from ft.checkpoints import (
+    SET_ASIDE,
+    STAGING_PREFIX,
+    discard_set_aside,
+    fsync_path,
+    last_good_checkpoint,
+    put_back_set_aside,
+    resume_command,
+)
 from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
@@ -56,6 +64,7 @@ CONFIG_FILE = "ft_config.yaml"
 PLUGINS_FILE = "ft_plugins.json"
 METRICS_FILE = "metrics.json"  # written last: a finished run has it
 CURVES_FILE = "training_curves.png"
+RUN_FILES = (*WEIGHT_FILES, CONFIG_FILE, PLUGINS_FILE, CURVES_FILE, METRICS_FILE)  # what --overwrite replaces
 LOCK_FILE = ".ft-run.lock"
 FINAL_STAGING = f"{STAGING_PREFIX}final"  # removed like any staging directory when a save did not finish
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "bitsandbytes")
@@ -97,7 +106,8 @@ def lock_output_dir(cfg: Any) -> Iterator[None]:
         log.warning("cannot lock %s (%s): nothing stops a second run from using this output_dir at the same time",
                     path, exc)
         os.close(fd)
-        yield
+        with _put_back_unless_saved(out):
+            yield
         return
     if not locked:
         holder = _describe(_read_holder(path))
@@ -116,11 +126,26 @@ def lock_output_dir(cfg: Any) -> Iterator[None]:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode())
     try:
-        yield
+        with _put_back_unless_saved(out):
+            yield
     finally:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # an empty lock file: released
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _put_back_unless_saved(out: Path) -> Iterator[None]:
+    """A run that replaces an earlier one (--overwrite, --fresh) and stops before it saved a checkpoint or its
+    final outputs puts the earlier run back as it was (``ft.checkpoints.set_aside``)."""
+    try:
+        yield
+    finally:
+        if (out / SET_ASIDE).is_dir():
+            restored = put_back_set_aside(out)
+            if restored:
+                log.warning("this run stopped before it saved anything: the earlier run in %s is put back as it "
+                            "was (%s)", out, ", ".join(restored))
 
 
 def _try_lock(fd: int) -> bool:
@@ -220,6 +245,7 @@ def publish_final(staging: Path, out: Path, files: list[str]) -> list[str]:
         os.replace(entry, target)
     fsync_path(out)
     shutil.rmtree(staging, ignore_errors=True)
+    discard_set_aside(out)  # a finished run replaces the one --overwrite set aside
     moved = []
     for name in files:
         path = Path(name)
