@@ -30,7 +30,11 @@ MAX_STEPS = 8
 SAVE_STEPS = 3
 SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz",
            "openai_api_key": "sk-openai-1e1e1e", "api_token": "tok-api-2f2f2f", "github_token": "ghp_3a3a3a3a",
-           "mirror": "https://mirror-user:url-pass-4b4b4b@example.invalid/models"}
+           "mirror": "https://mirror-user:url-pass-4b4b4b@example.invalid/models",
+           "signed_url": "https://b.example.invalid/d.jsonl?X-Amz-Date=2026&X-Amz-Signature=amzsig-6c6c6c",
+           "endpoint": "https://api.example.invalid/v1?access_token=qs-tok-8f8f8f&sig=qs-sig-9a9a9a",
+           "request_header": "Authorization: Bearer bearer-7e7e7e"}
+SECRET_PARTS = ["url-pass-4b4b4b", "amzsig-6c6c6c", "qs-tok-8f8f8f", "qs-sig-9a9a9a", "bearer-7e7e7e"]
 ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
 
 
@@ -79,6 +83,9 @@ class VaultSection(BaseModel):
     api_token: str = ""
     github_token: str = ""
     mirror: str = ""  # credentials inside a URL
+    signed_url: str = ""  # ... in its query string
+    endpoint: str = ""
+    request_header: str = ""  # an authorization header value
     signing_key: SecretStr = SecretStr("")
 
 
@@ -459,7 +466,7 @@ def test_a_data_build_killed_midway_leaves_no_cache_behind(tiny_model_dir, tmp_p
 
 def test_secrets_never_reach_saved_files_or_logs(reference):
     root, _, _, logs = reference
-    secrets = [*SECRETS.values(), "url-pass-4b4b4b", "sk-signing-0a0a0a", *ENV_SECRETS.values()]
+    secrets = [*SECRETS.values(), *SECRET_PARTS, "sk-signing-0a0a0a", *ENV_SECRETS.values()]
     files = [p for p in (root / "out").rglob("*") if p.is_file()]
     assert any(p.name == "ft_config.yaml" and p.parent.name == "checkpoint-3" for p in files)
     for path in files:
@@ -472,6 +479,9 @@ def test_secrets_never_reach_saved_files_or_logs(reference):
     assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "***"
     assert saved["vault"]["github_token"] == "***"
     assert saved["vault"]["mirror"] == "https://mirror-user:***@example.invalid/models"
+    assert saved["vault"]["signed_url"] == "https://b.example.invalid/d.jsonl?X-Amz-Date=2026&X-Amz-Signature=***"
+    assert saved["vault"]["endpoint"] == "https://api.example.invalid/v1?access_token=***&sig=***"
+    assert saved["vault"]["request_header"] == "Authorization: Bearer ***"
     assert "training finished" in logs, "the captured output is the run's"
 
 
