@@ -42,7 +42,7 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
     from ft.data import prepare_datasets
     from ft.outputs import final_outputs, lock_output_dir, write_run_files
     from ft.resume import plan_resume
-    from ft.train import build_trainer, run_training
+    from ft.train import build_trainer, run_training, seed_everything
 
     cfg, calls = ctx.cfg, ctx.pm.calls
     with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
@@ -51,6 +51,7 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
         tokenizer = calls.load_tokenizer(cfg)
         data = prepare_datasets(ctx, tokenizer)  # the method's columns, cached by content, maybe packed
 
+        seed_everything(cfg)  # the model's and the adapter's random init follow `seed`
         model = calls.load_model(cfg, calls.model_kwargs(cfg), tokenizer)
         patches = []
         for record in calls.patch_model(cfg, model):  # each undo is registered before the next plugin runs
