@@ -243,6 +243,7 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
                 trainer.state.best_model_checkpoint = str(final)
                 _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
             _write_ft_files(trainer, staged, tokens)
+            _null_non_finite(staged / TRAINER_STATE_FILE)
             write_manifest(staged, step)
             publish(staged, final)
     except Exception as exc:
@@ -360,6 +361,20 @@ def _rewrite_best(state_file: Path, best: str) -> None:
         state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _null_non_finite(state_file: Path) -> None:
+    """The Trainer writes a NaN grad_norm in its log history as bare ``NaN``, which is not JSON: null instead."""
+    from ft.record import json_safe, metrics_json
+
+    if not state_file.is_file():
+        return
+    text = state_file.read_text(encoding="utf-8")
+    if "NaN" not in text and "Infinity" not in text:
+        return
+    state = json.loads(text)
+    if json_safe(state) != state:
+        state_file.write_text(metrics_json(state, indent=2) + "\n", encoding="utf-8")
+
+
 def _global_tokens(trainer: Any) -> tuple[int, int] | None:
     state = getattr(trainer, "ft_state", None)
     if state is None:
@@ -375,7 +390,7 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
         return
     import yaml
 
-    from ft.record import saveable_config
+    from ft.record import metrics_json, saveable_config
 
     header = f"# the resolved config of the run that wrote this checkpoint (step {trainer.state.global_step})\n"
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
@@ -383,7 +398,7 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
     saved = {"history": state.history, "tokens": list(tokens) if tokens else None,
              "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None),
              "loss": _loss_so_far(trainer, state)}
-    (staged / STATE_FILE).write_text(json.dumps(saved, indent=1, default=str) + "\n", encoding="utf-8")
+    (staged / STATE_FILE).write_text(metrics_json(saved, indent=1) + "\n", encoding="utf-8")  # NaN -> null
 
 
 def _loss_so_far(trainer: Any, state: Any) -> dict[str, Any] | None:

@@ -299,8 +299,10 @@ def write_manifest(ctx: Context, patches: list[Any], path: Path) -> str:
 
 
 def write_metrics(metrics: dict[str, Any], history: list[dict[str, Any]], path: Path) -> str:
-    path.write_text(json.dumps({"summary": metrics, "history": history}, indent=2, default=str) + "\n",
-                    encoding="utf-8")
+    """``metrics.json``: the summary and the per-step history; a NaN / inf value is written as null."""
+    from ft.record import metrics_json
+
+    path.write_text(metrics_json({"summary": metrics, "history": history}) + "\n", encoding="utf-8")
     return str(path)
 
 
