@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_grpo import grpo_config
 
 from ft import hookimpl
 from ft.testing import registered_plugin, write_config
@@ -58,3 +59,31 @@ def test_non_finite_metrics_are_written_as_null(tiny_model_dir, chat_jsonl, tmp_
     from ft.checkpoints import verify
 
     assert verify(out / "checkpoint-2") == []
+
+
+def test_damaged_lines_in_completions_jsonl_are_skipped_with_a_report_on_resume(tiny_model_dir, tmp_path, caplog):
+    """completions.jsonl is cut back to the checkpoint's step on resume: a line that is not a JSON object (or
+    whose step is not a number) is dropped, and the log says which lines, instead of an AttributeError."""
+    import shutil
+
+    from ft.run import run
+
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, save_steps=1)
+    run(config)
+    out = tmp_path / "out"
+    for name in ("metrics.json", "model.safetensors"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoint-2")  # as if killed while step 2 was saved
+    path = out / "completions.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    step1 = [x for x in lines if json.loads(x)["step"] == 1]
+    path.write_text("\n".join([*step1, "[1, 2]", "3", "not json", '{"step": "x"}', '"text"']) + "\n", encoding="utf-8")
+
+    with caplog.at_level("WARNING", logger="ft"):
+        result = run(config)
+    assert result.metrics["resumed_from"] == str(out / "checkpoint-1")
+    kept = path.read_text(encoding="utf-8").splitlines()
+    assert kept[:len(step1)] == step1 and all(json.loads(x)["step"] == 2 for x in kept[len(step1):])
+    n = len(step1)
+    assert f"{path}: 5 line(s) that are not a completion record were dropped (lines {', '.join(str(n + i) for i in range(1, 6))})" in caplog.text, \
+        caplog.text
