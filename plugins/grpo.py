@@ -970,7 +970,7 @@ CURVES_FILE = "grpo_curves.png"
 @hookimpl
 def ft_after_train(cfg, trainer):
     """``grpo_curves.png``: the rewards, completion length, and entropy / KL / clip ratio, each on its own scale
-    (``training_curves.png`` draws every method metric in one panel)."""
+    (``training_curves.png`` has a panel per metric group; this one is laid out for GRPO)."""
     if cfg.method != "grpo" or not trainer.is_world_process_zero():
         return
     path = Path(cfg.output_dir) / "metrics.json"

@@ -87,3 +87,63 @@ def test_damaged_lines_in_completions_jsonl_are_skipped_with_a_report_on_resume(
     n = len(step1)
     assert f"{path}: 5 line(s) that are not a completion record were dropped (lines {', '.join(str(n + i) for i in range(1, 6))})" in caplog.text, \
         caplog.text
+
+
+# -- training_curves.png: one panel per metric group ------------------------------------------------------
+
+
+def dpo_history(steps: int = 12) -> list[dict]:
+    """What a DPO run logs: train rows every step, eval rows every 4 (the demo's twelve method metrics)."""
+    names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected")
+    scale = {"rewards": 1.0, "logps": -20.0}
+    rows = []
+    for step in range(1, steps + 1):
+        row = {"step": step, "loss": 0.7 - step / 100, "learning_rate": 5e-6, "grad_norm": 3.0, "train_tokens": 10}
+        row.update({n: scale.get(n.split("/")[0], 1.0) * step / steps for n in names})
+        row["rewards/accuracies"] = min(1.0, 0.5 + step / 20)
+        rows.append(row)
+        if step % 4 == 0:
+            rows.append({"step": step, "eval_loss": 0.7, **{f"eval_{n}": row[n] - 0.1 for n in names}})
+    return rows
+
+
+def test_metric_groups_follow_the_names_prefix_for_any_method():
+    from ft.outputs import metric_groups
+
+    dpo = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl"]
+    assert metric_groups(dpo) == {
+        "rewards": ["rewards/chosen", "rewards/rejected", "rewards/margins"], "accuracies": ["rewards/accuracies"],
+        "logps": ["logps/chosen", "logps/rejected"], "nll_loss": ["nll_loss"],
+        "log_odds": ["log_odds_ratio", "log_odds_chosen"], "kl": ["kl"]}
+    third_party = ["aux/z_loss", "aux/balance", "reward", "reward_std", "reward/fmt/mean", "clip_ratio", "my_acc"]
+    assert metric_groups(third_party) == {
+        "aux": ["aux/z_loss", "aux/balance"], "reward": ["reward", "reward_std", "reward/fmt/mean"],
+        "clip_ratio": ["clip_ratio"], "my_acc": ["my_acc"]}
+
+
+def test_training_curves_plot_a_panel_per_group_with_eval_dashed_and_legends_off_the_data(tmp_path):
+    """The DPO demo's plot put twelve metrics at scales from 0-1 to -20 in one panel, under its legend."""
+    from ft.outputs import curves_figure, plot_curves
+
+    fig = curves_figure(dpo_history())
+    fig.canvas.draw()
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert list(axes) == ["loss", "gradient norm", "learning rate", "rewards", "accuracies (0-1)", "log-probs"]
+    assert axes["accuracies (0-1)"].get_ylim()[0] >= -0.05 and axes["accuracies (0-1)"].get_ylim()[1] <= 1.05
+    rewards = axes["rewards"]
+    train = [line for line in rewards.lines if line.get_linestyle() == "-"]
+    evals = [line for line in rewards.lines if line.get_linestyle() == "--"]
+    assert len(train) == len(evals) == 3
+    assert [line.get_color() for line in train] == [line.get_color() for line in evals], "eval in its train colour"
+    assert len({line.get_color() for line in train}) == 3
+    assert [t.get_text() for t in rewards.get_legend().get_texts()] == ["chosen", "rejected", "margins"]
+    for ax in axes.values():
+        legend = ax.get_legend()
+        if legend is not None:
+            box, data = legend.get_window_extent(), ax.get_window_extent()
+            assert not box.overlaps(data), f"the legend of '{ax.get_title()}' covers its data"
+    loss = axes["loss"]
+    assert [line.get_linestyle() for line in loss.lines] == ["-", "--"]
+    assert plot_curves(dpo_history(), tmp_path / "c.png") and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
