@@ -298,7 +298,9 @@ def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_pa
         plan_resume(ctx)
     assert plan_resume(ctx, overwrite=True).checkpoint is None
     assert not (out / "metrics.json").exists(), "the old run no longer counts as finished once this one started"
-    assert (out / "model.safetensors").is_file(), "its weights stay until this run replaces them"
+    aside = out / ".ft-set-aside"
+    assert (aside / "model.safetensors").is_file() and (aside / "metrics.json").is_file(), \
+        "the old run is set aside until this one saves (put back if it stops before)"
 
 
 # -- out of memory ----------------------------------------------------------------------------------
