@@ -172,9 +172,9 @@ def start_over(out: Path, flag: str, *, checkpoints: bool = True, finished: bool
     if set_aside(out, [c.path for c in old] + files) is None:
         return
     what = ", ".join([c.path.name for c in old] + [f.name for f in files])
-    log.warning("%s: the earlier run in %s (%s) is set aside in %s; it is deleted once this run saves its first "
-                "checkpoint (or finishes), and put back if this run stops before then", flag, out, what,
-                out / SET_ASIDE)
+    level = logging.INFO if finished else logging.WARNING  # refuse_finished has warned about a finished run
+    log.log(level, "%s: the earlier run in %s (%s) is set aside in %s; it is deleted once this run saves its first "
+            "checkpoint (or finishes), and put back if this run stops before then", flag, out, what, out / SET_ASIDE)
 
 
 def set_damaged_aside(out: Path) -> Checkpoint | None:
