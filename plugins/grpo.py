@@ -907,14 +907,21 @@ def trainer_class() -> type:
             path = Path(self.args.output_dir) / COMPLETIONS_FILE
             if not self._log_ready:  # a resumed run drops what was logged after its checkpoint
                 self._log_ready = True
-                kept = []
+                kept, dropped = [], []
                 if path.is_file():
-                    for line in path.read_text(encoding="utf-8").splitlines():
+                    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                         try:
-                            if json.loads(line).get("step", 0) <= self.state.global_step:
-                                kept.append(line + "\n")
+                            record = json.loads(line)
                         except json.JSONDecodeError:
-                            continue
+                            record = None
+                        logged = record.get("step", 0) if isinstance(record, dict) else None
+                        if not isinstance(logged, (int, float)) or isinstance(logged, bool):
+                            dropped.append(number)  # not a record this plugin wrote (a damaged or edited line)
+                        elif logged <= self.state.global_step:
+                            kept.append(line + "\n")
+                if dropped:
+                    log.warning("%s: %d line(s) that are not a completion record were dropped (lines %s%s)", path,
+                                len(dropped), ", ".join(map(str, dropped[:10])), " ..." if len(dropped) > 10 else "")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(kept), encoding="utf-8")
             if step != 1 and step % self._log_every:
@@ -963,7 +970,7 @@ CURVES_FILE = "grpo_curves.png"
 @hookimpl
 def ft_after_train(cfg, trainer):
     """``grpo_curves.png``: the rewards, completion length, and entropy / KL / clip ratio, each on its own scale
-    (``training_curves.png`` draws every method metric in one panel)."""
+    (``training_curves.png`` has a panel per metric group; this one is laid out for GRPO)."""
     if cfg.method != "grpo" or not trainer.is_world_process_zero():
         return
     path = Path(cfg.output_dir) / "metrics.json"

@@ -5,7 +5,11 @@ With ``hub: {model_id: you/name}`` the run's output directory (weights or adapte
 also uploads each checkpoint as it is written, into the repository's ``last-checkpoint/`` folder, so
 an interrupted run can be resumed from the hub. The repository is created if needed (``private``
 decides its visibility when it is created). The token comes from ``HF_TOKEN`` or ``hf auth login``,
-never from the config; ``HF_ENDPOINT`` points at another hub server.
+never from the config; ``HF_ENDPOINT`` points at another hub server (credentials in it are never shown in a message).
+
+A failed push: of a checkpoint (``every_save``), a warning (in the log, the end-of-run summary and
+``metrics.json``), and training goes on: the checkpoint is kept in output_dir and the next save
+pushes again. Of the trained model, an error after the run has finished and its outputs are saved.
 
 Uploads go through ``huggingface_hub``'s commit API (the Hub decides per file whether it travels in
 the commit or as a large-file upload). Only the main process uploads. Not a feature: always loaded,
@@ -85,10 +89,34 @@ def api() -> Any:
     return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # read now, so a changed HF_ENDPOINT counts
 
 
+class RedactCredentials(logging.Filter):
+    """The HTTP client logs each request's URL, with the endpoint's ``user:password@`` if it has one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ft.api import redact_text
+
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+HTTP_LOGGERS = ("httpx", "httpx2")  # huggingface_hub's HTTP client (httpx2 from huggingface_hub 1.x on)
+
+
+def redact_http_logs() -> None:
+    for name in HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactCredentials) for f in logger.filters):
+            logger.addFilter(RedactCredentials())
+
+
 def push_folder(cfg: Any, folder: Path, message: str, path_in_repo: str = "") -> Any:
     """Create the repository if needed and commit ``folder``'s files into it (one commit)."""
     from huggingface_hub import CommitOperationAdd
 
+    redact_http_logs()
     hub = section(cfg)
     client = api()
     client.create_repo(hub.model_id, private=hub.private, exist_ok=True, repo_type="model")
@@ -105,19 +133,30 @@ def push_folder(cfg: Any, folder: Path, message: str, path_in_repo: str = "") ->
         return None
     info = client.create_commit(hub.model_id, operations=operations, commit_message=message,
                                 revision=hub.revision, repo_type="model")
-    log.info("pushed %d file(s) of %s to %s (%s)", len(operations), folder, hub.model_id, info.commit_url)
+    from ft.api import redact_text
+
+    log.info("pushed %d file(s) of %s to %s (%s)", len(operations), folder, hub.model_id,
+             redact_text(str(info.commit_url)))
     return info
 
 
-def _fail(cfg: Any, what: str, exc: Exception) -> Exception:
+def _failure(cfg: Any, what: str, exc: Exception) -> str:
+    """'pushing WHAT to REPO on ENDPOINT failed: WHY', the endpoint's credentials (if any) redacted."""
+    from ft.api import redact_text
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    why = str(exc).splitlines()[0] if str(exc) else ""
+    return redact_text(f"pushing {what} to {section(cfg).model_id} on {endpoint} failed: {type(exc).__name__}: {why}")
+
+
+def _fail(cfg: Any, exc: Exception) -> Exception:
+    """The final push failed: the run has finished and its outputs are in output_dir."""
     from ft.api import FtError
 
     hub = section(cfg)
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    return FtError(f"{cfg.where('hub', 'model_id')}: pushing {what} to {hub.model_id} on {endpoint} failed: "
-                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. The trained model is safe "
-                   f"in {cfg.output_dir}; check HF_TOKEN (a token with write access) and the repository name, then "
-                   "push it with `hf upload`.")
+    return FtError(f"{cfg.where('hub', 'model_id')}: {_failure(cfg, 'the trained model', exc)}. Training finished "
+                   f"and the trained model is safe in {cfg.output_dir}; check HF_TOKEN (a token with write access) "
+                   f"and the repository name, then push it: hf upload {hub.model_id} {cfg.output_dir}")
 
 
 @hookimpl
@@ -127,7 +166,12 @@ def ft_callbacks(cfg):
     from transformers import TrainerCallback
 
     class PushCheckpoints(TrainerCallback):
-        """Uploads each checkpoint to last-checkpoint/ once it is written (main process only)."""
+        """Uploads each checkpoint to last-checkpoint/ once it is written (main process only). A failed upload
+        is a warning, not the end of training: the checkpoint stays in output_dir, the next save pushes again."""
+
+        ft_hub_push = True
+        trainer: Any = None
+        failed: list[int] = []
 
         def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
@@ -137,10 +181,34 @@ def ft_callbacks(cfg):
                 return
             try:
                 push_folder(cfg, folder, f"ft: checkpoint at step {state.global_step}", CHECKPOINT_FOLDER)
-            except Exception as exc:
-                raise _fail(cfg, f"checkpoint {state.global_step}", exc) from exc
+            except Exception as exc:  # noqa: BLE001 - the network must not end a training run
+                self.report(state.global_step, folder, exc)
+
+        def report(self, step: int, folder: Path, exc: Exception) -> None:
+            self.failed = [*self.failed, step]
+            message = (f"{_failure(cfg, f'checkpoint {step}', exc)}; training goes on ({folder} is kept; the next "
+                       f"save pushes again). Check HF_TOKEN and the repository name.")
+            log.warning("hub: %s", message)
+            ft_state = getattr(self.trainer, "ft_state", None)
+            if ft_state is None:
+                return
+            summary = {"check": "hub_push", "step": self.failed[0],
+                       "message": f"pushing checkpoint(s) to {section(cfg).model_id} failed (checkpoint "
+                                  f"{', '.join(map(str, self.failed))}); the last error: {message}"}
+            for warning in ft_state.warnings:  # one warning for the run, updated
+                if isinstance(warning, dict) and warning.get("check") == "hub_push":
+                    warning.update(summary)
+                    return
+            ft_state.warnings.append(summary)
 
     return [PushCheckpoints()]
+
+
+@hookimpl
+def ft_before_train(trainer):
+    for callback in trainer.callback_handler.callbacks:
+        if getattr(callback, "ft_hub_push", False):
+            callback.trainer = trainer  # its warnings go to the run's summary and metrics.json
 
 
 @hookimpl
@@ -153,4 +221,4 @@ def ft_after_train(cfg, trainer, metrics):
         push_folder(cfg, Path(cfg.output_dir), f"ft: trained model ({metrics.get('steps')} steps, final loss "
                     f"{metrics.get('final_loss')})")
     except Exception as exc:
-        raise _fail(cfg, "the trained model", exc) from exc
+        raise _fail(cfg, exc) from exc

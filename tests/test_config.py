@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict, Field
@@ -207,6 +209,60 @@ def test_secrets_are_redacted_by_pattern(saved, written):
     from ft.config import redact
 
     assert redact(saved) == written
+
+
+@pytest.mark.parametrize(("text", "written"), [
+    # tokens in a URL's query string (signed URLs, API keys)
+    ("https://host/data.jsonl?access_token=tok-1", "https://host/data.jsonl?access_token=***"),
+    ("https://host/d.jsonl?x=1&token=tok-2#frag", "https://host/d.jsonl?x=1&token=***#frag"),
+    ("https://acct.blob.core.windows.net/c/d.jsonl?sv=2022&se=2026&sig=abc%2Fdef%3D",
+     "https://acct.blob.core.windows.net/c/d.jsonl?sv=2022&se=2026&sig=***"),
+    ("https://b.s3.amazonaws.com/d.jsonl?X-Amz-Credential=AKIA1&X-Amz-Signature=f00d&X-Amz-Date=20260101",
+     "https://b.s3.amazonaws.com/d.jsonl?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=20260101"),
+    ("https://api.example/v1?key=k-3&api_key=k-4&apikey=k-5&signature=s-6&client_secret=s-7&password=p-8",
+     "https://api.example/v1?key=***&api_key=***&apikey=***&signature=***&client_secret=***&password=***"),
+    ("see https://host/x?token=tok-9 and more", "see https://host/x?token=*** and more"),
+    ("https://u:pw@host/x?token=t", "https://u:***@host/x?token=***"),
+    # authorization header values
+    ("Authorization: Bearer eyJhbGciOi.abc-def_1", "Authorization: Bearer ***"),
+    ("authorization=Basic dXNlcjpwYXNz", "authorization=Basic ***"),
+    ("Authorization: ghp_raw", "Authorization: ***"),
+    ("Bearer xyz", "Bearer ***"),
+    ("token: bearer abc.def-1", "token: bearer ***"),
+    ("curl -H 'Authorization: Bearer t0k' https://h", "curl -H 'Authorization: Bearer ***' https://h"),
+    # not secrets: ordinary query values and words
+    ("https://host/d.jsonl?split=train&revision=main", "https://host/d.jsonl?split=train&revision=main"),
+    ("https://host/search?q=token&keyword=x", "https://host/search?q=token&keyword=x"),
+    ("a bearer of good news", "a bearer of good news"),
+    ("max tokens=512", "max tokens=512"),
+])
+def test_tokens_in_query_strings_and_authorization_values_are_redacted(text, written):
+    from ft.config import redact, redact_text
+
+    assert redact_text(text) == written
+    assert redact({"path": text}) == {"path": written}
+
+
+def test_the_cache_key_sees_a_secret_but_its_key_json_does_not(tmp_path):
+    """The key is a hash of the real inputs (another token may read other data); key.json, written for people
+    to read, is redacted."""
+    import datasets
+
+    from ft.cache import store
+
+    inputs = {"entries": {"datasets": [{"entry": {"path": "https://h.invalid/d.jsonl?sig=sig-1d1d1d",
+                                                  "headers": {"Authorization": "Bearer tok-2e2e2e"}}}]}}
+    path = store(tmp_path, "k1", inputs, datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), None, {}, {})
+    text = (Path(path) / "key.json").read_text()
+    assert "sig-1d1d1d" not in text and "tok-2e2e2e" not in text
+    assert "d.jsonl?sig=***" in text
+
+
+def test_an_authorization_header_mapping_is_redacted():
+    from ft.config import redact
+
+    saved = {"headers": {"Authorization": "Bearer t-1", "Proxy-Authorization": "Basic b-2", "Accept": "text/plain"}}
+    assert redact(saved) == {"headers": {"Authorization": "***", "Proxy-Authorization": "***", "Accept": "text/plain"}}
 
 
 def test_validate_cli_prints_effective_batch_and_selection(tmp_path):

@@ -30,7 +30,11 @@ MAX_STEPS = 8
 SAVE_STEPS = 3
 SECRETS = {"api_key": "sk-test-4fd1c0ffee", "hub_token": "hf_testtoken_9b8a7c", "password": "hunter2-xyz",
            "openai_api_key": "sk-openai-1e1e1e", "api_token": "tok-api-2f2f2f", "github_token": "ghp_3a3a3a3a",
-           "mirror": "https://mirror-user:url-pass-4b4b4b@example.invalid/models"}
+           "mirror": "https://mirror-user:url-pass-4b4b4b@example.invalid/models",
+           "signed_url": "https://b.example.invalid/d.jsonl?X-Amz-Date=2026&X-Amz-Signature=amzsig-6c6c6c",
+           "endpoint": "https://api.example.invalid/v1?access_token=qs-tok-8f8f8f&sig=qs-sig-9a9a9a",
+           "request_header": "Authorization: Bearer bearer-7e7e7e"}
+SECRET_PARTS = ["url-pass-4b4b4b", "amzsig-6c6c6c", "qs-tok-8f8f8f", "qs-sig-9a9a9a", "bearer-7e7e7e"]
 ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
 
 
@@ -79,6 +83,9 @@ class VaultSection(BaseModel):
     api_token: str = ""
     github_token: str = ""
     mirror: str = ""  # credentials inside a URL
+    signed_url: str = ""  # ... in its query string
+    endpoint: str = ""
+    request_header: str = ""  # an authorization header value
     signing_key: SecretStr = SecretStr("")
 
 
@@ -195,6 +202,16 @@ PAUSING_RUN = textwrap.dedent('''
                 return save_optimizer(output_dir)
 
             trainer._save_optimizer_and_scheduler = slow_save
+            if kind == "final":  # inside the final save: the weights are written, the tokenizer is not yet
+                tokenizer = trainer.processing_class
+                save_tokenizer = tokenizer.save_pretrained
+
+                def slow_tokenizer_save(directory, *args, **kwargs):  # checkpoints save the tokenizer too
+                    if Path(directory).name == ".ft-tmp-final":
+                        pause()
+                    return save_tokenizer(directory, *args, **kwargs)
+
+                tokenizer.save_pretrained = slow_tokenizer_save
 
 
     add_process_plugin("pause", Pause)
@@ -206,7 +223,8 @@ PAUSING_RUN = textwrap.dedent('''
 
 
 class PausedRun:
-    """``ft run`` in a subprocess, paused at ``where`` ("step_end:N" or "saving:N")."""
+    """``ft run`` in a subprocess, paused at ``where`` ("step_end:N", "saving:N" or "final:0", inside the
+    final save)."""
 
     def __init__(self, tmp_path: Path, config: Path, where: str):
         self.dir = tmp_path
@@ -448,7 +466,7 @@ def test_a_data_build_killed_midway_leaves_no_cache_behind(tiny_model_dir, tmp_p
 
 def test_secrets_never_reach_saved_files_or_logs(reference):
     root, _, _, logs = reference
-    secrets = [*SECRETS.values(), "url-pass-4b4b4b", "sk-signing-0a0a0a", *ENV_SECRETS.values()]
+    secrets = [*SECRETS.values(), *SECRET_PARTS, "sk-signing-0a0a0a", *ENV_SECRETS.values()]
     files = [p for p in (root / "out").rglob("*") if p.is_file()]
     assert any(p.name == "ft_config.yaml" and p.parent.name == "checkpoint-3" for p in files)
     for path in files:
@@ -461,6 +479,9 @@ def test_secrets_never_reach_saved_files_or_logs(reference):
     assert saved["vault"]["api_key"] == "***" and saved["vault"]["signing_key"] == "***"
     assert saved["vault"]["github_token"] == "***"
     assert saved["vault"]["mirror"] == "https://mirror-user:***@example.invalid/models"
+    assert saved["vault"]["signed_url"] == "https://b.example.invalid/d.jsonl?X-Amz-Date=2026&X-Amz-Signature=***"
+    assert saved["vault"]["endpoint"] == "https://api.example.invalid/v1?access_token=***&sig=***"
+    assert saved["vault"]["request_header"] == "Authorization: Bearer ***"
     assert "training finished" in logs, "the captured output is the run's"
 
 
@@ -559,8 +580,11 @@ class FailingSave:
 
         if self.what == "tokenizer":  # the final save: a truncated tokenizer.json, then ENOSPC
             tokenizer = trainer.processing_class
+            save_tokenizer = tokenizer.save_pretrained
 
             def save_pretrained(directory, *args, **kwargs):
+                if Path(directory).name != ".ft-tmp-final":  # a checkpoint's copy
+                    return save_tokenizer(directory, *args, **kwargs)
                 (Path(directory) / "tokenizer.json").write_text('{"version": "1.0", "trunc')
                 raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -779,3 +803,122 @@ def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(refere
     message = str(err.value)
     assert str(checkpoint) in message and "weights_only" in message and "datetime" in message, message
     assert "resume_from_checkpoint" in message, "says how to go on"
+
+
+# -- issue 22: an interrupted final save is finished, not trained further --------------------------------
+
+
+def final_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_ends_at_the_final_checkpoint(out: Path, result, steps: int) -> None:
+    """The rerun re-does only the final save: no step beyond max_steps, and the final weights are the
+    last checkpoint's (the uninterrupted run's final weights are that checkpoint's)."""
+    assert result.metrics["resumed_from"] == str(out / f"checkpoint-{steps}")
+    assert result.metrics["steps"] == steps
+    assert not (out / f"checkpoint-{steps + 1}").exists(), "trained one step beyond max_steps"
+    assert max(history(out)) == steps
+    assert_same_weights(final_weights(out), final_weights(out / f"checkpoint-{steps}"))
+
+
+def test_sigkill_inside_the_final_save_then_resume_only_redoes_the_save(tiny_model_dir, tmp_path):
+    """max_steps 7 with 2 steps per epoch ends mid-epoch; the run is killed after the weights of the final save
+    are written. The rerun must not train step 8 (it logged 'step 8/7' and wrote checkpoint-8)."""
+    config = write_run(tmp_path, tiny_model_dir, max_steps=7)
+    out = tmp_path / "out"
+    paused = PausedRun(tmp_path, config, "final:0")
+    assert (out / "checkpoint-7").is_dir()
+    paused.proc.kill()
+    assert paused.finish() == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+
+    result = run(config)
+    assert_ends_at_the_final_checkpoint(out, result, 7)
+
+
+def test_disk_full_in_the_final_save_then_the_rerun_ends_at_max_steps(tiny_model_dir, tmp_path):
+    from ft.testing import registered_plugin
+
+    config = write_run(tmp_path, tiny_model_dir, max_steps=7)
+    out = tmp_path / "out"
+    with registered_plugin(FailingSave("tokenizer"), "disk_full"), pytest.raises(FtError, match="run the same"):
+        run(config)
+    result = run(config)
+    assert_ends_at_the_final_checkpoint(out, result, 7)
+
+
+# -- issue 22: --overwrite deletes the earlier run only once the new one has saved -----------------------
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` (but the lock file) with its content."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".ft-run.lock"}
+
+
+def test_overwrite_that_fails_before_saving_puts_the_earlier_run_back(reference, tmp_path, vault):
+    """The new run fails at data loading: the finished run it was to replace is there as it was, and the next
+    run still calls it finished (it said 'the final save of that run did not finish')."""
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    before = snapshot(out)
+    with pytest.raises(FtError):
+        run(config, overrides=[f"datasets.0.path={tmp_path / 'missing.jsonl'}"], overwrite=True)
+    assert snapshot(out) == before
+    with pytest.raises(FtError, match="already holds a finished run"):
+        run(config)
+
+
+def test_overwrite_deletes_the_earlier_run_once_the_new_one_saved_its_first_checkpoint(reference, tmp_path, vault):
+    from transformers import TrainerCallback
+
+    from ft.checkpoints import SET_ASIDE
+    from ft.testing import registered_plugin
+
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    seen = []
+
+    class Watch:
+        @hookimpl
+        def ft_callbacks(cfg):
+            class AtEachStep(TrainerCallback):
+                def on_step_begin(self, args, state, control, **kwargs):
+                    aside = out / SET_ASIDE
+                    seen.append((state.global_step, sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []))
+
+            return [AtEachStep()]
+
+    with registered_plugin(Watch, "watch"):
+        result = run(config, overrides=["max_steps=3", "save_steps=2"], overwrite=True)
+    assert result.metrics["steps"] == 3 and result.metrics["resumed_from"] is None
+    assert json.loads((out / "metrics.json").read_text())["summary"]["steps"] == 3, "the new run's"
+    assert seen[0] == (0, ["checkpoint-3", "checkpoint-6", "checkpoint-8", "ft_config.yaml", "ft_plugins.json",
+                           "metrics.json", "model.safetensors", "training_curves.png"]), seen[0]
+    assert seen[1][1] == seen[0][1], "kept until the first checkpoint is written"
+    assert seen[2] == (2, []), "deleted once checkpoint-2 is saved"
+    assert [c.path.name for c in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    assert not (out / SET_ASIDE).exists()
+
+
+def test_a_run_killed_before_saving_after_overwrite_gets_the_earlier_run_back(reference, tmp_path, vault):
+    """kill -9 after --overwrite set the earlier run aside and before the new run saved: the next run puts it back."""
+    from ft.context import load_context
+    from ft.resume import plan_resume
+
+    config, out = copy_of_run(reference, tmp_path, finished=True)
+    before = snapshot(out)
+    plan_resume(load_context(config), overwrite=True)  # what the killed run had done
+    assert not (out / "metrics.json").exists() and list_checkpoints(out) == []
+    with pytest.raises(FtError, match="already holds a finished run"):
+        run(config)
+    assert snapshot(out) == before

@@ -25,11 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class StandInHub:
     """Just enough of the Hub's HTTP API for create_repo + create_commit; records what it receives."""
 
-    def __init__(self, fail_commits: bool = False) -> None:
+    def __init__(self, fail_commits: bool | str = False) -> None:  # a str: fail the commits whose summary starts so
         self.repos: dict[str, dict] = {}
         self.commits: list[dict] = []
         self.auth: set[str] = set()
         self.fail_commits = fail_commits
+        self.failed: list[str] = []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,10 +62,12 @@ class StandInHub:
                     return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
                                                         "shouldIgnore": False} for f in files]})
                 if "/commit/" in self.path:
-                    if hub.fail_commits:
-                        return self._reply(500, {"error": "stand-in failure"})
                     lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
                     header = next(x["value"] for x in lines if x["key"] == "header")
+                    fail = hub.fail_commits
+                    if fail is True or (isinstance(fail, str) and header["summary"].startswith(fail)):
+                        hub.failed.append(header["summary"])
+                        return self._reply(500, {"error": "stand-in failure"})
                     files = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
                              for x in lines if x["key"] == "file"}
                     repo = self.path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
@@ -139,6 +142,42 @@ def test_a_failed_push_says_the_model_is_safe_and_how_to_push(tiny_model_dir, tm
         with pytest.raises(FtError, match=r"pushing the trained model to someone/x .* failed.*safe in .*out.*HF_TOKEN"):
             run(config(tiny_model_dir, tmp_path, hub={"model_id": "someone/x"}))
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failed_checkpoint_push_warns_and_training_goes_on(tiny_model_dir, tmp_path, hub_env, caplog):
+    """strategy every_save: a checkpoint that cannot be pushed is a warning (the run is not stopped for it, and
+    says what is where); the final model is still pushed."""
+    with StandInHub(fail_commits="ft: checkpoint") as hub:
+        hub_env(hub)
+        with caplog.at_level("WARNING", logger="ft"):
+            result = run(config(tiny_model_dir, tmp_path, save_steps=2,
+                                hub={"model_id": "someone/flaky", "strategy": "every_save"}))
+    assert result.metrics["steps"] == 4
+    assert hub.failed == ["ft: checkpoint at step 2", "ft: checkpoint at step 4"]
+    assert [c["summary"][:16] for c in hub.commits] == ["ft: trained mode"], "the final model was pushed"
+    out = tmp_path / "out"
+    assert f"pushing checkpoint 2 to someone/flaky on {hub.url} failed" in caplog.text, caplog.text
+    assert "training goes on" in caplog.text and f"{out / 'checkpoint-2'}" in caplog.text
+    warnings = json.loads((out / "metrics.json").read_text())["summary"]["warnings"]
+    assert [w["check"] for w in warnings] == ["hub_push"] and "checkpoint 2, 4" in warnings[0]["message"], warnings
+
+
+def test_hub_errors_never_show_the_endpoint_credentials(tiny_model_dir, tmp_path, hub_env, monkeypatch, caplog):
+    """HF_ENDPOINT=http://user:secret@host: the failure message names the endpoint without the secret, and says
+    the model is safe only once it is (the final push; it fails after the run finished)."""
+    with StandInHub(fail_commits=True) as hub:
+        hub_env(hub)
+        endpoint = hub.url.replace("http://", "http://hubuser:hub-secret-3c3c@")
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with caplog.at_level("INFO"), pytest.raises(FtError) as err:
+            run(config(tiny_model_dir, tmp_path, save_steps=2,
+                       hub={"model_id": "someone/x", "strategy": "every_save"}))
+    message = str(err.value)
+    assert len(hub.failed) == 3, hub.failed
+    assert "hub-secret-3c3c" not in message and "hub-secret-3c3c" not in caplog.text
+    assert "http://hubuser:***@127.0.0.1" in message, message
+    assert "pushing the trained model to someone/x" in message and "safe in" in message
+    assert (tmp_path / "out" / "metrics.json").is_file(), "the run finished before the final push"
 
 
 @pytest.mark.parametrize(("hub", "fragment"), [

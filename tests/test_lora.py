@@ -271,3 +271,45 @@ def test_training_changes_the_adapter_and_leaves_the_base_bit_identical(tiny_mod
     some_key = next(k for k in saved if "lora_B" in k)
     in_model = next(v for k, v in trained.items() if "lora_B" in k and k.replace(".default", "") == some_key)
     assert torch.equal(saved[some_key], in_model)
+
+
+def write_pairs(path) -> str:
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} plus {a}?"}],
+             "chosen": [{"role": "assistant", "content": f"It is {a + a}."}],
+             "rejected": [{"role": "assistant", "content": f"It is {a + a + 1}."}]} for a in range(16)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_seed_seeds_the_adapter_initialisation(tiny_model_dir, chat_jsonl, tmp_path, method):
+    """Two runs of one config give the same run: the adapter's random init (lora_A) follows ``seed``, whatever
+    the process did before (the Trainer seeds only after the adapter is built). Another seed, another init."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ft.run import run
+    from ft.testing import write_config
+
+    extra = {"method": "dpo", "datasets": [{"path": write_pairs(tmp_path / "pairs.jsonl"), "type": "preference"}],
+             "sequence_len": 64} if method == "dpo" else {"dataset": chat_jsonl}
+
+    def one_run(name: str, seed: int) -> tuple[float, dict]:
+        config = write_config(
+            tmp_path / f"{name}.yaml", base_model=tiny_model_dir, plugins=["lora"],
+            max_steps=2, logging_steps=1, learning_rate=5e-3, seed=seed, output_dir=str(tmp_path / name),
+            lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, **extra,
+        )
+        run(config)
+        history = json.loads((tmp_path / name / "metrics.json").read_text())["history"]
+        return history[0]["grad_norm"], load_file(tmp_path / name / "adapter_model.safetensors")
+
+    torch.manual_seed(123)  # the state an earlier run (or anything else) leaves behind
+    grad_a, weights_a = one_run("a", seed=7)
+    torch.rand(5)
+    grad_b, weights_b = one_run("b", seed=7)
+    assert grad_a == grad_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    if method == "sft":
+        grad_c, _ = one_run("c", seed=8)
+        assert grad_c != grad_a, "the seed decides the init"

@@ -51,6 +51,12 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".ft-tmp-"  # .ft-tmp-checkpoint-N/checkpoint-N while it is being written
 REPLACED_PREFIX = ".ft-old-"  # a checkpoint of the same step being replaced
 DAMAGED_PREFIX = "damaged-"  # set aside at start-up; never resumed from or rotated
+# the earlier run that --overwrite / --fresh replaces: kept here until this run saves a checkpoint (or finishes),
+# put back if it stops before then. Moved in through SETTING_ASIDE (one rename makes the set-aside whole), and
+# renamed to DISCARDING before it is deleted, so a kill at any point leaves a state the next run can tell apart.
+SET_ASIDE = ".ft-set-aside"
+SETTING_ASIDE = ".ft-setting-aside"
+DISCARDING = ".ft-set-aside-deleting"
 MANIFEST_FILE = "ft_checkpoint.json"
 STATE_FILE = "ft_state.json"
 CONFIG_FILE = "ft_config.yaml"
@@ -203,6 +209,15 @@ class AtomicCheckpointsMixin:
         parent = super()
         save_atomically(self, lambda: parent._save_checkpoint(model, trial, *args, **kwargs), trial)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the checkpoint of the last step (the final save was interrupted, or the disk filled up):
+        # the Trainer's epoch loop would run one more step before it checks max_steps (step 8/7 when max_steps
+        # ends mid-epoch). Nothing is left to train: the run goes straight to its final save.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
 
 def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) -> Path:
     """Run the Trainer's ``save`` into ``.ft-tmp-checkpoint-N/`` and publish it as ``checkpoint-N``."""
@@ -228,6 +243,7 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
                 trainer.state.best_model_checkpoint = str(final)
                 _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
             _write_ft_files(trainer, staged, tokens)
+            _null_non_finite(staged / TRAINER_STATE_FILE)
             write_manifest(staged, step)
             publish(staged, final)
     except Exception as exc:
@@ -240,6 +256,7 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
         trainer._ft_staging_root = None
     if main:
         shutil.rmtree(root, ignore_errors=True)
+        discard_set_aside(run_dir)  # this run now has a checkpoint: the run it replaces can go
         keep = {final} | ({Path(trainer.state.best_model_checkpoint)} if trainer.state.best_model_checkpoint else set())
         rotate(run_dir, trainer.args.save_total_limit, keep)
         log.info("checkpoint saved: %s", final)
@@ -256,6 +273,57 @@ def _checkpoint_disk_full(trainer: Any, run_dir: Path, final: Path) -> FtError:
             if good else "No earlier checkpoint was written; free some space, then run the same command again")
     command = resume_command(cfg) if cfg is not None else "ft run CONFIG"
     return disk_full_error(run_dir, final.name, f"{kept}: {command}")
+
+
+def set_aside(out: Path, paths: list[Path]) -> Path | None:
+    """Move ``paths`` (entries of ``out``: the earlier run) into ``out/.ft-set-aside/``; None if none."""
+    paths = [p for p in paths if p.exists() or p.is_symlink()]
+    if not paths:
+        return None
+    moving = out / SETTING_ASIDE
+    shutil.rmtree(moving, ignore_errors=True)  # empty unless put_back_set_aside failed
+    moving.mkdir()
+    for path in paths:
+        os.rename(path, moving / path.name)
+    fsync_path(moving)
+    os.rename(moving, out / SET_ASIDE)
+    fsync_path(out)
+    return out / SET_ASIDE
+
+
+def discard_set_aside(out: Path) -> None:
+    """This run saved (a checkpoint, or its final outputs): the earlier run it replaces is deleted now."""
+    aside = out / SET_ASIDE
+    if not aside.is_dir():
+        return
+    doomed = out / DISCARDING
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(aside, doomed)
+    log.info("deleting the earlier run set aside in %s, now that this run has saved", aside)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def put_back_set_aside(out: Path) -> list[str]:
+    """Put the earlier run back where it was (this run stopped before saving anything); the names put back.
+
+    Also tidies what a killed run left: a half-done set-aside is put back, a half-done deletion finished."""
+    shutil.rmtree(out / DISCARDING, ignore_errors=True)
+    restored = []
+    for folder in (out / SETTING_ASIDE, out / SET_ASIDE):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            target = out / entry.name
+            if target.exists() or target.is_symlink():  # only if killed between a save and its deletion
+                log.warning("%s was set aside by --overwrite/--fresh, but this run wrote %s since; keeping the new one",
+                            entry, target)
+                continue
+            os.rename(entry, target)
+            restored.append(entry.name)
+        shutil.rmtree(folder, ignore_errors=True)
+    if restored:
+        fsync_path(out)
+    return restored
 
 
 def publish(staged: Path, final: Path) -> None:
@@ -293,6 +361,20 @@ def _rewrite_best(state_file: Path, best: str) -> None:
         state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _null_non_finite(state_file: Path) -> None:
+    """The Trainer writes a NaN grad_norm in its log history as bare ``NaN``, which is not JSON: null instead."""
+    from ft.record import json_safe, metrics_json
+
+    if not state_file.is_file():
+        return
+    text = state_file.read_text(encoding="utf-8")
+    if "NaN" not in text and "Infinity" not in text:
+        return
+    state = json.loads(text)
+    if json_safe(state) != state:
+        state_file.write_text(metrics_json(state, indent=2) + "\n", encoding="utf-8")
+
+
 def _global_tokens(trainer: Any) -> tuple[int, int] | None:
     state = getattr(trainer, "ft_state", None)
     if state is None:
@@ -308,7 +390,7 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
         return
     import yaml
 
-    from ft.record import saveable_config
+    from ft.record import metrics_json, saveable_config
 
     header = f"# the resolved config of the run that wrote this checkpoint (step {trainer.state.global_step})\n"
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
@@ -316,7 +398,7 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
     saved = {"history": state.history, "tokens": list(tokens) if tokens else None,
              "warnings": list(getattr(state, "warnings", [])), "data_key": getattr(state, "data_key", None),
              "loss": _loss_so_far(trainer, state)}
-    (staged / STATE_FILE).write_text(json.dumps(saved, indent=1, default=str) + "\n", encoding="utf-8")
+    (staged / STATE_FILE).write_text(metrics_json(saved, indent=1) + "\n", encoding="utf-8")  # NaN -> null
 
 
 def _loss_so_far(trainer: Any, state: Any) -> dict[str, Any] | None:

@@ -24,9 +24,12 @@ from ft.formats import DatasetOptions
 # SECRET_WORDS or ends in token/secret/password (``apitoken``), unless the key is one of NOT_SECRET_KEYS (token
 # lists and the names of a tokenizer's special tokens). Only string values are redacted (every string under a
 # secret key, so a ``credentials:`` mapping goes whole); counts and flags (``max_tokens: 512``,
-# ``use_auth_token: true``) stay. ``user:password@`` in any URL-like string is redacted wherever it is.
+# ``use_auth_token: true``) stay. Wherever they are, in any string: ``user:password@`` in a URL, a URL query
+# parameter whose name is secret or a signature (``?access_token=``, ``&sig=``, ``X-Amz-Signature=``), and the
+# credential of an ``Authorization:`` value or of ``Bearer xyz``.
 SECRET_WORDS = frozenset({"token", "key", "secret", "secrets", "password", "passwords", "passwd", "pwd",
-                          "credential", "credentials", "apikey", "auth"})
+                          "credential", "credentials", "apikey", "auth", "authorization"})
+SIGNATURE_WORDS = frozenset({"sig", "signature"})  # query parameters only: a signed URL's signature
 SECRET_WORD_ENDINGS = ("token", "secret", "password", "passwd")
 NOT_SECRET_KEYS = frozenset({"tokenizer", "tokens", "special_tokens", "eot_tokens", "eot_token",
                              "additional_special_tokens", "pad_token", "bos_token", "eos_token", "unk_token",
@@ -34,6 +37,13 @@ NOT_SECRET_KEYS = frozenset({"tokenizer", "tokens", "special_tokens", "eot_token
 REDACTED = "***"
 _WORD_RE = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:?#]*)(?::[^/@\s?#]*)?@")
+_QUERY_PARAM_RE = re.compile(r"(?P<lead>[?&;](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&#\s'\"<>]+)")
+_AUTHORIZATION_RE = re.compile(
+    r"(?P<lead>\b(?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?(?:(?:bearer|basic|token|digest)\s+)?)"
+    r"(?P<value>[^\s'\",;]+)", re.IGNORECASE)
+# "Bearer xyz" (the scheme's own spelling) whatever follows; a lowercase "bearer" only before a token-like word
+_BEARER_RE = re.compile(r"(?P<lead>\b(?:Bearer|BEARER)\s+)(?P<value>[A-Za-z0-9\-._~+/]+=*)|"
+                        r"(?P<lead2>\bbearer\s+)(?P<value2>[A-Za-z0-9\-._~+/]*[0-9_\-.~+/=][A-Za-z0-9\-._~+/]*=*)")
 
 
 # ``json_schema_extra`` of a field, or of a plugin's section model, whose values do not change what training
@@ -940,16 +950,37 @@ def is_secret_key(key: Any) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with the credentials of any URL in it replaced: ``https://user:***@host``, ``https://***@host``."""
-    if "@" not in text or "://" not in text:
-        return text
+    """``text`` with the secrets in it replaced: the credentials of any URL (``https://user:***@host``,
+    ``https://***@host``), secret query parameters (``?access_token=***``, ``&sig=***``) and authorization
+    values (``Authorization: Bearer ***``, ``Bearer ***``)."""
+    if "@" in text and "://" in text:
+        text = _URL_CREDENTIALS_RE.sub(_url_credentials, text)
+    if "=" in text:
+        text = _QUERY_PARAM_RE.sub(_query_param, text)
+    lowered = text.lower()
+    if "authorization" in lowered:
+        text = _AUTHORIZATION_RE.sub(_keep_lead, text)
+    if "bearer" in lowered:
+        text = _BEARER_RE.sub(lambda m: f"{m.group('lead') or m.group('lead2')}{REDACTED}", text)
+    return text
 
-    def replace(match: re.Match) -> str:
-        user = match.group("user")
-        has_password = match.group(0)[len(match.group("scheme")) + len(user):].startswith(":")
-        return f"{match.group('scheme')}{user}:{REDACTED}@" if has_password else f"{match.group('scheme')}{REDACTED}@"
 
-    return _URL_CREDENTIALS_RE.sub(replace, text)
+def _url_credentials(match: re.Match) -> str:
+    user = match.group("user")
+    has_password = match.group(0)[len(match.group("scheme")) + len(user):].startswith(":")
+    return f"{match.group('scheme')}{user}:{REDACTED}@" if has_password else f"{match.group('scheme')}{REDACTED}@"
+
+
+def _query_param(match: re.Match) -> str:
+    name = match.group("name")
+    words = {w.lower() for w in _WORD_RE.split(name) if w}
+    if is_secret_key(name) or words & SIGNATURE_WORDS:
+        return f"{match.group('lead')}{REDACTED}"
+    return match.group(0)
+
+
+def _keep_lead(match: re.Match) -> str:
+    return match.group(0) if match.group("value") == REDACTED else f"{match.group('lead')}{REDACTED}"
 
 
 def redact(value: Any, secret: bool = False) -> Any:

@@ -37,7 +37,15 @@ import click
 import yaml
 
 from ft import __version__
-from ft.checkpoints import STAGING_PREFIX, fsync_path, last_good_checkpoint, resume_command
+from ft.checkpoints import (
+    SET_ASIDE,
+    STAGING_PREFIX,
+    discard_set_aside,
+    fsync_path,
+    last_good_checkpoint,
+    put_back_set_aside,
+    resume_command,
+)
 from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
@@ -56,6 +64,7 @@ CONFIG_FILE = "ft_config.yaml"
 PLUGINS_FILE = "ft_plugins.json"
 METRICS_FILE = "metrics.json"  # written last: a finished run has it
 CURVES_FILE = "training_curves.png"
+RUN_FILES = (*WEIGHT_FILES, CONFIG_FILE, PLUGINS_FILE, CURVES_FILE, METRICS_FILE)  # what --overwrite replaces
 LOCK_FILE = ".ft-run.lock"
 FINAL_STAGING = f"{STAGING_PREFIX}final"  # removed like any staging directory when a save did not finish
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "bitsandbytes")
@@ -97,7 +106,8 @@ def lock_output_dir(cfg: Any) -> Iterator[None]:
         log.warning("cannot lock %s (%s): nothing stops a second run from using this output_dir at the same time",
                     path, exc)
         os.close(fd)
-        yield
+        with _put_back_unless_saved(out):
+            yield
         return
     if not locked:
         holder = _describe(_read_holder(path))
@@ -116,11 +126,26 @@ def lock_output_dir(cfg: Any) -> Iterator[None]:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode())
     try:
-        yield
+        with _put_back_unless_saved(out):
+            yield
     finally:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # an empty lock file: released
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _put_back_unless_saved(out: Path) -> Iterator[None]:
+    """A run that replaces an earlier one (--overwrite, --fresh) and stops before it saved a checkpoint or its
+    final outputs puts the earlier run back as it was (``ft.checkpoints.set_aside``)."""
+    try:
+        yield
+    finally:
+        if (out / SET_ASIDE).is_dir():
+            restored = put_back_set_aside(out)
+            if restored:
+                log.warning("this run stopped before it saved anything: the earlier run in %s is put back as it "
+                            "was (%s)", out, ", ".join(restored))
 
 
 def _try_lock(fd: int) -> bool:
@@ -220,6 +245,7 @@ def publish_final(staging: Path, out: Path, files: list[str]) -> list[str]:
         os.replace(entry, target)
     fsync_path(out)
     shutil.rmtree(staging, ignore_errors=True)
+    discard_set_aside(out)  # a finished run replaces the one --overwrite set aside
     moved = []
     for name in files:
         path = Path(name)
@@ -273,60 +299,105 @@ def write_manifest(ctx: Context, patches: list[Any], path: Path) -> str:
 
 
 def write_metrics(metrics: dict[str, Any], history: list[dict[str, Any]], path: Path) -> str:
-    path.write_text(json.dumps({"summary": metrics, "history": history}, indent=2, default=str) + "\n",
-                    encoding="utf-8")
+    """``metrics.json``: the summary and the per-step history; a NaN / inf value is written as null."""
+    from ft.record import metrics_json
+
+    path.write_text(metrics_json({"summary": metrics, "history": history}) + "\n", encoding="utf-8")
     return str(path)
 
 
 CORE_SERIES = {"step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "train_tokens", "trained_tokens",
                "tokens_per_second"}
+CORE_PANELS = (("loss", ("loss",)), ("gradient norm", ("grad_norm",)), ("learning rate", ("learning_rate",)))
+GROUP_TITLES = {"accuracies": "accuracies (0-1)", "logps": "log-probs", "logits": "logits", "kl": "KL",
+                "nll": "NLL", "nll_loss": "NLL loss", "log_odds": "log-odds", "rewards": "rewards", "reward": "reward"}
+PANEL_COLUMNS = 3
+
+
+def metric_groups(names: list[str]) -> dict[str, list[str]]:
+    """The method's metrics (train names, without ``eval_``) by panel: the prefix before the first ``/``
+    (``rewards/chosen`` -> rewards), or before the last ``_`` when another metric shares it (``log_odds_ratio``
+    and ``log_odds_chosen`` -> log_odds, ``reward_std`` beside ``reward``); accuracies get their own 0-1 panel."""
+    slash_groups = {n.split("/", 1)[0] for n in names if "/" in n}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        last = name.rsplit("/", 1)[-1]
+        if "accurac" in last or last == "acc":
+            group = "accuracies"
+        elif "/" in name:
+            group = name.split("/", 1)[0]
+        else:
+            stem = name.rsplit("_", 1)[0]
+            shared = stem in slash_groups or stem in names or any(
+                o != name and "/" not in o and o.rsplit("_", 1)[0] == stem for o in names)
+            group = stem if "_" in name and shared else name
+        groups.setdefault(group, []).append(name)
+    return groups
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> str:
-    """Loss (train and eval), learning rate and the method's own metrics against the optimizer step, as a PNG."""
+    """``training_curves.png`` (see ``curves_figure``)."""
+    curves_figure(history).savefig(str(path), format="png")
+    return str(path)
+
+
+def curves_figure(history: list[dict[str, Any]]) -> Any:
+    """Loss, gradient norm, learning rate and the method's own metrics against the optimizer step: one panel per
+    metric group (``metric_groups``), each on its own scale; train solid, eval dashed in the same colour; legends
+    below their panel, off the data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    extra = list(dict.fromkeys(k for r in history for k in r if k not in CORE_SERIES))
-    fig = Figure(figsize=(15 if extra else 10, 4), dpi=100)
+    keys = list(dict.fromkeys(k for r in history for k in r))
+    extra = [k for k in keys if k not in CORE_SERIES and not k.startswith("eval_")]
+    extra += [k[len("eval_"):] for k in keys if k.startswith("eval_") and k not in CORE_SERIES
+              and k[len("eval_"):] not in extra]
+    groups = metric_groups(extra)
+    panels = [*CORE_PANELS, *((GROUP_TITLES.get(g, g.replace("_", " ")), tuple(n)) for g, n in groups.items())]
+    columns = min(PANEL_COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(5 * columns, 3.6 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # no pyplot: no global backend, no GUI
-    axes = fig.subplots(1, 3 if extra else 2)
-    ax_loss, ax_lr = axes[0], axes[1]
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
 
     def series(key: str) -> tuple[list[Any], list[Any]]:
-        rows = [r for r in history if r.get(key) is not None]
-        return [r["step"] for r in rows], [r[key] for r in rows]
+        rows_ = [r for r in history if isinstance(r.get(key), (int, float))]
+        return [r["step"] for r in rows_], [r[key] for r in rows_]
 
-    steps, loss = series("loss")
-    if loss:
-        ax_loss.plot(steps, loss, label="train loss", marker="." if len(loss) < 30 else None)
-    steps, eval_loss = series("eval_loss")
-    if eval_loss:
-        ax_loss.plot(steps, eval_loss, "o-", label="eval loss")
-    steps, lr = series("learning_rate")
-    if lr:
-        ax_lr.plot(steps, lr, color="tab:green")
-    titled = [(ax_loss, "loss"), (ax_lr, "learning rate")]
-    if extra:  # the method's metrics (rewards/margins, kl ...), each its own line
-        ax_method = axes[2]
-        for key in extra:
-            steps, values = series(key)
-            marker = "o" if key.startswith("eval_") else ("." if len(values) < 30 else None)
-            ax_method.plot(steps, values, linestyle="-", marker=marker, label=key)
-        ax_method.legend(fontsize="small")
-        titled.append((ax_method, "method metrics"))
-    for ax, title in titled:
+    any_eval = False
+    for ax, (title, names) in zip(axes, panels, strict=False):
+        group = next((g for g, n in groups.items() if tuple(n) == names), None)
+        for i, name in enumerate(names):
+            colour = f"C{i % 10}"
+            label = name if group is None or not name.startswith(group) else name[len(group):].lstrip("/_") or name
+            steps, values = series(name)
+            if values:
+                ax.plot(steps, values, "-", color=colour, label=label, marker="." if len(values) < 30 else None)
+            steps, values = series(f"eval_{name}")
+            if values:
+                any_eval = True
+                ax.plot(steps, values, "--", color=colour, marker="o", markersize=3,
+                        label=label if not ax.get_legend_handles_labels()[1].count(label) else "_nolegend_")
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        if title.startswith("accuracies"):
+            ax.set_ylim(-0.03, 1.03)
+        if names == ("learning_rate",):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        labels = ax.get_legend_handles_labels()[1]
         if not ax.lines:
             ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-    if ax_loss.lines:
-        ax_loss.legend()
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    fig.tight_layout()
-    fig.savefig(str(path), format="png")
-    return str(path)
+        elif len(labels) > 1:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(labels)), fontsize="small",
+                      frameon=False)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if any_eval:
+        fig.suptitle("solid: train    dashed: eval", fontsize="small", x=0.99, ha="right")
+    return fig
 
 
 def print_summary(metrics: dict[str, Any], out: Path) -> None:

@@ -9,6 +9,8 @@ Nothing here imports torch or transformers at module import time.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,26 @@ def global_tokens(trainer: Any, state: Any) -> tuple[int, int]:
         both = acc.reduce(torch.tensor([tokens, trained], device=acc.device), reduction="sum")
         tokens, trained = (int(x) for x in both.tolist())
     return tokens, trained
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None: bare ``NaN`` is not JSON, and a
+    metrics file that jq, JavaScript or a dashboard cannot read is lost to them. Numbers with ``.item()``
+    (numpy, 0-d tensors) become Python numbers first."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if not isinstance(value, (int, float, str, bool)) and value is not None and hasattr(value, "item"):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):  # not a single number
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def metrics_json(data: Any, indent: int | None = 2) -> str:
+    """``data`` (metrics, a history) as JSON text: non-finite values as null, anything else unknown as text."""
+    return json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False)

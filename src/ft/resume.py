@@ -7,8 +7,10 @@ returns a :class:`ResumePlan`, which ``run.py`` hands to training:
 2. ``refuse_finished``: a finished run is replaced only with ``--overwrite``.
 3. ``clear_leftovers``: the staging directories of saves that did not finish are removed (the
    output-dir lock, ``ft.outputs.lock_output_dir``, makes sure no other run is writing them).
-4. ``start_over``: ``--fresh`` (or ``--overwrite`` of a finished run) removes the earlier
-   run's checkpoints.
+4. ``start_over``: ``--fresh`` (or ``--overwrite`` of a finished run) sets the earlier run's
+   checkpoints (and final outputs) aside in ``.ft-set-aside/``. They are deleted once this run
+   saves its first checkpoint or finishes, and put back as they were if it stops before then
+   (``ft.outputs.lock_output_dir``; after a kill, by the next run's ``put_back``).
 5. ``set_damaged_aside``: checkpoints that fail verification become ``damaged-checkpoint-N``.
 6. ``check_same_config``: checkpoints of another config are an error naming the keys.
 
@@ -21,7 +23,6 @@ Nothing here imports torch or transformers at module import time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -33,17 +34,20 @@ from ft.checkpoints import (
     DAMAGED_PREFIX,
     MANIFEST_FILE,
     REPLACED_PREFIX,
+    SET_ASIDE,
     STAGING_PREFIX,
     Checkpoint,
     config_differences,
     find_resumable,
     last_good_checkpoint,
     list_checkpoints,
+    put_back_set_aside,
+    set_aside,
     unused_name,
     verify,
 )
 from ft.errors import FtError
-from ft.outputs import METRICS_FILE, finished_weights, is_finished, is_main_process
+from ft.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished, is_main_process
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -84,14 +88,17 @@ def plan_resume(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -
         return FOLLOW_MAIN
     if out.exists() and not out.is_dir():
         raise FtError(f"{cfg.where('output_dir')}: '{out}' is a file, not a directory; choose another output_dir.")
+    put_back(out)
     finished = refuse_finished(ctx, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     clear_leftovers(out)
     explicit = cfg.resume_from_checkpoint
     if explicit:
+        if finished:  # its checkpoints stay: one of them is resumed
+            start_over(out, "--overwrite", checkpoints=False, finished=True)
         return explicit_resume(ctx, str(explicit))
     if fresh or finished:  # finished: only reached with --overwrite
-        start_over(out, "--fresh" if fresh else "--overwrite")
+        start_over(out, "--fresh" if fresh else "--overwrite", finished=finished)
         return ResumePlan(None, "--fresh: starting over" if fresh else "--overwrite: starting over")
     found = set_damaged_aside(out)
     if found is None:
@@ -136,9 +143,8 @@ def refuse_finished(ctx: Context, overwrite: bool) -> bool:
             f"{cfg.where('output_dir')}: '{out}' already holds {what}. To train again from step 0 pass --overwrite: "
             f"it {deleted}replaces the weights. To keep them, choose another output_dir: --set output_dir={out}-2"
         )
-    log.warning("--overwrite: %s holds %s; this run %sreplaces them", out, what, deleted)
-    with contextlib.suppress(FileNotFoundError):
-        (out / METRICS_FILE).unlink()  # no longer a finished run: if this one stops early, it resumes
+    log.warning("--overwrite: %s holds %s; this run %sreplaces them once it has saved a checkpoint (or finished)",
+                out, what, deleted)
     return True
 
 
@@ -149,14 +155,26 @@ def clear_leftovers(out: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def start_over(out: Path, flag: str) -> None:
-    """Remove the earlier run's checkpoints (``--fresh``, or ``--overwrite`` of a finished run)."""
-    old = list_checkpoints(out)
-    if old:
-        log.warning("%s: removing %d checkpoint(s) of the earlier run in %s (%s)", flag, len(old), out,
-                    ", ".join(c.path.name for c in old))
-        for checkpoint in old:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+def put_back(out: Path) -> None:
+    """A run killed after ``start_over`` and before it saved anything: the run it replaced is put back."""
+    if out.is_dir():
+        restored = put_back_set_aside(out)
+        if restored:
+            log.warning("the run that --overwrite/--fresh started in %s stopped before it saved anything: the earlier "
+                        "run it replaced is put back (%s)", out, ", ".join(restored))
+
+
+def start_over(out: Path, flag: str, *, checkpoints: bool = True, finished: bool = False) -> None:
+    """Set the earlier run aside (``--fresh``, or ``--overwrite`` of a finished run): its checkpoints, and a
+    finished run's final outputs. They are deleted once this run saves, put back if it stops before."""
+    old = list_checkpoints(out) if checkpoints else []
+    files = [out / name for name in RUN_FILES if (out / name).is_file()] if finished else []
+    if set_aside(out, [c.path for c in old] + files) is None:
+        return
+    what = ", ".join([c.path.name for c in old] + [f.name for f in files])
+    level = logging.INFO if finished else logging.WARNING  # refuse_finished has warned about a finished run
+    log.log(level, "%s: the earlier run in %s (%s) is set aside in %s; it is deleted once this run saves its first "
+            "checkpoint (or finishes), and put back if this run stops before then", flag, out, what, out / SET_ASIDE)
 
 
 def set_damaged_aside(out: Path) -> Checkpoint | None:

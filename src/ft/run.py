@@ -43,7 +43,7 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
     from ft.outputs import final_outputs, lock_output_dir, write_run_files
     from ft.patching import PatchWatch
     from ft.resume import plan_resume
-    from ft.train import build_trainer, patch_check_callback, run_training
+    from ft.train import build_trainer, patch_check_callback, run_training, seed_everything
 
     cfg, calls = ctx.cfg, ctx.pm.calls
     with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
@@ -52,6 +52,7 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
         tokenizer = calls.load_tokenizer(cfg)
         data = prepare_datasets(ctx, tokenizer)  # the method's columns, cached by content, maybe packed
 
+        seed_everything(cfg)  # the model's and the adapter's random init follow `seed`
         model = calls.load_model(cfg, calls.model_kwargs(cfg), tokenizer)
         patches, watch = [], PatchWatch(model)  # what each plugin changed, checked after the first step
         scope.callback(watch.close)

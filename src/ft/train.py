@@ -85,6 +85,20 @@ def torch_dtype(precision: str) -> Any:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+# -- seeding ---------------------------------------------------------------------------------
+
+
+def seed_everything(cfg: Any) -> None:
+    """Seed Python, numpy and torch (every device) with ``seed`` before the model and adapter are built.
+
+    The Trainer seeds only when it is created, after the adapter's random init (LoRA's ``lora_A``) and
+    anything else a plugin builds at random; without this, two runs of one config differ. Called right
+    before the model is loaded, so whether the data came from the cache or was built does not matter."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+
+
 # -- what ft adds to any Trainer ---------------------------------------------------------------
 
 
