@@ -129,7 +129,8 @@ def ft_validate_config(cfg):
 @hookimpl
 def ft_trainer_args(cfg):
     adam = cfg.section("adam")
-    args = {"adam_beta1": adam.beta1, "adam_beta2": adam.beta2, "adam_epsilon": adam.epsilon}
+    # only what the user wrote: the defaults are transformers' own, and another plugin may set these
+    args = {f"adam_{name}": getattr(adam, name) for name in sorted(adam.model_fields_set)}
     # cosine with a floor is transformers' cosine_with_min_lr (the floor goes in as min_lr_rate)
     if cfg.lr_scheduler == "cosine" and cfg.cosine_min_lr_ratio is not None:
         args["lr_scheduler_type"] = "cosine_with_min_lr"
