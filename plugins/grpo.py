@@ -51,6 +51,7 @@ NO_SIGNAL_STEPS = 5  # generations in a row without any reward difference inside
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")  # the reward functions' own arguments
 METRICS = ("reward", "reward_std", "completion_length", "entropy", "clip_ratio", "kl", "completion_truncated",
            "frac_reward_zero_std")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -93,6 +94,18 @@ class GRPOOptions(BaseModel):
     log_completions_steps: int | None = Field(
         None, ge=0, description="Write sample completions to OUTPUT_DIR/completions.jsonl every N steps "
         "(default: logging_steps; 0 = never).")
+    async_generation: bool = Field(
+        False, description="Generate the next step's completions while this step trains (needs a generation backend "
+        "apart from the training model: -p vllm; one process). The generating weights trail by up to max_lag steps.")
+    max_lag: int = Field(1, ge=0, description="async_generation: optimizer steps the generating weights may trail the "
+                         "trained ones (0 = synchronous).")
+    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "token_truncate", description="Importance-sampling correction of the gap between the generator's per-token "
+        "log-probabilities (vLLM's) and the trainer's, as TRL's vllm_importance_sampling_mode: token_truncate caps each "
+        "token's ratio at is_cap; token_mask drops tokens whose ratio leaves [is_min, is_cap]; sequence_* do the same "
+        "with one ratio per completion; none. Applies only when generation returns log-probabilities (-p vllm).")
+    is_cap: float = Field(3.0, gt=0, description="Upper bound of the importance-sampling ratio (is_correction).")
+    is_min: float | None = Field(None, ge=0, description="Lower bound of the importance-sampling ratio (default: none).")
 
 
 def options(cfg: Any) -> GRPOOptions:
@@ -123,6 +136,11 @@ def ft_validate_config(cfg):
             f"{cfg.gradient_accumulation_steps} = {per_step} completions per device and step) must be a multiple of "
             f"grpo.num_generations ({g}): each device generates whole groups. Set micro_batch_size: {g} (or a multiple), "
             f"or gradient_accumulation_steps so that the product is one.")
+    if opts.async_generation and opts.max_lag and cfg.section("vllm") is None:  # no generator plugin
+        problems.append(f"{cfg.where('grpo', 'async_generation')}: asynchronous generation needs a generator apart from "
+                        "the training model: add -p vllm (plugins: [vllm]), or set async_generation: false.")
+    if opts.is_min is not None and opts.is_min >= opts.is_cap:
+        problems.append(f"{cfg.where('grpo', 'is_min')}: is_min ({opts.is_min:g}) must be below is_cap ({opts.is_cap:g}).")
     if opts.epsilon >= 1:
         problems.append(f"{cfg.where('grpo', 'epsilon')}: epsilon {opts.epsilon:g} would let the ratio's lower bound "
                         "reach 0 or below; use a value below 1 (0.2 is usual).")
@@ -402,9 +420,45 @@ def group_advantages(rewards: Any, num_generations: int, scale: str, batch_std: 
     return torch.nan_to_num(advantages, nan=0.0), std
 
 
+def is_weights(old_logps: Any, sampling_logps: Any, mask: Any, mode: str, cap: float | None,
+               floor: float | None) -> tuple[Any, dict[str, Any]]:
+    """Importance-sampling weights that correct for completions sampled by another engine (or older weights):
+    the ratio of the trainer's probability of each token (``old_logps``, no gradient) to the generator's
+    (``sampling_logps``, NaN where it gave none: ratio 1), as TRL's ``vllm_importance_sampling_mode``:
+    ``token_truncate`` clamps each token's ratio to ``[floor, cap]``; ``token_mask`` zeroes tokens outside it;
+    ``sequence_*`` do the same with one ratio per completion (the product over its tokens), shape ``[B, 1]``.
+
+    Returns the weights (multiplying each token's loss) and the statistics logged: ``is/mean``, ``is/min``,
+    ``is/max`` of the weights over the completion tokens (over completions for sequence modes) and
+    ``is/clipped``, the share of them truncated or masked.
+    """
+    import torch
+
+    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
+    sequence = mode.startswith("sequence")
+    raw = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence else diff)
+    low = floor if floor is not None else -math.inf
+    high = cap if cap is not None else math.inf
+    outside = (raw < low) | (raw > high)
+    if mode.endswith("truncate"):
+        weights = torch.clamp(raw, min=floor, max=cap)
+    elif mode.endswith("mask"):
+        weights = raw.masked_fill(outside, 0.0)
+    else:
+        raise FtError(f"unknown grpo.is_correction '{mode}'")
+    with torch.no_grad():
+        keep = torch.ones_like(weights, dtype=torch.bool) if sequence else mask.bool()
+        flat, hit = weights[keep], outside[keep]
+        empty = flat.new_zeros(())
+        stats = {"is/mean": flat.mean() if flat.numel() else empty, "is/min": flat.min() if flat.numel() else empty,
+                 "is/max": flat.max() if flat.numel() else empty,
+                 "is/clipped": hit.float().mean() if hit.numel() else empty}
+    return weights, stats
+
+
 def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask: Any, *, loss_type: str,
                 epsilon_low: float, epsilon_high: float, beta: float, max_completion_len: int,
-                step_tokens: Any = None) -> tuple[Any, dict[str, Any]]:
+                step_tokens: Any = None, importance: Any = None) -> tuple[Any, dict[str, Any]]:
     """The clipped-surrogate loss of one micro-batch, and its per-token statistics.
 
     ``logps``/``old_logps``/``ref_logps``/``mask`` are ``[B, C]`` (completion tokens), ``advantages`` ``[B]``.
@@ -412,6 +466,7 @@ def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mas
     The loss is what one micro-batch contributes before the Trainer divides by the accumulation steps, so that
     the step's gradient is that of the objective over the whole step: ``step_tokens`` (dapo) is the number of
     completion tokens of the step over all devices, divided by the device count, times 1 / accumulation steps.
+    ``importance`` (:func:`is_weights`) multiplies each token's surrogate loss, before the KL term, as in TRL.
     """
     import torch
 
@@ -420,6 +475,8 @@ def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mas
     ratio = torch.exp(logps - old)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if importance is not None:
+        per_token = per_token * importance
     stats: dict[str, Any] = {}
     if beta:
         delta = ref_logps - logps
@@ -518,12 +575,20 @@ def _sampler_class() -> type:
         def __len__(self) -> int:
             return self.steps() * self.per_rank * self.world * self.repeats
 
-        def __iter__(self):
+        def order(self, epoch: int) -> list[int]:
             if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed + self.epoch)
-                order = torch.randperm(self.size, generator=generator).tolist()
-            else:
-                order = list(range(self.size))
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                return torch.randperm(self.size, generator=generator).tolist()
+            return list(range(self.size))
+
+        def step_indices(self, step: int, rank: int = 0) -> list[int]:
+            """The prompts of the ``step``-th generation of the run (counted over epochs) on device ``rank``."""
+            epoch, s = divmod(step, self.steps())
+            start = s * self.per_rank * self.world + rank * self.per_rank
+            return self.order(epoch)[start:start + self.per_rank]
+
+        def __iter__(self):
+            order = self.order(self.epoch)
             width = self.per_rank * self.world
             for s in range(self.steps()):
                 chunk = order[s * width:(s + 1) * width]
@@ -702,6 +767,10 @@ def trainer_class() -> type:
             self.eos_token_ids = frozenset(eos)
             self.generation = HFGeneration(self)
             self._synced_step = -1
+            self._pending: list[tuple[list[list[int]], Any]] = []  # async: (prompt ids, future), oldest first
+            self._executor: Any = None
+            self._step_sampler: Any = None
+            self.async_misses = 0  # async generations whose prompts were not the step's (generated again)
             self._buffer: list[dict[str, Any]] | None = None
             self._micro = 0
             self._flat_steps = 0
@@ -742,7 +811,9 @@ def trainer_class() -> type:
                 raise FtError(f"the dataset has {len(dataset)} prompts, fewer than one optimizer step takes "
                               f"({per_rank} per device x {world} device(s): micro_batch_size x gradient_accumulation_steps "
                               f"/ num_generations); add prompts or lower micro_batch_size.")
-            return _sampler_class()(len(dataset), per_rank, world, repeats, self.args.seed, bool(self.ft_cfg.shuffle))
+            self._step_sampler = _sampler_class()(len(dataset), per_rank, world, repeats, self.args.seed,
+                                                  bool(self.ft_cfg.shuffle))
+            return self._step_sampler
 
         # one micro-batch
 
@@ -771,7 +842,8 @@ def trainer_class() -> type:
                 logps, inputs.get("old_logps"), inputs.get("ref_logps"), inputs["advantages"], mask,
                 loss_type=opts.loss_type, epsilon_low=opts.epsilon,
                 epsilon_high=opts.epsilon_high if opts.epsilon_high is not None else opts.epsilon, beta=opts.beta,
-                max_completion_len=opts.max_completion_len, step_tokens=inputs["step_tokens"])
+                max_completion_len=opts.max_completion_len, step_tokens=inputs["step_tokens"],
+                importance=inputs.get("importance"))
             record = {"entropy": masked_mean(entropy, mask), "clip_ratio": masked_mean(stats["clip_ratio"], mask)}
             if "kl" in stats:
                 record["kl"] = masked_mean(stats["kl"], mask)
@@ -793,19 +865,113 @@ def trainer_class() -> type:
 
         # one optimizer step's completions: generate, score, advantages, micro-batches
 
-        def _generate_step(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            opts, device = self.grpo, self.args.device
-            g = opts.num_generations
-            if self.state.global_step != self._synced_step:  # the generator gets the weights of this step
-                self.generation.sync_weights(self.model)
-                self._synced_step = self.state.global_step
-            prompt_ids = [list(r["input_ids"]) for r in rows]
-            sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k,
-                        "max_tokens": opts.max_completion_len}
-            completion_ids = self.generation.generate(prompt_ids, g, sampling)
+        def _sampling(self) -> dict[str, Any]:
+            opts = self.grpo
+            return {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k,
+                    "max_tokens": opts.max_completion_len}
+
+        def _generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], Any]:
+            """``(completion ids, the generator's per-token log-probabilities or None)``."""
+            g = self.grpo.num_generations
+            out = self.generation.generate(prompt_ids, g, self._sampling())
+            completion_ids, logps = out if isinstance(out, tuple) else (out, None)
             if len(completion_ids) != len(prompt_ids) * g:
                 raise FtError(f"generation ({self.generation.name}) returned {len(completion_ids)} completions for "
                               f"{len(prompt_ids)} prompts x {g}.")
+            return completion_ids, logps
+
+        def _sync_now(self) -> None:
+            if self.state.global_step != self._synced_step:  # the generator gets the weights of this step
+                metrics = self.generation.sync_weights(self.model)
+                self._synced_step = self.state.global_step
+                if metrics:
+                    self._record(metrics)
+
+        def _async_lag(self) -> int:
+            if not (self.grpo.async_generation and self.grpo.max_lag):
+                return 0
+            if not getattr(self.generation, "supports_async", False):
+                raise FtError(f"grpo.async_generation needs a generator apart from the training model; "
+                              f"{self.generation.name} generation is the training model itself. Add -p vllm.")
+            if self.args.world_size > 1:
+                raise FtError("grpo.async_generation runs in one process for now; with several, set it to false.")
+            return self.grpo.max_lag
+
+        def _completions(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], Any]:
+            """This step's completions: generated now, or (async_generation) by the generation started up to
+            max_lag steps ago with the weights of then; then the generations of the next steps are started."""
+            prompt_ids = [list(r["input_ids"]) for r in rows]
+            lag = self._async_lag()
+            if not lag:
+                self._sync_now()
+                return self._generate(prompt_ids)
+            result = None
+            if self._pending and self._pending[0][0] == prompt_ids:
+                completion_ids, logps, metrics = self._pending.pop(0)[1].result()
+                if metrics:
+                    self._record(metrics)
+                result = (completion_ids, logps)
+            else:
+                if self._pending:  # not the prompts expected (a resumed run, the end of the data): start again
+                    self.async_misses += 1
+                    log.debug("grpo: the generation started ahead was for other prompts; generating these now")
+                for _, future in self._pending:
+                    future.result()
+                self._pending.clear()
+                self._sync_now()
+                result = self._generate(prompt_ids)
+            self._start_ahead(lag)
+            return result
+
+        def _start_ahead(self, lag: int) -> None:
+            import concurrent.futures
+
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ft-grpo-generate")
+            while len(self._pending) < lag:
+                prompt_ids = self._prompts_ahead(len(self._pending) + 1)
+                if prompt_ids is None:
+                    return
+                apply = None
+                if self.state.global_step != self._synced_step:  # written now, while the weights are this step's
+                    apply = self.generation.snapshot(self.model)
+                    self._synced_step = self.state.global_step
+
+                def work(apply=apply, prompt_ids=prompt_ids):
+                    metrics = apply() if apply is not None else None
+                    return (*self._generate(prompt_ids), metrics)
+
+                self._pending.append((prompt_ids, self._executor.submit(work)))
+
+        def _prompts_ahead(self, ahead: int) -> list[list[int]] | None:
+            """The prompt ids of the generation ``ahead`` steps after this one, from the sampler's order (None past
+            the end of training)."""
+            sampler, iterations = self._step_sampler, self.grpo.num_iterations
+            if sampler is None:
+                return None
+            index = self.state.global_step // iterations + ahead
+            total = self.state.max_steps if self.state.max_steps > 0 else math.inf
+            if index * iterations >= total:
+                return None
+            return [list(self.train_dataset[i]["input_ids"]) for i in sampler.step_indices(index)]
+
+        def close_generation(self) -> None:
+            """Wait for generations still running, stop the generation thread, let the backend clean up."""
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            close = getattr(self.generation, "close", None)
+            if close is not None:
+                close()
+
+        def _generate_step(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            opts, device = self.grpo, self.args.device
+            g = opts.num_generations
+            prompt_ids = [list(r["input_ids"]) for r in rows]
+            completion_ids, sampling_logps = self._completions(rows)
             completion_ids = [list(c) if len(c) else [self.pad_token_id] for c in completion_ids]
             expanded = [r for r in rows for _ in range(g)]
             texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
@@ -839,9 +1005,11 @@ def trainer_class() -> type:
             self._record(metrics)
             self._watch_signal(bool((std < 1e-8).all()))
             self._log_completions(prompts, texts, values, rewards, advantages)
-            return self._micro_batches(prompt_ids, completion_ids, advantages)
+            if sampling_logps is not None:  # empty completions were given one pad token above
+                sampling_logps = [list(lp) if len(lp) else [math.nan] for lp in sampling_logps]
+            return self._micro_batches(prompt_ids, completion_ids, advantages, sampling_logps)
 
-        def _micro_batches(self, prompt_ids, completion_ids, advantages):
+        def _micro_batches(self, prompt_ids, completion_ids, advantages, sampling_logps=None):
             """Split the step's completions into micro-batches (each padded to its own longest row) and compute
             what the loss compares against: the generating policy's log-probabilities (num_iterations > 1) and
             the reference's (beta > 0)."""
@@ -859,9 +1027,16 @@ def trainer_class() -> type:
                                   self.pad_token_id, device)
                 batch["advantages"] = advantages[start:start + size]
                 batch["step_tokens"] = step_tokens
+                correct = sampling_logps is not None and opts.is_correction != "none"
                 with torch.no_grad():
-                    if opts.num_iterations > 1:
+                    if opts.num_iterations > 1 or correct:
                         batch["old_logps"] = self._logps(self.model, batch)[0]
+                    if correct:
+                        sampled = pad_floats([sampling_logps[i] for i in rows], batch["completion_ids"].shape[1],
+                                             device)
+                        batch["importance"], stats = is_weights(batch["old_logps"], sampled, batch["completion_mask"],
+                                                                opts.is_correction, opts.is_cap, opts.is_min)
+                        self._record(stats)
                     if self.reference is not None:
                         batch["ref_logps"] = self._reference_logps(batch)
                 out.append(batch)
@@ -934,6 +1109,16 @@ def _json_number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, 6)
 
 
+def pad_floats(rows: list[list[float]], width: int, device: Any) -> Any:
+    """Per-token values right-padded with 0 to ``width`` (``[B, width]`` float32)."""
+    import torch
+
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out.to(device)
+
+
 def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad: int, device: Any) -> dict[str, Any]:
     """One micro-batch: prompts left-padded and completions right-padded to their longest, so every row's
     completion starts at the same column (the loss keeps only those logits). Positions count real tokens
@@ -964,7 +1149,11 @@ CURVES_FILE = "grpo_curves.png"
 def ft_after_train(cfg, trainer):
     """``grpo_curves.png``: the rewards, completion length, and entropy / KL / clip ratio, each on its own scale
     (``training_curves.png`` draws every method metric in one panel)."""
-    if cfg.method != "grpo" or not trainer.is_world_process_zero():
+    if cfg.method != "grpo":
+        return
+    if hasattr(trainer, "close_generation"):
+        trainer.close_generation()
+    if not trainer.is_world_process_zero():
         return
     path = Path(cfg.output_dir) / "metrics.json"
     if path.is_file():
@@ -1023,5 +1212,6 @@ def ft_register_methods(register):
     ))
 
 
-__all__ = ["GRPOOptions", "PromptOptions", "combine_rewards", "group_advantages", "policy_loss", "completion_logps", "pack_rows",
+__all__ = ["GRPOOptions", "PromptOptions", "combine_rewards", "group_advantages", "policy_loss", "is_weights",
+           "completion_logps", "pack_rows",
            "score", "nanstd"]
