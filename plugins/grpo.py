@@ -136,7 +136,7 @@ def ft_validate_config(cfg):
             f"{cfg.gradient_accumulation_steps} = {per_step} completions per device and step) must be a multiple of "
             f"grpo.num_generations ({g}): each device generates whole groups. Set micro_batch_size: {g} (or a multiple), "
             f"or gradient_accumulation_steps so that the product is one.")
-    if opts.async_generation and opts.max_lag and cfg.section("vllm") is None:  # no generator plugin
+    if opts.async_generation and opts.max_lag and not cfg.provides("separate_generation"):
         problems.append(f"{cfg.where('grpo', 'async_generation')}: asynchronous generation needs a generator apart from "
                         "the training model: add -p vllm (plugins: [vllm]), or set async_generation: false.")
     if opts.is_min is not None and opts.is_min >= opts.is_cap:

@@ -57,6 +57,7 @@ from ft.api import FtError, MissingDependencyError, has_adapter, is_installed
 
 FT_FEATURE = True
 FT_METHOD_FEATURE = "generation"  # only methods that sample (grpo) can use it
+FT_PROVIDES = ("separate_generation",)  # a generator apart from the training model (grpo.async_generation)
 
 log = logging.getLogger("ft.vllm")
 
@@ -560,8 +561,9 @@ class VLLMEngine:
                                   "enable_prefix_caching": True, "logprobs_mode": "processed_logprobs"}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if max_lora_rank:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        if max_lora_rank:  # vLLM takes these ranks only
+            rank = next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= max_lora_rank), max_lora_rank)
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
         self.sleeping: bool | None = None
         if sleep:
             if not torch.cuda.is_available():
@@ -571,6 +573,8 @@ class VLLMEngine:
             self.sleeping = False
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(**kwargs)
+        self.model = model
+        self.base_changed = False  # full weights were reloaded: an adapter needs the base back first
         self.lora = bool(max_lora_rank)
         self.adapter: Any = None
         self.adapter_id = 0
@@ -598,6 +602,9 @@ class VLLMEngine:
         if not self.lora:
             raise ValueError("this engine was started without LoRA (ft vllm-serve: the config's lora section or "
                              "--max-lora-rank turn it on)")
+        if self.base_changed and Path(self.model).is_dir():  # a run with full weights came before this one
+            self.reload(self.model)
+            self.base_changed = False
         with self.lock:
             self.adapter_id += 1
             self.adapter = LoRARequest(f"ft-{self.adapter_id}", self.adapter_id, str(path))
@@ -609,6 +616,8 @@ class VLLMEngine:
         with self.lock:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
             self.llm.reset_prefix_cache()
+            self.adapter = None  # full weights: no adapter on top
+            self.base_changed = Path(path) != Path(self.model)
 
     def load_weights(self, weights: dict[str, Any]) -> int:
         """http sync: one part of the weights, kept until ``weights_done`` reloads them all."""
