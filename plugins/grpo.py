@@ -94,6 +94,16 @@ class GRPOOptions(BaseModel):
     log_completions_steps: int | None = Field(
         None, ge=0, description="Write sample completions to OUTPUT_DIR/completions.jsonl every N steps "
         "(default: logging_steps; 0 = never).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Sample only tokens with at least min_p times the "
+                                "most likely token's probability (default: off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalise tokens already in the prompt or completion "
+                                      "(> 1 repeats less; 1 = off).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (kept in it).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end a completion, besides "
+                                      "the end-of-sequence ones.")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_len out of the loss (they still count in their "
+        "group's reward statistics).")
     async_generation: bool = Field(
         False, description="Generate the next step's completions while this step trains (needs a generation backend "
         "apart from the training model: -p vllm; one process). The generating weights trail by up to max_lag steps.")
@@ -190,6 +200,13 @@ class PromptOptions(DatasetOptions):
     chat_template: str | None = Field(
         None, description="Template for chat prompts: null = the tokenizer's own; a shipped name (chatml, llama3, "
         "mistral, qwen); a .jinja file; or inline jinja.")
+    system_prompt: str | None = Field(None, description="A system message put first in every chat prompt that has "
+                                      "none (and in string prompts with apply_chat_template).")
+    apply_chat_template: bool = Field(False, description="String prompts become a user message rendered with the chat "
+                                      "template and its generation prompt (and system_prompt); the rewards then see "
+                                      "the messages. Off: a string prompt is used as it is.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="More variables for the chat "
+                                                 "template, e.g. {enable_thinking: false}.")
 
 
 class PromptTokenize:
@@ -201,17 +218,26 @@ class PromptTokenize:
         self.field = options.field_prompt
         self.template = template
         self.where = where
+        self.system = options.system_prompt
+        self.template_strings = options.apply_chat_template
+        self.template_kwargs = dict(options.chat_template_kwargs)
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         if self.template is None:
             raise FtError(f"{self.where}: chat prompts need a chat template, and none could be resolved.")
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **self.template_kwargs)
+
+    def _messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.system is not None and messages[0].get("role") != "system":
+            return [{"role": "system", "content": self.system}, *messages]
+        return messages
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
         chats: list[tuple[int, str]] = []
         texts: list[tuple[int, str]] = []
+        rendered: dict[int, list[dict[str, Any]]] = {}  # the messages a chat prompt was rendered from
         for r, row in enumerate(rows):
             prompt = row.get(self.field)
             for name in row:
@@ -222,16 +248,19 @@ class PromptTokenize:
             if prompt is None:
                 keys = ", ".join(sorted(map(str, row))) or "none"
                 out[r] = Dropped(f"missing field '{self.field}'", f"row has fields: {keys}; set datasets[].field_prompt")
-            elif isinstance(prompt, str):
-                if not prompt.strip():
-                    out[r] = Dropped("empty", f"'{self.field}' has no text")
-                else:
-                    texts.append((r, prompt))
-            elif isinstance(prompt, list):
+            elif isinstance(prompt, str) and not prompt.strip():
+                out[r] = Dropped("empty", f"'{self.field}' has no text")
+            elif isinstance(prompt, str) and not self.template_strings:
+                texts.append((r, prompt))
+            elif isinstance(prompt, (str, list)):
+                if isinstance(prompt, str):
+                    prompt = [{"role": "user", "content": prompt}]
                 bad = _bad_messages(prompt)
                 if bad:
                     out[r] = Dropped("malformed messages", bad)
                     continue
+                prompt = self._messages(prompt)
+                rendered[r] = prompt
                 try:
                     chats.append((r, self._render(prompt)))
                 except FtError:
@@ -251,7 +280,8 @@ class PromptTokenize:
             row = rows[r]
             # the prompt is kept as JSON text: chat and plain prompts can then share a column, and messages
             # reach the rewards exactly as written (a table column would add every key of every message to all)
-            out[r] = {"input_ids": list(token_ids), "prompt": json.dumps(row[self.field], ensure_ascii=False),
+            out[r] = {"input_ids": list(token_ids), "prompt": json.dumps(rendered.get(r, row[self.field]),
+                                                                         ensure_ascii=False),
                       **{k: v for k, v in row.items() if k != self.field}}
         return out
 
@@ -627,20 +657,29 @@ class HFGeneration:
         model.eval()  # no dropout, and the KV cache even with gradient checkpointing on
         try:
             with torch.inference_mode():  # cheaper than no_grad; only the token ids leave it, as Python lists
-                if not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
+                stops = trainer.eos_token_ids | frozenset(sampling.get("stop_token_ids") or ())
+                loop_fits = not (sampling.get("min_p") or sampling.get("stop")
+                                 or sampling.get("repetition_penalty", 1.0) != 1.0)  # what only generate does
+                if loop_fits and not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
                     try:
-                        return sample_groups(model, ids, mask, n, sampling, trainer.eos_token_ids,
+                        return sample_groups(model, ids, mask, n, sampling, stops,
                                              logits_to_keep=trainer._logits_to_keep)
                     except Exception as exc:  # noqa: BLE001 - a model the loop does not fit: generate instead
                         log.info("grpo: sampling with model.generate (the sampling loop does not fit this model: "
                                  "%s: %s)", type(exc).__name__, exc)
                         self.use_generate = True
+                extra = {"stop_strings": list(sampling["stop"]), "tokenizer": trainer.processing_class} \
+                    if sampling.get("stop") else {}
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling["temperature"],
-                    top_p=sampling["top_p"], top_k=sampling["top_k"], min_p=None, repetition_penalty=1.0,
+                    top_p=sampling["top_p"], top_k=sampling["top_k"], min_p=sampling.get("min_p"),
+                    repetition_penalty=sampling.get("repetition_penalty", 1.0),
                     max_new_tokens=sampling["max_tokens"], num_return_sequences=n, pad_token_id=trainer.pad_token_id,
-                    eos_token_id=list(trainer.eos_token_ids), use_cache=True, disable_compile=True)
-                return cut_at_eos(out[:, ids.shape[1]:].tolist(), trainer.eos_token_ids)
+                    eos_token_id=sorted(stops), use_cache=True, disable_compile=True, **extra)
+                completions = cut_at_eos(out[:, ids.shape[1]:].tolist(), stops)
+                if extra and trainer.pad_token_id not in stops:  # stopped at a string: padded after it
+                    completions = [_strip_trailing(c, trainer.pad_token_id) for c in completions]
+                return completions
         finally:
             model.train(was_training)
 
@@ -720,6 +759,13 @@ def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, A
                     past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
     return tokens
+
+
+def _strip_trailing(seq: list[int], pad: int) -> list[int]:
+    end = len(seq)
+    while end > 1 and seq[end - 1] == pad:
+        end -= 1
+    return seq[:end]
 
 
 def cut_at_eos(sequences: list[list[int]], eos: frozenset[int]) -> list[list[int]]:
@@ -867,8 +913,17 @@ def trainer_class() -> type:
 
         def _sampling(self) -> dict[str, Any]:
             opts = self.grpo
-            return {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k,
-                    "max_tokens": opts.max_completion_len}
+            sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k,
+                        "max_tokens": opts.max_completion_len}
+            if opts.min_p is not None:
+                sampling["min_p"] = opts.min_p
+            if opts.repetition_penalty != 1.0:
+                sampling["repetition_penalty"] = opts.repetition_penalty
+            if opts.stop:
+                sampling["stop"] = list(opts.stop)
+            if opts.stop_token_ids:
+                sampling["stop_token_ids"] = list(opts.stop_token_ids)
+            return sampling
 
         def _generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], Any]:
             """``(completion ids, the generator's per-token log-probabilities or None)``."""
@@ -993,8 +1048,10 @@ def trainer_class() -> type:
                 self._report_nonfinite(bad, per_func, prompts, completions)
 
             lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32, device=device)
-            truncated = torch.tensor([c[-1] not in self.eos_token_ids for c in completion_ids], dtype=torch.float32,
-                                     device=device)
+            # cut at max_completion_len (a completion that ended earlier met an end token or a stop)
+            cut = [len(c) >= opts.max_completion_len and c[-1] not in self.eos_token_ids | set(opts.stop_token_ids)
+                   for c in completion_ids]
+            truncated = torch.tensor(cut, dtype=torch.float32, device=device)
             metrics = {"reward": torch.nanmean(rewards), "reward_std": nanstd(rewards),
                        "completion_length": lengths.mean(), "completion_truncated": truncated.mean(),
                        "frac_reward_zero_std": (std.view(-1, g)[:, 0] < 1e-8).float().mean()}
@@ -1007,15 +1064,19 @@ def trainer_class() -> type:
             self._log_completions(prompts, texts, values, rewards, advantages)
             if sampling_logps is not None:  # empty completions were given one pad token above
                 sampling_logps = [list(lp) if len(lp) else [math.nan] for lp in sampling_logps]
-            return self._micro_batches(prompt_ids, completion_ids, advantages, sampling_logps)
+            return self._micro_batches(prompt_ids, completion_ids, advantages, sampling_logps,
+                                       cut if opts.mask_truncated_completions else None)
 
-        def _micro_batches(self, prompt_ids, completion_ids, advantages, sampling_logps=None):
+        def _micro_batches(self, prompt_ids, completion_ids, advantages, sampling_logps=None, masked=None):
             """Split the step's completions into micro-batches (each padded to its own longest row) and compute
             what the loss compares against: the generating policy's log-probabilities (num_iterations > 1) and
             the reference's (beta > 0)."""
             opts, device, size = self.grpo, self.args.device, self.args.per_device_train_batch_size
             g = opts.num_generations
-            tokens = torch.tensor(float(sum(len(c) for c in completion_ids)), device=device)
+            # masked (mask_truncated_completions): completions cut at max_completion_len count no tokens in the loss
+            masked = masked or [False] * len(completion_ids)
+            tokens = torch.tensor(float(sum(len(c) for c, m in zip(completion_ids, masked, strict=True) if not m)),
+                                  device=device)
             if self.args.world_size > 1:
                 tokens = self.accelerator.reduce(tokens, reduction="sum")
             # dapo: the step's tokens per device, per micro-batch share (see policy_loss)
@@ -1027,6 +1088,9 @@ def trainer_class() -> type:
                                   self.pad_token_id, device)
                 batch["advantages"] = advantages[start:start + size]
                 batch["step_tokens"] = step_tokens
+                if any(masked[i] for i in rows):
+                    keep = torch.tensor([not masked[i] for i in rows], device=device)
+                    batch["completion_mask"] = batch["completion_mask"] * keep[:, None].to(batch["completion_mask"].dtype)
                 correct = sampling_logps is not None and opts.is_correction != "none"
                 with torch.no_grad():
                     if opts.num_iterations > 1 or correct:
