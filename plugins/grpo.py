@@ -38,7 +38,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ft import hookimpl
-from ft.api import DatasetOptions, Dropped, FtError, Method, ReferenceModel, TextEncoder, entry_where
+from ft.api import (
+    DatasetOptions,
+    Dropped,
+    FtError,
+    Method,
+    ReferenceModel,
+    TextEncoder,
+    entry_where,
+    resolve_path,
+)
 
 FT_FEATURE = False  # a method: always available, chosen with `method: grpo`
 
@@ -63,7 +72,8 @@ class RewardEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(description="A registered reward (see `ft plugins`): exact_match, regex_match, json_schema, "
-                      "length_penalty, reward_model, or a plugin's.")
+                      "length_penalty, reward_model, or a plugin's; or a function by import path, TRL's signature: "
+                      "package.module:function or file.py:function.")
     weight: float = Field(1.0, description="Weight of this reward in the sum that is normalised per group.")
 
 
@@ -161,9 +171,50 @@ def _registry(cfg: Any) -> Any:
     return cfg.registries.rewards
 
 
+def import_reward(cfg: Any, path: str, where: str) -> Callable[..., Any]:
+    """A reward function by import path, as TRL takes them: ``package.module:function`` (importable here) or
+    ``file.py:function`` (next to the config or in the working directory)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    module_name, _, attr = path.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(resolve_path(cfg, module_name))
+            if not file.is_file():
+                raise FileNotFoundError(f"no file {file}")
+            spec = importlib.util.spec_from_file_location(f"ft_reward_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - whatever the import raised, said with where it was asked for
+        raise FtError(f"{where}: reward '{path}': could not import '{module_name}' ({type(exc).__name__}: {exc}). "
+                      "Give module:function with the module importable (installed, or on PYTHONPATH), or "
+                      "file.py:function.") from None
+    fn: Any = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise FtError(f"{where}: reward '{path}': '{module_name}' has no function '{attr}'.")
+    return fn
+
+
 def _reward_problems(cfg: Any, i: int, entry: RewardEntry) -> list[str]:
     registry = _registry(cfg)
     where = cfg.where("grpo", "rewards", i, "name")
+    if ":" in entry.name:  # an import path (TRL's reward functions as they are)
+        extra = dict(entry.model_extra or {})
+        if extra:
+            return [f"{cfg.where('grpo', 'rewards', i, next(iter(extra)))}: reward '{entry.name}' is a function by "
+                    f"import path and takes no options (got {', '.join(extra)}); remove them."]
+        try:
+            import_reward(cfg, entry.name, where)
+        except FtError as exc:
+            return [str(exc)]
+        return []
     if entry.name not in registry:
         return [f"{where}: {registry.unknown_message(entry.name)} Rewards come from plugins; see `ft plugins`."]
     reward = registry.get(entry.name).value
@@ -331,6 +382,11 @@ class RewardFunction:
 def build_rewards(cfg: Any, opts: GRPOOptions) -> list[RewardFunction]:
     out = []
     for i, entry in enumerate(opts.rewards):
+        if ":" in entry.name:
+            out.append(RewardFunction(entry.name, entry.weight,
+                                      import_reward(cfg, entry.name, cfg.where("grpo", "rewards", i, "name")),
+                                      "import path"))
+            continue
         registered = _registry(cfg).get(entry.name, cfg.where("grpo", "rewards", i, "name"))
         reward = registered.value
         fn = reward.fn

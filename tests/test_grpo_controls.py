@@ -135,3 +135,32 @@ def test_sampling_controls_reach_the_generator(tiny_model_dir, tmp_path):
     params = apply_sampling({**seen[0], "stop_token_ids": [3]})
     assert params["min_p"] == 0.05 and params["repetition_penalty"] == 1.3 and params["stop"] == ["7"]
     assert params["include_stop_str_in_output"] and params["stop_token_ids"] == [3] and params["logprobs"] == 0
+
+
+def test_a_reward_function_by_import_path(tiny_model_dir, tmp_path):
+    from ft.run import run
+
+    (tmp_path / "my_rewards.py").write_text(
+        "CALLS = []\n"
+        "def short(prompts, completions, completion_ids, answer, **kwargs):\n"  # TRL's signature
+        "    CALLS.append(len(completions))\n"
+        "    return [-len(c) / 10 for c in completion_ids]\n")
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=1,
+                         grpo={"rewards": [{"name": "my_rewards.py:short", "weight": 2.0}]})
+    run(config)
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert "reward/my_rewards.py:short/mean" in history[0]
+    assert history[0]["reward"] == pytest.approx(2.0 * history[0]["reward/my_rewards.py:short/mean"])
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("nowhere_module_xyz:f", "could not import 'nowhere_module_xyz' (ModuleNotFoundError"),
+    ("json:no_such_function", "'json' has no function 'no_such_function'"),
+    ("missing.py:f", "could not import 'missing.py' (FileNotFoundError"),
+])
+def test_a_bad_import_path_is_a_config_error_with_its_line(name, says, tmp_path):
+    from test_grpo import problems_of
+
+    config = grpo_config(tmp_path, tmp_path, grpo={"rewards": [{"name": name}]})
+    text = problems_of(config)
+    assert "config.yaml:" in text and says in text
