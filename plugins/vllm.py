@@ -738,7 +738,8 @@ def ft_add_commands(cli):
     @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True,
                   help="vllm; or hf (Hugging Face generate, no vLLM needed) to try the setup.")
     @click.option("--tensor-parallel-size", type=int, default=None, help="GPUs the engine spans.")
-    @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
+    @click.option("--gpu-memory-utilization", type=float, default=None,
+                  help="Fraction of the GPU's memory (default: the config's vllm.gpu_memory_utilization, else 0.9).")
     @click.option("--max-model-len", type=int, default=None)
     @click.option("--max-lora-rank", type=int, default=None,
                   help="Serve LoRA adapters up to this rank (default: the config's lora.r when it uses -p lora/qlora).")
@@ -760,7 +761,7 @@ def ft_add_commands(cli):
             if section.get("sync") in ("files", "http"):
                 lora_rank = None  # the trainer sends full weights: no LoRA needed
             backend = VLLMEngine(model, tensor_parallel_size=tensor_parallel_size or int(section.get("tensor_parallel_size", 1)),
-                                 gpu_memory_utilization=gpu_memory_utilization,
+                                 gpu_memory_utilization=gpu_memory_utilization or section.get("gpu_memory_utilization", 0.9),
                                  max_model_len=max_model_len or section.get("max_model_len"), dtype=dtype,
                                  max_lora_rank=max_lora_rank or section.get("max_lora_rank") or lora_rank,
                                  kv_cache_gb=section.get("kv_cache_gb"), engine_kwargs=section.get("engine_kwargs"))

@@ -92,6 +92,7 @@ def write_config(root: Path, model: Path, name: str, *, lora: bool, port: int = 
         "grpo": {"num_generations": 4, "max_completion_len": 8, "is_correction": "token_truncate",
                  "rewards": [{"name": "length_penalty", "unit": "characters", "target": 12}], **grpo},
         "vllm": {"mode": mode, "port": port, "server_timeout": 60, "kv_cache_gb": 1, "dtype": "float32",
+                 "gpu_memory_utilization": 0.25,  # on a GPU the server and the trainer share it
                  "max_model_len": 128, "engine_kwargs": {"enforce_eager": True}},
     }
     if lora:
