@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 1.3
+RESULT = "bench-result: "  # a child's result line (vLLM prints on stdout too)
 SIDES = ("trl", "ft", "ft-vllm-colocate", "ft-vllm-server")
 VLLM_PYTHON = os.environ.get("FT_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
 QUESTIONS = ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} to {b}.", "Name a word with {a} letters."]
@@ -219,7 +220,10 @@ def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise SystemExit(f"{side} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT)), None)
+        if line is None:
+            raise SystemExit(f"{side} run printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        result = json.loads(line[len(RESULT):])
     prompts_done = result["steps"] * args.prompts_per_step
     result["prompts_per_second"] = round(prompts_done / result["seconds"], 3)
     result["prompts_per_cpu_second"] = round(prompts_done / result["cpu_seconds"], 3)
@@ -262,7 +266,7 @@ def main() -> None:
         else:
             result = run_ft(args, Path(args.work), {"ft": None, "ft-vllm-colocate": "colocate",
                                                     "ft-vllm-server": "server"}[args.side])
-        print(json.dumps(result))
+        print(RESULT + json.dumps(result), flush=True)
         return
 
     with tempfile.TemporaryDirectory() as tmp:

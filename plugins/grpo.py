@@ -711,8 +711,11 @@ class HFGeneration:
         ids, mask = left_pad(prompt_ids, trainer.pad_token_id, trainer.args.device)
         was_training = model.training
         model.eval()  # no dropout, and the KV cache even with gradient checkpointing on
+        gathered = full_parameters(trainer.model, trainer.accelerator)
         try:
-            with torch.inference_mode():  # cheaper than no_grad; only the token ids leave it, as Python lists
+            # inference_mode is cheaper than no_grad (only the token ids leave it, as Python lists); sharded
+            # parameters, gathered outside it, must not be touched inside it
+            with gathered, (torch.no_grad() if gathered.sharded else torch.inference_mode()):
                 stops = trainer.eos_token_ids | frozenset(sampling.get("stop_token_ids") or ())
                 loop_fits = not (sampling.get("min_p") or sampling.get("stop")
                                  or sampling.get("repetition_penalty", 1.0) != 1.0)  # what only generate does
@@ -741,6 +744,71 @@ class HFGeneration:
 
     def sync_weights(self, model: Any) -> None:
         """Nothing to do: generation uses the training model itself."""
+
+
+class full_parameters:  # noqa: N801 - used as a context manager
+    """The full parameters on every process while it generates, then sharded again: FSDP2 units are unsharded
+    and kept so between forwards (processes sample different numbers of tokens, so no collective may run
+    inside); DeepSpeed ZeRO-3 parameters are gathered and its hooks lifted meanwhile (as TRL does). Nothing
+    for an unsharded model (``sharded`` False)."""
+
+    def __init__(self, model: Any, accelerator: Any):
+        self.model = model
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - old torch
+            FSDPModule = ()  # noqa: N806
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+        self.zero3 = (getattr(accelerator, "state", None) is not None
+                      and getattr(accelerator.state, "deepspeed_plugin", None) is not None
+                      and accelerator.state.deepspeed_plugin.zero_stage == 3)
+        self.sharded = bool(self.units) or self.zero3
+        self._gather: Any = None
+
+    def __enter__(self) -> full_parameters:
+        if self.units:
+            self._reshard = [m._get_fsdp_state()._fsdp_param_group is not None
+                             and m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+                             for m in self.units]
+            for m in self.units:
+                m.unshard()
+                m.set_reshard_after_forward(False, recurse=False)
+        elif self.zero3:
+            import deepspeed
+
+            self._gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+            self._gather.__enter__()
+            _zero3_hooks(self.model, remove=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.units:
+            for m, reshard in zip(self.units, self._reshard, strict=True):
+                m.set_reshard_after_forward(reshard, recurse=False)
+                m.reshard()
+        elif self._gather is not None:
+            _zero3_hooks(self.model, remove=False)
+            self._gather.__exit__(*exc)
+            self._gather = None
+
+
+def _zero3_hooks(engine: Any, remove: bool) -> None:
+    """Lift (``remove``) or put back DeepSpeed ZeRO-3's parameter hooks (TRL's remove_hooks / add_hooks)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None:
+        return
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    if remove:
+        for p in offload.module.parameters(recurse=True):
+            getattr(p, "ds_active_sub_modules", set()).clear()
+        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+    else:
+        coordinator = getattr(offload, "param_coordinator", None)
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        offload._register_deepspeed_module(offload.module)
 
 
 def left_pad(prompt_ids: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
