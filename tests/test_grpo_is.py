@@ -206,3 +206,41 @@ def test_async_generation_needs_a_separate_generator(tiny_model_dir, tmp_path, w
     with pytest.raises(ConfigError) as info:
         run(path)
     assert "asynchronous generation needs a generator apart from the training model: add -p vllm" in str(info.value)
+
+
+# -- sharded training: generation on the gathered parameters --------------------------------------------------
+
+
+def test_fsdp2_and_zero3_generate_with_the_full_parameters_like_ddp(tiny_model_dir, tmp_path):
+    """Two processes over gloo: under FSDP2 and ZeRO-3 each process samples with the full parameters (gathered
+    for generation, resharded after), so with the same seed it draws exactly DDP's completions, before and
+    after an optimizer step."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}]} for i in range(16)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    completions = {}
+    for name, extra in (("ddp", {}), ("fsdp", {"plugins": ["fsdp"]}),
+                        ("zero3", {"plugins": ["deepspeed"], "deepspeed": {"stage": 3}})):
+        config = {"base_model": str(tiny_model_dir), "method": "grpo",
+                  "datasets": [{"path": str(tmp_path / "prompts.jsonl"), "type": "prompt"}], "sequence_len": 64,
+                  "dataset_prepared_path": str(tmp_path / "prepared"), "dataset_num_proc": 1,
+                  "output_dir": str(tmp_path / name), "micro_batch_size": 4, "max_steps": 2, "logging_steps": 1,
+                  "learning_rate": 1e-2, "seed": 5, "bf16": False, "save_steps": None,
+                  "grpo": {"num_generations": 4, "max_completion_len": 12, "log_completions_steps": 1,
+                           "rewards": [{"name": "length_penalty", "unit": "characters", "target": 12}]}, **extra}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        proc = subprocess.run([sys.executable, "-m", "ft.cli", "run", str(tmp_path / f"{name}.yaml"), "--nproc", "2"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+        lines = [json.loads(x) for x in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+        completions[name] = [(x["step"], x["completion"]) for x in lines]
+    assert {step for step, _ in completions["ddp"]} == {1, 2}
+    assert completions["fsdp"] == completions["ddp"]
+    assert completions["zero3"] == completions["ddp"]

@@ -165,3 +165,13 @@ def test_ft_vllm_serve_command_serves_the_config_model(tiny_model_dir, tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_vllm_with_sharded_training_is_refused_for_now(tiny_model_dir, tmp_path):
+    from ft.context import load_context
+    from ft.errors import ConfigError
+
+    config = write_config(tmp_path, tiny_model_dir, 8000, plugins=["fsdp", "vllm"])
+    with pytest.raises(ConfigError) as info:
+        load_context(config)
+    assert "syncing sharded weights (FSDP, DeepSpeed ZeRO) to vLLM is not supported yet" in "\n".join(info.value.problems)
