@@ -136,9 +136,9 @@ class VersionedGeneration:
 
 def run_with(root, model_dir, tmp_name, **grpo):
     """A GRPO run (plain prompts, 4 steps) with VersionedGeneration; returns the trainer and the run's history."""
-    from ft_plugins import grpo as grpo_plugin
-
+    from ft import hookimpl
     from ft.run import run
+    from ft.testing import registered_plugin
 
     rows = [{"prompt": f"Count {i} and {i + 1}.", "index": i} for i in range(16)]
     work = root / tmp_name
@@ -153,19 +153,18 @@ def run_with(root, model_dir, tmp_name, **grpo):
                        "rewards": [{"name": "length_penalty", "unit": "characters", "target": 3}], **grpo}}
     (work / "c.yaml").write_text(yaml.safe_dump(config))
     seen = {}
-    original = grpo_plugin.trainer_class().__init__
 
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.set_generation(VersionedGeneration(self, self.processing_class.convert_tokens_to_ids("<|im_end|>")))
-        seen["trainer"] = self
+    class Versioned:  # a generator plugin, as -p vllm is one
+        FT_PROVIDES = ("separate_generation",)
 
-    cls = grpo_plugin.trainer_class()
-    cls.__init__ = init
-    try:
+        @hookimpl
+        def ft_before_train(cfg, trainer):
+            eos = trainer.processing_class.convert_tokens_to_ids("<|im_end|>")
+            trainer.set_generation(VersionedGeneration(trainer, eos))
+            seen["trainer"] = trainer
+
+    with registered_plugin(Versioned, f"versioned_{tmp_name}"):
         run(work / "c.yaml")
-    finally:
-        cls.__init__ = original
     history = json.loads((work / "out" / "metrics.json").read_text())["history"]
     return seen["trainer"], history
 
