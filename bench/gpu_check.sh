@@ -8,7 +8,8 @@
 #   # the image may lack pytest; its wheels are small (this script says so in pytest_gpu.log if missing):
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl pytest iniconfig
 # Then one device call with carry [".whl"], timeout_s 600 and the command:
-#   bash bench/gpu_check.sh
+#   bash bench/gpu_check.sh          # issue 9's checks
+#   bash bench/gpu_check.sh vllm     # issue 21's: GRPO on the image's vllm (see the section below the installs)
 #
 # Writes under $OUT (at most 8 files, no sub-folders):
 #   env.json          versions, the GPU, torch's varlen_attn signature, whether flash-attn / liger import
@@ -38,6 +39,40 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_H
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1
 install_rc=$((install_rc + $?))
 t_install=$(($(date +%s) - t0))
+
+# -- issue 21: GRPO on the real vllm package (`bash bench/gpu_check.sh vllm` runs only this part) ------------
+# Needs the image's own vllm (`import vllm`); unverified: written on a machine without a GPU. Writes:
+#   vllm_pytest.log   tests/test_grpo_vllm_real.py with FT_VLLM_PYTHON=python3: server (full reload, LoRA
+#                     adapter-only sync, async) and colocate, on the tiny model, on the GPU
+#   bench_grpo_vllm.json / .log   bench/grpo.py: ft HF generation vs ft + vLLM colocate and server (LoRA),
+#                     prompts/s and sync bytes/seconds; then full fine-tuning's sync figures
+#   vllm_summary.json exit codes and seconds
+vllm_check() {
+  local t=$(date +%s) rc_tests rc_bench rc_full
+  if ! python3 -c "import vllm" >>"$OUT/install.log" 2>&1; then
+    echo '{"vllm": "not importable on this image; see install.log"}' >"$OUT/vllm_summary.json"
+    return 1
+  fi
+  FT_VLLM_PYTHON=$(command -v python3) timeout 240 python3 -m pytest -q -p no:cacheprovider -rA \
+    tests/test_grpo_vllm_real.py >"$OUT/vllm_pytest.log" 2>&1
+  rc_tests=$?
+  FT_VLLM_PYTHON=$(command -v python3) timeout 180 python3 bench/grpo.py --sides ft,ft-vllm-colocate,ft-vllm-server \
+    --lora --repeats 1 --steps 6 --vllm-dtype bfloat16 --out "$OUT/bench_grpo_vllm.json" >"$OUT/bench_grpo_vllm.log" 2>&1
+  rc_bench=$?
+  FT_VLLM_PYTHON=$(command -v python3) timeout 120 python3 bench/grpo.py --sides ft-vllm-colocate --repeats 1 \
+    --steps 4 --out "$OUT/bench_grpo_vllm_full.json" >>"$OUT/bench_grpo_vllm.log" 2>&1
+  rc_full=$?
+  cat >"$OUT/vllm_summary.json" <<EOF2
+{"vllm": "$(python3 -c 'import vllm; print(vllm.__version__)')", "tests_rc": $rc_tests, "bench_lora_rc": $rc_bench,
+ "bench_full_rc": $rc_full, "seconds": $(($(date +%s) - t)), "note": "rc 124 = cut by the time limit"}
+EOF2
+  cat "$OUT/vllm_summary.json"
+  tail -n 5 "$OUT/vllm_pytest.log"
+}
+if [ "${1:-}" = "vllm" ]; then
+  vllm_check
+  exit $?
+fi
 
 python3 - >"$OUT/env.json" 2>>"$OUT/install.log" <<'EOF'
 import importlib, importlib.util, inspect, json, subprocess

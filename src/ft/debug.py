@@ -47,6 +47,9 @@ def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = N
         if "input_ids" not in row:
             _show_sequences(i, row, tokenizer, colour, out)
             continue
+        if "labels" not in row:  # a prompt for online RL: nothing in it is trained; the model completes it
+            _show_prompt(i, row, tokenizer, colour, out, where)
+            continue
         pieces = list(_samples_of(row))
         trained = sum(_trained(labels) for _ids, labels in pieces)
         tokens = sum(len(ids) for ids, _labels in pieces)
@@ -61,6 +64,20 @@ def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = N
                 out.write(f"[sample {k + 1}/{len(pieces)}, {len(ids)} tokens]\n")
             out.write(render(ids, labels, tokenizer, colour) + "\n")
     out.flush()
+
+
+def _show_prompt(i: int, row: dict[str, Any], tokenizer: Any, colour: bool, out: TextIO,
+                 where: Callable[[int], str] | None) -> None:
+    """A prompt row (``type: prompt``): its tokens (none trained: completions are generated), then the columns the
+    reward functions get."""
+    ids = list(row["input_ids"])
+    origin = f" ({where(i)})" if where is not None else ""
+    header = f"--- prompt {i + 1}{origin}: {len(ids)} tokens; the completions are generated and trained ---"
+    out.write((f"{BOLD}{header}{RESET}" if colour else header) + "\n")
+    out.write(render(ids, [IGNORE_INDEX] * len(ids), tokenizer, colour) + "\n")
+    for key, value in row.items():
+        if key not in ("input_ids", "prompt"):
+            out.write(f"{key}: {value}\n")
 
 
 def _show_sequences(i: int, row: dict[str, Any], tokenizer: Any, colour: bool, out: TextIO) -> None:
