@@ -63,6 +63,8 @@ class PreferenceOptions(ChatTemplateOptions):
     field_rejected: str = Field("rejected", description="Row field with the dispreferred completion.")
     field_system: str = Field("system", description="Row field with a system message (chatml.intel layout).")
     field_question: str = Field("question", description="Row field with the user's question (chatml.intel layout).")
+    field_margin: str | None = Field(None, description="method reward_model only: row field with a number, the "
+                                     "margin by which chosen must beat rejected (TRL's margin column); unset: none.")
     field_messages: str = Field("messages", description="Not used: preference rows name their fields with "
                                 "field_prompt, field_chosen and field_rejected (field_completion for kto).")
 
@@ -249,7 +251,7 @@ class PairTokenize:
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
-        pending, conversations = [], []
+        pending, conversations, margins = [], [], {}
         for r, row in enumerate(rows):
             try:
                 prompt, chosen, rejected = split_pair(row, self.options)
@@ -261,6 +263,13 @@ class PairTokenize:
             except Dropped as dropped:
                 out[r] = dropped
                 continue
+            if self.options.field_margin is not None:
+                margin = row.get(self.options.field_margin)
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+                    out[r] = Dropped(MALFORMED, f"'{self.options.field_margin}' must be a number (the pair's margin), "
+                                                f"got {margin!r}")
+                    continue
+                margins[r] = float(margin)
             pending.append(r)
             conversations.extend(sides)
         encoded = self.encoder.encode(conversations)
@@ -278,6 +287,8 @@ class PairTokenize:
                 continue
             out[r] = {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
                       "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
+            if r in margins:
+                out[r]["margin"] = margins[r]
         return out
 
 
@@ -326,6 +337,9 @@ def _check_entry(cfg: Any, entry: PreferenceOptions) -> None:
         raise FtError(f"{entry_where(cfg, entry, 'train_on_inputs')}: preference data is scored on its completions "
                       "only; remove train_on_inputs from this entry (ORPO's NLL term takes the prompt with a top-level "
                       "`train_on_inputs: true`).")
+    if entry.field_margin is not None and cfg.method != "reward_model":
+        raise FtError(f"{entry_where(cfg, entry, 'field_margin')}: a pair's margin is used by method reward_model "
+                      f"only, not {cfg.method}; remove field_margin from this entry.")
     if entry.train_on_eos == "all":
         raise FtError(f"{entry_where(cfg, entry, 'train_on_eos')}: 'all' would score the end-of-turn tokens of the "
                       "prompt; use train_on_eos: turn (the default) or last.")
