@@ -29,6 +29,9 @@ whole pair, ``truncate`` cuts each side to ``sequence_len`` from the end (the pr
 completion's tail goes), ``error`` stops. The prompt itself is never cut: a prompt over
 ``max_prompt_len`` drops the row.
 
+Other pair methods (``reward_model``) reuse ``PAIR_COLUMNS`` and ``UnitCollator``: that is this
+module's API for other plugins.
+
 torch is imported inside functions.
 """
 
