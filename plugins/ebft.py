@@ -111,7 +111,6 @@ class PromptReferenceTokenize:
             texts.append(text)
         for r, ids in zip(kept, self.encoder.ids(texts), strict=True):
             out[r]["reference_ids"] = list(ids) + ([self.eos] if self.eos is not None else [])
-            out[r].pop(self.field, None)  # the text stays out of the reward columns: reference_ids carries it
         return out
 
 
