@@ -31,6 +31,7 @@ ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 # peft's task of each model head (``Method.head``): a classification task trains the head in full
 # (peft adds it to modules_to_save) and saves it with the adapter.
 PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+CLASSIFIER_HEADS = ("score", "classifier")  # the names peft gives classification heads
 SAVED_CONFIG = "ft_config.yaml"
 # How the base was quantized while the adapter trained (QLoRA); ft merge / ft infer read it.
 BASE_QUANTIZATION_FILE = "base_quantization.json"
@@ -141,12 +142,17 @@ def ft_apply_adapter(cfg, model):
         log.info("lora: continuing from the adapter in %s (its r, alpha and targets are used)", path)
     else:
         check_modules(cfg, lora, model)
+        head = model_head(cfg)[0]
+        targets = lora.target_modules
+        if head != "causal_lm" and targets == ALL_LINEAR:
+            # a classification head trains in full (modules_to_save), so it is no LoRA target
+            targets = [n for n in linear_module_names(model) if n not in CLASSIFIER_HEADS]
         peft_config = LoraConfig(
-            task_type=PEFT_TASKS[model_head(cfg)[0]],
+            task_type=PEFT_TASKS[head],
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=targets,
             modules_to_save=lora.modules_to_save or None,
             use_dora=lora.use_dora,
             use_rslora=lora.use_rslora,
@@ -358,7 +364,7 @@ def adapter_head(adapter_dir: str | Path) -> tuple[str, dict[str, Any]]:
         return head, {}
     from safetensors import safe_open
 
-    names = set(config.get("modules_to_save") or ()) | {"classifier", "score"}
+    names = set(config.get("modules_to_save") or ()) | set(CLASSIFIER_HEADS)
     with safe_open(str(weights), framework="pt") as fh:
         for key in fh.keys():
             parts = key.split(".")

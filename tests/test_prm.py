@@ -120,3 +120,24 @@ def test_a_short_run_beats_the_majority_class_on_held_out_steps(tmp_path, tiny_m
         good += int(labels[scored].sum())
     majority = max(good, total - good) / total
     assert right / total > majority + 0.1, (right / total, majority)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_under_lora_the_token_head_trains_in_full_and_ft_merge_writes_a_token_classifier(tmp_path, tiny_model_dir):
+    import torch
+    from ft_plugins.lora import load_adapter_model, merge_adapter
+    from transformers import AutoModelForTokenClassification
+
+    from ft.run import run
+
+    result = run(config_of(tmp_path, tiny_model_dir, step_rows(16, seed=0), max_steps=3, plugins=["lora"]))
+    out = Path(result.output_dir)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "TOKEN_CLS" and "score" in adapter["modules_to_save"]
+    peft_model, tokenizer = load_adapter_model(out)
+    merged = AutoModelForTokenClassification.from_pretrained(merge_adapter(out), dtype=torch.float32)
+    assert merged.config.num_labels == 2
+    ids = torch.tensor([tokenizer("Question 1: the cat is blue\n", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

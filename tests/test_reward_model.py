@@ -214,3 +214,9 @@ def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifi
     with torch.no_grad():
         assert float(merged(**inputs).logits[0, 0]) == pytest.approx(float(peft_model(**inputs).logits[0, 0]), abs=1e-4)
     assert held_out_accuracy(merged, AutoTokenizer.from_pretrained(merged_dir), separable_pairs(16, seed=7)) > 0.5
+
+    from ft.errors import FtError
+    from ft_plugins.rewards import RewardModelOptions, reward_model
+
+    with pytest.raises(FtError, match=f"holds a LoRA adapter .* run `ft merge {out}` and set model: {out}/merged"):
+        reward_model(RewardModelOptions(model=str(out)), load_context(config_of(tmp_path, tiny_model_dir, pair_rows())).cfg)
