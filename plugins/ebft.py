@@ -21,9 +21,11 @@ similarity within groups) and ``cfm_loss``, the conditional feature-matching dia
 ``||mean_j(phi_j) - phi_ref||^2`` averaged over groups: it falls as the generated features match the
 reference's.
 
-Data: ``type: prompt_reference`` rows ``{"prompt": messages or text, "reference": text}``. Settings: the
-``ebft:`` section (GRPO's sampling and loss settings plus the ones above). Strided mode (rollouts at
-anchors inside raw documents) is not implemented.
+Data: structured mode, ``type: prompt_reference`` rows ``{"prompt": messages or text, "reference": text}``;
+strided mode, ``type: strided`` raw documents ``{"text": ...}`` cut at anchors every ``stride`` tokens: the
+``context_len`` tokens before an anchor are the prompt, the next ``max_completion_len`` tokens the reference,
+and the policy's short rollouts from the anchor are matched to it. Settings: the ``ebft:`` section (GRPO's
+sampling and loss settings plus the ones above).
 
 torch is imported inside functions.
 """
@@ -38,7 +40,7 @@ from ft_plugins.grpo import GENERATION, GRPOOptions, PromptOptions, PromptTokeni
 from pydantic import Field, field_validator
 
 from ft import hookimpl
-from ft.api import Dropped, FtError, Method
+from ft.api import DatasetOptions, Dropped, FtError, Method
 
 FT_FEATURE = False  # a method: chosen with `method: ebft`
 
@@ -47,6 +49,7 @@ log = logging.getLogger("ft.ebft")
 NAME = "ebft"
 COLUMNS = ("input_ids", "prompt", "reference_ids")
 REWARD = "feature_matching"
+MALFORMED = "malformed row"
 METRICS = ("reward", "reward_std", "alignment", "diversity", "cfm_loss", "completion_length", "entropy",
            "clip_ratio", "kl", "completion_truncated")
 
@@ -116,6 +119,74 @@ class PromptReferenceTokenize:
 
 def build_prompt_reference(cfg: Any, entry: PromptReferenceOptions, tokenizer: Any) -> PromptReferenceTokenize:
     return PromptReferenceTokenize(build_prompt_tokenize(cfg, entry, tokenizer), tokenizer, entry.field_reference)
+
+
+# -- data: strided anchors in raw documents -------------------------------------------------------
+
+
+class StridedOptions(DatasetOptions):
+    """Dataset-entry options of ``type: strided`` (EBFT's strided mode): raw documents, cut at anchors."""
+
+    field: str = Field("text", description="Row field with the document's raw text.")
+    stride: int = Field(256, ge=1, description="Tokens between two anchors; the first anchor is this far into the "
+                        "document.")
+    context_len: int = Field(512, ge=1, description="Most tokens of the document before an anchor that make its "
+                             "prompt (at most sequence_len).")
+
+
+class StridedTokenize:
+    """Documents -> one sample per anchor: the ``context_len`` tokens before it as the prompt, the next
+    ``max_completion_len`` tokens as the reference (short rollouts of that length are matched to it)."""
+
+    def __init__(self, tokenizer: Any, options: StridedOptions, rollout_len: int):
+        from ft.api import TextEncoder
+
+        self.encoder, self.options, self.rollout_len = TextEncoder(tokenizer), options, rollout_len
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.tokenizer = tokenizer
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
+        import json
+
+        o = self.options
+        out: list[Any] = [None] * len(rows)
+        kept, texts = [], []
+        for r, row in enumerate(rows):
+            text = row.get(o.field)
+            if not isinstance(text, str) or not text.strip():
+                out[r] = Dropped(MALFORMED, f"'{o.field}' must be a non-empty text (the document)")
+                continue
+            kept.append(r)
+            texts.append(text)
+        for r, ids in zip(kept, self.encoder.ids(texts), strict=True):
+            ids = self.bos + list(ids)
+            samples = []
+            for anchor in anchor_positions(len(ids), o.stride, self.rollout_len):
+                context = ids[max(0, anchor - o.context_len):anchor]
+                samples.append({"input_ids": context, "reference_ids": ids[anchor:anchor + self.rollout_len],
+                                "prompt": json.dumps(self.tokenizer.decode(context), ensure_ascii=False)})
+            out[r] = samples or Dropped("document too short", f"{len(ids)} tokens: no anchor at a multiple of "
+                                        f"{o.stride} is followed by {self.rollout_len} tokens")
+        return out
+
+
+def anchor_positions(length: int, stride: int, rollout_len: int) -> list[int]:
+    """Anchors at ``stride``, ``2 * stride`` ... with ``rollout_len`` tokens after each."""
+    return list(range(stride, length - rollout_len + 1, stride))
+
+
+def build_strided(cfg: Any, entry: StridedOptions, tokenizer: Any) -> StridedTokenize:
+    from ft.api import entry_where
+
+    section = cfg.section(cfg.method)
+    rollout_len = getattr(section, "max_completion_len", None)
+    if rollout_len is None:
+        raise FtError(f"{entry_where(cfg, entry, 'type')}: type strided is EBFT's strided mode; it needs an online "
+                      f"method (method: ebft), whose max_completion_len is the rollout length, not {cfg.method}.")
+    if entry.context_len > cfg.sequence_len:
+        raise FtError(f"{entry_where(cfg, entry, 'context_len')}: context_len ({entry.context_len}) is longer than "
+                      f"sequence_len ({cfg.sequence_len}); lower it, e.g. context_len: {cfg.sequence_len}.")
+    return StridedTokenize(tokenizer, entry, rollout_len)
 
 
 # -- the maths --------------------------------------------------------------------------------------
@@ -267,6 +338,7 @@ def ft_add_config(registry):
 @hookimpl
 def ft_register_formats(register):
     register.add("prompt_reference", PromptReferenceOptions, build_prompt_reference, columns=COLUMNS)
+    register.add("strided", StridedOptions, build_strided, columns=COLUMNS)
 
 
 def _collator(cfg: Any, tokenizer: Any) -> Any:

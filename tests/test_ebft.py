@@ -180,3 +180,40 @@ def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, tiny_model_
         assert r["reward/feature_matching/mean"] == pytest.approx(r["alignment"] - r["diversity"], abs=1e-4)
     line = json.loads((tmp_path / "out" / "completions.jsonl").read_text().splitlines()[0])
     assert set(line["rewards"]) == {"feature_matching"}
+
+
+def test_strided_mode_cuts_documents_at_anchors(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from ft.data import prepare_datasets
+    from ft.tiny import corpus
+
+    doc = " ".join(corpus(40, seed=2))
+    short = "Too short."
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": doc}) + "\n" + json.dumps({"text": short}) + "\n")
+    config = ebft_config(tmp_path, tiny_model_dir, ebft={"max_completion_len": 6})
+    config["datasets"] = [{"path": str(tmp_path / "docs.jsonl"), "type": "strided", "stride": 20, "context_len": 30}]
+    ctx = load_context(config)
+    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    ids = tiny_tokenizer(doc, add_special_tokens=False)["input_ids"]
+    anchors = list(range(20, len(ids) - 6 + 1, 20))
+    assert len(anchors) >= 5 and len(prepared.train) == len(anchors)
+    for k, a in enumerate(anchors):
+        row = prepared.train[k]
+        assert row["input_ids"] == ids[max(0, a - 30):a]
+        assert row["reference_ids"] == ids[a:a + 6]
+        assert json.loads(row["prompt"]) == tiny_tokenizer.decode(ids[max(0, a - 30):a])
+    assert "docs.jsonl:2" in json.dumps(prepared.report) and "document too short" in json.dumps(prepared.report)
+
+
+@pytest.mark.slow
+def test_a_short_strided_run(tmp_path, tiny_model_dir):
+    from ft.run import run
+    from ft.tiny import corpus
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(corpus(30, seed=s))}) + "\n"
+                                                 for s in range(3)))
+    config = ebft_config(tmp_path, tiny_model_dir, ebft={"max_completion_len": 4}, plugins=["lora"])
+    config["datasets"] = [{"path": str(tmp_path / "docs.jsonl"), "type": "strided", "stride": 32, "context_len": 48}]
+    result = run(config)
+    assert result.metrics["steps"] == 2
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert all({"alignment", "diversity", "cfm_loss"} <= set(r) for r in history)
