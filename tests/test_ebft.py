@@ -20,7 +20,7 @@ def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: floa
     """The formula, written out with Python floats."""
 
     def dot(x, y):
-        return sum(p * q for p, q in zip(x, y))
+        return sum(p * q for p, q in zip(x, y, strict=True))
 
     def cos(x, y):
         return dot(x, y) / math.sqrt(dot(x, x) * dot(y, y))
@@ -35,7 +35,7 @@ def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: floa
             align.append(al)
             div.append(dv)
         mean = [sum(g[i] for g in group) / n for i in range(len(r))]
-        cfm.append(sum((m - x) ** 2 for m, x in zip(mean, r)))
+        cfm.append(sum((m - x) ** 2 for m, x in zip(mean, r, strict=True)))
     return rewards, align, div, cfm
 
 
@@ -148,7 +148,7 @@ def test_features_come_from_the_frozen_model(tmp_path, tiny_model_dir, plugins):
 
     trainer, model, prepared = trainer_for(tmp_path, tiny_model_dir, *plugins)
     with torch.no_grad():  # the policy moves away from the base (as training would move it)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
     row = prepared.train[0]

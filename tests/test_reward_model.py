@@ -193,10 +193,9 @@ def test_a_trained_reward_model_loads_as_a_classifier_and_grpo_uses_it(tmp_path,
 
 def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifier(tmp_path, tiny_model_dir):
     import torch
+    from ft_plugins.lora import load_adapter_model, merge_adapter
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from ft_plugins.lora import load_adapter_model, merge_adapter
 
     out = train_reward_model(tmp_path / "rm", tiny_model_dir, "lora", steps=20)
     adapter = json.loads((out / "adapter_config.json").read_text())
@@ -215,8 +214,9 @@ def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifi
         assert float(merged(**inputs).logits[0, 0]) == pytest.approx(float(peft_model(**inputs).logits[0, 0]), abs=1e-4)
     assert held_out_accuracy(merged, AutoTokenizer.from_pretrained(merged_dir), separable_pairs(16, seed=7)) > 0.5
 
-    from ft.errors import FtError
     from ft_plugins.rewards import RewardModelOptions, reward_model
+
+    from ft.errors import FtError
 
     with pytest.raises(FtError, match=f"holds a LoRA adapter .* run `ft merge {out}` and set model: {out}/merged"):
         reward_model(RewardModelOptions(model=str(out)), load_context(config_of(tmp_path, tiny_model_dir, pair_rows())).cfg)
