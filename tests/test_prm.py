@@ -141,3 +141,17 @@ def test_under_lora_the_token_head_trains_in_full_and_ft_merge_writes_a_token_cl
     ids = torch.tensor([tokenizer("Question 1: the cat is blue\n", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_method_head_is_checked_when_it_is_declared(tmp_path):
+    from ft.api import SEQUENCE_CLASSIFICATION, Method, model_head
+
+    def nothing(*args):
+        return None
+
+    with pytest.raises(ValueError, match="head must be one of causal_lm, sequence_classification"):
+        Method("x", ("input_ids",), nothing, nothing, head="regression")
+    with pytest.raises(ValueError, match="num_labels goes with a classification head"):
+        Method("x", ("input_ids",), nothing, nothing, head=SEQUENCE_CLASSIFICATION)
+    cfg = load_context(config_of(tmp_path, Path("no/model"), [ROW])).cfg
+    assert model_head(cfg) == ("token_classification", 2)
