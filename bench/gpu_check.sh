@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The ONE device-machine check for issue 9 (varlen attention, Liger, compile, training throughput).
+# The ONE device-machine check for issue 9 (varlen attention, Liger, compile, training throughput)
+# and issue 22 item 15 (Liger's patches run in training).
 #
 # Prepare, on the development machine, in the project root (see ../shared/device/README.md):
 #   echo /.whl/ >> .git/info/exclude
@@ -13,11 +14,16 @@
 #   env.json          versions, the GPU, torch's varlen_attn signature, whether flash-attn / liger import
 #   install.log       the offline installs
 #   pytest_gpu.log    pytest -m gpu (varlen kernel vs reference, Liger vs unpatched: loss and gradients)
+#   liger_check.json  bench/liger_check.py: a 3-step `ft run -p liger` on the tiny model; ok only if ft's
+#                     after-step-1 check found every Liger patch in effect (issue 22 item 15: transformers'
+#                     hub kernels used to drop Liger's RMSNorm forwards silently)
+#   liger_check.log   its stderr
 #   bench_train.json  bench/train.py --device cuda: tokens/s, MFU, peak GiB, losses, issue 9 targets
 #                     (written after each configuration, so a run cut short still reports)
 #   bench_train.log   the benchmark's progress and ft's logs
 #   summary.json      exit codes and seconds of each part
-# Budget: about 30 s installing, <= 150 s tests, <= 360 s benchmark (hard limits below), under 600 s.
+# Budget: about 30 s installing, <= 150 s tests, <= 75 s Liger check, <= 320 s benchmark (hard limits
+# below), under 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -76,8 +82,13 @@ else
 fi
 t_pytest=$(($(date +%s) - t1))
 
+t3=$(date +%s)
+timeout 75 python3 bench/liger_check.py >"$OUT/liger_check.json" 2>"$OUT/liger_check.log"
+liger_rc=$?
+t_liger=$(($(date +%s) - t3))
+
 t2=$(date +%s)
-timeout 360 python3 bench/train.py --device cuda --out "$OUT/bench_train.json" \
+timeout 320 python3 bench/train.py --device cuda --out "$OUT/bench_train.json" \
   >/dev/null 2>"$OUT/bench_train.log"
 bench_rc=$?
 t_bench=$(($(date +%s) - t2))
@@ -85,6 +96,7 @@ t_bench=$(($(date +%s) - t2))
 cat >"$OUT/summary.json" <<EOF
 {"install_rc": $install_rc, "install_seconds": $t_install,
  "pytest_gpu_rc": $pytest_rc, "pytest_gpu_seconds": $t_pytest,
+ "liger_check_rc": $liger_rc, "liger_check_seconds": $t_liger,
  "bench_rc": $bench_rc, "bench_seconds": $t_bench,
  "total_seconds": $(($(date +%s) - t0)),
  "note": "rc 124 = cut by the time limit; bench_train.json then holds the configurations that finished"}
@@ -92,3 +104,4 @@ EOF
 cat "$OUT/summary.json"
 grep -E "^\[bench\]" "$OUT/bench_train.log" || true
 tail -n 5 "$OUT/pytest_gpu.log" || true
+head -n 12 "$OUT/liger_check.json" || true

@@ -241,7 +241,7 @@ def _nested_refs(schema: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def render_config() -> str:
-    from ft.config import CoreConfig
+    from ft.config import MAX_ALIAS_VALUES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, CoreConfig
     from ft.context import collect_registries, make_plugin_manager
     from ft.formats import DatasetOptions
     from ft.schema import generate_schema
@@ -258,6 +258,9 @@ def render_config() -> str:
         "Third-party plugins add their own sections and dataset types: `ft schema` prints the schema of what is "
         "installed, and `schemas/ft.schema.json` is the first-party one (point your editor at it with "
         "`# yaml-language-server: $schema=...`).\n\n"
+        f"A config is UTF-8 YAML of at most {MAX_CONFIG_BYTES:,} bytes, nested at most {MAX_CONFIG_DEPTH} levels "
+        f"deep; anchors and aliases may add at most {MAX_ALIAS_VALUES:,} values once expanded. Anything beyond is "
+        "refused before it is parsed, with the file and line.\n\n"
     )
 
     core = {"properties": {k: v for k, v in props.items() if k in CoreConfig.model_fields},

@@ -7,7 +7,9 @@
 ``wandb:`` and ``hub:`` sections, ``rl:`` a ``method:`` with its section, and datasets keep their
 field mappings, roles, ``ds_type``, ``split`` and ``name``. The YAML it writes starts with a comment
 for every key it could not express, and says which of them change what is trained; the command exits
-with status 3 when one of those was dropped (0 otherwise), so a script notices.
+with status 3 when one of those was dropped (0 otherwise), so a script notices. Where axolotl's default
+differs from ft's (lora_dropout, warmup), axolotl's value is written. A config ft cannot train at all (an
+``rl:`` method it lacks, no dataset it can read) is refused with the reason, and nothing is written.
 
 The plugin also registers key hints (``ft_register_key_hints``): an axolotl key met in an ft config
 is reported with what to write instead (``adapter: lora`` -> ``plugins: [lora]``).
@@ -18,9 +20,11 @@ Not a feature: it is loaded with ft and can be blocked (``-p no:axolotl``).
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
@@ -160,6 +164,22 @@ NO_EFFECT: dict[str, str] = {
     "comet_mode": "", "comet_online": "", "comet_experiment_config": "", "hub_revision": "",
     "fsdp_final_state_dict_type": "", "deepcompile": "", "fp32_norms": "", "logging_dir": "",
     "chat_template_save_jinja": "", "use_ray": "", "ray_num_workers": "", "ray_run_name": "",
+    "use_kernels": "a kernel choice (same maths)", "use_scattermoe": "a MoE kernel choice (same maths)",
+    "use_sonicmoe": "a MoE kernel choice (same maths)", "experts_implementation": "a MoE kernel choice",
+    "liger_rms_norm_gated": "a kernel choice (same maths)", "fused_attn_kernel": "a kernel choice",
+    "flex_attn_compile_kwargs": "", "gemma4_hybrid_attn_impl": "an attention kernel choice",
+    "expert_parallel_size": "expert parallelism is not offered (a layout, same training)",
+    "expert_parallel_token_capacity": "", "expert_parallel_num_nvl_bytes": "",
+    "tokenizer_use_mistral_common": "ft uses the Hugging Face tokenizer of the repository (its Mistral "
+    "templates are checked against mistral-common)",
+    "use_swanlab": "SwanLab is not a reporter of ft", "swanlab_project": "", "swanlab_experiment_name": "",
+    "swanlab_description": "", "swanlab_mode": "", "swanlab_workspace": "", "swanlab_log_completions": "",
+    "swanlab_completion_log_interval": "", "swanlab_completion_max_buffer": "",
+    "use_dsv4_kernels": "a kernel choice (same maths)", "use_glm_dsa_kernels": "a kernel choice (same maths)",
+    "base_model_ignore_patterns": "ft loads safetensors only (hf.allow_pickle: false)",
+    "accelerator_config": "accelerate's own settings (gradient-accumulation syncing: same gradients)",
+    "adam_eps": "not an axolotl key, so axolotl ignores it (adam_epsilon sets the epsilon)",
+    "use_otel_metrics": "", "otel_metrics_host": "", "otel_metrics_port": "", "streaming_multipack_buffer_size": "",
 }
 # Keys that change what is trained and have no ft equivalent (yet).
 CHANGES_TRAINING: dict[str, str] = {
@@ -171,7 +191,7 @@ CHANGES_TRAINING: dict[str, str] = {
     "relora": "ReLoRA is not offered", "relora_steps": "", "relora_warmup_steps": "", "relora_anneal_steps": "",
     "relora_prune_ratio": "", "relora_cpu_offload": "",
     "neftune_noise_alpha": "NEFTune noise is not offered", "unfrozen_parameters": "partial freezing is not offered",
-    "adam_beta1": "", "adam_beta2": "", "adam_beta3": "", "adam_epsilon": "", "adam_epsilon2": "",
+    "adam_beta3": "", "adam_epsilon2": "",
     "optim_args": "", "optim_target_modules": "", "lr_groups": "", "embedding_lr": "", "embedding_lr_scale": "",
     "lr_quadratic_warmup": "", "lr_div_factor": "", "cosine_constant_lr_ratio": "",
     "group_by_length": "batches by length change the batches", "default_system_message": "",
@@ -181,8 +201,7 @@ CHANGES_TRAINING: dict[str, str] = {
     "fp8": "fp8 training is not offered", "qat": "", "quantization": "", "reward_model": "reward models are not offered",
     "process_reward_model": "", "s2_attention": "", "use_pose": "", "curriculum_sampling": "",
     "shuffle_before_merging_datasets": "", "auto_find_batch_size": "", "model_config_type": "",
-    "dpo_label_smoothing": "", "dpo_use_weighting": "", "dpo_loss_weights": "", "dpo_padding_free": "",
-    "precompute_ref_log_probs": "", "max_prompt_len": "", "dpo_use_liger_kernel": "", "center_rewards_coefficient": "",
+    "dpo_use_weighting": "", "dpo_loss_weights": "", "dpo_padding_free": "", "dpo_use_liger_kernel": "", "center_rewards_coefficient": "",
     "bfloat16": "axolotl loads the weights in bf16 (no fp32 master copy); ft: bf16 mixed precision",
     "float16": "", "embeddings_skip_upcast": "", "reinit_weights": "", "trainer_cls": "",
 }
@@ -190,6 +209,19 @@ KNOWN_PLUGINS = {  # axolotl `plugins:` entries -> ft plugin (None: no ft equiva
     "axolotl.integrations.liger.LigerPlugin": "liger",
     "axolotl.integrations.liger.plugin.LigerPlugin": "liger",
     "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": None,
+    "axolotl.integrations.kernels.KernelsPlugin": None,
+    "axolotl.integrations.expert_parallel.ExpertParallelPlugin": None,
+    "axolotl.integrations.swanlab.SwanLabPlugin": None,
+}
+# axolotl integrations with no effect on the trained weights, and what ft does instead
+PLUGINS_NO_EFFECT = {
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin":
+        "cut cross-entropy (same loss, less memory): ft's fused_loss plugin, always on, fuses the LM head and the "
+        "loss over the trained tokens for the architectures it supports (see `ft plugins`)",
+    "axolotl.integrations.kernels.KernelsPlugin": "kernels (same maths); ft uses the model's own modules",
+    "axolotl.integrations.expert_parallel.ExpertParallelPlugin": "expert parallelism is not offered (a layout, "
+        "same training)",
+    "axolotl.integrations.swanlab.SwanLabPlugin": "SwanLab is not a reporter of ft",
 }
 LIGER_KEYS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
               "liger_swiglu": "swiglu", "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy"}
@@ -202,9 +234,22 @@ TEMPLATES = {
     "mistral_v1": "mistral_v1", "mistral_v2v3": "mistral_v2v3", "mistral_v3_tekken": "mistral_v3_tekken",
     "mistral_v7_tekken": "mistral_v7_tekken", "qwen_25": "qwen", "tokenizer_default": None,
 }
+# Same-named templates whose rendering differs from axolotl's (checked in tests/test_axolotl.py by rendering
+# axolotl's jinja next to ft's): the difference, flagged when the template is converted.
+TEMPLATE_DIFFERS = {
+    "phi_3": "axolotl's phi_3 starts every conversation with the BOS token (<s>); ft's does not",
+    "phi_4": "axolotl's phi_4 inserts its long default system prompt when a conversation has none; ft's does not",
+    "mistral_v7_tekken": "axolotl's mistral_v7_tekken inserts a default system prompt (with today's date) when a "
+                         "conversation has none; ft's does not",
+    "deepseek_v2": "axolotl's deepseek_v2 uses the <｜User｜>/<｜Assistant｜> markers; ft's renders DeepSeek-V2's "
+                   "'User: ... Assistant:'",
+}
+# axolotl's templates that drop a system message; ft's fold it into the first user turn (as mistral-common
+# does), so the converter writes drop_system_message: true on the entries, which renders as axolotl does.
+TEMPLATE_DROPS_SYSTEM = ("mistral_v2v3", "mistral_v3_tekken")
 SFT_TYPES = {"chat_template": "chat_template", "alpaca": "alpaca", "completion": "completion",
              "input_output": "input_output", "sharegpt": "chat_template", "sharegpt:chat": "chat_template",
-             "chat_template.default": "chat_template", "alpaca:chat": "alpaca"}
+             "chat_template.default": "chat_template"}
 ENTRY_SAME = ("path", "split", "name", "data_files", "revision", "ds_type", "field_messages", "message_property_mappings",
               "roles", "roles_to_train", "train_on_eos", "message_field_training", "field_system", "field_tools",
               "field_thinking", "drop_system_message", "field", "train_on_inputs")
@@ -215,6 +260,10 @@ ENTRY_CHANGES = {"shards": "only a shard of the rows", "shards_idx": "", "input_
                  "message_field_training_detail": "per-character training spans are not offered",
                  "split_thinking": "", "logprobs_field": "", "temperature": "", "input_format": ""}
 RL_METHODS = {"dpo": "dpo", "ipo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo"}
+# dataset-entry keys ft's preference types take as axolotl means them (roles, mappings, what is trained)
+PREFERENCE_SAME = ("roles", "message_property_mappings", "roles_to_train", "train_on_eos", "drop_system_message",
+                   "field_thinking", "field_tools")
+NO_PROMPT_FIELD = "_no_prompt_column"  # names no column: ft then takes the prompt from the shared messages
 PREFERENCE_TYPES = {  # axolotl rl dataset type prefix/suffix -> ft preference fields
     "intel": {"field_prompt": "question", "field_chosen": "chosen", "field_rejected": "rejected",
               "field_system": "system"},
@@ -293,7 +342,93 @@ class _Converter:
                 self.note(key, value, CHANGES_TRAINING[key] or "no ft equivalent", True)
             else:
                 self.note(key, value, "unknown to `ft convert`; no ft equivalent known", True)
+        self.finish()
         return Conversion(self.assemble(), self.notes)
+
+    def finish(self) -> None:
+        """axolotl's effective values where its default differs from ft's, and no combination validate refuses."""
+        data = self.data
+        # axolotl's defaults, written explicitly
+        if "lora" in self.plugins and "dropout" not in self.section("lora"):
+            self.section("lora")["dropout"] = 0.0  # axolotl: lora_dropout defaults to 0.0 (ft: 0.05)
+        if data.get("warmup_steps") is None and data.get("warmup_ratio") is None:
+            if data.get("max_steps"):  # axolotl: min(3% of the steps, 100), and never 1
+                steps = min(int(0.03 * int(data["max_steps"])), 100)
+                self.core["warmup_steps"] = 2 if steps == 1 else steps
+            else:
+                self.core["warmup_ratio"] = 0.03
+                self.note("warmup_ratio", 0.03, "axolotl's default warmup when none is set: 3% of the steps (axolotl "
+                          "also caps it at 100 steps, which ft does not: set warmup_steps for runs over 3,333 steps)",
+                          True, expressed=True)
+        # a section only with its plugin (validate refuses a section of an unselected plugin)
+        for name in ("lora", "qlora", "liger", "compile", "fsdp", "deepspeed"):
+            if name in self.sections and name not in self.plugins:
+                if self.sections.pop(name):
+                    self.note(name, name, f"settings for the {name} plugin, which this config does not use "
+                              "(e.g. no adapter: a full fine-tune); left out", False)
+        if "qlora" in self.plugins and "fsdp" in self.plugins:
+            self.note("fsdp", "with a quantized base", "QLoRA with FSDP is not offered (ft validate refuses it): train "
+                      "QLoRA with plain data parallel (drop fsdp) or DeepSpeed ZeRO-2, or LoRA on a 16-bit base "
+                      "with fsdp", True)
+        if self.sections.get("fsdp", {}).get("save") == "sharded" and "lora" in self.plugins:
+            del self.sections["fsdp"]["save"]
+            self.note("fsdp_config.state_dict_type", "SHARDED_STATE_DICT", "a LoRA adapter is small: ft saves it whole "
+                      "(same weights)", False, expressed=True)
+        if "compile" in self.plugins:
+            mode = self.sections.get("compile", {}).get("mode")
+            if mode in ("max-autotune", "reduce-overhead"):
+                self.sections["compile"]["mode"] = "max-autotune-no-cudagraphs"
+                self.note("torch_compile_mode", mode, "ft does not capture CUDA graphs in training: "
+                          "max-autotune-no-cudagraphs (same maths)", False, expressed=True)
+            if "liger" in self.plugins:  # ft refuses compile with liger: keep the kernels, drop compile (speed only)
+                self.plugins.remove("compile")
+                self.sections.pop("compile", None)
+                self.note("torch_compile", True, "ft does not compile together with the liger kernels; compile left "
+                          "out (speed only)", False)
+        if self.core.get("evals_per_epoch") == 0:
+            del self.core["evals_per_epoch"]
+            if not self.core.get("eval_steps"):
+                self.core["eval_strategy"] = "no"  # axolotl: 0 evaluations per epoch = none during training
+        if self.core.get("saves_per_epoch") == 0:
+            del self.core["saves_per_epoch"]
+            if not self.core.get("save_steps"):
+                self.core["save_strategy"] = "no"
+        if not self.core.get("datasets"):
+            from ft.api import FtError
+
+            why = [f"{n.key}: {n.reason}" for n in self.notes if n.key.startswith(("datasets", "pretraining_dataset"))]
+            raise FtError(f"{self.source or 'the axolotl config'}: no dataset could be converted, so ft would have "
+                          "nothing to train on" + (": " + "; ".join(why) if why else "") + ". Nothing was written.")
+
+    def key_warmup_steps(self, value: Any) -> None:
+        if isinstance(value, float) and 0 < value < 1:  # transformers (v5) reads a warmup_steps below 1 as a ratio
+            self.core["warmup_ratio"] = value
+            self.note("warmup_steps", value, "a warmup_steps below 1 is a fraction of the steps: warmup_ratio", False,
+                      expressed=True)
+        elif value is not None:
+            self.core["warmup_steps"] = int(value)
+
+    def key_adam_beta1(self, value: Any) -> None:
+        self._adam("beta1", value)
+
+    def key_adam_beta2(self, value: Any) -> None:
+        self._adam("beta2", value)
+
+    def key_adam_epsilon(self, value: Any) -> None:
+        self._adam("epsilon", value)
+
+    def _adam(self, name: str, value: Any) -> None:
+        if value is not None:
+            self.section("adam")[name] = float(value)
+
+    def key_loss_watchdog_threshold(self, value: Any) -> None:
+        if value is not None:
+            self.note("loss_watchdog_threshold", value, "ft's health plugin (always on) stops on a NaN/inf loss and "
+                      "warns about a loss that does not fall or collapses (health: section); it has no loss threshold",
+                      False, expressed=True)
+
+    def key_loss_watchdog_patience(self, value: Any) -> None:
+        pass  # goes with loss_watchdog_threshold
 
     def assemble(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -426,8 +561,10 @@ class _Converter:
             self.note("base_model_config", value, "ft reads the model config from base_model", True)
 
     def key_model_type(self, value: Any) -> None:
-        if value and not str(value).startswith("AutoModel"):
-            self.note("model_type", value, "ft loads AutoModelForCausalLM", True)
+        # ft loads AutoModelForCausalLM, which picks the checkpoint's *ForCausalLM class itself
+        if value and not str(value).endswith("ForCausalLM"):
+            self.note("model_type", value, "ft trains causal language models (AutoModelForCausalLM); this model "
+                      "class (a classification, vision or encoder head) is not offered", True)
 
     def key_tokenizer_type(self, value: Any) -> None:
         if value and not str(value).startswith(("AutoTokenizer", "PreTrainedTokenizerFast")):
@@ -440,6 +577,10 @@ class _Converter:
     def key_attn_implementation(self, value: Any) -> None:
         if value:
             self.section("hf")["attn_implementation"] = value
+
+    def key_revision_of_model(self, value: Any) -> None:
+        if value:
+            self.section("hf")["revision"] = str(value)
 
     def key_pad_to_multiple_of(self, value: Any) -> None:
         if value:
@@ -462,6 +603,9 @@ class _Converter:
                       f"chat_template: {TEMPLATES.get(fallback, fallback)})", False, expressed=True)
             return True, None
         if value in TEMPLATES:
+            if value in TEMPLATE_DIFFERS:
+                self.note(key, value, TEMPLATE_DIFFERS[value] + " (use the model's own template, or write the jinja "
+                          "you want as chat_template)", True)
             return True, TEMPLATES[value]
         self.note(key, value, "not shipped with ft; the tokenizer's own template is used (check that it renders "
                   "like axolotl's)", True, expressed=True)
@@ -475,6 +619,11 @@ class _Converter:
     def key_chat_template_jinja(self, value: Any) -> None:
         if value and not self.data.get("chat_template"):
             self.core["chat_template"] = value
+
+    def key_vllm(self, value: Any) -> None:
+        if value and self.method != "grpo":
+            self.note("vllm", "{...}", "ft generates with vLLM for method: grpo only", False)
+        # with grpo: read with the trl: block (convert_trl)
 
     def key_eot_tokens(self, value: Any) -> None:
         pass  # put on every chat dataset entry (convert_entries)
@@ -558,8 +707,7 @@ class _Converter:
                 self.select(KNOWN_PLUGINS[name])
                 self.section(KNOWN_PLUGINS[name])
             elif name in KNOWN_PLUGINS:
-                self.note(f"plugins[{name}]", name, "a memory-saving loss kernel (same loss); see the liger plugin",
-                          False)
+                self.note(f"plugins[{name}]", name, PLUGINS_NO_EFFECT[name], False)
             else:
                 self.note("plugins", name, "an axolotl integration with no ft plugin known", True)
 
@@ -754,6 +902,11 @@ class _Converter:
         elif kind is None:
             self.note(where, entry.get("path"), "no type: axolotl guesses; ft needs `type:` (e.g. chat_template)", True)
             return None
+        elif str(kind).startswith("alpaca:") or str(kind) in ("alpaca_chat", "alpaca_w_system"):
+            # axolotl's alpaca styles (chat, concise, phi ...) word the prompt differently from ft's alpaca
+            out["type"] = "alpaca"
+            self.note(f"{where}.type", kind, f"axolotl's '{kind}' prompt style is not offered: ft's alpaca prompt "
+                      "(\"Below is an instruction ... ### Response:\") is written instead", True)
         elif str(kind) in SFT_TYPES:
             out["type"] = SFT_TYPES[str(kind)]
             if str(kind).startswith("sharegpt") and "field_messages" not in entry:
@@ -791,6 +944,8 @@ class _Converter:
                 self.note(f"{where}.{key}", value, "no ft equivalent", True)
         if out["type"] == "chat_template" and self.data.get("eot_tokens"):
             out.setdefault("eot_tokens", list(self.data["eot_tokens"]))
+        if out["type"] == "chat_template":
+            self.drops_system(where, entry, out)
         return _ordered_entry(out)
 
     # -- rl -> method ----------------------------------------------------------------------------
@@ -799,8 +954,13 @@ class _Converter:
         data = self.data
         method = RL_METHODS.get(str(rl))
         if method is None:
-            self.note("rl", rl, "this training method is not offered", True)
-            return
+            from ft.api import FtError
+
+            trl = sorted(data.get("trl") or {})
+            raise FtError(f"{self.source or 'the axolotl config'}: rl: {rl} is a training method ft does not offer "
+                          f"(ft has {', '.join(sorted(set(RL_METHODS)))})"
+                          + (f"; its trl: settings ({', '.join(trl)}) have no ft equivalent either" if trl else "")
+                          + ". Nothing was written.")
         self.method = method
         section = self.section(method)
         beta = data.get("rl_beta", (data.get("trl") or {}).get("beta"))
@@ -840,24 +1000,62 @@ class _Converter:
                 if key != "beta" and value not in (None, False):
                     self.note(f"trl.{key}", value, "no ft equivalent for this method", True)
 
+    def key_dpo_label_smoothing(self, value: Any) -> None:
+        self._method_key("dpo", "label_smoothing", "dpo_label_smoothing", value)
+
+    def key_precompute_ref_log_probs(self, value: Any) -> None:
+        self._method_key("dpo", "precompute_ref_logps", "precompute_ref_log_probs", value)
+
+    def key_max_prompt_len(self, value: Any) -> None:
+        self._method_key(("dpo", "kto", "orpo", "simpo"), "max_prompt_len", "max_prompt_len", value)
+
+    def _method_key(self, methods: str | tuple[str, ...], name: str, key: str, value: Any) -> None:
+        if value in (None, False):
+            return
+        if self.method in ((methods,) if isinstance(methods, str) else methods):
+            self.section(self.method)[name] = value
+        else:
+            self.note(key, value, f"applies to {methods if isinstance(methods, str) else '/'.join(methods)} only; "
+                      f"this config trains with {self.method or 'sft'}", False)
+
     def convert_trl(self, trl: dict[str, Any], section: dict[str, Any]) -> None:
         names = {"num_generations": "num_generations", "temperature": "temperature", "top_p": "top_p",
-                 "max_completion_length": "max_completion_len", "beta": "beta", "epsilon": "epsilon",
-                 "loss_type": "loss_type", "scale_rewards": "scale_rewards", "num_iterations": "num_iterations"}
+                 "top_k": "top_k", "max_completion_length": "max_completion_len", "beta": "beta",
+                 "epsilon": "epsilon", "epsilon_high": "epsilon_high", "loss_type": "loss_type",
+                 "num_iterations": "num_iterations"}
+        vllm_names = {"vllm_mode": "mode", "vllm_server_host": "host", "vllm_server_port": "port",
+                      "vllm_server_timeout": "server_timeout", "vllm_gpu_memory_utilization": "gpu_memory_utilization",
+                      "vllm_tensor_parallel_size": "tensor_parallel_size", "vllm_max_model_len": "max_model_len",
+                      "vllm_dtype": "dtype"}
         if self.data.get("rl_beta") is not None:
             section["beta"] = self.data["rl_beta"]
+        vllm = dict(self.data.get("vllm") or {}) if isinstance(self.data.get("vllm"), dict) else {}
         for key, value in trl.items():
             if value is None:
                 continue
             if key in names:
                 section.setdefault(names[key], value)
-            elif key in ("reward_funcs", "reward_weights"):
+            elif key == "scale_rewards":  # trl: a boolean (true = by the group's std), or a level
+                section["scale_rewards"] = ({True: "group", False: "none"}.get(value, value)
+                                            if isinstance(value, bool) else value)
+            elif key == "log_completions":
+                if value is False:
+                    section["log_completions_steps"] = 0  # true: ft's default, every logging_steps
+            elif key in ("reward_funcs", "reward_weights", "num_completions_to_print"):
                 continue
-            elif key.startswith("vllm") or key in ("use_vllm",):
+            elif key == "use_vllm":
                 if value:
-                    self.note(f"trl.{key}", value, "ft generates with the model being trained (no vLLM server)", False)
+                    self.select("vllm")
+                    self.section("vllm")
+            elif key in vllm_names:
+                self.section("vllm")[vllm_names[key]] = value
+            elif key.startswith("vllm"):
+                self.note(f"trl.{key}", value, "no ft equivalent (a generation-engine setting)", False)
             elif value is not False:
                 self.note(f"trl.{key}", value, "no ft equivalent", True)
+        for key in ("host", "port", "gpu_memory_utilization", "tensor_parallel_size", "max_model_len", "dtype"):
+            if vllm.get(key) is not None and "vllm" in self.plugins:
+                self.section("vllm").setdefault(key, vllm[key])
         funcs = trl.get("reward_funcs") or []
         weights = trl.get("reward_weights") or [1.0] * len(funcs)
         if funcs:
@@ -866,7 +1064,21 @@ class _Converter:
             self.note("trl.reward_funcs", funcs, "reward functions are ft plugins registered by name: register each "
                       "under the name given here", True, expressed=True)
 
+    def prompt_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """A GRPO dataset: prompts for generation (axolotl's `type:` names a transform module of the user's)."""
+        out: dict[str, Any] = {"path": entry.get("path"), "type": "prompt"}
+        for key in ("split", "name", "data_files", "revision", "ds_type", "field_prompt", "chat_template"):
+            if entry.get(key) is not None:
+                out[key] = entry[key]
+        if entry.get("type"):
+            self.note(f"{where}.type", entry["type"], "axolotl's GRPO transform (a Python function of yours) is not "
+                      "run: ft reads the prompt from field_prompt (default: prompt) as chat messages or text; "
+                      "prepare the rows that way", True)
+        return out
+
     def preference_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        if self.method == "grpo":
+            return self.prompt_entry(where, entry)
         kind = entry.get("type")
         out: dict[str, Any] = {"path": entry.get("path"), "type": "kto" if self.method == "kto" else "preference"}
         for key in ("split", "name", "data_files", "revision", "ds_type"):
@@ -882,6 +1094,8 @@ class _Converter:
         elif isinstance(kind, str):
             prefix, _, variant = kind.partition(".")
             template = {"chatml": "chatml", "llama3": "llama3", "zephyr": None}.get(prefix)
+            if self.method == "orpo" and prefix == "chat_template" and variant == "argilla":
+                variant = "argilla_chat"  # ORPO's chat_template.argilla reads whole conversations (DPO's: texts)
             fields = dict(PREFERENCE_TYPES.get(variant, {}))
             if variant not in PREFERENCE_TYPES and prefix != "chat_template":
                 self.note(f"{where}.type", kind, "field names guessed (prompt, chosen, rejected): check them against "
@@ -892,12 +1106,54 @@ class _Converter:
         for key in ("field_messages", "field_chosen", "field_rejected", "field_prompt", "field_system"):
             if entry.get(key):
                 fields[key] = entry[key]
+        if "field_messages" in fields:  # axolotl's chat_template.default: the prompt's messages
+            fields.setdefault("field_prompt", fields.pop("field_messages"))
+            fields.pop("field_messages", None)
+        if fields.get("field_prompt") is None and "field_chosen" in fields and variant_is_conversation(kind):
+            # the prompt is the messages both conversations share (axolotl takes it from `chosen`); a `prompt`
+            # column, which such datasets often carry as text, must not be read as an extra prompt
+            fields["field_prompt"] = NO_PROMPT_FIELD
         if self.method == "kto":
             fields = {k: v for k, v in fields.items() if k not in ("field_chosen", "field_rejected")}
         out.update(fields)
         if template:
             out["chat_template"] = template
-        return out
+        handled = {"path", "type", "split", "name", "data_files", "revision", "ds_type", "field_messages",
+                   "field_chosen", "field_rejected", "field_prompt", "field_system"}
+        for key, value in entry.items():  # the chat options ft's preference types share with chat_template
+            if key in handled or value is None:
+                continue
+            if key in PREFERENCE_SAME:
+                out[key] = value
+            elif key in ("chat_template", "conversation"):
+                ok, spec = self.template(f"{where}.{key}", value, entry.get("chat_template_jinja"))
+                if ok and spec is not None:
+                    out["chat_template"] = spec
+            elif key == "chat_template_jinja":
+                if not entry.get("chat_template"):
+                    out["chat_template"] = value
+            elif key in ENTRY_NO_EFFECT:
+                if value:
+                    self.note(f"{where}.{key}", value, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+            elif value not in (False, "", [], {}):
+                self.note(f"{where}.{key}", value, ENTRY_CHANGES.get(key) or "no ft equivalent for preference data",
+                          True)
+        self.drops_system(where, entry, out)
+        return _ordered_entry(out)
+
+    def drops_system(self, where: str, entry: dict[str, Any], out: dict[str, Any]) -> None:
+        """axolotl's mistral_v2v3/v3_tekken templates drop a system message: say so on the entry."""
+        name = entry.get("chat_template") or entry.get("conversation") or self.data.get("chat_template")
+        if name in TEMPLATE_DROPS_SYSTEM and "drop_system_message" not in entry:
+            out["drop_system_message"] = True
+            self.note(f"{where}.drop_system_message", True, f"axolotl's {name} template leaves a system message out "
+                      "(ft's folds it into the first user turn): written explicitly", False, expressed=True)
+
+
+def variant_is_conversation(kind: Any) -> bool:
+    """Preference types whose chosen/rejected are whole conversations (the prompt is their shared start)."""
+    return isinstance(kind, str) and kind.partition(".")[2] in ("argilla_chat", "argilla") and \
+        kind.startswith("chat_template")
 
 
 def _section_order(name: str) -> tuple[int, str]:
@@ -1024,18 +1280,17 @@ def ft_add_commands(cli):
         when one of them changes what is trained (the config is still written), else 0.
         """
         import sys
-        from pathlib import Path
 
-        from ft.api import FtError, read_yaml
+        from ft.api import read_yaml
 
+        if output:
+            check_output(Path(source), Path(output), force)
         raw = read_yaml(source)
         result = convert(raw.data, source)
         text = result.to_yaml(source)
         if output:
             out = Path(output)
-            if out.exists() and not force:
-                raise FtError(f"{out} exists; pass --force to replace it (or choose another -o).")
-            out.write_text(text, encoding="utf-8")
+            write_output(out, text)
             click.echo(f"wrote {out}", err=True)
         else:
             click.echo(text, nl=False)
@@ -1050,6 +1305,44 @@ def ft_add_commands(cli):
             sys.exit(EXIT_DROPPED_TRAINING)
         if output:
             click.echo(f"check it: ft validate {output}", err=True)
+
+
+def check_output(source: Path, out: Path, force: bool) -> None:
+    """Refuse an ``-o`` that is the input (itself, a symlink or a hard link to it), one that exists without
+    ``--force``, and one whose folder does not exist (created for nobody: a typo in the folder would go unseen)."""
+    from ft.api import FtError
+
+    if out.exists() and os.path.samefile(out, source):
+        same = "a link to " if out.is_symlink() or out.resolve() != source.resolve() else ""
+        raise FtError(f"-o {out} is {same}the input {source}: converting would replace the axolotl config it reads, "
+                      "even with --force. Write the ft config to another file.")
+    if out.exists() and not force:
+        raise FtError(f"{out} exists; pass --force to replace it (or choose another -o).")
+    folder = out.resolve().parent if out.is_symlink() else out.absolute().parent
+    if not folder.is_dir():
+        raise FtError(f"-o {out}: the folder {folder} does not exist. Create it first (mkdir -p {folder}) or choose "
+                      "another -o.")
+
+
+def write_output(out: Path, text: str) -> None:
+    """Write ``text`` whole or not at all (a temporary file beside the target, then renamed over it); an ``-o``
+    that is a symlink is written through."""
+    import tempfile
+
+    from ft.api import FtError
+
+    target = out.resolve()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~umask)  # not mkstemp's 0600
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise FtError(f"could not write {out}: {exc.strerror or exc}.") from None
 
 
 @functools.cache

@@ -117,11 +117,13 @@ def fused_forward(model: Any, original: Any) -> Any:
 
 
 def plain_linear(module: Any) -> bool:
-    """A ``torch.nn.Linear`` whose forward nobody hooks: reading its weight computes what calling it would."""
+    """A ``torch.nn.Linear`` whose forward nobody hooks or replaced (a kernel plugin may bind one on the
+    instance): reading its weight computes what calling it would."""
     import torch
     from torch.nn.modules import module as torch_module
 
-    return (type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    return (type(module) is torch.nn.Linear and "forward" not in vars(module)
+            and not module._forward_hooks and not module._forward_pre_hooks
             and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks)
 
 

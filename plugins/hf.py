@@ -46,6 +46,13 @@ class HfOptions(BaseModel):
     padding_side: Literal["right", "left"] = Field(
         "right", description="Padding side saved with the tokenizer (training always pads on the right)."
     )
+    use_kernels: bool = Field(
+        False,
+        description="Let transformers swap hub-kernel layers (RMSNorm ...) for kernels from the Hugging Face hub "
+        "(the `kernels` package; on a GPU this downloads and runs hub code). Off: ft's kernel plugins own the "
+        "layers. On, transformers redoes it at every train()/eval() switch, undoing kernel plugins' patches of "
+        "those layers (ft then stops after the first step and names the plugin).",
+    )
 
 
 def options(cfg: Any) -> HfOptions:
@@ -71,10 +78,48 @@ def ft_validate_config(cfg):
         from ft.api import resolve_precision
 
         try:
-            resolve_precision(cfg)
+            if resolve_precision(cfg) == "bf16" and not _has_cuda():
+                # transformers refuses bf16 mixed precision without a GPU, after the data is prepared
+                problems.append(f"{cfg.where('bf16')}: bf16: true needs a GPU with bf16 support, and this machine has "
+                                "no CUDA GPU; use `bf16: auto` (bf16 where the device supports it, fp32 here).")
         except ConfigError as exc:
             problems.extend(exc.problems)
+    problems.extend(attention_problems(cfg))
     return problems
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# attn_implementation -> (module to find, what to install); hub kernels ("org/repo") need `kernels`
+ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "install FlashAttention-3 (hopper/ in the flash-attention "
+                          "repository)"),
+}
+
+
+def attention_problems(cfg: Any) -> list[str]:
+    """An attention implementation whose package is not installed (transformers would refuse it at load)."""
+    import importlib.util
+
+    impl = options(cfg).attn_implementation
+    module, fix = ATTENTION_PACKAGES.get(impl, (None, ""))
+    if module is None and "/" in impl:
+        module, fix = "kernels", "pip install kernels"
+    if module is None:
+        return []
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return []
+    return [f"{cfg.where('hf', 'attn_implementation')}: {impl} needs the '{module}' package, which is not installed: "
+            f"{fix}; or use attn_implementation: sdpa (the default, built into torch)."]
 
 
 # -- tokenizer -----------------------------------------------------------------------------
@@ -184,6 +229,9 @@ def ft_model_kwargs(cfg):
         "dtype": torch_dtype(resolve_precision(cfg)),
         "attn_implementation": opts.attn_implementation,
         "trust_remote_code": opts.trust_remote_code,
+        # transformers >= 5 kernelizes hub-kernel layers by default, again at every train()/eval() switch,
+        # which silently drops a forward a kernel plugin bound on them (docs/writing-a-kernel-plugin.md)
+        "use_kernels": opts.use_kernels,
     }
     if not opts.allow_pickle:
         kwargs["use_safetensors"] = True

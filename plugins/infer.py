@@ -31,10 +31,26 @@ def ft_add_commands(cli):
     @handle_errors
     def infer(output_dir, prompt, max_new_tokens, temperature):
         """Generate from a trained model or adapter: one PROMPT, or an interactive chat."""
+        warning = unfinished_run(output_dir)
+        if warning:
+            click.secho(f"warning: {warning}", fg="yellow", err=True)
         if prompt is not None:
             generate_once(output_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
         else:
             chat(output_dir, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def unfinished_run(run_dir: str | Path) -> str | None:
+    """Why the weights in ``run_dir`` may not be a finished run's (None when they are, or it is no run's directory:
+    a merged model, a downloaded one). A run writes ft_config.yaml first and metrics.json last."""
+    run_dir = Path(run_dir)
+    if (run_dir / "ft_checkpoint.json").is_file():
+        return (f"{run_dir} is a checkpoint, not the final weights of a run; generating from the weights it "
+                "held at that step.")
+    if (run_dir / "ft_config.yaml").is_file() and not (run_dir / "metrics.json").is_file():
+        return (f"{run_dir} has no metrics.json: its run did not finish (or its final save was cut short), so these "
+                "weights may not be the trained ones. Resume it with `ft run` on its config to finish it.")
+    return None
 
 
 def load_for_inference(run_dir: str | Path, plugins: Any = None) -> tuple[Any, Any]:

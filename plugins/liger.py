@@ -9,6 +9,11 @@ ends, so another run in the same process (or a test) never sees them.
 
 The fused linear + cross-entropy never materialises the ``tokens x vocab`` logits in training,
 which is most of the activation memory of a 128k-vocabulary model.
+
+Liger binds ``forward`` on the norm and MLP instances. transformers' hub kernels would drop the
+norms' at the first ``model.train()`` (RMSNorm is a hub-kernel layer), so ``hf.use_kernels: true``
+with ``liger.rms_norm`` is refused; ft's model load keeps hub kernels off, and the core checks after
+the first training step that every bound forward ran (docs/writing-a-kernel-plugin.md).
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ def options(cfg: Any) -> LigerOptions:
 @hookimpl
 def ft_add_config(registry):
     registry.add(PLUGIN, LigerOptions)
+
+
+@hookimpl
+def ft_validate_config(cfg):
+    hf = cfg.section("hf")
+    if getattr(hf, "use_kernels", False) and options(cfg).rms_norm:
+        return [
+            f"{cfg.where('hf', 'use_kernels')}: true together with liger's RMSNorm: transformers' hub kernels replace "
+            "the forward of every RMSNorm at each train()/eval() switch, so Liger's RMSNorm would never run. Set "
+            "`hf: {use_kernels: false}` (the default), or `liger: {rms_norm: false}`."
+        ]
+    return None
 
 
 @hookimpl
@@ -145,8 +162,18 @@ def _global_changes(watched: list[tuple[str, Any]], before: list[dict[str, Any]]
             was, new = old.get(key, _MISSING), now.get(key, _MISSING)
             if was is new:
                 continue
-            records.append(PatchRecord(PLUGIN, f"{name}.{key}", _describe(new), undo=_restorer(namespace, key, was)))
+            records.append(PatchRecord(PLUGIN, f"{name}.{key}", _describe(new), undo=_restorer(namespace, key, was),
+                                       check=_still(namespace, key, new, f"{name}.{key}")))
     return records
+
+
+def _still(namespace: Any, key: str, new: Any, target: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if vars(namespace).get(key, _MISSING) is new:
+            return None
+        return f"{target} is no longer Liger's {_describe(new)} (something rebound it after Liger)"
+
+    return check
 
 
 def _restorer(namespace: Any, key: str, old: Any) -> Callable[[], None]:

@@ -48,7 +48,8 @@ class LoraSection(BaseModel):
     target_modules: list[str] | str = Field(
         ALL_LINEAR,
         description="Module names to adapt, e.g. [q_proj, v_proj] (a name matches a module whose path ends with "
-        "it), or 'all-linear' for every linear layer except the output head.",
+        "it), 'all-linear' for every linear layer except the output head, or one regular expression that must match "
+        "a module's whole path, as peft reads it (e.g. 'model.layers.[0-9]+.self_attn.(q|v)_proj').",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -89,10 +90,21 @@ def ft_validate_config(cfg):
         problems.append(f"{cfg.where('lora', 'alpha')}: must be positive (got {lora.alpha}); 1-2x r is usual, e.g. alpha: 32.")
     targets = lora.target_modules
     if isinstance(targets, str) and targets != ALL_LINEAR:
-        problems.append(
-            f"{cfg.where('lora', 'target_modules')}: must be a list of module names or '{ALL_LINEAR}' (got {targets!r}); "
-            f"write target_modules: [{targets}] or target_modules: {ALL_LINEAR}."
-        )
+        import re
+
+        if re.escape(targets) == targets:  # a plain name: meant as a list of one, which matches by suffix
+            problems.append(
+                f"{cfg.where('lora', 'target_modules')}: must be a list of module names, '{ALL_LINEAR}', or a "
+                f"regular expression over whole module paths (got {targets!r}); write target_modules: [{targets}] or "
+                f"target_modules: {ALL_LINEAR}."
+            )
+        try:  # one string is a regular expression over the module paths (peft: re.fullmatch)
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(
+                f"{cfg.where('lora', 'target_modules')}: {targets!r} is not a regular expression ({exc}); give a list "
+                f"of module names such as [q_proj, v_proj], a valid expression, or target_modules: {ALL_LINEAR}."
+            )
     elif isinstance(targets, list) and not targets:
         problems.append(
             f"{cfg.where('lora', 'target_modules')}: is empty, so nothing would train; list module names such as "
@@ -187,7 +199,17 @@ def check_modules(cfg: Any, lora: LoraSection, model: Any) -> None:
     """Every name in target_modules / modules_to_save must match a module of this model."""
     paths = [path for path, _ in model.named_modules() if path]
     problems = []
-    targets = [] if lora.target_modules == ALL_LINEAR else list(lora.target_modules)
+    if isinstance(lora.target_modules, str) and lora.target_modules != ALL_LINEAR:
+        import re
+
+        if not any(re.fullmatch(lora.target_modules, p) for p in paths):
+            problems.append(
+                f"{cfg.where('lora', 'target_modules')}: the regular expression '{lora.target_modules}' matches no "
+                f"module path of {type(model).__name__} (it must match a whole path, e.g. "
+                f"{next((p for p in paths if p.endswith('q_proj')), paths[-1] if paths else '')!r}). Its linear layers "
+                f"are named: {', '.join(linear_module_names(model)[:10]) or 'none'}."
+            )
+    targets = [] if isinstance(lora.target_modules, str) else list(lora.target_modules)
     missing = [key for key in targets if not any(_matches(p, key) for p in paths)]
     if missing:
         real = linear_module_names(model)
@@ -434,7 +456,7 @@ def _match_vocab(model: Any, adapter_dir: Path, tokenizer: Any) -> None:
     rows = None
     weights = adapter_dir / ADAPTER_WEIGHTS_FILE
     if emb_path and weights.is_file():
-        with safe_open(str(weights), framework="pt") as fh:
+        with load_or_explain(str(weights), "LoRA adapter", safe_open, str(weights), framework="pt") as fh:
             for key in fh.keys():
                 if key.endswith(f"{emb_path}.weight") or ".".join(key.split(".")[:-1]).endswith(emb_path):
                     rows = fh.get_slice(key).get_shape()[0]
@@ -475,17 +497,19 @@ def load_adapter_model(adapter_dir: str | Path, dtype: Any = None, quantized: bo
     if head != "causal_lm" and tokenizer.pad_token_id is not None:  # a classifier pools at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     _match_vocab(model, adapter_dir, tokenizer)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model = load_or_explain(str(adapter_dir), "LoRA adapter", PeftModel.from_pretrained, model, str(adapter_dir))
     model.eval()
     return model, tokenizer
 
 
-def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtype: str = "float32") -> str:
+def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtype: str = "float32",
+                  force: bool = False) -> str:
     """Merge the LoRA adapter in ``output_dir`` into its base; write a full model + tokenizer.
 
     The merge is done in float32, then the weights are cast to ``dtype``. A QLoRA adapter is merged
     into the base dequantized from the bits it was trained on. Returns the directory written
-    (default ``<output_dir>/merged``).
+    (default ``<output_dir>/merged``). A directory that already holds a run or a model is refused
+    unless ``force``.
     """
     output_dir = Path(output_dir)
     if not is_adapter_dir(output_dir):
@@ -494,6 +518,19 @@ def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtyp
     target = Path(to_dir) if to_dir else output_dir / "merged"
     if target.resolve() == output_dir.resolve():
         raise FtError(f"--to {target}: merging into the adapter's own directory would mix two models; choose another directory.")
+    if target.exists() and not target.is_dir():
+        raise FtError(f"--to {target}: it is a file; give a directory to write the merged model into.")
+    found = occupied(target)
+    if found and force:
+        stale = [name for name in found if name in ("ft_config.yaml", "metrics.json", "ft_plugins.json")]
+        log.warning("--force: writing the merged model into %s, which holds %s%s", target, ", ".join(found),
+                    f"; its {', '.join(stale)} will describe the run that was there, not this model" if stale else "")
+    if found and not force:
+        raise FtError(
+            f"--to {target}: the directory already holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''} "
+            "(a run or a model); merging would replace its weights and leave its other files describing a different "
+            "model. Choose a new or empty directory, or pass --force to write into it anyway."
+        )
     from ft.api import torch_dtype_named
 
     final_dtype = torch_dtype_named(dtype)
@@ -515,6 +552,24 @@ def merge_adapter(output_dir: str | Path, to_dir: str | Path | None = None, dtyp
     tokenizer.save_pretrained(target)
     log.info("merged model (%s) written to %s", str(final_dtype).replace("torch.", ""), target)
     return str(target)
+
+
+# What marks a directory as a run's or a model's: never written into by ``ft merge`` without --force.
+RUN_MARKERS = ("ft_config.yaml", "metrics.json", "ft_plugins.json", "config.json", ADAPTER_CONFIG_FILE,
+               BASE_QUANTIZATION_FILE, "tokenizer.json", "tokenizer_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def occupied(directory: Path) -> list[str]:
+    """The files and checkpoints in ``directory`` that belong to a run or a model (empty if none)."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name in RUN_MARKERS or name.endswith(WEIGHT_SUFFIXES) or (entry.is_dir() and name.startswith("checkpoint-")):
+            found.append(name + ("/" if entry.is_dir() else ""))
+    return found
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -540,9 +595,10 @@ def ft_add_commands(cli):
     @click.option("--to", "to_dir", type=click.Path(file_okay=False), default=None,
                   help="Where to write the merged model.")
     @click.option("--dtype", default="float32", show_default=True, help="dtype of the merged weights.")
+    @click.option("--force", is_flag=True, help="Write into a directory that already holds a run or a model.")
     @handle_errors
-    def merge(output_dir, to_dir, dtype):
+    def merge(output_dir, to_dir, dtype, force):
         """Merge a trained LoRA adapter into its base model and write a full model."""
         setup_logging()
-        written = merge_adapter(output_dir, to_dir, dtype=dtype)
+        written = merge_adapter(output_dir, to_dir, dtype=dtype, force=force)
         click.echo(f"merged model written to {written}")

@@ -4,11 +4,16 @@ Every registered name either trains or is refused by ``ft validate``: an optimiz
 is missing says how to install it, and a scheduler whose settings are missing or unknown
 (``cosine_with_min_lr`` without a floor, ``warmup_stable_decay`` without ``num_decay_steps``, an
 ``lr_scheduler_kwargs`` key the scheduler does not take) is a config error with the fix.
+
+Section ``adam:``: the betas and epsilon of the Adam-family optimizers (AdamW in torch, fused, 8-bit,
+paged, torchao; Lion takes the betas), as transformers' ``adam_beta1`` / ``adam_beta2`` / ``adam_epsilon``.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
 
@@ -71,6 +76,26 @@ SCHEDULER_KWARGS: dict[str, frozenset[str]] = {
 WSD_SHAPES = frozenset({"linear", "cosine", "1-sqrt"})
 
 
+class AdamOptions(BaseModel):
+    """The ``adam:`` section: Adam's (and Lion's) betas and epsilon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta1: float = Field(0.9, ge=0, lt=1, description="Decay of the first moment (momentum) estimate.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Decay of the second moment estimate (0.95 is common for "
+                         "large models and long runs).")
+    epsilon: float = Field(1e-8, gt=0, description="Added to the denominator for numerical stability.")
+
+
+# optimizers that read adam_beta1/adam_beta2 (and, all but Lion, adam_epsilon) from TrainingArguments
+TAKES_BETAS = frozenset({"adamw_torch", "adamw_torch_fused", *BNB_OPTIMIZERS, *TORCHAO_OPTIMIZERS})
+
+
+@hookimpl
+def ft_add_config(registry):
+    registry.add("adam", AdamOptions)
+
+
 @hookimpl
 def ft_register_optimizers(register):
     for name, hf_name in TRANSFORMERS_OPTIMIZERS.items():
@@ -95,15 +120,20 @@ def ft_validate_config(cfg):
             problems.append(f"{cfg.where('optimizer')}: {problem}")
     if cfg.lr_scheduler in SCHEDULERS:
         problems.extend(scheduler_problems(cfg))
+    if "adam" in cfg.model_fields_set and cfg.optimizer not in TAKES_BETAS:
+        problems.append(f"{cfg.where('adam')}: optimizer '{cfg.optimizer}' has no Adam betas or epsilon; remove the "
+                        "adam: section or choose an Adam optimizer (adamw_torch_fused ...).")
     return problems
 
 
 @hookimpl
 def ft_trainer_args(cfg):
+    adam = cfg.section("adam")
+    args = {"adam_beta1": adam.beta1, "adam_beta2": adam.beta2, "adam_epsilon": adam.epsilon}
     # cosine with a floor is transformers' cosine_with_min_lr (the floor goes in as min_lr_rate)
     if cfg.lr_scheduler == "cosine" and cfg.cosine_min_lr_ratio is not None:
-        return {"lr_scheduler_type": "cosine_with_min_lr"}
-    return None
+        args["lr_scheduler_type"] = "cosine_with_min_lr"
+    return args
 
 
 def effective_scheduler(cfg: Any) -> str:

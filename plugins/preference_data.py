@@ -6,19 +6,26 @@ headers, the prompt, and whatever follows the end-of-turn token are not.
 
 ``type: preference`` -- a pair per row, the layout detected per row:
 
-- explicit prompt: ``{"prompt": ..., "chosen": ..., "rejected": ...}``; the prompt is a list of
-  messages or a text (a user message); each side is a list of messages, one message, or a text
-  (an assistant message);
+- explicit prompt: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (``field_prompt``, or axolotl's
+  ``field_messages``, names the prompt's field); the prompt is a list of messages or a text (a user
+  message); each side is a list of messages, one message, or a text (an assistant message). A side
+  that is the whole conversation (UltraFeedback's ``prompt`` + full ``chosen``/``rejected``) repeats
+  the prompt's last messages: they are removed, so the prompt is rendered once; a side that begins
+  with another user or system turn is ambiguous and drops the row;
 - implicit prompt: ``{"chosen": [conversation], "rejected": [conversation]}`` (the
   UltraFeedback-binarized layout): the messages both sides share are the prompt, the rest of each
   side is its completion;
 - ``{"system", "question", "chosen", "rejected"}`` (axolotl's chatml.intel layout).
 
+A row's ``system`` text (``field_system``) goes first in the prompt unless the prompt has a system
+message, whichever field the prompt came from.
+
 Rows become ``chosen_input_ids``/``chosen_labels`` and ``rejected_input_ids``/``rejected_labels``.
 
 ``type: kto`` -- unpaired rows ``{"prompt", "completion", "label": true|false}`` (``label`` true =
-desirable). A pair in any of the layouts above is unpaired into two rows (chosen desirable,
-rejected undesirable). Rows become ``kto_input_ids``/``kto_labels`` and ``label``.
+desirable), or ``{"system", "question", "completion", "label"}`` (chatml.intel). A pair in any of
+the layouts above is unpaired into two rows (chosen desirable, rejected undesirable). Rows become
+``kto_input_ids``/``kto_labels`` and ``label``.
 
 Bad rows are dropped and counted with their ``file:line``: a missing side or prompt, chosen equal
 to rejected, an empty completion, a prompt longer than the method's ``max_prompt_len``.
@@ -26,8 +33,8 @@ to rejected, an empty completion, a prompt longer than the method's ``max_prompt
 Truncation: a sequence (prompt + one completion) longer than ``sequence_len`` follows
 ``excess_length``, side by side and the same way for both sides: ``drop`` (the default) drops the
 whole pair, ``truncate`` cuts each side to ``sequence_len`` from the end (the prompt is kept, the
-completion's tail goes), ``error`` stops. The prompt itself is never cut: a prompt over
-``max_prompt_len`` drops the row.
+completion's tail goes; the core then drops a pair whose sides became identical as "chosen equals
+rejected"), ``error`` stops. The prompt itself is never cut: a prompt over ``max_prompt_len`` drops the row.
 
 Other pair methods (``reward_model``) reuse ``PAIR_COLUMNS`` and ``UnitCollator``: that is this
 module's API for other plugins.
@@ -38,10 +45,10 @@ torch is imported inside functions.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from ft_plugins.chat_template import ChatTemplateOptions, build_chat_tokenize
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from ft.api import IGNORE_INDEX, Dropped, FtError, entry_where
 
@@ -52,6 +59,7 @@ SAME_SIDES = "chosen equals rejected"
 EMPTY_COMPLETION = "empty completion"
 LONG_PROMPT = "prompt longer than max_prompt_len"
 MALFORMED = "malformed row"
+PROMPT_IN_COMPLETION = "prompt turn in the completion"
 
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 KTO_COLUMNS = ("kto_input_ids", "kto_labels", "label")
@@ -64,20 +72,25 @@ class PreferenceOptions(ChatTemplateOptions):
     field_prompt: str = Field("prompt", description="Row field with the prompt: a list of messages or a text.")
     field_chosen: str = Field("chosen", description="Row field with the preferred completion (messages or text).")
     field_rejected: str = Field("rejected", description="Row field with the dispreferred completion.")
-    field_system: str = Field("system", description="Row field with a system message (chatml.intel layout).")
+    field_system: str = Field("system", description="Row field with a system message, put first when the prompt has "
+                              "none (chatml.intel layout).")
     field_question: str = Field("question", description="Row field with the user's question (chatml.intel layout).")
     field_margin: str | None = Field(None, description="method reward_model only: row field with a number, the "
                                      "margin by which chosen must beat rejected (TRL's margin column); unset: none.")
-    field_messages: str = Field("messages", description="Not used: preference rows name their fields with "
-                                "field_prompt, field_chosen and field_rejected (field_completion for kto).")
+    field_messages: str | None = Field(None, description="axolotl's name for the row field with the prompt's "
+                                       "messages: the same as field_prompt (set one of the two).")
 
-    @field_validator("field_messages")
-    @classmethod
-    def _no_messages_field(cls, value: str) -> str:
-        if value != "messages":
-            raise ValueError("preference rows have no messages field; name the row fields with field_prompt, "
-                             "field_chosen and field_rejected (field_completion for kto)")
-        return value
+    @model_validator(mode="after")
+    def _one_prompt_field(self) -> PreferenceOptions:
+        if self.field_messages is not None and self.field_prompt not in ("prompt", self.field_messages):
+            raise ValueError(f"field_messages ('{self.field_messages}') and field_prompt ('{self.field_prompt}') both "
+                             "name the row field with the prompt; set one of them")
+        return self
+
+    @property
+    def prompt_field(self) -> str:
+        """The row field with the prompt (``field_messages``, axolotl's name, when it is set)."""
+        return self.field_messages or self.field_prompt
 
 
 class KtoOptions(PreferenceOptions):
@@ -110,6 +123,18 @@ def _missing(row: Mapping[str, Any], field: str) -> bool:
     return value is None
 
 
+def _repeated_prompt(prompt: list[dict[str, Any]], completion: list[dict[str, Any]]) -> int:
+    """How many of the completion's first messages repeat the prompt's last ones (the completion keeps one)."""
+    for k in range(min(len(prompt), len(completion) - 1), 0, -1):
+        if all(_same_turn(a, b) for a, b in zip(prompt[-k:], completion[:k], strict=True)):
+            return k
+    return 0
+
+
+def _same_turn(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.get("role") == b.get("role") and a.get("content") == b.get("content")
+
+
 def _shared_prefix(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -117,63 +142,89 @@ def _shared_prefix(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> int:
     return n
 
 
-def split_pair(row: Mapping[str, Any], o: PreferenceOptions) -> tuple[list, list, list]:
-    """``(prompt, chosen, rejected)`` message lists of a pair row, whatever its layout."""
+def prompt_of(row: Mapping[str, Any], o: PreferenceOptions) -> list[dict[str, Any]] | None:
+    """The prompt messages of a row: its prompt field (``field_prompt``, or axolotl's ``field_messages``), else
+    chatml.intel's ``question``; None when it has neither. The row's system text (``field_system``) goes
+    first, unless the prompt begins with a system message of its own."""
+    if not _missing(row, o.prompt_field):
+        prompt = _as_messages(row[o.prompt_field], "prompt", "user")
+    elif not _missing(row, o.field_question):  # chatml.intel: system + question
+        question = row[o.field_question]
+        if not isinstance(question, str):
+            raise Dropped(MALFORMED, f"'{o.field_question}' must be a text")
+        prompt = [{"role": "user", "content": question}]
+    else:
+        return None
+    system = row.get(o.field_system)
+    if isinstance(system, str) and system.strip() and not _is_system(prompt[0], o):
+        prompt.insert(0, {"role": "system", "content": system})
+    return prompt
+
+
+def _is_system(message: Mapping[str, Any], o: PreferenceOptions) -> bool:
+    role_key = o.message_property_mappings.get("role", "role")
+    return "system" in (message.get(role_key), message.get("role"), message.get("from"))
+
+
+class Pair(NamedTuple):
+    """The messages of a pair row: the prompt, each side's completion, and whether the row gave the prompt
+    (a prompt field) or it was found as the messages both sides share."""
+
+    prompt: list
+    chosen: list
+    rejected: list
+    given_prompt: bool = True
+
+
+def split_pair(row: Mapping[str, Any], o: PreferenceOptions) -> Pair:
+    """The prompt, chosen and rejected messages of a pair row, whatever its layout."""
     for field in (o.field_chosen, o.field_rejected):
         if _missing(row, field):
             keys = ", ".join(sorted(map(str, row))) or "none"
             raise Dropped(MISSING_SIDE, f"no '{field}' (row has fields: {keys}; datasets[].field_{'chosen' if field == o.field_chosen else 'rejected'} names it)")
     chosen_raw, rejected_raw = row[o.field_chosen], row[o.field_rejected]
-    if not _missing(row, o.field_prompt):  # explicit prompt
-        prompt = _as_messages(row[o.field_prompt], "prompt", "user")
-        chosen = _as_messages(chosen_raw, "chosen", "assistant")
-        rejected = _as_messages(rejected_raw, "rejected", "assistant")
-    elif not _missing(row, o.field_question):  # chatml.intel: system + question
-        question = row[o.field_question]
-        if not isinstance(question, str):
-            raise Dropped(MALFORMED, f"'{o.field_question}' must be a text")
-        prompt = []
-        system = row.get(o.field_system)
-        if isinstance(system, str) and system.strip():
-            prompt.append({"role": "system", "content": system})
-        prompt.append({"role": "user", "content": question})
-        chosen = _as_messages(chosen_raw, "chosen", "assistant")
-        rejected = _as_messages(rejected_raw, "rejected", "assistant")
-    else:  # implicit prompt: the messages both conversations share
-        if isinstance(chosen_raw, str) or isinstance(rejected_raw, str):
-            raise Dropped(MISSING_PROMPT, f"no '{o.field_prompt}' and the sides are texts; give a prompt (or whole "
-                                       "conversations as chosen/rejected, whose shared messages are the prompt)")
-        whole_chosen = _as_messages(chosen_raw, "chosen", "assistant")
-        whole_rejected = _as_messages(rejected_raw, "rejected", "assistant")
-        n = _shared_prefix(whole_chosen, whole_rejected)
-        if n == len(whole_chosen) == len(whole_rejected):
-            raise Dropped(SAME_SIDES, "the two conversations are identical")
-        if n == 0:
-            raise Dropped(MISSING_PROMPT, "the two conversations share no first message, so there is no prompt")
-        prompt, chosen, rejected = whole_chosen[:n], whole_chosen[n:], whole_rejected[n:]
-        for name, side in (("chosen", chosen), ("rejected", rejected)):
-            if not side:
-                raise Dropped(EMPTY_COMPLETION, f"'{name}' ends where the shared prompt ends: it has no completion")
-    return prompt, chosen, rejected
+    prompt = prompt_of(row, o)
+    if prompt is not None:
+        return Pair(prompt, _as_messages(chosen_raw, "chosen", "assistant"),
+                    _as_messages(rejected_raw, "rejected", "assistant"))
+    # implicit prompt: the messages both conversations share
+    if isinstance(chosen_raw, str) or isinstance(rejected_raw, str):
+        raise Dropped(MISSING_PROMPT, f"no '{o.prompt_field}' and the sides are texts; give a prompt (or whole "
+                                   "conversations as chosen/rejected, whose shared messages are the prompt)")
+    whole_chosen = _as_messages(chosen_raw, "chosen", "assistant")
+    whole_rejected = _as_messages(rejected_raw, "rejected", "assistant")
+    n = _shared_prefix(whole_chosen, whole_rejected)
+    if n == len(whole_chosen) == len(whole_rejected):
+        raise Dropped(SAME_SIDES, "the two conversations are identical")
+    if n == 0:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise Dropped(MISSING_PROMPT, f"no '{o.prompt_field}' (row has fields: {keys}), and the two conversations "
+                                   "share no first message, so there is no prompt")
+    prompt, chosen, rejected = whole_chosen[:n], whole_chosen[n:], whole_rejected[n:]
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side:
+            raise Dropped(EMPTY_COMPLETION, f"'{name}' ends where the shared prompt ends: it has no completion")
+    return Pair(prompt, chosen, rejected, given_prompt=False)
 
 
-def split_unpaired(row: Mapping[str, Any], o: KtoOptions) -> list[tuple[list, list, bool]]:
-    """``[(prompt, completion, desirable)]`` of a KTO row; a pair row gives two."""
+def split_unpaired(row: Mapping[str, Any], o: KtoOptions) -> list[tuple[list, list, bool, bool]]:
+    """``[(prompt, completion, desirable, given_prompt)]`` of a KTO row; a pair row gives two."""
     if _missing(row, o.field_completion) and not _missing(row, o.field_chosen) and not _missing(row, o.field_rejected):
-        prompt, chosen, rejected = split_pair(row, o)
-        return [(prompt, chosen, True), (prompt, rejected, False)]
+        pair = split_pair(row, o)
+        return [(pair.prompt, pair.chosen, True, pair.given_prompt), (pair.prompt, pair.rejected, False, pair.given_prompt)]
     if _missing(row, o.field_completion):
         keys = ", ".join(sorted(map(str, row))) or "none"
         raise Dropped(MISSING_SIDE, f"no '{o.field_completion}' (row has fields: {keys}; datasets[].field_completion "
                                  "names it)")
-    if _missing(row, o.field_prompt):
-        raise Dropped(MISSING_PROMPT, f"no '{o.field_prompt}' (datasets[].field_prompt names it)")
+    prompt = prompt_of(row, o)
+    if prompt is None:
+        raise Dropped(MISSING_PROMPT, f"no '{o.prompt_field}' (datasets[].field_prompt names it) and no "
+                                   f"'{o.field_question}'")
     label = row.get(o.field_label)
     if not isinstance(label, bool):
         raise Dropped(MALFORMED, f"'{o.field_label}' must be true or false, got {label!r}")
-    prompt = _as_messages(row[o.field_prompt], "prompt", "user")
     completion = _as_messages(row[o.field_completion], "completion", "assistant")
-    return [(prompt, completion, label)]
+    return [(prompt, completion, label, True)]
 
 
 # -- (prompt, completion) -> tokens ---------------------------------------------------------------
@@ -189,6 +240,7 @@ class ConversationEncoder:
 
     def __init__(self, cfg: Any, entry: PreferenceOptions, tokenizer: Any, max_prompt_len: int | None):
         self.chat = build_chat_tokenize(cfg, entry, tokenizer)
+        self.chat.field = "messages"  # the conversations handed to the chat machinery, not a row field
         self.max_prompt_len = max_prompt_len
 
     def completion_check(self, name: str, messages: list[dict[str, Any]]) -> None:
@@ -196,7 +248,15 @@ class ConversationEncoder:
         if all(isinstance(c, str) and not c.strip() for c in contents):
             raise Dropped(EMPTY_COMPLETION, f"'{name}' has no text")
 
-    def messages(self, prompt: list, completion: list) -> tuple[list, list[bool]]:
+    def messages(self, prompt: list, completion: list, name: str = "completion",
+                 given_prompt: bool = False) -> tuple[list, list[bool]]:
+        """The template messages of prompt + completion, and which are scored (the completion's).
+
+        With a prompt the row gave (``given_prompt``), a completion that is a whole conversation repeating
+        the prompt's last messages (UltraFeedback's ``prompt`` + full ``chosen``/``rejected``) has them
+        removed, so the prompt is rendered once; a completion that still begins with a user or system turn
+        is ambiguous, and drops the row.
+        """
         try:
             messages, trained = self.chat.messages_of({self.chat.field: [*prompt, *completion]})
         except Exception as exc:  # the chat machinery's own drop (malformed messages ...)
@@ -204,7 +264,18 @@ class ConversationEncoder:
             if dropped is None:
                 raise
             raise dropped from None
-        trained = [False] * len(prompt) + trained[len(prompt):]  # the prompt is never scored
+        n_prompt = len(prompt) - (len(prompt) + len(completion) - len(messages))  # drop_system_message
+        if given_prompt:
+            repeated = _repeated_prompt(messages[:n_prompt], messages[n_prompt:])
+            if repeated:
+                del messages[n_prompt:n_prompt + repeated], trained[n_prompt:n_prompt + repeated]
+            first = messages[n_prompt]["role"] if len(messages) > n_prompt else None
+            if first in ("user", "system"):
+                raise Dropped(PROMPT_IN_COMPLETION, (
+                    f"'{name}' begins with a {first} message although the row has a prompt, which it does not repeat: "
+                    "give the completion alone, or whole conversations without a prompt field (their shared "
+                    "messages are the prompt)"))
+        trained = [False] * n_prompt + trained[n_prompt:]  # the prompt is never scored
         if not any(trained):
             raise Dropped(EMPTY_COMPLETION, f"no message of the completion has a role in roles_to_train "
                                          f"({', '.join(sorted(self.chat.roles_to_train))})")
@@ -257,12 +328,15 @@ class PairTokenize:
         pending, conversations, margins = [], [], {}
         for r, row in enumerate(rows):
             try:
-                prompt, chosen, rejected = split_pair(row, self.options)
+                prompt, chosen, rejected, given = split_pair(row, self.options)
                 self.encoder.completion_check("chosen", chosen)
                 self.encoder.completion_check("rejected", rejected)
                 if chosen == rejected:
                     raise Dropped(SAME_SIDES, "the chosen and rejected completions are identical")
-                sides = [self.encoder.messages(prompt, chosen), self.encoder.messages(prompt, rejected)]
+                sides = [self.encoder.messages(prompt, chosen, "chosen", given),
+                         self.encoder.messages(prompt, rejected, "rejected", given)]
+                if sides[0] == sides[1]:  # identical once the repeated prompt is gone
+                    raise Dropped(SAME_SIDES, "the chosen and rejected completions are identical")
             except Dropped as dropped:
                 out[r] = dropped
                 continue
@@ -310,13 +384,15 @@ class UnpairedTokenize:
                 if len(samples) == 2 and samples[0][1] == samples[1][1]:
                     raise Dropped(SAME_SIDES, "the chosen and rejected completions are identical")
                 convs = []
-                for prompt, completion, _label in samples:
+                for prompt, completion, _label, given in samples:
                     self.encoder.completion_check("completion", completion)
-                    convs.append(self.encoder.messages(prompt, completion))
+                    convs.append(self.encoder.messages(prompt, completion, "completion", given))
+                if len(convs) == 2 and convs[0] == convs[1]:
+                    raise Dropped(SAME_SIDES, "the chosen and rejected completions are identical")
             except Dropped as dropped:
                 out[r] = dropped
                 continue
-            pending.append((r, [label for _p, _c, label in samples], len(conversations)))
+            pending.append((r, [label for _p, _c, label, _g in samples], len(conversations)))
             conversations.extend(convs)
         encoded = self.encoder.encode(conversations)
         for r, labels, start in pending:

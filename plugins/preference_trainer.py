@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ft.api import IGNORE_INDEX, FtError, has_adapter
+from ft.api import IGNORE_INDEX, FtError, cache_file_problem, has_adapter, record_cache_file
 
 log = logging.getLogger("ft.preference")
 
@@ -479,13 +479,25 @@ def reference_fingerprint(model: Any) -> str:
 def reference_cache_path(model: Any, setup: PreferenceSetup) -> Path | None:
     if not setup.cache_dir:
         return None
-    return Path(setup.cache_dir) / "reference" / f"{setup.method}-{reference_fingerprint(model)[:24]}.json"
+    return Path(setup.cache_dir) / REFERENCE_DIR / f"{setup.method}-{reference_fingerprint(model)[:24]}.json"
+
+
+REFERENCE_DIR = "reference"
 
 
 def load_reference(path: Path) -> dict[str, Any] | None:
+    """The stored log-probabilities, or None (computed again) when there are none, or when the file does
+    not match the checksum the prepared data's manifest holds for it (edited, damaged, or never recorded)."""
     import json
 
     if not path.is_file():
+        return None
+    cache_dir = path.parent.parent
+    problem = cache_file_problem(cache_dir, path.relative_to(cache_dir).as_posix())
+    if problem is not None:
+        log.warning("the precomputed reference log-probabilities in %s do not match the prepared data's manifest "
+                    "(%s); computing them again", path, problem)
+        path.unlink(missing_ok=True)
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -496,10 +508,13 @@ def load_reference(path: Path) -> dict[str, Any] | None:
 
 
 def save_reference(path: Path, stored: dict[str, Any]) -> None:
-    """Written to a temporary file and renamed: a crash never leaves half a file."""
+    """Written to a temporary file and renamed (a crash never leaves half a file), then listed with its
+    checksum in the prepared data's manifest (what :func:`load_reference` checks)."""
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stored), encoding="utf-8")
     os.replace(tmp, path)
+    cache_dir = path.parent.parent
+    record_cache_file(cache_dir, path.relative_to(cache_dir).as_posix())

@@ -104,12 +104,27 @@ def ft_patch_model(cfg, model):
             model.set_attn_implementation(previous)
         _restore_mapping(mapping, had, old)
 
+    def attention_in_use() -> str | None:  # checked after the first training step
+        if model.config._attn_implementation != ATTENTION_NAME:
+            return f"the model's attention is '{model.config._attn_implementation}' again, not {ATTENTION_NAME}"
+        return None
+
+    def hook_in_place() -> str | None:
+        return None if handle.id in decoder._forward_pre_hooks else f"the {type(decoder).__name__} pre-hook was removed"
+
+    def registered() -> str | None:
+        if mapping.get(ATTENTION_NAME) is attention:
+            return None
+        return f"transformers.AttentionInterface['{ATTENTION_NAME}'] was replaced after varlen registered it"
+
     kernel = getattr(cuda_kernel, "label", "reference")
     return [
         PatchRecord(PLUGIN, f"{type(model).__name__} attention '{previous}'",
-                    f"{ATTENTION_NAME} (CUDA: {kernel}; CPU/fp32: reference)"),
-        PatchRecord(PLUGIN, f"{type(decoder).__name__} forward pre-hook", "cu_seq_lens from position_ids"),
-        PatchRecord(PLUGIN, f"transformers.AttentionInterface['{ATTENTION_NAME}']", attention.__qualname__, undo=undo),
+                    f"{ATTENTION_NAME} (CUDA: {kernel}; CPU/fp32: reference)", check=attention_in_use),
+        PatchRecord(PLUGIN, f"{type(decoder).__name__} forward pre-hook", "cu_seq_lens from position_ids",
+                    check=hook_in_place),
+        PatchRecord(PLUGIN, f"transformers.AttentionInterface['{ATTENTION_NAME}']", attention.__qualname__, undo=undo,
+                    check=registered),
     ]
 
 

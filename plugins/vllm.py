@@ -478,9 +478,9 @@ def _source(source: str) -> tuple[str, dict[str, Any]]:
 
     path = Path(source)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
+        from ft.api import read_yaml
 
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path).data  # ft's limits: size, nesting, aliases, UTF-8
         model = data.get("base_model")
         if not model:
             raise FtError(f"{source}: the config has no base_model to serve.")

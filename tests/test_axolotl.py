@@ -9,6 +9,7 @@ and value kinds users have in their files, not copies of those files.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -300,10 +301,15 @@ def methods_registered(tiny_model_dir) -> set[str]:
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, tiny_model_dir, monkeypatch):
+    from ft_plugins import hf
+
     import ft.config
 
     real = ft.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
     monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    # the shapes are written for a GPU machine (bf16, flash attention); those checks have their own tests
+    monkeypatch.setattr(hf, "_has_cuda", lambda: True)
+    monkeypatch.setattr(hf, "attention_problems", lambda cfg: [])
     if shape in NEEDS:
         pytest.importorskip(NEEDS[shape])
     if shape == "dpo" and "dpo" not in methods_registered(tiny_model_dir):
@@ -386,7 +392,7 @@ def test_liger_plugin_and_its_keys():
     result = convert_data({"base_model": "m", "datasets": [{"path": "p.jsonl", "type": "alpaca"}],
                            "plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_rope": True,
                            "liger_rms_norm": True, "liger_glu_activation": False,
-                           "liger_fused_linear_cross_entropy": True})
+                           "liger_fused_linear_cross_entropy": True, "warmup_steps": 0})
     assert result.config["plugins"] == ["liger"]
     assert result.config["liger"] == {"rope": True, "rms_norm": True, "swiglu": False,
                                       "fused_linear_cross_entropy": True}
@@ -411,7 +417,8 @@ def test_rl_methods(rl, extra, method, section):
     data = {"base_model": "m", "rl": rl, "datasets": [{"path": "p.jsonl", "type": "chatml.intel"}], **extra}
     result = convert_data(data)
     assert result.config["method"] == method and result.config[method] == section
-    assert result.config["datasets"][0]["type"] == ("kto" if rl == "kto" else "preference")
+    expected = {"kto": "kto", "grpo": "prompt"}.get(rl, "preference")  # GRPO trains on prompts
+    assert result.config["datasets"][0]["type"] == expected
 
 
 def test_what_cannot_be_expressed_is_listed_and_the_exit_code_says_if_training_changes(ft_runner, axolotl_config,
@@ -491,3 +498,342 @@ def test_hints_come_from_the_plugin(ft_runner, ft_config, ft_dataset):
     path = ft_config(dataset=ft_dataset(), adapter="lora")
     result = ft_runner.validate(path, "-p", "no:axolotl")
     assert result.exit_code != 0 and "unknown key" in result.output and "plugins: [lora]" not in result.output
+
+
+def test_convert_never_replaces_its_own_input(ft_runner, axolotl_config, tmp_path):
+    """Issue 22: `-o x.yml --force` on x.yml, a symlink or a hard link to it, replaced the axolotl config."""
+    import os
+
+    src, _ = axolotl_config("alpaca")
+    original = src.read_text()
+    os.symlink(src, tmp_path / "link.yml")
+    os.link(src, tmp_path / "hard.yml")
+    for out, said in ((src, f"-o {src} is the input"), (tmp_path / "link.yml", "is a link to the input"),
+                      (tmp_path / "hard.yml", "is a link to the input")):
+        ft_runner.invoke("convert", str(src), "-o", str(out), "--force").assert_error(said, "another file")
+        assert src.read_text() == original
+
+
+def test_convert_into_a_missing_folder_is_an_error_and_writes_nothing(ft_runner, axolotl_config, tmp_path):
+    src, _ = axolotl_config("alpaca")
+    out = tmp_path / "no" / "such" / "ft.yaml"
+    ft_runner.invoke("convert", str(src), "-o", str(out)).assert_error(
+        f"the folder {out.parent} does not exist", "mkdir -p")
+    assert not (tmp_path / "no").exists()
+    written = tmp_path / "ft.yaml"
+    ft_runner.invoke("convert", str(src), "-o", str(written)).assert_ok()
+    assert written.read_text().startswith("# Converted from") and oct(written.stat().st_mode & 0o777) != "0o600"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# -- meaning: what axolotl does is what the converted config does (issue 23) ----------------------------
+
+
+def _convert(**data):
+    from ft_plugins.axolotl import convert as convert_data
+
+    base = {"base_model": "m", "datasets": [{"path": "p.jsonl", "type": "chat_template"}], "warmup_steps": 0}
+    return convert_data({**base, **data})
+
+
+def _dropped(result) -> list[str]:
+    return [n.key for n in result.dropped_training]
+
+
+def test_axolotl_alpaca_styles_are_flagged_not_silently_replaced():
+    result = _convert(datasets=[{"path": "p.jsonl", "type": "alpaca:chat"}])
+    assert result.config["datasets"][0]["type"] == "alpaca"
+    assert _dropped(result) == ["datasets[0].type"]  # exit 3: ft's alpaca prompt is worded differently
+    assert "prompt style is not offered" in result.dropped_training[0].reason
+    assert _dropped(_convert(datasets=[{"path": "p.jsonl", "type": "alpaca"}])) == []
+
+
+def test_axolotl_defaults_are_written_where_they_differ_from_fts():
+    from ft_plugins.axolotl import convert as convert_data
+
+    lora = _convert(adapter="lora", lora_r=8)
+    assert lora.config["lora"] == {"r": 8, "dropout": 0.0}  # axolotl's lora_dropout default (ft: 0.05)
+    assert _convert(adapter="lora", lora_dropout=0.1).config["lora"]["dropout"] == 0.1
+    plain = {"base_model": "m", "datasets": [{"path": "p.jsonl", "type": "chat_template"}]}
+    # no warmup key: axolotl warms up for min(3% of the steps, 100), and never for exactly 1 step
+    assert convert_data({**plain, "max_steps": 1000}).config["warmup_steps"] == 30
+    assert convert_data({**plain, "max_steps": 10000}).config["warmup_steps"] == 100
+    assert convert_data({**plain, "max_steps": 50}).config["warmup_steps"] == 2
+    by_epochs = convert_data({**plain, "num_epochs": 1})
+    assert by_epochs.config["warmup_ratio"] == 0.03 and "warmup_steps" not in by_epochs.config
+    assert not _dropped(by_epochs)  # written, with the 100-step cap as a caveat
+    # transformers reads warmup_steps below 1 as a ratio
+    fraction = convert_data({**plain, "warmup_steps": 0.1})
+    assert fraction.config["warmup_ratio"] == 0.1 and "warmup_steps" not in fraction.config
+
+
+# axolotl's renderings of the same-named templates, stated here (checked against axolotl's jinja files
+# when this test was written): with a system message and without one.
+NO_SYSTEM = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+WITH_SYSTEM = [{"role": "system", "content": "Be brief."}, *NO_SYSTEM]
+AXOLOTL_RENDERS = {  # name: (eos token of the family, without system, with system)
+    "chatml": ("<|im_end|>", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n",
+               "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+               "Hello!<|im_end|>\n"),
+    "llama3": ("<|eot_id|>", "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"
+               "<|end_header_id|>\n\nHello!<|eot_id|>", "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief."
+               "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"
+               "<|end_header_id|>\n\nHello!<|eot_id|>"),
+    "phi_35": ("<|endoftext|>", "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n",
+               "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"),
+    "deepseek_v3": ("<｜end▁of▁sentence｜>", "<s><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>",
+                    "<s>Be brief.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"),
+    "mistral_v1": ("</s>", "<s> [INST] Hi [/INST] Hello!</s>", "<s> [INST] Be brief.\n\nHi [/INST] Hello!</s>"),
+    # axolotl leaves the system message out of these two
+    "mistral_v2v3": ("</s>", "<s>[INST] Hi[/INST] Hello!</s>", "<s>[INST] Hi[/INST] Hello!</s>"),
+    "mistral_v3_tekken": ("</s>", "<s>[INST]Hi[/INST]Hello!</s>", "<s>[INST]Hi[/INST]Hello!</s>"),
+}
+
+
+def _ft_render(name: str, messages: list, eos: str) -> str:
+    from ft_plugins.chat_template import compile_template, load_shipped_template
+
+    return compile_template(load_shipped_template(name)).render(messages=messages, bos_token="<s>", eos_token=eos,
+                                                                add_generation_prompt=False)
+
+
+@pytest.mark.parametrize("name", sorted(AXOLOTL_RENDERS))
+def test_same_named_templates_render_as_axolotls_after_conversion(name):
+    from ft_plugins.axolotl import TEMPLATES
+
+    eos, without, with_system = AXOLOTL_RENDERS[name]
+    result = _convert(chat_template=name)
+    entry = result.config["datasets"][0]
+    assert not _dropped(result)
+    messages = WITH_SYSTEM[1:] if entry.get("drop_system_message") else WITH_SYSTEM
+    ft_name = TEMPLATES[name]
+    assert _ft_render(ft_name, NO_SYSTEM, eos) == without
+    assert _ft_render(ft_name, messages, eos) == with_system
+
+
+@pytest.mark.parametrize(("name", "axolotl_without_system"), [
+    ("phi_3", "<s><|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"),  # a leading BOS
+    ("deepseek_v2", "<s><｜User｜>Hi<｜Assistant｜>Hello!</s>"),  # other role markers
+    ("phi_4", None),  # axolotl inserts a default system prompt
+    ("mistral_v7_tekken", None),  # the same, with today's date in it
+])
+def test_same_named_templates_that_render_differently_are_flagged(name, axolotl_without_system):
+    from ft_plugins.axolotl import TEMPLATES
+
+    result = _convert(chat_template=name)
+    assert _dropped(result) == ["chat_template"]  # exit 3, with what differs
+    rendered = _ft_render(TEMPLATES[name], NO_SYSTEM, "</s>")
+    assert "system" not in rendered.lower() and "SYSTEM_PROMPT" not in rendered
+    if axolotl_without_system:
+        assert rendered != axolotl_without_system
+
+
+def test_preference_entries_keep_roles_mappings_and_trained_roles():
+    entry = {"path": "p.jsonl", "type": "chat_template.default", "field_messages": "conversation",
+             "field_chosen": "chosen", "field_rejected": "rejected",
+             "message_property_mappings": {"role": "from", "content": "value"},
+             "roles": {"user": ["human"], "assistant": ["gpt"]}, "roles_to_train": ["assistant"],
+             "unknown_thing": 3}
+    result = _convert(rl="dpo", datasets=[entry])
+    out = result.config["datasets"][0]
+    assert out["field_prompt"] == "conversation"  # axolotl's field_messages: the prompt's messages
+    assert out["message_property_mappings"] == {"role": "from", "content": "value"}
+    assert out["roles"] == {"user": ["human"], "assistant": ["gpt"]} and out["roles_to_train"] == ["assistant"]
+    assert _dropped(result) == ["datasets[0].unknown_thing"]  # nothing dropped silently
+
+
+def test_model_type_causal_classes_pass_and_other_heads_are_flagged():
+    for causal in ("AutoModelForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"):
+        assert _dropped(_convert(model_type=causal)) == []
+    for head in ("AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                 "AutoModelForImageTextToText"):
+        assert _dropped(_convert(model_type=head)) == ["model_type"]
+
+
+def test_an_rl_method_ft_lacks_is_refused_with_its_trl_block(ft_runner, tmp_path):
+    src = tmp_path / "ebft.yml"
+    src.write_text("base_model: m\nrl: ebft\ntrl:\n  num_generations: 4\n  epsilon: 0.2\n"
+                   "datasets:\n  - path: p.jsonl\n    type: ebft_strided\n")
+    result = ft_runner.invoke("convert", str(src), "-o", str(tmp_path / "out.yaml"))
+    assert result.exit_code == 2 and not (tmp_path / "out.yaml").exists()
+    assert "rl: ebft is a training method ft does not offer" in result.output
+    assert "trl: settings (epsilon, num_generations)" in result.output
+
+
+def test_orpo_argilla_reads_whole_conversations_and_trains_every_row(ft_runner, tmp_path, tiny_model_dir):
+    # axolotl's ORPO chat_template.argilla: chosen/rejected are conversations; a `prompt` text column repeats
+    # the first user turn and must not become a second prompt
+    rows = [{"prompt": f"Question {i}?", "chosen": [{"role": "user", "content": f"Question {i}?"},
+                                                      {"role": "assistant", "content": f"Good answer {i}."}],
+             "rejected": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Bad {i}."}]} for i in range(6)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    src = tmp_path / "orpo.yml"
+    src.write_text(f"base_model: {tiny_model_dir}\nrl: orpo\norpo_alpha: 0.1\nchat_template: chatml\n"
+                   f"datasets:\n  - path: {data}\n    type: chat_template.argilla\n"
+                   f"dataset_prepared_path: {tmp_path / 'prep'}\noutput_dir: {tmp_path / 'out'}\nwarmup_steps: 0\n")
+    out = tmp_path / "orpo.ft.yaml"
+    assert convert(ft_runner, src, out).exit_code == 0
+    entry = yaml.safe_load(out.read_text())["datasets"][0]
+    assert entry["field_chosen"] == "chosen" and entry["field_rejected"] == "rejected"
+    result = ft_runner.preprocess(out).assert_ok()
+    assert "dropped nothing" in result.log
+
+
+def test_no_dataset_left_is_an_error_and_nothing_is_written(ft_runner, tmp_path):
+    src = tmp_path / "rm.yml"
+    src.write_text("base_model: m\ndatasets:\n  - path: p.jsonl\n    type: bradley_terry.chat_template\n")
+    result = ft_runner.invoke("convert", str(src), "-o", str(tmp_path / "o.yaml"))
+    assert result.exit_code == 2 and not (tmp_path / "o.yaml").exists()
+    assert "no dataset could be converted" in result.output and "bradley_terry.chat_template" in result.output
+
+
+def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, tiny_model_dir):
+    result = _convert(evals_per_epoch=0, saves_per_epoch=0, val_set_size=0.1)
+    assert result.config["eval_strategy"] == "no" and "evals_per_epoch" not in result.config
+    assert result.config["save_strategy"] == "no"
+    sharded = _convert(adapter="lora", fsdp=["full_shard"], fsdp_config={"state_dict_type": "SHARDED_STATE_DICT"})
+    assert "save" not in sharded.config["fsdp"] and not _dropped(sharded)
+    both = _convert(plugins=["axolotl.integrations.liger.LigerPlugin"], liger_rope=True, torch_compile=True,
+                    torch_compile_mode="max-autotune")
+    assert both.config["plugins"] == ["liger"] and "compile" not in both.config and not _dropped(both)
+    autotune = _convert(torch_compile=True, torch_compile_mode="max-autotune")
+    assert autotune.config["compile"]["mode"] == "max-autotune-no-cudagraphs"
+    qlora_fsdp = _convert(adapter="qlora", load_in_4bit=True, fsdp=["full_shard"])
+    assert "fsdp" in _dropped(qlora_fsdp)  # not offered: exit 3 with the reason (validate refuses it)
+    no_adapter = _convert(lora_target_linear=True)  # a full fine-tune with a stray lora key
+    assert "lora" not in no_adapter.config
+    # each of them validates
+    (tmp_path / "p.jsonl").write_text("")
+    for i, res in enumerate((result, sharded, no_adapter)):
+        cfg = dict(res.config, base_model=str(tiny_model_dir), datasets=[{"path": "p.jsonl", "type": "chat_template"}])
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        ft_runner.validate(path).assert_ok()
+
+
+def test_grpo_becomes_prompts_with_the_trl_block_mapped():
+    result = _convert(rl="grpo", datasets=[{"path": "p.jsonl", "type": "rewards.transform", "split": "train"}],
+                      trl={"beta": 0.0, "num_generations": 4, "scale_rewards": True, "log_completions": False,
+                           "use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.5,
+                           "epsilon_high": 0.28, "reward_funcs": ["rewards.acc"]})
+    cfg = result.config
+    assert cfg["datasets"][0] == {"path": "p.jsonl", "type": "prompt", "split": "train"}
+    assert cfg["grpo"]["scale_rewards"] == "group" and cfg["grpo"]["log_completions_steps"] == 0
+    assert cfg["grpo"]["epsilon_high"] == 0.28 and cfg["grpo"]["rewards"] == [{"name": "acc", "weight": 1.0}]
+    assert "vllm" in cfg["plugins"] and cfg["vllm"] == {"mode": "colocate", "gpu_memory_utilization": 0.5}
+    assert "datasets[0].type" in _dropped(result)  # axolotl's transform function is not run: said
+
+
+def test_equivalents_ft_has_are_used(ft_runner, tmp_path, tiny_model_dir):
+    dpo = _convert(rl="dpo", dpo_label_smoothing=0.1, precompute_ref_log_probs=True, max_prompt_len=256,
+                   datasets=[{"path": "p.jsonl", "type": "chatml.intel"}])
+    assert dpo.config["dpo"] == {"loss_type": "sigmoid", "label_smoothing": 0.1, "precompute_ref_logps": True,
+                                 "max_prompt_len": 256}
+    adam = _convert(adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-6, optimizer="adamw_torch_fused")
+    assert adam.config["adam"] == {"beta1": 0.9, "beta2": 0.95, "epsilon": 1e-6} and not _dropped(adam)
+    watchdog = _convert(loss_watchdog_threshold=5.0, loss_watchdog_patience=3)
+    assert not _dropped(watchdog) and "health plugin" in watchdog.notes[0].reason
+    assert _convert(revision_of_model="abc123").config["hf"] == {"revision": "abc123"}
+    ignored = _convert(adam_eps=1e-5)  # not an axolotl key: axolotl ignores it, so ft does too
+    assert "adam" not in ignored.config and not _dropped(ignored)
+    cce = _convert(plugins=["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"])
+    assert not _dropped(cce) and "fused_loss" in cce.notes[0].reason
+
+
+def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, tiny_model_dir):
+    from ft_plugins.optimizers import ft_trainer_args
+
+    from ft.context import load_context
+
+    base = {"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    ctx = load_context({**base, "adam": {"beta2": 0.95, "epsilon": 1e-6}})
+    assert ft_trainer_args(ctx.cfg) == {"adam_beta1": 0.9, "adam_beta2": 0.95, "adam_epsilon": 1e-6}
+    bad = write_yaml({**base, "optimizer": "sgd", "adam": {"beta2": 0.95}})
+    result = ft_runner.validate(bad)
+    assert result.exit_code != 0 and "optimizer 'sgd' has no Adam betas" in result.output
+    out_of_range = ft_runner.validate(write_yaml({**base, "adam": {"beta1": 1.5}}))
+    assert out_of_range.exit_code != 0 and "adam.beta1" in out_of_range.output
+
+
+
+# -- `ft validate` checks what `ft run` will hit --------------------------------------------------------
+
+
+def test_validate_refuses_local_paths_that_do_not_exist_and_lets_hub_ids_pass(ft_runner, write_yaml, tmp_path,
+                                                                              tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    ok = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}]}
+    ft_runner.validate(write_yaml(ok)).assert_ok()
+    hub = {**ok, "base_model": "org/some-model", "datasets": [{"path": "org/some-dataset", "type": "chat_template"}]}
+    ft_runner.validate(write_yaml(hub, "hub.yaml")).assert_ok()  # hub ids are not checked (no network)
+    missing = {**ok, "base_model": str(tmp_path / "no-model"),
+               "datasets": [{"path": "./no-data.jsonl", "type": "chat_template"}]}
+    result = ft_runner.validate(write_yaml(missing, "missing.yaml"))
+    assert result.exit_code == 2
+    assert f"base_model: '{tmp_path / 'no-model'}' is a local path that does not exist" in result.output
+    assert "datasets[0].path: file './no-data.jsonl' not found" in result.output
+    # a relative file next to the config is found, as `ft run` finds it
+    beside = {**ok, "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
+    ft_runner.validate(write_yaml(beside, "beside.yaml")).assert_ok()
+
+
+def test_validate_refuses_an_attention_implementation_whose_package_is_missing(ft_runner, write_yaml, tmp_path,
+                                                                               tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    cfg = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
+           "hf": {"attn_implementation": "flash_attention_2"}}
+    result = ft_runner.validate(write_yaml(cfg))
+    assert result.exit_code == 2
+    assert "hf.attn_implementation: flash_attention_2 needs the 'flash_attn' package, which is not installed" in \
+        result.output
+
+
+def test_validate_refuses_bf16_true_without_a_gpu(ft_runner, write_yaml, tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    cfg = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}], "bf16": True}
+    result = ft_runner.validate(write_yaml(cfg))
+    assert result.exit_code == 2 and "bf16: true needs a GPU with bf16 support" in result.output
+    ft_runner.validate(write_yaml({**cfg, "bf16": "auto"}, "auto.yaml")).assert_ok()
+
+
+# -- the corpus harness (bench/axolotl_corpus.py) -----------------------------------------------------
+
+
+def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, tiny_model_dir, capsys):
+    from test_bench_train import load_bench
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    sft = f"base_model: {tiny_model_dir}\ndatasets:\n  - path: {data}\n    type: chat_template\n"
+    (folder / "sft.yml").write_text(sft)
+    (folder / "dpo.yml").write_text(f"base_model: {tiny_model_dir}\nrl: dpo\ndatasets:\n  - path: {data}\n"
+                                    "    type: chatml.intel\n")
+    (folder / "classifier.yml").write_text(sft + "model_type: AutoModelForSequenceClassification\n")
+    (folder / "ebft.yml").write_text(sft + "rl: ebft\n")
+    (folder / "gpu.yml").write_text(sft + "flash_attention: true\nbf16: true\n")
+    (folder / "launcher.yaml").write_text("provider: somewhere\ngpu: h100\n")  # not a training config
+    loader = load_bench(Path(__file__).resolve().parents[1] / "bench" / "axolotl_corpus.py", "ft_bench_axolotl")
+    bench = next(loader)
+    try:
+        report = bench.main([str(folder)])
+    finally:
+        next(loader, None)
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["configs"] == 5 and report["skipped"] == ["launcher.yaml"]
+    assert report["convert_exit"] == {"0": 3, "3": 1, "2": 1}
+    assert report["dropped"] == {"model_type": 1}
+    assert list(report["refused"]) == ["rl: ebft is a training method ft does not offer (ft has dpo, grpo, ipo, "
+                                       "kto, orpo, simpo). Nothing was written."]
+    assert report["validated_by_rl"] == {"dpo": "1/1", "ebft": "0/1"} and report["tracebacks"] == []
+    # gpu.yml is refused here only for flash-attn / bf16 on a CPU machine, if this machine lacks them
+    assert report["validated_with_gpu_and_packages"] == 4
+    assert report["validated_here"] + report["validated_but_for_this_machine"] == 4

@@ -80,7 +80,9 @@ def test_valid_config_and_defaults(tmp_path):
 def test_absent_section_reads_as_its_defaults(tmp_path):
     cfg = ctx_of(BASE, tmp_path, plugin_args=["fakefeat"]).cfg
     assert cfg.fakefeat is None  # not in the YAML
-    assert cfg.section("fakefeat") == FakeSection() and cfg.section("no_such_section") is None
+    assert cfg.section("fakefeat") == FakeSection()
+    with pytest.raises(FtError, match="cfg.section\\('no_such_section'\\): no plugin or method named"):
+        cfg.section("no_such_section")  # issue 22: a typo was None, read as "section absent"
     cfg = ctx_of(BASE + "fakefeat:\n  r: 4\n", tmp_path, plugin_args=["fakefeat"]).cfg
     assert cfg.section("fakefeat").r == 4
 
@@ -212,6 +214,7 @@ def test_validate_cli_prints_effective_batch_and_selection(tmp_path):
     from ft.plugins import add_process_plugin, remove_process_plugin
 
     path = tmp_path / "c.yaml"
+    (tmp_path / "data.jsonl").write_text("")  # validate checks that local dataset files exist
     path.write_text("plugins: [fakefeat]\n" + BASE + "micro_batch_size: 4\ngradient_accumulation_steps: 8\n")
     add_process_plugin("fakefeat", FakePlugin())
     try:
@@ -272,6 +275,7 @@ def test_warmup_longer_than_the_run_is_a_warning_of_ft_validate(tmp_path):
     from ft.cli import cli
 
     path = tmp_path / "c.yaml"
+    (tmp_path / "data.jsonl").write_text("")
     path.write_text(REAL + "max_steps: 10\nwarmup_steps: 50\n")
     res = CliRunner().invoke(cli, ["validate", str(path)])
     assert res.exit_code == 0, res.output

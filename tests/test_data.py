@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,67 @@ def test_a_row_the_format_fails_on_is_named_with_file_and_line(tmp_path, tiny_to
         prepare(tmp_path, tiny_tokenizer, data)
 
 
+class TypoTokenize(QATokenize):
+    """The qa format with a bug: its samples carry ``key`` instead of ``labels`` (or labels as text)."""
+
+    def __init__(self, tokenizer, key: str, as_text: bool = False):
+        super().__init__(tokenizer, "prompt", False)
+        self.key, self.as_text = key, as_text
+
+    def __call__(self, rows):
+        out = super().__call__(rows)
+        for sample in out:
+            labels = sample.pop("labels")
+            sample[self.key] = [str(x) for x in labels] if self.as_text else labels
+        return out
+
+
+class TypoPlugin:
+    @hookimpl
+    def ft_register_formats(self, register):
+        register.add("typo", DatasetOptions, lambda cfg, entry, tok: TypoTokenize(tok, "label"))
+        register.add("text_labels", DatasetOptions, lambda cfg, entry, tok: TypoTokenize(tok, "labels", as_text=True))
+
+
+def prepare_typo(tmp_path, tokenizer, data, fmt):
+    from ft.context import load_context
+    from ft.data import prepare_datasets
+
+    cfg = base_config(tmp_path, data)
+    cfg["datasets"][0]["type"] = fmt
+    ctx = load_context(cfg, extra_plugins=[("typo_formats", TypoPlugin())])
+    return prepare_datasets(ctx, tokenizer)
+
+
+def test_a_sample_without_the_method_columns_names_the_format_its_plugin_and_the_row(tmp_path, tiny_tokenizer):
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in qa_rows(3)])
+    with pytest.raises(DataError) as err:
+        prepare_typo(tmp_path, tiny_tokenizer, data, "typo")
+    assert str(err.value).startswith(
+        f"{data}:1: the 'typo' format (plugin 'typo_formats') failed on this row: it returned a sample with the "
+        "columns input_ids, label, but method 'sft' reads input_ids, labels (missing: labels).")
+    assert not list((tmp_path / "prepared").glob("*/stats.json"))  # nothing cached
+
+
+def test_token_columns_that_are_not_token_ids_are_an_error_naming_the_column(tmp_path, tiny_tokenizer):
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in qa_rows(3)])
+    with pytest.raises(DataError) as err:
+        prepare_typo(tmp_path, tiny_tokenizer, data, "text_labels")
+    assert f"{data}:1: the 'text_labels' format (plugin 'typo_formats') failed on this row: its 'labels' is not a " \
+           "list of token ids" in str(err.value)
+
+
+def test_zero_trained_tokens_is_an_error_not_a_statistic(tmp_path, tiny_tokenizer, monkeypatch):
+    from ft.data_tokenize import Samples
+
+    monkeypatch.setattr(Samples, "trained_tokens", lambda self: 0)  # what a format that masks everything gives
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in qa_rows(3)])
+    with pytest.raises(DataError) as err:
+        prepare(tmp_path, tiny_tokenizer, data)
+    assert "the training data has 3 samples but not one trained token: method 'sft' learns from its labels" \
+        in str(err.value) and "'qa' (plugin 'qa_test_format')" in str(err.value)
+
+
 # -- excess_length -------------------------------------------------------------------------
 
 
@@ -182,7 +244,8 @@ def test_excess_length_drop_reports_each_long_sample(tmp_path, tiny_tokenizer):
     assert len(out.train) == 2
     entry = out.report["dropped"]["longer than sequence_len"]
     assert entry["count"] == 1 and entry["examples"][0]["where"] == f"{data}:2"
-    assert "> 32" in entry["examples"][0]["detail"]
+    assert re.fullmatch(r"sample \d+ tokens \(prompt \d+ \+ completion \d+\) > sequence_len 32",
+                        entry["examples"][0]["detail"]), entry["examples"][0]["detail"]
 
 
 def test_excess_length_truncate_keeps_the_first_sequence_len_tokens(tmp_path, tiny_tokenizer):
@@ -199,7 +262,10 @@ def test_excess_length_truncate_drops_a_sample_left_with_nothing_to_train(tmp_pa
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
     out = prepare(tmp_path, tiny_tokenizer, data, sequence_len=16, excess_length="truncate")
     assert len(out.train) == 1
-    assert out.report["dropped"]["nothing to train"]["examples"][0]["where"] == f"{data}:1"
+    [example] = out.report["dropped"]["nothing to train"]["examples"]
+    assert example["where"] == f"{data}:1" and example["detail"].endswith("after truncation to sequence_len 16")
+    # dropped, so not counted as truncated (and kept)
+    assert out.report["truncated"] == out.stats["truncated"] == 0 and out.report["dropped_total"] == 1
 
 
 def test_excess_length_error_lists_the_long_samples(tmp_path, tiny_tokenizer):

@@ -184,3 +184,159 @@ def test_gpu_loss_and_gradients_match_the_unpatched_model(tiny_model, modeling_l
     for name, p in patched.named_parameters():
         ref = grads[name].grad
         assert (p.grad - ref).norm() <= 1e-3 * ref.norm() + 1e-6, name
+
+
+# -- Liger's instance patches in training, with a CPU stand-in of liger-kernel ---------------------
+
+# A stand-in of liger-kernel 0.6's llama path that patches exactly as the real one does (module-level
+# names rebound; forward bound on the norm and MLP instances with ``module.__dict__["forward"] =
+# fn.__get__(module)``; the model's forward replaced) but computes in PyTorch on the CPU and counts calls.
+FAKE_LIGER = {
+    "liger_kernel/__init__.py": "",
+    "liger_kernel/transformers/__init__.py": "",
+    "liger_kernel/transformers/calls.py": "CALLS = []\n",
+    "liger_kernel/transformers/rms_norm.py": '''
+import torch
+from liger_kernel.transformers.calls import CALLS
+
+
+class LigerRMSNorm(torch.nn.Module):
+    def forward(self, hidden_states):
+        CALLS.append("rms_norm")
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(hidden_states.dtype)
+
+    def extra_repr(self):
+        return "liger"
+''',
+    "liger_kernel/transformers/swiglu.py": '''
+import torch
+from liger_kernel.transformers.calls import CALLS
+
+
+class LigerSwiGLUMLP(torch.nn.Module):
+    def forward(self, x):
+        CALLS.append("swiglu")
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+''',
+    "liger_kernel/transformers/monkey_patch.py": '''
+from types import MethodType
+
+from liger_kernel.transformers.calls import CALLS
+from liger_kernel.transformers.rms_norm import LigerRMSNorm
+from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+
+def _bind_method_to_module(module, method_name, new_method):
+    module.__dict__[method_name] = new_method.__get__(module, module.__class__)
+
+
+def _patch_rms_norm_module(module):
+    module.variance_epsilon = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or 1e-6
+    _bind_method_to_module(module, "forward", LigerRMSNorm.forward)
+    _bind_method_to_module(module, "extra_repr", LigerRMSNorm.extra_repr)
+
+
+def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    CALLS.append("rope")
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return __import__("torch").cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def lce_forward(self, *args, **kwargs):
+    CALLS.append("lce")
+    return type(self).forward(self, *args, **kwargs)
+
+
+def apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+                                swiglu=True, model=None):
+    from transformers.models.llama import modeling_llama
+
+    if rope:
+        modeling_llama.apply_rotary_pos_emb = liger_rotary_pos_emb
+    if rms_norm:
+        modeling_llama.LlamaRMSNorm = LigerRMSNorm
+    if swiglu:
+        modeling_llama.LlamaMLP = LigerSwiGLUMLP
+    if fused_linear_cross_entropy:
+        model.forward = MethodType(lce_forward, model)
+    base_model = getattr(model, model.base_model_prefix, model)
+    if rms_norm:
+        _patch_rms_norm_module(base_model.norm)
+    for decoder_layer in base_model.layers:
+        if swiglu:
+            _bind_method_to_module(decoder_layer.mlp, "forward", LigerSwiGLUMLP.forward)
+        if rms_norm:
+            _patch_rms_norm_module(decoder_layer.input_layernorm)
+            _patch_rms_norm_module(decoder_layer.post_attention_layernorm)
+''',
+}
+
+
+@pytest.fixture
+def fake_liger(tmp_path, monkeypatch):
+    """liger-kernel's CPU stand-in importable as ``liger_kernel``; returns its call list."""
+    import importlib
+    import sys
+
+    for rel, code in FAKE_LIGER.items():
+        path = tmp_path / "site" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "liger_kernel" or m.startswith("liger_kernel.")]:
+        monkeypatch.delitem(sys.modules, name)
+    importlib.invalidate_caches()
+    monkeypatch.setattr(liger, "cuda_available", lambda: True)
+    yield importlib.import_module("liger_kernel.transformers.calls").CALLS
+    for name in [m for m in sys.modules if m == "liger_kernel" or m.startswith("liger_kernel.")]:
+        del sys.modules[name]
+
+
+def test_liger_norms_and_mlps_run_in_training(fake_liger, ft_config, ft_dataset, ft_runner, modeling_llama):
+    before = _module_state(modeling_llama)
+    result = ft_runner.run(ft_config(dataset=ft_dataset(n=8), max_steps=1), "-p", "liger").assert_ok()
+    # 5 norms, 2 MLPs, the forward and the rope in each of the 2 layers, for the one step
+    assert fake_liger.count("rms_norm") == 5 and fake_liger.count("swiglu") == 2
+    assert fake_liger.count("lce") == 1 and fake_liger.count("rope") == 2
+    assert "[liger] LlamaRMSNorm.forward x5 -> liger_kernel.transformers.rms_norm.LigerRMSNorm.forward" in result.log
+    # every bound forward (5 norms, 2 MLPs, the model) and the 3 module-level names
+    assert "kernel patches: all 11 checked patches were in effect after training step 1" in result.log
+    assert _module_state(modeling_llama) == before
+
+
+def test_liger_fails_loudly_when_hub_kernels_drop_its_norms(fake_liger, ft_config, ft_dataset, ft_runner,
+                                                            monkeypatch):
+    """Without ft's loader fix (transformers' default use_kernels=True) Liger's RMSNorm never runs: the run
+    stops after the first step and names liger and each norm."""
+    from ft_plugins import hf
+
+    from ft import hookimpl
+
+    ft_kwargs = hf.ft_model_kwargs
+
+    @hookimpl
+    def transformers_default_kwargs(cfg):
+        kwargs = ft_kwargs(cfg)
+        kwargs.pop("use_kernels")
+        return kwargs
+
+    monkeypatch.setattr(hf, "ft_model_kwargs", transformers_default_kwargs)
+    result = ft_runner.run(ft_config(dataset=ft_dataset(n=8), max_steps=1), "-p", "liger")
+    result.assert_error("5 kernel patch(es) were not in effect after training step 1",
+                        "plugin 'liger': model.norm (LlamaRMSNorm).forward was removed",
+                        "plugin 'liger': model.layers.1.post_attention_layernorm (LlamaRMSNorm).forward",
+                        "hub-kernel layer", "-p no:liger")
+    assert "rms_norm" not in fake_liger and "swiglu" in fake_liger  # the MLPs are no hub-kernel layers
+
+
+def test_hub_kernels_with_liger_rms_norm_are_refused(ft_config, ft_dataset, ft_runner):
+    config = ft_config(dataset=ft_dataset(n=2), hf={"use_kernels": True})
+    ft_runner.validate(config, "-p", "liger").assert_error("hf.use_kernels", "liger's RMSNorm", "rms_norm: false")
+    ft_runner.validate(config, "-p", "liger", "--set", "liger.rms_norm=false").assert_ok()

@@ -56,7 +56,8 @@ def test_target_modules_string_must_be_all_linear(tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
         load_context(make_config(tiny_model_dir, lora={"target_modules": "q_proj"}))
     text = problems_of(excinfo)
-    assert "lora.target_modules: must be a list of module names or 'all-linear' (got 'q_proj')" in text
+    assert "lora.target_modules: must be a list of module names, 'all-linear', or a regular expression" in text
+    assert "(got 'q_proj')" in text
     assert "target_modules: [q_proj]" in text
 
 
@@ -92,6 +93,19 @@ def test_target_modules_that_match_nothing_list_real_names(tiny_model_dir):
     assert "lora.target_modules: qkv_proj match(es) no module of LlamaForCausalLM" in text
     assert "Its linear layers are named: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in text
 
+
+
+def test_target_modules_as_a_regular_expression_go_to_peft(tiny_model_dir):
+    # axolotl configs (and peft) give one regular expression over whole module paths
+    _, model = apply_lora(tiny_model_dir, target_modules=r"model.layers.[\d]+.(self_attn).(q|v)_proj")
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+    with pytest.raises(ConfigError) as excinfo:
+        apply_lora(tiny_model_dir, target_modules=r"layers.[\d]+.(q|v)_proj")  # not a whole path
+    assert "the regular expression 'layers.[\\d]+.(q|v)_proj' matches no module path" in problems_of(excinfo)
+    with pytest.raises(ConfigError) as excinfo:
+        load_context(make_config(tiny_model_dir, lora={"target_modules": "model.(q_proj"}))
+    assert "is not a regular expression" in problems_of(excinfo)
 
 def test_modules_to_save_that_match_nothing(tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:

@@ -294,3 +294,60 @@ def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, tiny_
     result = FtRunner().invoke("infer", str(run_dir), "Hello?")
     assert result.exit_code == 2, (result.output, result.traceback)
     assert "pickled" in result.output and str(run_dir) in result.output and "Traceback" not in result.output
+
+
+# -- issue 22: merge onto a run, truncated weights, unfinished runs ------------------------------------
+
+
+def test_merge_refuses_a_directory_that_holds_another_run_unless_forced(lora_run, tmp_path):
+    from ft.testing import FtRunner
+
+    other = tmp_path / "other-run"
+    other.mkdir()
+    files = {"model.safetensors": b"weights of another run", "metrics.json": b"{}", "ft_config.yaml": b"seed: 1\n"}
+    for name, content in files.items():
+        (other / name).write_bytes(content)
+    FtRunner().invoke("merge", lora_run, "--to", other).assert_error(
+        f"--to {other}: the directory already holds ft_config.yaml, metrics.json, model.safetensors", "--force")
+    assert {name: (other / name).read_bytes() for name in files} == files  # nothing written
+
+    forced = FtRunner().invoke("merge", lora_run, "--to", other, "--force").assert_ok()
+    assert (other / "model.safetensors").read_bytes() != files["model.safetensors"]
+    assert "its ft_config.yaml, metrics.json will describe the run that was there, not this model" in forced.log
+    FtRunner().invoke("merge", lora_run, "--to", tmp_path / "empty").assert_ok()  # a new directory is fine
+
+
+def truncate(path):
+    import os
+
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_path, tiny_model_dir):
+    from ft.testing import FtRunner
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run, adapter, ignore=shutil.ignore_patterns("merged"))
+    truncate(adapter / "adapter_model.safetensors")
+    for command in (("merge", adapter, "--to", tmp_path / "m"), ("infer", adapter, PROMPT)):
+        FtRunner().invoke(*command).assert_error(f"{adapter / 'adapter_model.safetensors'} is ", "cut short")
+    assert not (tmp_path / "m").exists()
+
+    full = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, full)
+    truncate(full / "model.safetensors")
+    result = FtRunner().invoke("infer", full, PROMPT).assert_error(
+        f"could not load the model from '{full}': {full / 'model.safetensors'} is ", "cut short")
+    assert "failed in hook" not in result.output
+
+
+def test_infer_warns_when_the_run_did_not_finish(tiny_model_dir, tmp_path):
+    from ft.testing import FtRunner
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run_dir)
+    result = FtRunner().invoke("infer", run_dir, PROMPT, "--max-new-tokens", "2").assert_ok()
+    assert "warning" not in result.output  # a model directory that is no run's: nothing to say
+    (run_dir / "ft_config.yaml").write_text(f"base_model: {tiny_model_dir}\n")  # a run whose final save never ended
+    result = FtRunner().invoke("infer", run_dir, PROMPT, "--max-new-tokens", "2").assert_ok()
+    assert f"warning: {run_dir} has no metrics.json: its run did not finish" in result.output

@@ -103,6 +103,25 @@ def test_a_format_without_the_method_columns_is_refused_before_any_model_loads(w
            in result.stderr
 
 
+def test_features_are_opt_in_packing_a_method_that_did_not_declare_it_is_a_config_error(weighted_env, tmp_path):
+    config = write_config(tmp_path, Path("no/such/model"), weight=1.0)
+    result = ft(weighted_env, "validate", str(config), "-p", "packing", cwd=tmp_path)
+    assert result.returncode != 0
+    assert ("plugin 'packing' needs packing, which method 'weighted_sft' does not support (its Method.features do "
+            "not list 'packing'); remove it (or pass -p no:packing).") in result.stderr
+    # what it declared applies: eval data is accepted
+    config.write_text(config.read_text() + "val_set_size: 2\n")
+    result = ft(weighted_env, "validate", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_method_declares_its_features_none_by_default():
+    from ft.api import Method
+
+    bare = Method("bare", ("input_ids", "labels"), collator=lambda cfg, tok: None, trainer_class=lambda: object)
+    assert bare.features == frozenset() and not bare.supports("packing")
+
+
 def test_an_unknown_method_is_a_config_error_with_a_suggestion(tmp_path):
     from ft.context import load_context
     from ft.errors import ConfigError

@@ -247,7 +247,8 @@ def test_model_kwargs_conflict_names_both_plugins():
             return {"dtype": "float32", "x": 1}
 
     pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("b", B())])
-    with pytest.raises(PluginError, match=r"'dtype' is set to .* by plugin '[ab]' and to .* by plugin '[ab]'"):
+    with pytest.raises(PluginError, match=r"'dtype' is set to .* by plugin '[ab]' \(.*test_plugins.py:\d+\) and "
+                                          r"to .* by plugin '[ab]' \(.*test_plugins.py:\d+\)"):
         pm.calls.model_kwargs(None)
     pm2 = PluginManager(entry_points=[], extra_plugins=[("a", A())])
     assert pm2.calls.model_kwargs(None) == {"dtype": "bfloat16", "x": 1}
@@ -286,8 +287,8 @@ def test_a_hook_that_breaks_its_return_contract_is_named(plugin_env):
     env, tmp = plugin_env
     res = ft(env, "validate", str(minimal_config(tmp)), "-p", "returns_str")
     assert res.returncode != 0
-    assert "plugin 'returns_str' returned str 'one problem as a string' from ft_validate_config; the hook " \
-           "expects a list of problem strings or None" in res.stderr
+    assert "plugin 'returns_str' returned str 'one problem as a string' from ft_validate_config " \
+           f"({tmp / 'site' / 'ftt_returns_str.py'}:5); the hook expects a list of problem strings or None" in res.stderr
 
 
 def test_validate_and_run_name_plugins_that_failed_to_load(plugin_env):

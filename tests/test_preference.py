@@ -10,6 +10,7 @@ import io
 import json
 import math
 import random
+import re
 
 import pytest
 
@@ -76,6 +77,13 @@ def test_every_pair_layout_gives_the_same_tokens(tmp_path, tiny_model_dir):
         "implicit prompt": {"chosen": [sys_msg, user, {"role": "assistant", "content": good}],
                             "rejected": [sys_msg, user, {"role": "assistant", "content": bad}]},
         "chatml.intel": {"system": system, "question": q, "chosen": good, "rejected": bad},
+        # UltraFeedback: a prompt, and sides that are the whole conversations (they repeat the prompt's turns)
+        "prompt + whole conversations": {"prompt": [sys_msg, user],
+                                         "chosen": [sys_msg, user, {"role": "assistant", "content": good}],
+                                         "rejected": [sys_msg, user, {"role": "assistant", "content": bad}]},
+        "text prompt + system + whole conversations": {"system": system, "prompt": q,
+                                                       "chosen": [user, {"role": "assistant", "content": good}],
+                                                       "rejected": [user, {"role": "assistant", "content": bad}]},
     }
     data = write_rows(tmp_path / "layouts.jsonl", list(layouts.values()))
     out, tok = prepare(config(tmp_path, tiny_model_dir, data))
@@ -87,6 +95,52 @@ def test_every_pair_layout_gives_the_same_tokens(tmp_path, tiny_model_dir):
     out2, _ = prepare(config(tmp_path, tiny_model_dir, text_prompt, dataset_prepared_path=str(tmp_path / "p2")))
     no_system = rows_of(out2.train)[0]
     assert tok.decode(no_system["chosen_input_ids"]).startswith("<|im_start|>user\nWhat is 2 plus 3?")
+    # axolotl's field_messages names the prompt's field
+    axolotl = write_rows(tmp_path / "axolotl.jsonl", [{"messages": [sys_msg, user],
+                                                       "chosen": {"role": "assistant", "content": good},
+                                                       "rejected": {"role": "assistant", "content": bad}}])
+    cfg = config(tmp_path, tiny_model_dir, axolotl, dataset_prepared_path=str(tmp_path / "p3"))
+    cfg["datasets"][0]["field_messages"] = "messages"
+    out3, _ = prepare(cfg)
+    assert rows_of(out3.train) == [rows[0]] and out3.report["dropped_total"] == 0
+
+
+def test_a_side_that_begins_with_another_user_turn_than_the_prompt_is_dropped(tmp_path, tiny_model_dir):
+    q, good, bad = sums(1)[0]
+    other = {"role": "user", "content": "Something else?"}
+    rows = [*pair_rows(1), {"prompt": q, "chosen": [other, {"role": "assistant", "content": good}],
+                            "rejected": [other, {"role": "assistant", "content": bad}]}]
+    data = write_rows(tmp_path / "ambiguous.jsonl", rows)
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data))
+    assert len(out.train) == 1
+    [example] = out.report["dropped"]["prompt turn in the completion"]["examples"]
+    assert example["where"] == f"{data}:2"
+    assert example["detail"].startswith("'chosen' begins with a user message although the row has a prompt")
+
+
+def test_kto_reads_the_chatml_intel_layout_with_its_system_message(tmp_path, tiny_model_dir):
+    q, good, bad = sums(1)[0]
+    rows = [{"system": "You add numbers.", "question": q, "completion": good, "label": True},
+            {"system": "You add numbers.", "question": q, "completion": bad, "label": False}]
+    data = write_rows(tmp_path / "intel.jsonl", rows)
+    expected = f"<|im_start|>system\nYou add numbers.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+    for name, extra in (("default", {}), ("field_prompt", {"field_prompt": "question"})):
+        cfg = config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
+                     dataset_prepared_path=str(tmp_path / name))
+        cfg["datasets"][0].update(extra)
+        out, tok = prepare(cfg)
+        kept = rows_of(out.train)
+        assert [r["label"] for r in kept] == [True, False] and out.report["dropped_total"] == 0, name
+        assert tok.decode(kept[0]["kto_input_ids"]).startswith(expected), name
+
+
+def test_field_messages_and_another_field_prompt_is_a_config_error(tmp_path, write_yaml):
+    data = write_rows(tmp_path / "d.jsonl", pair_rows(2))
+    cfg = config(tmp_path, "m", data)
+    cfg["datasets"][0].update(field_messages="conversation", field_prompt="question")
+    problems, path = errors(write_yaml, cfg)
+    assert any(p.startswith(f"{path}:") and "field_messages ('conversation') and field_prompt ('question') both name "
+               "the row field with the prompt; set one of them" in p for p in problems), problems
 
 
 def test_labels_score_the_completion_and_its_end_of_turn_only(tmp_path, tiny_model_dir):
@@ -151,6 +205,42 @@ def test_truncation_applies_to_both_sides_alike(tmp_path, tiny_model_dir):
         assert len(ids) == 48  # cut to sequence_len from the end: the prompt stays whole
         assert tok.decode(ids).startswith(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
         assert long_pair[f"{side}_labels"][-1] != IGNORE_INDEX  # the kept part of the completion is scored
+
+
+def test_a_pair_that_truncation_makes_identical_is_dropped_and_counted_apart(tmp_path, tiny_model_dir):
+    q = "What is 1 plus 1?"
+    same_start = {"prompt": q, "chosen": "The answer is two, " * 10 + "right.",
+                  "rejected": "The answer is two, " * 10 + "wrong."}  # they differ only past sequence_len
+    differ = {"prompt": q, "chosen": "Two. " * 30, "rejected": "It is two, " * 25}
+    data = write_rows(tmp_path / "long.jsonl", [same_start, differ, *pair_rows(2)])
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48, excess_length="truncate"))
+    assert len(out.train) == 3
+    assert all(r["chosen_input_ids"] != r["rejected_input_ids"] for r in rows_of(out.train))
+    [example] = out.report["dropped"]["chosen equals rejected"]["examples"]
+    assert example["where"] == f"{data}:1" and "identical after truncation to sequence_len 48" in example["detail"]
+    # the truncated pair that is kept counts as truncated; the one truncation spoilt as a drop only
+    assert out.report["truncated"] == out.stats["truncated"] == 1 and out.report["dropped_total"] == 1
+
+
+def test_kto_drops_an_unpaired_pair_that_truncation_makes_identical(tmp_path, tiny_model_dir):
+    q = "What is 1 plus 1?"
+    same_start = {"prompt": q, "chosen": "The answer is two, " * 10 + "right.",
+                  "rejected": "The answer is two, " * 10 + "wrong."}
+    data = write_rows(tmp_path / "long.jsonl", [same_start, *pair_rows(2)])
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
+                            sequence_len=48, excess_length="truncate"))
+    assert [r["label"] for r in rows_of(out.train)] == [True, False, True, False]
+    [example] = out.report["dropped"]["samples of one row are identical"]["examples"]
+    assert example["where"] == f"{data}:1" and "after truncation to sequence_len 48" in example["detail"]
+
+
+def test_a_long_pair_names_the_side_that_is_too_long(tmp_path, tiny_model_dir):
+    row = {"prompt": "What is 1 plus 1?", "chosen": "Two.", "rejected": "It is two, " * 25}
+    data = write_rows(tmp_path / "long.jsonl", [row, *pair_rows(2)])
+    out, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48))
+    [example] = out.report["dropped"]["longer than sequence_len"]["examples"]
+    assert re.fullmatch(r"rejected (\d+) tokens \(prompt (\d+) \+ completion (\d+)\) > sequence_len 48",
+                        example["detail"]), example["detail"]
 
 
 def test_kto_rows_and_unpaired_pairs(tmp_path, tiny_model_dir):
@@ -317,6 +407,41 @@ def test_reference_plans_are_logged_and_precomputed_logps_give_the_same_run(tmp_
     caplog.clear()
     run(cfg, overwrite=True)
     assert "reference log-probabilities precomputed earlier, read from" in caplog.text
+    # an edited file fails its checksum: computed again, with a warning, and the run is the same
+    [stored_file] = stored
+    values = json.loads(stored_file.read_text())
+    values["train"] = [[c - 5.0, r] for c, r in values["train"]]
+    stored_file.write_text(json.dumps(values))
+    caplog.clear()
+    run(cfg, overwrite=True)
+    assert "do not match the prepared data's manifest" in caplog.text and "computing them again" in caplog.text
+    assert losses("pre") == pytest.approx(losses("copy"), rel=1e-5, abs=1e-6)
+
+
+def test_stored_reference_logps_are_checked_against_the_prepared_data_manifest(tmp_path, caplog):
+    from ft_plugins.preference_trainer import load_reference, save_reference
+
+    from ft.cache import write_manifest
+
+    cache_dir = tmp_path / "key"
+    cache_dir.mkdir()
+    (cache_dir / "report.json").write_text("{}")
+    write_manifest(cache_dir)
+    path = cache_dir / "reference" / "dpo-abc.json"
+    stored = {"train": [[-1.5, -2.5], [-3.0, -4.0]]}
+    save_reference(path, stored)
+    assert load_reference(path) == stored
+    assert "reference/dpo-abc.json" in json.loads((cache_dir / "manifest.json").read_text())["added"]
+    # same size, other values: only the checksum tells
+    path.write_text(path.read_text().replace("-1.5", "-7.5"))
+    assert load_reference(path) is None and not path.exists()
+    assert "(reference/dpo-abc.json changed since it was written); computing them again" in caplog.text
+    # a file the manifest does not list (written by hand, or a run killed before recording it) is not trusted
+    by_hand = cache_dir / "reference" / "kto-def.json"
+    by_hand.write_text(json.dumps(stored))
+    caplog.clear()
+    assert load_reference(by_hand) is None
+    assert "is not listed in the cache's manifest.json" in caplog.text
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ Groups:
   ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
   with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
+- prepared data: ``record_cache_file`` (list a file a run adds to the prepared data's directory in its checksummed
+  manifest), ``cache_file_problem`` (what is wrong with such a file: None when its checksum matches)
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
@@ -46,6 +48,8 @@ _WHERE = {
     # data sources
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
     "file_digest": "ft.cache",
+    # prepared data
+    "record_cache_file": "ft.cache", "cache_file_problem": "ft.cache",
     # formats
     "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Note": "ft.formats", "Tokenize": "ft.formats",
     "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",

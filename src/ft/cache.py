@@ -8,7 +8,9 @@ Layout of ``dataset_prepared_path``::
     <key>/origins.*     the file:line each sample came from (``ft preprocess --debug``)
     <key>/stats.json    rows, samples, tokens, packing efficiency, seconds
     <key>/key.json      what went into the key (to see why a cache was rebuilt), secrets redacted
-    <key>/manifest.json size and xxh3 checksum of every file above (checked on every load)
+    <key>/manifest.json size and xxh3 checksum of every file above (checked on every load), and
+                    of files a run adds later (``reference/``: checked when they are read)
+    <key>/reference/    precomputed reference log-probabilities of preference methods
     <key>.lock          held while one process builds; the others wait, then load
 
 The key hashes everything that changes the prepared rows: the data files' contents (through
@@ -313,16 +315,56 @@ def verify_manifest(path: Path) -> list[str]:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"its {MANIFEST} cannot be read ({type(exc).__name__})"]
-    problems = []
-    for name, want in files.items():
+    return [problem for name, want in files.items() if (problem := _file_problem(path, name, want))]
+
+
+def _file_problem(path: Path, name: str, want: dict[str, Any]) -> str | None:
+    file = path / name
+    if not file.is_file():
+        return f"{name} is missing"
+    if file.stat().st_size != want.get("size"):
+        return f"{name} has {file.stat().st_size} bytes, {want.get('size')} were written"
+    if file_digest(file) != want.get("digest"):
+        return f"{name} changed since it was written"
+    return None
+
+
+# Files a run adds to a built cache (precomputed reference log-probabilities) are listed under
+# ``added`` in its manifest: checked when they are read, each on its own. A damaged one is
+# computed again; it never makes the whole prepared dataset be rebuilt.
+ADDED = "added"
+
+
+def record_cache_file(path: str | os.PathLike, name: str) -> None:
+    """List ``path/name`` (written after the build, atomically) with its size and checksum in the
+    cache's manifest, under the cache's build lock (two runs may add files at once)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    with FileLock(f"{path}.lock"):
+        manifest_file = path / MANIFEST
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         file = path / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-        elif file.stat().st_size != want.get("size"):
-            problems.append(f"{name} has {file.stat().st_size} bytes, {want.get('size')} were written")
-        elif file_digest(file) != want.get("digest"):
-            problems.append(f"{name} changed since it was written")
-    return problems
+        manifest.setdefault(ADDED, {})[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
+        tmp = manifest_file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            os.replace(tmp, manifest_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def cache_file_problem(path: str | os.PathLike, name: str) -> str | None:
+    """What is wrong with the added file ``path/name`` (None when its checksum matches the manifest's)."""
+    path = Path(path)
+    try:
+        want = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get(ADDED, {}).get(name)
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"the cache's {MANIFEST} cannot be read ({type(exc).__name__})"
+    if not isinstance(want, dict):
+        return f"{name} is not listed in the cache's {MANIFEST} (written by an interrupted run, or by hand)"
+    return _file_problem(path, name, want)
 
 
 def update_stats(path: str, **values: Any) -> None:

@@ -114,17 +114,17 @@ class HookCalls:
     def load_model(self, cfg: Config, kwargs: dict[str, Any], tokenizer: Any) -> Any:
         return self._required("ft_load_model", "a model", cfg=cfg, kwargs=kwargs, tokenizer=tokenizer)
 
-    def patch_model(self, cfg: Config, model: Any) -> Iterator[Any]:
-        """Each plugin's patch records, yielded before the next plugin patches (so the caller can
-        register every undo even if a later plugin raises)."""
+    def patch_model(self, cfg: Config, model: Any) -> Iterator[tuple[str, list[Any]]]:
+        """``(plugin, its patch records)`` for each plugin, yielded before the next plugin patches (so
+        the caller can register every undo, and see what each plugin changed, even if a later one raises)."""
         from ft.patching import PatchRecord
 
         for plugin, records in self.pm.call_each("ft_patch_model", cfg=cfg, model=model):
             if records is None:
-                continue
+                records = []
             if not isinstance(records, (list, tuple)) or not all(isinstance(r, PatchRecord) for r in records):
                 raise self._contract("ft_patch_model", plugin, records, "a list of ft.api.PatchRecord or None")
-            yield from records
+            yield plugin, list(records)
 
     def apply_adapter(self, cfg: Config, model: Any) -> Any:
         return self.pm.call_first("ft_apply_adapter", cfg=cfg, model=model)[1] or model
@@ -190,12 +190,13 @@ class HookCalls:
                 raise self._contract(hook, plugin, result, "a dict or None")
             for key, value in result.items():
                 if known is not None and key not in known:
-                    raise PluginError(f"plugin '{plugin}' sets {what} '{key}', which this transformers version does "
-                                      "not have.")
+                    raise PluginError(f"plugin '{plugin}' sets {what} '{key}' in {hook}{self._at(hook, plugin)}, "
+                                      "which this transformers version does not have.")
                 if key in merged and not _same(merged[key], value):
                     raise PluginError(
-                        f"{what} '{key}' is set to {merged[key]!r} by plugin '{owner[key]}' and to {value!r} by "
-                        f"plugin '{plugin}'. Deselect one of them or align their config sections."
+                        f"{what} '{key}' is set to {merged[key]!r} by plugin '{owner[key]}'{self._at(hook, owner[key])} "
+                        f"and to {value!r} by plugin '{plugin}'{self._at(hook, plugin)}. Deselect one of them or align "
+                        "their config sections."
                     )
                 merged[key], owner[key] = value, plugin
         return merged
@@ -204,13 +205,17 @@ class HookCalls:
         if result is not None:
             raise self._contract(hook, plugin, result, "None")
 
-    @staticmethod
-    def _contract(hook: str, plugin: str | None, value: Any, expected: str) -> PluginError:
+    def _at(self, hook: str, plugin: str | None) -> str:
+        """`` (file:line)`` of the plugin's implementation of ``hook``, for messages ('' if unknown)."""
+        where = self.pm.impl_location(hook, plugin)
+        return f" ({where})" if where else ""
+
+    def _contract(self, hook: str, plugin: str | None, value: Any, expected: str) -> PluginError:
         shown = repr(value)
         shown = shown if len(shown) < 80 else shown[:77] + "..."
-        return PluginError(f"plugin '{plugin}' returned {type(value).__name__} {shown} from {hook}; the hook "
-                           f"expects {expected} (see docs/hooks.md). Fix the plugin, or run without it "
-                           f"(-p no:{plugin}).")
+        return PluginError(f"plugin '{plugin}' returned {type(value).__name__} {shown} from {hook}"
+                           f"{self._at(hook, plugin)}; the hook expects {expected} (see docs/hooks.md). Fix the "
+                           f"plugin, or run without it (-p no:{plugin}).")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ft import __version__
-from ft.errors import FtError
+from ft.errors import ConfigError, FtError
 
 plugin_option = click.option(
     "-p", "plugin_args", multiple=True, metavar="NAME",
@@ -64,8 +64,30 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except FtError as exc:
             _fail(exc)
+        except Exception as exc:
+            error = _from_plugin(exc)
+            if error is None:
+                raise
+            _fail(error)
 
     return wrapper
+
+
+def _from_plugin(exc: Exception) -> FtError | None:
+    """An exception raised in a plugin's code outside any hook call (a function it patched into torch or
+    transformers at import, say), as an error naming the plugin and its frames; None when no plugin's code is in
+    the traceback (then it is ft's own bug, and its traceback is shown)."""
+    from ft.errors import PluginHookError, is_out_of_memory
+    from ft.plugins import plugin_in_traceback
+
+    found = None if is_out_of_memory(exc) else plugin_in_traceback(exc)
+    if found is None:
+        return None
+    plugin, frames = found
+    error = PluginHookError(plugin, "", exc, frames, place="code it runs outside its hooks (for example a function "
+                            "it replaced in torch or transformers when it was imported)")
+    error.__cause__ = exc
+    return error
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -106,7 +128,7 @@ def _context(config: str, plugin_args, overrides, trace: bool = False):
 def _warn_failed(pm) -> None:
     for info in pm.failed():
         click.secho(f"warning: plugin '{info.name}' ({info.distribution} {info.version}) is installed but could "
-                    f"not be loaded: {info.error}. Its features are unavailable; `ft plugins` lists it.",
+                    f"not be loaded: {str(info.error).rstrip('.')}. Its features are unavailable; `ft plugins` lists it.",
                     fg="yellow", err=True)
 
 
@@ -209,11 +231,16 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.config import config_warnings
+    from ft.config import batch_problems, config_warnings, missing_local_paths
 
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
+    missing = missing_local_paths(cfg)  # what `ft run` would open first
+    if missing:
+        raise ConfigError(missing, cfg.source)
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_problems(cfg, world):  # --nproc multiplies the batch the config was checked with
+        raise ConfigError(batch_problems(cfg, world), cfg.source)
     click.echo(f"{cfg.source}: valid")
     for warning in config_warnings(cfg):
         click.secho(f"  warning: {warning}", fg="yellow")
@@ -237,9 +264,10 @@ def validate(config, plugin_args, overrides, trace, nproc):
 def plugins(plugin_args, as_json, hook_name):
     """List installed plugins: name, distribution, version, status, hooks."""
     from ft.context import collect_registries, make_plugin_manager
+    from ft.plugins import plugin_origin
 
     pm = make_plugin_manager(plugin_args)
-    collect_registries(pm)  # a plugin whose registration hook raises is listed as failed
+    registers = registrations(collect_registries(pm), pm)  # a plugin whose registration hook raises is listed as failed
     if hook_name:
         order = pm.call_order(hook_name)
         if as_json:
@@ -252,17 +280,40 @@ def plugins(plugin_args, as_json, hook_name):
         return
     infos = list(pm.infos.values())
     if as_json:
-        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        click.echo(json.dumps([{**i.as_dict(), "registers": registers.get(i.name, {})} for i in infos], indent=2))
         return
     width = max([len(i.name) for i in infos] + [4])
-    dists = {i.name: f"{i.distribution} {i.version}".strip() for i in infos}
+    dists = {i.name: plugin_origin(i) for i in infos}
     dwidth = max([len(d) for d in dists.values()] + [12])
     click.echo(f"{'name':<{width}}  {'status':<9}  {'distribution':<{dwidth}}  hooks")
     for i in sorted(infos, key=lambda i: i.name):
         kind = " (feature)" if i.feature else ""
         click.echo(f"{i.name:<{width}}  {i.status:<9}  {dists[i.name]:<{dwidth}}  {', '.join(i.hooks)}{kind}")
         if i.error:
-            click.echo(f"{'':<{width}}  -> {i.error}")
+            click.echo(f"{'':<{width}}  -> {i.status}: {i.error}")
+        if registers.get(i.name):
+            click.echo(f"{'':<{width}}  registers " + "; ".join(f"{kind_} {', '.join(names)}"
+                                                               for kind_, names in registers[i.name].items()))
+
+
+def registrations(regs: Any, pm: Any) -> dict[str, dict[str, list[str]]]:
+    """plugin -> what it registered: ``{"sections": [...], "formats": [...], "methods": [...], ..., "commands": [...]}``."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, (_model, plugin) in regs.sections.sections.items():
+        out.setdefault(plugin, {}).setdefault("sections", []).append(name)
+    for kind in ("formats", "methods", "optimizers", "schedulers", "rewards"):
+        for entry in getattr(regs, kind):
+            out.setdefault(entry.plugin, {}).setdefault(kind, []).append(entry.name)
+    for plugin in pm.implementers("ft_add_commands", active_only=False):
+        group = click.Group()
+        try:
+            pm._call_one("ft_add_commands", plugin, {"cli": group})
+        except FtError as exc:
+            out.setdefault(plugin, {})["commands"] = [f"(failed: {exc})"]
+            continue
+        if group.commands:
+            out.setdefault(plugin, {})["commands"] = sorted(group.commands)
+    return out
 
 
 @cli.command()

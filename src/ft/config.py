@@ -193,6 +193,7 @@ class CoreConfig(BaseModel):
     _capabilities: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
     _method_features: frozenset[str] = PrivateAttr(default_factory=frozenset)
     _registries: Any = PrivateAttr(None)
+    _known_names: frozenset[str] | None = PrivateAttr(None)  # installed plugins and methods (``section`` checks)
 
     @model_validator(mode="after")
     def _check_datasets(self) -> CoreConfig:
@@ -207,12 +208,28 @@ class CoreConfig(BaseModel):
         return self._source
 
     def section(self, name: str) -> Any:
-        """A plugin's validated section, or its defaults when the YAML has none (None if no such section)."""
-        value = getattr(self, name, None)
-        if value is None and name in type(self).model_fields:
-            model = _find_model(type(self).model_fields[name].annotation, None)
-            return model() if model is not None else None
-        return value
+        """A plugin's validated section, or its defaults when the YAML has none.
+
+        None for an installed plugin (or a method) that declares no section, or one that is not loaded (blocked,
+        failed); any other name is a mistake, and an error with a "did you mean" and the caller's file:line."""
+        fields = type(self).model_fields
+        if name in fields and name not in CoreConfig.model_fields:
+            value = getattr(self, name, None)
+            if value is None:
+                model = _find_model(fields[name].annotation, None)
+                return model() if model is not None else None
+            return value
+        if self._known_names is None or name in self._known_names:
+            return None  # no plugin information (a config built by hand), or a plugin/method without a section
+        import sys
+
+        caller = sys._getframe(1)
+        sections = sorted(n for n in fields if n not in CoreConfig.model_fields)
+        close = difflib.get_close_matches(str(name), [*sections, *self._known_names], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        core = " It is a core key: read it as an attribute (cfg." + str(name) + ")." if name in CoreConfig.model_fields else ""
+        raise FtError(f"{caller.f_code.co_filename}:{caller.f_lineno}: cfg.section({name!r}): no plugin or method "
+                      f"named {name!r} is installed.{core}{hint} Sections: {', '.join(sections) or 'none'}.")
 
     def provides(self, capability: str) -> bool:
         """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
@@ -394,24 +411,99 @@ class RawConfig:
     source: str | None
 
 
+# Limits on what a config may be, checked before it is parsed: a real config is a few KB, nests a few levels and
+# reuses an anchor or two. A 50 MB file took minutes, a "billion laughs" alias bomb grew without bound, and deep
+# nesting ran out of Python's stack.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 64
+MAX_ALIAS_VALUES = 10_000  # values that aliases add to the config, counted as expanded
+
+
 def read_yaml(path: str | os.PathLike) -> RawConfig:
     """Parse a YAML config safely, keeping the line of every key."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as fh:  # read no more than the limit allows: /dev/zero or a pipe never ends
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            size = p.stat().st_size if p.is_file() else 0
+            shown = f"{size:,} bytes" if size else f"more than {MAX_CONFIG_BYTES:,} bytes"
+            raise ConfigError([f"{p}: the config is {shown}; ft reads configs of at most {MAX_CONFIG_BYTES:,} "
+                               "bytes. Is it the right file? Keep data, templates and long lists in files the config "
+                               "names (datasets, chat_template: file.jinja)."], str(p))
     except FileNotFoundError:
         raise FtError(f"config file not found: {p}. Check the path (or run `ft run examples/tiny.yaml`).") from None
+    except OSError as exc:
+        raise FtError(f"could not read the config {p}: {exc.strerror or exc}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([f"{p}:{line}: the config is not UTF-8 text (byte 0x{data[exc.start]:02x} at column "
+                           f"{column}). Save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."], str(p)) from None
     return parse_yaml(text, str(p))
 
 
-def parse_yaml(text: str, source: str | None = None) -> RawConfig:
+def load_yaml_text(text: str, source: str | None = None, what: str = "config") -> tuple[Any, Any]:
+    """``(node, data)``: the YAML ``text`` composed (with marks) and loaded, after the limits above are checked
+    without building anything (an invalid, too large, too deep or alias-bombed text is one ConfigError)."""
+    where = source or f"<{what}>"
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{where}: the {what} is {len(text):,} characters; at most {MAX_CONFIG_BYTES:,} are read."],
+                          source)
     try:
+        _check_yaml_shape(text, where, what, source)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{source or '<config>'}:{mark.line + 1}" if mark else (source or "<config>")
-        raise ConfigError([f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"], source) from None
+        at = f"{where}:{mark.line + 1}" if mark else where
+        raise ConfigError([f"{at}: invalid YAML: {getattr(exc, 'problem', exc)}"], source) from None
+    return node, data
+
+
+def _check_yaml_shape(text: str, where: str, what: str, source: str | None) -> None:
+    """Refuse nesting deeper than MAX_CONFIG_DEPTH and aliases that add more than MAX_ALIAS_VALUES values, reading
+    the event stream only (PyYAML's parser is iterative; composing is recursive, and expanding aliases is not
+    bounded)."""
+    depth = 0
+    starts: list[int] = []  # the expanded count when each open collection started
+    anchored: list[str | None] = []
+    sizes: dict[str, int] = {}  # anchor -> values in its node, aliases expanded
+    expanded = written = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError([f"{where}:{event.start_mark.line + 1}: the {what} nests deeper than "
+                                   f"{MAX_CONFIG_DEPTH} levels; a config needs a few. Is it the right file?"], source)
+            starts.append(expanded)
+            anchored.append(event.anchor)
+            expanded += 1
+            written += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+            start, anchor = starts.pop(), anchored.pop()
+            if anchor is not None:
+                sizes[anchor] = expanded - start
+        elif isinstance(event, yaml.ScalarEvent):
+            expanded += 1
+            written += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            expanded += sizes.get(event.anchor, 1)
+            written += 1
+            if expanded - written > MAX_ALIAS_VALUES:
+                raise ConfigError([f"{where}:{event.start_mark.line + 1}: the alias *{event.anchor} makes the {what} "
+                                   f"expand to {expanded:,} values, {expanded - written:,} of them from aliases; at "
+                                   f"most {MAX_ALIAS_VALUES:,} may come from aliases (nested aliases multiply: an "
+                                   "alias bomb?). Write the values out, or alias less."], source)
+
+
+def parse_yaml(text: str, source: str | None = None) -> RawConfig:
+    node, data = load_yaml_text(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -449,7 +541,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         if "=" not in item:
             raise FtError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set lora.r=8")
         key, _, raw = item.partition("=")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw, f"--set {key}", "--set value")[1] if raw != "" else ""
         parts = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
         target: Any = data
         for i, part in enumerate(parts[:-1]):
@@ -695,6 +787,49 @@ def format_loc(loc: Sequence[Any]) -> str:
     return out
 
 
+# Samples (or packed bins) per optimizer step, over every process: far beyond any fine-tuning batch. A larger product
+# of micro_batch_size and gradient_accumulation_steps is a typo (1e9) that would divide the loss to nothing.
+MAX_EFFECTIVE_BATCH = 1 << 20
+
+
+def batch_problems(cfg: CoreConfig, world: int = 1) -> list[str]:
+    """An effective batch (micro_batch_size x gradient_accumulation_steps x processes) beyond MAX_EFFECTIVE_BATCH."""
+    effective = cfg.effective_batch_size(world)
+    if effective <= MAX_EFFECTIVE_BATCH:
+        return []
+    key = "gradient_accumulation_steps" if cfg.gradient_accumulation_steps >= cfg.micro_batch_size else "micro_batch_size"
+    return [f"{cfg.where(key)}: the effective batch is {effective:,} samples per optimizer step (micro_batch_size "
+            f"{cfg.micro_batch_size:,} x gradient_accumulation_steps {cfg.gradient_accumulation_steps:,} x {world} "
+            f"process(es)); at most {MAX_EFFECTIVE_BATCH:,} are allowed. Fine-tuning batches are tens to thousands: "
+            "lower it."]
+
+
+def real_effective_batch(cfg: CoreConfig, rows: int | None, world: int = 1) -> int:
+    """Samples in one optimizer step as training takes them: the configured effective batch, or the whole epoch when
+    the data holds fewer rows (an optimizer step then ends with the epoch)."""
+    effective = cfg.effective_batch_size(world)
+    return effective if rows is None else max(1, min(effective, rows))
+
+
+def batch_warnings(cfg: CoreConfig, rows: int | None, world: int = 1, unit: str = "rows") -> list[str]:
+    """What the prepared data (``rows`` training rows, or packed bins) does to the batch the config asks for."""
+    if rows is None or rows <= 0:
+        return []
+    per_batch, effective = cfg.micro_batch_size * world, cfg.effective_batch_size(world)
+    if rows < per_batch:
+        return [f"{cfg.where('micro_batch_size')}: the training data has {rows:,} {unit}, fewer than one batch of "
+                f"micro_batch_size {cfg.micro_batch_size:,} x {world} process(es) = {per_batch:,}: every optimizer step "
+                f"is the whole epoch, so the effective batch is {rows:,}, not {effective:,}. Lower micro_batch_size to "
+                f"{max(1, rows // world):,} or less (and gradient_accumulation_steps to 1), or add data."]
+    if rows < effective:
+        fits = max(1, rows // per_batch)
+        return [f"{cfg.where('gradient_accumulation_steps')}: the training data has {rows:,} {unit}, fewer than one "
+                f"effective batch ({cfg.micro_batch_size:,} x {cfg.gradient_accumulation_steps:,} x {world} = "
+                f"{effective:,}): every optimizer step is the whole epoch, so the effective batch is {rows:,}, not "
+                f"{effective:,}. Lower gradient_accumulation_steps to {fits:,} or less, or add data."]
+    return []
+
+
 def config_warnings(cfg: CoreConfig) -> list[str]:
     """Settings that are valid but probably not meant (``ft validate`` prints them, ``ft run`` logs them)."""
     out = []
@@ -703,6 +838,43 @@ def config_warnings(cfg: CoreConfig) -> list[str]:
                    "the learning rate never reaches learning_rate. Lower warmup_steps (or use warmup_ratio).")
     return out
 
+
+
+# -- paths `ft run` will open -------------------------------------------------------------------
+
+DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".gz")
+
+
+def _looks_local(value: str, data: bool = False) -> bool:
+    """A path on this machine, not a hub id (``org/name``) or a URL."""
+    if "://" in value:
+        return False
+    return value.startswith(("/", "./", "../", "~", ".\\")) or (data and value.lower().endswith(DATA_SUFFIXES))
+
+
+def missing_local_paths(cfg: CoreConfig) -> list[str]:
+    """Local base_model / tokenizer / dataset paths that do not exist (``ft validate`` reports them; ``ft run``
+    would fail on them after loading). Relative paths count from the working directory or the config's folder,
+    as ``ft run`` reads them; hub ids pass."""
+    def exists(value: str) -> bool:
+        p = Path(value).expanduser()
+        return p.exists() or (not p.is_absolute() and cfg.source is not None and (Path(cfg.source).parent / p).exists())
+
+    out = []
+    for key in ("base_model", "tokenizer"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, str) and _looks_local(value) and not exists(value):
+            out.append(f"{cfg.where(key)}: '{value}' is a local path that does not exist; fix the path, or give a "
+                       "hub id (org/name).")
+    for group in ("datasets", "test_datasets"):
+        for i, entry in enumerate(getattr(cfg, group, None) or []):
+            path = getattr(entry, "path", None)
+            if isinstance(path, str) and path.startswith("file://"):
+                path = path[len("file://"):]
+            if isinstance(path, str) and _looks_local(path, data=True) and not exists(path):
+                out.append(f"{cfg.where(group, i, 'path')}: file '{path}' not found (looked in {os.getcwd()}"
+                           + (f" and next to {cfg.source}" if cfg.source else "") + "). Check the path.")
+    return out
 
 # -- what changes training (the resume check compares only that) ------------------------------
 

@@ -14,6 +14,7 @@ from ft.config import (
     RawConfig,
     SectionRegistry,
     apply_overrides,
+    batch_problems,
     build_config_model,
     cadence_problems,
     format_loc,
@@ -23,7 +24,7 @@ from ft.config import (
 )
 from ft.errors import ConfigError, PluginError
 from ft.methods import EVAL, Method
-from ft.plugins import PluginManager, parse_plugin_args
+from ft.plugins import PluginManager, import_failure, parse_plugin_args
 from ft.registry import (
     FormatRegistry,
     KeyHintRegistry,
@@ -88,8 +89,7 @@ def make_plugin_manager(plugin_args: Sequence[str] = (), config_plugins: Sequenc
     select = [s for s in [*cfg_select, *cli_select] if not _is_path(s) and s not in cli_block]
     from_files = [_load_plugin_file(f) for f in files]
     select += [name for name, _obj in from_files if name not in select and name not in cli_block]
-    extra = [*kw.pop("extra_plugins", ()), *from_files]
-    return PluginManager(select=select, block=[*cfg_block, *cli_block], extra_plugins=extra, **kw)
+    return PluginManager(select=select, block=[*cfg_block, *cli_block], plugin_files=from_files, **kw)
 
 
 def _is_path(value: str) -> bool:
@@ -113,8 +113,12 @@ def _load_plugin_file(path: str) -> tuple[str, object]:
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
-        raise PluginError(f"-p {path}: importing the plugin file failed: {type(exc).__name__}: {exc}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: sys.exit() in a plugin file must not end ft without a word
+        sys.modules.pop(spec.name, None)
+        raise PluginError(f"-p {path}: importing the plugin file failed: {import_failure(exc).removeprefix('import failed: ')}"
+                          ) from (exc if isinstance(exc, Exception) else None)
     return name, module
 
 
@@ -143,6 +147,7 @@ def load_context(
     pm = make_plugin_manager(plugin_args, config_plugins, paths, **pm_kwargs)
     quiet_unselected(pm)
     regs = collect_registries(pm)
+    pm.check_selected_loaded()  # a selected plugin whose registration failed is an error, not a warning
     model = config_model(regs)
     cfg = validate_config(
         raw,
@@ -159,12 +164,14 @@ def load_context(
     if cfg.method in regs.methods:
         cfg._method_features = frozenset(regs.methods.get(cfg.method).value.features)
     cfg._registries = regs  # plugins resolve names the config gives (a GRPO run's rewards)
+    cfg._known_names = frozenset([*pm.infos, *regs.methods.names(), *(m.value.section_name for m in regs.methods)])
     problems = []
     for key, registry in (("optimizer", regs.optimizers), ("lr_scheduler", regs.schedulers)):
         name = getattr(cfg, key)
         if name not in registry:
             problems.append(f"{cfg.where(key)}: {registry.unknown_message(name)}")
-    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg)])
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg), *batch_problems(cfg, world)])
     problems.extend(pm.calls.validate_config(cfg))
     if problems:
         raise ConfigError(problems, raw.source)
@@ -241,8 +248,8 @@ def _method_problems(raw: RawConfig, regs: Registries, pm: PluginManager) -> lis
         needs = info.method_feature if info else None
         if needs and not method.supports(needs):
             loc = ("plugins",) if plugin in (data.get("plugins") or []) else ()
-            problems.append((loc, f"plugin '{plugin}' needs {needs}, which method '{name}' does not support; "
-                                  f"remove it (or pass -p no:{plugin})."))
+            problems.append((loc, f"plugin '{plugin}' needs {needs}, which method '{name}' does not support (its "
+                                  f"Method.features do not list '{needs}'); remove it (or pass -p no:{plugin})."))
     if not method.supports(EVAL):
         for key in ("val_set_size", "test_datasets"):
             if data.get(key):

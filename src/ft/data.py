@@ -8,8 +8,9 @@
 2. On a miss, each dataset entry is read by ``ft_load_dataset`` into :class:`RawRows` (rows
    plus where each came from, plus the rows that could not be read), and tokenized by its
    format's ``Tokenize`` in parallel worker processes (``ft.data_tokenize``).
-3. Samples longer than ``sequence_len`` are dropped, truncated or refused (``excess_length``);
-   samples with no trained label are dropped ("nothing to train"). Every drop is counted by
+3. Samples longer than ``sequence_len`` are dropped, truncated or refused (``excess_length``; a
+   drop names the side that is too long); samples with no trained label are dropped ("nothing to
+   train"), and so are samples whose sequences truncation made identical ("chosen equals rejected"). Every drop is counted by
    reason with the ``file:line`` of its row; ``strict: true`` turns any drop into an error.
 4. Entries are concatenated, shuffled with the seed, and the eval part is split off
    (``val_set_size``) and/or read from ``test_datasets``.
@@ -322,19 +323,29 @@ class _Job:
     entry: Any
     raw: RawRows
     tokenize: Any
+    plugin: str = ""  # the plugin that registered the entry's format (for messages)
     result: Any = None  # ft.data_tokenize.EntryResult, once tokenized
 
 
 def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
     """Read, tokenize, account for drops, assemble train/eval, pack: the steps of a cache miss."""
+    from ft.data_tokenize import is_labels_column
+
     cfg = ctx.cfg
     t0 = time.perf_counter()
     jobs = _read(ctx, tokenizer)
     t1 = time.perf_counter()
-    _tokenize(cfg, jobs)
+    _tokenize(cfg, jobs, ctx.method)
     t2 = time.perf_counter()
     report, per_entry = _account(cfg, jobs)
     train, eval_samples, mixing = _assemble(cfg, jobs, report)
+    trained = int(train.trained_tokens())
+    if trained == 0 and any(is_labels_column(c) for c in ctx.method.columns):
+        formats = ", ".join(f"'{j.entry.type}' (plugin '{j.plugin}')" for j in jobs if j.group == "datasets")
+        raise DataError(f"the training data has {train.count} samples but not one trained token: method "
+                        f"'{ctx.method.name}' learns from its labels, and every label is -100. The format(s) {formats} "
+                        "masked everything (a bug in the format plugin, or train_on_... settings that leave nothing); "
+                        "`ft preprocess --debug 3` shows the labels. Nothing was cached.")
     train_ds = train.to_dataset()
     eval_ds = eval_samples.to_dataset() if eval_samples is not None and eval_samples.count else None
     stats: dict[str, Any] = {
@@ -342,7 +353,7 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
         "samples": int(train.count),
         "eval_samples": int(eval_samples.count) if eval_samples is not None else 0,
         "tokens": int(train.lengths.sum()),
-        "trained_tokens": int(train.trained_tokens()),
+        "trained_tokens": trained,
         "dropped": report["dropped_total"],
         "truncated": sum(e["truncated"] for e in per_entry),
         "packed": False,
@@ -369,12 +380,12 @@ def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
             if raw is None:
                 raise DataError(f"{cfg.where(group, i, 'path')}: no active plugin can read '{entry.path}'. "
                                 "Is the 'sources' plugin blocked, or does this source need a plugin? See `ft plugins`.")
-            fmt = ctx.formats.get(entry.type, cfg.where(group, i, "type")).value
-            jobs.append(_Job(group, entry, raw, fmt.build(cfg, entry, tokenizer)))
+            registered = ctx.formats.get(entry.type, cfg.where(group, i, "type"))
+            jobs.append(_Job(group, entry, raw, registered.value.build(cfg, entry, tokenizer), registered.plugin))
     return jobs
 
 
-def _tokenize(cfg: Any, jobs: list[_Job]) -> None:
+def _tokenize(cfg: Any, jobs: list[_Job], method: Any) -> None:
     from ft.data_tokenize import tokenize_entries
 
     results = tokenize_entries(
@@ -382,6 +393,9 @@ def _tokenize(cfg: Any, jobs: list[_Job]) -> None:
         sequence_len=cfg.sequence_len,
         excess_length=cfg.excess_length,
         num_proc=cfg.dataset_num_proc or _cpu_count(),
+        columns=method.columns,
+        method=method.name,
+        plugins=[job.plugin for job in jobs],
     )
     for job, result in zip(jobs, results, strict=True):
         job.result = result
@@ -414,7 +428,7 @@ def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str,
             f"({cfg.where('excess_length')}: error):\n" + _examples(too_long, 10)
             + "\nRaise sequence_len, or set excess_length: drop or truncate."
         )
-    report = build_report(drops, rows_read, notes)
+    report = build_report(drops, rows_read, notes, truncated=sum(e["truncated"] for e in per_entry))
     if cfg.strict and drops:
         raise DataError(_strict_message(report))
     return report, per_entry
@@ -512,9 +526,11 @@ def _cpu_count() -> int:
 # -- the drop report --------------------------------------------------------------------------
 
 
-def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = ()) -> dict[str, Any]:
+def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = (), truncated: int = 0) -> dict[str, Any]:
     """Counts per reason with the first examples (``where``, ``detail``) of each: rows dropped, and notes
-    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message)."""
+    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message). ``truncated``
+    counts the samples cut to sequence_len and kept (``excess_length: truncate``); one that truncation
+    left unusable (nothing to train, chosen equal to rejected) is counted as a drop only."""
 
     def by_reason(items: Sequence[Drop]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -525,7 +541,7 @@ def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = ()) -> d
                 entry["examples"].append({"where": d.where, "detail": d.detail})
         return out
 
-    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops),
+    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops), "truncated": truncated,
             "noted_total": len(notes), "noted": by_reason(notes)}
 
 
@@ -568,8 +584,8 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
         _report_text(report),
     ]
     if stats.get("truncated"):
-        msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} "
-                   "(excess_length: truncate)")
+        msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} and kept them "
+                   "(excess_length: truncate; samples truncation left unusable are counted among the drops)")
     for part in stats.get("mixing") or []:
         msg.append(f"  {part['path']}: weight {part['weight']:g} -> {part['rows']} of the training rows "
                    f"({100 * part['share']:.1f}%; {part['available']} available, {part['repeats']:.2f}x)")
@@ -583,6 +599,8 @@ def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> Non
 def _log_drops(report: dict[str, Any]) -> None:
     if report.get("dropped_total"):
         log.info("rows dropped when this cache was built:\n%s", _report_text(report))
+    if report.get("truncated"):
+        log.info("samples truncated to sequence_len and kept when this cache was built: %d", report["truncated"])
     _log_notes(report)
 
 

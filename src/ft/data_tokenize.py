@@ -39,7 +39,12 @@ NOTES = "notes"  # a sample's list of ft.formats.Note: counted in the data repor
 def is_token_column(name: str) -> bool:
     """Token columns hold a list of ints per sample: ``input_ids``, ``labels`` and prefixed forms
     (``chosen_input_ids``, ``rejected_labels`` ...). Every other column is carried as it is."""
-    return name.endswith("input_ids") or name == "labels" or name.endswith("_labels")
+    return name.endswith("input_ids") or is_labels_column(name)
+
+
+def is_labels_column(name: str) -> bool:
+    """``labels`` and prefixed forms (``chosen_labels``): -100 where not trained."""
+    return name == "labels" or name.endswith("_labels")
 
 
 def labels_of(ids_column: str) -> str:
@@ -124,7 +129,7 @@ class Samples:
         target: labels shift)."""
         total = 0
         for name, (values, offsets) in self.tokens.items():
-            if not (name == "labels" or name.endswith("_labels")):
+            if not is_labels_column(name):
                 continue
             trained = values != IGNORE_INDEX
             starts = offsets[:-1][np.diff(offsets) > 0]
@@ -201,7 +206,7 @@ class _ChunkOut:
 
 # Set in the parent right before the workers fork (inherited, never pickled).
 _JOBS: list[tuple[Any, Any]] | None = None
-_SETTINGS: tuple[int, str] = (0, "drop")
+_SETTINGS: tuple[int, str, tuple[str, ...], str] = (0, "drop", (), "")
 
 
 def tokenize_entries(
@@ -211,8 +216,16 @@ def tokenize_entries(
     excess_length: str,
     num_proc: int,
     progress: bool | None = None,
+    columns: Sequence[str] = (),
+    method: str = "",
+    plugins: Sequence[str] | None = None,
 ) -> list[EntryResult]:
-    """Tokenize every ``(raw_rows, tokenize, format_name)`` job; returns one :class:`EntryResult` per job."""
+    """Tokenize every ``(raw_rows, tokenize, format_name)`` job; returns one :class:`EntryResult` per job.
+
+    ``columns`` are the columns the training method ``method`` reads: every sample a format returns
+    must have them (checked on each chunk's first sample), else the build stops with an error that
+    names the format, its plugin (``plugins``: one per job) and the row.
+    """
     global _JOBS, _SETTINGS
     total = sum(len(raw) for raw, _t, _n in jobs)
     num_proc = max(1, min(num_proc, (total + 63) // 64))
@@ -223,7 +236,7 @@ def tokenize_entries(
     bar = _progress_bar(total, show)
 
     _JOBS = [(raw, tok) for raw, tok, _n in jobs]
-    _SETTINGS = (sequence_len, excess_length)
+    _SETTINGS = (sequence_len, excess_length, tuple(columns), method)
     outs: list[_ChunkOut] = []
     try:
         if num_proc == 1 or total < INLINE_BELOW_ROWS:
@@ -243,7 +256,8 @@ def tokenize_entries(
         for o in mine:
             if o.error is not None:
                 row, message = o.error
-                raise DataError(f"{raw.where(row)}: the '{name}' format failed on this row: {message}")
+                owner = f" (plugin '{plugins[j]}')" if plugins and plugins[j] else ""
+                raise DataError(f"{raw.where(row)}: the '{name}' format{owner} failed on this row: {message}")
         drops = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.drops]
         notes = [Drop(reason, raw.where(row), detail) for o in mine for row, reason, detail in o.notes]
         samples = _merge(mine, base)
@@ -317,7 +331,7 @@ def start_method() -> str:
     return "fork" if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() else "spawn"
 
 
-def _init_spawned(jobs: list, settings: tuple[int, str]) -> None:
+def _init_spawned(jobs: list, settings: tuple[int, str, tuple[str, ...], str]) -> None:
     global _JOBS, _SETTINGS
     _JOBS, _SETTINGS = jobs, settings
 
@@ -328,7 +342,7 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
     raw, tokenize = _JOBS[j]
     if rows is None:
         rows = raw.batch(start, stop)
-    seq_len, excess = _SETTINGS
+    seq_len, excess, _columns, _method = _SETTINGS
     out = _ChunkOut(j, start, len(rows), {}, np.zeros(0, dtype=np.int64), drops=[])
 
     results, calls, error = _call_tokenize(tokenize, rows)
@@ -346,7 +360,14 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
         return out
     parts, extras, sample_rows = collected
     rows_arr = np.asarray(sample_rows, dtype=np.int64)
-    columns = {name: _flat(values) for name, values in parts.items()}  # name -> (flat, lengths)
+    try:
+        columns = {name: _flat(values) for name, values in parts.items()}  # name -> (flat, lengths)
+    except (TypeError, ValueError, OverflowError) as exc:
+        bad = next(n for n, values in parts.items() if not _int_lists(values))
+        k = next(k for k, v in enumerate(parts[bad]) if not _int_lists([v]))
+        out.error = (sample_rows[k], f"its '{bad}' is not a list of token ids ({type(exc).__name__}: {exc}); "
+                                     "token columns hold lists of ints")
+        return out
     keep = np.ones(len(rows_arr), dtype=bool)
 
     sequences = [name for name in columns if name.endswith("input_ids")]
@@ -362,16 +383,17 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
         if excess == "truncate":
             for name in list(columns):
                 columns[name] = _truncate(*columns[name], seq_len)
-            out.truncated = int(long.sum())
+            _drop_equal_sides(columns, sequences, long, keep, rows_arr, out, seq_len)
+            _drop_equal_samples(columns, long, keep, rows_arr, out, seq_len)
         else:  # drop, or error (the parent raises with every example)
+            starts = _starts(columns)
             for i in np.flatnonzero(long & keep):
-                sizes = " + ".join(str(int(columns[n][1][i])) for n in sequences if columns[n][1][i] > seq_len)
-                out.drops.append((int(rows_arr[i]), TOO_LONG, f"{sizes} tokens > {seq_len}"))
+                out.drops.append((int(rows_arr[i]), TOO_LONG, _too_long_detail(columns, starts, sequences, i, seq_len)))
             keep &= ~long
 
     # The first label of a sequence never is a target (the model shifts labels by one), so a
     # sequence trains on something only if a label after its first position is not -100.
-    for name in [n for n in columns if n == "labels" or n.endswith("_labels")]:
+    for name in [n for n in columns if is_labels_column(n)]:
         values, lengths = columns[name]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -382,8 +404,12 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
         nothing = keep & ((csum[offsets[1:]] - csum[offsets[:-1]]) == 0)
         side = "" if name == "labels" else f" of {name[: -len('_labels')]}"
         for i in np.flatnonzero(nothing):
-            out.drops.append((int(rows_arr[i]), NOTHING_TO_TRAIN, f"all {int(lengths[i])} labels{side} are masked (-100)"))
+            cut = f" after truncation to sequence_len {seq_len}" if long[i] and excess == "truncate" else ""
+            out.drops.append((int(rows_arr[i]), NOTHING_TO_TRAIN,
+                              f"all {int(lengths[i])} labels{side} are masked (-100){cut}"))
         keep &= ~nothing
+    if excess == "truncate":  # truncated rows that are kept; those dropped above count as drops only
+        out.truncated = int((long & keep).sum())
 
     if not keep.all():
         for name, (values, lengths) in columns.items():
@@ -396,6 +422,101 @@ def _run_chunk(task: tuple[int, int, int, list | None]) -> _ChunkOut:
     out.rows = rows_arr
     out.drops.sort(key=lambda d: d[0])
     return out
+
+
+def _side(name: str) -> str:
+    """What a token column holds, for messages: ``chosen`` for ``chosen_input_ids``, ``sample`` for ``input_ids``."""
+    prefix = name[: -len("input_ids")].rstrip("_")
+    return prefix or "sample"
+
+
+def _starts(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Where each sample starts in each column's flat values."""
+    out = {}
+    for name, (_values, lengths) in columns.items():
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        out[name] = starts
+    return out
+
+
+def _too_long_detail(columns: dict[str, tuple[np.ndarray, np.ndarray]], starts: dict[str, np.ndarray],
+                     sequences: list[str], i: int, seq_len: int) -> str:
+    """Which side of sample ``i`` is too long, and how its tokens split into prompt (up to the first
+    trained label) and completion: "rejected 109 tokens (prompt 20 + completion 89) > sequence_len 48"."""
+    parts = []
+    for name in sequences:
+        values, lengths = columns[name]
+        n = int(lengths[i])
+        if n <= seq_len:
+            continue
+        split = ""
+        labels = columns.get(labels_of(name))
+        if labels is not None:
+            start = int(starts[labels_of(name)][i])
+            trained = np.flatnonzero(labels[0][start:start + n] != IGNORE_INDEX)
+            prompt = int(trained[0]) if len(trained) else n
+            if 1 < prompt < n:
+                split = f" (prompt {prompt} + completion {n - prompt})"
+            elif prompt >= n:
+                split = " (no trained token)"
+        parts.append(f"{_side(name)} {n} tokens{split}")
+    return f"{', '.join(parts)} > sequence_len {seq_len}"
+
+
+def _drop_equal_sides(columns: dict[str, tuple[np.ndarray, np.ndarray]], sequences: list[str], long: np.ndarray,
+                      keep: np.ndarray, rows_arr: np.ndarray, out: _ChunkOut, seq_len: int) -> None:
+    """Drop truncated samples whose sequences became identical (a pair whose chosen and rejected differ only
+    past ``sequence_len``): reason "chosen equals rejected", named after the sides."""
+    if len(sequences) < 2:
+        return
+    starts = _starts(columns)
+    for i in np.flatnonzero(long & keep):
+        cut = {}
+        for name in sequences:
+            values, lengths = columns[name]
+            start = int(starts[name][i])
+            ids = values[start:start + int(lengths[i])]
+            labels = columns.get(labels_of(name))
+            lab = labels[0][start:start + int(lengths[i])] if labels is not None else None
+            cut[name] = (ids, lab)
+        for a, b in itertools.combinations(sequences, 2):
+            (ids_a, lab_a), (ids_b, lab_b) = cut[a], cut[b]
+            if np.array_equal(ids_a, ids_b) and (lab_a is None or np.array_equal(lab_a, lab_b)):
+                out.drops.append((int(rows_arr[i]), f"{_side(a)} equals {_side(b)}",
+                                  f"identical after truncation to sequence_len {seq_len} (excess_length: truncate): "
+                                  "they differ only past it"))
+                keep[i] = False
+                break
+
+
+SAME_SAMPLES = "samples of one row are identical"
+
+
+def _drop_equal_samples(columns: dict[str, tuple[np.ndarray, np.ndarray]], long: np.ndarray, keep: np.ndarray,
+                        rows_arr: np.ndarray, out: _ChunkOut, seq_len: int) -> None:
+    """Drop a row whose samples truncation made identical (KTO's unpaired pair: the desirable and the
+    undesirable completion differ only past ``sequence_len``, and would train against each other)."""
+    rows, counts = np.unique(rows_arr, return_counts=True)
+    if not (counts > 1).any():
+        return
+    candidates = set(rows_arr[long & keep].tolist()) & set(rows[counts > 1].tolist())
+    if not candidates:
+        return
+    starts = _starts(columns)
+    by_row: dict[int, list[int]] = {}
+    for i in np.flatnonzero(np.isin(rows_arr, list(candidates))).tolist():
+        by_row.setdefault(int(rows_arr[i]), []).append(i)
+    for row, samples in by_row.items():
+        seen = set()
+        for i in samples:
+            key = tuple(values[starts[n][i]:starts[n][i] + lengths[i]].tobytes() for n, (values, lengths) in columns.items())
+            if key in seen:
+                out.drops.append((row, SAME_SAMPLES, f"identical after truncation to sequence_len {seq_len} "
+                                                     "(excess_length: truncate): they differ only past it"))
+                keep[samples] = False
+                break
+            seen.add(key)
 
 
 def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict, list[int]] | None:
@@ -417,6 +538,10 @@ def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict
             for note in s.get(NOTES) or ():  # Notes about a kept row: counted in the data report
                 out.notes.append((row, note[0], note[1]))
             if parts is None:
+                problem = _column_problem(s)
+                if problem:
+                    out.error = (row, problem)
+                    return None
                 parts = {name: [] for name in s if is_token_column(name)}
                 extras = {name: [] for name in s if not is_token_column(name) and name != NOTES}
                 if not any(name.endswith("input_ids") for name in parts):
@@ -438,6 +563,43 @@ def _collect(results: list[Any], start: int, out: _ChunkOut) -> tuple[dict, dict
                     return None
             sample_rows.append(row)
     return parts or {"input_ids": [], "labels": []}, extras, sample_rows
+
+
+def _column_problem(sample: Any) -> str | None:
+    """What is wrong with a sample a format returned, against the columns the method reads (checked on the
+    first sample of each chunk: a format returns the same keys for every row)."""
+    _seq, _excess, columns, method = _SETTINGS
+    if not isinstance(sample, dict):
+        return (f"it returned a {type(sample).__name__} for a row, not a dict of columns (a bug in the format "
+                "plugin: a row gives a dict, a list of dicts, or ft.api.Dropped)")
+    missing = [c for c in columns if c not in sample]
+    if missing:
+        keys = ", ".join(k for k in sample if k != NOTES) or "none"
+        return (f"it returned a sample with the columns {keys}, but method '{method}' reads {', '.join(columns)} "
+                f"(missing: {', '.join(missing)}). A bug in the format plugin: its samples must have the columns "
+                "it declares (register.add(..., columns=...)), under those names")
+    for name, value in sample.items():
+        if is_token_column(name) and not _looks_like_ids(value):
+            shown = repr(value)[:60]
+            return f"its '{name}' is not a list of token ids (got {shown}); token columns hold lists of ints"
+    return None
+
+
+def _looks_like_ids(value: Any) -> bool:
+    """Whether ``value`` is a list (tuple, array) of ints, judged on its first elements (cheap)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype.kind in "iu"
+    if not isinstance(value, (list, tuple)):
+        return False
+    return all(type(x) is int or isinstance(x, np.integer) for x in value[:16])
+
+
+def _int_lists(values: list[Any]) -> bool:
+    try:
+        _flat(values)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def _flat(parts: list[Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -86,12 +86,46 @@ def load_or_explain(source: str, what: str, load: Any, *args: Any, **kwargs: Any
         )
         raise FtError(f"could not load the {what} from '{source}': {first}.{hint}") from exc
     except Exception as exc:
+        damaged = damaged_safetensors(source) if type(exc).__name__ == "SafetensorError" else []
+        if damaged:
+            raise FtError(f"could not load the {what} from '{source}': {'; '.join(damaged)}. The file was cut short "
+                          "(a copy or download that did not finish, a full disk); copy or save it again.") from None
+        if type(exc).__name__ == "SafetensorError":
+            raise FtError(f"could not load the {what} from '{source}': a .safetensors file there is unreadable "
+                          f"({exc}); copy or save it again.") from None
         refused = refused_pickle(exc)
         if refused is None:
             raise
         raise FtError(f"could not load the {what} from '{source}': its pickled weights hold an object that torch "
                       f"refuses to load ({refused}; weights_only=True), because loading it could run code. Use "
                       "safetensors weights (model.safetensors), or convert these where you trust them.") from None
+
+
+def damaged_safetensors(source: Any) -> list[str]:
+    """``FILE: why`` for each ``.safetensors`` file at ``source`` (a file or a directory) whose header is unreadable
+    or whose size is not what its header says (a truncated copy); reads only the headers."""
+    import json
+    import struct
+    from pathlib import Path
+
+    path = Path(source)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    out = []
+    for file in files:
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > size:
+                    raise ValueError(f"its header claims {length:,} bytes")
+                header = json.loads(fh.read(length))
+            end = max([int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"] or [0])
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+            out.append(f"{file} has no readable safetensors header ({exc or type(exc).__name__})")
+            continue
+        if size != 8 + length + end:
+            out.append(f"{file} is {size:,} bytes but its header describes {8 + length + end:,}")
+    return out
 
 
 class DiskFullError(FtError):

@@ -310,8 +310,11 @@ def ft_patch_model(cfg: Config, model: Any) -> list[Any] | None:
     Args:
         cfg: the validated config.
         model: the loaded model; this hook MUTATES it.
-    Returns: a list of ``ft.api.PatchRecord`` (what was replaced, and an ``undo`` callable for
-        global patches, which the core calls when the run ends), or None.
+    Returns: a list of ``ft.api.PatchRecord`` (what was replaced, an ``undo`` callable for
+        global patches, which the core calls when the run ends, and optionally a ``check`` the
+        core calls after the first training step), or None. Whatever the plugin changed on the
+        model instance (a bound ``forward``, a swapped module) must have run by the end of the
+        first training step, or the run stops naming the plugin.
     Mode: all.
     """
 

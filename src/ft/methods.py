@@ -17,7 +17,7 @@ GRPO reward) are kept and plotted as well.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Features a method may support. A feature plugin that only makes sense for some methods says
@@ -61,9 +61,11 @@ class Method:
         trainer_kwargs: ``(cfg, model, tokenizer, data) -> dict`` of extra keyword arguments for
             the Trainer (a reference model, reward functions), or None.
         metrics: names of the metrics it logs through ``ft_record``, in plotting order.
-        features: which features apply (``"packing"``, ``"eval"``, ``"model_loss"``, ``"loss_watch"``); a
-            selected plugin that needs one the method lacks, or eval data for a method without ``"eval"``,
-            is a config error. Plugins read them with ``cfg.method_supports(name)``.
+        features: which features apply (``"packing"``, ``"eval"``, ``"model_loss"``, ``"loss_watch"``), none
+            unless declared: each changes what the method's collator or loss sees (packed rows, eval batches),
+            so a method opts in only to what it handles exactly. A selected plugin that needs one the method
+            lacks (``-p packing``), or eval data for a method without ``"eval"``, is a config error. Plugins
+            read them with ``cfg.method_supports(name)``.
         section: the config section holding the method's settings (default: the method's name);
             a section of a method that is not chosen is a config error.
         description: one line for ``ft plugins`` and the docs.
@@ -80,7 +82,7 @@ class Method:
     arguments_class: Callable[[], type] | None = None
     trainer_kwargs: Callable[..., dict[str, Any]] | None = None
     metrics: tuple[str, ...] = ()
-    features: frozenset[str] = field(default_factory=lambda: frozenset({PACKING, EVAL, LOSS_WATCH}))
+    features: frozenset[str] = frozenset()  # opt-in: a feature changes the rows or the loss the method sees
     section: str | None = None
     description: str = ""
     head: str = CAUSAL_LM

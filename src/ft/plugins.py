@@ -116,6 +116,7 @@ class PluginManager:
         autoload: bool | None = None,
         entry_points: Sequence[md.EntryPoint] | None = None,
         extra_plugins: Sequence[tuple[str, object]] = (),
+        plugin_files: Sequence[tuple[str, object]] = (),
     ) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
@@ -136,6 +137,8 @@ class PluginManager:
                                               status="blocked")
                 continue
             self.register(name, obj, distribution="<test>", version="")
+        for name, module in plugin_files:  # -p ./file.py: listed with its path
+            self.register(name, module, distribution=PLUGIN_FILE, target=getattr(module, "__file__", None))
         self._check_selection()
 
     # -- loading ---------------------------------------------------------------------------
@@ -164,20 +167,23 @@ class PluginManager:
                 continue
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken plugin must not break the CLI
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin must not break the CLI, nor sys.exit() end it silently
                 info.status = "failed"
-                info.error = f"import failed: {type(exc).__name__}: {exc}"
+                info.error = import_failure(exc)
                 continue
             self._register_checked(ep.name, obj, info)
 
-    def register(self, name: str, obj: object, *, distribution: str = "<local>", version: str = "") -> None:
+    def register(self, name: str, obj: object, *, distribution: str = "<local>", version: str = "",
+                 target: str | None = None) -> None:
         """Register a plugin object directly (tests, ``ft.testing``)."""
-        target = getattr(obj, "__name__", type(obj).__name__)
-        info = PluginInfo(name, distribution, version, target)
+        info = PluginInfo(name, distribution, version, target or getattr(obj, "__name__", type(obj).__name__))
         self.infos[name] = info
         self._register_checked(name, obj, info)
         if info.status == "failed":
-            raise PluginError(f"plugin '{name}' is invalid: {info.error}")
+            origin = f" ({info.target})" if distribution == PLUGIN_FILE else ""
+            raise PluginError(f"plugin '{name}'{origin} is invalid: {info.error}")
 
     def _register_checked(self, name: str, obj: object, info: PluginInfo) -> None:
         problem = _misnamed_hooks(obj, self.pm)
@@ -191,19 +197,39 @@ class PluginManager:
             if self.pm.is_registered(obj):
                 self.pm.unregister(obj)
             info.status = "failed"
-            info.error = f"invalid hook implementation: {exc}"
+            text = str(exc).replace("\n", "; ")
+            at = next((where for attr in dir(obj) if attr.startswith("ft_") and (where := code_location(getattr(obj, attr)))
+                       and f"'{attr}'" in text), None)
+            info.error = f"invalid hook implementation{f' ({at})' if at else ''}: {text}"
             return
         except ValueError as exc:  # duplicate name
             info.status = "failed"
             info.error = str(exc)
             return
         self._callers.clear()
+        _LOADED[name] = obj
         info.feature = bool(getattr(obj, "FT_FEATURE", False))
         info.provides = frozenset(getattr(obj, "FT_PROVIDES", ()) or ())
         info.method_feature = getattr(obj, "FT_METHOD_FEATURE", None)
         info.description = (inspect.getdoc(obj) or "").split("\n", 1)[0] if inspect.ismodule(obj) else ""
         info.hooks = sorted(c.name for c in self.pm.get_hookcallers(obj) or [])
         info.status = "essential" if name in ESSENTIAL and info.distribution == FIRST_PARTY_DIST else "available"
+
+    def check_selected_loaded(self) -> None:
+        """Raise when a selected plugin (``-p NAME``, ``-p ./file.py``, ``plugins:``) failed after selection: its
+        registration hook raised or broke the contract. It was asked for, so going on without it is wrong."""
+        failed = [self.infos[n] for n in self.selected if n in self.infos and self.infos[n].status == "failed"]
+        if failed:
+            raise PluginError("\n".join(f"plugin '{i.name}' ({plugin_origin(i)}) is selected but failed to load: {i.error}"
+                                         for i in failed))
+
+    def impl_location(self, hook_name: str, plugin: str | None) -> str | None:
+        """``file:line`` of ``plugin``'s implementation of ``hook_name`` (None if it has none)."""
+        caller = getattr(self.pm.hook, hook_name, None)
+        for impl in caller.get_hookimpls() if caller is not None else []:
+            if impl.plugin_name == plugin:
+                return code_location(impl.function)
+        return None
 
     def mark_failed(self, name: str, error: str) -> None:
         """Take a plugin out of every hook (its registration hook raised, say); list it as failed."""
@@ -439,6 +465,53 @@ class _HookFacade:
         return call
 
 
+# Every plugin object registered in this process, by name: to attribute an exception that its code raised outside
+# any hook call (a function it patched into torch at import, say) -- see ``plugin_in_traceback``.
+_LOADED: dict[str, object] = {}
+
+
+def plugin_in_traceback(exc: BaseException) -> tuple[str, list[str]] | None:
+    """``(plugin, its frames)`` of the loaded plugin whose code is innermost in ``exc``'s traceback, or None."""
+    import traceback
+
+    order = {(f.filename, f.lineno, f.name): i for i, f in enumerate(traceback.extract_tb(exc.__traceback__))}
+    best: tuple[int, str, list[str]] | None = None
+    for name, obj in list(_LOADED.items()):
+        frames = plugin_frames(exc, obj)
+        if not frames:
+            continue
+        last = frames[-1].split(" in ", 1)[0]
+        depth = max((i for (file, line, _fn), i in order.items() if f"{file}:{line}" == last), default=-1)
+        if best is None or depth > best[0]:
+            best = (depth, name, frames)
+    return (best[1], best[2]) if best else None
+
+
+def code_location(fn: Any) -> str | None:
+    """``file:line`` where function ``fn`` is defined (None for what has no Python code)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None
+
+
+def import_failure(exc: BaseException) -> str:
+    """Why importing a plugin failed, with the file:line that raised (``sys.exit()`` at import included)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SystemExit):
+        return f"import failed: it called sys.exit({exc.code!r}) while being imported{at}"
+    return f"import failed: {type(exc).__name__}: {exc}{at}"
+
+
+def plugin_origin(info: PluginInfo) -> str:
+    """Where a plugin comes from: its distribution and version, or the path of its file (``-p ./file.py``)."""
+    return info.target if info.distribution == PLUGIN_FILE else f"{info.distribution} {info.version}".strip()
+
+
+PLUGIN_FILE = "<file>"  # the distribution of a plugin loaded from a .py file (``-p ./file.py``); target is the path
+
+
 def _misnamed_hooks(obj: object, pm: pluggy.PluginManager) -> str | None:
     """A hookimpl whose name is no hook, or an ``ft_*`` hook function without ``@hookimpl``."""
     known = hook_names()
@@ -449,18 +522,20 @@ def _misnamed_hooks(obj: object, pm: pluggy.PluginManager) -> str | None:
         value = getattr(obj, attr, None)
         if not callable(value) or inspect.isclass(value):
             continue
+        at = code_location(value)
+        attr_at = f"'{attr}' ({at})" if at else f"'{attr}'"
         marked = pm.parse_hookimpl_opts(obj, attr) is not None
         if marked and attr not in known:
             close = difflib.get_close_matches(attr, known, n=1, cutoff=0.7)
             hint = f" Did you mean '{close[0]}'?" if close else f" Hooks: {', '.join(known)}."
-            problems.append(f"'{attr}' is marked @hookimpl but there is no such hook.{hint}")
+            problems.append(f"{attr_at} is marked @hookimpl but there is no such hook.{hint}")
         elif not marked and attr in known:
-            problems.append(f"'{attr}' is a hook name but lacks @hookimpl, so it would never be called; "
+            problems.append(f"{attr_at} is a hook name but lacks @hookimpl, so it would never be called; "
                             "decorate it with @ft.hookimpl.")
         elif not marked and inspect.isfunction(value) and getattr(value, "__module__", None) == getattr(obj, "__name__", 0):
             close = difflib.get_close_matches(attr, known, n=1, cutoff=0.85)
             if close:
-                problems.append(f"'{attr}' looks like hook '{close[0]}' misspelled and without @hookimpl; "
+                problems.append(f"{attr_at} looks like hook '{close[0]}' misspelled and without @hookimpl; "
                                 "rename and decorate it, or rename it away from the ft_ prefix.")
     return "; ".join(problems) or None
 

@@ -41,8 +41,9 @@ def run(
 def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
     from ft.data import prepare_datasets
     from ft.outputs import final_outputs, lock_output_dir, write_run_files
+    from ft.patching import PatchWatch
     from ft.resume import plan_resume
-    from ft.train import build_trainer, run_training
+    from ft.train import build_trainer, patch_check_callback, run_training
 
     cfg, calls = ctx.cfg, ctx.pm.calls
     with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
@@ -52,15 +53,19 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
         data = prepare_datasets(ctx, tokenizer)  # the method's columns, cached by content, maybe packed
 
         model = calls.load_model(cfg, calls.model_kwargs(cfg), tokenizer)
-        patches = []
-        for record in calls.patch_model(cfg, model):  # each undo is registered before the next plugin runs
-            log.info("patched %s", record)
-            patches.append(record)
-            if record.undo:
-                scope.callback(record.undo)
+        patches, watch = [], PatchWatch(model)  # what each plugin changed, checked after the first step
+        scope.callback(watch.close)
+        for plugin, records in calls.patch_model(cfg, model):  # each undo is registered before the next plugin runs
+            for record in records:
+                log.info("patched %s", record)
+                patches.append(record)
+                if record.undo:
+                    scope.callback(record.undo)
+            watch.add(plugin, records)
         model = calls.apply_adapter(cfg, model)
 
         trainer = build_trainer(ctx, model, tokenizer, data)  # the method's Trainer, collator and metrics
+        trainer.add_callback(patch_check_callback(watch))  # a patch undone or never run stops the run
         calls.before_train(cfg, trainer, model)
         metrics = run_training(ctx, trainer, data, resume)
 

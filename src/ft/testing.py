@@ -13,7 +13,8 @@ Installing ft makes these fixtures available in any project's tests (``-p no:ft`
 
 The same tools are plain functions and classes for use outside fixtures:
 :func:`registered_plugin` (a context manager), :class:`HookRecorder`, :class:`FtRunner`.
-:func:`install_distribution` writes plugin modules as an installed distribution (dist-info and
+:func:`assert_patch_survives` checks that a kernel plugin's patch survives ``model.train()`` and runs in a
+training step. :func:`install_distribution` writes plugin modules as an installed distribution (dist-info and
 ``[ft]`` entry points) for a subprocess that should find them as it finds pip-installed ones.
 
 This module is imported by pytest in every project that installs ft, so it imports neither
@@ -39,6 +40,7 @@ __all__ = [
     "FtRunner",
     "HookCall",
     "HookRecorder",
+    "assert_patch_survives",
     "install_distribution",
     "make_rows",
     "registered_plugin",
@@ -417,6 +419,64 @@ def install_distribution(site: str | Path, name: str, version: str, modules: dic
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     env.pop("FT_DISABLE_PLUGIN_AUTOLOAD", None)
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel patches
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_patch_survives(model: Any, patch: Any, *, plugin: str = "plugin", inputs: dict[str, Any] | None = None,
+                          steps: int = 2) -> list[Any]:
+    """Apply ``patch(model)`` as ft does, train as the Trainer does, and fail unless the patch ran.
+
+    ``patch`` is what your ``ft_patch_model`` does (it returns a list of ``PatchRecord`` or None).
+    ft's own watch (``ft.patching.PatchWatch``) then notes every ``forward`` it bound on a module
+    instance and every module it swapped in. Each of ``steps`` training steps switches the model to
+    ``train()`` (after an ``eval()`` from the second step on, as an evaluation does), runs a forward
+    and backward pass with labels (``inputs``, default: random token ids), and fails with an
+    ``AssertionError`` naming each change that was undone or never called, or each record whose
+    ``check`` failed. It also fails when the patch changed nothing that can be checked. Global
+    records are undone before it returns; it returns the records.
+
+    Load ``model`` as ft does (``use_kernels=False``) to test the plugin under ft, and with
+    transformers' defaults to show that the patch also survives transformers' hub kernels.
+    """
+    import torch
+
+    from ft.patching import PatchWatch, describe_problems
+
+    watch = PatchWatch(model)
+    records = list(patch(model) or [])
+    try:
+        changes = watch.add(plugin, records)
+        if not changes and not any(r.check for r in records):
+            raise AssertionError(f"{plugin}: the patch changed no module of the model (no bound forward, no swapped "
+                                 "module) and returned no record with a check, so nothing shows that it runs")
+        if inputs is None:
+            device = next(model.parameters()).device
+            ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+            inputs = {"input_ids": ids.to(device), "labels": ids.to(device)}
+        for step in range(1, steps + 1):
+            if step > 1:
+                model.eval()
+            model.train()
+            for change in watch.changes:  # count this step's calls only
+                change.calls = 0
+                if change.counter is not None:
+                    change.counter.calls = 0
+            model(**inputs).loss.backward()
+            problems = watch.problems()
+            if problems:
+                header = f"after training step {step}, {len(problems)} patch(es) were not in effect:"
+                raise AssertionError(describe_problems(header, problems, watch.hints()))
+        model.zero_grad(set_to_none=True)
+    finally:
+        watch.close()
+        for record in reversed(records):
+            if record.undo:
+                record.undo()
+    return records
 
 
 # ---------------------------------------------------------------------------------------------

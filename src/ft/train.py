@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ft.checkpoints import AtomicCheckpointsMixin
+from ft.config import batch_warnings, real_effective_batch
 from ft.errors import ConfigError, FtError, MissingDependencyError, is_out_of_memory, refused_pickle
 
 if TYPE_CHECKING:
@@ -251,6 +252,20 @@ def _callbacks(state: FtState) -> list[Any]:
     return [MetricsHistory(), Progress(), StepLines()]
 
 
+def patch_check_callback(watch: Any) -> Any:
+    """A callback that checks, after this session's first training step, that every kernel patch is in
+    effect (``ft.patching.PatchWatch.verify``): a patch that was undone or never ran stops the run."""
+    from transformers import TrainerCallback
+
+    class PatchCheck(TrainerCallback):
+        def on_step_end(self, args, st, control, **kwargs):
+            if not watch.verified:
+                watch.verify(st.global_step)
+            return control
+
+    return PatchCheck()
+
+
 # -- TrainingArguments -------------------------------------------------------------------------
 
 
@@ -313,6 +328,25 @@ def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None 
         else:
             log.info("%s: ignored, there is no CUDA GPU", cfg.where("tf32"))
     return args
+
+
+def train_rows(cfg: Any, train: Any) -> int | None:
+    """Rows (or packed bins) an optimizer step draws from, for the batch checks; None for an iterable dataset, or a
+    method that batches generated completions (its plugin checks its prompts against its batch)."""
+    if cfg.method_supports("generation"):
+        return None
+    try:
+        return len(train)
+    except TypeError:
+        return None
+
+
+def _world_size() -> int:
+    return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+
+
+def _unit(ctx: Any) -> str:
+    return "packed bins" if ctx.pm.calls.packers() else "rows"
 
 
 def steps_per_epoch(cfg: Any, train: Any) -> int | None:
@@ -429,6 +463,8 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     eval_data = getattr(data, "eval", None)
     args_cls = method.arguments_class() if method.arguments_class else _training_arguments_class()
     args = training_arguments(cfg, has_eval=eval_data is not None, steps_per_epoch=steps_per_epoch(cfg, data.train))
+    for warning in batch_warnings(cfg, train_rows(cfg, data.train), _world_size(), unit=_unit(ctx)):
+        log.warning(warning)
 
     optim, optimizer_factory = _choose(ctx.registries.optimizers, cfg.optimizer, cfg.where("optimizer"))
     sched, scheduler_factory = _choose(ctx.registries.schedulers, cfg.lr_scheduler, cfg.where("lr_scheduler"))
@@ -536,7 +572,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
         "final_loss": final_loss,
         "train_loss": whole_run_loss(trainer, state, float(output.training_loss)),
         "eval_loss": eval_loss,
-        "effective_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * trainer.args.world_size,
+        "effective_batch_size": real_effective_batch(cfg, train_rows(cfg, data.train), trainer.args.world_size),
         "samples": len(data.train) if hasattr(data.train, "__len__") else None,
         "precision": resolve_precision(cfg),
         "method": cfg.method,

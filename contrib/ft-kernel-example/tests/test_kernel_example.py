@@ -1,7 +1,7 @@
 """The kernel plugin template: same outputs as the original modules, every replacement recorded.
 
 Uses the fixtures of ``ft.testing`` (installed with ft): ``ft_tiny_model_dir``, ``ft_runner``,
-``ft_config``, ``ft_dataset``, ``ft_hook_recorder``.
+``ft_config``, ``ft_dataset``, ``ft_hook_recorder``, and its ``assert_patch_survives``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 kx = pytest.importorskip("ft_kernel_example", reason="pip install ./contrib/ft-kernel-example")
 
 from ft.errors import FtError  # noqa: E402
+from ft.testing import assert_patch_survives  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,16 @@ def test_refuses_a_norm_that_computes_something_else(model):
         kx.patch_rms_norms(patched)
     # nothing was swapped: the check runs before any module is replaced
     assert type(patched.get_submodule("model.layers.0.input_layernorm")).__name__ == "LlamaRMSNorm"
+
+
+@pytest.mark.parametrize("hub_kernels", [False, True], ids=["as-ft-loads", "transformers-defaults"])
+def test_the_swap_survives_train_and_runs_in_training(ft_tiny_model_dir, hub_kernels):
+    """Swapped modules run in every training step, also where transformers re-kernelizes its hub-kernel
+    layers at each train()/eval() switch (a forward bound on a LlamaRMSNorm instance would be dropped)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32,
+                                                              use_kernels=hub_kernels)
+    records = assert_patch_survives(model, kx.patch_rms_norms, plugin="kernel_example")
+    assert len(records) == 5
 
 
 # -- through ft ------------------------------------------------------------------------------
