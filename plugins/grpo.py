@@ -129,7 +129,10 @@ class GRPOOptions(BaseModel):
 
 
 def options(cfg: Any) -> GRPOOptions:
-    return cfg.section("grpo")
+    """The run's GRPO settings: the ``grpo:`` section, or the section of a method built on this machinery
+    whose settings extend :class:`GRPOOptions` (``ebft:``)."""
+    section = cfg.section(cfg.method) if cfg.method != "grpo" else None
+    return section if isinstance(section, GRPOOptions) else cfg.section("grpo")
 
 
 @hookimpl

@@ -242,15 +242,19 @@ def ft_model_kwargs(cfg):
 
 @hookimpl(trylast=True)
 def ft_load_model(cfg, kwargs, tokenizer):
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    from ft.api import resolve_path
+    from ft.api import AUTO_CLASSES, model_head, resolve_path
 
     source = resolve_path(cfg, cfg.base_model)
     if kwargs.get("trust_remote_code"):
         _say_remote_code(cfg, source, "model")
+    head, num_labels = model_head(cfg)
+    if num_labels is not None:  # a classification head on the base (new weights, unless the checkpoint has one)
+        kwargs = {**kwargs, "num_labels": num_labels}
+        log.info("%s: loading %s as %s with %d output(s)", cfg.method, cfg.base_model, AUTO_CLASSES[head], num_labels)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = getattr(transformers, AUTO_CLASSES[head]).from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise FtError(_load_failure(cfg, "base_model", source, "model", exc)) from exc
     except RuntimeError as exc:

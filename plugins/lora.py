@@ -28,6 +28,10 @@ ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+# peft's task of each model head (``Method.head``): a classification task trains the head in full
+# (peft adds it to modules_to_save) and saves it with the adapter.
+PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+CLASSIFIER_HEADS = ("score", "classifier")  # the names peft gives classification heads
 SAVED_CONFIG = "ft_config.yaml"
 # How the base was quantized while the adapter trained (QLoRA); ft merge / ft infer read it.
 BASE_QUANTIZATION_FILE = "base_quantization.json"
@@ -133,7 +137,7 @@ def is_quantized(model: Any) -> bool:
 def ft_apply_adapter(cfg, model):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from ft.api import resolve_path
+    from ft.api import model_head, resolve_path
 
     lora = section(cfg)
     if is_quantized(model):
@@ -150,12 +154,17 @@ def ft_apply_adapter(cfg, model):
         log.info("lora: continuing from the adapter in %s (its r, alpha and targets are used)", path)
     else:
         check_modules(cfg, lora, model)
+        head = model_head(cfg)[0]
+        targets = lora.target_modules
+        if head != "causal_lm" and targets == ALL_LINEAR:
+            # a classification head trains in full (modules_to_save), so it is no LoRA target
+            targets = [n for n in linear_module_names(model) if n not in CLASSIFIER_HEADS]
         peft_config = LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=PEFT_TASKS[head],
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=targets,
             modules_to_save=lora.modules_to_save or None,
             use_dora=lora.use_dora,
             use_rslora=lora.use_rslora,
@@ -366,8 +375,36 @@ def _require_peft() -> None:
         raise MissingDependencyError("loading a LoRA adapter needs peft, which is not installed: pip install 'ft[lora]'.")
 
 
-def _load_quantized_base(base: str, quant: dict[str, Any], dtype: Any) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def adapter_head(adapter_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """The model head an adapter was trained on (its peft ``task_type``) and the keyword arguments that
+    build it (``num_labels``: the rows of the classification head saved with the adapter)."""
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    head = {task: h for h, task in PEFT_TASKS.items()}.get(config.get("task_type") or "", "causal_lm")
+    weights = adapter_dir / ADAPTER_WEIGHTS_FILE
+    if head == "causal_lm" or not weights.is_file():
+        return head, {}
+    from safetensors import safe_open
+
+    names = set(config.get("modules_to_save") or ()) | set(CLASSIFIER_HEADS)
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            parts = key.split(".")
+            if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in names:
+                return head, {"num_labels": fh.get_slice(key).get_shape()[0]}
+    return head, {}
+
+
+def _auto_class(head: str) -> Any:
+    import transformers
+
+    from ft.api import AUTO_CLASSES
+
+    return getattr(transformers, AUTO_CLASSES[head])
+
+
+def _load_quantized_base(base: str, quant: dict[str, Any], dtype: Any, head: str = "causal_lm", **head_kwargs: Any) -> Any:
+    from transformers import BitsAndBytesConfig
 
     try:
         import bitsandbytes  # noqa: F401
@@ -376,11 +413,11 @@ def _load_quantized_base(base: str, quant: dict[str, Any], dtype: Any) -> Any:
             "this adapter was trained on a bitsandbytes-quantized base, and bitsandbytes is not installed: "
             "pip install 'ft[qlora]'."
         ) from None
-    return load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base,
-                    quantization_config=BitsAndBytesConfig.from_dict(quant), dtype=dtype)
+    return load_or_explain(base, "base model", _auto_class(head).from_pretrained, base,
+                    quantization_config=BitsAndBytesConfig.from_dict(quant), dtype=dtype, **head_kwargs)
 
 
-def dequantized_base(base: str, quant: dict[str, Any]) -> Any:
+def dequantized_base(base: str, quant: dict[str, Any], head: str = "causal_lm", **head_kwargs: Any) -> Any:
     """The base model in float32 with every bitsandbytes layer replaced by its dequantized weights.
 
     These are the weights the adapter was trained against (not the original full-precision ones),
@@ -389,9 +426,8 @@ def dequantized_base(base: str, quant: dict[str, Any]) -> Any:
     import bitsandbytes as bnb
     import torch
     from peft.utils.integrations import dequantize_bnb_weight
-    from transformers import AutoModelForCausalLM
 
-    quantized = _load_quantized_base(base, quant, torch.float32)
+    quantized = _load_quantized_base(base, quant, torch.float32, head, **head_kwargs)
     weights = {}
     for name, module in quantized.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -400,7 +436,8 @@ def dequantized_base(base: str, quant: dict[str, Any]) -> Any:
             weights[f"{name}.weight"] = dequantize_bnb_weight(module.weight, module.state)
     weights = {k: v.to("cpu", torch.float32) for k, v in weights.items()}
     del quantized
-    model = load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=torch.float32)
+    model = load_or_explain(base, "base model", _auto_class(head).from_pretrained, base, dtype=torch.float32,
+                            **head_kwargs)
     with torch.no_grad():
         for name, weight in weights.items():
             param = model.get_parameter(name)
@@ -438,23 +475,27 @@ def _match_vocab(model: Any, adapter_dir: Path, tokenizer: Any) -> None:
 
 def load_adapter_model(adapter_dir: str | Path, dtype: Any = None, quantized: bool = True) -> tuple[Any, Any]:
     """Base model + adapter (not merged) and the tokenizer. A QLoRA adapter gets its quantized base,
-    unless ``quantized`` is False (then the dequantized base, in float32)."""
+    unless ``quantized`` is False (then the dequantized base, in float32). The base is built with the
+    head the adapter was trained on (a reward model's classifier: ``adapter_head``)."""
     _require_peft()
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     adapter_dir = Path(adapter_dir)
     base = base_model_path(adapter_dir)
     tokenizer = load_tokenizer(adapter_dir, base)
     quant = read_base_quantization(adapter_dir)
     dtype = dtype or torch.float32
+    head, head_kwargs = adapter_head(adapter_dir)
     if quant and quantized:
-        model = _load_quantized_base(base, quant, dtype)
+        model = _load_quantized_base(base, quant, dtype, head, **head_kwargs)
     elif quant:
-        model = dequantized_base(base, quant)
+        model = dequantized_base(base, quant, head, **head_kwargs)
     else:
-        model = load_or_explain(base, "base model", AutoModelForCausalLM.from_pretrained, base, dtype=dtype)
+        model = load_or_explain(base, "base model", _auto_class(head).from_pretrained, base, dtype=dtype,
+                                **head_kwargs)
+    if head != "causal_lm" and tokenizer.pad_token_id is not None:  # a classifier pools at the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     _match_vocab(model, adapter_dir, tokenizer)
     model = load_or_explain(str(adapter_dir), "LoRA adapter", PeftModel.from_pretrained, model, str(adapter_dir))
     model.eval()

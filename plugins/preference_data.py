@@ -36,6 +36,9 @@ whole pair, ``truncate`` cuts each side to ``sequence_len`` from the end (the pr
 completion's tail goes; the core then drops a pair whose sides became identical as "chosen equals
 rejected"), ``error`` stops. The prompt itself is never cut: a prompt over ``max_prompt_len`` drops the row.
 
+Other pair methods (``reward_model``) reuse ``PAIR_COLUMNS`` and ``UnitCollator``: that is this
+module's API for other plugins.
+
 torch is imported inside functions.
 """
 
@@ -72,6 +75,8 @@ class PreferenceOptions(ChatTemplateOptions):
     field_system: str = Field("system", description="Row field with a system message, put first when the prompt has "
                               "none (chatml.intel layout).")
     field_question: str = Field("question", description="Row field with the user's question (chatml.intel layout).")
+    field_margin: str | None = Field(None, description="method reward_model only: row field with a number, the "
+                                     "margin by which chosen must beat rejected (TRL's margin column); unset: none.")
     field_messages: str | None = Field(None, description="axolotl's name for the row field with the prompt's "
                                        "messages: the same as field_prompt (set one of the two).")
 
@@ -320,7 +325,7 @@ class PairTokenize:
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
         out: list[Any] = [None] * len(rows)
-        pending, conversations = [], []
+        pending, conversations, margins = [], [], {}
         for r, row in enumerate(rows):
             try:
                 prompt, chosen, rejected, given = split_pair(row, self.options)
@@ -335,6 +340,13 @@ class PairTokenize:
             except Dropped as dropped:
                 out[r] = dropped
                 continue
+            if self.options.field_margin is not None:
+                margin = row.get(self.options.field_margin)
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+                    out[r] = Dropped(MALFORMED, f"'{self.options.field_margin}' must be a number (the pair's margin), "
+                                                f"got {margin!r}")
+                    continue
+                margins[r] = float(margin)
             pending.append(r)
             conversations.extend(sides)
         encoded = self.encoder.encode(conversations)
@@ -352,6 +364,8 @@ class PairTokenize:
                 continue
             out[r] = {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
                       "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
+            if r in margins:
+                out[r]["margin"] = margins[r]
         return out
 
 
@@ -402,6 +416,9 @@ def _check_entry(cfg: Any, entry: PreferenceOptions) -> None:
         raise FtError(f"{entry_where(cfg, entry, 'train_on_inputs')}: preference data is scored on its completions "
                       "only; remove train_on_inputs from this entry (ORPO's NLL term takes the prompt with a top-level "
                       "`train_on_inputs: true`).")
+    if entry.field_margin is not None and cfg.method != "reward_model":
+        raise FtError(f"{entry_where(cfg, entry, 'field_margin')}: a pair's margin is used by method reward_model "
+                      f"only, not {cfg.method}; remove field_margin from this entry.")
     if entry.train_on_eos == "all":
         raise FtError(f"{entry_where(cfg, entry, 'train_on_eos')}: 'all' would score the end-of-turn tokens of the "
                       "prompt; use train_on_eos: turn (the default) or last.")

@@ -241,6 +241,9 @@ def reward_model(opts: RewardModelOptions, cfg: Any) -> Any:
     from ft.api import load_or_explain
 
     source = resolve_path(cfg, opts.model)
+    if os.path.isfile(os.path.join(source, "adapter_config.json")):
+        raise FtError(f"reward 'reward_model': {source} holds a LoRA adapter (a `method: reward_model` run with lora), "
+                      f"not a whole classifier; run `ft merge {source}` and set model: {source}/merged.")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

@@ -12,7 +12,13 @@ import pytest
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 # Another plugin's documented API (the chat machinery for chat-based formats), and a plugin's own modules.
 DOCUMENTED_PLUGIN_API = {"ft_plugins.chat_template": {"ChatTemplateOptions", "ChatTokenize", "build_chat_tokenize",
-                                                      "resolve_chat_template"}}
+                                                      "resolve_chat_template"},
+                         # preference pairs and their collator, for other pair methods (reward_model)
+                         "ft_plugins.preference_data": {"PAIR_COLUMNS", "UnitCollator"},
+                         # the GRPO machinery, for methods built on it (ebft)
+                         "ft_plugins.grpo": {"GENERATION", "GRPOOptions", "PromptOptions", "PromptTokenize",
+                                             "build_prompt_tokenize", "prompt_collator", "pack_rows", "RewardFunction",
+                                             "trainer_class"}}
 OWN_MODULES = {"preference": ("ft_plugins.preference_data", "ft_plugins.preference_trainer",
                               "ft_plugins.preference_losses")}
 

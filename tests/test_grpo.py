@@ -107,7 +107,7 @@ def test_sft_formats_and_features_are_refused_for_grpo(tmp_path):
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     text = problems_of(config)
     assert "dataset type 'chat_template' gives input_ids, labels, but method 'grpo' needs input_ids, prompt " \
-           "(missing: prompt). Types for this method: prompt." in text
+           "(missing: prompt). Types for this method: prompt, prompt_reference, strided." in text
     assert "plugin 'packing' needs packing, which method 'grpo' does not support" in text
     assert "method 'grpo' has no evaluation; remove val_set_size." in text
 

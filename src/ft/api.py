@@ -19,7 +19,9 @@ Groups:
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
-  ``sequence_logps``, ``has_adapter``
+  ``sequence_logps``, ``has_adapter``; model heads ``CAUSAL_LM``,
+  ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
+  ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
   ``last_good_checkpoint``
@@ -55,7 +57,9 @@ _WHERE = {
     # methods
     "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
     "MODEL_LOSS": "ft.methods",
-    "LOSS_WATCH": "ft.methods",
+    "LOSS_WATCH": "ft.methods", "CAUSAL_LM": "ft.methods", "SEQUENCE_CLASSIFICATION": "ft.methods",
+    "TOKEN_CLASSIFICATION": "ft.methods", "model_head": "ft.methods",
+    "AUTO_CLASSES": "ft.methods",
     "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
     "has_adapter": "ft.reference",
     # collating

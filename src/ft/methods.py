@@ -34,6 +34,15 @@ LOSS_WATCH = "loss_watch"
 
 SFT_COLUMNS = ("input_ids", "labels")
 
+# The model head a method trains (``Method.head``): the hf loader builds the matching transformers class,
+# the lora plugin the matching peft task (which trains a classification head in full).
+CAUSAL_LM = "causal_lm"  # AutoModelForCausalLM: next-token logits
+SEQUENCE_CLASSIFICATION = "sequence_classification"  # AutoModelForSequenceClassification: one score per sequence
+TOKEN_CLASSIFICATION = "token_classification"  # AutoModelForTokenClassification: a score per token
+HEADS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION)
+AUTO_CLASSES = {CAUSAL_LM: "AutoModelForCausalLM", SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification",
+                TOKEN_CLASSIFICATION: "AutoModelForTokenClassification"}  # the transformers class of each head
+
 
 @dataclass(frozen=True)
 class Method:
@@ -60,6 +69,10 @@ class Method:
         section: the config section holding the method's settings (default: the method's name);
             a section of a method that is not chosen is a config error.
         description: one line for ``ft plugins`` and the docs.
+        head: the model head it trains, one of ``HEADS`` (default ``causal_lm``); a classification head
+            (reward models) is loaded as ``AutoModelFor{Sequence,Token}Classification`` with ``num_labels``
+            outputs, and under lora it is trained in full.
+        num_labels: outputs of a classification head (1 for a reward model's score); None for ``causal_lm``.
     """
 
     name: str
@@ -72,6 +85,14 @@ class Method:
     features: frozenset[str] = frozenset()  # opt-in: a feature changes the rows or the loss the method sees
     section: str | None = None
     description: str = ""
+    head: str = CAUSAL_LM
+    num_labels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"method '{self.name}': head must be one of {', '.join(HEADS)}, not {self.head!r}")
+        if (self.head == CAUSAL_LM) != (self.num_labels is None):
+            raise ValueError(f"method '{self.name}': num_labels goes with a classification head, and only with one")
 
     @property
     def section_name(self) -> str:
@@ -79,3 +100,17 @@ class Method:
 
     def supports(self, feature: str) -> bool:
         return feature in self.features
+
+
+def chosen_method(cfg: Any) -> Method | None:
+    """The :class:`Method` the config chose (None before validation, or for an unknown name)."""
+    registries = getattr(cfg, "registries", None)
+    if registries is None or cfg.method not in registries.methods:
+        return None
+    return registries.methods.get(cfg.method).value
+
+
+def model_head(cfg: Any) -> tuple[str, int | None]:
+    """``(head, num_labels)`` of the chosen method (``("causal_lm", None)`` when unknown)."""
+    method = chosen_method(cfg)
+    return (method.head, method.num_labels) if method is not None else (CAUSAL_LM, None)
