@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
 from ft import hookimpl
 from ft.api import DatasetOptions, Dropped, FtError, Method, ReferenceModel, TextEncoder, entry_where
@@ -64,6 +65,19 @@ class RewardEntry(BaseModel):
     name: str = Field(description="A registered reward (see `ft plugins`): exact_match, regex_match, json_schema, "
                       "length_penalty, reward_model, or a plugin's.")
     weight: float = Field(1.0, description="Weight of this reward in the sum that is normalised per group.")
+
+    @model_validator(mode="after")
+    def _registered_with_valid_options(self, info: ValidationInfo) -> RewardEntry:
+        """The name and options are checked while the config is validated (``context["registries"]``), so a
+        reward's problems are reported in the same pass as every other key's."""
+        registries = (info.context or {}).get("registries")
+        if registries is not None:
+            errors = reward_errors(registries.rewards, self)
+            if errors:
+                raise ValidationError.from_exception_data("RewardEntry", [
+                    {"type": PydanticCustomError("reward", "{message}", {"message": message}), "loc": loc,
+                     "input": shown} for loc, message, shown in errors])
+        return self
 
 
 class GRPOOptions(BaseModel):
@@ -113,8 +127,9 @@ def ft_validate_config(cfg):
         problems.append(f"{cfg.where('grpo', 'rewards') if cfg.line_of('grpo', 'rewards') else cfg.where('grpo')}: "
                         "method grpo needs at least one reward, e.g. `rewards: [{name: exact_match, field: answer}]`; "
                         f"registered rewards: {', '.join(sorted(_registry(cfg).names())) or 'none'}.")
-    for i, entry in enumerate(opts.rewards):
-        problems += _reward_problems(cfg, i, entry)
+    for i, entry in enumerate(opts.rewards):  # checked during validation already when the registries were given
+        problems += [f"{cfg.where('grpo', 'rewards', i, *loc)}: {message}."
+                     for loc, message, _ in reward_errors(_registry(cfg), entry)]
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     if per_step % opts.num_generations:
         g = opts.num_generations
@@ -133,30 +148,31 @@ def _registry(cfg: Any) -> Any:
     return cfg.registries.rewards
 
 
-def _reward_problems(cfg: Any, i: int, entry: RewardEntry) -> list[str]:
-    registry = _registry(cfg)
-    where = cfg.where("grpo", "rewards", i, "name")
+def reward_errors(registry: Any, entry: RewardEntry) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """``(key path inside the entry, message, value shown or None)`` of each problem of a ``grpo.rewards`` entry:
+    an unknown name, options a reward does not take, option values its options model refuses."""
     if entry.name not in registry:
-        return [f"{where}: {registry.unknown_message(entry.name)} Rewards come from plugins; see `ft plugins`."]
+        return [(("name",), f"{registry.unknown_message(entry.name).rstrip('.')}. Rewards come from plugins; "
+                            "see `ft plugins`", None)]
     reward = registry.get(entry.name).value
     extra = dict(entry.model_extra or {})
     if reward.options is None:
         if extra:
-            return [f"{cfg.where('grpo', 'rewards', i, next(iter(extra)))}: reward '{entry.name}' takes no options "
-                    f"(got {', '.join(extra)}); remove them."]
+            return [((next(iter(extra)),), f"reward '{entry.name}' takes no options (got {', '.join(extra)}); "
+                                           "remove them", None)]
         return []
     try:
         reward.options(**extra)
     except ValidationError as exc:
-        out = []
+        out: list[tuple[tuple[Any, ...], str, Any]] = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
-            at = cfg.where("grpo", "rewards", i, *loc) if loc else where
+            loc = tuple(err["loc"]) or ("name",)
             if err["type"] == "extra_forbidden":
                 known = ", ".join(reward.options.model_fields)
-                out.append(f"{at}: reward '{entry.name}' has no option '{loc[-1]}'; its options: {known}, weight.")
+                out.append((loc, f"reward '{entry.name}' has no option '{loc[-1]}'; its options: {known}, weight", None))
             else:
-                out.append(f"{at}: {err['msg']} (reward '{entry.name}').")
+                shown = err.get("input") if not isinstance(err.get("input"), (dict, list)) else None
+                out.append((loc, f"{err['msg'].rstrip('.')} (reward '{entry.name}')", shown))
         return out
     return []
 

@@ -91,6 +91,17 @@ def test_reward_options_are_validated_with_their_location(tmp_path):
     assert "rewards[2]" not in text  # a valid entry
 
 
+def test_reward_problems_are_reported_with_the_sections_other_problems(tmp_path):
+    """A grpo section error does not hide the rewards' errors until it is fixed: one pass lists them all."""
+    config = grpo_config(tmp_path, Path("no/model"), grpo={"num_generations": 1, "rewards": [
+        {"name": "length_penalty", "traget": 10}, {"name": "length_penalty", "target": -1}, {"name": "exact_mach"}]})
+    text = problems_of(config)
+    assert "grpo.num_generations: Input should be greater than or equal to 2" in text
+    assert "grpo.rewards[0].traget: reward 'length_penalty' has no option 'traget'" in text
+    assert "grpo.rewards[1].target: Input should be greater than or equal to 0 (reward 'length_penalty') (got -1)" in text
+    assert "grpo.rewards[2].name: unknown reward 'exact_mach'. Did you mean 'exact_match'?" in text
+
+
 def test_groups_must_fit_in_a_step_and_rewards_are_needed(tmp_path):
     config = grpo_config(tmp_path, Path("no/model"), micro_batch_size=3, gradient_accumulation_steps=1,
                          grpo={"rewards": []})
