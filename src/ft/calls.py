@@ -131,14 +131,19 @@ class HookCalls:
 
     # -- training ------------------------------------------------------------------------------
 
-    def collator(self, cfg: Config, tokenizer: Any, method: Method) -> Any:
-        """A feature plugin's collator (packing), else the method's own."""
+    def collator(self, cfg: Config, tokenizer: Any, method: Method, method_plugin: str | None = None) -> Any:
+        """A feature plugin's collator (packing), else the method's own (``method_plugin`` registered it);
+        an exception it raises names that plugin and the collator's file:line."""
         plugin, collator = self.pm.call_first("ft_collator", cfg=cfg, tokenizer=tokenizer, method=method)
+        hook, place = "ft_collator", "its collator"
         if collator is None:
-            plugin, collator = f"method {method.name}", method.collator(cfg, tokenizer)
+            hook, place = "ft_register_methods", f"method '{method.name}': its collator"
+            plugin = method_plugin or f"method {method.name}"
+            collator = attributed(method.collator, plugin, hook, f"method '{method.name}': its collator factory")(
+                cfg, tokenizer)
         if not callable(collator):
-            raise self._contract("ft_collator", plugin, collator, "a callable list[row] -> dict of tensors")
-        return collator
+            raise self._contract(hook, plugin, collator, "a callable list[row] -> dict of tensors")
+        return attributed(collator, str(plugin), hook, place)
 
     def trainer_args(self, cfg: Config, known: set[str]) -> dict[str, Any]:
         return self._merged("ft_trainer_args", "TrainingArguments field", known=known, cfg=cfg)
@@ -220,28 +225,48 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
-def _attributed_callback(callback: Any, plugin: str) -> Any:
-    """The callback, with each event method raising a PluginHookError that names its plugin."""
+def attributed(fn: Callable[..., Any], plugin: str, hook: str, place: str, origin: Any = None) -> Callable[..., Any]:
+    """``fn``, raising a :class:`PluginHookError` that names ``plugin``, ``place`` (what of the plugin's failed: a
+    callback's event, a method's collator or loss) and the file:line of the plugin's frames: those in the module of
+    ``origin`` (default: ``fn``'s), else the innermost frame.
+    FtError, KeyboardInterrupt and running out of memory pass as they are (they are handled above)."""
     import functools
 
     from ft.errors import PluginHookError, is_out_of_memory, plugin_frames
 
-    def named(event: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except (FtError, KeyboardInterrupt, SystemExit):
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (FtError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
                 raise
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    raise
-                raise PluginHookError(plugin, "ft_callbacks", exc, plugin_frames(exc, type(callback)),
-                                      place=f"its callback {type(callback).__name__}.{event}") from exc
+            frames = plugin_frames(exc, fn if origin is None else origin) or _innermost(exc)
+            raise PluginHookError(plugin, hook, exc, frames, place=place) from exc
 
+    try:
+        return functools.wraps(fn)(call)
+    except (AttributeError, TypeError):  # a callable object without a name
         return call
 
+
+def _innermost(exc: BaseException) -> list[str]:
+    """The frame an exception came from, unless it is ft's own (then the plugin's call was refused, e.g. an
+    unexpected keyword argument, and the place says enough)."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[-1:]
+    ft_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return [f"{f.filename}:{f.lineno} in {f.name}: {f.line or ''}".rstrip(": ") for f in frames
+            if not os.path.abspath(f.filename).startswith(ft_dir)]
+
+
+def _attributed_callback(callback: Any, plugin: str) -> Any:
+    """The callback, with each event method raising a PluginHookError that names its plugin."""
     for event in dir(callback):
         if event.startswith("on_"):
-            setattr(callback, event, named(event, getattr(callback, event)))
+            setattr(callback, event, attributed(getattr(callback, event), plugin, "ft_callbacks",
+                                                f"its callback {type(callback).__name__}.{event}"))
     return callback
