@@ -691,7 +691,10 @@ class HFGeneration:
                 if not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
                     try:
                         return sample_groups(model, ids, mask, n, sampling, trainer.eos_token_ids,
-                                             logits_to_keep=trainer._logits_to_keep)
+                                             logits_to_keep=trainer._logits_to_keep,
+                                             check_stop=getattr(trainer, "ft_check_stop", None))
+                    except FtError:  # a stop signal abandons the step
+                        raise
                     except Exception as exc:  # noqa: BLE001 - a model the loop does not fit: generate instead
                         log.info("grpo: sampling with model.generate (the sampling loop does not fit this model: "
                                  "%s: %s)", type(exc).__name__, exc)
@@ -741,9 +744,10 @@ def filter_logits(logits: Any, temperature: float, top_k: int, top_p: float) -> 
 
 
 def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, Any], eos: frozenset[int],
-                  logits_to_keep: bool = True) -> list[list[int]]:
+                  logits_to_keep: bool = True, check_stop: Callable[[str], None] | None = None) -> list[list[int]]:
     """``n`` sampled completions per row of ``ids`` (left-padded prompts), prompt by prompt, each up to and
-    including its first end token. Call under ``torch.inference_mode()``."""
+    including its first end token. Call under ``torch.inference_mode()``. ``check_stop(doing)`` is called
+    before each token and may raise to abandon the step (a stop signal)."""
     import torch
     from transformers import DynamicCache
 
@@ -761,6 +765,8 @@ def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, A
     stops = torch.tensor(sorted(eos), device=ids.device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     for step in range(sampling["max_tokens"]):
+        if check_stop is not None:
+            check_stop("generating completions")
         scores = filter_logits(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
         probs = torch.softmax(scores, dim=-1)
         chosen = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # exact sampling from probs
@@ -943,7 +949,7 @@ def trainer_class() -> type:
 
             check_stop = getattr(self, "ft_check_stop", None)
             if check_stop is not None:
-                check_stop("generating")
+                check_stop(f"generating completions ({self.generation.name})")
             values, unset = score(self.rewards, prompts, completions, completion_ids, columns,
                                   timeout=opts.reward_timeout, check_stop=check_stop)
             for j, reward in enumerate(self.rewards):

@@ -915,6 +915,33 @@ def test_a_model_the_loop_does_not_fit_falls_back_to_generate(tiny_model_dir, mo
 
 
 @pytest.mark.usefixtures("one_torch_thread")
+def test_a_stop_request_abandons_generation_between_tokens_without_falling_back(tiny_model_dir):
+    """Ctrl-C during a long generation: the loop asks before each token; the stop is not taken for a model
+    the loop does not fit (no fallback to generate, which could not be stopped)."""
+    from types import SimpleNamespace
+
+    import ft_plugins.grpo as grpo
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+
+    def check_stop(doing):
+        asked.append(doing)
+        if len(asked) == 3:
+            raise FtError("step abandoned")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), pad_token_id=0,
+                              args=SimpleNamespace(device=torch.device("cpu")), eos_token_ids=frozenset({2}),
+                              _logits_to_keep=True, ft_check_stop=check_stop)
+    generation = grpo.HFGeneration(trainer)
+    with pytest.raises(FtError, match="step abandoned"):
+        generation.generate([[5, 6, 7]], 2, {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_tokens": 50})
+    assert asked == ["generating completions"] * 3 and not generation.use_generate
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_the_sampling_loop_draws_the_tokens_generate_draws(tiny_model_dir, temperature, top_k, top_p):
     """torch.multinomial draws one sample by the same exponential race, so with the same seed (and no row
