@@ -958,6 +958,12 @@ def trainer_class() -> type:
                     log.warning("grpo: %s returned None for every completion of step %d (it applies to none of "
                                 "them; the other rewards scored them)", describe_reward(reward),
                                 self.state.global_step + 1)
+            unscored = [k for k in range(len(prompts)) if all(none[k] for none in unset)]
+            if unscored and "" not in self._said_none:  # as TRL: said once, the completion is left out
+                self._said_none.add("")
+                log.warning("grpo: every reward returned None for %d completion(s) of step %d, e.g. for prompt %s; "
+                            "they are left out of their group (advantage 0). Make at least one reward score them.",
+                            len(unscored), self.state.global_step + 1, _short(repr(prompts[unscored[0]]), 200))
             per_func = torch.tensor(values, dtype=torch.float32, device=device).T
             none = torch.tensor(unset, dtype=torch.bool, device=device).T
             rewards, bad = combine_rewards(per_func, none, [r.weight for r in self.rewards])

@@ -497,6 +497,39 @@ def test_a_nan_reward_follows_the_health_policy(policy, tiny_model_dir, tmp_path
     assert "health.on_nonfinite decides" in caplog.text
 
 
+class PartlyNone:
+    """A reward for even answers only, and one that never applies."""
+
+    @hookimpl
+    def ft_register_rewards(register):
+        def even_only(prompts, completions, completion_ids, answer, **kwargs):
+            return [-len(ids) / 8 if int(a) % 2 == 0 else None for a, ids in zip(answer, completion_ids, strict=True)]
+
+        def never(prompts, completions, completion_ids, **kwargs):
+            return [None] * len(completions)
+
+        register.add("even_only", even_only)
+        register.add("never", never)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_rewards_that_apply_to_some_completions_train_and_say_what_they_left_out(tiny_model_dir, tmp_path, caplog):
+    """None is "does not apply" (TRL): the run trains on what is scored, and says once what was not."""
+    from ft.run import run
+
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "even_only"},
+                                                                                  {"name": "never"}]})
+    with registered_plugin(PartlyNone, "partly_none"):
+        result = run(config)
+    assert result.metrics["steps"] == 2
+    assert caplog.text.count("reward 'never' (plugin 'partly_none', function ") == 1
+    assert "returned None for every completion of step 1 (it applies to none of them" in caplog.text
+    assert caplog.text.count("every reward returned None for ") == 1
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert all(math.isfinite(r["reward"]) and math.isfinite(r["loss"]) for r in history)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_reward_model_scores_completions(tiny_model_dir, tmp_path):
