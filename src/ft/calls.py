@@ -132,18 +132,18 @@ class HookCalls:
     # -- training ------------------------------------------------------------------------------
 
     def collator(self, cfg: Config, tokenizer: Any, method: Method, method_plugin: str | None = None) -> Any:
-        """A feature plugin's collator (packing), else the method's own (``method_plugin`` registered it);
-        an exception it raises names that plugin and the collator's file:line."""
+        """A feature plugin's collator (packing), else the method's own (``method_plugin`` registered it; an
+        exception it raises names that plugin, like a callback's)."""
         plugin, collator = self.pm.call_first("ft_collator", cfg=cfg, tokenizer=tokenizer, method=method)
-        hook, place = "ft_collator", "its collator"
         if collator is None:
-            hook, place = "ft_register_methods", f"method '{method.name}': its collator"
             plugin = method_plugin or f"method {method.name}"
-            collator = attributed(method.collator, plugin, hook, f"method '{method.name}': its collator factory")(
-                cfg, tokenizer)
+            place = f"method '{method.name}': its collator"
+            collator = attributed(method.collator, plugin, "ft_register_methods", f"{place} factory")(cfg, tokenizer)
+            if callable(collator):
+                collator = attributed(collator, plugin, "ft_register_methods", place)
         if not callable(collator):
-            raise self._contract(hook, plugin, collator, "a callable list[row] -> dict of tensors")
-        return attributed(collator, str(plugin), hook, place)
+            raise self._contract("ft_collator", plugin, collator, "a callable list[row] -> dict of tensors")
+        return collator
 
     def trainer_args(self, cfg: Config, known: set[str]) -> dict[str, Any]:
         return self._merged("ft_trainer_args", "TrainingArguments field", known=known, cfg=cfg)
@@ -230,25 +230,41 @@ def attributed(fn: Callable[..., Any], plugin: str, hook: str, place: str, origi
     callback's event, a method's collator or loss) and the file:line of the plugin's frames: those in the module of
     ``origin`` (default: ``fn``'s), else the innermost frame.
     FtError, KeyboardInterrupt and running out of memory pass as they are (they are handled above)."""
-    import functools
+    return _Attributed(fn, plugin, hook, place, origin)
 
-    from ft.errors import PluginHookError, is_out_of_memory, plugin_frames
 
-    def call(*args: Any, **kwargs: Any) -> Any:
+class _Attributed:
+    """What :func:`attributed` returns: a callable object rather than a closure, so that a collator stays
+    picklable (DataLoader workers under the spawn start method)."""
+
+    def __init__(self, fn: Callable[..., Any], plugin: str, hook: str, place: str, origin: Any) -> None:
+        self._ft_fn, self._ft_plugin, self._ft_hook, self._ft_place, self._ft_origin = fn, plugin, hook, place, origin
+        self.__wrapped__ = fn
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(fn, name):
+                try:
+                    setattr(self, name, getattr(fn, name))
+                except (AttributeError, TypeError):
+                    pass
+
+    def __getattr__(self, name: str) -> Any:  # what callers read of a collator (its tokenizer, pad id) is fn's
+        if name.startswith("_ft_") or name == "__setstate__":
+            raise AttributeError(name)
+        return getattr(self._ft_fn, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ft.errors import PluginHookError, is_out_of_memory, plugin_frames
+
         try:
-            return fn(*args, **kwargs)
+            return self._ft_fn(*args, **kwargs)
         except (FtError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise
-            frames = plugin_frames(exc, fn if origin is None else origin) or _innermost(exc)
-            raise PluginHookError(plugin, hook, exc, frames, place=place) from exc
-
-    try:
-        return functools.wraps(fn)(call)
-    except (AttributeError, TypeError):  # a callable object without a name
-        return call
+            origin = self._ft_fn if self._ft_origin is None else self._ft_origin
+            frames = plugin_frames(exc, origin) or _innermost(exc)
+            raise PluginHookError(self._ft_plugin, self._ft_hook, exc, frames, place=self._ft_place) from exc
 
 
 def _innermost(exc: BaseException) -> list[str]:
