@@ -29,22 +29,28 @@ import inspect
 import json
 import logging
 import math
+import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
 from ft import hookimpl
 from ft.api import (
+    NOT_TRAINING,
     DatasetOptions,
     Dropped,
     FtError,
     Method,
     ReferenceModel,
     TextEncoder,
+    defined_at,
     entry_where,
     resolve_path,
 )
@@ -76,6 +82,19 @@ class RewardEntry(BaseModel):
                       "package.module:function or file.py:function.")
     weight: float = Field(1.0, description="Weight of this reward in the sum that is normalised per group.")
 
+    @model_validator(mode="after")
+    def _registered_with_valid_options(self, info: ValidationInfo) -> RewardEntry:
+        """The name and options are checked while the config is validated (``context["registries"]``), so a
+        reward's problems are reported in the same pass as every other key's."""
+        registries = (info.context or {}).get("registries")
+        if registries is not None:
+            errors = reward_errors(registries.rewards, self)
+            if errors:
+                raise ValidationError.from_exception_data("RewardEntry", [
+                    {"type": PydanticCustomError("reward", "{message}", {"message": message}), "loc": loc,
+                     "input": shown} for loc, message, shown in errors])
+        return self
+
 
 class GRPOOptions(BaseModel):
     """The ``grpo:`` section (``method: grpo``)."""
@@ -101,6 +120,10 @@ class GRPOOptions(BaseModel):
     rewards: list[RewardEntry] = Field(default_factory=list, description="Reward functions and their weights, e.g. "
                                        "[{name: exact_match, weight: 1.0, field: answer}]; an entry's other keys are "
                                        "the reward's options (docs/rl.md), checked at validation.")
+    reward_timeout: float | None = Field(
+        600.0, gt=0, json_schema_extra=NOT_TRAINING,
+        description="Seconds one call of a reward function may take (it scores one step's completions); over it "
+        "the run stops with an error naming the reward. null: no limit.")
     log_completions_steps: int | None = Field(
         None, ge=0, description="Write sample completions to OUTPUT_DIR/completions.jsonl every N steps "
         "(default: logging_steps; 0 = never).")
@@ -149,8 +172,14 @@ def ft_validate_config(cfg):
         problems.append(f"{cfg.where('grpo', 'rewards') if cfg.line_of('grpo', 'rewards') else cfg.where('grpo')}: "
                         "method grpo needs at least one reward, e.g. `rewards: [{name: exact_match, field: answer}]`; "
                         f"registered rewards: {', '.join(sorted(_registry(cfg).names())) or 'none'}.")
-    for i, entry in enumerate(opts.rewards):
-        problems += _reward_problems(cfg, i, entry)
+    for i, entry in enumerate(opts.rewards):  # checked during validation already when the registries were given
+        errors = reward_errors(_registry(cfg), entry)
+        problems += [f"{cfg.where('grpo', 'rewards', i, *loc)}: {message}." for loc, message, _ in errors]
+        if ":" in entry.name and not errors:  # a function by import path: it must import from here
+            try:
+                import_reward(cfg, entry.name, cfg.where("grpo", "rewards", i, "name"))
+            except FtError as exc:
+                problems.append(str(exc))
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
     if per_step % opts.num_generations:
         g = opts.num_generations
@@ -205,40 +234,37 @@ def import_reward(cfg: Any, path: str, where: str) -> Callable[..., Any]:
     return fn
 
 
-def _reward_problems(cfg: Any, i: int, entry: RewardEntry) -> list[str]:
-    registry = _registry(cfg)
-    where = cfg.where("grpo", "rewards", i, "name")
-    if ":" in entry.name:  # an import path (TRL's reward functions as they are)
+def reward_errors(registry: Any, entry: RewardEntry) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """``(key path inside the entry, message, value shown or None)`` of each problem of a ``grpo.rewards`` entry:
+    an unknown name, options a reward does not take, option values its options model refuses."""
+    if ":" in entry.name:  # a function by import path: imported by ft_validate_config, which knows the config's folder
         extra = dict(entry.model_extra or {})
         if extra:
-            return [f"{cfg.where('grpo', 'rewards', i, next(iter(extra)))}: reward '{entry.name}' is a function by "
-                    f"import path and takes no options (got {', '.join(extra)}); remove them."]
-        try:
-            import_reward(cfg, entry.name, where)
-        except FtError as exc:
-            return [str(exc)]
+            return [((next(iter(extra)),), f"reward '{entry.name}' is a function by import path and takes no options "
+                                           f"(got {', '.join(extra)}); remove them", None)]
         return []
     if entry.name not in registry:
-        return [f"{where}: {registry.unknown_message(entry.name)} Rewards come from plugins; see `ft plugins`."]
+        return [(("name",), f"{registry.unknown_message(entry.name).rstrip('.')}. Rewards come from plugins; "
+                            "see `ft plugins`", None)]
     reward = registry.get(entry.name).value
     extra = dict(entry.model_extra or {})
     if reward.options is None:
         if extra:
-            return [f"{cfg.where('grpo', 'rewards', i, next(iter(extra)))}: reward '{entry.name}' takes no options "
-                    f"(got {', '.join(extra)}); remove them."]
+            return [((next(iter(extra)),), f"reward '{entry.name}' takes no options (got {', '.join(extra)}); "
+                                           "remove them", None)]
         return []
     try:
         reward.options(**extra)
     except ValidationError as exc:
-        out = []
+        out: list[tuple[tuple[Any, ...], str, Any]] = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
-            at = cfg.where("grpo", "rewards", i, *loc) if loc else where
+            loc = tuple(err["loc"]) or ("name",)
             if err["type"] == "extra_forbidden":
                 known = ", ".join(reward.options.model_fields)
-                out.append(f"{at}: reward '{entry.name}' has no option '{loc[-1]}'; its options: {known}, weight.")
+                out.append((loc, f"reward '{entry.name}' has no option '{loc[-1]}'; its options: {known}, weight", None))
             else:
-                out.append(f"{at}: {err['msg']} (reward '{entry.name}').")
+                shown = err.get("input") if not isinstance(err.get("input"), (dict, list)) else None
+                out.append((loc, f"{err['msg'].rstrip('.')} (reward '{entry.name}')", shown))
         return out
     return []
 
@@ -403,18 +429,20 @@ def build_rewards(cfg: Any, opts: GRPOOptions) -> list[RewardFunction]:
 
 
 def score(rewards: Sequence[RewardFunction], prompts: list[Any], completions: list[Any],
-          completion_ids: list[list[int]], columns: dict[str, list[Any]]) -> tuple[list[list[float]], list[list[bool]]]:
-    """Each reward's value per completion (NaN where a reward said None) and where it said None."""
+          completion_ids: list[list[int]], columns: dict[str, list[Any]], *, timeout: float | None = None,
+          check_stop: Callable[[str], None] | None = None) -> tuple[list[list[float]], list[list[bool]]]:
+    """Each reward's value per completion (NaN where a reward said None) and where it said None.
+
+    A reward returns one number or None (it does not apply to that completion) per completion, as a list, a
+    tuple, a 1-D numpy array or torch tensor. Each call may take ``timeout`` seconds; ``check_stop(doing)`` is
+    called while a reward runs and may raise to abandon the step (a stop signal). When every reward said None
+    to every completion, nothing could be learned: that is an error naming the rewards."""
     values, unset = [], []
     n = len(completions)
     for reward in rewards:
-        got = _call_reward(reward, prompts, completions, completion_ids, columns)
-        if not isinstance(got, Sequence) or isinstance(got, str) or len(got) != n:
-            size = len(got) if isinstance(got, Sequence) and not isinstance(got, str) else type(got).__name__
-            raise FtError(f"reward '{reward.name}' (plugin '{reward.plugin}') returned {size} values for {n} "
-                          "completions; a reward function returns one float (or None) per completion.")
+        got = _call_reward(reward, prompts, completions, completion_ids, columns, timeout, check_stop)
         row, none = [], []
-        for k, v in enumerate(got):
+        for k, v in enumerate(_one_per_completion(reward, got, n)):
             if v is None:
                 row.append(math.nan)
                 none.append(True)
@@ -422,28 +450,61 @@ def score(rewards: Sequence[RewardFunction], prompts: list[Any], completions: li
             try:
                 row.append(float(v))
             except (TypeError, ValueError):
-                raise FtError(f"reward '{reward.name}' (plugin '{reward.plugin}') returned {v!r} for completion {k}; "
-                              "a reward is a number or None.") from None
+                raise FtError(f"{describe_reward(reward)} returned {_short(repr(v), 80)} for completion {k}; a reward "
+                              "is a number or None.") from None
             none.append(False)
         values.append(row)
         unset.append(none)
+    if rewards and n and all(all(none) for none in unset):
+        named = "; ".join(describe_reward(r) for r in rewards)
+        raise FtError(f"every reward returned None for all {n} completions of this step ({named}). None means "
+                      "\"this reward does not apply to that completion\", so nothing would be learned (every loss and "
+                      "gradient 0). Make the reward return a number for the completions it scores (None is fine for "
+                      "some of them), or check the row columns it reads.")
     return values, unset
 
 
+def describe_reward(reward: RewardFunction) -> str:
+    """``reward 'NAME' (plugin 'P', function F at FILE:LINE)``: where a reward's problem is to be fixed."""
+    return f"reward '{reward.name}' (plugin '{reward.plugin}', {defined_at(reward.fn)})"
+
+
+def _one_per_completion(reward: RewardFunction, got: Any, n: int) -> list[Any]:
+    """What a reward returned, as a list of n values (numpy arrays and torch tensors converted)."""
+    if not isinstance(got, (list, tuple)) and hasattr(got, "tolist") and hasattr(got, "shape"):
+        shape = tuple(got.shape)
+        if len(shape) != 1:
+            raise FtError(f"{describe_reward(reward)} returned an array of shape {shape} for {n} completions; a "
+                          f"reward function returns one value per completion (a list, or an array of shape ({n},)).")
+        got = got.tolist()
+    if not isinstance(got, Sequence) or isinstance(got, (str, bytes)):
+        raise FtError(f"{describe_reward(reward)} returned {type(got).__name__} {_short(repr(got), 80)} for {n} "
+                      "completions; a reward function returns a list with one number (or None) per completion.")
+    if len(got) != n:
+        raise FtError(f"{describe_reward(reward)} returned {len(got)} values for {n} completions; a reward function "
+                      "returns one number (or None) per completion, in the order of the completions.")
+    return list(got)
+
+
+POLL_SECONDS = 0.1  # how often a wait on a reward looks at its time limit and at a stop request
+
+
 def _call_reward(reward: RewardFunction, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
-                 columns: dict[str, list[Any]]) -> Any:
+                 columns: dict[str, list[Any]], timeout: float | None = None,
+                 check_stop: Callable[[str], None] | None = None) -> Any:
+    def call(**kwargs: Any) -> Any:
+        return _call_with_limit(reward, kwargs, timeout, check_stop)
+
     try:
-        return reward.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-    except FtError:
-        raise
-    except Exception as batch_error:  # find the row it fails on, to name it
-        error, culprit = batch_error, None
+        return call(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except _RewardRaised as batch_error:  # find the row it fails on, to name it
+        error, culprit = batch_error.error, None
         for k in range(len(completions)):
             try:
-                reward.fn(prompts=[prompts[k]], completions=[completions[k]], completion_ids=[completion_ids[k]],
-                          **{c: [v[k]] for c, v in columns.items()})
-            except Exception as row_error:  # noqa: BLE001 - reported below
-                error, culprit = row_error, k
+                call(prompts=[prompts[k]], completions=[completions[k]], completion_ids=[completion_ids[k]],
+                     **{c: [v[k]] for c, v in columns.items()})
+            except _RewardRaised as row_error:
+                error, culprit = row_error.error, k
                 break
         frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
         at = f" (at {frame.filename}:{frame.lineno} in {frame.name})" if frame else ""
@@ -455,6 +516,64 @@ def _call_reward(reward: RewardFunction, prompts: list[Any], completions: list[A
             row = "on this row: " + _short(json.dumps(shown, ensure_ascii=False, default=str), 600)
         raise FtError(f"reward '{reward.name}' (plugin '{reward.plugin}') raised {type(error).__name__}: {error}{at} "
                       f"{row}. Fix the reward (or the row), or remove it from grpo.rewards.") from error
+
+
+def _call_with_limit(reward: RewardFunction, kwargs: dict[str, Any], timeout: float | None,
+                     check_stop: Callable[[str], None] | None) -> Any:
+    """``reward.fn(**kwargs)`` on a worker thread, so that the wait can end: at the time limit (an error naming
+    the reward and the line it was running) or when ``check_stop`` raises (Ctrl-C). The thread is a daemon: a
+    reward stuck for good does not keep the process alive once the run has stopped."""
+    outcome: dict[str, Any] = {}
+    device = _cuda_device()
+
+    def work() -> None:
+        try:
+            if device is not None:  # the current CUDA device is per thread: keep this rank's
+                import torch
+
+                torch.cuda.set_device(device)
+            outcome["value"] = reward.fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name=f"ft-reward-{reward.name}", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    while True:
+        thread.join(POLL_SECONDS if timeout is None else min(POLL_SECONDS, timeout))
+        if not thread.is_alive():
+            break
+        if check_stop is not None:
+            check_stop(f"waiting for reward '{reward.name}'")
+        if timeout is not None and time.monotonic() - started >= timeout:
+            frame = sys._current_frames().get(thread.ident or -1)
+            at = ""
+            if frame is not None:
+                last = traceback.extract_stack(frame)[-1]
+                at = f"; it was running {last.filename}:{last.lineno} in {last.name}"
+            raise FtError(f"{describe_reward(reward)} did not return within grpo.reward_timeout ({timeout:g} s) "
+                          f"for {len(kwargs.get('completions') or ())} completions{at}. Make the reward faster, "
+                          "or raise grpo.reward_timeout (null: no limit).")
+    error = outcome.get("error")
+    if isinstance(error, FtError) or not isinstance(error, Exception):  # FtError says it all; None: it returned
+        if error is not None:
+            raise error
+        return outcome["value"]
+    raise _RewardRaised(error)
+
+
+class _RewardRaised(Exception):
+    """What a reward function raised (and not the time limit or a stop request, which end the step as they are)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _cuda_device() -> int | None:
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 def _short(text: str, limit: int) -> str:
@@ -725,7 +844,10 @@ class HFGeneration:
                 if loop_fits and not self.use_generate and not getattr(model.config, "is_encoder_decoder", False):
                     try:
                         return sample_groups(model, ids, mask, n, sampling, stops,
-                                             logits_to_keep=trainer._logits_to_keep)
+                                             logits_to_keep=trainer._logits_to_keep,
+                                             check_stop=getattr(trainer, "ft_check_stop", None))
+                    except FtError:  # a stop signal abandons the step
+                        raise
                     except Exception as exc:  # noqa: BLE001 - a model the loop does not fit: generate instead
                         log.info("grpo: sampling with model.generate (the sampling loop does not fit this model: "
                                  "%s: %s)", type(exc).__name__, exc)
@@ -846,9 +968,10 @@ def filter_logits(logits: Any, temperature: float, top_k: int, top_p: float) -> 
 
 
 def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, Any], eos: frozenset[int],
-                  logits_to_keep: bool = True) -> list[list[int]]:
+                  logits_to_keep: bool = True, check_stop: Callable[[str], None] | None = None) -> list[list[int]]:
     """``n`` sampled completions per row of ``ids`` (left-padded prompts), prompt by prompt, each up to and
-    including its first end token. Call under ``torch.inference_mode()``."""
+    including its first end token. Call under ``torch.inference_mode()``. ``check_stop(doing)`` is called
+    before each token and may raise to abandon the step (a stop signal)."""
     import torch
     from transformers import DynamicCache
 
@@ -866,6 +989,8 @@ def sample_groups(model: Any, ids: Any, mask: Any, n: int, sampling: dict[str, A
     stops = torch.tensor(sorted(eos), device=ids.device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     for step in range(sampling["max_tokens"]):
+        if check_stop is not None:
+            check_stop("generating completions")
         scores = filter_logits(logits, sampling["temperature"], sampling["top_k"], sampling["top_p"])
         probs = torch.softmax(scores, dim=-1)
         chosen = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # exact sampling from probs
@@ -948,6 +1073,7 @@ def trainer_class() -> type:
             self._micro = 0
             self._flat_steps = 0
             self._log_ready = False
+            self._said_none: set[str] = set()
             base = self.accelerator.unwrap_model(self.model)
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -1162,7 +1288,23 @@ def trainer_class() -> type:
                            for p, t in zip(prompts, texts, strict=True)]
             columns = {c: [r.get(c) for r in expanded] for c in rows[0] if c not in ("input_ids", "prompt")}
 
-            values, unset = score(self.rewards, prompts, completions, completion_ids, columns)
+            check_stop = getattr(self, "ft_check_stop", None)
+            if check_stop is not None:
+                check_stop(f"generating completions ({self.generation.name})")
+            values, unset = score(self.rewards, prompts, completions, completion_ids, columns,
+                                  timeout=opts.reward_timeout, check_stop=check_stop)
+            for j, reward in enumerate(self.rewards):
+                if all(unset[j]) and reward.name not in self._said_none:  # None is allowed: it does not apply
+                    self._said_none.add(reward.name)
+                    log.warning("grpo: %s returned None for every completion of step %d (it applies to none of "
+                                "them; the other rewards scored them)", describe_reward(reward),
+                                self.state.global_step + 1)
+            unscored = [k for k in range(len(prompts)) if all(none[k] for none in unset)]
+            if unscored and "" not in self._said_none:  # as TRL: said once, the completion is left out
+                self._said_none.add("")
+                log.warning("grpo: every reward returned None for %d completion(s) of step %d, e.g. for prompt %s; "
+                            "they are left out of their group (advantage 0). Make at least one reward score them.",
+                            len(unscored), self.state.global_step + 1, _short(repr(prompts[unscored[0]]), 200))
             per_func = torch.tensor(values, dtype=torch.float32, device=device).T
             none = torch.tensor(unset, dtype=torch.bool, device=device).T
             rewards, bad = combine_rewards(per_func, none, [r.weight for r in self.rewards])

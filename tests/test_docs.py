@@ -140,7 +140,7 @@ def test_a_new_hook_parameter_changes_the_page(generate, monkeypatch):
 FIXTURES = ("ft_tiny_model_dir", "ft_tiny_tokenizer", "ft_dataset", "ft_config", "ft_runner", "ft_hook_recorder",
             "ft_register_plugin")
 MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly", "ft_weighted_sft",
-           "ft_record")  # module names in the guides, and the Trainer's metrics method
+           "ft_record", "ft_check_stop")  # module names in the guides, and the Trainer's metrics and stop methods
 
 
 @pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "writing-a-method-plugin.md",

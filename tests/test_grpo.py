@@ -91,6 +91,17 @@ def test_reward_options_are_validated_with_their_location(tmp_path):
     assert "rewards[2]" not in text  # a valid entry
 
 
+def test_reward_problems_are_reported_with_the_sections_other_problems(tmp_path):
+    """A grpo section error does not hide the rewards' errors until it is fixed: one pass lists them all."""
+    config = grpo_config(tmp_path, Path("no/model"), grpo={"num_generations": 1, "rewards": [
+        {"name": "length_penalty", "traget": 10}, {"name": "length_penalty", "target": -1}, {"name": "exact_mach"}]})
+    text = problems_of(config)
+    assert "grpo.num_generations: Input should be greater than or equal to 2" in text
+    assert "grpo.rewards[0].traget: reward 'length_penalty' has no option 'traget'" in text
+    assert "grpo.rewards[1].target: Input should be greater than or equal to 0 (reward 'length_penalty') (got -1)" in text
+    assert "grpo.rewards[2].name: unknown reward 'exact_mach'. Did you mean 'exact_match'?" in text
+
+
 def test_groups_must_fit_in_a_step_and_rewards_are_needed(tmp_path):
     config = grpo_config(tmp_path, Path("no/model"), micro_batch_size=3, gradient_accumulation_steps=1,
                          grpo={"rewards": []})
@@ -229,6 +240,118 @@ def test_length_penalty_counts_tokens_or_characters():
     assert fn(prompts=["q"] * 3, completions=["a", "b", "c"], completion_ids=[[1], [1, 2, 3], [1] * 5]) == [0.0, 0.0, -1.0]
     both = reward("length_penalty", target=4, per_token=1.0, unit="characters", two_sided=True)
     assert both(prompts=["q"] * 2, completions=["ab", "abcdef"], completion_ids=[[1], [1]]) == [-2.0, -2.0]
+
+
+# -- what a reward returns, and how long it may take ------------------------------------------------------
+
+
+def scored(*fns, n: int = 4, **kwargs):
+    """``score`` of reward functions (named after themselves, plugin 'mine') on n plain-text completions."""
+    from ft_plugins.grpo import RewardFunction, score
+
+    rewards = [RewardFunction(fn.__name__, 1.0, fn, "mine") for fn in fns]
+    return score(rewards, ["q"] * n, [f"c{i}" for i in range(n)], [[1]] * n, {"answer": ["1"] * n}, **kwargs)
+
+
+def only_none(prompts, completions, completion_ids, **columns):
+    return [None] * len(completions)
+
+
+def test_a_reward_that_returns_only_none_stops_the_run_with_its_name_and_line():
+    """None everywhere trained nothing (loss and grad_norm 0) without a word; it is an error naming the reward."""
+    with pytest.raises(FtError) as info:
+        scored(only_none)
+    text = str(info.value)
+    line = only_none.__code__.co_firstlineno
+    assert f"every reward returned None for all 4 completions of this step (reward 'only_none' (plugin 'mine', " \
+           f"function only_none at {__file__}:{line}))" in text
+    assert "nothing would be learned" in text
+
+
+def test_none_for_some_completions_or_from_one_of_two_rewards_is_allowed():
+    """As in TRL: None = the reward does not apply there; a completion no reward scores is left out (NaN)."""
+    def half(prompts, completions, completion_ids, **columns):
+        return [1.0, None, 0.5, None]
+
+    values, unset = scored(half, only_none)
+    assert unset == [[False, True, False, True], [True] * 4]
+    assert values[0][0] == 1.0 and math.isnan(values[0][1]) and all(math.isnan(v) for v in values[1])
+
+
+def test_numpy_arrays_and_tensors_are_taken_and_wrong_lengths_refused():
+    import numpy as np
+    import torch
+
+    def as_numpy(prompts, completions, completion_ids, **columns):
+        return np.array([0.5, 1.0, 0.0, 2.0], dtype=np.float32)
+
+    def as_tensor(prompts, completions, completion_ids, **columns):
+        return torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+    values, unset = scored(as_numpy, as_tensor)
+    assert values == [[0.5, 1.0, 0.0, 2.0], [1.0, 2.0, 3.0, 4.0]] and not any(map(any, unset))
+
+    def too_few(prompts, completions, completion_ids, **columns):
+        return [1.0] * 3
+
+    def column(prompts, completions, completion_ids, **columns):
+        return np.ones((4, 1))
+
+    def one_number(prompts, completions, completion_ids, **columns):
+        return 1.0
+
+    with pytest.raises(FtError, match=r"reward 'too_few' \(plugin 'mine', function .*too_few at .*test_grpo.py:\d+\) "
+                                      r"returned 3 values for 4 completions"):
+        scored(too_few)
+    with pytest.raises(FtError, match=r"reward 'column' .* returned an array of shape \(4, 1\) for 4 completions"):
+        scored(column)
+    with pytest.raises(FtError, match=r"reward 'one_number' .* returned float 1.0 for 4 completions; a reward function "
+                                      "returns a list"):
+        scored(one_number)
+
+
+def test_a_reward_over_its_time_limit_is_an_error_naming_it_and_where_it_was():
+    import threading
+
+    release = threading.Event()
+
+    def stuck(prompts, completions, completion_ids, **columns):
+        release.wait(60)
+        return [0.0] * len(completions)
+
+    try:
+        with pytest.raises(FtError) as info:
+            scored(stuck, timeout=0.3)
+    finally:
+        release.set()
+    text = str(info.value)
+    assert "reward 'stuck' (plugin 'mine', function " in text
+    assert "did not return within grpo.reward_timeout (0.3 s) for 4 completions; it was running " in text
+    assert "raise grpo.reward_timeout (null: no limit)" in text
+
+
+def test_a_stop_request_ends_the_wait_on_a_reward():
+    import threading
+
+    release, asked = threading.Event(), []
+
+    class Abandoned(Exception):
+        pass
+
+    def stuck(prompts, completions, completion_ids, **columns):
+        release.wait(60)
+        return [0.0] * len(completions)
+
+    def check_stop(doing):
+        asked.append(doing)
+        if len(asked) == 3:
+            raise Abandoned(doing)
+
+    try:
+        with pytest.raises(Abandoned, match="waiting for reward 'stuck'"):
+            scored(stuck, check_stop=check_stop)
+    finally:
+        release.set()
 
 
 # -- runs on the tiny model -----------------------------------------------------------------------------
@@ -372,6 +495,39 @@ def test_a_nan_reward_follows_the_health_policy(policy, tiny_model_dir, tmp_path
             assert all((before[k] == after[k]).all() for k in before)  # both steps were skipped
     assert "reward 'nan_on_seven' returned nan for 8 completion(s)" in caplog.text
     assert "health.on_nonfinite decides" in caplog.text
+
+
+class PartlyNone:
+    """A reward for even answers only, and one that never applies."""
+
+    @hookimpl
+    def ft_register_rewards(register):
+        def even_only(prompts, completions, completion_ids, answer, **kwargs):
+            return [-len(ids) / 8 if int(a) % 2 == 0 else None for a, ids in zip(answer, completion_ids, strict=True)]
+
+        def never(prompts, completions, completion_ids, **kwargs):
+            return [None] * len(completions)
+
+        register.add("even_only", even_only)
+        register.add("never", never)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_rewards_that_apply_to_some_completions_train_and_say_what_they_left_out(tiny_model_dir, tmp_path, caplog):
+    """None is "does not apply" (TRL): the run trains on what is scored, and says once what was not."""
+    from ft.run import run
+
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "even_only"},
+                                                                                  {"name": "never"}]})
+    with registered_plugin(PartlyNone, "partly_none"):
+        result = run(config)
+    assert result.metrics["steps"] == 2
+    assert caplog.text.count("reward 'never' (plugin 'partly_none', function ") == 1
+    assert "returned None for every completion of step 1 (it applies to none of them" in caplog.text
+    assert caplog.text.count("every reward returned None for ") == 1
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    assert all(math.isfinite(r["reward"]) and math.isfinite(r["loss"]) for r in history)
 
 
 @pytest.mark.slow
@@ -558,6 +714,87 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp
     assert resumed.metrics["steps"] == reference.metrics["steps"] == 6
 
 
+# -- a slow reward: its time limit, and Ctrl-C inside it ---------------------------------------------------
+
+SLEEPY_REWARD = textwrap.dedent('''
+    """A reward that scores step 1, then hangs in step 2 (after writing a marker)."""
+    import os
+    import time
+    from pathlib import Path
+
+    from ft import hookimpl
+
+    calls = []
+
+
+    def sleepy(prompts, completions, completion_ids, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            Path(os.environ["FT_SLEEPY_MARKER"]).write_text("sleeping")
+            time.sleep(600)
+        return [-len(ids) / 8 for ids in completion_ids]
+
+
+    @hookimpl
+    def ft_register_rewards(register):
+        register.add("sleepy", sleepy)
+''')
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_slow_reward_stops_within_seconds_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    """The first SIGINT used to wait for the step to end, forever with a reward that hangs. Now the step is
+    abandoned a few seconds later: exit 130, a message saying what was kept, and nothing half-written."""
+    import signal
+
+    plugin, marker = tmp_path / "sleepy.py", tmp_path / "sleeping"
+    plugin.write_text(SLEEPY_REWARD)
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=3, save_steps=1, gradient_accumulation_steps=1,
+                         plugin_paths=[str(plugin)], grpo={"rewards": [{"name": "sleepy"}]})
+    env = {**os.environ, "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "FT_SLEEPY_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "ft.cli", "run", str(config)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not marker.exists():  # a hang guard follows; no speed is asserted
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=120)[1]  # before: still waiting for the step to end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    out = tmp_path / "out"
+    assert "stopped by SIGINT during step 2 of 3, while waiting for reward 'sleepy': the step did not end within" in stderr
+    assert f"the newest complete checkpoint, {out / 'checkpoint-1'} (step 1), is where a resumed run starts" in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+    assert not any((out / name).exists() for name in ("model.safetensors", "metrics.json")), "no final outputs"
+    assert not [p for p in out.rglob("*") if "tmp" in p.name.lower() or p.name.endswith((".partial", ".incomplete"))]
+    logged = [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert set(logged) == {1}  # the abandoned step logged nothing
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_reward_timeout_of_the_config_applies_to_each_call(tiny_model_dir, tmp_path, monkeypatch):
+    from ft.run import run
+
+    plugin, marker = tmp_path / "sleepy.py", tmp_path / "sleeping"
+    plugin.write_text(SLEEPY_REWARD)
+    monkeypatch.setenv("FT_SLEEPY_MARKER", str(marker))
+    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, gradient_accumulation_steps=1,
+                         plugin_paths=[str(plugin)], grpo={"reward_timeout": 1, "rewards": [{"name": "sleepy"}]})
+    with pytest.raises(FtError) as info:
+        run(config)
+    text = str(info.value)
+    assert f"reward 'sleepy' (plugin 'sleepy', function sleepy at {plugin}:" in text
+    assert f"did not return within grpo.reward_timeout (1 s) for 4 completions; it was running {plugin}:" in text
+
+
 # -- two processes over gloo ------------------------------------------------------------------------------
 
 PROBE_REWARD = '''
@@ -708,6 +945,33 @@ def test_a_model_the_loop_does_not_fit_falls_back_to_generate(tiny_model_dir, mo
     assert len(got) == 6 and all(1 <= len(c) <= 4 for c in got)
     assert "sampling with model.generate (the sampling loop does not fit this model: NotImplementedError" in caplog.text
     assert generation.use_generate and model.training  # said once; the training mode is restored
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_stop_request_abandons_generation_between_tokens_without_falling_back(tiny_model_dir):
+    """Ctrl-C during a long generation: the loop asks before each token; the stop is not taken for a model
+    the loop does not fit (no fallback to generate, which could not be stopped)."""
+    from types import SimpleNamespace
+
+    import ft_plugins.grpo as grpo
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+
+    def check_stop(doing):
+        asked.append(doing)
+        if len(asked) == 3:
+            raise FtError("step abandoned")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), pad_token_id=0,
+                              args=SimpleNamespace(device=torch.device("cpu")), eos_token_ids=frozenset({2}),
+                              _logits_to_keep=True, ft_check_stop=check_stop)
+    generation = grpo.HFGeneration(trainer)
+    with pytest.raises(FtError, match="step abandoned"):
+        generation.generate([[5, 6, 7]], 2, {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_tokens": 50})
+    assert asked == ["generating completions"] * 3 and not generation.use_generate
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -133,3 +133,78 @@ def test_an_unknown_method_is_a_config_error_with_a_suggestion(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_context(config)
     assert f"{config}:2: method: unknown training method 'stf'. Did you mean 'sft'?" in str(info.value)
+
+
+# -- errors in a method's own code name its plugin, the place and file:line ------------------------------
+
+
+def broken_method(fails: str):
+    """A method plugin whose own code raises where ``fails`` says: its loss, its collator, or a trainer_kwargs
+    key its Trainer does not take."""
+    from ft import hookimpl
+    from ft.api import SFT_COLUMNS, Method, PaddingCollator
+
+    def collator(cfg, tokenizer):
+        pad = PaddingCollator(tokenizer.pad_token_id)
+
+        def collate(rows):
+            if fails == "collator":
+                raise KeyError("weight")
+            return pad(rows)
+
+        return collate
+
+    def trainer_class():
+        from transformers import Trainer
+
+        class BrokenTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                if fails == "loss":
+                    raise ValueError("bad loss maths")
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        return BrokenTrainer
+
+    def trainer_kwargs(cfg, model, tokenizer, data):
+        return {"no_such_argument": 1} if fails == "kwargs" else {}
+
+    class Plugin:
+        @hookimpl
+        def ft_register_methods(register):
+            register.add(Method("broken_sft", SFT_COLUMNS, collator, trainer_class, trainer_kwargs=trainer_kwargs))
+
+    return Plugin, (collator, trainer_class, trainer_kwargs)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("fails", ["loss", "collator", "kwargs"])
+def test_an_exception_in_a_methods_own_code_names_its_plugin_and_line(fails, tiny_model_dir, tmp_path):
+    """compute_loss, the collator and the Trainer's keyword arguments raised raw tracebacks naming neither the
+    method nor its plugin; now they read like a callback's error."""
+    from ft.errors import PluginHookError
+    from ft.run import run
+    from ft.testing import registered_plugin
+    from ft.tiny import make_chat_rows, write_jsonl
+
+    plugin, (collator, trainer_class, trainer_kwargs) = broken_method(fails)
+    data = write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(8))
+    config = {"base_model": str(tiny_model_dir), "method": "broken_sft", "sequence_len": 64, "micro_batch_size": 4,
+              "max_steps": 1, "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prep"),
+              "datasets": [{"path": str(data), "type": "chat_template"}]}
+    with registered_plugin(plugin, "broken_method"), pytest.raises(PluginHookError) as info:
+        run(config)
+    text = str(info.value)
+    where = "plugin 'broken_method' failed in method 'broken_sft': "
+    if fails == "loss":
+        assert where + "its Trainer's compute_loss: ValueError: bad loss maths" in text
+        assert f"at {__file__}:" in text and 'raise ValueError("bad loss maths")' in text
+    elif fails == "collator":
+        assert where + "its collator: KeyError: 'weight'" in text
+        assert f"at {__file__}:" in text and 'raise KeyError("weight")' in text
+    else:
+        assert where + "its Trainer BrokenTrainer (class broken_method.<locals>.trainer_class.<locals>.BrokenTrainer " \
+                       f"at {__file__}:" in text
+        assert "built with the keys its trainer_kwargs returned (no_such_argument; function " \
+               f"broken_method.<locals>.trainer_kwargs at {__file__}:{trainer_kwargs.__code__.co_firstlineno}): " \
+               "TypeError: Trainer.__init__() got an unexpected keyword argument 'no_such_argument'" in text
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -8,7 +8,7 @@ Groups:
 
 - hooks: ``hookimpl``, ``hookspec``
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
-  ``is_installed``, ``load_or_explain``
+  ``is_installed``, ``load_or_explain``, ``defined_at`` (``function NAME at FILE:LINE``, for messages)
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
   section model or field whose values do not change what training computes, so a resumed run may change them),
   ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
@@ -42,6 +42,7 @@ _WHERE = {
     # errors
     "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
     "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
+    "defined_at": "ft.errors",
     # config
     "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
     "read_yaml": "ft.config", "reporter_names": "ft.config",

@@ -625,6 +625,7 @@ def validate_config(
     extra_problems: Sequence[tuple[tuple, str]] = (),
     unavailable: Sequence[str] = (),
     key_hints: Callable[[str, Any], str | None] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> CoreConfig:
     """Validate raw data against the model; raise one ConfigError listing every problem.
 
@@ -632,6 +633,8 @@ def validate_config(
     file:line here); ``unavailable`` describes installed plugins that failed or are blocked, named
     when a dataset type is unknown (the type may be theirs). ``key_hints(path, value)`` says what to
     write instead of an unknown key (plugins register hints, e.g. for axolotl's key names).
+    ``context`` is pydantic's validation context: sections whose values name registered things (a GRPO run's
+    rewards) check them against ``context["registries"]`` in the same pass as every other key.
     """
     problems: list[tuple[tuple, str]] = list(extra_problems)
     data = dict(raw.data)
@@ -648,7 +651,7 @@ def validate_config(
     bad_entries = [loc[:2] for loc, _ in problems if loc and loc[0] in ("datasets", "test_datasets")]
     cfg = None
     try:
-        cfg = model.model_validate(data)
+        cfg = model.model_validate(data, context=dict(context) if context else None)
     except ValidationError as exc:
         for err in exc.errors():
             loc = _clean_loc(err["loc"], format_names)

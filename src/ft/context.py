@@ -158,6 +158,7 @@ def load_context(
         extra_problems=_method_problems(raw, regs, pm),
         unavailable=[_unavailable(i) for i in pm.infos.values() if i.status in ("failed", "blocked")],
         key_hints=regs.key_hints.hint_for,
+        context={"registries": regs},
     )
     cfg.plugins = [n for n in pm.active_names() if pm.infos[n].feature]  # -p too, for ft_validate_config
     cfg._capabilities = pm.provided()

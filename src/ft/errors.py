@@ -194,3 +194,19 @@ def plugin_frames(exc: BaseException, plugin: object) -> list[str]:
         if frame.filename == path or (root != path and frame.filename.startswith(root + os.sep)):
             frames.append(f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line or ''}".rstrip(": "))
     return frames
+
+
+def defined_at(fn: Any) -> str:
+    """``function NAME at FILE:LINE`` where ``fn`` (a function, method, class or callable object) is defined."""
+    import inspect
+
+    target = inspect.unwrap(fn) if callable(fn) else fn
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or inspect.isclass(target)):
+        target = type(target)  # a callable object: its class
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    try:
+        path = inspect.getsourcefile(target) or inspect.getfile(target)
+        line = inspect.getsourcelines(target)[1]
+    except (TypeError, OSError):
+        return f"function {name}"
+    return f"{'class' if inspect.isclass(target) else 'function'} {name} at {path}:{line}"

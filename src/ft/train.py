@@ -20,9 +20,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ft.calls import attributed
 from ft.checkpoints import AtomicCheckpointsMixin
 from ft.config import batch_warnings, real_effective_batch
-from ft.errors import ConfigError, FtError, MissingDependencyError, is_out_of_memory, refused_pickle
+from ft.errors import (
+    ConfigError,
+    FtError,
+    MissingDependencyError,
+    defined_at,
+    is_out_of_memory,
+    refused_pickle,
+)
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -137,18 +145,55 @@ class FtState:
     loss_at_start: tuple[float, int] | None = (0.0, 0)  # (summed step losses, steps) before it; None: unknown
     data_key: str | None = None  # the prepared-data cache key, saved with checkpoints
     metric_names: tuple[str, ...] = ()  # the method's metrics (kept in the history, plotted)
+    method_owner: tuple[str, Any] | None = None  # (plugin, an object of its module): errors in method code name it
+
+
+STOP_GRACE_SECONDS = 5.0  # after SIGINT/SIGTERM, how long a step may go on before a method abandons it
+
+
+class StepAbandoned(FtError):
+    """A stop signal came and the step did not end within STOP_GRACE_SECONDS: nothing of it is saved
+    (``run_training`` says which checkpoint is kept)."""
+
+    def __init__(self, request: Any, step: int, doing: str):
+        super().__init__(f"step {step} abandoned while {doing}")
+        self.request, self.step, self.doing = request, step, doing
 
 
 class FtTrainerMixin(AtomicCheckpointsMixin):
     """Mixed into whichever Trainer class runs: counts tokens, builds factory optimizers/schedulers,
-    writes checkpoints atomically (``ft.checkpoints``)."""
+    writes checkpoints atomically (``ft.checkpoints``), names the method's plugin when its code raises."""
 
     ft_state: FtState | None = None
+    ft_stop: Any = None  # the StopRequest of this run (``ft.checkpoints.stop_on_signals``), set by run_training
 
     def training_step(self, model, inputs, *args, **kwargs):
         if self.ft_state is not None:
             self.ft_state.counter.add(inputs)
-        return super().training_step(model, inputs, *args, **kwargs)
+        return self._ft_method_code("training_step", super().training_step, model, inputs, *args, **kwargs)
+
+    def compute_loss(self, *args, **kwargs):
+        return self._ft_method_code("compute_loss", super().compute_loss, *args, **kwargs)
+
+    def _ft_method_code(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(...)``; an exception from it is a PluginHookError naming the method's plugin and file:line."""
+        owner = self.ft_state.method_owner if self.ft_state is not None else None
+        if owner is None:
+            return fn(*args, **kwargs)
+        plugin, origin = owner
+        place = f"method '{self.ft_state.cfg.method}': its Trainer's {name}"
+        return attributed(fn, plugin, "ft_register_methods", place, origin=origin)(*args, **kwargs)
+
+    def ft_check_stop(self, doing: str, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Abandon the step (raise :class:`StepAbandoned`) when SIGINT/SIGTERM came ``grace`` seconds ago or more.
+
+        A method calls it while it waits on something long inside a step (rewards, generation), so that the first
+        Ctrl-C stops the run within seconds: a step that ends in time saves a checkpoint as usual; an abandoned
+        one saves nothing, and the newest complete checkpoint is kept. ``doing`` says what was going on.
+        """
+        request = self.ft_stop
+        if request is not None and request.signum is not None and time.monotonic() - request.at >= grace:
+            raise StepAbandoned(request, self.state.global_step + 1, doing)
 
     def ft_record(self, metrics: dict[str, Any]) -> None:
         """Add one micro-batch's values of the method's metrics (floats or 0-d tensors; no host sync).
@@ -497,13 +542,30 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     except (ValueError, TypeError) as exc:
         raise FtError(f"the training settings are inconsistent: {exc}") from exc
 
-    collator = calls.collator(cfg, tokenizer, method)
-    trainer_cls = _with_mixin(method.trainer_class(), method)
-    extra = method.trainer_kwargs(cfg=cfg, model=model, tokenizer=tokenizer, data=data) if method.trainer_kwargs else {}
-    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory, metric_names=method.metrics)
-    ft_callbacks = _callbacks(state)
+    # the method's own code (collator, Trainer class, its keyword arguments, its loss) names its plugin when it raises
+    plugin = ctx.registries.methods.get(cfg.method, cfg.where("method")).plugin
+    hook, origin = "ft_register_methods", method.trainer_class
 
-    trainer = trainer_cls(
+    def method_code(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+        return attributed(fn, plugin, hook, f"method '{method.name}': {what}", origin=origin)
+
+    collator = calls.collator(cfg, tokenizer, method, plugin)
+    method_cls = method_code(method.trainer_class, "its trainer_class")()
+    trainer_cls = _with_mixin(method_cls, method)
+    extra = {}
+    if method.trainer_kwargs:
+        extra = method_code(method.trainer_kwargs, "its trainer_kwargs")(cfg=cfg, model=model, tokenizer=tokenizer,
+                                                                          data=data)
+    state = FtState(cfg, TokenCounter(), [], optimizer_factory, scheduler_factory, metric_names=method.metrics,
+                    method_owner=(plugin, origin))
+    ft_callbacks = _callbacks(state)
+    built_with = (f" with the keys its trainer_kwargs returned ({', '.join(map(str, extra))}; "
+                  f"{defined_at(method.trainer_kwargs)})" if extra else "")
+    construct = method_code(lambda **kwargs: trainer_cls(**kwargs),
+                            f"its Trainer {getattr(method_cls, '__name__', method_cls)} ({defined_at(method_cls)}), "
+                            f"built{built_with}")
+
+    trainer = construct(
         model=model,
         args=training_args,
         data_collator=collator,
@@ -543,7 +605,11 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
     restore_ft_state(trainer, resume, data)
     try:
         with stop_on_signals(trainer) as stop:
+            trainer.ft_stop = stop  # a method's long waits inside a step look at it (FtTrainerMixin.ft_check_stop)
             output = trainer.train(resume_from_checkpoint=resume)
+    except StepAbandoned as exc:
+        close_progress_bars(trainer)
+        raise abandoned_error(ctx, trainer, exc) from None
     except Exception as exc:
         if is_out_of_memory(exc):
             close_progress_bars(trainer)
@@ -595,6 +661,23 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
         "warnings": list(state.warnings) if state is not None else [],
     }
     return metrics
+
+
+def abandoned_error(ctx: Context, trainer: Any, exc: StepAbandoned) -> Any:
+    """The message of a run stopped by a signal inside a step that did not end in time: what was kept."""
+    from ft.checkpoints import Interrupted, last_good_checkpoint, resume_command
+
+    cfg, request = ctx.cfg, exc.request
+    last = last_good_checkpoint(cfg.output_dir)
+    kept = (f"the newest complete checkpoint, {last.path} (step {last.step}), is where a resumed run starts.\n"
+            f"  To resume, run the same command again: {resume_command(cfg)}" if last
+            else f"there is no checkpoint yet, so running it again starts over: {resume_command(cfg)}")
+    return Interrupted(
+        f"stopped by {request.name} during step {exc.step} of {trainer.state.max_steps}, while {exc.doing}: the step "
+        f"did not end within {STOP_GRACE_SECONDS:g} s of the signal, so it was abandoned and nothing of it was saved; "
+        f"{kept}",
+        int(request.signum),
+    )
 
 
 def _last_values(history: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, float]:
