@@ -1022,7 +1022,10 @@ class _Converter:
         names = {"num_generations": "num_generations", "temperature": "temperature", "top_p": "top_p",
                  "top_k": "top_k", "max_completion_length": "max_completion_len", "beta": "beta",
                  "epsilon": "epsilon", "epsilon_high": "epsilon_high", "loss_type": "loss_type",
-                 "num_iterations": "num_iterations"}
+                 "num_iterations": "num_iterations", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                 "mask_truncated_completions": "mask_truncated_completions",
+                 "vllm_importance_sampling_mode": "is_correction", "vllm_importance_sampling_clip_max": "is_cap",
+                 "vllm_importance_sampling_cap": "is_cap", "vllm_importance_sampling_clip_min": "is_min"}
         vllm_names = {"vllm_mode": "mode", "vllm_server_host": "host", "vllm_server_port": "port",
                       "vllm_server_timeout": "server_timeout", "vllm_gpu_memory_utilization": "gpu_memory_utilization",
                       "vllm_tensor_parallel_size": "tensor_parallel_size", "vllm_max_model_len": "max_model_len",
@@ -1041,8 +1044,17 @@ class _Converter:
             elif key == "log_completions":
                 if value is False:
                     section["log_completions_steps"] = 0  # true: ft's default, every logging_steps
-            elif key in ("reward_funcs", "reward_weights", "num_completions_to_print"):
-                continue
+            elif key in ("reward_funcs", "reward_weights", "num_completions_to_print", "chat_template_kwargs"):
+                continue  # rewards below; chat_template_kwargs on each prompt dataset (prompt_entry)
+            elif key == "vllm_importance_sampling_correction":
+                if value is False:
+                    section["is_correction"] = "none"
+            elif key == "generation_kwargs" and isinstance(value, dict):
+                for name, given in value.items():
+                    if name in ("stop", "stop_token_ids", "min_p", "repetition_penalty"):
+                        section[name] = given
+                    else:
+                        self.note(f"trl.generation_kwargs.{name}", given, "no ft equivalent", True)
             elif key == "use_vllm":
                 if value:
                     self.select("vllm")
@@ -1056,13 +1068,16 @@ class _Converter:
         for key in ("host", "port", "gpu_memory_utilization", "tensor_parallel_size", "max_model_len", "dtype"):
             if vllm.get(key) is not None and "vllm" in self.plugins:
                 self.section("vllm").setdefault(key, vllm[key])
+        if trl.get("use_vllm") and "is_correction" not in section:  # TRL corrects vLLM's sampling by default
+            section["is_correction"] = "sequence_mask"
         funcs = trl.get("reward_funcs") or []
         weights = trl.get("reward_weights") or [1.0] * len(funcs)
-        if funcs:
-            section["rewards"] = [{"name": str(f).rsplit(".", 1)[-1], "weight": w} for f, w in zip(funcs, weights,
-                                                                                                   strict=False)]
-            self.note("trl.reward_funcs", funcs, "reward functions are ft plugins registered by name: register each "
-                      "under the name given here", True, expressed=True)
+        if funcs:  # TRL imports "module.function"; ft takes the same function as "module:function"
+            section["rewards"] = [{"name": ":".join(str(f).rsplit(".", 1)), "weight": w}
+                                  for f, w in zip(funcs, weights, strict=False)]
+            self.note("trl.reward_funcs", funcs, "imported by path as module:function, as TRL does: the module must "
+                      "be importable where ft runs (installed or on PYTHONPATH), or write file.py:function", False,
+                      expressed=True)
 
     def prompt_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
         """A GRPO dataset: prompts for generation (axolotl's `type:` names a transform module of the user's)."""
@@ -1070,6 +1085,9 @@ class _Converter:
         for key in ("split", "name", "data_files", "revision", "ds_type", "field_prompt", "chat_template"):
             if entry.get(key) is not None:
                 out[key] = entry[key]
+        template_kwargs = (self.data.get("trl") or {}).get("chat_template_kwargs")
+        if isinstance(template_kwargs, dict) and template_kwargs:  # e.g. enable_thinking: false
+            out["chat_template_kwargs"] = dict(template_kwargs)
         if entry.get("type"):
             self.note(f"{where}.type", entry["type"], "axolotl's GRPO transform (a Python function of yours) is not "
                       "run: ft reads the prompt from field_prompt (default: prompt) as chat messages or text; "

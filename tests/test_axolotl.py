@@ -409,7 +409,7 @@ def test_liger_plugin_and_its_keys():
     ("grpo", {"trl": {"beta": 0.04, "num_generations": 4, "max_completion_length": 128, "temperature": 0.9,
                       "reward_funcs": ["rewards.correct", "rewards.format"], "reward_weights": [1.0, 0.5]}},
      "grpo", {"beta": 0.04, "num_generations": 4, "max_completion_len": 128, "temperature": 0.9,
-              "rewards": [{"name": "correct", "weight": 1.0}, {"name": "format", "weight": 0.5}]}),
+              "rewards": [{"name": "rewards:correct", "weight": 1.0}, {"name": "rewards:format", "weight": 0.5}]}),
 ])
 def test_rl_methods(rl, extra, method, section):
     from ft_plugins.axolotl import convert as convert_data
@@ -720,9 +720,26 @@ def test_grpo_becomes_prompts_with_the_trl_block_mapped():
     cfg = result.config
     assert cfg["datasets"][0] == {"path": "p.jsonl", "type": "prompt", "split": "train"}
     assert cfg["grpo"]["scale_rewards"] == "group" and cfg["grpo"]["log_completions_steps"] == 0
-    assert cfg["grpo"]["epsilon_high"] == 0.28 and cfg["grpo"]["rewards"] == [{"name": "acc", "weight": 1.0}]
+    assert cfg["grpo"]["epsilon_high"] == 0.28 and cfg["grpo"]["rewards"] == [{"name": "rewards:acc", "weight": 1.0}]
+    assert cfg["grpo"]["is_correction"] == "sequence_mask"  # TRL's default correction of vLLM's sampling, written out
     assert "vllm" in cfg["plugins"] and cfg["vllm"] == {"mode": "colocate", "gpu_memory_utilization": 0.5}
     assert "datasets[0].type" in _dropped(result)  # axolotl's transform function is not run: said
+
+
+def test_grpo_generation_and_importance_sampling_keys_are_mapped():
+    result = _convert(rl="grpo", datasets=[{"path": "p.jsonl", "field_prompt": "prompt"}],
+                      trl={"use_vllm": True, "vllm_importance_sampling_mode": "token_truncate",
+                           "vllm_importance_sampling_clip_max": 2.0, "mask_truncated_completions": True,
+                           "generation_kwargs": {"stop_token_ids": [7], "min_p": 0.1},
+                           "chat_template_kwargs": {"enable_thinking": False}})
+    grpo = result.config["grpo"]
+    assert grpo["is_correction"] == "token_truncate" and grpo["is_cap"] == 2.0
+    assert grpo["mask_truncated_completions"] is True and grpo["stop_token_ids"] == [7] and grpo["min_p"] == 0.1
+    assert result.config["datasets"][0]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert not _dropped(result)
+    off = _convert(rl="grpo", datasets=[{"path": "p.jsonl"}],
+                   trl={"use_vllm": True, "vllm_importance_sampling_correction": False})
+    assert off.config["grpo"]["is_correction"] == "none"
 
 
 def test_equivalents_ft_has_are_used(ft_runner, tmp_path, tiny_model_dir):
