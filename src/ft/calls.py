@@ -258,7 +258,8 @@ class _Attributed:
         return getattr(self._ft_fn, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from ft.errors import PluginHookError, is_out_of_memory, plugin_frames
+        from ft.errors import PluginHookError, is_out_of_memory, outside_hooks_error, plugin_frames
+        from ft.plugins import plugin_in_traceback
 
         try:
             return self._ft_fn(*args, **kwargs)
@@ -268,7 +269,11 @@ class _Attributed:
             if is_out_of_memory(exc):
                 raise
             origin = self._ft_fn if self._ft_origin is None else self._ft_origin
-            frames = plugin_frames(exc, origin) or _innermost(exc)
+            own = plugin_frames(exc, origin)
+            found = plugin_in_traceback(exc)
+            if found is not None and found[1][-1] not in own:  # raised in another plugin's code that this one
+                raise outside_hooks_error(found[0], exc, found[1]) from exc  # called (a function it patched in)
+            frames = own or _innermost(exc)
             raise PluginHookError(self._ft_plugin, self._ft_hook, exc, frames, place=self._ft_place) from exc
 
 

@@ -77,17 +77,11 @@ def _from_plugin(exc: Exception) -> FtError | None:
     """An exception raised in a plugin's code outside any hook call (a function it patched into torch or
     transformers at import, say), as an error naming the plugin and its frames; None when no plugin's code is in
     the traceback (then it is ft's own bug, and its traceback is shown)."""
-    from ft.errors import PluginHookError, is_out_of_memory
+    from ft.errors import is_out_of_memory, outside_hooks_error
     from ft.plugins import plugin_in_traceback
 
     found = None if is_out_of_memory(exc) else plugin_in_traceback(exc)
-    if found is None:
-        return None
-    plugin, frames = found
-    error = PluginHookError(plugin, "", exc, frames, place="code it runs outside its hooks (for example a function "
-                            "it replaced in torch or transformers when it was imported)")
-    error.__cause__ = exc
-    return error
+    return None if found is None else outside_hooks_error(found[0], exc, found[1])
 
 
 def setup_logging(verbose: bool = False) -> None:

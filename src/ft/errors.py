@@ -40,6 +40,15 @@ class PluginHookError(FtError):
                          "if it is an optional feature)")
 
 
+def outside_hooks_error(plugin: str, exc: BaseException, frames: list[str]) -> PluginHookError:
+    """``exc``, raised in a plugin's code that ran outside any hook call of that plugin (a function it replaced in
+    torch or transformers when it was imported, say), as an error naming that plugin and its frames."""
+    error = PluginHookError(plugin, "", exc, frames, place="code it runs outside its hooks (for example a function "
+                            "it replaced in torch or transformers when it was imported)")
+    error.__cause__ = exc
+    return error
+
+
 class DataError(FtError):
     """A dataset could not be read or prepared."""
 
