@@ -1497,6 +1497,8 @@ KEY_HINTS: dict[str, str | Callable[[Any], str]] = {
     "hub_private_repo": "write `private:` in the `hub:` section.",
     "rl": "write `method:` (dpo, kto, orpo, simpo, grpo, ebft) with the method's section.",
     "process_reward_model": "write `method: prm` (a process reward model, data type stepwise_supervised).",
+    "center_rewards_coefficient": "write `method: reward_model` with `reward_model: {center_rewards_coefficient: ...}`.",
+    "num_labels": "methods reward_model (1 output) and prm (2) load their head themselves; remove it.",
     "rl_beta": "write `beta:` in the method's section (e.g. dpo: {beta: 0.1}).",
     "tokenizer_config": "write `tokenizer:`.", "dataset_processes": "write `dataset_num_proc:`.",
     "excess_length_strategy": "write `excess_length:` (drop, truncate or error).",

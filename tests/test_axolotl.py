@@ -482,6 +482,8 @@ def test_sharegpt_chat_config_converted_literally_trains_every_row(ft_runner, ax
     ({"sample_packing": True}, ["write `plugins: [packing]`"]),
     ({"wandb_project": "p"}, ["write `report_to: wandb` and `wandb: {project: ...}`"]),
     ({"flash_attention": True}, ["hf: {attn_implementation: flash_attention_2}"]),
+    ({"process_reward_model": True}, ["write `method: prm`"]),
+    ({"center_rewards_coefficient": 0.01}, ["`reward_model: {center_rewards_coefficient: ...}`"]),
 ])
 def test_axolotl_keys_in_an_ft_config_say_what_to_write(ft_runner, ft_config, ft_dataset, extra, fragments):
     path = ft_config(name="mine.yaml", dataset=ft_dataset(), **extra)
