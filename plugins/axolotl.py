@@ -4,7 +4,9 @@
 ``plugins: [lora]`` and a ``lora:`` section, ``load_in_4bit``/``load_in_8bit`` the ``qlora`` plugin,
 ``sample_packing`` the ``packing`` plugin, attention flags ``hf.attn_implementation``, ``liger_*``,
 ``fsdp``/``fsdp_config``, ``deepspeed`` and ``torch_compile`` their plugins, W&B and hub keys the
-``wandb:`` and ``hub:`` sections, ``rl:`` a ``method:`` with its section, and datasets keep their
+``wandb:`` and ``hub:`` sections, ``rl:`` a ``method:`` with its section (``rl: ebft`` with its ``ebft:``
+block: ``method: ebft``), ``reward_model: true`` / ``process_reward_model: true`` the ``reward_model`` /
+``prm`` methods (bradley_terry pairs as ``type: preference``), and datasets keep their
 field mappings, roles, ``ds_type``, ``split`` and ``name``. The YAML it writes starts with a comment
 for every key it could not express, and says which of them change what is trained; the command exits
 with status 3 when one of those was dropped (0 otherwise), so a script notices. Where axolotl's default
@@ -92,7 +94,8 @@ def _dumper() -> type:
         return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow and len(items) <= 12)
 
     def text(dumper: Any, value: str) -> Any:
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+        style = ("|" if value.strip() else '"') if "\n" in value else None  # a bare newline (a separator): "\n"
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     Dumper.add_representer(list, scalars)
     Dumper.add_representer(str, text)
@@ -198,10 +201,9 @@ CHANGES_TRAINING: dict[str, str] = {
     "chat_template_kwargs": "", "dataset_exact_deduplication": "", "dataset_shard_num": "",
     "dataset_shard_idx": "", "min_sample_len": "", "pretraining_dataset": "use a `type: completion` dataset",
     "added_tokens_overrides": "", "fix_untrained_tokens": "", "gptq": "GPTQ models are not offered",
-    "fp8": "fp8 training is not offered", "qat": "", "quantization": "", "reward_model": "reward models are not offered",
-    "process_reward_model": "", "s2_attention": "", "use_pose": "", "curriculum_sampling": "",
+    "fp8": "fp8 training is not offered", "qat": "", "quantization": "", "s2_attention": "", "use_pose": "", "curriculum_sampling": "",
     "shuffle_before_merging_datasets": "", "auto_find_batch_size": "", "model_config_type": "",
-    "dpo_use_weighting": "", "dpo_loss_weights": "", "dpo_padding_free": "", "dpo_use_liger_kernel": "", "center_rewards_coefficient": "",
+    "dpo_use_weighting": "", "dpo_loss_weights": "", "dpo_padding_free": "", "dpo_use_liger_kernel": "",
     "bfloat16": "axolotl loads the weights in bf16 (no fp32 master copy); ft: bf16 mixed precision",
     "float16": "", "embeddings_skip_upcast": "", "reinit_weights": "", "trainer_cls": "",
 }
@@ -259,7 +261,19 @@ ENTRY_NO_EFFECT = {"trust_remote_code": "set hf.trust_remote_code for code that 
 ENTRY_CHANGES = {"shards": "only a shard of the rows", "shards_idx": "", "input_transform": "",
                  "message_field_training_detail": "per-character training spans are not offered",
                  "split_thinking": "", "logprobs_field": "", "temperature": "", "input_format": ""}
-RL_METHODS = {"dpo": "dpo", "ipo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo"}
+RL_METHODS = {"dpo": "dpo", "ipo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "grpo", "ebft": "ebft"}
+ONLINE = ("grpo", "ebft")  # methods that generate: prompts for data, the trl: block for their settings
+# axolotl's reward_model / process_reward_model flags -> ft method, its model class and label count
+REWARD_FLAGS = {"reward_model": ("reward_model", "ForSequenceClassification", 1),
+                "process_reward_model": ("prm", "ForTokenClassification", 2)}
+# axolotl's bradley_terry.chat_template reads a row's system, input, chosen and rejected texts
+BRADLEY_TERRY = {"field_prompt": "input", "field_chosen": "chosen", "field_rejected": "rejected",
+                 "field_system": "system"}
+# axolotl's EBFT transforms that ship with axolotl, as ft's prompt_reference fields (the prompt is the user message)
+EBFT_STRUCTURED = {"ebft_opencode.transform": {"field_prompt": "input", "field_reference": "output"}}
+# axolotl's strided transforms that place anchors in the completion of a prompt/completion row or a chat:
+# ft's strided type reads raw documents only
+EBFT_STRIDED_SPANS = ("ebft_strided_structured", "ebft_strided_chat", "ebft_reasoning.transform_strided")
 # dataset-entry keys ft's preference types take as axolotl means them (roles, mappings, what is trained)
 PREFERENCE_SAME = ("roles", "message_property_mappings", "roles_to_train", "train_on_eos", "drop_system_message",
                    "field_thinking", "field_tools")
@@ -312,8 +326,10 @@ class _Converter:
         rl = data.get("rl")
         if rl:
             self.convert_rl(rl)
+        else:
+            self.convert_reward_flags()
         for key, value in data.items():
-            if key in ("rl", "trl") or key.startswith(("rl_", "kto_", "orpo_", "simpo_", "cpo_")):
+            if key in ("rl", "trl", "ebft") or key.startswith(("rl_", "kto_", "orpo_", "simpo_", "cpo_")):
                 continue  # converted with the method
             handler = getattr(self, f"key_{key}", None)
             if handler is not None:
@@ -348,6 +364,17 @@ class _Converter:
     def finish(self) -> None:
         """axolotl's effective values where its default differs from ft's, and no combination validate refuses."""
         data = self.data
+        if self.method == "ebft" and self.ebft_strided():
+            n = self.sections["ebft"]["num_generations"]
+            mbs = int(data.get("micro_batch_size") or 1)
+            self.core["micro_batch_size"] = mbs * n
+            self.note("micro_batch_size", mbs, f"axolotl's strided micro-batch is {mbs} whole document(s), each with "
+                      f"{n} rollouts at every anchor; ft's holds completions, one anchor's group of {n} per document: "
+                      f"micro_batch_size {mbs * n} (fewer anchors per step)", True, expressed=True)
+        if self.method in ("reward_model", "prm") and self.core.get("train_on_inputs"):
+            del self.core["train_on_inputs"]
+            self.note("train_on_inputs", True, f"method {self.method} has no language-model labels; axolotl does not "
+                      "read it there", False)
         # axolotl's defaults, written explicitly
         if "lora" in self.plugins and "dropout" not in self.section("lora"):
             self.section("lora")["dropout"] = 0.0  # axolotl: lora_dropout defaults to 0.0 (ft: 0.05)
@@ -561,8 +588,14 @@ class _Converter:
             self.note("base_model_config", value, "ft reads the model config from base_model", True)
 
     def key_model_type(self, value: Any) -> None:
-        # ft loads AutoModelForCausalLM, which picks the checkpoint's *ForCausalLM class itself
-        if value and not str(value).endswith("ForCausalLM"):
+        # ft loads AutoModelForCausalLM, which picks the checkpoint's *ForCausalLM class itself; a reward model
+        # (prm) method loads the *ForSequenceClassification (*ForTokenClassification) head itself
+        head = next((suffix for method, suffix, _ in REWARD_FLAGS.values() if method == self.method), "ForCausalLM")
+        if value and not str(value).endswith(head):
+            if head != "ForCausalLM":
+                self.note("model_type", value, f"method {self.method} loads the model as AutoModel{head}; this "
+                          "model class is not offered with it", True)
+                return
             self.note("model_type", value, "ft trains causal language models (AutoModelForCausalLM); this model "
                       "class (a classification, vision or encoder head) is not offered", True)
 
@@ -621,8 +654,8 @@ class _Converter:
             self.core["chat_template"] = value
 
     def key_vllm(self, value: Any) -> None:
-        if value and self.method != "grpo":
-            self.note("vllm", "{...}", "ft generates with vLLM for method: grpo only", False)
+        if value and self.method not in ONLINE:
+            self.note("vllm", "{...}", "ft generates with vLLM for methods grpo and ebft only", False)
         # with grpo: read with the trl: block (convert_trl)
 
     def key_eot_tokens(self, value: Any) -> None:
@@ -990,15 +1023,84 @@ class _Converter:
                 section["cpo_alpha"] = data["cpo_alpha"]
         elif method == "grpo":
             self.convert_trl(data.get("trl") or {}, section)
+        elif method == "ebft":
+            self.convert_ebft(section)
         for key in data:
             if key.startswith(("rl_", "kto_", "orpo_", "simpo_", "cpo_")) and key not in (
                     "rl_beta", "kto_desirable_weight", "kto_undesirable_weight", "orpo_alpha", "simpo_gamma", "cpo_alpha"):
                 if data[key] not in (None, False):
                     self.note(key, data[key], "no ft equivalent", True)
-        if method != "grpo" and data.get("trl"):
+        if method not in ONLINE and data.get("trl"):
             for key, value in data["trl"].items():
                 if key != "beta" and value not in (None, False):
                     self.note(f"trl.{key}", value, "no ft equivalent for this method", True)
+
+    # -- reward models and process reward models -------------------------------------------------
+
+    def convert_reward_flags(self) -> None:
+        """``reward_model: true`` / ``process_reward_model: true`` (no ``rl:``): ft's reward_model / prm method."""
+        flags = [key for key in REWARD_FLAGS if self.data.get(key)]
+        if not flags:
+            return
+        self.method = REWARD_FLAGS[flags[0]][0]
+        self.section(self.method)
+        if len(flags) > 1:
+            self.note(flags[1], True, f"axolotl trains with {flags[0]} when both are set; so does ft", False)
+        # axolotl cuts each sequence to sequence_len (bradley_terry: each side; stepwise: prompt + steps) and keeps it
+        if not self.data.get("excess_length_strategy"):
+            self.core["excess_length"] = "truncate"
+            self.note("excess_length", "truncate", "axolotl cuts a reward-model sequence longer than sequence_len "
+                      "and keeps it: written explicitly (ft also drops a sample the cut leaves with nothing to "
+                      "score, e.g. a pair whose sides became identical)", False, expressed=True)
+
+    def key_reward_model(self, value: Any) -> None:
+        self._reward_flag("reward_model", value)
+
+    def key_process_reward_model(self, value: Any) -> None:
+        self._reward_flag("process_reward_model", value)
+
+    def _reward_flag(self, key: str, value: Any) -> None:
+        if value and self.data.get("rl"):
+            self.note(key, value, f"axolotl trains rl: {self.data['rl']} when rl is set; so does ft", False)
+
+    def key_center_rewards_coefficient(self, value: Any) -> None:
+        if value is None:
+            return
+        if self.method == "reward_model":
+            self.section("reward_model")["center_rewards_coefficient"] = float(value)
+        else:
+            self.note("center_rewards_coefficient", value, "read with reward_model: true only", False)
+
+    def key_num_labels(self, value: Any) -> None:
+        labels = {method: n for method, _, n in REWARD_FLAGS.values()}
+        if value is None or labels.get(self.method) == value:
+            return  # the method's own head: one score (reward_model) or good/bad per step (prm)
+        self.note("num_labels", value, f"ft's reward_model has 1 output and prm 2; {value} labels with "
+                  f"{self.method or 'sft'} are not offered", True)
+
+    def stepwise_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """A process-reward-model dataset: axolotl's stepwise_supervised is ft's (the same layout)."""
+        kind = entry.get("type")
+        if kind != "stepwise_supervised":
+            self.note(where, f"type: {kind}", "a process reward model trains on type stepwise_supervised (prompt, "
+                      "completions, labels); the dataset was left out", True)
+            return None
+        out: dict[str, Any] = {"path": entry.get("path"), "type": "stepwise_supervised"}
+        for key, value in entry.items():
+            if key in ("path", "type") or value is None:
+                continue
+            if key in ("split", "name", "data_files", "revision", "ds_type", "step_separator",
+                       "train_on_last_step_only"):
+                out[key] = value
+            elif key == "max_completion_length":
+                self.note(f"{where}.max_completion_length", value, "cutting the steps' tokens is not offered (ft "
+                          "cuts the whole sample at sequence_len)", True)
+            elif key in ENTRY_NO_EFFECT:
+                if value:
+                    self.note(f"{where}.{key}", value, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+            elif value not in (False, "", [], {}):
+                self.note(f"{where}.{key}", value, "no ft equivalent for stepwise data", True)
+        return _ordered_entry(out)
 
     def key_dpo_label_smoothing(self, value: Any) -> None:
         self._method_key("dpo", "label_smoothing", "dpo_label_smoothing", value)
@@ -1079,6 +1181,147 @@ class _Converter:
                       "be importable where ft runs (installed or on PYTHONPATH), or write file.py:function", False,
                       expressed=True)
 
+    def ebft_options(self) -> dict[str, Any]:
+        ebft = self.data.get("ebft")
+        return ebft if isinstance(ebft, dict) else {}
+
+    def ebft_strided(self) -> bool:
+        return self.ebft_options().get("mode") == "strided"
+
+    def convert_ebft(self, section: dict[str, Any]) -> None:
+        """``rl: ebft`` and its ``ebft:`` block: structured mode reads the trl: block as GRPO does; strided mode
+        its own keys. axolotl's effective values are written, the reward's scale folded into the coefficients."""
+        ebft, trl = self.ebft_options(), self.data.get("trl") or {}
+        strided = self.ebft_strided()
+        if strided:
+            n = int(ebft.get("n_samples_per_prompt", 4))
+            section.update(num_generations=n, max_completion_len=int(ebft.get("generate_max_len", 8)),
+                           temperature=float(ebft.get("temperature", 0.6)), top_p=float(ebft.get("top_p", 1.0)))
+            for key, value in trl.items():
+                if value not in (None, False):
+                    self.note(f"trl.{key}", value, "axolotl's strided EBFT does not read the trl: block", False)
+        else:
+            self.convert_trl(trl, section)
+            n = int(section.get("num_generations", 8))  # TRL's default group size, as ft's
+        layers = list(ebft.get("feature_layers", [0.25, 0.5, 0.75]))
+        section["layers"] = layers
+        self.note("ebft.feature_layers", layers, "axolotl takes hidden state int(f x layers), ft round(f x layers) "
+                  "(at least 1): the same where f x layers is whole, e.g. 0.25/0.5/0.75 of a layer count divisible "
+                  "by 4", True, expressed=True)
+        if not strided and len(set(layers)) > 1:
+            self.note("ebft.feature_layers", layers, "axolotl's structured mode L2-normalises the hidden states of "
+                      "the layers concatenated as one vector; ft normalises each layer's, then concatenates (as "
+                      "axolotl's strided mode does): larger-norm layers weigh more in axolotl's rewards", True)
+        embed = ebft.get("embed_method", "last_token")
+        if embed == "last_token" or embed == "completion_mean" or (embed == "mean_pooling" and strided):
+            section["pooling"] = "last_token" if embed == "last_token" else "mean"  # over the completion's tokens
+        elif embed == "mean_pooling":
+            section["pooling"] = "mean"
+            self.note("ebft.embed_method", embed, "axolotl's structured mean_pooling averages over the prompt's "
+                      "tokens too; ft's mean averages the completion's (axolotl's completion_mean)", True)
+        else:
+            self.note("ebft.embed_method", embed, "not offered (ft pools at the last token or by the mean)", True)
+        # the reward axolotl computes, as ft's coefficients: the paper's factor 2 on both terms; in strided mode
+        # the diversity is a dot product of per-layer-normalised features (norm^2 = the layer count), and RLOO's
+        # advantage r - mean(others) is the group-mean advantage times n/(n-1)
+        align, diverse, why = 2.0, 2.0, ["the paper's factor 2 on both terms"]
+        if strided:
+            diverse *= len(layers)
+            why.append(f"the diversity is a dot product of per-layer-normalised features ({len(layers)} layers)")
+            estimator = ebft.get("advantage_estimator", "rloo")
+            rl_coef = float(ebft.get("rl_coef", 1.0))
+            if estimator == "rloo" and n > 1:
+                section["scale_rewards"] = "none"
+                align, diverse = align * n / (n - 1), diverse * n / (n - 1)
+                why.append(f"RLOO's advantage is the group-mean one times n/(n-1) = {n}/{n - 1}")
+            elif estimator == "group_norm":
+                section["scale_rewards"] = "group"
+            else:
+                self.note("ebft.advantage_estimator", estimator, "advantages without a baseline are not offered "
+                          "(ft subtracts the group's mean)", True)
+            if rl_coef != 1.0:
+                if section.get("scale_rewards") == "none":
+                    align, diverse = align * rl_coef, diverse * rl_coef
+                    why.append(f"rl_coef {rl_coef} scales the advantages")
+                else:
+                    self.note("ebft.rl_coef", rl_coef, "a weight on the policy loss is not offered", True)
+            section["loss_type"] = "bnpo"
+            self.note("ebft.mode", "strided", "axolotl's strided loss is REINFORCE averaged over the micro-batch's "
+                      "generated tokens: ft's bnpo (the same with one optimizer step per batch)", False,
+                      expressed=True)
+            if ebft.get("min_completion_prefix"):
+                self.note("ebft.min_completion_prefix", ebft["min_completion_prefix"], "not offered (ft's first "
+                          "anchor is `stride` tokens into the document)", True)
+        section["alignment_coef"] = float(ebft.get("alignment_coef", 1.0)) * align
+        section["diversity_coef"] = float(ebft.get("diversity_coef", 1.0)) * diverse
+        self.note("ebft.alignment_coef", ebft.get("alignment_coef", 1.0), "axolotl's reward scale folded into ft's "
+                  "coefficients: " + "; ".join(why), False, expressed=True)
+        if ebft.get("use_whitening"):
+            self.note("ebft.use_whitening", True, "feature whitening is not offered", True)
+        if ebft.get("ce_coef"):
+            self.note("ebft.ce_coef", ebft["ce_coef"], "a cross-entropy term on the reference is not offered", True)
+        vllm = trl.get("use_vllm") and not strided
+        if vllm and ebft.get("adaptive_max_tokens", True):
+            self.note("ebft.adaptive_max_tokens", True, f"axolotl (with vLLM) caps a batch's completions at "
+                      f"{ebft.get('gt_length_multiplier', 1.5)} x its longest reference (at least 64 tokens); ft "
+                      "generates up to max_completion_len", True)
+        handled = {"mode", "feature_layers", "embed_method", "use_whitening", "alignment_coef", "diversity_coef",
+                   "ce_coef", "adaptive_max_tokens", "gt_length_multiplier"}
+        strided_keys = {"stride", "context_length", "generate_max_len", "n_samples_per_prompt", "temperature",
+                        "top_p", "rl_coef", "advantage_estimator", "min_completion_prefix"}
+        for key, value in ebft.items():
+            if key in handled or value is None:
+                continue
+            if key in strided_keys:
+                if not strided:
+                    self.note(f"ebft.{key}", value, "read in axolotl's strided mode only", False)
+            elif value is not False:
+                self.note(f"ebft.{key}", value, "no ft equivalent", True)
+
+    def ebft_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """An EBFT dataset: prompt + reference rows (structured mode) or raw documents (strided mode)."""
+        kind = str(entry.get("type") or "")
+        out: dict[str, Any] = {"path": entry.get("path")}
+        for key in ("split", "name", "data_files", "revision", "ds_type"):
+            if entry.get(key) is not None:
+                out[key] = entry[key]
+        if self.ebft_strided():
+            if kind.startswith(EBFT_STRIDED_SPANS):
+                self.note(where, f"type: {kind}", "anchors inside the completions of prompt/completion rows or "
+                          "chats are not offered (ft's strided type reads raw documents); the dataset was left out",
+                          True)
+                return None
+            ebft = self.ebft_options()
+            out.update(type="strided", stride=int(ebft.get("stride", 8)), context_len=int(ebft.get("context_length", 8)))
+            self.note(f"{where}.type", kind or None, "axolotl's transform (a Python module) is not run: ft reads each "
+                      "raw document from `text` (datasets[].field) and places anchors over the whole document "
+                      "(axolotl's ebft_pretrain example reads `question` or `text` and cuts the document at "
+                      "sequence_len)", True)
+        else:
+            out["type"] = "prompt_reference"
+            if kind in EBFT_STRUCTURED:
+                out.update(EBFT_STRUCTURED[kind], apply_chat_template=True)
+                self.note(f"{where}.type", kind, "axolotl's transform as ft's prompt_reference fields (the prompt "
+                          "a user message rendered with the chat template)", False, expressed=True)
+            else:
+                out["field_reference"] = "ground_truth"
+                if kind:
+                    self.note(f"{where}.type", kind, "axolotl's transform (a Python function) is not run: ft reads "
+                              "the prompt (chat messages or text) from `prompt` and the reference from "
+                              "`ground_truth`, the columns axolotl's transforms make; prepare the rows that way", True)
+            template_kwargs = (self.data.get("trl") or {}).get("chat_template_kwargs")
+            if isinstance(template_kwargs, dict) and template_kwargs:
+                out["chat_template_kwargs"] = dict(template_kwargs)
+        for key, value in entry.items():
+            if key in ("path", "type", "split", "name", "data_files", "revision", "ds_type") or value in (
+                    None, False, "", [], {}):
+                continue
+            if key == "field_prompt" and out["type"] == "prompt_reference":
+                out["field_prompt"] = value
+            else:
+                self.note(f"{where}.{key}", value, "no ft equivalent for EBFT data", True)
+        return _ordered_entry(out)
+
     def prompt_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
         """A GRPO dataset: prompts for generation (axolotl's `type:` names a transform module of the user's)."""
         out: dict[str, Any] = {"path": entry.get("path"), "type": "prompt"}
@@ -1097,6 +1340,10 @@ class _Converter:
     def preference_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any] | None:
         if self.method == "grpo":
             return self.prompt_entry(where, entry)
+        if self.method == "ebft":
+            return self.ebft_entry(where, entry)
+        if self.method == "prm":
+            return self.stepwise_entry(where, entry)
         kind = entry.get("type")
         out: dict[str, Any] = {"path": entry.get("path"), "type": "kto" if self.method == "kto" else "preference"}
         for key in ("split", "name", "data_files", "revision", "ds_type"):
@@ -1115,7 +1362,11 @@ class _Converter:
             if self.method == "orpo" and prefix == "chat_template" and variant == "argilla":
                 variant = "argilla_chat"  # ORPO's chat_template.argilla reads whole conversations (DPO's: texts)
             fields = dict(PREFERENCE_TYPES.get(variant, {}))
-            if variant not in PREFERENCE_TYPES and prefix != "chat_template":
+            if kind == "bradley_terry.chat_template":
+                fields = dict(BRADLEY_TERRY)
+                self.note(f"{where}.type", kind, "became ft's 'preference' type reading the same columns (system, "
+                          "input, chosen, rejected), each side rendered with the chat template", False, expressed=True)
+            elif variant not in PREFERENCE_TYPES and prefix != "chat_template":
                 self.note(f"{where}.type", kind, "field names guessed (prompt, chosen, rejected): check them against "
                           "your data", True, expressed=True)
             else:
@@ -1175,7 +1426,7 @@ def variant_is_conversation(kind: Any) -> bool:
 
 
 def _section_order(name: str) -> tuple[int, str]:
-    order = ["lora", "qlora", "dpo", "kto", "orpo", "simpo", "grpo", "hf", "liger", "compile", "fsdp", "deepspeed",
+    order = ["lora", "qlora", "dpo", "kto", "orpo", "simpo", "grpo", "ebft", "reward_model", "hf", "liger", "compile", "fsdp", "deepspeed",
              "wandb", "hub"]
     return (order.index(name) if name in order else len(order), name)
 
@@ -1244,7 +1495,10 @@ KEY_HINTS: dict[str, str | Callable[[Any], str]] = {
     "use_mlflow": "write `report_to: mlflow`.",
     "hub_model_id": "write `hub: {model_id: ...}`.", "hub_strategy": "write `strategy:` in the `hub:` section.",
     "hub_private_repo": "write `private:` in the `hub:` section.",
-    "rl": "write `method:` (dpo, kto, orpo, simpo, grpo) with the method's section.",
+    "rl": "write `method:` (dpo, kto, orpo, simpo, grpo, ebft) with the method's section.",
+    "process_reward_model": "write `method: prm` (a process reward model, data type stepwise_supervised).",
+    "center_rewards_coefficient": "write `method: reward_model` with `reward_model: {center_rewards_coefficient: ...}`.",
+    "num_labels": "methods reward_model (1 output) and prm (2) load their head themselves; remove it.",
     "rl_beta": "write `beta:` in the method's section (e.g. dpo: {beta: 0.1}).",
     "tokenizer_config": "write `tokenizer:`.", "dataset_processes": "write `dataset_num_proc:`.",
     "excess_length_strategy": "write `excess_length:` (drop, truncate or error).",

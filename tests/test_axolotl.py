@@ -482,6 +482,8 @@ def test_sharegpt_chat_config_converted_literally_trains_every_row(ft_runner, ax
     ({"sample_packing": True}, ["write `plugins: [packing]`"]),
     ({"wandb_project": "p"}, ["write `report_to: wandb` and `wandb: {project: ...}`"]),
     ({"flash_attention": True}, ["hf: {attn_implementation: flash_attention_2}"]),
+    ({"process_reward_model": True}, ["write `method: prm`"]),
+    ({"center_rewards_coefficient": 0.01}, ["`reward_model: {center_rewards_coefficient: ...}`"]),
 ])
 def test_axolotl_keys_in_an_ft_config_say_what_to_write(ft_runner, ft_config, ft_dataset, extra, fragments):
     path = ft_config(name="mine.yaml", dataset=ft_dataset(), **extra)
@@ -651,12 +653,12 @@ def test_model_type_causal_classes_pass_and_other_heads_are_flagged():
 
 
 def test_an_rl_method_ft_lacks_is_refused_with_its_trl_block(ft_runner, tmp_path):
-    src = tmp_path / "ebft.yml"
-    src.write_text("base_model: m\nrl: ebft\ntrl:\n  num_generations: 4\n  epsilon: 0.2\n"
-                   "datasets:\n  - path: p.jsonl\n    type: ebft_strided\n")
+    src = tmp_path / "gdpo.yml"
+    src.write_text("base_model: m\nrl: gdpo\ntrl:\n  num_generations: 4\n  epsilon: 0.2\n"
+                   "datasets:\n  - path: p.jsonl\n    type: gdpo.transform\n")
     result = ft_runner.invoke("convert", str(src), "-o", str(tmp_path / "out.yaml"))
     assert result.exit_code == 2 and not (tmp_path / "out.yaml").exists()
-    assert "rl: ebft is a training method ft does not offer" in result.output
+    assert "rl: gdpo is a training method ft does not offer" in result.output
     assert "trl: settings (epsilon, num_generations)" in result.output
 
 
@@ -836,7 +838,7 @@ def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, 
     (folder / "dpo.yml").write_text(f"base_model: {tiny_model_dir}\nrl: dpo\ndatasets:\n  - path: {data}\n"
                                     "    type: chatml.intel\n")
     (folder / "classifier.yml").write_text(sft + "model_type: AutoModelForSequenceClassification\n")
-    (folder / "ebft.yml").write_text(sft + "rl: ebft\n")
+    (folder / "gdpo.yml").write_text(sft + "rl: gdpo\n")
     (folder / "gpu.yml").write_text(sft + "flash_attention: true\nbf16: true\n")
     (folder / "launcher.yaml").write_text("provider: somewhere\ngpu: h100\n")  # not a training config
     loader = load_bench(Path(__file__).resolve().parents[1] / "bench" / "axolotl_corpus.py", "ft_bench_axolotl")
@@ -849,9 +851,136 @@ def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, 
     assert report["configs"] == 5 and report["skipped"] == ["launcher.yaml"]
     assert report["convert_exit"] == {"0": 3, "3": 1, "2": 1}
     assert report["dropped"] == {"model_type": 1}
-    assert list(report["refused"]) == ["rl: ebft is a training method ft does not offer (ft has dpo, grpo, ipo, "
-                                       "kto, orpo, simpo). Nothing was written."]
-    assert report["validated_by_rl"] == {"dpo": "1/1", "ebft": "0/1"} and report["tracebacks"] == []
+    assert list(report["refused"]) == ["rl: gdpo is a training method ft does not offer (ft has dpo, ebft, grpo, "
+                                       "ipo, kto, orpo, simpo). Nothing was written."]
+    assert report["validated_by_rl"] == {"dpo": "1/1", "gdpo": "0/1"} and report["tracebacks"] == []
     # gpu.yml is refused here only for flash-attn / bf16 on a CPU machine, if this machine lacks them
     assert report["validated_with_gpu_and_packages"] == 4
     assert report["validated_here"] + report["validated_but_for_this_machine"] == 4
+
+
+# -- reward models, process reward models and EBFT ------------------------------------------------
+
+
+def _convert_file(ft_runner, tmp_path, tiny_model_dir, data: dict, rows: list[dict]) -> tuple:
+    """Write ``data`` (an axolotl config on the tiny model, its dataset ``rows``) and ``ft convert`` it."""
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    data = {"base_model": str(tiny_model_dir), "sequence_len": 256, "micro_batch_size": 2, "warmup_steps": 0,
+            "dataset_prepared_path": str(tmp_path / "prepared"), "output_dir": str(tmp_path / "out"), **data}
+    data["datasets"] = [dict(entry, path=str(path)) for entry in data["datasets"]]
+    src, out = tmp_path / "axolotl.yml", tmp_path / "ft.yaml"
+    src.write_text(yaml.safe_dump(data))
+    result = convert(ft_runner, src, out)
+    return result, (yaml.safe_load(out.read_text()) if out.exists() else None), out
+
+
+def test_reward_model_config_becomes_method_reward_model(ft_runner, tmp_path, tiny_model_dir):
+    rows = [{"system": "Be brief." if i % 2 else "", "input": f"What is {i} + {i}?", "chosen": f"{2 * i}.",
+             "rejected": f"I am not sure about {i}."} for i in range(6)]
+    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+        "model_type": "AutoModelForSequenceClassification", "num_labels": 1, "reward_model": True,
+        "center_rewards_coefficient": 0.01, "chat_template": "chatml",
+        "datasets": [{"type": "bradley_terry.chat_template"}]}, rows)
+    assert result.exit_code == 0, result.output  # model_type and num_labels are the method's own head: no note
+    assert cfg["method"] == "reward_model" and cfg["reward_model"] == {"center_rewards_coefficient": 0.01}
+    assert cfg["datasets"][0] == {"path": str(tmp_path / "rows.jsonl"), "type": "preference", "field_prompt": "input",
+                                  "field_chosen": "chosen", "field_rejected": "rejected", "field_system": "system"}
+    assert cfg["excess_length"] == "truncate"  # axolotl cuts over-long sides and keeps the pair
+    assert "model_type" not in cfg and "num_labels" not in cfg
+    ft_runner.validate(out).assert_ok()
+    assert "dropped nothing" in ft_runner.preprocess(out).assert_ok().log  # the columns axolotl reads are read
+
+
+def test_reward_flags_with_another_head_or_label_count_are_flagged():
+    assert _dropped(_convert(reward_model=True, model_type="AutoModelForTokenClassification", num_labels=2,
+                             datasets=[{"path": "p.jsonl", "type": "bradley_terry.chat_template"}])) == \
+        ["model_type", "num_labels"]
+    assert _dropped(_convert(process_reward_model=True, model_type="AutoModelForSequenceClassification",
+                             datasets=[{"path": "p.jsonl", "type": "stepwise_supervised"}])) == ["model_type"]
+    capped = _convert(process_reward_model=True, datasets=[{"path": "p.jsonl", "type": "stepwise_supervised",
+                                                            "max_completion_length": 64}])
+    assert _dropped(capped) == ["datasets[0].max_completion_length"]  # ft cannot cut the steps alone
+    # axolotl's center_rewards_coefficient means nothing without reward_model; ft's section is not written then
+    plain = _convert(center_rewards_coefficient=0.01)
+    assert "reward_model" not in plain.config and not _dropped(plain)
+
+
+def test_process_reward_model_config_becomes_method_prm(ft_runner, tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Add {i} and {i}.", "completions": [f"Step one: {i} + {i}.", f"So {2 * i}."],
+             "labels": [True, i % 3 != 0]} for i in range(6)]
+    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+        "model_type": "AutoModelForTokenClassification", "num_labels": 2, "process_reward_model": True,
+        "datasets": [{"type": "stepwise_supervised", "step_separator": "\n", "max_completion_length": None,
+                      "train_on_last_step_only": False}]}, rows)
+    assert result.exit_code == 0, result.output
+    assert cfg["method"] == "prm" and cfg["excess_length"] == "truncate"
+    assert cfg["datasets"][0] == {"path": str(tmp_path / "rows.jsonl"), "type": "stepwise_supervised",
+                                  "step_separator": "\n", "train_on_last_step_only": False}
+    assert 'step_separator: "\\n"' in out.read_text()  # a readable separator, not a YAML block scalar
+    ft_runner.validate(out).assert_ok()
+    assert "dropped nothing" in ft_runner.preprocess(out).assert_ok().log
+
+
+def test_ebft_structured_config_becomes_method_ebft(ft_runner, tmp_path, tiny_model_dir):
+    rows = [{"input": f"Write {i} in words.", "output": f"The number {i}."} for i in range(6)]
+    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+        "rl": "ebft", "chat_template": "chatml",
+        "ebft": {"feature_layers": [0.5], "embed_method": "completion_mean", "use_whitening": False,
+                 "alignment_coef": 1.0, "diversity_coef": 0.5, "ce_coef": 0.0},
+        "trl": {"num_generations": 2, "max_completion_length": 8, "temperature": 0.7, "use_vllm": False,
+                "scale_rewards": True, "loss_type": "grpo", "epsilon": 0.2},
+        "datasets": [{"type": "ebft_opencode.transform", "split": "train"}]}, rows)
+    assert result.exit_code == 0, result.output
+    assert cfg["method"] == "ebft"
+    # axolotl doubles both terms (the paper's factor 2): folded into ft's coefficients
+    assert cfg["ebft"] == {"num_generations": 2, "max_completion_len": 8, "temperature": 0.7, "scale_rewards": "group",
+                           "loss_type": "grpo", "epsilon": 0.2, "layers": [0.5], "pooling": "mean",
+                           "alignment_coef": 2.0, "diversity_coef": 1.0}
+    assert cfg["datasets"][0] == {"path": str(tmp_path / "rows.jsonl"), "type": "prompt_reference", "split": "train",
+                                  "field_prompt": "input", "field_reference": "output", "apply_chat_template": True}
+    ft_runner.validate(out).assert_ok()
+    assert "dropped nothing" in ft_runner.preprocess(out).assert_ok().log
+
+
+def test_ebft_options_ft_lacks_are_flagged():
+    result = _convert(rl="ebft", ebft={"feature_layers": [0.25, 0.5, 0.75], "use_whitening": True, "ce_coef": 0.03,
+                                       "embed_method": "concat"},
+                      trl={"use_vllm": True, "num_generations": 4}, datasets=[{"path": "p.jsonl", "type": "mine.fn"}])
+    assert sorted(_dropped(result)) == sorted([
+        "ebft.feature_layers",  # axolotl's structured mode normalises the concatenated layers as one vector
+        "ebft.embed_method", "ebft.use_whitening", "ebft.ce_coef",
+        "ebft.adaptive_max_tokens",  # on by default with vLLM: completions capped by the reference's length
+        "datasets[0].type"])  # a transform of the user's: not run, ft reads prompt + ground_truth
+    assert result.config["datasets"][0]["field_reference"] == "ground_truth"
+    assert "pooling" not in result.config["ebft"] and "vllm" in result.config["plugins"]
+
+
+def test_ebft_strided_config_becomes_type_strided(ft_runner, tmp_path, tiny_model_dir):
+    rows = [{"text": " ".join(f"word{j}" for j in range(i, i + 40))} for i in range(4)]
+    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+        "rl": "ebft", "micro_batch_size": 1, "gradient_accumulation_steps": 2,
+        "ebft": {"mode": "strided", "stride": 8, "context_length": 8, "generate_max_len": 4,
+                 "n_samples_per_prompt": 2, "feature_layers": [0.25, 0.5, 0.75], "embed_method": "mean_pooling",
+                 "use_whitening": False, "advantage_estimator": "rloo", "rl_coef": 1.0},
+        "datasets": [{"type": "ebft_pretrain.transform", "split": "train"}]}, rows)
+    assert result.exit_code == 3  # the transform is the user's module: said, and ft's anchors cover whole documents
+    assert "datasets[0].type" in result.output
+    # axolotl's defaults written (temperature 0.6); RLOO = the group-mean advantage x n/(n-1), unscaled; its
+    # diversity is a dot product of per-layer-normalised features (x 3 layers); the paper's factor 2 on both
+    assert cfg["ebft"] == {"num_generations": 2, "max_completion_len": 4, "temperature": 0.6, "top_p": 1.0,
+                           "layers": [0.25, 0.5, 0.75], "pooling": "mean", "scale_rewards": "none",
+                           "loss_type": "bnpo", "alignment_coef": 4.0, "diversity_coef": 12.0}
+    assert cfg["datasets"][0] == {"path": str(tmp_path / "rows.jsonl"), "type": "strided", "split": "train",
+                                  "stride": 8, "context_len": 8}
+    assert cfg["micro_batch_size"] == 2  # one anchor's group per document (ft's micro-batch counts completions)
+    ft_runner.validate(out).assert_ok()
+    assert "dropped nothing" in ft_runner.preprocess(out).assert_ok().log
+
+
+def test_ebft_strided_anchors_inside_completions_are_refused(ft_runner, tmp_path):
+    src = tmp_path / "ebft.yml"
+    src.write_text("base_model: m\nrl: ebft\nebft:\n  mode: strided\n  use_whitening: true\n"
+                   "datasets:\n  - path: p.jsonl\n    type: ebft_strided_structured.transform\n")
+    result = ft_runner.invoke("convert", str(src), "-o", str(tmp_path / "out.yaml"))
+    assert result.exit_code == 2 and not (tmp_path / "out.yaml").exists()
+    assert "anchors inside the completions" in result.output
