@@ -40,7 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny"
-METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "reward_model")
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo", "reward_model", "prm")
 AREAS = ("kill9", "bad_data", "hostile_config", "secrets", "paths")
 MAX_STEPS, SAVE_STEPS = 5, 2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -104,15 +104,19 @@ class Campaign:
             return subprocess.CompletedProcess(exc.cmd, -1, _text(exc.stdout), _text(exc.stderr) +
                                                f"\n[timed out after {timeout:.0f} s]")
 
-    def paused(self, config: Path, where: str, tag: str, timeout: float = 300) -> tuple[subprocess.Popen, Path]:
-        """``ft run CONFIG`` paused at ``where`` (test_crash's machinery); returns the process, still running."""
+    def paused(self, config: Path, where: str, tag: str, *args: str,
+               timeout: float = 300) -> tuple[subprocess.Popen, Path]:
+        """``ft run CONFIG ARGS`` paused at ``where`` (test_crash's machinery); returns the process, still running."""
         d = config.parent / f"pause-{tag}"
         d.mkdir()
         script = d / "pausing_run.py"
-        script.write_text(pausing_run_script())
+        text = pausing_run_script()
+        plain = 'sys.argv = ["ft", "run", config]'
+        assert plain in text, "tests/test_crash.py's PAUSING_RUN changed: update fault_campaign.paused"
+        script.write_text(text.replace(plain, 'sys.argv = ["ft", "run", config, *sys.argv[5:]]'))
         marker, go = d / "paused", d / "go"
         with open(d / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen([sys.executable, str(script), str(config), str(marker), str(go), where],
+            proc = subprocess.Popen([sys.executable, str(script), str(config), str(marker), str(go), where, *args],
                                     stdout=subprocess.DEVNULL, stderr=err, env=ENV, cwd=self.work)
         deadline = time.monotonic() + timeout
         while not marker.exists():
@@ -132,8 +136,14 @@ class Campaign:
         data = {"sft": ("chat.jsonl", "chat_template"), "kto": ("preference.jsonl", "kto"),
                 "grpo": ("prompts.jsonl", "prompt"), "reward_model": ("reward_pairs.jsonl", "preference")}
         path, kind = data.get(method, ("preference.jsonl", "preference"))
+        source = TINY / path
+        if method == "prm":  # step-labelled rows (examples/tiny has none)
+            source, kind = self.work / "steps.jsonl", "stepwise_supervised"
+            if not source.exists():
+                jsonl(source, [{"prompt": f"What is {a} plus {b}?", "completions": [f"{a} plus {b}", f"is {a + b + k}."],
+                                "labels": [True, k == 0]} for a in range(4) for b in range(3) for k in (0, 1)])
         config: dict[str, Any] = {
-            "base_model": str(self.model), "datasets": [{"path": str(TINY / path), "type": kind}],
+            "base_model": str(self.model), "datasets": [{"path": str(source), "type": kind}],
             "dataset_prepared_path": str(self.work / "prepared"), "dataset_num_proc": 1,
             "output_dir": str(root / "out"), "sequence_len": 128, "micro_batch_size": 4,
             "gradient_accumulation_steps": 1, "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS,
@@ -419,7 +429,7 @@ def bad_data(c: Campaign) -> None:
         if problem := ok(result):
             return problem
         output = result.stdout + result.stderr
-        if "(12 samples" not in output:
+        if "samples kept 12 " not in output and "(12 samples" not in output:  # built now, or read from the cache
             return f"expected 12 KTO rows from 6 pairs: {tail(output)}"
         text = first_text(c, root / "kto_intel" / "prepared")
         return None if "You add numbers." in text else f"the system message is lost: {text!r}"
@@ -686,6 +696,17 @@ def paths(c: Campaign) -> None:
         return "; ".join(problems) or None
 
     c.case("paths", "ft run --overwrite whose new run fails at data loading", overwrite_fails_early)
+
+    def overwrite_killed_before_saving() -> str | None:
+        before = snapshot(full_out)
+        proc, _ = c.paused(full, "step_end:1", "overwrite", "--overwrite")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        again = c.ft("run", full)
+        problems = [p for p in (ft_error(again, "already holds a finished run"), same_files(before, full_out)) if p]
+        return "; ".join(problems) or None
+
+    c.case("paths", "ft run --overwrite killed (-9) before its first save", overwrite_killed_before_saving)
 
     source = root / "axolotl.yml"
     source.write_text(AXOLOTL.format(model=c.model, data=TINY / "chat.jsonl"))
