@@ -258,8 +258,13 @@ class _Attributed:
         return getattr(self._ft_fn, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from ft.errors import PluginHookError, is_out_of_memory, outside_hooks_error, plugin_frames
-        from ft.plugins import plugin_in_traceback
+        from ft.errors import (
+            PluginHookError,
+            is_out_of_memory,
+            outside_hooks_error,
+            plugin_frames,
+            plugin_in_traceback,
+        )
 
         try:
             return self._ft_fn(*args, **kwargs)

@@ -77,8 +77,7 @@ def _from_plugin(exc: Exception) -> FtError | None:
     """An exception raised in a plugin's code outside any hook call (a function it patched into torch or
     transformers at import, say), as an error naming the plugin and its frames; None when no plugin's code is in
     the traceback (then it is ft's own bug, and its traceback is shown)."""
-    from ft.errors import is_out_of_memory, outside_hooks_error
-    from ft.plugins import plugin_in_traceback
+    from ft.errors import is_out_of_memory, outside_hooks_error, plugin_in_traceback
 
     found = None if is_out_of_memory(exc) else plugin_in_traceback(exc)
     return None if found is None else outside_hooks_error(found[0], exc, found[1])

@@ -40,6 +40,28 @@ class PluginHookError(FtError):
                          "if it is an optional feature)")
 
 
+# Every plugin object registered in this process, by name: to attribute an exception that its code raised outside
+# any hook call (a function it patched into torch at import, say) -- see ``plugin_in_traceback``.
+LOADED_PLUGINS: dict[str, object] = {}
+
+
+def plugin_in_traceback(exc: BaseException) -> tuple[str, list[str]] | None:
+    """``(plugin, its frames)`` of the loaded plugin whose code is innermost in ``exc``'s traceback, or None."""
+    import traceback
+
+    order = {(f.filename, f.lineno, f.name): i for i, f in enumerate(traceback.extract_tb(exc.__traceback__))}
+    best: tuple[int, str, list[str]] | None = None
+    for name, obj in list(LOADED_PLUGINS.items()):
+        frames = plugin_frames(exc, obj)
+        if not frames:
+            continue
+        last = frames[-1].split(" in ", 1)[0]
+        depth = max((i for (file, line, _fn), i in order.items() if f"{file}:{line}" == last), default=-1)
+        if best is None or depth > best[0]:
+            best = (depth, name, frames)
+    return (best[1], best[2]) if best else None
+
+
 def outside_hooks_error(plugin: str, exc: BaseException, frames: list[str]) -> PluginHookError:
     """``exc``, raised in a plugin's code that ran outside any hook call of that plugin (a function it replaced in
     torch or transformers when it was imported, say), as an error naming that plugin and its frames."""

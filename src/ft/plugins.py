@@ -28,7 +28,7 @@ from typing import Any
 import pluggy
 
 from ft import PROJECT, hookspecs
-from ft.errors import FtError, PluginError, PluginHookError, is_out_of_memory, plugin_frames
+from ft.errors import LOADED_PLUGINS, FtError, PluginError, PluginHookError, is_out_of_memory, plugin_frames
 
 ENTRY_POINT_GROUP = "ft"
 AUTOLOAD_ENV = "FT_DISABLE_PLUGIN_AUTOLOAD"
@@ -207,7 +207,7 @@ class PluginManager:
             info.error = str(exc)
             return
         self._callers.clear()
-        _LOADED[name] = obj
+        LOADED_PLUGINS[name] = obj
         info.feature = bool(getattr(obj, "FT_FEATURE", False))
         info.provides = frozenset(getattr(obj, "FT_PROVIDES", ()) or ())
         info.method_feature = getattr(obj, "FT_METHOD_FEATURE", None)
@@ -463,28 +463,6 @@ class _HookFacade:
             return [r for _p, r in manager.call_each(name, active_only=active_only, **kwargs) if r is not None]
 
         return call
-
-
-# Every plugin object registered in this process, by name: to attribute an exception that its code raised outside
-# any hook call (a function it patched into torch at import, say) -- see ``plugin_in_traceback``.
-_LOADED: dict[str, object] = {}
-
-
-def plugin_in_traceback(exc: BaseException) -> tuple[str, list[str]] | None:
-    """``(plugin, its frames)`` of the loaded plugin whose code is innermost in ``exc``'s traceback, or None."""
-    import traceback
-
-    order = {(f.filename, f.lineno, f.name): i for i, f in enumerate(traceback.extract_tb(exc.__traceback__))}
-    best: tuple[int, str, list[str]] | None = None
-    for name, obj in list(_LOADED.items()):
-        frames = plugin_frames(exc, obj)
-        if not frames:
-            continue
-        last = frames[-1].split(" in ", 1)[0]
-        depth = max((i for (file, line, _fn), i in order.items() if f"{file}:{line}" == last), default=-1)
-        if best is None or depth > best[0]:
-            best = (depth, name, frames)
-    return (best[1], best[2]) if best else None
 
 
 def code_location(fn: Any) -> str | None:
