@@ -185,10 +185,12 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
                       rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
         if code is not None:  # None: already under a launcher, so this process trains
             sys.exit(code)
+    from ft.launch import close_process_group
     from ft.run import train
 
     ctx = _context(config, plugin_args, overrides, trace)
     result = train(ctx, fresh=fresh, overwrite=overwrite)
+    close_process_group()  # every rank ends here together, its collectives done
     if _is_main_process():
         click.echo(f"done: {result.output_dir}")
 

@@ -51,6 +51,18 @@ def under_launcher(env: dict[str, str] | os._Environ[str] | None = None) -> bool
     return "RANK" in env and "WORLD_SIZE" in env
 
 
+def close_process_group() -> None:
+    """End this process's part of a distributed run: wait for every rank, then destroy the process group.
+    Left to interpreter exit, the backend's threads can still hold work of the last collectives (FSDP2's and
+    ZeRO-3's gathers for generation, say), and a rank then aborts (SIGABRT, "terminate called without an active
+    exception") after a run that finished. Nothing when torch was not loaded or no group was started."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def visible_gpus() -> int:
     """CUDA devices this process may use (0 without CUDA)."""
     try:
