@@ -961,16 +961,8 @@ class _Converter:
                 if entry.get("train_on_eos") not in (None, value):
                     self.note(f"{where}.train_on_eos", entry["train_on_eos"], "ft's train_on_eos is about the "
                               "end-of-turn token: train_on_eot was used", True, expressed=True)
-            elif key in ("chat_template", "conversation"):
-                ok, spec = self.template(f"{where}.{key}", value, entry.get("chat_template_jinja"))
-                if ok and spec is not None:
-                    out["chat_template"] = spec
-            elif key == "chat_template_jinja":
-                if not entry.get("chat_template"):
-                    out["chat_template"] = value
-            elif key in ENTRY_NO_EFFECT:
-                if value:
-                    self.note(f"{where}.{key}", value, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+            elif self.template_or_no_effect(where, key, value, entry, out):
+                continue
             elif key in ENTRY_CHANGES:
                 self.note(f"{where}.{key}", value, ENTRY_CHANGES[key] or "no ft equivalent", True)
             elif value not in (False, "", [], {}):
@@ -1322,6 +1314,24 @@ class _Converter:
                 self.note(f"{where}.{key}", value, "no ft equivalent for EBFT data", True)
         return _ordered_entry(out)
 
+    def template_or_no_effect(self, where: str, key: str, value: Any, entry: dict[str, Any],
+                              out: dict[str, Any]) -> bool:
+        """A dataset entry's chat template keys, and keys without effect in ft, the same for every data type:
+        True when ``key`` was one of them (and is handled)."""
+        if key in ("chat_template", "conversation"):
+            ok, spec = self.template(f"{where}.{key}", value, entry.get("chat_template_jinja"))
+            if ok and spec is not None:
+                out["chat_template"] = spec
+        elif key == "chat_template_jinja":
+            if not entry.get("chat_template"):
+                out["chat_template"] = value
+        elif key in ENTRY_NO_EFFECT:
+            if value:
+                self.note(f"{where}.{key}", value, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+        else:
+            return False
+        return True
+
     def prompt_entry(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
         """A GRPO dataset: prompts for generation (axolotl's `type:` names a transform module of the user's)."""
         out: dict[str, Any] = {"path": entry.get("path"), "type": "prompt"}
@@ -1394,16 +1404,8 @@ class _Converter:
                 continue
             if key in PREFERENCE_SAME:
                 out[key] = value
-            elif key in ("chat_template", "conversation"):
-                ok, spec = self.template(f"{where}.{key}", value, entry.get("chat_template_jinja"))
-                if ok and spec is not None:
-                    out["chat_template"] = spec
-            elif key == "chat_template_jinja":
-                if not entry.get("chat_template"):
-                    out["chat_template"] = value
-            elif key in ENTRY_NO_EFFECT:
-                if value:
-                    self.note(f"{where}.{key}", value, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+            elif self.template_or_no_effect(where, key, value, entry, out):
+                continue
             elif value not in (False, "", [], {}):
                 self.note(f"{where}.{key}", value, ENTRY_CHANGES.get(key) or "no ft equivalent for preference data",
                           True)

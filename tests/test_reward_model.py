@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+from test_preference_trl import assert_same, loss_and_grads
 
 from ft.context import load_context
 
@@ -39,22 +40,6 @@ def config_of(tmp_path: Path, model_dir: Path, rows: list[dict], **extra) -> dic
     return {"base_model": str(model_dir), "method": "reward_model", "datasets": [entry], "sequence_len": 128,
             "shuffle": False, "micro_batch_size": len(rows), "dataset_prepared_path": str(tmp_path / "prepared"),
             "output_dir": str(tmp_path / "out"), "dataset_num_proc": 1, **extra}
-
-
-def loss_and_grads(compute, model):
-    model.zero_grad()
-    loss = compute()
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_same(ft_loss, ft_grads, trl_loss, trl_grads, rel=1e-5):
-    assert abs(ft_loss.item() - trl_loss.item()) <= rel * abs(trl_loss.item()), (ft_loss.item(), trl_loss.item())
-    assert ft_grads.keys() == trl_grads.keys() and ft_grads
-    for name, g in trl_grads.items():
-        scale = g.abs().max().item()
-        diff = (ft_grads[name] - g).abs().max().item()
-        assert diff <= rel * scale + 1e-12, f"{name}: gradients differ by {diff} (largest {scale})"
 
 
 @pytest.mark.parametrize("margin, center", [(False, None), (True, 0.01)])
