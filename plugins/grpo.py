@@ -216,10 +216,20 @@ def import_reward(cfg: Any, path: str, where: str) -> Callable[..., Any]:
             file = Path(resolve_path(cfg, module_name))
             if not file.is_file():
                 raise FileNotFoundError(f"no file {file}")
-            spec = importlib.util.spec_from_file_location(f"ft_reward_{file.stem}", file)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
+            import hashlib
+
+            # one module per file, executed once: validation and the trainer ask for it, and two files may share a stem
+            name = f"ft_reward_{file.stem}_{hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:8]}"
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, file)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]  # a failed import is not kept half-made
+                    raise
         else:
             module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - whatever the import raised, said with where it was asked for

@@ -141,6 +141,9 @@ def test_a_reward_function_by_import_path(tiny_model_dir, tmp_path):
     from ft.run import run
 
     (tmp_path / "my_rewards.py").write_text(
+        "import os\n"
+        "with open(os.path.join(os.path.dirname(__file__), 'imports.log'), 'a') as f:\n"
+        "    f.write('x')\n"
         "CALLS = []\n"
         "def short(prompts, completions, completion_ids, answer, **kwargs):\n"  # TRL's signature
         "    CALLS.append(len(completions))\n"
@@ -151,6 +154,7 @@ def test_a_reward_function_by_import_path(tiny_model_dir, tmp_path):
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert "reward/my_rewards.py:short/mean" in history[0]
     assert history[0]["reward"] == pytest.approx(2.0 * history[0]["reward/my_rewards.py:short/mean"])
+    assert (tmp_path / "imports.log").read_text() == "x"  # validation and the trainer share one import of the file
 
 
 @pytest.mark.parametrize(("name", "says"), [
