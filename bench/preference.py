@@ -221,7 +221,7 @@ def pack_bins(a: dict[str, Any], work: Path) -> tuple[int, float]:
         config["special_tokens"] = {"pad_token": a["pad_token"]}
     with contextlib.redirect_stdout(sys.stderr):
         ctx = load_context(config)
-        data = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+        data = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     if data.report["dropped_total"]:
         raise SystemExit(f"ft dropped {data.report['dropped_total']} pairs (TRL would truncate them): raise "
                          "--sequence-len so that both sides train on the same pairs")

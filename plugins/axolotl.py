@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
+from ft.api import Plugin
 
-FT_FEATURE = False
+PLUGIN = Plugin()
 
 EXIT_DROPPED_TRAINING = 3  # `ft convert` wrote the config but dropped something that changes training
 

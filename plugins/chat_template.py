@@ -46,9 +46,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ft import hookimpl
-from ft.api import IGNORE_INDEX, DatasetOptions, Dropped, FtError, Note, TextEncoder, entry_where
+from ft.api import IGNORE_INDEX, DatasetOptions, Dropped, FtError, Note, Plugin, TextEncoder, entry_where
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 __all__ = ["ChatTemplateOptions", "ChatTokenize", "build_chat_tokenize", "resolve_chat_template"]
 

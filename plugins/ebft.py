@@ -40,9 +40,9 @@ from ft_plugins.grpo import GENERATION, GRPOOptions, PromptOptions, PromptTokeni
 from pydantic import Field, field_validator
 
 from ft import hookimpl
-from ft.api import DatasetOptions, Dropped, FtError, Method
+from ft.api import DatasetOptions, Dropped, FtError, Method, Plugin
 
-FT_FEATURE = False  # a method: chosen with `method: ebft`
+PLUGIN = Plugin()  # a method: chosen with `method: ebft`
 
 log = logging.getLogger("ft.ebft")
 

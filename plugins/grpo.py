@@ -48,6 +48,7 @@ from ft.api import (
     Dropped,
     FtError,
     Method,
+    Plugin,
     ReferenceModel,
     TextEncoder,
     defined_at,
@@ -55,11 +56,11 @@ from ft.api import (
     resolve_path,
 )
 
-FT_FEATURE = False  # a method: always available, chosen with `method: grpo`
+PLUGIN = Plugin()  # a method: always available, chosen with `method: grpo`
 
 log = logging.getLogger("ft.grpo")
 
-GENERATION = "generation"  # the method feature generation backends need (FT_METHOD_FEATURE of the vllm plugin)
+GENERATION = "generation"  # the method feature generation backends need (Plugin(method_feature=...) of the vllm plugin)
 COLUMNS = ("input_ids", "prompt")
 COMPLETIONS_FILE = "completions.jsonl"
 NO_SIGNAL_STEPS = 5  # generations in a row without any reward difference inside a group: warn

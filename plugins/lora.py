@@ -17,10 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import ConfigError, FtError, MissingDependencyError, is_installed, load_or_explain
+from ft.api import ConfigError, FtError, MissingDependencyError, Plugin, is_installed, load_or_explain
 
-FT_FEATURE = True
-FT_PROVIDES = ("adapter",)  # a trainable adapter on a frozen base
+PLUGIN = Plugin(feature=True, provides=["adapter"])  # a trainable adapter on a frozen base
 
 log = logging.getLogger("ft.lora")
 

@@ -31,11 +31,9 @@ import uuid
 from typing import Any
 
 from ft import hookimpl
-from ft.api import IGNORE_INDEX, DataError
+from ft.api import IGNORE_INDEX, DataError, Plugin
 
-FT_FEATURE = True
-FT_PROVIDES = ("packing",)
-FT_METHOD_FEATURE = "packing"  # only for methods that declare packing
+PLUGIN = Plugin(feature=True, provides=["packing"], method_feature="packing")  # only for methods that declare packing
 
 log = logging.getLogger("ft.packing")
 

@@ -37,9 +37,9 @@ from ft_plugins.preference_data import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import EVAL, PACKING, Method
+from ft.api import EVAL, PACKING, Method, Plugin
 
-FT_FEATURE = False  # methods are chosen with `method:`; nothing to select
+PLUGIN = Plugin()  # methods are chosen with `method:`; nothing to select
 
 log = logging.getLogger("ft.preference")
 

@@ -27,9 +27,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import EVAL, LOSS_WATCH, SEQUENCE_CLASSIFICATION, Method
+from ft.api import EVAL, LOSS_WATCH, SEQUENCE_CLASSIFICATION, Method, Plugin
 
-FT_FEATURE = False  # a method: chosen with `method: reward_model`
+PLUGIN = Plugin()  # a method: chosen with `method: reward_model`
 
 log = logging.getLogger("ft.reward_model")
 

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
+from ft.api import Plugin
 from ft.config import apply_overrides, parse_yaml
 from ft.context import load_context
 from ft.errors import ConfigError, FtError
@@ -28,7 +29,7 @@ class FakeSection(BaseModel):
 class FakePlugin:
     """Registers a format 'fake' and a feature section 'fakefeat'."""
 
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl
     def ft_register_formats(self, register):

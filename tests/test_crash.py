@@ -512,15 +512,15 @@ def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_m
 
     config = write_run(tmp_path, pickled)
     ctx = load_context(config)
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
     assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
     with pytest.raises(FtError, match=r"allow_pickle: true"):
-        ctx.pm.hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.calls.load_tokenizer(ctx.cfg))
+        ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
 
     allowed = load_context(config, overrides=["hf.allow_pickle=true"])
-    kwargs = allowed.pm.calls.model_kwargs(allowed.cfg)
-    model = allowed.pm.hook.ft_load_model(cfg=allowed.cfg, kwargs=kwargs,
-                                          tokenizer=allowed.pm.calls.load_tokenizer(allowed.cfg))
+    kwargs = allowed.pm.call("ft_model_kwargs", cfg=allowed.cfg)
+    model = allowed.pm.call("ft_load_model", cfg=allowed.cfg, kwargs=kwargs,
+                                          tokenizer=allowed.pm.call("ft_load_tokenizer", cfg=allowed.cfg))
     assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
 
 

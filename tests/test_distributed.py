@@ -28,7 +28,9 @@ PROBE = '''
 
     from ft import hookimpl
 
-    FT_FEATURE = True
+    from ft.api import Plugin
+
+    PLUGIN = Plugin(feature=True)
 
 
     @hookimpl

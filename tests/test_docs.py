@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ft import hookspecs
-from ft.plugins import hook_names
+from ft.kernel.hooks import hook_names
 from ft.testing import install_distribution
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -76,8 +76,8 @@ def test_every_hook_is_documented_with_its_exact_signature_and_mode(hooks_md, na
     assert documented == list(inspect.signature(fn).parameters), f"docs/hooks.md: parameters of {name} differ"
     for param in documented:
         assert f"- `{param}`:" in section, f"docs/hooks.md: parameter {param} of {name} is not described"
-    mode = "firstresult" if fn.ft_spec.get("firstresult") else "all"
-    assert f"**Mode:** {mode}" in section
+    assert f"**Mode:** {fn.ft_hook.mode}" in section
+    assert f"**Checked:** a plugin may return {fn.ft_hook.returns.what}" in section
     assert "**Returns:**" in section and "**Called:**" in section
 
 
@@ -133,6 +133,7 @@ def test_a_new_hook_parameter_changes_the_page(generate, monkeypatch):
         """Load the base model."""
 
     ft_load_model.ft_spec = hookspecs.ft_load_model.ft_spec
+    ft_load_model.ft_hook = hookspecs.ft_load_model.ft_hook
     monkeypatch.setattr(hookspecs, "ft_load_model", ft_load_model)
     assert "device_map" in generate.render_hooks().split("### ft_load_model", 1)[1].split("###", 1)[0]
 

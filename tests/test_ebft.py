@@ -105,7 +105,7 @@ def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, tiny
     rows[1]["reference"] = "  "
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ctx = load_context(config)
-    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     assert len(prepared.train) == len(rows) - 1
     assert "rows.jsonl:2" in json.dumps(prepared.report) and "missing reference" in json.dumps(prepared.report)
     first = prepared.train[0]
@@ -121,10 +121,10 @@ def trainer_for(tmp_path, model_dir, *plugins):
 
     config = ebft_config(tmp_path, model_dir, plugins=list(plugins))
     ctx = load_context(config)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
-    model = ctx.pm.calls.load_model(ctx.cfg, ctx.pm.calls.model_kwargs(ctx.cfg), tokenizer)
-    model = ctx.pm.calls.apply_adapter(ctx.cfg, model)
+    model = ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg), tokenizer=tokenizer)
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=model) or model
     return build_trainer(ctx, model, tokenizer, prepared), model, prepared
 
 
@@ -192,7 +192,7 @@ def test_strided_mode_cuts_documents_at_anchors(tmp_path, tiny_model_dir, tiny_t
     config = ebft_config(tmp_path, tiny_model_dir, ebft={"max_completion_len": 6})
     config["datasets"] = [{"path": str(tmp_path / "docs.jsonl"), "type": "strided", "stride": 20, "context_len": 30}]
     ctx = load_context(config)
-    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     ids = tiny_tokenizer(doc, add_special_tokens=False)["input_ids"]
     anchors = list(range(20, len(ids) - 6 + 1, 20))
     assert len(anchors) >= 5 and len(prepared.train) == len(anchors)

@@ -112,8 +112,8 @@ def test_a_selected_plugin_file_whose_registration_fails_is_an_error_not_valid(h
     config.write_text(head)
     plugin = plugin_file(tmp_path, "noreg", '''
         from ft import hookimpl
-        FT_FEATURE = True
-
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
         @hookimpl
         def ft_add_config(registry):
             raise RuntimeError("no section today")

@@ -397,7 +397,7 @@ def test_the_data_report_counts_rows_with_control_token_text(tmp_path, tiny_mode
                          "dataset_prepared_path": str(tmp_path / "prepared"), "dataset_num_proc": 1})
     ctx = load_context(config)
     with caplog.at_level(logging.WARNING, logger="ft"):
-        prepared = prepare_datasets(ctx, ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg))
+        prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     noted = prepared.report["noted"]["special token text in a message"]
     assert noted["count"] == 2 and noted["examples"][0]["where"] == f"{data}:7"
     assert "escape_special_tokens" in caplog.text

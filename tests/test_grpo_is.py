@@ -18,6 +18,8 @@ import pytest
 import yaml
 from test_grpo_trl import G, fixed_batch, make_ft, make_trl  # noqa: F401 - fixed_batch is a fixture
 
+from ft.api import Plugin
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 IS_CASES = {  # mode, cap, floor
@@ -155,7 +157,7 @@ def run_with(root, model_dir, tmp_name, **grpo):
     seen = {}
 
     class Versioned:  # a generator plugin, as -p vllm is one
-        FT_PROVIDES = ("separate_generation",)
+        PLUGIN = Plugin(provides=["separate_generation"])
 
         @hookimpl
         def ft_before_train(cfg, trainer):

@@ -144,15 +144,15 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
         "lora": {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "qlora": {"compute_dtype": "float32"},
     }
     ctx = load_context(config)
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs))
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:  # as if trained
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     out = tmp_path / "qlora-run"
-    ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    ctx.pm.call("ft_save_weights", cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.save_pretrained(out)
 
@@ -190,17 +190,17 @@ def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
         "lora": {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]},
     }
     ctx = load_context(config)
-    hook = ctx.pm.hook
-    tokenizer = hook.ft_load_tokenizer(cfg=ctx.cfg)
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = hook.ft_apply_adapter(cfg=ctx.cfg, model=hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer))
+    pm = ctx.pm
+    tokenizer = pm.call("ft_load_tokenizer", cfg=ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    model = pm.call("ft_apply_adapter", cfg=ctx.cfg, model=pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # as if trained: the adapter and the new tokens' rows
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     out = tmp_path / "run"
-    hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    pm.call("ft_save_weights", cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
     tokenizer.save_pretrained(out)
 
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(out, tmp_path / "merged")).eval()

@@ -196,12 +196,12 @@ def test_packing_plugin_supplies_the_packed_collator(tmp_path, monkeypatch):
         eos_token_id = 2
 
     ctx = make_context(base_config(tmp_path, tmp_path / "x.jsonl"), ["packing"])
-    collator = ctx.pm.calls.collator(ctx.cfg, Tok(), ctx.method)
+    collator = ctx.pm.call("ft_collator", cfg=ctx.cfg, tokenizer=Tok(), method=ctx.method)
     assert isinstance(collator, PackedCollator) and collator.pad_token_id == 7 and collator.attention == "mask"
     import torch
 
     assert collator.mask_dtype == torch.float32  # bf16: auto is fp32 on CPU
     flash = make_context(base_config(tmp_path, tmp_path / "x.jsonl", hf={"attn_implementation": "flash_attention_2"}),
                          ["packing"])
-    assert flash.pm.calls.collator(flash.cfg, Tok(), flash.method).attention == "varlen"
+    assert flash.pm.call("ft_collator", cfg=flash.cfg, tokenizer=Tok(), method=flash.method).attention == "varlen"
     assert isinstance(packing.ft_collator(ctx.cfg, Tok(), ctx.method), PackedCollator)

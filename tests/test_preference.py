@@ -53,7 +53,7 @@ def prepare(cfg: dict):
     from ft.data import prepare_datasets
 
     ctx = load_context(cfg)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer
 
 

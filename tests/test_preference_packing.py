@@ -39,7 +39,7 @@ def prepared(tmp_path, model_dir, rows, plugins=(), name="p", **extra):
               "plugins": list(plugins), "dataset_prepared_path": str(tmp_path / name),
               "output_dir": str(tmp_path / f"out-{name}"), "dataset_num_proc": 1, **extra}
     ctx = load_context(config)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return ctx, tokenizer, prepare_datasets(ctx, tokenizer)
 
 

@@ -66,7 +66,7 @@ def ft_setup(tmp_path, model_dir, method: str, section: dict, rows: list[dict], 
         "output_dir": str(tmp_path / "out"), "dataset_num_proc": 1, **extra,
     }
     ctx = load_context(config)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     trainer = build_trainer(ctx, model, tokenizer, prepared)

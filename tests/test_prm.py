@@ -29,7 +29,7 @@ def prepare(tmp_path, model_dir, rows, **extra):
     from ft.data import prepare_datasets
 
     ctx = load_context(config_of(tmp_path, model_dir, rows, **extra))
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer
 
 

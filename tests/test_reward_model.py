@@ -56,11 +56,11 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, m
     if center is not None:
         extra["reward_model"] = {"center_rewards_coefficient": center}
     ctx = load_context(config_of(tmp_path, tiny_model_dir, rows, **extra))
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
     ft_rows = [prepared.train[i] for i in range(len(prepared.train))]
     assert len(ft_rows) == len(rows)
-    model = ctx.pm.calls.load_model(ctx.cfg, {"dtype": torch.float32, "attn_implementation": "eager"}, tokenizer)
+    model = ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs={"dtype": torch.float32, "attn_implementation": "eager"}, tokenizer=tokenizer)
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
     assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
     with torch.no_grad():  # a trained-looking score head, not the tiny init's near-zero one
@@ -94,7 +94,7 @@ def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_
     rows = pair_rows(margin=True)
     rows[2]["score_gap"] = "big"
     ctx = load_context(config_of(tmp_path, tiny_model_dir, rows, entry={"field_margin": "score_gap"}))
-    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     assert len(prepared.train) == len(rows) - 1
     report = json.dumps(prepared.report)
     assert "malformed row" in report and "pairs.jsonl:3" in report and "'score_gap' must be a number" in report
@@ -103,7 +103,7 @@ def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_
     dpo["method"] = "dpo"
     ctx = load_context(dpo)
     with pytest.raises(FtError, match="datasets\\[0\\].field_margin: a pair's margin is used by method reward_model"):
-        prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+        prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
 
 
 def separable_pairs(n: int, seed: int) -> list[dict]:

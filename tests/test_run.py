@@ -7,6 +7,7 @@ import types
 import pytest
 
 from ft import hookimpl
+from ft.api import Plugin
 from ft.errors import FtError
 from ft.patching import PatchRecord, patch_attribute
 from ft.testing import registered_plugin
@@ -15,7 +16,7 @@ TARGET = types.SimpleNamespace(kernel="original")
 
 
 class GlobalPatcher:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl(tryfirst=True)
     def ft_patch_model(self, cfg, model):
@@ -23,7 +24,7 @@ class GlobalPatcher:
 
 
 class RefusingPatcher:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl(trylast=True)
     def ft_patch_model(self, cfg, model):
@@ -32,7 +33,7 @@ class RefusingPatcher:
 
 
 class Recorder:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
     seen: list = []
 
     @hookimpl

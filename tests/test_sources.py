@@ -17,12 +17,12 @@ ROWS = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
 def load(tmp_path, path, **entry):
     ctx = make_context(base_config(tmp_path, Path("placeholder")) | {
         "datasets": [{"path": str(path), "type": "qa", **entry}]})
-    raw = ctx.pm.hook.ft_load_dataset(cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
+    raw = ctx.pm.call("ft_load_dataset", cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
     return raw, ctx
 
 
 def fingerprint(ctx) -> str:
-    return ctx.pm.calls.data_fingerprints(ctx.cfg, ctx.cfg.datasets[0])["sources"]
+    return dict(ctx.pm.each("ft_data_fingerprint", cfg=ctx.cfg, entry=ctx.cfg.datasets[0]))["sources"]
 
 
 def all_rows(raw) -> list[dict]:
@@ -159,7 +159,7 @@ def test_relative_paths_are_found_next_to_the_config(tmp_path, write_yaml, monke
     cfg_path = write_yaml({"base_model": "x", "datasets": [{"path": "d.jsonl", "type": "qa"}]})
     monkeypatch.chdir("/")
     ctx = load_context(str(cfg_path), extra_plugins=[("qa_test_format", QAPlugin())])
-    raw = ctx.pm.hook.ft_load_dataset(cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
+    raw = ctx.pm.call("ft_load_dataset", cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
     assert all_rows(raw) == ROWS[:1]
 
 

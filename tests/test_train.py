@@ -57,16 +57,15 @@ def hand_rows(tokenizer, n=8):
 def load(ctx, n_rows=8, eval_rows=0):
     import datasets
 
-    hook = ctx.pm.hook
-    tok = hook.ft_load_tokenizer(cfg=ctx.cfg)
+    tok = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     rows = hand_rows(tok, n_rows + eval_rows)
     data = types.SimpleNamespace(
         train=datasets.Dataset.from_list(rows[:n_rows]),
         eval=datasets.Dataset.from_list(rows[n_rows:]) if eval_rows else None,
         packed=False,
     )
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tok)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    model = ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=tok)
     return tok, model, data, rows
 
 
@@ -246,7 +245,7 @@ def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys
     trainer, metrics, tok, _ = train(ctx)
     out = tmp_path / "out"
     with final_outputs(ctx, trainer, metrics) as final:
-        final.files += ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=trainer, model=trainer.model,
+        final.files += ctx.pm.call("ft_save_weights", cfg=ctx.cfg, trainer=trainer, model=trainer.model,
                                                    output_dir=str(final.dir))
         final.files += write_run_files(ctx, trainer, tok, metrics, ["[demo] a patch (instance)"], final.dir)
         assert not (out / "metrics.json").exists(), "nothing is in the output dir before every file is written"

@@ -2,7 +2,7 @@
 
 Copy this file, rename the plugin, and put your kernel in ``rms_norm``. What it shows:
 
-- a *feature* plugin (``FT_FEATURE = True``): it acts only when selected with
+- a *feature* plugin (``PLUGIN = Plugin(feature=True)``, its one declaration): it acts only when selected with
   ``-p kernel_example`` or ``plugins: [kernel_example]``;
 - its own config section ``kernel_example:`` (a pydantic model: defaults, descriptions,
   unknown keys rejected);
@@ -26,9 +26,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import FtError, PatchRecord
+from ft.api import FtError, PatchRecord, Plugin
 
-FT_FEATURE = True
+PLUGIN = Plugin(feature=True)
 NAME = "kernel_example"
 
 

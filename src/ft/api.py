@@ -7,6 +7,7 @@ no transformers): the module that defines a name is imported when the name is fi
 Groups:
 
 - hooks: ``hookimpl``, ``hookspec``
+- the plugin's declaration: ``Plugin`` (``PLUGIN = Plugin(feature=True, provides=[...], ...)`` in its module)
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
   ``is_installed``, ``load_or_explain``, ``defined_at`` (``function NAME at FILE:LINE``, for messages)
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
@@ -71,6 +72,8 @@ _WHERE = {
     # commands
     "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.context",
     "collect_registries": "ft.context",
+    # plugins
+    "Plugin": "ft.plugins",
     # kernels
     "PatchRecord": "ft.patching", "patch_attribute": "ft.patching",
 }  # fmt: skip

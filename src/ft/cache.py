@@ -64,7 +64,7 @@ def cache_key(ctx: Any, tokenizer: Any, packing: bool) -> tuple[str, dict[str, A
     for group in ("datasets", "test_datasets"):
         entries[group] = []
         for entry in getattr(cfg, group) or []:
-            fingerprints = pm.calls.data_fingerprints(cfg, entry)
+            fingerprints = {p: fp for p, fp in pm.each("ft_data_fingerprint", cfg=cfg, entry=entry) if fp is not None}
             fmt = ctx.formats.get(entry.type).value if entry.type in ctx.formats else None
             entries[group].append({
                 "entry": entry.model_dump(mode="json"),
@@ -171,7 +171,7 @@ def _method_inputs(ctx: Any) -> dict[str, Any]:
 def _packing_sections(ctx: Any) -> dict[str, Any]:
     """Config sections of the plugins that pack (their options change the bins)."""
     out = {}
-    for plugin in ctx.pm.calls.packers():
+    for plugin in ctx.pm.implementers("ft_pack"):
         section = ctx.cfg.section(plugin)
         out[plugin] = section.model_dump(mode="json") if section is not None else None
     return out

@@ -138,7 +138,7 @@ class FtGroup(click.Group):
             from ft.context import make_plugin_manager
 
             pm = make_plugin_manager()
-            pm.calls.add_commands(self)
+            pm.call("ft_add_commands", cli=self)
         except FtError as exc:  # never let a plugin break `ft --help`
             click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
 

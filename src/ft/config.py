@@ -242,7 +242,7 @@ class CoreConfig(BaseModel):
                       f"named {name!r} is installed.{core}{hint} Sections: {', '.join(sections) or 'none'}.")
 
     def provides(self, capability: str) -> bool:
-        """Whether an active plugin declares ``capability`` (``FT_PROVIDES`` in its module), e.g.
+        """Whether an active plugin declares ``capability`` (``Plugin(provides=...)`` in its module), e.g.
         ``varlen_attention``: plugins ask for a capability, never for another plugin by name."""
         return capability in self._capabilities
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ft import hookspecs
 from ft.config import (
     CoreConfig,
     RawConfig,
-    SectionRegistry,
     apply_overrides,
     batch_problems,
     build_config_model,
@@ -23,27 +23,23 @@ from ft.config import (
     validate_config,
 )
 from ft.errors import ConfigError, PluginError
+from ft.kernel.spec import REGISTER, declared
 from ft.methods import EVAL, Method
 from ft.plugins import PluginManager, import_failure, parse_plugin_args
-from ft.registry import (
-    FormatRegistry,
-    KeyHintRegistry,
-    MethodRegistry,
-    OptimizerRegistry,
-    RewardRegistry,
-    SchedulerRegistry,
-)
+from ft.registry import FormatRegistry
 
 
-@dataclass
 class Registries:
-    sections: SectionRegistry
-    formats: FormatRegistry
-    methods: MethodRegistry
-    optimizers: OptimizerRegistry
-    schedulers: SchedulerRegistry
-    rewards: RewardRegistry = field(default_factory=RewardRegistry)
-    key_hints: KeyHintRegistry = field(default_factory=KeyHintRegistry)
+    """One registry per registration hook, as ``ft/hookspecs.py`` declares them (``into=`` names the field:
+    ``sections``, ``formats``, ``methods``, ``optimizers``, ``schedulers``, ``rewards``, ``key_hints``)."""
+
+    def __init__(self) -> None:
+        for declared_spec in declared(hookspecs).values():
+            if declared_spec.mode == REGISTER:
+                setattr(self, declared_spec.into, declared_spec.new_registry())
+
+    def __getattr__(self, name: str) -> Any:  # only reached for a field no registration hook declares
+        raise AttributeError(f"no registration hook fills a registry named '{name}' (see ft/hookspecs.py)")
 
 
 @dataclass
@@ -66,9 +62,8 @@ class Context:
 
 def collect_registries(pm: PluginManager) -> Registries:
     """Call every registration hook on every loaded plugin, stamping owners."""
-    regs = Registries(SectionRegistry(), FormatRegistry(), MethodRegistry(), OptimizerRegistry(), SchedulerRegistry(),
-                      RewardRegistry())
-    pm.calls.register_all(regs)
+    regs = Registries()
+    pm.register_all(regs)
     return regs
 
 
@@ -173,7 +168,7 @@ def load_context(
             problems.append(f"{cfg.where(key)}: {registry.unknown_message(name)}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     problems.extend([*reporter_problems(cfg), *cadence_problems(cfg), *batch_problems(cfg, world)])
-    problems.extend(pm.calls.validate_config(cfg))
+    problems.extend(pm.call("ft_validate_config", cfg=cfg))
     if problems:
         raise ConfigError(problems, raw.source)
     return Context(pm, regs, cfg)
@@ -186,15 +181,14 @@ class _BelowError(logging.Filter):
 
 def quiet_unselected(pm: PluginManager) -> None:
     """Unselected features leave no trace: the loggers of the libraries a feature plugin owns
-    (``FT_LOGGERS`` in its module: bitsandbytes for qlora, DeepSpeed for deepspeed) show only
+    (``Plugin(loggers=...)``: bitsandbytes for qlora, DeepSpeed for deepspeed) show only
     errors unless the feature is selected. Libraries that transformers imports whenever they are
     installed would otherwise print warnings into every run."""
     active = set(pm.active_names())
     for name, info in pm.infos.items():
         if not info.feature or name in active:
             continue
-        obj = pm.pm.get_plugin(name)
-        for logger_name in getattr(obj, "FT_LOGGERS", ()) or ():
+        for logger_name in info.loggers:
             logger = logging.getLogger(logger_name)
             logger.setLevel(logging.ERROR)
             if not any(isinstance(f, _BelowError) for f in logger.filters):

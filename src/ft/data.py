@@ -301,7 +301,7 @@ def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None
 
 
 def _packing_active(ctx: Context) -> bool:
-    return bool(ctx.pm.calls.packers())
+    return bool(ctx.pm.implementers("ft_pack"))
 
 
 def _from_cache(found: dict[str, Any], cfg: Any, check_strict: bool = True) -> PreparedData:
@@ -376,7 +376,7 @@ def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
     cfg, jobs = ctx.cfg, []
     for group in ("datasets", "test_datasets"):
         for i, entry in enumerate(getattr(cfg, group) or []):
-            raw = ctx.pm.calls.load_dataset(cfg, entry)
+            raw = ctx.pm.call("ft_load_dataset", cfg=cfg, entry=entry)
             if raw is None:
                 raise DataError(f"{cfg.where(group, i, 'path')}: no active plugin can read '{entry.path}'. "
                                 "Is the 'sources' plugin blocked, or does this source need a plugin? See `ft plugins`.")
@@ -462,7 +462,7 @@ def _pack(ctx: Context, train_ds: Any, eval_ds: Any, stats: dict[str, Any]) -> t
     """Pack the training samples (and the eval samples, unless ``eval_sample_packing: false``)."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
-    packed = ctx.pm.calls.pack(cfg, train_ds, ctx.method)
+    packed = ctx.pm.call("ft_pack", cfg=cfg, dataset=train_ds, method=ctx.method)
     if packed is None:
         return train_ds, eval_ds
     stats["packed"] = True
@@ -472,7 +472,7 @@ def _pack(ctx: Context, train_ds: Any, eval_ds: Any, stats: dict[str, Any]) -> t
     stats["bin_tokens"] = sequences * cfg.sequence_len
     stats["packing_efficiency"] = round(stats["tokens"] / (len(packed) * stats["bin_tokens"]), 6)
     if eval_ds is not None and cfg.eval_sample_packing is not False:
-        eval_ds = ctx.pm.calls.pack(cfg, eval_ds, ctx.method) or eval_ds
+        eval_ds = ctx.pm.call("ft_pack", cfg=cfg, dataset=eval_ds, method=ctx.method) or eval_ds
         stats["eval_bins"] = len(eval_ds)
     stats["pack_seconds"] = round(time.perf_counter() - t0, 3)
     return packed, eval_ds

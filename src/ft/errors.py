@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 
@@ -241,3 +242,68 @@ def defined_at(fn: Any) -> str:
     except (TypeError, OSError):
         return f"function {name}"
     return f"{'class' if inspect.isclass(target) else 'function'} {name} at {path}:{line}"
+
+
+def attributed(fn: Callable[..., Any], plugin: str, hook: str, place: str, origin: Any = None) -> Callable[..., Any]:
+    """``fn``, raising a :class:`PluginHookError` that names ``plugin``, ``place`` (what of the plugin's failed: a
+    callback's event, a method's collator or loss) and the file:line of the plugin's frames: those in the module of
+    ``origin`` (default: ``fn``'s), else the innermost frame.
+    FtError, KeyboardInterrupt and running out of memory pass as they are (they are handled above)."""
+    return _Attributed(fn, plugin, hook, place, origin)
+
+
+class _Attributed:
+    """What :func:`attributed` returns: a callable object rather than a closure, so that a collator stays
+    picklable (DataLoader workers under the spawn start method)."""
+
+    def __init__(self, fn: Callable[..., Any], plugin: str, hook: str, place: str, origin: Any) -> None:
+        self._ft_fn, self._ft_plugin, self._ft_hook, self._ft_place, self._ft_origin = fn, plugin, hook, place, origin
+        self.__wrapped__ = fn
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(fn, name):
+                try:
+                    setattr(self, name, getattr(fn, name))
+                except (AttributeError, TypeError):
+                    pass
+
+    def __getattr__(self, name: str) -> Any:  # what callers read of a collator (its tokenizer, pad id) is fn's
+        if name.startswith("_ft_") or name == "__setstate__":
+            raise AttributeError(name)
+        return getattr(self._ft_fn, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._ft_fn(*args, **kwargs)
+        except (FtError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            origin = self._ft_fn if self._ft_origin is None else self._ft_origin
+            own = plugin_frames(exc, origin)
+            found = plugin_in_traceback(exc)
+            if found is not None and found[1][-1] not in own:  # raised in another plugin's code that this one
+                raise outside_hooks_error(found[0], exc, found[1]) from exc  # called (a function it patched in)
+            frames = own or _innermost(exc)
+            raise PluginHookError(self._ft_plugin, self._ft_hook, exc, frames, place=self._ft_place) from exc
+
+
+def _innermost(exc: BaseException) -> list[str]:
+    """The frame an exception came from, unless it is ft's own (then the plugin's call was refused, e.g. an
+    unexpected keyword argument, and the place says enough)."""
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[-1:]
+    ft_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return [f"{f.filename}:{f.lineno} in {f.name}: {f.line or ''}".rstrip(": ") for f in frames
+            if not os.path.abspath(f.filename).startswith(ft_dir)]
+
+
+def _attributed_callback(callback: Any, plugin: str) -> Any:
+    """The callback, with each event method raising a PluginHookError that names its plugin."""
+    for event in dir(callback):
+        if event.startswith("on_"):
+            setattr(callback, event, attributed(getattr(callback, event), plugin, "ft_callbacks",
+                                                f"its callback {type(callback).__name__}.{event}"))
+    return callback

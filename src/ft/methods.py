@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Features a method may support. A feature plugin that only makes sense for some methods says
-# which of these it needs (``FT_METHOD_FEATURE = "packing"`` in its module).
+# which of these it needs (``PLUGIN = Plugin(method_feature="packing")`` in its module).
 PACKING = "packing"
 EVAL = "eval"
 # The loss is the model's own next-token cross-entropy over the labels (``model(..., labels=...)``),

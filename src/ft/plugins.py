@@ -7,11 +7,13 @@ Every plugin -- first-party or not -- is an entry point in the group ``ft``. A p
 - *failed* if importing or validating it raised (listed with the reason; other commands work);
 - *loaded* otherwise. Registration hooks (formats, optimizers, config sections, commands) reach
   every loaded plugin.
-- *active* if loaded and either not a feature (``FT_FEATURE = False`` or absent in its module),
-  or a feature that is selected (``plugins: [...]`` in the config or ``-p NAME``). Pipeline
-  hooks reach only active plugins.
+- *active* if loaded and either not a feature, or a feature that is selected (``plugins: [...]``
+  in the config or ``-p NAME``). Pipeline hooks reach only active plugins.
 
-A few first-party plugins are essential and cannot be blocked.
+What a plugin is -- a feature or always on, essential, the capabilities it provides, the method
+feature it needs, the library loggers it owns -- it declares once, as ``PLUGIN =
+ft.api.Plugin(...)`` in its module (:class:`Plugin`). A first-party plugin declared essential
+cannot be blocked.
 """
 
 from __future__ import annotations
@@ -21,20 +23,90 @@ import importlib.metadata as md
 import inspect
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from ft import PROJECT, hookspecs
-from ft.errors import LOADED_PLUGINS, FtError, PluginError, PluginHookError, is_out_of_memory, plugin_frames
+from ft.errors import LOADED_PLUGINS, PluginError
+from ft.kernel.hooks import HookCaller, code_location, hook_names, is_firstresult_hook
 
 ENTRY_POINT_GROUP = "ft"
 AUTOLOAD_ENV = "FT_DISABLE_PLUGIN_AUTOLOAD"
 FIRST_PARTY_DIST = "ft"
-# Features the pipeline cannot work without; blocking one is refused.
-ESSENTIAL = frozenset({"hf", "sources", "chat_template", "alpaca", "completion", "input_output", "optimizers", "infer", "sft"})
+DECLARATION = "PLUGIN"  # the module attribute holding a plugin's Plugin(...)
+
+
+class Plugin:
+    """What a plugin declares about itself, once, as ``PLUGIN = ft.api.Plugin(...)`` in its module.
+
+    - ``feature``: True if the plugin acts only when selected (``-p NAME``, ``plugins: [NAME]``);
+      False (the default) if it is always active once installed (formats, methods, essentials).
+    - ``essential``: the pipeline cannot work without it; ``-p no:NAME`` is refused (first-party only).
+    - ``provides``: capabilities other plugins and methods can ask for (``cfg.provides("adapter")``).
+    - ``method_feature``: the method feature it needs (``"packing"``); a method without it refuses
+      the plugin at validation.
+    - ``loggers``: loggers of libraries it owns, kept to errors unless the plugin is selected.
+
+    A misspelt field is an error naming the field, the closest valid one and (through the import
+    failure) the plugin.
+    """
+
+    FIELDS = ("feature", "essential", "provides", "method_feature", "loggers")
+
+    def __init__(self, **fields: Any) -> None:
+        unknown = [k for k in fields if k not in self.FIELDS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], self.FIELDS, n=1)
+            raise PluginError(f"Plugin(...) has no field '{unknown[0]}'.{f' Did you mean {close[0]!r}?' if close else ''} "
+                              f"Fields: {', '.join(self.FIELDS)}.")
+        self.feature = _typed(fields, "feature", bool, False)
+        self.essential = _typed(fields, "essential", bool, False)
+        self.provides = tuple(_names(fields, "provides"))
+        self.method_feature = _typed(fields, "method_feature", str, None)
+        self.loggers = tuple(_names(fields, "loggers"))
+        if self.feature and self.essential:
+            raise PluginError("Plugin(feature=True, essential=True): an essential plugin is always active; drop one.")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.FIELDS if getattr(self, k) not in (False, None, ()))
+        return f"Plugin({shown})"
+
+
+def _typed(fields: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = fields.get(key, default)
+    if value is not default and not isinstance(value, kind):
+        raise PluginError(f"Plugin({key}={value!r}): {key} must be a {kind.__name__}.")
+    return value
+
+
+def _names(fields: dict[str, Any], key: str) -> list[str]:
+    value = fields.get(key, ())
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise PluginError(f"Plugin({key}={value!r}): {key} must be a list of names, e.g. {key}=[{value!r}].")
+    return list(value)
+
+
+def declaration(obj: object) -> Plugin:
+    """The plugin's ``PLUGIN = Plugin(...)`` (a default Plugin() if it declares none). A leftover or misspelt
+    ``FT_*`` global, a near-miss of ``PLUGIN`` or a ``PLUGIN`` that is no Plugin is an error: it would
+    otherwise be ignored without a word."""
+    found = getattr(obj, DECLARATION, None)
+    if found is not None and not isinstance(found, Plugin):
+        raise PluginError(f"{DECLARATION} = {found!r} is not a declaration; write {DECLARATION} = ft.api.Plugin(...).")
+    names = [a for a in dir(obj) if a.isupper() and not a.startswith("__")]
+    old = {"FT_FEATURE": "feature", "FT_PROVIDES": "provides", "FT_METHOD_FEATURE": "method_feature",
+           "FT_LOGGERS": "loggers"}
+    for attr in names:
+        if attr.startswith("FT_"):
+            field = old.get(attr) or (difflib.get_close_matches(attr[3:].lower(), Plugin.FIELDS, n=1) or [None])[0]
+            hint = f"{DECLARATION} = ft.api.Plugin({field}=...)" if field else f"{DECLARATION} = ft.api.Plugin(...)"
+            raise PluginError(f"module global {attr} is not read by ft; declare the plugin once with {hint}.")
+        if attr != DECLARATION and difflib.get_close_matches(attr, [DECLARATION], n=1, cutoff=0.8):
+            raise PluginError(f"{attr} looks like a misspelt {DECLARATION}; ft reads only {DECLARATION} = ft.api.Plugin(...).")
+    return found if found is not None else Plugin()
 
 
 @dataclass
@@ -48,8 +120,9 @@ class PluginInfo:
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     description: str = ""
-    provides: frozenset[str] = frozenset()  # capabilities (FT_PROVIDES), e.g. "varlen_attention"
-    method_feature: str | None = None  # the method feature it needs (FT_METHOD_FEATURE), e.g. "packing"
+    provides: frozenset[str] = frozenset()  # capabilities (Plugin.provides), e.g. "varlen_attention"
+    method_feature: str | None = None  # the method feature it needs (Plugin.method_feature), e.g. "packing"
+    loggers: tuple[str, ...] = ()  # library loggers it owns (Plugin.loggers)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,8 +178,9 @@ def _entry_points() -> list[md.EntryPoint]:
     return list(seen.values())
 
 
-class PluginManager:
-    """ft's view of pluggy: discovery, selection, and hook calls restricted to active plugins."""
+class PluginManager(HookCaller):
+    """ft's view of pluggy: discovery, selection, listing; hooks are called through :class:`HookCaller`
+    (``pm.call``, ``pm.first``, ``pm.each``), which reads each hook's declaration."""
 
     def __init__(
         self,
@@ -129,7 +203,6 @@ class PluginManager:
         self._callers: dict[tuple[str, str], Any] = {}
         for before, after in list(_MONITORS):
             self.pm.add_hookcall_monitoring(before, after)
-        self._refuse_blocking_essentials()
         self._load(entry_points if entry_points is not None else _entry_points())
         for name, obj in [*_PROCESS_PLUGINS, *extra_plugins]:
             if name in self.blocked:
@@ -143,15 +216,25 @@ class PluginManager:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _refuse_blocking_essentials(self) -> None:
-        bad = sorted(set(self.blocked) & ESSENTIAL)
+    def _refuse_blocking_essentials(self, eps: Sequence[md.EntryPoint]) -> None:
+        """``-p no:NAME`` of a first-party plugin that declares ``essential=True`` is refused (its module is
+        imported to read the declaration; other blocked plugins are never imported)."""
+        bad = []
+        for ep in eps:
+            if ep.name in self.blocked and ep.dist is not None and ep.dist.name == FIRST_PARTY_DIST:
+                try:
+                    if declaration(ep.load()).essential:
+                        bad.append(ep.name)
+                except Exception:  # noqa: S112 - a broken first-party plugin is reported when it loads
+                    continue
         if bad:
             raise PluginError(
-                f"plugin(s) {', '.join(bad)} are essential and cannot be blocked "
+                f"plugin(s) {', '.join(sorted(bad))} are essential and cannot be blocked "
                 "(ft cannot load models or data without them). Remove the `-p no:...` option."
             )
 
     def _load(self, eps: Sequence[md.EntryPoint]) -> None:
+        self._refuse_blocking_essentials(eps)
         for ep in eps:
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else ""
@@ -186,6 +269,11 @@ class PluginManager:
             raise PluginError(f"plugin '{name}'{origin} is invalid: {info.error}")
 
     def _register_checked(self, name: str, obj: object, info: PluginInfo) -> None:
+        try:
+            declared = declaration(obj)
+        except PluginError as exc:
+            info.status, info.error = "failed", f"{exc}{_module_at(obj)}"
+            return
         problem = _misnamed_hooks(obj, self.pm)
         if problem:
             info.status, info.error = "failed", problem
@@ -208,12 +296,11 @@ class PluginManager:
             return
         self._callers.clear()
         LOADED_PLUGINS[name] = obj
-        info.feature = bool(getattr(obj, "FT_FEATURE", False))
-        info.provides = frozenset(getattr(obj, "FT_PROVIDES", ()) or ())
-        info.method_feature = getattr(obj, "FT_METHOD_FEATURE", None)
+        info.feature, info.provides = declared.feature, frozenset(declared.provides)
+        info.method_feature, info.loggers = declared.method_feature, declared.loggers
         info.description = (inspect.getdoc(obj) or "").split("\n", 1)[0] if inspect.ismodule(obj) else ""
         info.hooks = sorted(c.name for c in self.pm.get_hookcallers(obj) or [])
-        info.status = "essential" if name in ESSENTIAL and info.distribution == FIRST_PARTY_DIST else "available"
+        info.status = "essential" if declared.essential and info.distribution == FIRST_PARTY_DIST else "available"
 
     def check_selected_loaded(self) -> None:
         """Raise when a selected plugin (``-p NAME``, ``-p ./file.py``, ``plugins:``) failed after selection: its
@@ -222,14 +309,6 @@ class PluginManager:
         if failed:
             raise PluginError("\n".join(f"plugin '{i.name}' ({plugin_origin(i)}) is selected but failed to load: {i.error}"
                                          for i in failed))
-
-    def impl_location(self, hook_name: str, plugin: str | None) -> str | None:
-        """``file:line`` of ``plugin``'s implementation of ``hook_name`` (None if it has none)."""
-        caller = getattr(self.pm.hook, hook_name, None)
-        for impl in caller.get_hookimpls() if caller is not None else []:
-            if impl.plugin_name == plugin:
-                return code_location(impl.function)
-        return None
 
     def mark_failed(self, name: str, error: str) -> None:
         """Take a plugin out of every hook (its registration hook raised, say); list it as failed."""
@@ -282,100 +361,12 @@ class PluginManager:
         return [i for i in self.infos.values() if i.status == "failed"]
 
     def provided(self) -> dict[str, tuple[str, ...]]:
-        """Capability -> the active plugins that declare it (``FT_PROVIDES`` in a plugin module)."""
+        """Capability -> the active plugins that declare it (``Plugin(provides=...)``)."""
         out: dict[str, tuple[str, ...]] = {}
         for name in self.active_names():
             for capability in self.infos[name].provides:
                 out[capability] = (*out.get(capability, ()), name)
         return out
-
-    # -- calling hooks -------------------------------------------------------------------------
-    #
-    # Every call goes through pluggy: a hook is called once per plugin, through a subset hook
-    # caller that holds that plugin's implementation and every wrapper of the hook. So tracing,
-    # monitoring (ft.testing's recorder) and wrappers see every call, each result is attributed
-    # to its plugin, and an exception names the plugin it came from.
-
-    @property
-    def calls(self) -> Any:
-        """Typed call sites of every hook (``ft.calls.HookCalls``): what the pipeline uses."""
-        from ft.calls import HookCalls
-
-        return HookCalls(self)
-
-    @property
-    def hook(self) -> _HookFacade:
-        """Pipeline hooks with pluggy's call signature (``pm.hook.ft_load_model(cfg=..., ...)``), on
-        active plugins: a firstresult hook returns the first non-None result, an all hook the list."""
-        return _HookFacade(self, active_only=True)
-
-    @property
-    def all_hooks(self) -> _HookFacade:
-        """Registration hooks, with the same signature, on every loaded plugin."""
-        return _HookFacade(self, active_only=False)
-
-    def implementers(self, hook_name: str, *, active_only: bool = True) -> list[str]:
-        """Plugins implementing a hook (wrappers excluded), in the order they are called."""
-        caller = getattr(self.pm.hook, hook_name, None)
-        if caller is None:
-            raise FtError(f"unknown hook '{hook_name}'. Hooks: {', '.join(hook_names())}.")
-        live = set(self.active_names()) if active_only else {n for n, i in self.infos.items() if i.status != "failed"}
-        return [impl.plugin_name for impl in reversed(caller.get_hookimpls())
-                if not (impl.hookwrapper or impl.wrapper) and impl.plugin_name in live]
-
-    def call_each(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        """Call each plugin's implementation in call order; yield ``(plugin, result)`` pairs.
-
-        A generator: the caller acts on each result (registers an undo, say) before the next
-        plugin runs. An exception escaping a plugin becomes a :class:`PluginHookError` that names
-        the plugin and the hook and keeps the plugin's own frames (``FtError`` passes as it is).
-        """
-        for plugin in self.implementers(hook_name, active_only=active_only):
-            yield plugin, self._call_one(hook_name, plugin, kwargs)
-
-    def call_first(self, hook_name: str, *, active_only: bool = True, **kwargs: Any) -> tuple[str | None, Any]:
-        """``(plugin, result)`` of the first plugin (in call order) that returns something not None."""
-        for plugin in self.implementers(hook_name, active_only=active_only):
-            result = self._call_one(hook_name, plugin, kwargs)
-            if result is not None:
-                return plugin, result
-        return None, None
-
-    def _call_one(self, hook_name: str, plugin: str, kwargs: dict[str, Any]) -> Any:
-        caller = self._caller(hook_name, plugin)
-        try:
-            result = caller(**kwargs)
-        except (FtError, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise
-            culprit = self._culprit(hook_name, plugin, exc)
-            raise PluginHookError(culprit, hook_name, exc, plugin_frames(exc, self.pm.get_plugin(culprit))) from exc
-        if not _is_firstresult(caller):  # an "all" hook gives a list: [] when the plugin returned None
-            return result[0] if result else None
-        return result
-
-    def _caller(self, hook_name: str, plugin: str) -> Any:
-        key = (hook_name, plugin)
-        if key not in self._callers:
-            caller = getattr(self.pm.hook, hook_name)
-            wrappers = {i.plugin for i in caller.get_hookimpls() if i.hookwrapper or i.wrapper}
-            keep = {self.pm.get_plugin(plugin), *wrappers}
-            others = [obj for _name, obj in self.pm.list_name_plugin() if obj is not None and obj not in keep]
-            self._callers[key] = self.pm.subset_hook_caller(hook_name, others)
-        return self._callers[key]
-
-    def _culprit(self, hook_name: str, plugin: str, exc: BaseException) -> str:
-        """The plugin whose implementation raised: the called one, or a wrapper around it."""
-        codes = {i.function.__code__: i.plugin_name for i in getattr(self.pm.hook, hook_name).get_hookimpls()
-                 if hasattr(i.function, "__code__")}
-        found = plugin
-        tb = exc.__traceback__
-        while tb is not None:
-            found = codes.get(tb.tb_frame.f_code, found)
-            tb = tb.tb_next
-        return found
 
     def call_order(self, hook_name: str) -> list[str]:
         """Plugin names in the order a hook calls them (``ft plugins --hook NAME``)."""
@@ -402,19 +393,6 @@ def add_hook_monitor(before: Any, after: Any) -> Any:
     pair = (before, after)
     _MONITORS.append(pair)
     return lambda: _MONITORS.remove(pair) if pair in _MONITORS else None
-
-
-_FIRSTRESULT = {name: bool(getattr(getattr(hookspecs, name), "ft_spec", {}).get("firstresult"))
-                for name in dir(hookspecs) if name.startswith("ft_")}
-
-
-def is_firstresult_hook(name: str) -> bool:
-    return _FIRSTRESULT.get(name, False)
-
-
-def _is_firstresult(caller: Any) -> bool:
-    spec = getattr(caller, "spec", None)
-    return bool(spec is not None and spec.opts.get("firstresult"))
 
 
 def trace_after(write: Any) -> Any:
@@ -444,38 +422,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class _HookFacade:
-    """``facade.ft_x(**kwargs)`` calls hook ``ft_x`` plugin by plugin, with pluggy's result shape."""
-
-    def __init__(self, manager: PluginManager, active_only: bool) -> None:
-        self._manager, self._active_only = manager, active_only
-
-    def __getattr__(self, name: str) -> Any:
-        caller = getattr(self._manager.pm.hook, name, None)
-        if caller is None or not name.startswith("ft_"):
-            raise AttributeError(f"no hook named {name!r}")
-        first = _is_firstresult(caller)
-        manager, active_only = self._manager, self._active_only
-
-        def call(**kwargs: Any) -> Any:
-            if first:
-                return manager.call_first(name, active_only=active_only, **kwargs)[1]
-            return [r for _p, r in manager.call_each(name, active_only=active_only, **kwargs) if r is not None]
-
-        return call
-
-
-def code_location(fn: Any) -> str | None:
-    """``file:line`` where function ``fn`` is defined (None for what has no Python code)."""
-    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
-    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None
-
-
 def import_failure(exc: BaseException) -> str:
     """Why importing a plugin failed, with the file:line that raised (``sys.exit()`` at import included)."""
     import traceback
 
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+    ft_dir = os.path.dirname(os.path.abspath(hookspecs.__file__)) + os.sep
+    frames = [f for f in frames if not os.path.abspath(f.filename).startswith(ft_dir)] or frames  # the plugin's line
     at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     if isinstance(exc, SystemExit):
         return f"import failed: it called sys.exit({exc.code!r}) while being imported{at}"
@@ -518,12 +471,7 @@ def _misnamed_hooks(obj: object, pm: pluggy.PluginManager) -> str | None:
     return "; ".join(problems) or None
 
 
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:
-        return a is b
-
-
-def hook_names() -> list[str]:
-    return [n for n in dir(hookspecs) if n.startswith("ft_")]
+def _module_at(obj: object) -> str:
+    """`` (in FILE)`` of a plugin module, for a declaration error."""
+    file = getattr(obj, "__file__", None) or getattr(inspect.getmodule(type(obj)), "__file__", None)
+    return f" (in {file})" if file else ""

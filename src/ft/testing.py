@@ -59,7 +59,7 @@ def registered_plugin(obj: object, name: str | None = None) -> Iterator[str]:
     """Register ``obj`` (a module, class or instance with ``@hookimpl`` functions) as a plugin.
 
     Every plugin manager made inside the ``with`` block (so every ``ft`` command run in-process)
-    loads it after the installed entry points. A module attribute ``FT_FEATURE = True`` makes it
+    loads it after the installed entry points. Its declaration ``PLUGIN = ft.api.Plugin(feature=True)`` makes it
     a feature, active only when selected with ``-p NAME`` or ``plugins: [NAME]``. Yields the name.
     """
     from ft.plugins import add_process_plugin, process_plugin_names, remove_process_plugin
@@ -134,7 +134,8 @@ class HookRecorder:
     # -- activation --------------------------------------------------------------------------
 
     def __enter__(self) -> HookRecorder:
-        from ft.plugins import add_hook_monitor, is_firstresult_hook
+        from ft.kernel.hooks import is_firstresult_hook
+        from ft.plugins import add_hook_monitor
 
         if self._stop is not None:
             raise RuntimeError("this HookRecorder is already recording")
@@ -172,7 +173,7 @@ class HookRecorder:
 
 
 def _check_hook_name(hook: str) -> None:
-    from ft.plugins import hook_names
+    from ft.kernel.hooks import hook_names
 
     if hook not in hook_names():
         raise ValueError(f"unknown hook '{hook}'. Hooks: {', '.join(hook_names())}.")

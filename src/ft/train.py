@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ft.calls import attributed
 from ft.checkpoints import AtomicCheckpointsMixin
 from ft.config import batch_warnings, real_effective_batch
 from ft.errors import (
     ConfigError,
     FtError,
     MissingDependencyError,
+    PluginError,
+    attributed,
     defined_at,
     is_out_of_memory,
     refused_pickle,
@@ -405,7 +406,7 @@ def _world_size() -> int:
 
 
 def _unit(ctx: Any) -> str:
-    return "packed bins" if ctx.pm.calls.packers() else "rows"
+    return "packed bins" if ctx.pm.implementers("ft_pack") else "rows"
 
 
 def steps_per_epoch(cfg: Any, train: Any) -> int | None:
@@ -518,7 +519,7 @@ def _choose(registry: Any, name: str, key_path: str) -> tuple[str | None, Callab
 def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     """The Trainer of this run's method: core arguments + plugin arguments, registries, collator,
     callbacks, and whatever extra arguments the method needs (a reference model, rewards)."""
-    cfg, method, calls = ctx.cfg, ctx.method, ctx.pm.calls
+    cfg, method = ctx.cfg, ctx.method
     eval_data = getattr(data, "eval", None)
     args_cls = method.arguments_class() if method.arguments_class else _training_arguments_class()
     args = training_arguments(cfg, has_eval=eval_data is not None, steps_per_epoch=steps_per_epoch(cfg, data.train))
@@ -533,7 +534,12 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
         args["lr_scheduler_type"] = sched
 
     fields = {f.name for f in dataclasses.fields(args_cls)}
-    for key, value in calls.trainer_args(cfg, fields).items():
+    plugin_args = ctx.pm.call("ft_trainer_args", cfg=cfg)
+    for key, value in plugin_args.items():
+        if key not in fields:
+            owner = plugin_args.owners[key]
+            raise PluginError(f"plugin '{owner}' sets TrainingArguments field '{key}' in ft_trainer_args"
+                              f"{ctx.pm.at('ft_trainer_args', owner)}, which this transformers version does not have.")
         if key in args and args[key] != value:
             log.info("TrainingArguments %s=%r (set by a plugin; the config gave %r)", key, value, args[key])
         args[key] = value
@@ -549,7 +555,7 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
     def method_code(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
         return attributed(fn, plugin, hook, f"method '{method.name}': {what}", origin=origin)
 
-    collator = calls.collator(cfg, tokenizer, method, plugin)
+    collator = _collator(ctx, tokenizer, method, plugin)
     method_cls = method_code(method.trainer_class, "its trainer_class")()
     trainer_cls = _with_mixin(method_cls, method)
     extra = {}
@@ -572,7 +578,7 @@ def build_trainer(ctx: Context, model: Any, tokenizer: Any, data: Any) -> Any:
         train_dataset=data.train,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[*calls.callbacks(cfg), *cadence_callbacks(cfg, eval_data is not None), ft_callbacks[0]],
+        callbacks=[*_plugin_callbacks(ctx), *cadence_callbacks(cfg, eval_data is not None), ft_callbacks[0]],
         **(extra or {}),
     )
     trainer.ft_state = state
@@ -754,3 +760,31 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # best effort; the message matters more
         pass
+
+
+def _collator(ctx: Any, tokenizer: Any, method: Any, method_plugin: str) -> Any:
+    """A feature plugin's collator (``ft_collator``: packing), else the method's own (``method_plugin``
+    registered it; an exception it raises names that plugin, like a callback's)."""
+    plugin, collator = ctx.pm.first("ft_collator", cfg=ctx.cfg, tokenizer=tokenizer, method=method)
+    if collator is None:
+        place = f"method '{method.name}': its collator"
+        collator = attributed(method.collator, method_plugin, "ft_register_methods", f"{place} factory")(ctx.cfg,
+                                                                                                           tokenizer)
+        if not callable(collator):
+            raise ctx.pm.contract_error("ft_register_methods", method_plugin, collator,
+                                        "a Method whose collator(cfg, tokenizer) returns a callable list[row] -> dict")
+        collator = attributed(collator, method_plugin, "ft_register_methods", place)
+    return collator
+
+
+def _plugin_callbacks(ctx: Any) -> list[Any]:
+    """Every plugin's ``ft_callbacks``, each event method raising a PluginHookError that names its plugin."""
+    out = []
+    for plugin, callbacks in ctx.pm.each("ft_callbacks", cfg=ctx.cfg):
+        for callback in callbacks or []:
+            for event in dir(callback):
+                if event.startswith("on_"):
+                    setattr(callback, event, attributed(getattr(callback, event), plugin, "ft_callbacks",
+                                                        f"its callback {type(callback).__name__}.{event}"))
+            out.append(callback)
+    return out
