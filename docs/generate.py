@@ -5,7 +5,7 @@
 
 ``hooks.md`` comes from ``src/ft/hookspecs.py`` (phase banners, signatures, calling modes,
 docstrings). ``config.md`` comes from the JSON schema of the config with only first-party
-plugins loaded (``ft.schema.generate_schema(autoload=False)``): core keys, every plugin
+plugins loaded (``ft.kernel.schema.generate_schema(autoload=False)``): core keys, every plugin
 section and every dataset format, with types, defaults and descriptions.
 """
 
@@ -240,10 +240,10 @@ def _nested_refs(schema: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def render_config() -> str:
-    from ft.config import MAX_ALIAS_VALUES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, CoreConfig
-    from ft.context import collect_registries, make_plugin_manager
-    from ft.formats import DatasetOptions
-    from ft.schema import generate_schema
+    from ft.kernel.config import MAX_ALIAS_VALUES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, CoreConfig
+    from ft.kernel.context import collect_registries, make_plugin_manager
+    from ft.kernel.formats import DatasetOptions
+    from ft.kernel.schema import generate_schema
 
     schema = json.loads(generate_schema(autoload=False))
     defs = schema.get("$defs", {})

@@ -307,7 +307,7 @@ def write_base_quantization(peft_model: Any, output_dir: str) -> str | None:
 def base_model_path(adapter_dir: str | Path) -> str:
     """The base model of an adapter: ``base_model_name_or_path`` of adapter_config.json, else the
     ``base_model`` of the run's saved ft_config.yaml; a relative local path is taken from the working
-    directory, else next to the adapter (as ``ft.context.resolve_path`` does for configs)."""
+    directory, else next to the adapter (as ``ft.kernel.context.resolve_path`` does for configs)."""
     adapter_dir = Path(adapter_dir)
     candidates = []
     config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))

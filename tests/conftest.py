@@ -46,7 +46,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama model + ChatML tokenizer (no pad token), made once per test session."""
-    from ft.tiny import make_tiny
+    from ft.tools.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-model"))
 
@@ -60,7 +60,7 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture
 def chat_jsonl(tmp_path) -> Path:
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     return write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(32))
 

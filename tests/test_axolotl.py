@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft.tiny import make_chat_rows, write_jsonl
+from ft.tools.tiny import make_chat_rows, write_jsonl
 
 LORA = """
 base_model: {base}
@@ -293,7 +293,7 @@ def convert(ft_runner, src, out):
 
 
 def methods_registered(tiny_model_dir) -> set[str]:
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     ctx = load_context({"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})
     return set(ctx.registries.methods.names())
@@ -303,10 +303,10 @@ def methods_registered(tiny_model_dir) -> set[str]:
 def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, tiny_model_dir, monkeypatch):
     from ft_plugins import hf
 
-    import ft.config
+    import ft.kernel.config
 
-    real = ft.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
-    monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    real = ft.kernel.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
+    monkeypatch.setattr(ft.kernel.config, "_importable", lambda m: True if m == "wandb" else real(m))
     # the shapes are written for a GPU machine (bf16, flash attention); those checks have their own tests
     monkeypatch.setattr(hf, "_has_cuda", lambda: True)
     monkeypatch.setattr(hf, "attention_problems", lambda cfg: [])
@@ -763,7 +763,7 @@ def test_equivalents_ft_has_are_used(ft_runner, tmp_path, tiny_model_dir):
 def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, tiny_model_dir):
     from ft_plugins.optimizers import ft_trainer_args
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     base = {"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
     ctx = load_context({**base, "adam": {"beta2": 0.95, "epsilon": 1e-6}})

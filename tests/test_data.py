@@ -15,8 +15,8 @@ import pytest
 from pydantic import Field
 
 from ft import hookimpl
-from ft.errors import DataError
-from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped
+from ft.kernel.errors import DataError
+from ft.kernel.formats import IGNORE_INDEX, DatasetOptions, Dropped
 
 CALLS = {"tokenize": 0, "rows": 0}
 
@@ -77,7 +77,7 @@ class QAPlugin:
 
 
 def make_context(config: dict, plugin_args=()):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     return load_context(config, plugin_args, extra_plugins=[("qa_test_format", QAPlugin())])
 
@@ -104,7 +104,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def prepare(tmp_path, tokenizer, *files, plugin_args=(), **extra):
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     ctx = make_context(base_config(tmp_path, *files, **extra), plugin_args)
     return prepare_datasets(ctx, tokenizer)
@@ -191,8 +191,8 @@ class TypoPlugin:
 
 
 def prepare_typo(tmp_path, tokenizer, data, fmt):
-    from ft.context import load_context
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
 
     cfg = base_config(tmp_path, data)
     cfg["datasets"][0]["type"] = fmt
@@ -219,7 +219,7 @@ def test_token_columns_that_are_not_token_ids_are_an_error_naming_the_column(tmp
 
 
 def test_zero_trained_tokens_is_an_error_not_a_statistic(tmp_path, tiny_tokenizer, monkeypatch):
-    from ft.data_tokenize import Samples
+    from ft.engine.data_tokenize import Samples
 
     monkeypatch.setattr(Samples, "trained_tokens", lambda self: 0)  # what a format that masks everything gives
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in qa_rows(3)])
@@ -342,8 +342,7 @@ def test_labels_and_stats(tmp_path, tiny_tokenizer):
 
 
 def test_parallel_workers_give_the_same_result_as_one_process(tmp_path, tiny_tokenizer, monkeypatch):
-    from ft import data_tokenize
-
+    from ft.engine import data_tokenize
     monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
     rows = [json.dumps(r) for r in qa_rows(300)]
     rows[17] = "{bad"
@@ -355,8 +354,7 @@ def test_parallel_workers_give_the_same_result_as_one_process(tmp_path, tiny_tok
 
 
 def test_spawned_workers_where_fork_is_unavailable(tmp_path, tiny_tokenizer, monkeypatch):
-    from ft import data_tokenize
-
+    from ft.engine import data_tokenize
     monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
     monkeypatch.setattr(data_tokenize, "start_method", lambda: "spawn")
     rows = [json.dumps(r) for r in qa_rows(100)]
@@ -369,8 +367,7 @@ def test_spawned_workers_where_fork_is_unavailable(tmp_path, tiny_tokenizer, mon
 
 
 def test_parallel_worker_errors_name_the_row(tmp_path, tiny_tokenizer, monkeypatch):
-    from ft import data_tokenize
-
+    from ft.engine import data_tokenize
     monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
     rows = qa_rows(200)
     rows[150] = {"prompt": "x", "completion": "BOOM"}
@@ -380,7 +377,7 @@ def test_parallel_worker_errors_name_the_row(tmp_path, tiny_tokenizer, monkeypat
 
 
 def test_raw_rows_address_rows_across_files():
-    from ft.data import RawRows, RowPart
+    from ft.engine.data import RawRows, RowPart
 
     raw = RawRows("dir", [RowPart([{"a": 1}, {"a": 2}], "x.jsonl", [1, 3]), RowPart([{"a": 3}], "y.jsonl", [2])])
     assert len(raw) == 3
@@ -396,7 +393,7 @@ def test_raw_rows_address_rows_across_files():
 def test_debug_view_marks_trained_text_without_colour_and_colours_it_on_a_terminal(tmp_path, tiny_tokenizer):
     import io
 
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
     out = prepare(tmp_path, tiny_tokenizer, a, shuffle=False)
@@ -415,7 +412,7 @@ def test_debug_view_marks_trained_text_without_colour_and_colours_it_on_a_termin
 def test_debug_view_splits_packed_rows_into_their_samples(tiny_tokenizer):
     import io
 
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     ids = tiny_tokenizer.encode("hi there", add_special_tokens=False)
     row = {"input_ids": ids + ids, "labels": [IGNORE_INDEX] + ids[1:] + [IGNORE_INDEX] + ids[1:],
@@ -427,7 +424,7 @@ def test_debug_view_splits_packed_rows_into_their_samples(tiny_tokenizer):
 
 
 def test_ft_preprocess_debug_prints_labelled_samples(tmp_path, tiny_model_dir, write_yaml):
-    from ft.testing import FtRunner, registered_plugin
+    from ft.tools.testing import FtRunner, registered_plugin
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(4)] + ["{broken"])
     cfg = write_yaml({"base_model": str(tiny_model_dir), "datasets": [{"path": str(a), "type": "qa"}],
@@ -444,7 +441,7 @@ def test_debug_view_names_the_file_line_of_each_sample(tmp_path, tiny_tokenizer)
     """Shuffled, with a malformed line before them: each sample says where it came from, not its position."""
     import io
 
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     a = write_lines(tmp_path / "a.jsonl", ["{broken"] + [json.dumps(r) for r in qa_rows(6)])
     out = prepare(tmp_path, tiny_tokenizer, a, seed=3)
@@ -459,8 +456,8 @@ def test_debug_view_names_the_file_line_of_each_sample(tmp_path, tiny_tokenizer)
 
 
 def test_an_empty_dataset_file_is_a_warning_naming_the_entry(tmp_path, tiny_tokenizer, caplog, write_yaml):
-    from ft.context import load_context
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
     empty = tmp_path / "empty.jsonl"

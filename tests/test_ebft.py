@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.context import load_context
+from ft.kernel.context import load_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,7 +98,7 @@ def ebft_config(root: Path, model_dir: Path, **extra) -> dict:
 
 
 def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     config = ebft_config(tmp_path, tiny_model_dir)
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
@@ -116,8 +116,8 @@ def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, tiny
 
 
 def trainer_for(tmp_path, model_dir, *plugins):
-    from ft.data import prepare_datasets
-    from ft.train import build_trainer
+    from ft.engine.data import prepare_datasets
+    from ft.engine.train import build_trainer
 
     config = ebft_config(tmp_path, model_dir, plugins=list(plugins))
     ctx = load_context(config)
@@ -183,8 +183,8 @@ def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, tiny_model_
 
 
 def test_strided_mode_cuts_documents_at_anchors(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from ft.data import prepare_datasets
-    from ft.tiny import corpus
+    from ft.engine.data import prepare_datasets
+    from ft.tools.tiny import corpus
 
     doc = " ".join(corpus(40, seed=2))
     short = "Too short."
@@ -207,7 +207,7 @@ def test_strided_mode_cuts_documents_at_anchors(tmp_path, tiny_model_dir, tiny_t
 @pytest.mark.slow
 def test_a_short_strided_run(tmp_path, tiny_model_dir):
     from ft.run import run
-    from ft.tiny import corpus
+    from ft.tools.tiny import corpus
 
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(corpus(30, seed=s))}) + "\n"
                                                  for s in range(3)))

@@ -140,7 +140,7 @@ def run_with(root, model_dir, tmp_name, **grpo):
     """A GRPO run (plain prompts, 4 steps) with VersionedGeneration; returns the trainer and the run's history."""
     from ft import hookimpl
     from ft.run import run
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     rows = [{"prompt": f"Count {i} and {i + 1}.", "index": i} for i in range(16)]
     work = root / tmp_name
@@ -196,7 +196,7 @@ def test_async_generation_trails_by_the_lag_and_generates_the_steps_prompts(tiny
 
 
 def test_async_generation_needs_a_separate_generator(tiny_model_dir, tmp_path, write_yaml):
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
     from ft.run import run
 
     (tmp_path / "x.jsonl").write_text(json.dumps({"prompt": "Hi."}) + "\n")

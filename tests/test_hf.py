@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, FtError
-from ft.formats import DatasetOptions
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, FtError
+from ft.kernel.formats import DatasetOptions
 
 
 class HandFormat:
@@ -61,7 +61,7 @@ def test_missing_pad_token_uses_a_reserved_special_token_not_eos(tiny_model_dir,
 
 
 def test_tokenizer_own_pad_token_is_kept(tmp_path, caplog):
-    from ft.tiny import make_tokenizer
+    from ft.tools.tiny import make_tokenizer
 
     make_tokenizer(tmp_path, pad_token="<|endoftext|>")
     caplog.set_level(logging.INFO, logger="ft")

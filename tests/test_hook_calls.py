@@ -16,7 +16,7 @@ import pytest
 from ft import PluginError, hookimpl, hookspecs
 from ft.kernel import spec as specs
 from ft.kernel.hooks import HookCaller, hook_names
-from ft.plugins import PluginManager
+from ft.kernel.plugins import PluginManager
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,14 +53,14 @@ def test_a_new_merge_hook_works_from_its_declaration_alone(monkeypatch):
 
 
 def test_a_new_registration_hook_gets_its_registry_field(monkeypatch):
-    from ft.context import Registries
-    from ft.registry import OptimizerRegistry
+    from ft.kernel.context import Registries
+    from ft.kernel.registry import OptimizerRegistry
 
     def ft_register_widgets(register):
         """Widgets."""
 
     _add_hook(monkeypatch, "ft_register_widgets",
-              specs.spec(specs.REGISTER, registry="ft.registry:OptimizerRegistry", into="widgets")(ft_register_widgets))
+              specs.spec(specs.REGISTER, registry="ft.kernel.registry:OptimizerRegistry", into="widgets")(ft_register_widgets))
 
     class W:
         @hookimpl

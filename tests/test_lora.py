@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, MissingDependencyError
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, MissingDependencyError
 
 
 def make_config(model_dir, plugins=("lora",), **extra):
@@ -243,7 +243,7 @@ def test_training_changes_the_adapter_and_leaves_the_base_bit_identical(tiny_mod
     from safetensors.torch import load_file
 
     from ft.run import run
-    from ft.testing import registered_plugin, write_config
+    from ft.tools.testing import registered_plugin, write_config
 
     config = write_config(
         tmp_path / "config.yaml", base_model=tiny_model_dir, dataset=chat_jsonl, plugins=["lora"], max_steps=3,
@@ -289,7 +289,7 @@ def test_seed_seeds_the_adapter_initialisation(tiny_model_dir, chat_jsonl, tmp_p
     from safetensors.torch import load_file
 
     from ft.run import run
-    from ft.testing import write_config
+    from ft.tools.testing import write_config
 
     extra = {"method": "dpo", "datasets": [{"path": write_pairs(tmp_path / "pairs.jsonl"), "type": "preference"}],
              "sequence_len": 64} if method == "dpo" else {"dataset": chat_jsonl}

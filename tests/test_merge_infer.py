@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 PROMPT = "What is 2 plus 3?"
 
@@ -17,8 +17,8 @@ PROMPT = "What is 2 plus 3?"
 def lora_run(tiny_model_dir, tmp_path_factory):
     """The output directory of a short `ft run` with the lora plugin (adapter + tokenizer + config)."""
     from ft.run import run
-    from ft.testing import write_config
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.testing import write_config
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("lora-run")
     data = write_jsonl(root / "chat.jsonl", make_chat_rows(32))
@@ -55,7 +55,7 @@ def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, tiny_model_di
     from ft_plugins.lora import load_adapter_model
     from transformers import AutoModelForCausalLM
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     result = FtRunner().invoke("merge", lora_run, "--to", tmp_path / "merged").assert_ok()
     assert f"merged model written to {tmp_path / 'merged'}" in result.output
@@ -88,7 +88,7 @@ def test_merge_defaults_to_a_merged_folder_and_casts_to_the_chosen_dtype(lora_ru
 def test_merge_errors(lora_run, tmp_path, tiny_model_dir):
     from ft_plugins.lora import merge_adapter
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     with pytest.raises(FtError, match="holds no LoRA adapter .adapter_config.json is missing., so there is nothing to "
                                       "merge. It holds a full model already"):
@@ -117,7 +117,7 @@ def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stal
 
 
 def test_an_unreachable_hub_base_is_one_clear_error(lora_run, tmp_path):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     moved = tmp_path / "moved"
     shutil.copytree(lora_run, moved, ignore=shutil.ignore_patterns("merged"))
@@ -136,7 +136,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     config = {
         "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
@@ -182,7 +182,7 @@ def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
     from ft_plugins.lora import load_adapter_model, merge_adapter
     from transformers import AutoModelForCausalLM
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     config = {
         "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
@@ -215,7 +215,7 @@ def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
 
 
 def test_infer_prints_a_reply_from_a_saved_adapter_run(lora_run):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     result = FtRunner().invoke("infer", lora_run, PROMPT, "--max-new-tokens", "8").assert_ok()
     assert result.stdout.strip(), "no text was generated"
@@ -284,7 +284,7 @@ def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, tiny_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     run_dir = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, run_dir)
@@ -300,7 +300,7 @@ def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, tiny_
 
 
 def test_merge_refuses_a_directory_that_holds_another_run_unless_forced(lora_run, tmp_path):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     other = tmp_path / "other-run"
     other.mkdir()
@@ -324,7 +324,7 @@ def truncate(path):
 
 
 def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_path, tiny_model_dir):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     adapter = tmp_path / "adapter"
     shutil.copytree(lora_run, adapter, ignore=shutil.ignore_patterns("merged"))
@@ -342,7 +342,7 @@ def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_
 
 
 def test_infer_warns_when_the_run_did_not_finish(tiny_model_dir, tmp_path):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run_dir)

@@ -10,7 +10,7 @@ import pytest
 from ft_plugins.packing import PackedCollator, pack_best_fit_decreasing, pack_dataset
 from test_data import prepare, qa_rows, write_lines
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 
 def test_best_fit_decreasing_places_every_sample_once_within_capacity():
@@ -33,7 +33,7 @@ def test_best_fit_picks_the_fullest_bin_that_fits():
 
 
 def test_a_sample_longer_than_the_bin_is_refused():
-    from ft.errors import DataError
+    from ft.kernel.errors import DataError
 
     with pytest.raises(DataError, match="more than the bin size"):
         pack_best_fit_decreasing([3, 20], 16)

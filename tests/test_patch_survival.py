@@ -15,9 +15,9 @@ import pytest
 
 from ft import hookimpl
 from ft.api import Plugin
-from ft.errors import FtError
-from ft.patching import CountingForward, PatchWatch, patch_attribute
-from ft.testing import assert_patch_survives
+from ft.kernel.errors import FtError
+from ft.kernel.patching import CountingForward, PatchWatch, patch_attribute
+from ft.tools.testing import assert_patch_survives
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -37,7 +37,7 @@ def bind_counting_forward(module, calls: list):
 
 
 def _load_with_ft(config_path):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     ctx = load_context(config_path)
     pm = ctx.pm
@@ -219,7 +219,7 @@ def test_counting_forward_keeps_the_signature_and_follows_a_deepcopy(tiny):
     assert watch.changes[0].counter.calls == 0  # the copy counts on its own
 
 
-# -- ft.testing.assert_patch_survives ----------------------------------------------------------------
+# -- ft.tools.testing.assert_patch_survives ----------------------------------------------------------------
 
 
 def test_helper_passes_for_a_patch_that_runs(tiny):

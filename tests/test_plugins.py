@@ -18,8 +18,8 @@ import pytest
 
 from ft import hookimpl
 from ft.api import Plugin
-from ft.errors import PluginError
-from ft.testing import install_distribution
+from ft.kernel.errors import PluginError
+from ft.tools.testing import install_distribution
 
 PLUGINS = {
     "ftt_good": '''
@@ -235,8 +235,8 @@ def test_hook_call_order(plugin_env):
 
 
 def test_duplicate_registration_names_both_plugins():
-    from ft.errors import PluginError
-    from ft.registry import FormatRegistry
+    from ft.kernel.errors import PluginError
+    from ft.kernel.registry import FormatRegistry
 
     reg = FormatRegistry()
     reg.scoped("one").add("fmt", object, lambda *a: None)
@@ -246,8 +246,8 @@ def test_duplicate_registration_names_both_plugins():
 
 def test_model_kwargs_conflict_names_both_plugins():
     from ft import hookimpl
-    from ft.errors import PluginError
-    from ft.plugins import PluginManager
+    from ft.kernel.errors import PluginError
+    from ft.kernel.plugins import PluginManager
 
     class A:
         @hookimpl
@@ -269,7 +269,7 @@ def test_model_kwargs_conflict_names_both_plugins():
 
 def test_inactive_feature_hooks_are_not_called():
     from ft import hookimpl
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     class Feature:
         PLUGIN = Plugin(feature=True)
@@ -352,7 +352,7 @@ def test_trace_shows_every_hook_call(plugin_env):
 
 def test_a_wrapper_works_on_an_all_hook_and_sees_each_result():
     from ft import hookimpl
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     seen = []
 
@@ -378,9 +378,9 @@ def test_a_callback_that_raises_names_its_plugin(tiny_model_dir, tmp_path):
     from transformers import TrainerCallback
 
     from ft import hookimpl
-    from ft.errors import PluginHookError
+    from ft.kernel.errors import PluginHookError
     from ft.run import train
-    from ft.testing import registered_plugin, write_config, write_dataset
+    from ft.tools.testing import registered_plugin, write_config, write_dataset
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -394,7 +394,7 @@ def test_a_callback_that_raises_names_its_plugin(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "d.jsonl", kind="chat", n=4)
     config = write_config(tmp_path / "c.yaml", base_model=tiny_model_dir, datasets=[{"path": str(data), "type": "chat_template"}],
                           max_steps=1)
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     with registered_plugin(Plugin(), "boomer"):
         ctx = load_context(config)
@@ -416,7 +416,7 @@ def test_a_callback_that_raises_names_its_plugin(tiny_model_dir, tmp_path):
     ("PLUGIN = {'feature': True}", "is not a declaration; write PLUGIN = ft.api.Plugin(...)"),
 ])
 def test_a_misdeclared_plugin_is_an_error_naming_it(tmp_path, declares, says):
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     source = f"from ft import hookimpl\nfrom ft.api import Plugin\n{declares}\n\n@hookimpl\ndef ft_model_kwargs(cfg):\n    return {{}}\n"
     env = install_distribution(tmp_path / "site", "ft-misdeclared", "0.1", {"ftt_misdeclared": source},
@@ -440,7 +440,7 @@ def test_a_misdeclared_plugin_is_an_error_naming_it(tmp_path, declares, says):
 
 def test_the_declaration_sets_feature_capabilities_and_loggers():
     from ft.api import Plugin
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     class Decl:
         PLUGIN = Plugin(feature=True, provides=["adapter"], method_feature="packing", loggers=["noisy"])
@@ -461,7 +461,7 @@ def test_the_declaration_sets_feature_capabilities_and_loggers():
 def test_essential_is_declared_by_the_plugin_not_listed_in_the_core():
     from ft_plugins import hf, lora
 
-    import ft.plugins as manager
+    import ft.kernel.plugins as manager
 
     assert not hasattr(manager, "ESSENTIAL")
     assert hf.PLUGIN.essential and not lora.PLUGIN.essential and lora.PLUGIN.feature

@@ -18,7 +18,7 @@ import random
 
 import pytest
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -53,10 +53,10 @@ def ft_setup(tmp_path, model_dir, method: str, section: dict, rows: list[dict], 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ft.context import load_context
-    from ft.data import prepare_datasets
-    from ft.tiny import write_jsonl
-    from ft.train import build_trainer
+    from ft.engine.data import prepare_datasets
+    from ft.engine.train import build_trainer
+    from ft.kernel.context import load_context
+    from ft.tools.tiny import write_jsonl
 
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     config = {

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, MissingDependencyError
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, MissingDependencyError
 
 
 def make_config(model_dir, plugins=("lora", "qlora"), **extra):
@@ -140,7 +140,7 @@ class CaptureRun:
 
 def train(tmp_path, model_dir, data, **overrides):
     from ft.run import run
-    from ft.testing import registered_plugin, write_config
+    from ft.tools.testing import registered_plugin, write_config
 
     config = write_config(tmp_path / "config.yaml", base_model=model_dir, dataset=data, **overrides)
     capture = CaptureRun()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_preference_trl import assert_same, loss_and_grads
 
-from ft.context import load_context
+from ft.kernel.context import load_context
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -33,7 +33,7 @@ def pair_rows(n: int = 6, seed: int = 0, margin: bool = False) -> list[dict]:
 
 
 def config_of(tmp_path: Path, model_dir: Path, rows: list[dict], **extra) -> dict:
-    from ft.tiny import write_jsonl
+    from ft.tools.tiny import write_jsonl
 
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     entry = {"path": str(data), "type": "preference", **extra.pop("entry", {})}
@@ -48,8 +48,8 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, m
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from ft.data import prepare_datasets
-    from ft.train import build_trainer
+    from ft.engine.data import prepare_datasets
+    from ft.engine.train import build_trainer
 
     rows = pair_rows(margin=margin)
     extra = {"entry": {"field_margin": "score_gap"}} if margin else {}
@@ -88,8 +88,8 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, m
 
 
 def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_margin(tmp_path, tiny_model_dir):
-    from ft.data import prepare_datasets
-    from ft.errors import FtError
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.errors import FtError
 
     rows = pair_rows(margin=True)
     rows[2]["score_gap"] = "big"
@@ -201,7 +201,7 @@ def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifi
 
     from ft_plugins.rewards import RewardModelOptions, reward_model
 
-    from ft.errors import FtError
+    from ft.kernel.errors import FtError
 
     with pytest.raises(FtError, match=f"holds a LoRA adapter .* run `ft merge {out}` and set model: {out}/merged"):
         reward_model(RewardModelOptions(model=str(out)), load_context(config_of(tmp_path, tiny_model_dir, pair_rows())).cfg)

@@ -8,9 +8,9 @@ import pytest
 
 from ft import hookimpl
 from ft.api import Plugin
-from ft.errors import FtError
-from ft.patching import PatchRecord, patch_attribute
-from ft.testing import registered_plugin
+from ft.kernel.errors import FtError
+from ft.kernel.patching import PatchRecord, patch_attribute
+from ft.tools.testing import registered_plugin
 
 TARGET = types.SimpleNamespace(kernel="original")
 

@@ -1,4 +1,4 @@
-"""ft.testing, the pytest plugin for plugin authors, and `ft plugins --hook NAME`."""
+"""ft.tools.testing, the pytest plugin for plugin authors, and `ft plugins --hook NAME`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
 from ft.api import Plugin
-from ft.formats import DatasetOptions
-from ft.testing import HookRecorder, registered_plugin
+from ft.kernel.formats import DatasetOptions
+from ft.tools.testing import HookRecorder, registered_plugin
 
 
 class ShoutOptions(DatasetOptions):
@@ -49,7 +49,7 @@ def shout_config(ft_config, ft_dataset, **extra):
 
 
 def test_importing_ft_testing_stays_light():
-    code = "import sys, ft.testing; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    code = "import sys, ft.tools.testing; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -58,7 +58,7 @@ FOREIGN_TEST = '''
 from ft import hookimpl
 
 from ft.api import Plugin
-from ft.formats import DatasetOptions
+from ft.kernel.formats import DatasetOptions
 
 
 class EchoOptions(DatasetOptions):
@@ -158,8 +158,8 @@ def test_hook_recorder_sees_registration_and_pipeline_hooks(ft_hook_recorder, ft
 
 
 def test_hook_recorder_records_exceptions_and_stops_when_closed(ft_register_plugin):
-    from ft.errors import PluginHookError
-    from ft.plugins import PluginManager
+    from ft.kernel.errors import PluginHookError
+    from ft.kernel.plugins import PluginManager
 
     class Broken:
         @hookimpl
@@ -177,7 +177,7 @@ def test_hook_recorder_records_exceptions_and_stops_when_closed(ft_register_plug
 
 
 def test_firstresult_recording_shows_who_answered():
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     class Early:
         @hookimpl(tryfirst=True)

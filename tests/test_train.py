@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import FtError
-from ft.formats import DatasetOptions
-from ft.outputs import final_outputs, write_run_files
-from ft.resume import plan_resume
-from ft.train import build_trainer, out_of_memory_message, run_training
+from ft.engine.outputs import final_outputs, write_run_files
+from ft.engine.resume import plan_resume
+from ft.engine.train import build_trainer, out_of_memory_message, run_training
+from ft.kernel.context import load_context
+from ft.kernel.errors import FtError
+from ft.kernel.formats import DatasetOptions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -41,41 +41,41 @@ from ft import hookimpl, hookspec
 
 _WHERE = {
     # errors
-    "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
-    "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
-    "defined_at": "ft.errors",
+    "FtError": "ft.kernel.errors", "ConfigError": "ft.kernel.errors", "DataError": "ft.kernel.errors", "PluginError": "ft.kernel.errors",
+    "MissingDependencyError": "ft.kernel.errors", "is_installed": "ft.kernel.errors", "load_or_explain": "ft.kernel.errors",
+    "defined_at": "ft.kernel.errors",
     # config
-    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
-    "read_yaml": "ft.config", "reporter_names": "ft.config",
+    "Config": "ft.kernel.config", "resolve_path": "ft.kernel.context", "NOT_TRAINING": "ft.kernel.config", "redact_text": "ft.kernel.config",
+    "read_yaml": "ft.kernel.config", "reporter_names": "ft.kernel.config",
     # data sources
-    "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
-    "file_digest": "ft.cache",
+    "RawRows": "ft.engine.data", "RowPart": "ft.engine.data", "Drop": "ft.kernel.formats", "MALFORMED": "ft.engine.data",
+    "file_digest": "ft.engine.cache",
     # prepared data
-    "record_cache_file": "ft.cache", "cache_file_problem": "ft.cache",
+    "record_cache_file": "ft.engine.cache", "cache_file_problem": "ft.engine.cache",
     # formats
-    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Note": "ft.formats", "Tokenize": "ft.formats",
-    "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
-    "PromptCompletion": "ft.formats",
+    "DatasetOptions": "ft.kernel.formats", "Dropped": "ft.kernel.formats", "Note": "ft.kernel.formats", "Tokenize": "ft.kernel.formats",
+    "IGNORE_INDEX": "ft.kernel.formats", "TextEncoder": "ft.kernel.formats", "entry_where": "ft.kernel.formats",
+    "PromptCompletion": "ft.kernel.formats",
     # methods
-    "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
-    "MODEL_LOSS": "ft.methods",
-    "LOSS_WATCH": "ft.methods", "CAUSAL_LM": "ft.methods", "SEQUENCE_CLASSIFICATION": "ft.methods",
-    "TOKEN_CLASSIFICATION": "ft.methods", "model_head": "ft.methods",
-    "AUTO_CLASSES": "ft.methods",
-    "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
-    "has_adapter": "ft.reference",
+    "Method": "ft.kernel.methods", "SFT_COLUMNS": "ft.kernel.methods", "PACKING": "ft.kernel.methods", "EVAL": "ft.kernel.methods",
+    "MODEL_LOSS": "ft.kernel.methods",
+    "LOSS_WATCH": "ft.kernel.methods", "CAUSAL_LM": "ft.kernel.methods", "SEQUENCE_CLASSIFICATION": "ft.kernel.methods",
+    "TOKEN_CLASSIFICATION": "ft.kernel.methods", "model_head": "ft.kernel.methods",
+    "AUTO_CLASSES": "ft.kernel.methods",
+    "ReferenceModel": "ft.engine.reference", "token_logps": "ft.engine.reference", "sequence_logps": "ft.engine.reference",
+    "has_adapter": "ft.engine.reference",
     # collating
-    "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
+    "pad_rows": "ft.engine.collate", "PaddingCollator": "ft.engine.collate", "gather_ranges": "ft.engine.data_tokenize",
     # training
-    "resolve_precision": "ft.train", "torch_dtype": "ft.train", "torch_dtype_named": "ft.train",
-    "close_progress_bars": "ft.train", "last_good_checkpoint": "ft.checkpoints",
+    "resolve_precision": "ft.engine.train", "torch_dtype": "ft.engine.train", "torch_dtype_named": "ft.engine.train",
+    "close_progress_bars": "ft.engine.train", "last_good_checkpoint": "ft.engine.checkpoints",
     # commands
-    "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.context",
-    "collect_registries": "ft.context",
+    "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.kernel.context",
+    "collect_registries": "ft.kernel.context",
     # plugins
-    "Plugin": "ft.plugins",
+    "Plugin": "ft.kernel.plugins",
     # kernels
-    "PatchRecord": "ft.patching", "patch_attribute": "ft.patching",
+    "PatchRecord": "ft.kernel.patching", "patch_attribute": "ft.kernel.patching",
 }  # fmt: skip
 
 __all__ = ["hookimpl", "hookspec", *_WHERE]

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ft import __version__
-from ft.errors import ConfigError, FtError
+from ft.kernel.errors import ConfigError, FtError
 
 plugin_option = click.option(
     "-p", "plugin_args", multiple=True, metavar="NAME",
@@ -77,7 +77,7 @@ def _from_plugin(exc: Exception) -> FtError | None:
     """An exception raised in a plugin's code outside any hook call (a function it patched into torch or
     transformers at import, say), as an error naming the plugin and its frames; None when no plugin's code is in
     the traceback (then it is ft's own bug, and its traceback is shown)."""
-    from ft.errors import is_out_of_memory, outside_hooks_error, plugin_in_traceback
+    from ft.kernel.errors import is_out_of_memory, outside_hooks_error, plugin_in_traceback
 
     found = None if is_out_of_memory(exc) else plugin_in_traceback(exc)
     return None if found is None else outside_hooks_error(found[0], exc, found[1])
@@ -101,12 +101,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _context(config: str, plugin_args, overrides, trace: bool = False):
-    from ft.context import load_context
-    from ft.plugins import add_hook_monitor
+    from ft.kernel.context import load_context
+    from ft.kernel.plugins import add_hook_monitor
 
     stop = None
     if trace:  # the manager made here traces every hook call, from the first registration hook on
-        from ft.plugins import trace_after
+        from ft.kernel.plugins import trace_after
 
         stop = add_hook_monitor(lambda *a: None, trace_after(lambda msg: click.echo(msg, err=True)))
     try:
@@ -135,7 +135,7 @@ class FtGroup(click.Group):
             return
         self._plugins_added = True
         try:
-            from ft.context import make_plugin_manager
+            from ft.kernel.context import make_plugin_manager
 
             pm = make_plugin_manager()
             pm.call("ft_add_commands", cli=self)
@@ -179,13 +179,13 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
     """Train with CONFIG: load, prepare data, fine-tune, save."""
     setup_logging(verbose)
     if nproc or nnodes:
-        from ft.launch import launch
+        from ft.engine.launch import launch
 
         code = launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                       rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
         if code is not None:  # None: already under a launcher, so this process trains
             sys.exit(code)
-    from ft.launch import close_process_group
+    from ft.engine.launch import close_process_group
     from ft.run import train
 
     ctx = _context(config, plugin_args, overrides, trace)
@@ -212,7 +212,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
     ctx = _context(config, plugin_args, overrides, trace)
     data, tokenizer = do_preprocess(ctx)
     if debug_n:
-        from ft.debug import show_samples
+        from ft.tools.debug import show_samples
 
         show_samples(data.train, tokenizer, debug_n, where=data.where)
 
@@ -226,7 +226,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.config import batch_problems, config_warnings, missing_local_paths
+    from ft.kernel.config import batch_problems, config_warnings, missing_local_paths
 
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
@@ -258,8 +258,8 @@ def validate(config, plugin_args, overrides, trace, nproc):
 @handle_errors
 def plugins(plugin_args, as_json, hook_name):
     """List installed plugins: name, distribution, version, status, hooks."""
-    from ft.context import collect_registries, make_plugin_manager
-    from ft.plugins import plugin_origin
+    from ft.kernel.context import collect_registries, make_plugin_manager
+    from ft.kernel.plugins import plugin_origin
 
     pm = make_plugin_manager(plugin_args)
     registers = registrations(collect_registries(pm), pm)  # a plugin whose registration hook raises is listed as failed
@@ -317,7 +317,7 @@ def registrations(regs: Any, pm: Any) -> dict[str, dict[str, list[str]]]:
 @handle_errors
 def schema(plugin_args, output):
     """Print the JSON Schema of the config (core keys and every plugin's section)."""
-    from ft.schema import generate_schema
+    from ft.kernel.schema import generate_schema
 
     text = generate_schema(plugin_args)
     if output:

@@ -15,7 +15,7 @@ Each docstring has one summary line, then ``Called:`` (when it fires), ``Args:``
 parameter) and ``Returns:`` (the contract in words).
 
 The core calls a hook through pluggy one plugin at a time, so each result and each exception is
-attributed to its plugin, and ``--trace`` and ``ft.testing.HookRecorder`` see every call.
+attributed to its plugin, and ``--trace`` and ``ft.tools.testing.HookRecorder`` see every call.
 ``@hookimpl(wrapper=True)`` works on every hook: a wrapper runs around each plugin's call of the
 hook it wraps.
 
@@ -49,9 +49,9 @@ if TYPE_CHECKING:  # heavy types only for type checkers; importing this module s
 
     import click
 
-    from ft.config import Config, SectionRegistry
-    from ft.methods import Method
-    from ft.registry import (
+    from ft.kernel.config import Config, SectionRegistry
+    from ft.kernel.methods import Method
+    from ft.kernel.registry import (
         FormatRegistry,
         KeyHintRegistry,
         MethodRegistry,
@@ -68,7 +68,7 @@ CALLABLE_COLLATOR = Returns("a callable list[row] -> dict of tensors", callable)
 # ---------------------------------------------------------------------------------------------
 
 
-@spec(REGISTER, registry="ft.config:SectionRegistry", into="sections")
+@spec(REGISTER, registry="ft.kernel.config:SectionRegistry", into="sections")
 def ft_add_config(registry: SectionRegistry) -> None:
     """Declare the plugin's config section.
 
@@ -82,7 +82,7 @@ def ft_add_config(registry: SectionRegistry) -> None:
     """
 
 
-@spec(REGISTER, registry="ft.registry:FormatRegistry", into="formats")
+@spec(REGISTER, registry="ft.kernel.registry:FormatRegistry", into="formats")
 def ft_register_formats(register: FormatRegistry) -> None:
     """Register dataset formats (the ``type:`` of a dataset entry).
 
@@ -98,7 +98,7 @@ def ft_register_formats(register: FormatRegistry) -> None:
     """
 
 
-@spec(REGISTER, registry="ft.registry:MethodRegistry", into="methods")
+@spec(REGISTER, registry="ft.kernel.registry:MethodRegistry", into="methods")
 def ft_register_methods(register: MethodRegistry) -> None:
     """Register training methods (``method:`` in the config): sft, dpo, grpo ...
 
@@ -111,7 +111,7 @@ def ft_register_methods(register: MethodRegistry) -> None:
     """
 
 
-@spec(REGISTER, registry="ft.registry:RewardRegistry", into="rewards")
+@spec(REGISTER, registry="ft.kernel.registry:RewardRegistry", into="rewards")
 def ft_register_rewards(register: RewardRegistry) -> None:
     """Register reward functions for online RL methods (``grpo.rewards[].name`` in the config).
 
@@ -127,7 +127,7 @@ def ft_register_rewards(register: RewardRegistry) -> None:
     """
 
 
-@spec(REGISTER, registry="ft.registry:OptimizerRegistry", into="optimizers")
+@spec(REGISTER, registry="ft.kernel.registry:OptimizerRegistry", into="optimizers")
 def ft_register_optimizers(register: OptimizerRegistry) -> None:
     """Register optimizers by name (``optimizer:`` in the config).
 
@@ -142,7 +142,7 @@ def ft_register_optimizers(register: OptimizerRegistry) -> None:
     """
 
 
-@spec(REGISTER, registry="ft.registry:SchedulerRegistry", into="schedulers")
+@spec(REGISTER, registry="ft.kernel.registry:SchedulerRegistry", into="schedulers")
 def ft_register_schedulers(register: SchedulerRegistry) -> None:
     """Register learning-rate schedulers by name (``lr_scheduler:`` in the config).
 
@@ -157,7 +157,7 @@ def ft_register_schedulers(register: SchedulerRegistry) -> None:
     """
 
 
-@spec(REGISTER, registry="ft.registry:KeyHintRegistry", into="key_hints")
+@spec(REGISTER, registry="ft.kernel.registry:KeyHintRegistry", into="key_hints")
 def ft_register_key_hints(register: KeyHintRegistry) -> None:
     """Say what to write instead of a key ft does not know (another tool's name for a setting).
 
@@ -309,7 +309,7 @@ def ft_load_model(cfg: Config, kwargs: dict[str, Any], tokenizer: Any) -> Any:
     """
 
 
-@spec(EACH, list_of("ft.patching:PatchRecord", "a list of ft.api.PatchRecord or None"))
+@spec(EACH, list_of("ft.kernel.patching:PatchRecord", "a list of ft.api.PatchRecord or None"))
 def ft_patch_model(cfg: Config, model: Any) -> list[Any] | None:
     """Patch the model instance in place (kernels, attention implementations).
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ft.context import Context, load_context
+from ft.kernel.context import Context, load_context
 
 log = logging.getLogger("ft")
 
@@ -39,11 +39,11 @@ def run(
 
 
 def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
-    from ft.data import prepare_datasets
-    from ft.outputs import final_outputs, lock_output_dir, write_run_files
-    from ft.patching import PatchWatch
-    from ft.resume import plan_resume
-    from ft.train import build_trainer, patch_check_callback, run_training, seed_everything
+    from ft.engine.data import prepare_datasets
+    from ft.engine.outputs import final_outputs, lock_output_dir, write_run_files
+    from ft.engine.resume import plan_resume
+    from ft.engine.train import build_trainer, patch_check_callback, run_training, seed_everything
+    from ft.kernel.patching import PatchWatch
 
     cfg, pm = ctx.cfg, ctx.pm
     with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends
@@ -80,7 +80,7 @@ def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunR
 
 def preprocess(ctx: Context) -> Any:
     """``ft preprocess``: tokenize (and pack) the datasets into the cache; load no model."""
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer

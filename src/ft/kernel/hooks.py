@@ -1,7 +1,7 @@
 """Calling hooks: the one generic caller, reading each hook's declaration (``ft.kernel.spec``).
 
 Every hook call goes through :class:`HookCaller` (the plugin manager's calling half), through
-pluggy, one plugin at a time: tracing, ``ft.testing.HookRecorder`` and ``@hookimpl(wrapper=True)``
+pluggy, one plugin at a time: tracing, ``ft.tools.testing.HookRecorder`` and ``@hookimpl(wrapper=True)``
 see every call; each result is checked against the hook's declaration and attributed to its
 plugin; an exception names the plugin and the hook.
 """
@@ -15,7 +15,14 @@ from typing import Any
 import pluggy
 
 from ft import hookspecs
-from ft.errors import ConfigError, FtError, PluginError, PluginHookError, is_out_of_memory, plugin_frames
+from ft.kernel.errors import (
+    ConfigError,
+    FtError,
+    PluginError,
+    PluginHookError,
+    is_out_of_memory,
+    plugin_frames,
+)
 from ft.kernel.spec import ACTIVE, ANYTHING, CONCAT, EACH, FIRST, MERGE, REGISTER, HookSpec, declared
 
 
@@ -27,7 +34,7 @@ class Merged(dict):
 
 class HookCaller:
     """The plugin manager's calling half: every hook call goes through here, through pluggy, one plugin
-    at a time (tracing, ``ft.testing.HookRecorder`` and ``@hookimpl(wrapper=True)`` see every call), each
+    at a time (tracing, ``ft.tools.testing.HookRecorder`` and ``@hookimpl(wrapper=True)`` see every call), each
     result checked against the hook's declaration and attributed to its plugin."""
 
     pm: pluggy.PluginManager

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ft.checkpoints import AtomicCheckpointsMixin
-from ft.config import batch_warnings, real_effective_batch
-from ft.errors import (
+from ft.engine.checkpoints import AtomicCheckpointsMixin
+from ft.kernel.config import batch_warnings, real_effective_batch
+from ft.kernel.errors import (
     ConfigError,
     FtError,
     MissingDependencyError,
@@ -34,8 +34,8 @@ from ft.errors import (
 )
 
 if TYPE_CHECKING:
-    from ft.context import Context
-    from ft.resume import ResumePlan
+    from ft.engine.resume import ResumePlan
+    from ft.kernel.context import Context
 
 log = logging.getLogger("ft.train")
 
@@ -163,10 +163,10 @@ class StepAbandoned(FtError):
 
 class FtTrainerMixin(AtomicCheckpointsMixin):
     """Mixed into whichever Trainer class runs: counts tokens, builds factory optimizers/schedulers,
-    writes checkpoints atomically (``ft.checkpoints``), names the method's plugin when its code raises."""
+    writes checkpoints atomically (``ft.engine.checkpoints``), names the method's plugin when its code raises."""
 
     ft_state: FtState | None = None
-    ft_stop: Any = None  # the StopRequest of this run (``ft.checkpoints.stop_on_signals``), set by run_training
+    ft_stop: Any = None  # the StopRequest of this run (``ft.engine.checkpoints.stop_on_signals``), set by run_training
 
     def training_step(self, model, inputs, *args, **kwargs):
         if self.ft_state is not None:
@@ -314,7 +314,7 @@ def _callbacks(state: FtState) -> list[Any]:
 
 def patch_check_callback(watch: Any) -> Any:
     """A callback that checks, after this session's first training step, that every kernel patch is in
-    effect (``ft.patching.PatchWatch.verify``): a patch that was undone or never ran stops the run."""
+    effect (``ft.kernel.patching.PatchWatch.verify``): a patch that was undone or never ran stops the run."""
     from transformers import TrainerCallback
 
     class PatchCheck(TrainerCallback):
@@ -337,7 +337,7 @@ def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None 
     """
     import torch
 
-    from ft.config import config_warnings
+    from ft.kernel.config import config_warnings
 
     precision = resolve_precision(cfg)
     for warning in config_warnings(cfg):
@@ -489,7 +489,7 @@ def _training_fields() -> set[str]:
 
 def report_to(cfg: Any) -> list[str] | str:
     """The reporters for TrainingArguments; a missing package is an error with the install command."""
-    from ft.config import reporter_names, reporter_problems
+    from ft.kernel.config import reporter_names, reporter_problems
 
     problems = reporter_problems(cfg)  # checked at validation too; the environment may have changed since
     if problems:
@@ -601,10 +601,10 @@ def _training_arguments_class() -> type:
 
 
 def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None = None) -> dict[str, Any]:
-    """Train from where ``plan`` says (``ft.resume.plan_resume``; None: from step 0) and return the
-    run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.checkpoints``)."""
-    from ft.checkpoints import interrupted_error, restore_ft_state, stop_on_signals
-    from ft.record import global_tokens
+    """Train from where ``plan`` says (``ft.engine.resume.plan_resume``; None: from step 0) and return the
+    run's metrics. SIGINT/SIGTERM save a checkpoint and stop (``ft.engine.checkpoints``)."""
+    from ft.engine.checkpoints import interrupted_error, restore_ft_state, stop_on_signals
+    from ft.engine.record import global_tokens
 
     cfg = ctx.cfg
     resume = plan.shared().checkpoint if plan is not None else None  # every rank follows the main process
@@ -671,7 +671,7 @@ def run_training(ctx: Context, trainer: Any, data: Any, plan: ResumePlan | None 
 
 def abandoned_error(ctx: Context, trainer: Any, exc: StepAbandoned) -> Any:
     """The message of a run stopped by a signal inside a step that did not end in time: what was kept."""
-    from ft.checkpoints import Interrupted, last_good_checkpoint, resume_command
+    from ft.engine.checkpoints import Interrupted, last_good_checkpoint, resume_command
 
     cfg, request = ctx.cfg, exc.request
     last = last_good_checkpoint(cfg.output_dir)

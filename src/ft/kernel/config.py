@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
-from ft.errors import ConfigError, FtError
-from ft.formats import DatasetOptions
+from ft.kernel.errors import ConfigError, FtError
+from ft.kernel.formats import DatasetOptions
 
 # Redaction (``redact``): a key is secret when a word of its name (split at _ - . and camelCase) is one of
 # SECRET_WORDS or ends in token/secret/password (``apitoken``), unless the key is one of NOT_SECRET_KEYS (token
@@ -47,7 +47,7 @@ _BEARER_RE = re.compile(r"(?P<lead>\b(?:Bearer|BEARER)\s+)(?P<value>[A-Za-z0-9\-
 
 
 # ``json_schema_extra`` of a field, or of a plugin's section model, whose values do not change what training
-# computes (where files go, how often it logs or saves): a resumed run may change them (``ft.resume``).
+# computes (where files go, how often it logs or saves): a resumed run may change them (``ft.engine.resume``).
 AFFECTS_TRAINING = "affects_training"
 NOT_TRAINING = {AFFECTS_TRAINING: False}
 MAX_COUNT = 2**31 - 1  # counts beyond a C int fail deep inside torch / itertools, so they are refused here

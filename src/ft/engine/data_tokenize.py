@@ -24,16 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from ft.errors import DataError, FtError
-from ft.formats import IGNORE_INDEX, Drop, Dropped
+from ft.kernel.errors import DataError, FtError
+from ft.kernel.formats import IGNORE_INDEX, Drop, Dropped
 
-# Reasons (kept in sync with ft.data, which re-exports them).
+# Reasons (kept in sync with ft.engine.data, which re-exports them).
 EMPTY = "empty"
 TOO_LONG = "longer than sequence_len"
 NOTHING_TO_TRAIN = "nothing to train"
 
 INLINE_BELOW_ROWS = 2000  # fewer rows than this: forking workers costs more than it saves
-NOTES = "notes"  # a sample's list of ft.formats.Note: counted in the data report, not a column
+NOTES = "notes"  # a sample's list of ft.kernel.formats.Note: counted in the data report, not a column
 
 
 def is_token_column(name: str) -> bool:

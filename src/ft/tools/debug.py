@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 GREEN, GREY, BOLD, RESET = "\033[32m", "\033[90m", "\033[1m", "\033[0m"
 OPEN, CLOSE = "[+", "+]"

@@ -130,7 +130,7 @@ class TextEncoder:
     def encodings(self, texts: list[str]) -> list[Any]:
         """``tokenizers.Encoding`` objects (``.ids``, ``.char_to_token``); fast tokenizers only."""
         if self.backend is None:
-            from ft.errors import FtError
+            from ft.kernel.errors import FtError
 
             raise FtError("a fast tokenizer (tokenizer.json) is needed to find chat spans; this one is not fast.")
         return self.backend.encode_batch(texts, add_special_tokens=False)
@@ -172,7 +172,7 @@ class PromptCompletion:
     """
 
     def __init__(self, cfg: Any, entry: Any, tokenizer: Any) -> None:
-        from ft.errors import FtError
+        from ft.kernel.errors import FtError
 
         if tokenizer.eos_token_id is None:
             raise FtError(f"{entry_where(cfg, entry)}: the tokenizer has no eos_token, which ends each "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookspecs
-from ft.config import (
+from ft.kernel.config import (
     CoreConfig,
     RawConfig,
     apply_overrides,
@@ -22,11 +22,11 @@ from ft.config import (
     reporter_problems,
     validate_config,
 )
-from ft.errors import ConfigError, PluginError
+from ft.kernel.errors import ConfigError, PluginError
+from ft.kernel.methods import EVAL, Method
+from ft.kernel.plugins import PluginManager, import_failure, parse_plugin_args
+from ft.kernel.registry import FormatRegistry
 from ft.kernel.spec import REGISTER, declared
-from ft.methods import EVAL, Method
-from ft.plugins import PluginManager, import_failure, parse_plugin_args
-from ft.registry import FormatRegistry
 
 
 class Registries:

@@ -37,7 +37,7 @@ import click
 import yaml
 
 from ft import __version__
-from ft.checkpoints import (
+from ft.engine.checkpoints import (
     SET_ASIDE,
     STAGING_PREFIX,
     discard_set_aside,
@@ -46,10 +46,10 @@ from ft.checkpoints import (
     put_back_set_aside,
     resume_command,
 )
-from ft.errors import FtError, disk_full_error, is_disk_full
+from ft.kernel.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
-    from ft.context import Context
+    from ft.kernel.context import Context
 
 log = logging.getLogger("ft.outputs")
 
@@ -137,7 +137,7 @@ def lock_output_dir(cfg: Any) -> Iterator[None]:
 @contextlib.contextmanager
 def _put_back_unless_saved(out: Path) -> Iterator[None]:
     """A run that replaces an earlier one (--overwrite, --fresh) and stops before it saved a checkpoint or its
-    final outputs puts the earlier run back as it was (``ft.checkpoints.set_aside``)."""
+    final outputs puts the earlier run back as it was (``ft.engine.checkpoints.set_aside``)."""
     try:
         yield
     finally:
@@ -259,7 +259,7 @@ def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[st
                     directory: str | os.PathLike | None = None) -> list[str]:
     """Tokenizer, resolved config, plugin manifest, metrics and curves, into ``directory`` (default:
     output_dir). Main process only."""
-    from ft.train import history_of
+    from ft.engine.train import history_of
 
     is_main = trainer.is_world_process_zero() if hasattr(trainer, "is_world_process_zero") else is_main_process()
     if not is_main:
@@ -276,7 +276,7 @@ def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[st
 
 
 def write_config(ctx: Context, path: Path) -> str:
-    from ft.record import saveable_config
+    from ft.engine.record import saveable_config
 
     cfg = ctx.cfg
     data = saveable_config(cfg)
@@ -300,7 +300,7 @@ def write_manifest(ctx: Context, patches: list[Any], path: Path) -> str:
 
 def write_metrics(metrics: dict[str, Any], history: list[dict[str, Any]], path: Path) -> str:
     """``metrics.json``: the summary and the per-step history; a NaN / inf value is written as null."""
-    from ft.record import metrics_json
+    from ft.engine.record import metrics_json
 
     path.write_text(metrics_json({"summary": metrics, "history": history}) + "\n", encoding="utf-8")
     return str(path)

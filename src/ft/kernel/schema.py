@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ft.context import collect_registries, config_model, make_plugin_manager
+from ft.kernel.context import collect_registries, config_model, make_plugin_manager
 
 SCHEMA_ID = "https://ft.dev/schemas/ft.schema.json"
 

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.errors import FtError, disk_full_error, is_disk_full
+from ft.kernel.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
-    from ft.context import Context
+    from ft.kernel.context import Context
 
 log = logging.getLogger("ft.checkpoints")
 
@@ -363,7 +363,7 @@ def _rewrite_best(state_file: Path, best: str) -> None:
 
 def _null_non_finite(state_file: Path) -> None:
     """The Trainer writes a NaN grad_norm in its log history as bare ``NaN``, which is not JSON: null instead."""
-    from ft.record import json_safe, metrics_json
+    from ft.engine.record import json_safe, metrics_json
 
     if not state_file.is_file():
         return
@@ -379,7 +379,7 @@ def _global_tokens(trainer: Any) -> tuple[int, int] | None:
     state = getattr(trainer, "ft_state", None)
     if state is None:
         return None
-    from ft.record import global_tokens
+    from ft.engine.record import global_tokens
 
     return global_tokens(trainer, state)
 
@@ -390,7 +390,7 @@ def _write_ft_files(trainer: Any, staged: Path, tokens: tuple[int, int] | None) 
         return
     import yaml
 
-    from ft.record import metrics_json, saveable_config
+    from ft.engine.record import metrics_json, saveable_config
 
     header = f"# the resolved config of the run that wrote this checkpoint (step {trainer.state.global_step})\n"
     text = yaml.safe_dump(saveable_config(state.cfg), sort_keys=False, allow_unicode=True)
@@ -468,7 +468,7 @@ def _follow_config_after_load(trainer: Any, checkpoint: str | os.PathLike) -> No
     cfg = state.cfg
     old_lr, old_wd = saved.get("learning_rate"), saved.get("weight_decay")
     lr_changed = isinstance(old_lr, (int, float)) and old_lr > 0 and old_lr != cfg.learning_rate
-    # from 0 the groups do not say which parameters decay: ft.resume refuses that change
+    # from 0 the groups do not say which parameters decay: ft.engine.resume refuses that change
     wd_changed = isinstance(old_wd, (int, float)) and old_wd != 0 and old_wd != cfg.weight_decay
     if not (lr_changed or wd_changed):
         return
@@ -514,8 +514,8 @@ def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]
     default on the other."""
     import yaml
 
-    from ft.config import entry_default, training_values
-    from ft.record import saveable_config
+    from ft.engine.record import saveable_config
+    from ft.kernel.config import entry_default, training_values
 
     file = Path(checkpoint) / CONFIG_FILE
     if not file.is_file():

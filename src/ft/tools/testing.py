@@ -62,7 +62,7 @@ def registered_plugin(obj: object, name: str | None = None) -> Iterator[str]:
     loads it after the installed entry points. Its declaration ``PLUGIN = ft.api.Plugin(feature=True)`` makes it
     a feature, active only when selected with ``-p NAME`` or ``plugins: [NAME]``. Yields the name.
     """
-    from ft.plugins import add_process_plugin, process_plugin_names, remove_process_plugin
+    from ft.kernel.plugins import add_process_plugin, process_plugin_names, remove_process_plugin
 
     name = name or _default_name(obj)
     if name in process_plugin_names():
@@ -135,7 +135,7 @@ class HookRecorder:
 
     def __enter__(self) -> HookRecorder:
         from ft.kernel.hooks import is_firstresult_hook
-        from ft.plugins import add_hook_monitor
+        from ft.kernel.plugins import add_hook_monitor
 
         if self._stop is not None:
             raise RuntimeError("this HookRecorder is already recording")
@@ -313,8 +313,8 @@ def _is_core_command(command: Any) -> bool:
 
 def _output_dir_of(config: Path, args: Sequence[str]) -> Path | None:
     """The output_dir the config (with ``--set`` overrides) names, resolved like ``ft`` does."""
-    from ft.config import apply_overrides, read_yaml
-    from ft.errors import FtError
+    from ft.kernel.config import apply_overrides, read_yaml
+    from ft.kernel.errors import FtError
 
     overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
     overrides += [a.split("=", 1)[1] for a in args if a.startswith("--set=")]
@@ -333,7 +333,7 @@ def _output_dir_of(config: Path, args: Sequence[str]) -> Path | None:
 def make_rows(kind: str = "chat", n: int = 16, seed: int = 0) -> list[dict[str, Any]]:
     """Sample rows of a known shape: ``chat`` (OpenAI ``messages``), ``alpaca`` or ``completion``."""
     if kind == "chat":
-        from ft.tiny import make_chat_rows
+        from ft.tools.tiny import make_chat_rows
 
         return make_chat_rows(n, seed=seed)
     rng = random.Random(seed)
@@ -352,7 +352,7 @@ def make_rows(kind: str = "chat", n: int = 16, seed: int = 0) -> list[dict[str, 
 def write_dataset(path: str | Path, rows: list[dict[str, Any]] | None = None, *, kind: str = "chat",
                   n: int = 16, seed: int = 0) -> Path:
     """Write ``rows`` (default: :func:`make_rows`) as JSON lines; returns the path."""
-    from ft.tiny import write_jsonl
+    from ft.tools.tiny import write_jsonl
 
     return write_jsonl(path, rows if rows is not None else make_rows(kind, n, seed))
 
@@ -432,7 +432,7 @@ def assert_patch_survives(model: Any, patch: Any, *, plugin: str = "plugin", inp
     """Apply ``patch(model)`` as ft does, train as the Trainer does, and fail unless the patch ran.
 
     ``patch`` is what your ``ft_patch_model`` does (it returns a list of ``PatchRecord`` or None).
-    ft's own watch (``ft.patching.PatchWatch``) then notes every ``forward`` it bound on a module
+    ft's own watch (``ft.kernel.patching.PatchWatch``) then notes every ``forward`` it bound on a module
     instance and every module it swapped in. Each of ``steps`` training steps switches the model to
     ``train()`` (after an ``eval()`` from the second step on, as an evaluation does), runs a forward
     and backward pass with labels (``inputs``, default: random token ids), and fails with an
@@ -445,7 +445,7 @@ def assert_patch_survives(model: Any, patch: Any, *, plugin: str = "plugin", inp
     """
     import torch
 
-    from ft.patching import PatchWatch, describe_problems
+    from ft.kernel.patching import PatchWatch, describe_problems
 
     watch = PatchWatch(model)
     records = list(patch(model) or [])
@@ -488,7 +488,7 @@ def assert_patch_survives(model: Any, patch: Any, *, plugin: str = "plugin", inp
 @pytest.fixture(scope="session")
 def ft_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama model + ChatML tokenizer (eos ``<|im_end|>``, no pad token), made offline once."""
-    from ft.tiny import make_tiny
+    from ft.tools.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ft-tiny-model"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 
 class PaddingCollator:

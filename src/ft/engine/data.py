@@ -2,12 +2,12 @@
 
 ``prepare_datasets(ctx, tokenizer)`` is the one entry point (``run.py`` calls it):
 
-1. The cache key is computed first (``ft.cache``): data-file contents (``ft_data_fingerprint``),
+1. The cache key is computed first (``ft.engine.cache``): data-file contents (``ft_data_fingerprint``),
    the tokenizer, the config keys that change the output and the data plugins' versions. A hit
    loads the prepared dataset memory-mapped and reads nothing else.
 2. On a miss, each dataset entry is read by ``ft_load_dataset`` into :class:`RawRows` (rows
    plus where each came from, plus the rows that could not be read), and tokenized by its
-   format's ``Tokenize`` in parallel worker processes (``ft.data_tokenize``).
+   format's ``Tokenize`` in parallel worker processes (``ft.engine.data_tokenize``).
 3. Samples longer than ``sequence_len`` are dropped, truncated or refused (``excess_length``; a
    drop names the side that is too long); samples with no trained label are dropped ("nothing to
    train"), and so are samples whose sequences truncation made identical ("chosen equals rejected"). Every drop is counted by
@@ -32,13 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ft.errors import DataError
-from ft.formats import IGNORE_INDEX, Drop, entry_where
+from ft.kernel.errors import DataError
+from ft.kernel.formats import IGNORE_INDEX, Drop, entry_where
 
 if TYPE_CHECKING:
     import datasets
 
-    from ft.context import Context
+    from ft.kernel.context import Context
 
 log = logging.getLogger("ft.data")
 
@@ -222,8 +222,7 @@ class SampleOrigins:
 
 def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
     """Tokenize, filter, split and pack ``cfg.datasets`` (and ``test_datasets``), cached by content."""
-    from ft import cache
-
+    from ft.engine import cache
     cfg = ctx.cfg
     t0 = time.perf_counter()
     packing = _packing_active(ctx)
@@ -272,7 +271,7 @@ def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from ft.data_tokenize import is_token_column
+    from ft.engine.data_tokenize import is_token_column
 
     vocab = len(tokenizer)
     table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
@@ -324,12 +323,12 @@ class _Job:
     raw: RawRows
     tokenize: Any
     plugin: str = ""  # the plugin that registered the entry's format (for messages)
-    result: Any = None  # ft.data_tokenize.EntryResult, once tokenized
+    result: Any = None  # ft.engine.data_tokenize.EntryResult, once tokenized
 
 
 def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
     """Read, tokenize, account for drops, assemble train/eval, pack: the steps of a cache miss."""
-    from ft.data_tokenize import is_labels_column
+    from ft.engine.data_tokenize import is_labels_column
 
     cfg = ctx.cfg
     t0 = time.perf_counter()
@@ -386,7 +385,7 @@ def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
 
 
 def _tokenize(cfg: Any, jobs: list[_Job], method: Any) -> None:
-    from ft.data_tokenize import tokenize_entries
+    from ft.engine.data_tokenize import tokenize_entries
 
     results = tokenize_entries(
         [(job.raw, job.tokenize, job.entry.type) for job in jobs],
@@ -438,7 +437,7 @@ def _assemble(cfg: Any, jobs: list[_Job], report: dict[str, Any]) -> tuple[Any, 
     """Concatenate the entries, shuffle with the seed (whole rows), split off the eval part, mix by weight."""
     import numpy as np
 
-    from ft.data_tokenize import Samples
+    from ft.engine.data_tokenize import Samples
 
     train = Samples.concat([job.result.samples for job in jobs if job.group == "datasets"])
     if train.count == 0:

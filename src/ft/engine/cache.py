@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ft.errors import DataError, disk_full_error, is_disk_full
+from ft.kernel.errors import DataError, disk_full_error, is_disk_full
 
 log = logging.getLogger("ft.data")
 
@@ -50,7 +50,7 @@ KEY_CONFIG = ("sequence_len", "excess_length", "train_on_inputs", "special_token
 # A plugin implementing one of these is on the data path: its version and source join the key.
 DATA_HOOKS = frozenset({"ft_load_dataset", "ft_data_fingerprint", "ft_pack"})
 # ft's own modules on the data path.
-CORE_DATA_MODULES = ("ft.data", "ft.data_tokenize", "ft.formats", "ft.cache")
+CORE_DATA_MODULES = ("ft.engine.data", "ft.engine.data_tokenize", "ft.kernel.formats", "ft.engine.cache")
 
 
 def prepared_root(cfg: Any) -> Path:
@@ -133,7 +133,7 @@ def file_digest(path: str | os.PathLike) -> str:
 def _option_files(cfg: Any, entry: Any) -> dict[str, str]:
     """Content hashes of files named by an entry's options (other than ``path``): a template file
     edited in place must rebuild the cache too."""
-    from ft.context import resolve_path
+    from ft.kernel.context import resolve_path
 
     out = {}
     for key, value in entry:
@@ -270,7 +270,7 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         if origins is not None:  # where each sample came from (file:line), for `ft preprocess --debug`
             origins.save(tmp)
-        from ft.config import redact
+        from ft.kernel.config import redact
 
         key_text = json.dumps(redact(json.loads(json.dumps(inputs, default=str))), indent=2, sort_keys=True)
         (tmp / "key.json").write_text(key_text, encoding="utf-8")  # what went into the key, secrets redacted

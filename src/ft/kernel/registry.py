@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ft.errors import FtError, PluginError
+from ft.kernel.errors import FtError, PluginError
 
 T = TypeVar("T")
 
@@ -76,8 +76,8 @@ class Format:
     """A dataset format: its entry-options model, a builder of its tokenize function, and the
     row columns its samples carry (checked against the method's at validation)."""
 
-    options: type  # subclass of ft.formats.DatasetOptions
-    build: Callable[..., Any]  # (cfg, entry, tokenizer) -> ft.formats.Tokenize
+    options: type  # subclass of ft.kernel.formats.DatasetOptions
+    build: Callable[..., Any]  # (cfg, entry, tokenizer) -> ft.kernel.formats.Tokenize
     columns: tuple[str, ...] = ("input_ids", "labels")
 
 
@@ -95,8 +95,8 @@ class MethodRegistry(Registry[Any]):
     kind = "training method"
 
     def add(self, method: Any) -> None:
-        """Register a :class:`ft.methods.Method` under its ``name``."""
-        from ft.methods import Method
+        """Register a :class:`ft.kernel.methods.Method` under its ``name``."""
+        from ft.kernel.methods import Method
 
         if not isinstance(method, Method):
             raise PluginError(f"plugin '{self._plugin}' registered {method!r} as a training method; "

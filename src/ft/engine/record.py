@@ -1,7 +1,7 @@
 """What a run records about itself: its config as saved, and its token totals over all ranks.
 
-Checkpoints (``ft.checkpoints``), the final outputs (``ft.outputs``), the resume decision
-(``ft.resume``) and training (``ft.train``) all use these; this module imports none of them, so
+Checkpoints (``ft.engine.checkpoints``), the final outputs (``ft.engine.outputs``), the resume decision
+(``ft.engine.resume``) and training (``ft.engine.train``) all use these; this module imports none of them, so
 the modules that write a run's files import in one direction.
 
 Nothing here imports torch or transformers at module import time.
@@ -17,7 +17,7 @@ from typing import Any
 
 def saveable_config(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain data: secrets redacted, local model and data paths made absolute."""
-    from ft.context import resolve_path
+    from ft.kernel.context import resolve_path
 
     data = cfg.to_saveable()
 
@@ -41,7 +41,7 @@ def global_tokens(trainer: Any, state: Any) -> tuple[int, int]:
     """(input tokens, trained tokens) counted so far, summed over every rank.
 
     A collective in a multi-process run: every rank must call it. ``state`` is ft's per-trainer
-    state (``ft.train.FtState``), or None for a trainer that ft did not build.
+    state (``ft.engine.train.FtState``), or None for a trainer that ft did not build.
     """
     if state is None:
         return 0, 0

@@ -8,7 +8,7 @@ functions), the metrics it logs, and which features apply to it. SFT itself is t
 method plugin (``ft_plugins.sft``) and goes through exactly this path.
 
 Metrics: a method's Trainer calls ``self.ft_record({name: value, ...})`` (from
-``ft.train.FtTrainerMixin``) once per micro-batch; the core averages them over each logging
+``ft.engine.train.FtTrainerMixin``) once per micro-batch; the core averages them over each logging
 window, adds them to the logged values, ``metrics.json`` and the training-curves plot. Names
 listed in ``metrics`` are the ones a user can count on; names that depend on the config (one per
 GRPO reward) are kept and plotted as well.

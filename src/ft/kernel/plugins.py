@@ -30,7 +30,7 @@ from typing import Any
 import pluggy
 
 from ft import PROJECT, hookspecs
-from ft.errors import LOADED_PLUGINS, PluginError
+from ft.kernel.errors import LOADED_PLUGINS, PluginError
 from ft.kernel.hooks import HookCaller, code_location, hook_names, is_firstresult_hook
 
 ENTRY_POINT_GROUP = "ft"
@@ -151,7 +151,7 @@ def parse_plugin_args(args: Iterable[str]) -> tuple[list[str], list[str]]:
     return select, block
 
 
-# Plugin objects registered for the current process only (``ft.testing``, notebooks): every
+# Plugin objects registered for the current process only (``ft.tools.testing``, notebooks): every
 # PluginManager created while they are here registers them after the entry points.
 _PROCESS_PLUGINS: list[tuple[str, object]] = []
 
@@ -260,7 +260,7 @@ class PluginManager(HookCaller):
 
     def register(self, name: str, obj: object, *, distribution: str = "<local>", version: str = "",
                  target: str | None = None) -> None:
-        """Register a plugin object directly (tests, ``ft.testing``)."""
+        """Register a plugin object directly (tests, ``ft.tools.testing``)."""
         info = PluginInfo(name, distribution, version, target or getattr(obj, "__name__", type(obj).__name__))
         self.infos[name] = info
         self._register_checked(name, obj, info)
@@ -382,7 +382,7 @@ class PluginManager(HookCaller):
         self.pm.add_hookcall_monitoring(lambda *a: None, trace_after(write))
 
 
-# Hook-call monitors applied to every plugin manager made while they are registered (ft.testing's
+# Hook-call monitors applied to every plugin manager made while they are registered (ft.tools.testing's
 # recorder): ``before(hook_name, hook_impls, kwargs)`` and ``after(outcome, hook_name, hook_impls, kwargs)``,
 # as pluggy's ``add_hookcall_monitoring`` takes them.
 _MONITORS: list[tuple[Any, Any]] = []

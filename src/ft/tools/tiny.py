@@ -1,6 +1,6 @@
 """A tiny Llama-architecture model and a locally trained tokenizer, made offline.
 
-Used by the demo (``examples/tiny.yaml``), the tests and ``ft.testing``. Nothing here touches
+Used by the demo (``examples/tiny.yaml``), the tests and ``ft.tools.testing``. Nothing here touches
 the network: the tokenizer is trained with the ``tokenizers`` library on a built-in corpus and
 the model is initialised from a config with random weights.
 """

@@ -6,7 +6,7 @@ re-"kernelizes" hub-kernel layers (``LlamaRMSNorm`` and others) whenever the mod
 between ``train()`` and ``eval()``, and that drops any ``forward`` bound on such a module
 instance. :class:`PatchWatch` therefore finds what each plugin changed on the model instance,
 counts the calls that reach it, and :meth:`PatchWatch.verify` (run after the first training
-step) raises an :class:`~ft.errors.FtError` naming the plugin and the module when a patch did not
+step) raises an :class:`~ft.kernel.errors.FtError` naming the plugin and the module when a patch did not
 survive or never ran. See docs/writing-a-kernel-plugin.md.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 log = logging.getLogger("ft")
 

@@ -18,7 +18,7 @@ import copy
 import logging
 from typing import Any
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 log = logging.getLogger("ft.reference")
 

@@ -6,11 +6,11 @@ returns a :class:`ResumePlan`, which ``run.py`` hands to training:
 1. ``check_flags``: ``--fresh`` and ``resume_from_checkpoint`` together are refused.
 2. ``refuse_finished``: a finished run is replaced only with ``--overwrite``.
 3. ``clear_leftovers``: the staging directories of saves that did not finish are removed (the
-   output-dir lock, ``ft.outputs.lock_output_dir``, makes sure no other run is writing them).
+   output-dir lock, ``ft.engine.outputs.lock_output_dir``, makes sure no other run is writing them).
 4. ``start_over``: ``--fresh`` (or ``--overwrite`` of a finished run) sets the earlier run's
    checkpoints (and final outputs) aside in ``.ft-set-aside/``. They are deleted once this run
    saves its first checkpoint or finishes, and put back as they were if it stops before then
-   (``ft.outputs.lock_output_dir``; after a kill, by the next run's ``put_back``).
+   (``ft.engine.outputs.lock_output_dir``; after a kill, by the next run's ``put_back``).
 5. ``set_damaged_aside``: checkpoints that fail verification become ``damaged-checkpoint-N``.
 6. ``check_same_config``: checkpoints of another config are an error naming the keys.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.checkpoints import (
+from ft.engine.checkpoints import (
     DAMAGED_PREFIX,
     MANIFEST_FILE,
     REPLACED_PREFIX,
@@ -46,11 +46,11 @@ from ft.checkpoints import (
     unused_name,
     verify,
 )
-from ft.errors import FtError
-from ft.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished, is_main_process
+from ft.engine.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished, is_main_process
+from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:
-    from ft.context import Context
+    from ft.kernel.context import Context
 
 log = logging.getLogger("ft.resume")
 
@@ -213,7 +213,7 @@ def check_same_config(ctx: Context, checkpoint: Checkpoint) -> None:
 
 def explicit_resume(ctx: Context, explicit: str) -> ResumePlan:
     """``resume_from_checkpoint: PATH``: that checkpoint, verified; deliberate config changes are allowed."""
-    from ft.context import resolve_path
+    from ft.kernel.context import resolve_path
 
     cfg = ctx.cfg
     path = Path(resolve_path(cfg, explicit))

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 log = logging.getLogger("ft.launch")
 
