@@ -240,7 +240,8 @@ def _nested_refs(schema: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def render_config() -> str:
-    from ft.kernel.config import MAX_ALIAS_VALUES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, CoreConfig
+    from ft.kernel.config import CoreConfig
+    from ft.kernel.config_file import MAX_ALIAS_VALUES, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH
     from ft.kernel.context import collect_registries, make_plugin_manager
     from ft.kernel.formats import DatasetOptions
     from ft.kernel.schema import generate_schema

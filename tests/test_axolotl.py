@@ -305,8 +305,8 @@ def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_run
 
     import ft.kernel.config
 
-    real = ft.kernel.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
-    monkeypatch.setattr(ft.kernel.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    real = ft.kernel.config_checks._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
+    monkeypatch.setattr(ft.kernel.config_checks, "_importable", lambda m: True if m == "wandb" else real(m))
     # the shapes are written for a GPU machine (bf16, flash attention); those checks have their own tests
     monkeypatch.setattr(hf, "_has_cuda", lambda: True)
     monkeypatch.setattr(hf, "attention_problems", lambda cfg: [])

@@ -100,7 +100,7 @@ def test_a_full_disk_while_writing_says_so_and_leaves_no_cache_behind(tmp_path, 
     import errno
 
     from ft.engine import cache
-    from ft.kernel.errors import DiskFullError
+    from ft.engine.failures import DiskFullError
 
     def boom(self, path, *args, **kwargs):
         Path(path).mkdir(parents=True, exist_ok=True)

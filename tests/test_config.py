@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
 from ft.api import Plugin
-from ft.kernel.config import apply_overrides, parse_yaml
+from ft.kernel.config_file import apply_overrides, parse_yaml
 from ft.kernel.context import load_context
 from ft.kernel.errors import ConfigError, FtError
 from ft.kernel.formats import DatasetOptions
@@ -176,7 +176,7 @@ def test_secrets_are_redacted(tmp_path):
     cfg = ctx_of(BASE + "special_tokens:\n  pad_token: '<pad>'\n", tmp_path).cfg
     data = cfg.to_saveable()
     assert data["special_tokens"] == {"pad_token": "<pad>"}
-    from ft.kernel.config import redact
+    from ft.kernel.redact import redact
 
     assert redact({"wandb": {"api_key": "abc"}, "hub_token": "t"}) == {"wandb": {"api_key": "***"}, "hub_token": "***"}
 
@@ -207,7 +207,7 @@ def test_secrets_are_redacted(tmp_path):
     ({"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}, {"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}),
 ])
 def test_secrets_are_redacted_by_pattern(saved, written):
-    from ft.kernel.config import redact
+    from ft.kernel.redact import redact
 
     assert redact(saved) == written
 
@@ -238,7 +238,7 @@ def test_secrets_are_redacted_by_pattern(saved, written):
     ("max tokens=512", "max tokens=512"),
 ])
 def test_tokens_in_query_strings_and_authorization_values_are_redacted(text, written):
-    from ft.kernel.config import redact, redact_text
+    from ft.kernel.redact import redact, redact_text
 
     assert redact_text(text) == written
     assert redact({"path": text}) == {"path": written}
@@ -260,7 +260,7 @@ def test_the_cache_key_sees_a_secret_but_its_key_json_does_not(tmp_path):
 
 
 def test_an_authorization_header_mapping_is_redacted():
-    from ft.kernel.config import redact
+    from ft.kernel.redact import redact
 
     saved = {"headers": {"Authorization": "Bearer t-1", "Proxy-Authorization": "Basic b-2", "Accept": "text/plain"}}
     assert redact(saved) == {"headers": {"Authorization": "***", "Proxy-Authorization": "***", "Accept": "text/plain"}}

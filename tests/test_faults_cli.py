@@ -43,7 +43,7 @@ def test_a_config_deeper_than_any_real_one_is_an_error_not_a_recursion_error(hea
     config.write_text(head + "lr_scheduler_kwargs: {x: " + "[" * 600 + "]" * 600 + "}\n")
     FtRunner().validate(config).assert_error(f"{config}:5: the config nests deeper than 64 levels")
     with pytest.raises(ConfigError, match="--set seed:1: the --set value nests deeper than 64 levels"):
-        from ft.kernel.config import apply_overrides
+        from ft.kernel.config_file import apply_overrides
 
         apply_overrides({}, ["seed=" + "[" * 600 + "]" * 600])
 
@@ -245,7 +245,7 @@ def test_data_smaller_than_the_batch_warns_with_the_real_figures_and_reports_the
 
 
 def test_a_micro_batch_larger_than_the_data_names_both_figures(head, tmp_path):
-    from ft.kernel.config import batch_warnings, real_effective_batch
+    from ft.kernel.config_checks import batch_warnings, real_effective_batch
     from ft.kernel.context import load_context
 
     config = tmp_path / "c.yaml"

@@ -225,8 +225,8 @@ def test_wandb_section_becomes_the_environment_of_the_run_and_is_put_back(tiny_m
 
     import ft.kernel.config
 
-    real = ft.kernel.config._importable
-    monkeypatch.setattr(ft.kernel.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    real = ft.kernel.config_checks._importable
+    monkeypatch.setattr(ft.kernel.config_checks, "_importable", lambda m: True if m == "wandb" else real(m))
     monkeypatch.setenv("WANDB_PROJECT", "from-the-shell")
     monkeypatch.delenv("WANDB_TAGS", raising=False)
     ctx = load_context(config(tiny_model_dir, tmp_path, report_to=["tensorboard", "wandb"],

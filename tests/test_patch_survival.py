@@ -15,8 +15,9 @@ import pytest
 
 from ft import hookimpl
 from ft.api import Plugin
+from ft.engine.patch_watch import CountingForward, PatchWatch
 from ft.kernel.errors import FtError
-from ft.kernel.patching import CountingForward, PatchWatch, patch_attribute
+from ft.kernel.patching import patch_attribute
 from ft.tools.testing import assert_patch_survives
 
 torch = pytest.importorskip("torch")

@@ -42,11 +42,11 @@ from ft import hookimpl, hookspec
 _WHERE = {
     # errors
     "FtError": "ft.kernel.errors", "ConfigError": "ft.kernel.errors", "DataError": "ft.kernel.errors", "PluginError": "ft.kernel.errors",
-    "MissingDependencyError": "ft.kernel.errors", "is_installed": "ft.kernel.errors", "load_or_explain": "ft.kernel.errors",
+    "MissingDependencyError": "ft.kernel.errors", "is_installed": "ft.kernel.errors", "load_or_explain": "ft.engine.failures",
     "defined_at": "ft.kernel.errors",
     # config
-    "Config": "ft.kernel.config", "resolve_path": "ft.kernel.context", "NOT_TRAINING": "ft.kernel.config", "redact_text": "ft.kernel.config",
-    "read_yaml": "ft.kernel.config", "reporter_names": "ft.kernel.config",
+    "Config": "ft.kernel.config", "resolve_path": "ft.kernel.context", "NOT_TRAINING": "ft.kernel.config", "redact_text": "ft.kernel.redact",
+    "read_yaml": "ft.kernel.config_file", "reporter_names": "ft.kernel.config_checks",
     # data sources
     "RawRows": "ft.engine.data", "RowPart": "ft.engine.data", "Drop": "ft.kernel.formats", "MALFORMED": "ft.engine.data",
     "file_digest": "ft.engine.cache",
@@ -54,8 +54,8 @@ _WHERE = {
     "record_cache_file": "ft.engine.cache", "cache_file_problem": "ft.engine.cache",
     # formats
     "DatasetOptions": "ft.kernel.formats", "Dropped": "ft.kernel.formats", "Note": "ft.kernel.formats", "Tokenize": "ft.kernel.formats",
-    "IGNORE_INDEX": "ft.kernel.formats", "TextEncoder": "ft.kernel.formats", "entry_where": "ft.kernel.formats",
-    "PromptCompletion": "ft.kernel.formats",
+    "IGNORE_INDEX": "ft.kernel.formats", "TextEncoder": "ft.engine.encoding", "entry_where": "ft.kernel.formats",
+    "PromptCompletion": "ft.engine.encoding",
     # methods
     "Method": "ft.kernel.methods", "SFT_COLUMNS": "ft.kernel.methods", "PACKING": "ft.kernel.methods", "EVAL": "ft.kernel.methods",
     "MODEL_LOSS": "ft.kernel.methods",

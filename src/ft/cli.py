@@ -226,7 +226,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.kernel.config import batch_problems, config_warnings, missing_local_paths
+    from ft.kernel.config_checks import batch_problems, config_warnings, missing_local_paths
 
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg

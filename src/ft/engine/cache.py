@@ -38,7 +38,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ft.kernel.errors import DataError, disk_full_error, is_disk_full
+from ft.engine.failures import disk_full_error, is_disk_full
+from ft.kernel.errors import DataError
 
 log = logging.getLogger("ft.data")
 
@@ -270,7 +271,7 @@ def store(root: Path, key: str, inputs: dict[str, Any], train: Any, eval_ds: Any
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         if origins is not None:  # where each sample came from (file:line), for `ft preprocess --debug`
             origins.save(tmp)
-        from ft.kernel.config import redact
+        from ft.kernel.redact import redact
 
         key_text = json.dumps(redact(json.loads(json.dumps(inputs, default=str))), indent=2, sort_keys=True)
         (tmp / "key.json").write_text(key_text, encoding="utf-8")  # what went into the key, secrets redacted

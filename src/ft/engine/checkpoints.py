@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.kernel.errors import FtError, disk_full_error, is_disk_full
+from ft.engine.failures import disk_full_error, is_disk_full
+from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:
     from ft.kernel.context import Context

@@ -46,7 +46,8 @@ from ft.engine.checkpoints import (
     put_back_set_aside,
     resume_command,
 )
-from ft.kernel.errors import FtError, disk_full_error, is_disk_full
+from ft.engine.failures import disk_full_error, is_disk_full
+from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:
     from ft.kernel.context import Context

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ft.engine.checkpoints import AtomicCheckpointsMixin
-from ft.kernel.config import batch_warnings, real_effective_batch
+from ft.engine.failures import refused_pickle
+from ft.kernel.config_checks import batch_warnings, real_effective_batch
 from ft.kernel.errors import (
     ConfigError,
     FtError,
@@ -30,7 +31,6 @@ from ft.kernel.errors import (
     attributed,
     defined_at,
     is_out_of_memory,
-    refused_pickle,
 )
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ def _callbacks(state: FtState) -> list[Any]:
 
 def patch_check_callback(watch: Any) -> Any:
     """A callback that checks, after this session's first training step, that every kernel patch is in
-    effect (``ft.kernel.patching.PatchWatch.verify``): a patch that was undone or never ran stops the run."""
+    effect (``ft.engine.patch_watch.PatchWatch.verify``): a patch that was undone or never ran stops the run."""
     from transformers import TrainerCallback
 
     class PatchCheck(TrainerCallback):
@@ -337,7 +337,7 @@ def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None 
     """
     import torch
 
-    from ft.kernel.config import config_warnings
+    from ft.kernel.config_checks import config_warnings
 
     precision = resolve_precision(cfg)
     for warning in config_warnings(cfg):
@@ -489,7 +489,7 @@ def _training_fields() -> set[str]:
 
 def report_to(cfg: Any) -> list[str] | str:
     """The reporters for TrainingArguments; a missing package is an error with the install command."""
-    from ft.kernel.config import reporter_names, reporter_problems
+    from ft.kernel.config_checks import reporter_names, reporter_problems
 
     problems = reporter_problems(cfg)  # checked at validation too; the environment may have changed since
     if problems:

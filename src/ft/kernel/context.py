@@ -10,18 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookspecs
-from ft.kernel.config import (
-    CoreConfig,
-    RawConfig,
-    apply_overrides,
-    batch_problems,
-    build_config_model,
-    cadence_problems,
-    format_loc,
-    read_yaml,
-    reporter_problems,
-    validate_config,
-)
+from ft.kernel.config import CoreConfig, build_config_model, validate_config
+from ft.kernel.config_checks import batch_problems, cadence_problems, reporter_problems
+from ft.kernel.config_file import RawConfig, apply_overrides, format_loc, read_yaml
 from ft.kernel.errors import ConfigError, PluginError
 from ft.kernel.methods import EVAL, Method
 from ft.kernel.plugins import PluginManager, import_failure, parse_plugin_args

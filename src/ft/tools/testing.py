@@ -313,7 +313,7 @@ def _is_core_command(command: Any) -> bool:
 
 def _output_dir_of(config: Path, args: Sequence[str]) -> Path | None:
     """The output_dir the config (with ``--set`` overrides) names, resolved like ``ft`` does."""
-    from ft.kernel.config import apply_overrides, read_yaml
+    from ft.kernel.config_file import apply_overrides, read_yaml
     from ft.kernel.errors import FtError
 
     overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
@@ -432,7 +432,7 @@ def assert_patch_survives(model: Any, patch: Any, *, plugin: str = "plugin", inp
     """Apply ``patch(model)`` as ft does, train as the Trainer does, and fail unless the patch ran.
 
     ``patch`` is what your ``ft_patch_model`` does (it returns a list of ``PatchRecord`` or None).
-    ft's own watch (``ft.kernel.patching.PatchWatch``) then notes every ``forward`` it bound on a module
+    ft's own watch (``ft.engine.patch_watch.PatchWatch``) then notes every ``forward`` it bound on a module
     instance and every module it swapped in. Each of ``steps`` training steps switches the model to
     ``train()`` (after an ``eval()`` from the second step on, as an evaluation does), runs a forward
     and backward pass with labels (``inputs``, default: random token ids), and fails with an
@@ -445,7 +445,7 @@ def assert_patch_survives(model: Any, patch: Any, *, plugin: str = "plugin", inp
     """
     import torch
 
-    from ft.kernel.patching import PatchWatch, describe_problems
+    from ft.engine.patch_watch import PatchWatch, describe_problems
 
     watch = PatchWatch(model)
     records = list(patch(model) or [])
