@@ -79,6 +79,8 @@ def test_help_after_the_first_imports_no_plugin_and_prints_the_same(env):
     warm_out, _err, code, warm = ft(env, "--help")
     assert code == 0
     assert warm_out == cold_out  # the same list, the same help texts
+    failed = [i["name"] for i in json.loads(ft(env, "plugins", "--json")[0]) if i["status"] == "failed"]
+    assert failed == [], f"a plugin that fails to load turns the cache off: {failed} (see `ft plugins`)"
     assert plugin_modules(warm) == [] and "ftt_startup_one" not in warm
     assert [m for m in HEAVY if m in warm] == []
     assert "importlib.metadata" not in warm  # checking the cache scans no distribution metadata
