@@ -204,3 +204,14 @@ def test_bench_reports_figures_and_says_why_a_cli_is_missing(tmp_path):
     assert report["results"]["ft_help"]["command"] == "python ft --help"
     assert "no interpreter at" in report["unavailable"]["axolotl_help"]
     assert report["goal"]["goal_s"] == 0.15 and isinstance(report["goal"]["met"], bool)
+
+
+def test_a_plugin_that_changes_sys_path_at_import_still_gets_a_cache(tmp_path):
+    """The cache is filed under the sys.path a run starts with, not the one the plugins leave."""
+    module = HELLO.format(name="hello-path", help="Changes the path.") + "\n    import sys\n    sys.path.append('/nonexistent-ft-test')\n"
+    env = install_distribution(tmp_path / "site", "ft-startup-path", "1.0", {"ftt_startup_path": module},
+                               {"startup_path": "ftt_startup_path"})
+    env["FT_CACHE_DIR"] = str(tmp_path / "cache")
+    assert "hello-path" in ft(env, "--help")[0]
+    out, _err, _code, modules = ft(env, "--help")
+    assert "hello-path" in out and "ftt_startup_path" not in modules

@@ -139,7 +139,9 @@ class FtGroup(click.Group):
         if self._plugins_added:
             return
         self._plugins_added = True
-        before = dict(self.commands)
+        from ft import commands_cache
+
+        before, at = dict(self.commands), commands_cache.where()
         try:
             from ft.context import make_plugin_manager
 
@@ -149,10 +151,10 @@ class FtGroup(click.Group):
             click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
             return
         if not pm.failed() and not _process_plugins():  # only what every later run would see
-            from ft import commands_cache
             from ft.plugins import AUTOLOAD_ENV
 
-            commands_cache.save({n: c for n, c in self.commands.items() if before.get(n) is not c}, (AUTOLOAD_ENV,))
+            added = {n: c for n, c in self.commands.items() if before.get(n) is not c}
+            commands_cache.save(added, (AUTOLOAD_ENV,), at)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         if not self._plugins_added:

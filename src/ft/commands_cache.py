@@ -40,15 +40,17 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ft")
 
 
-def _where() -> list[Any]:
+def where() -> list[Any]:
+    """The interpreter and ``sys.path`` (take it before loading plugins: an import may change the path)."""
     return [FORMAT, sys.version, sys.executable, sys.prefix, list(sys.path)]
 
 
-def cache_file() -> str:
-    """This environment's file: one per interpreter and ``sys.path``."""
+def cache_file(at: list[Any] | None = None) -> str:
+    """The file for ``at`` (default: this process now): one per interpreter and ``sys.path``."""
     import zlib  # built in; hashlib would cost more than the rest of the check
 
-    return os.path.join(cache_dir(), f"commands-{zlib.crc32(json.dumps(_where()).encode()):08x}.json")
+    key = json.dumps(at or where()).encode()
+    return os.path.join(cache_dir(), f"commands-{zlib.crc32(key):08x}.json")
 
 
 def _stamp(path: str) -> list[int] | None:
@@ -65,7 +67,7 @@ def load() -> dict[str, dict[str, Any]] | None:
     try:
         with open(cache_file(), encoding="utf-8") as fh:
             data = json.load(fh)
-        if data["where"] != _where() or any(os.environ.get(k) != v for k, v in data["env"].items()):
+        if data["where"] != where() or any(os.environ.get(k) != v for k, v in data["env"].items()):
             return None
         if any(_stamp(path) != stamp for path, stamp in data["files"].items()):
             return None
@@ -74,27 +76,29 @@ def load() -> dict[str, dict[str, Any]] | None:
         return None
 
 
-def save(commands: dict[str, Any], env: tuple[str, ...] = ()) -> None:
+def save(commands: dict[str, Any], env: tuple[str, ...] = (), at: list[Any] | None = None) -> None:
     """Record ``commands`` (name -> click command, as the plugins added them) for what is installed
-    now; ``env`` names the environment variables plugin loading depended on."""
+    now; ``env`` names the environment variables plugin loading depended on, ``at`` is ``where()``
+    taken before the plugins were loaded."""
     import importlib.metadata as md
 
+    at = at or where()
     listed = {name: {"help": cmd.help, "short_help": cmd.short_help, "hidden": bool(cmd.hidden),
                      "deprecated": cmd.deprecated} for name, cmd in commands.items()}
-    paths = {os.path.abspath(p or os.curdir) for p in sys.path}
+    paths = {os.path.abspath(p or os.curdir) for p in [*at[-1], *sys.path]}
     for dist in md.distributions():
-        where = getattr(dist, "_path", None)  # a PathDistribution's *.dist-info / *.egg-info
-        if where is None:
+        info = getattr(dist, "_path", None)  # a PathDistribution's *.dist-info / *.egg-info
+        if info is None:
             return  # metadata not in files: no way to tell when it changes, so no cache
-        meta = "PKG-INFO" if str(where).endswith(".egg-info") else "METADATA"
-        paths.update(os.path.join(str(where), name) for name in ("entry_points.txt", meta))
+        meta = "PKG-INFO" if str(info).endswith(".egg-info") else "METADATA"
+        paths.update(os.path.join(str(info), name) for name in ("entry_points.txt", meta))
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
         if isinstance(file, str) and os.path.isabs(file):
             paths.add(file)
-    data = {"where": _where(), "env": {k: os.environ.get(k) for k in env},
+    data = {"where": at, "env": {k: os.environ.get(k) for k in env},
             "files": {p: _stamp(p) for p in sorted(paths)}, "commands": listed}
-    path = cache_file()
+    path = cache_file(at)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
