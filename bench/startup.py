@@ -16,7 +16,10 @@ is the floor no CLI can go below.
 - ``ft_validate``: ``ft validate examples/tiny.yaml``;
 - ``trl_help``: ``trl --help`` from the python running this script (TRL installed there);
 - ``axolotl_help``: ``axolotl --help`` from ``--axolotl-python`` (a venv with axolotl installed);
-  reported as unavailable, with the reason, when it is not installed there or does not start.
+  reported as unavailable, with the reason, when it is not installed there or does not start. Its
+  CLI starts with the training stack ft's dev environment already has, so a venv over it will do,
+  leaving torch alone: ``python -m venv --system-site-packages /work/venv-axolotl &&
+  /work/venv-axolotl/bin/pip install --no-deps axolotl`` (axolotl 0.19 here).
 
 ``--compare PYTHON`` adds ``ft_help@compare`` and ``ft_validate@compare``: the ft another interpreter
 runs (a checkout of the code before a change, in its own venv), timed in the same rounds.
