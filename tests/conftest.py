@@ -13,6 +13,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ft_cache_dir(tmp_path_factory):
+    """`ft --help`'s list of plugin commands (ft.kernel.commands_cache) goes to a temporary directory, not ~/.cache."""
+    before = os.environ.get("FT_CACHE_DIR")
+    os.environ["FT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ft-cache"))
+    yield
+    if before is None:
+        os.environ.pop("FT_CACHE_DIR", None)
+    else:
+        os.environ["FT_CACHE_DIR"] = before
 DATA = Path(__file__).resolve().parent / "data"
 
 

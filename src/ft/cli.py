@@ -6,7 +6,6 @@ Heavy libraries are imported inside commands, so ``ft --help`` stays fast.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -86,6 +85,8 @@ def _from_plugin(exc: Exception) -> FtError | None:
 def setup_logging(verbose: bool = False) -> None:
     """Log lines on stderr; when stderr is no terminal (a file, a pipe, CI) no progress bars at all,
     so the log stays clean lines (the training progress is then one line per logged step)."""
+    import logging
+
     level = logging.DEBUG if verbose else logging.INFO
     if not verbose and not _is_main_process():
         level = logging.WARNING  # in a multi-process run only rank 0 reports progress
@@ -126,14 +127,21 @@ def _warn_failed(pm) -> None:
 
 
 class FtGroup(click.Group):
-    """Adds plugin commands lazily, and survives broken plugins."""
+    """Adds plugin commands lazily, and survives broken plugins.
+
+    ``ft --help`` lists the plugin commands from ``ft.kernel.commands_cache`` while it is current, so it
+    imports no plugin; running a plugin command (or a cache that may be stale) loads the plugins."""
 
     _plugins_added = False
+    _listing: dict[str, click.Command] | None = None  # while format_commands shows cached commands
 
     def _add_plugin_commands(self) -> None:
         if self._plugins_added:
             return
         self._plugins_added = True
+        from ft.kernel import commands_cache
+
+        before, at = dict(self.commands), commands_cache.where()
         try:
             from ft.kernel.context import make_plugin_manager
 
@@ -141,17 +149,51 @@ class FtGroup(click.Group):
             pm.call("ft_add_commands", cli=self)
         except FtError as exc:  # never let a plugin break `ft --help`
             click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
+            return
+        if not pm.failed() and not _process_plugins():  # only what every later run would see
+            from ft.kernel.plugins import AUTOLOAD_ENV
+
+            added = {n: c for n, c in self.commands.items() if before.get(n) is not c}
+            commands_cache.save(added, (AUTOLOAD_ENV,), at)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if not self._plugins_added:
+            cached = None if _process_plugins() else _cached_commands()
+            if cached is not None:
+                self._listing = {**self.commands, **cached}
+                try:
+                    return super().format_commands(ctx, formatter)
+                finally:
+                    self._listing = None
+        return super().format_commands(ctx, formatter)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        if self._listing is not None:
+            return sorted(self._listing)
         self._add_plugin_commands()
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if self._listing is not None:
+            return self._listing.get(name)
         cmd = super().get_command(ctx, name)
         if cmd is None:
             self._add_plugin_commands()
             cmd = super().get_command(ctx, name)
         return cmd
+
+
+def _process_plugins() -> list[str]:
+    """Plugins registered for this process only (``ft.tools.testing``); none unless ft.kernel.plugins was imported."""
+    plugins = sys.modules.get("ft.kernel.plugins")
+    return plugins.process_plugin_names() if plugins is not None else []
+
+
+def _cached_commands() -> dict[str, click.Command] | None:
+    from ft.kernel import commands_cache
+
+    entries = commands_cache.load()
+    return None if entries is None else {n: commands_cache.stub(n, e) for n, e in entries.items()}
 
 
 @click.group(cls=FtGroup, context_settings={"help_option_names": ["-h", "--help"]})

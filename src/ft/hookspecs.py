@@ -195,7 +195,9 @@ def ft_validate_config(cfg: Config) -> list[str] | None:
 def ft_add_commands(cli: click.Group) -> None:
     """Add click subcommands to the ``ft`` command.
 
-    Called: when the CLI starts, once per loaded plugin, before arguments are parsed.
+    Called: once per loaded plugin, when a command the CLI does not define itself runs, or when ``ft --help``
+        finds no current command cache (it lists plugin commands from a cache kept while no installed
+        file changed): a command's name and help must depend only on the plugin's code and installed packages.
     Args:
         cli: the root ``click.Group``; call ``cli.add_command(cmd)`` (or use ``@cli.command()``).
     Returns: None.

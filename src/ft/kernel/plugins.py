@@ -235,9 +235,12 @@ class PluginManager(HookCaller):
 
     def _load(self, eps: Sequence[md.EntryPoint]) -> None:
         self._refuse_blocking_essentials(eps)
+        names: dict[int, tuple[str, str]] = {}  # parse each distribution's METADATA once, not twice per entry point
         for ep in eps:
-            dist = ep.dist.name if ep.dist else "?"
-            version = ep.dist.version if ep.dist else ""
+            if ep.dist is not None and id(ep.dist) not in names:
+                meta = ep.dist.metadata
+                names[id(ep.dist)] = (meta["Name"], meta["Version"])
+            dist, version = names[id(ep.dist)] if ep.dist is not None else ("?", "")
             info = PluginInfo(ep.name, dist, version, ep.value)
             self.infos[ep.name] = info
             first_party = dist == FIRST_PARTY_DIST
