@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,18 +116,50 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """Content hash of a file (xxh3-128 when xxhash is installed, else sha256)."""
+FULL_DIGEST_BYTES = 64 << 20  # sampled digests: files up to this size are still hashed whole
+SAMPLE_BYTES = 1 << 20  # larger ones: SAMPLES evenly spread blocks of this size (weights, optimizer states)
+SAMPLES = 16
+
+
+def _xxhash() -> Any:
     try:
         import xxhash
 
-        h: Any = xxhash.xxh3_128()
-    except ImportError:
-        h = hashlib.sha256()
+        return xxhash
+    except ImportError:  # pragma: no cover - xxhash comes with ft[train]
+        return None
+
+
+def file_digest(path: str | os.PathLike, *, sampled: bool = False, size: int | None = None) -> str:
+    """A digest of a file's content, in one of two forms kept as they are on disk (manifests written by
+    earlier runs are checked against them).
+
+    ``sampled=False``: content identity (cache keys, data fingerprints, the prepared cache's manifest):
+    xxh3-128 of every byte, as hex (sha256 without xxhash). An edit anywhere in the file changes it.
+
+    ``sampled=True``: a damage check beside a size check (checkpoint manifests: files of many GB are
+    checked at every resume): ``xxh3:`` + xxh3-64 of a file up to ``FULL_DIGEST_BYTES``, else
+    ``sampled-xxh3:`` + xxh3-64 of ``SAMPLES`` blocks spread over it (blake2b without xxhash). It misses an
+    edit between the blocks that keeps the size: never a content key. ``size``: the file's, when known."""
+    xxhash = _xxhash()
+    if not sampled:
+        h: Any = xxhash.xxh3_128() if xxhash else hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        return h.hexdigest()
+    size = os.stat(path).st_size if size is None else size
+    h, name = (xxhash.xxh3_64(), "xxh3") if xxhash else (hashlib.blake2b(digest_size=16), "blake2b")
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        if size <= FULL_DIGEST_BYTES:
+            while block := fh.read(4 << 20):
+                h.update(block)
+        else:
+            name = f"sampled-{name}"
+            for i in range(SAMPLES):
+                fh.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(fh.read(SAMPLE_BYTES))
+    return f"{name}:{h.hexdigest()}"
 
 
 def _option_files(cfg: Any, entry: Any) -> dict[str, str]:
@@ -299,14 +331,27 @@ MANIFEST = "manifest.json"
 UNCHECKED = frozenset({MANIFEST, "stats.json"})  # stats.json gets figures after the build (update_stats)
 
 
-def write_manifest(path: Path) -> None:
-    """Size and checksum of every file of a prepared cache (but stats.json), in ``manifest.json``."""
+def write_manifest(path: Path, *, name: str = MANIFEST, header: dict[str, Any] | None = None,
+                   skip: Collection[str] = UNCHECKED, sampled: bool = False,
+                   flush: Callable[[Path], None] | None = None) -> None:
+    """Write ``path/name``: ``header`` and the size and ``file_digest`` of every file below ``path`` (but
+    ``name`` and ``skip``), under ``files``. The defaults write a prepared cache's ``manifest.json`` (full
+    digests; stats.json left out). ``flush`` (fsync) is called on each file before it is measured, and on
+    the manifest once written: checkpoints use it, with sampled digests."""
+    header = {"format": CACHE_FORMAT} if header is None else header
     files = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        name = file.relative_to(path).as_posix()
-        if name not in UNCHECKED:
-            files[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
-    (path / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}, indent=1), encoding="utf-8")
+        rel = file.relative_to(path).as_posix()
+        if rel == name or rel in skip:
+            continue
+        if flush is not None:
+            flush(file)
+        size = file.stat().st_size
+        files[rel] = {"size": size, "digest": file_digest(file, sampled=sampled, size=size)}
+    target = path / name
+    target.write_text(json.dumps({**header, "files": files}, indent=1) + "\n", encoding="utf-8")
+    if flush is not None:
+        flush(target)
 
 
 def verify_manifest(path: Path) -> list[str]:
