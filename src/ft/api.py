@@ -24,7 +24,7 @@ Groups:
   ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
-  ``last_good_checkpoint``
+  ``last_good_checkpoint``, ``is_main_process`` (global rank 0, or no launcher: the process that writes files)
 - kernels: ``PatchRecord``, ``patch_attribute``
 - commands (``ft_add_commands``): ``handle_errors`` (ft's error display for a click command),
   ``setup_logging``, ``make_plugin_manager`` (the installed plugins, for commands that call hooks),
@@ -67,7 +67,7 @@ _WHERE = {
     "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
     # training
     "resolve_precision": "ft.train", "torch_dtype": "ft.train", "torch_dtype_named": "ft.train",
-    "close_progress_bars": "ft.train", "last_good_checkpoint": "ft.checkpoints",
+    "close_progress_bars": "ft.train", "last_good_checkpoint": "ft.checkpoints", "is_main_process": "ft.launch",
     # commands
     "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.context",
     "collect_registries": "ft.context",

@@ -26,6 +26,7 @@ import numpy as np
 
 from ft.errors import DataError, FtError
 from ft.formats import IGNORE_INDEX, Drop, Dropped
+from ft.launch import is_main_process
 
 # Reasons (kept in sync with ft.data, which re-exports them).
 EMPTY = "empty"
@@ -646,9 +647,7 @@ def _flatten(parts: list[Any], total: int) -> np.ndarray:
 
 
 def _progress_enabled() -> bool:
-    if os.environ.get("FT_NO_PROGRESS"):
-        return False
-    return os.environ.get("RANK", "0") == "0"
+    return not os.environ.get("FT_NO_PROGRESS") and is_main_process()
 
 
 class _NoBar:

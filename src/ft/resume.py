@@ -47,7 +47,8 @@ from ft.checkpoints import (
     verify,
 )
 from ft.errors import FtError
-from ft.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished, is_main_process
+from ft.launch import is_main_process
+from ft.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished
 
 if TYPE_CHECKING:
     from ft.context import Context
