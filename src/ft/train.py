@@ -33,6 +33,7 @@ from ft.errors import (
     is_out_of_memory,
     refused_pickle,
 )
+from ft.formats import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from ft.context import Context
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ft.train")
 
-IGNORE_INDEX = -100
 HISTORY_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
 
 
