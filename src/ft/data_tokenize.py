@@ -37,10 +37,15 @@ INLINE_BELOW_ROWS = 2000  # fewer rows than this: forking workers costs more tha
 NOTES = "notes"  # a sample's list of ft.formats.Note: counted in the data report, not a column
 
 
-def is_token_column(name: str) -> bool:
-    """Token columns hold a list of ints per sample: ``input_ids``, ``labels`` and prefixed forms
-    (``chosen_input_ids``, ``rejected_labels`` ...). Every other column is carried as it is."""
-    return name.endswith("input_ids") or is_labels_column(name)
+def is_token_column(name: str, *, positions: bool = False) -> bool:
+    """Token columns hold a list of token ids per sample: ``input_ids``, ``labels`` and prefixed forms
+    (``chosen_input_ids``, ``rejected_labels`` ...); their values are checked against the vocabulary and
+    stored flat. Every other column is carried as it is, one value per sample.
+
+    ``positions=True`` counts ``position_ids`` too: not token ids (never checked against the vocabulary),
+    but one value per token as well, made by packing. Collators that join or pad the per-token columns
+    of packed rows take it with them, never as a per-row value."""
+    return name.endswith("input_ids") or is_labels_column(name) or (positions and name == "position_ids")
 
 
 def is_labels_column(name: str) -> bool:
