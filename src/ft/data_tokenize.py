@@ -58,6 +58,13 @@ def labels_of(ids_column: str) -> str:
     return ids_column[: -len("input_ids")] + "labels"
 
 
+def join_extras(parts: Sequence[tuple[dict[str, list[Any]], int]]) -> dict[str, list[Any]]:
+    """The extra columns of consecutive parts, given as (extras, sample count), as one: None where a part
+    lacks a column."""
+    names = list(dict.fromkeys(n for extras, _count in parts for n in extras))
+    return {n: [v for extras, count in parts for v in extras.get(n, [None] * count)] for n in names}
+
+
 @dataclass
 class Samples:
     """Tokenized samples as flat arrays, one pair (values, offsets) per token column: sample ``i``
@@ -87,9 +94,6 @@ class Samples:
                 total += np.diff(offsets)
         return total
 
-    def column_lengths(self, name: str) -> np.ndarray:
-        return np.diff(self.tokens[name][1])
-
     @classmethod
     def empty(cls) -> Samples:
         return cls({}, np.zeros(0, dtype=np.int64))
@@ -114,8 +118,7 @@ class Samples:
                 offsets.append(p.tokens[name][1][1:] + base)
                 base += p.tokens[name][1][-1]
             tokens[name] = (np.concatenate([p.tokens[name][0] for p in parts]), np.concatenate(offsets))
-        extra_names = list(dict.fromkeys(n for p in parts for n in p.extras))
-        extras = {n: [v for p in parts for v in p.extras.get(n, [None] * p.count)] for n in extra_names}
+        extras = join_extras([(p.extras, p.count) for p in parts])
         return cls(tokens, np.concatenate([p.groups for p in parts]), extras)
 
     def take(self, idx: np.ndarray) -> Samples:
@@ -288,8 +291,7 @@ def _merge(outs: list[_ChunkOut], base: int) -> Samples:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tokens[name] = (np.concatenate([o.tokens[name][0] for o in outs]), offsets)
-    extra_names = list(dict.fromkeys(n for o in outs for n in o.extras))
-    extras = {n: [v for o in outs for v in o.extras.get(n, [None] * len(o.rows))] for n in extra_names}
+    extras = join_extras([(o.extras, len(o.rows)) for o in outs])
     return Samples(tokens, np.concatenate([o.rows for o in outs]).astype(np.int64) + base, extras)
 
 
