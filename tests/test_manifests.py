@@ -85,3 +85,27 @@ def test_a_manifest_written_before_the_merge_still_verifies(tmp_path, sampled):
         files = {"trainer_state.json": {"size": 2, "digest": xxhash.xxh3_128(b"{}").hexdigest()}}
         (tmp_path / cache.MANIFEST).write_text(json.dumps({"format": cache.CACHE_FORMAT, "files": files}))
         assert cache.verify_manifest(tmp_path) == []
+
+
+def test_cache_and_checkpoint_files_are_checked_alike_and_worded_as_before(tmp_path):
+    ckpt, cache_dir = tmp_path / "checkpoint-1", tmp_path / "key"
+    for path in (ckpt, cache_dir):
+        path.mkdir()
+        (path / "trainer_state.json").write_text("{}")
+        (path / "a.bin").write_bytes(b"abc")
+        (path / "b.bin").write_bytes(b"xyz")
+    write_checkpoint_manifest(ckpt, 1)
+    write_manifest(cache_dir)
+    for path in (ckpt, cache_dir):
+        (path / "a.bin").unlink()
+        (path / "b.bin").write_bytes(b"xyzw")
+    assert verify(ckpt) == ["a.bin is missing", "b.bin has 4 bytes, 3 were written"]
+    assert sorted(cache.verify_manifest(cache_dir)) == ["a.bin is missing", "b.bin has 4 bytes, 3 were written"]
+    (ckpt / "b.bin").write_bytes(b"xyz")
+    (cache_dir / "b.bin").write_bytes(b"xyz")
+    (ckpt / "trainer_state.json").write_text("[]")
+    (cache_dir / "trainer_state.json").write_text("[]")
+    assert verify(ckpt) == ["a.bin is missing",
+                            "trainer_state.json is damaged (its content changed since it was written)"]
+    assert sorted(cache.verify_manifest(cache_dir)) == ["a.bin is missing",
+                                                         "trainer_state.json changed since it was written"]

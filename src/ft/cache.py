@@ -346,8 +346,7 @@ def write_manifest(path: Path, *, name: str = MANIFEST, header: dict[str, Any] |
             continue
         if flush is not None:
             flush(file)
-        size = file.stat().st_size
-        files[rel] = {"size": size, "digest": file_digest(file, sampled=sampled, size=size)}
+        files[rel] = file_entry(file, sampled=sampled)
     target = path / name
     target.write_text(json.dumps({**header, "files": files}, indent=1) + "\n", encoding="utf-8")
     if flush is not None:
@@ -360,18 +359,28 @@ def verify_manifest(path: Path) -> list[str]:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"its {MANIFEST} cannot be read ({type(exc).__name__})"]
-    return [problem for name, want in files.items() if (problem := _file_problem(path, name, want))]
+    return [problem for name, want in files.items() if (problem := file_problem(path, name, want))]
 
 
-def _file_problem(path: Path, name: str, want: dict[str, Any]) -> str | None:
+def file_problem(path: Path, name: str, want: dict[str, Any], *, sampled: bool = False,
+                 changed: str = "changed since it was written") -> str | None:
+    """What is wrong with ``path/name`` against its manifest entry ``want`` (None when it is intact):
+    missing, another size, or another digest (then ``name`` + ``changed``)."""
     file = path / name
     if not file.is_file():
         return f"{name} is missing"
-    if file.stat().st_size != want.get("size"):
-        return f"{name} has {file.stat().st_size} bytes, {want.get('size')} were written"
-    if file_digest(file) != want.get("digest"):
-        return f"{name} changed since it was written"
+    size = file.stat().st_size
+    if size != want.get("size"):
+        return f"{name} has {size} bytes, {want.get('size')} were written"
+    if file_digest(file, sampled=sampled, size=size) != want.get("digest"):
+        return f"{name} {changed}"
     return None
+
+
+def file_entry(file: Path, *, sampled: bool = False, size: int | None = None) -> dict[str, Any]:
+    """A manifest's entry for ``file``: its size and digest."""
+    size = file.stat().st_size if size is None else size
+    return {"size": size, "digest": file_digest(file, sampled=sampled, size=size)}
 
 
 # Files a run adds to a built cache (precomputed reference log-probabilities) are listed under
@@ -390,7 +399,7 @@ def record_cache_file(path: str | os.PathLike, name: str) -> None:
         manifest_file = path / MANIFEST
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         file = path / name
-        manifest.setdefault(ADDED, {})[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
+        manifest.setdefault(ADDED, {})[name] = file_entry(file)
         tmp = manifest_file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -409,7 +418,7 @@ def cache_file_problem(path: str | os.PathLike, name: str) -> str | None:
         return f"the cache's {MANIFEST} cannot be read ({type(exc).__name__})"
     if not isinstance(want, dict):
         return f"{name} is not listed in the cache's {MANIFEST} (written by an interrupted run, or by hand)"
-    return _file_problem(path, name, want)
+    return file_problem(path, name, want)
 
 
 def update_stats(path: str, **values: Any) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ft.cache import file_digest, write_manifest
+from ft.cache import file_problem, write_manifest
 from ft.errors import FtError, disk_full_error, is_disk_full
 
 if TYPE_CHECKING:
@@ -102,15 +102,9 @@ def verify(path: str | os.PathLike) -> list[str]:
     if TRAINER_STATE_FILE not in files:
         problems.append(f"it has no {TRAINER_STATE_FILE}")
     for name, want in sorted(files.items()):
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        size = file.stat().st_size
-        if size != want.get("size"):
-            problems.append(f"{name} has {size} bytes, {want.get('size')} were written")
-        elif file_digest(file, sampled=True, size=size) != want.get("digest"):
-            problems.append(f"{name} is damaged (its content changed since it was written)")
+        if problem := file_problem(path, name, want, sampled=True,
+                                   changed="is damaged (its content changed since it was written)"):
+            problems.append(problem)
     return problems
 
 
