@@ -226,9 +226,9 @@ PLUGINS_NO_EFFECT = {
     "axolotl.integrations.swanlab.SwanLabPlugin": "SwanLab is not a reporter of ft",
 }
 # axolotl lora_* / peft_* key -> field of ft's lora: section (lora_target_linear is converted in code)
-LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
-             "lora_modules_to_save": "modules_to_save", "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora",
-             "lora_model_dir": "init_from"}
+LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+             "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+             "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "lora_model_dir": "init_from"}
 # axolotl wandb_* keys that are fields of ft's wandb: section (without the prefix)
 WANDB_KEYS = ("wandb_project", "wandb_entity", "wandb_name", "wandb_tags", "wandb_group", "wandb_notes")
 LIGER_KEYS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
@@ -1462,10 +1462,12 @@ def _adapter_hint(value: Any) -> str:
     return "axolotl's `adapter: lora` is `plugins: [lora]` in ft, with the settings in a `lora:` section."
 
 
-# Hints for axolotl keys met in an ft config. A key the converter maps through one of the tables above gets its
-# hint from that table (one source: a key added there is hinted too); a key it converts in code has its hint here.
+# Hints for axolotl keys met in an ft config. A key the converter maps through one of the tables above gets
+# its hint from that table (one source: a key added there is hinted too); a key it converts in code has its
+# hint here. HINT_MORE: what a derived hint adds before its full stop.
 HINT_MORE = {"lora_r": " (and select the plugin: plugins: [lora])", "lora_model_dir": " to continue from an adapter",
-             "sdp_attention": " (the default)", "liger_rope": " (its `liger:` section turns single kernels off)"}
+             "sdp_attention": " (the default)",
+             "liger_rope": " (its `liger:` section turns single kernels off)"}
 HAND_HINTS: dict[str, str | Callable[[Any], str]] = {
     "adapter": _adapter_hint,
     "lora_target_linear": "write `target_modules: all-linear` in the `lora:` section.",
@@ -1515,7 +1517,8 @@ def key_hints() -> dict[str, str | Callable[[Any], str]]:
     for key in WANDB_KEYS:
         derived[key] = f"write `{key[len('wandb_'):]}:` in the `wandb:` section"
     derived["wandb_project"] = "write `report_to: wandb` and `wandb: {project: ...}`"
-    derived["rl"] = f"write `method:` ({', '.join(dict.fromkeys(RL_METHODS.values()))}) with the method's section"
+    methods = ", ".join(dict.fromkeys(RL_METHODS.values()))
+    derived["rl"] = f"write `method:` ({methods}) with the method's section"
     prm = REWARD_FLAGS["process_reward_model"][0]
     derived["process_reward_model"] = f"write `method: {prm}` (a process reward model, data type stepwise_supervised)"
     hints: dict[str, str | Callable[[Any], str]] = {k: f"{v}{HINT_MORE.get(k, '')}." for k, v in derived.items()}

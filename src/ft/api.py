@@ -22,8 +22,8 @@ Groups:
   ``sequence_logps``, ``has_adapter``; model heads ``CAUSAL_LM``,
   ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
   ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
-- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``, ``is_token_column`` (a column of token ids, one
-  per token; ``positions=True``: ``position_ids`` too)
+- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``, ``is_token_column`` (a column of token ids,
+  one per token; ``positions=True``: ``position_ids`` too)
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
   ``last_good_checkpoint``, ``is_main_process`` (global rank 0, or no launcher: the process that writes files)
 - kernels: ``PatchRecord``, ``patch_attribute``
