@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
+from ft.api import IGNORE_INDEX
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, the denominator of MFU in issue 9
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

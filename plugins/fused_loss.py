@@ -35,7 +35,7 @@ import logging
 from typing import Any
 
 from ft import hookimpl
-from ft.api import MODEL_LOSS, Plugin
+from ft.api import IGNORE_INDEX, MODEL_LOSS, Plugin
 
 PLUGIN = Plugin()  # always active; `-p no:fused_loss` blocks it
 NAME = "fused_loss"  # the plugin's name: its config section and its patch records
@@ -51,7 +51,6 @@ STEP_ASIDE_FOR = {"sharding": "a sharding engine shards the weights",
                   "compiled_forward": "compile traces the model's own forward"}
 
 CHUNK_LOGITS = 1 << 24  # logits per chunk (64 MB in float32)
-IGNORE_INDEX = -100
 
 
 @hookimpl(trylast=True)

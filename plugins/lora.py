@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,13 +234,15 @@ def check_modules(cfg: Any, lora: LoraSection, model: Any) -> None:
 def ft_save_weights(cfg, trainer, model, output_dir):
     from peft import PeftModel
 
+    from ft.api import is_main_process
+
     accelerator = getattr(trainer, "accelerator", None)
     peft_model = accelerator.unwrap_model(model) if accelerator is not None else model
     if not isinstance(peft_model, PeftModel):
         return None  # full fine-tuning: another plugin saves
     _absolute_base_path(peft_model)
     if trainer is None:  # called directly (tests, notebooks)
-        if os.environ.get("RANK", "0") != "0":
+        if not is_main_process():
             return []
         peft_model.save_pretrained(output_dir, safe_serialization=True)
     elif trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:

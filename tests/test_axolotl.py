@@ -502,6 +502,35 @@ def test_hints_come_from_the_plugin(ft_runner, ft_config, ft_dataset):
     assert result.exit_code != 0 and "unknown key" in result.output and "plugins: [lora]" not in result.output
 
 
+def test_hints_for_table_keys_come_from_the_converter_tables():
+    """The converter's tables are the one source of the hints for their keys: each table key has a hint naming
+    the very field the converter writes, and that field exists in the ft section."""
+    from ft_plugins import axolotl
+    from ft_plugins.lora import LoraSection
+    from ft_plugins.wandb import WandbSection
+
+    def convert(**keys):
+        base = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}]}
+        return axolotl.convert({**base, **keys}).config
+
+    hints = axolotl.key_hints()
+    for table in (axolotl.LORA_KEYS, axolotl.ATTENTION, axolotl.LIGER_KEYS, axolotl.RENAMED_CORE, axolotl.WANDB_KEYS):
+        assert set(table) <= set(hints), set(table) - set(hints)
+    for key, field in axolotl.LORA_KEYS.items():
+        assert f"`{field}:" in hints[key] and field in LoraSection.model_fields, key
+        value = "adapters/x" if field == "init_from" else True if field.startswith("use_") else 8
+        assert convert(adapter="lora", **{key: value})["lora"][field] == value, key
+    for key in axolotl.WANDB_KEYS:
+        field = key[len("wandb_"):]
+        assert f"{field}:" in hints[key] and field in WandbSection.model_fields, key
+        assert convert(**{key: "x"})["wandb"][field] == "x", key
+    for key, impl in axolotl.ATTENTION.items():
+        assert f"attn_implementation: {impl}" in hints[key]
+        assert convert(**{key: True})["hf"]["attn_implementation"] == impl
+    for key, name in axolotl.RENAMED_CORE.items():
+        assert hints[key] == f"write `{name}:`."
+
+
 def test_convert_never_replaces_its_own_input(ft_runner, axolotl_config, tmp_path):
     """Issue 22: `-o x.yml --force` on x.yml, a symlink or a hard link to it, replaced the axolotl config."""
     import os

@@ -789,7 +789,7 @@ def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(refere
 
     import torch
 
-    from ft.engine.checkpoints import write_manifest
+    from ft.engine.checkpoints import write_checkpoint_manifest
 
     config, out = copy_of_run(reference, tmp_path)
     for step in (6, 8):
@@ -797,7 +797,7 @@ def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(refere
     checkpoint = out / "checkpoint-3"
     state = torch.load(checkpoint / "rng_state.pth", weights_only=False)
     torch.save({**state, "saved_at": datetime.datetime(2024, 1, 1)}, checkpoint / "rng_state.pth")
-    write_manifest(checkpoint, 3)  # a complete checkpoint, as far as its manifest goes
+    write_checkpoint_manifest(checkpoint, 3)  # a complete checkpoint, as far as its manifest goes
     with pytest.raises(FtError) as err:
         run(config)
     message = str(err.value)

@@ -278,6 +278,18 @@ def test_excess_length_error_lists_the_long_samples(tmp_path, tiny_tokenizer):
 # -- concatenation, shuffling, eval split -------------------------------------------------------
 
 
+def test_concatenated_samples_keep_every_extra_column_with_none_where_a_part_lacks_it():
+    import numpy as np
+
+    from ft.engine.data_tokenize import Samples
+
+    a = Samples({"input_ids": (np.array([1, 2, 3]), np.array([0, 2, 3]))}, np.array([0, 1]), {"weight": [0.5, 1.0]})
+    b = Samples({"input_ids": (np.array([4]), np.array([0, 1]))}, np.array([2]), {"source": ["x"]})
+    both = Samples.concat([a, b])
+    assert both.extras == {"weight": [0.5, 1.0, None], "source": [None, None, "x"]}
+    assert both.tokens["input_ids"][1].tolist() == [0, 2, 3, 4]
+
+
 def test_datasets_are_concatenated_shuffled_with_the_seed_and_split(tmp_path, tiny_tokenizer):
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(20)])
     b = write_lines(tmp_path / "b.jsonl", [json.dumps(r) for r in qa_rows(20, start=100)])

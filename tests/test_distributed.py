@@ -407,6 +407,20 @@ def test_under_an_external_launcher_ft_runs_in_this_process(monkeypatch):
     assert launch_mod.launch(["run", "c.yaml", "--nproc", "2"], nproc=2) is None, "the caller trains in this process"
 
 
+@pytest.mark.parametrize(("rank", "main"), [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_only_global_rank_0_or_a_run_without_launcher_is_the_main_process(monkeypatch, rank, main):
+    from ft.engine.data_tokenize import _progress_enabled
+    from ft.engine.launch import is_main_process
+
+    monkeypatch.delenv("FT_NO_PROGRESS", raising=False)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert is_main_process() is main
+    assert _progress_enabled() is main, "only the main process shows the tokenizing progress"
+
+
 # -- configuration errors -------------------------------------------------------------------------
 
 

@@ -205,3 +205,26 @@ def test_packing_plugin_supplies_the_packed_collator(tmp_path, monkeypatch):
                          ["packing"])
     assert flash.pm.call("ft_collator", cfg=flash.cfg, tokenizer=Tok(), method=flash.method).attention == "varlen"
     assert isinstance(packing.ft_collator(ctx.cfg, Tok(), ctx.method), PackedCollator)
+
+
+def test_position_ids_go_with_the_token_columns_when_packing_but_are_no_token_ids(tiny_tokenizer):
+    """One is_token_column serves the data checks and packing; they differ only on position_ids: one value
+    per token (packing joins them like the token columns), but not token ids (not checked against the vocabulary)."""
+    from datasets import Dataset
+    from ft_plugins.packing import _unit_values
+
+    from ft.engine.data import token_id_problem
+    from ft.engine.data_tokenize import is_token_column
+
+    names = ("input_ids", "chosen_input_ids", "labels", "rejected_labels", "position_ids", "margin", "label")
+    assert [is_token_column(n) for n in names] == [True, True, True, True, False, False, False]
+    assert [is_token_column(n, positions=True) for n in names] == [True, True, True, True, True, False, False]
+
+    vocab = len(tiny_tokenizer)
+    long_positions = Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]], "position_ids": [[0, vocab]]})
+    assert token_id_problem(long_positions, tiny_tokenizer) is None, "positions are not token ids"
+    bad_ids = Dataset.from_dict({"input_ids": [[1, vocab]], "labels": [[-100, 2]]})
+    assert "token id" in token_id_problem(bad_ids, tiny_tokenizer)
+
+    packed = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "position_ids": [0, 1, 0, 1], "margin": [0.5, 1.5]}]
+    assert set(_unit_values(packed)) == {"margin"}, "a packed row's position_ids are per token, not per unit"

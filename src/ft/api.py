@@ -23,9 +23,10 @@ Groups:
   ``sequence_logps``, ``has_adapter``; model heads ``CAUSAL_LM``,
   ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
   ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
-- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
+- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``, ``is_token_column`` (a column of token ids,
+  one per token; ``positions=True``: ``position_ids`` too)
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
-  ``last_good_checkpoint``
+  ``last_good_checkpoint``, ``is_main_process`` (global rank 0, or no launcher: the process that writes files)
 - kernels: ``PatchRecord``, ``patch_attribute``
 - commands (``ft_add_commands``): ``handle_errors`` (ft's error display for a click command),
   ``setup_logging``, ``make_plugin_manager`` (the installed plugins, for commands that call hooks),
@@ -66,9 +67,11 @@ _WHERE = {
     "has_adapter": "ft.engine.reference",
     # collating
     "pad_rows": "ft.engine.collate", "PaddingCollator": "ft.engine.collate", "gather_ranges": "ft.engine.data_tokenize",
+    "is_token_column": "ft.engine.data_tokenize",
     # training
     "resolve_precision": "ft.engine.train", "torch_dtype": "ft.engine.train", "torch_dtype_named": "ft.engine.train",
     "close_progress_bars": "ft.engine.train", "last_good_checkpoint": "ft.engine.checkpoints",
+    "is_main_process": "ft.engine.launch",
     # commands
     "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.kernel.context",
     "collect_registries": "ft.kernel.context",

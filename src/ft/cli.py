@@ -87,8 +87,10 @@ def setup_logging(verbose: bool = False) -> None:
     so the log stays clean lines (the training progress is then one line per logged step)."""
     import logging
 
+    from ft.engine.launch import is_main_process
+
     level = logging.DEBUG if verbose else logging.INFO
-    if not verbose and not _is_main_process():
+    if not verbose and not is_main_process():
         level = logging.WARNING  # in a multi-process run only rank 0 reports progress
     logging.basicConfig(
         level=level,
@@ -227,13 +229,13 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
                       rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
         if code is not None:  # None: already under a launcher, so this process trains
             sys.exit(code)
-    from ft.engine.launch import close_process_group
+    from ft.engine.launch import close_process_group, is_main_process
     from ft.run import train
 
     ctx = _context(config, plugin_args, overrides, trace)
     result = train(ctx, fresh=fresh, overwrite=overwrite)
     close_process_group()  # every rank ends here together, its collectives done
-    if _is_main_process():
+    if is_main_process():
         click.echo(f"done: {result.output_dir}")
 
 
@@ -367,10 +369,6 @@ def schema(plugin_args, output):
             fh.write(text)
     else:
         click.echo(text, nl=False)
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +117,50 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """Content hash of a file (xxh3-128 when xxhash is installed, else sha256)."""
+FULL_DIGEST_BYTES = 64 << 20  # sampled digests: files up to this size are still hashed whole
+SAMPLE_BYTES = 1 << 20  # larger ones: SAMPLES evenly spread blocks of this size (weights, optimizer states)
+SAMPLES = 16
+
+
+def _xxhash() -> Any:
     try:
         import xxhash
 
-        h: Any = xxhash.xxh3_128()
-    except ImportError:
-        h = hashlib.sha256()
+        return xxhash
+    except ImportError:  # pragma: no cover - xxhash comes with ft[train]
+        return None
+
+
+def file_digest(path: str | os.PathLike, *, sampled: bool = False, size: int | None = None) -> str:
+    """A digest of a file's content, in one of two forms kept as they are on disk (manifests written by
+    earlier runs are checked against them).
+
+    ``sampled=False``: content identity (cache keys, data fingerprints, the prepared cache's manifest):
+    xxh3-128 of every byte, as hex (sha256 without xxhash). An edit anywhere in the file changes it.
+
+    ``sampled=True``: a damage check beside a size check (checkpoint manifests: files of many GB are
+    checked at every resume): ``xxh3:`` + xxh3-64 of a file up to ``FULL_DIGEST_BYTES``, else
+    ``sampled-xxh3:`` + xxh3-64 of ``SAMPLES`` blocks spread over it (blake2b without xxhash). It misses an
+    edit between the blocks that keeps the size: never a content key. ``size``: the file's, when known."""
+    xxhash = _xxhash()
+    if not sampled:
+        h: Any = xxhash.xxh3_128() if xxhash else hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        return h.hexdigest()
+    size = os.stat(path).st_size if size is None else size
+    h, name = (xxhash.xxh3_64(), "xxh3") if xxhash else (hashlib.blake2b(digest_size=16), "blake2b")
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+        if size <= FULL_DIGEST_BYTES:
+            while block := fh.read(4 << 20):
+                h.update(block)
+        else:
+            name = f"sampled-{name}"
+            for i in range(SAMPLES):
+                fh.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(fh.read(SAMPLE_BYTES))
+    return f"{name}:{h.hexdigest()}"
 
 
 def _option_files(cfg: Any, entry: Any) -> dict[str, str]:
@@ -300,14 +332,26 @@ MANIFEST = "manifest.json"
 UNCHECKED = frozenset({MANIFEST, "stats.json"})  # stats.json gets figures after the build (update_stats)
 
 
-def write_manifest(path: Path) -> None:
-    """Size and checksum of every file of a prepared cache (but stats.json), in ``manifest.json``."""
+def write_manifest(path: Path, *, name: str = MANIFEST, header: dict[str, Any] | None = None,
+                   skip: Collection[str] = UNCHECKED, sampled: bool = False,
+                   flush: Callable[[Path], None] | None = None) -> None:
+    """Write ``path/name``: ``header`` and the size and ``file_digest`` of every file below ``path`` (but
+    ``name`` and ``skip``), under ``files``. The defaults write a prepared cache's ``manifest.json`` (full
+    digests; stats.json left out). ``flush`` (fsync) is called on each file before it is measured, and on
+    the manifest once written: checkpoints use it, with sampled digests."""
+    header = {"format": CACHE_FORMAT} if header is None else header
     files = {}
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        name = file.relative_to(path).as_posix()
-        if name not in UNCHECKED:
-            files[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
-    (path / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}, indent=1), encoding="utf-8")
+        rel = file.relative_to(path).as_posix()
+        if rel == name or rel in skip:
+            continue
+        if flush is not None:
+            flush(file)
+        files[rel] = file_entry(file, sampled=sampled)
+    target = path / name
+    target.write_text(json.dumps({**header, "files": files}, indent=1) + "\n", encoding="utf-8")
+    if flush is not None:
+        flush(target)
 
 
 def verify_manifest(path: Path) -> list[str]:
@@ -316,18 +360,28 @@ def verify_manifest(path: Path) -> list[str]:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"its {MANIFEST} cannot be read ({type(exc).__name__})"]
-    return [problem for name, want in files.items() if (problem := _file_problem(path, name, want))]
+    return [problem for name, want in files.items() if (problem := file_problem(path, name, want))]
 
 
-def _file_problem(path: Path, name: str, want: dict[str, Any]) -> str | None:
+def file_problem(path: Path, name: str, want: dict[str, Any], *, sampled: bool = False,
+                 changed: str = "changed since it was written") -> str | None:
+    """What is wrong with ``path/name`` against its manifest entry ``want`` (None when it is intact):
+    missing, another size, or another digest (then ``name`` + ``changed``)."""
     file = path / name
     if not file.is_file():
         return f"{name} is missing"
-    if file.stat().st_size != want.get("size"):
-        return f"{name} has {file.stat().st_size} bytes, {want.get('size')} were written"
-    if file_digest(file) != want.get("digest"):
-        return f"{name} changed since it was written"
+    size = file.stat().st_size
+    if size != want.get("size"):
+        return f"{name} has {size} bytes, {want.get('size')} were written"
+    if file_digest(file, sampled=sampled, size=size) != want.get("digest"):
+        return f"{name} {changed}"
     return None
+
+
+def file_entry(file: Path, *, sampled: bool = False, size: int | None = None) -> dict[str, Any]:
+    """A manifest's entry for ``file``: its size and digest."""
+    size = file.stat().st_size if size is None else size
+    return {"size": size, "digest": file_digest(file, sampled=sampled, size=size)}
 
 
 # Files a run adds to a built cache (precomputed reference log-probabilities) are listed under
@@ -346,7 +400,7 @@ def record_cache_file(path: str | os.PathLike, name: str) -> None:
         manifest_file = path / MANIFEST
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         file = path / name
-        manifest.setdefault(ADDED, {})[name] = {"size": file.stat().st_size, "digest": file_digest(file)}
+        manifest.setdefault(ADDED, {})[name] = file_entry(file)
         tmp = manifest_file.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -365,7 +419,7 @@ def cache_file_problem(path: str | os.PathLike, name: str) -> str | None:
         return f"the cache's {MANIFEST} cannot be read ({type(exc).__name__})"
     if not isinstance(want, dict):
         return f"{name} is not listed in the cache's {MANIFEST} (written by an interrupted run, or by hand)"
-    return _file_problem(path, name, want)
+    return file_problem(path, name, want)
 
 
 def update_stats(path: str, **values: Any) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ft.engine.cache import file_problem, write_manifest
 from ft.engine.failures import disk_full_error, is_disk_full
 from ft.kernel.errors import FtError
 
@@ -63,10 +64,6 @@ STATE_FILE = "ft_state.json"
 CONFIG_FILE = "ft_config.yaml"
 TRAINER_STATE_FILE = "trainer_state.json"
 MANIFEST_FORMAT = 1
-
-FULL_DIGEST_BYTES = 64 << 20  # files up to this size are hashed whole
-SAMPLE_BYTES = 1 << 20  # larger ones: size + SAMPLES evenly spread blocks (weights and optimizer states)
-SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -106,15 +103,9 @@ def verify(path: str | os.PathLike) -> list[str]:
     if TRAINER_STATE_FILE not in files:
         problems.append(f"it has no {TRAINER_STATE_FILE}")
     for name, want in sorted(files.items()):
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-            continue
-        size = file.stat().st_size
-        if size != want.get("size"):
-            problems.append(f"{name} has {size} bytes, {want.get('size')} were written")
-        elif file_digest(file, size) != want.get("digest"):
-            problems.append(f"{name} is damaged (its content changed since it was written)")
+        if problem := file_problem(path, name, want, sampled=True,
+                                   changed="is damaged (its content changed since it was written)"):
+            problems.append(problem)
     return problems
 
 
@@ -133,50 +124,13 @@ def last_good_checkpoint(output_dir: str | os.PathLike) -> Checkpoint | None:
     return find_resumable(output_dir)[0]
 
 
-def file_digest(path: Path, size: int | None = None) -> str:
-    """xxh3 of the whole file, or of SAMPLES blocks spread over a large one (size is checked separately)."""
-    size = path.stat().st_size if size is None else size
-    h, name = _hasher()
-    with open(path, "rb") as fh:
-        if size <= FULL_DIGEST_BYTES:
-            for block in iter(lambda: fh.read(4 << 20), b""):
-                h.update(block)
-        else:
-            name = f"sampled-{name}"
-            for i in range(SAMPLES):
-                fh.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
-                h.update(fh.read(SAMPLE_BYTES))
-    return f"{name}:{h.hexdigest()}"
-
-
-def _hasher() -> tuple[Any, str]:
-    try:
-        import xxhash
-
-        return xxhash.xxh3_64(), "xxh3"
-    except ImportError:  # pragma: no cover - xxhash comes with ft[train]
-        import hashlib
-
-        return hashlib.blake2b(digest_size=16), "blake2b"
-
-
-def write_manifest(path: Path, step: int) -> None:
-    """List every file of the checkpoint with its size and digest, flushing each to disk first."""
+def write_checkpoint_manifest(path: Path, step: int) -> None:
+    """List every file of the checkpoint with its size and (sampled) digest, flushing each to disk first."""
     from ft import __version__
 
-    files = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        name = file.relative_to(path).as_posix()
-        if name == MANIFEST_FILE:
-            continue
-        fsync_path(file)
-        size = file.stat().st_size
-        files[name] = {"size": size, "digest": file_digest(file, size)}
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "written_by": f"ft {__version__}",
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-    target = path / MANIFEST_FILE
-    target.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    fsync_path(target)
+    header = {"format": MANIFEST_FORMAT, "step": step, "written_by": f"ft {__version__}",
+              "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_manifest(path, name=MANIFEST_FILE, header=header, skip=(), sampled=True, flush=fsync_path)
 
 
 def fsync_path(path: Path) -> None:
@@ -245,7 +199,7 @@ def save_atomically(trainer: Any, save: Callable[[], Any], trial: Any = None) ->
                 _rewrite_best(staged / TRAINER_STATE_FILE, str(final))
             _write_ft_files(trainer, staged, tokens)
             _null_non_finite(staged / TRAINER_STATE_FILE)
-            write_manifest(staged, step)
+            write_checkpoint_manifest(staged, step)
             publish(staged, final)
     except Exception as exc:
         if not is_disk_full(exc):

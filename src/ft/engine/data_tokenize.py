@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ft.engine.launch import is_main_process
 from ft.kernel.errors import DataError, FtError
 from ft.kernel.formats import IGNORE_INDEX, Drop, Dropped
 
@@ -36,10 +37,15 @@ INLINE_BELOW_ROWS = 2000  # fewer rows than this: forking workers costs more tha
 NOTES = "notes"  # a sample's list of ft.kernel.formats.Note: counted in the data report, not a column
 
 
-def is_token_column(name: str) -> bool:
-    """Token columns hold a list of ints per sample: ``input_ids``, ``labels`` and prefixed forms
-    (``chosen_input_ids``, ``rejected_labels`` ...). Every other column is carried as it is."""
-    return name.endswith("input_ids") or is_labels_column(name)
+def is_token_column(name: str, *, positions: bool = False) -> bool:
+    """Token columns hold a list of token ids per sample: ``input_ids``, ``labels`` and prefixed forms
+    (``chosen_input_ids``, ``rejected_labels`` ...); their values are checked against the vocabulary and
+    stored flat. Every other column is carried as it is, one value per sample.
+
+    ``positions=True`` counts ``position_ids`` too: not token ids (never checked against the vocabulary),
+    but one value per token as well, made by packing. Collators that join or pad the per-token columns
+    of packed rows take it with them, never as a per-row value."""
+    return name.endswith("input_ids") or is_labels_column(name) or (positions and name == "position_ids")
 
 
 def is_labels_column(name: str) -> bool:
@@ -50,6 +56,13 @@ def is_labels_column(name: str) -> bool:
 def labels_of(ids_column: str) -> str:
     """The labels column paired with a token-ids column (``chosen_input_ids`` -> ``chosen_labels``)."""
     return ids_column[: -len("input_ids")] + "labels"
+
+
+def join_extras(parts: Sequence[tuple[dict[str, list[Any]], int]]) -> dict[str, list[Any]]:
+    """The extra columns of consecutive parts, given as (extras, sample count), as one: None where a part
+    lacks a column."""
+    names = list(dict.fromkeys(n for extras, _count in parts for n in extras))
+    return {n: [v for extras, count in parts for v in extras.get(n, [None] * count)] for n in names}
 
 
 @dataclass
@@ -81,9 +94,6 @@ class Samples:
                 total += np.diff(offsets)
         return total
 
-    def column_lengths(self, name: str) -> np.ndarray:
-        return np.diff(self.tokens[name][1])
-
     @classmethod
     def empty(cls) -> Samples:
         return cls({}, np.zeros(0, dtype=np.int64))
@@ -108,8 +118,7 @@ class Samples:
                 offsets.append(p.tokens[name][1][1:] + base)
                 base += p.tokens[name][1][-1]
             tokens[name] = (np.concatenate([p.tokens[name][0] for p in parts]), np.concatenate(offsets))
-        extra_names = list(dict.fromkeys(n for p in parts for n in p.extras))
-        extras = {n: [v for p in parts for v in p.extras.get(n, [None] * p.count)] for n in extra_names}
+        extras = join_extras([(p.extras, p.count) for p in parts])
         return cls(tokens, np.concatenate([p.groups for p in parts]), extras)
 
     def take(self, idx: np.ndarray) -> Samples:
@@ -282,8 +291,7 @@ def _merge(outs: list[_ChunkOut], base: int) -> Samples:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tokens[name] = (np.concatenate([o.tokens[name][0] for o in outs]), offsets)
-    extra_names = list(dict.fromkeys(n for o in outs for n in o.extras))
-    extras = {n: [v for o in outs for v in o.extras.get(n, [None] * len(o.rows))] for n in extra_names}
+    extras = join_extras([(o.extras, len(o.rows)) for o in outs])
     return Samples(tokens, np.concatenate([o.rows for o in outs]).astype(np.int64) + base, extras)
 
 
@@ -646,9 +654,7 @@ def _flatten(parts: list[Any], total: int) -> np.ndarray:
 
 
 def _progress_enabled() -> bool:
-    if os.environ.get("FT_NO_PROGRESS"):
-        return False
-    return os.environ.get("RANK", "0") == "0"
+    return not os.environ.get("FT_NO_PROGRESS") and is_main_process()
 
 
 class _NoBar:

@@ -51,6 +51,12 @@ def under_launcher(env: dict[str, str] | os._Environ[str] | None = None) -> bool
     return "RANK" in env and "WORLD_SIZE" in env
 
 
+def is_main_process() -> bool:
+    """True in the process of global rank 0, and in a run without a launcher (``RANK`` unset): the one that
+    writes the run's files and reports progress."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def close_process_group() -> None:
     """End this process's part of a distributed run: wait for every rank, then destroy the process group.
     Left to interpreter exit, the backend's threads can still hold work of the last collectives (FSDP2's and

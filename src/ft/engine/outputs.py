@@ -47,6 +47,7 @@ from ft.engine.checkpoints import (
     resume_command,
 )
 from ft.engine.failures import disk_full_error, is_disk_full
+from ft.engine.launch import is_main_process
 from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:
@@ -69,10 +70,6 @@ RUN_FILES = (*WEIGHT_FILES, CONFIG_FILE, PLUGINS_FILE, CURVES_FILE, METRICS_FILE
 LOCK_FILE = ".ft-run.lock"
 FINAL_STAGING = f"{STAGING_PREFIX}final"  # removed like any staging directory when a save did not finish
 LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "peft", "bitsandbytes")
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def finished_weights(output_dir: str | os.PathLike) -> list[str]:
@@ -270,7 +267,7 @@ def write_run_files(ctx: Context, trainer: Any, tokenizer: Any, metrics: dict[st
     history = history_of(trainer)
     files = [str(p) for p in tokenizer.save_pretrained(str(out))]
     files.append(write_config(ctx, out / CONFIG_FILE))
-    files.append(write_manifest(ctx, patches, out / PLUGINS_FILE))
+    files.append(write_plugin_manifest(ctx, patches, out / PLUGINS_FILE))
     files.append(plot_curves(history, out / CURVES_FILE))
     files.append(write_metrics(metrics, history, out / METRICS_FILE))
     return files
@@ -286,7 +283,8 @@ def write_config(ctx: Context, path: Path) -> str:
     return str(path)
 
 
-def write_manifest(ctx: Context, patches: list[Any], path: Path) -> str:
+def write_plugin_manifest(ctx: Context, patches: list[Any], path: Path) -> str:
+    """``ft_plugins.json``: ft's and the libraries' versions, the plugins selected and loaded, the patches applied."""
     manifest = {
         "ft_version": __version__,
         "python": platform.python_version(),

@@ -46,7 +46,8 @@ from ft.engine.checkpoints import (
     unused_name,
     verify,
 )
-from ft.engine.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished, is_main_process
+from ft.engine.launch import is_main_process
+from ft.engine.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished
 from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:

@@ -1,8 +1,10 @@
 """Build the Hugging Face Trainer from the config and plugins, run it, and measure what it did.
 
-``build_trainer`` turns the core config into ``TrainingArguments``, merges what plugins add
-(``ft_trainer_args``), picks the optimizer and scheduler by name from the registries, the trainer
-class (``ft_trainer_class``), the collator (``ft_collator``) and callbacks (``ft_callbacks``).
+``build_trainer`` turns the core config into ``TrainingArguments`` (or the method's
+``Method.arguments_class``), merges what plugins add (``ft_trainer_args``), picks the optimizer and
+scheduler by name from the registries, the Trainer class (the chosen method's ``Method.trainer_class``,
+with ``FtTrainerMixin`` mixed in), the collator (``ft_collator``, else the method's ``Method.collator``)
+and callbacks (``ft_callbacks``).
 ``run_training`` trains and returns the run's metrics; running out of memory ends with the
 usual remedies instead of a traceback.
 
@@ -32,6 +34,7 @@ from ft.kernel.errors import (
     defined_at,
     is_out_of_memory,
 )
+from ft.kernel.formats import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from ft.engine.resume import ResumePlan
@@ -39,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ft.train")
 
-IGNORE_INDEX = -100
 HISTORY_KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
 
 

@@ -219,7 +219,8 @@ class CoreConfig(BaseModel):
         return capability in self._capabilities
 
     def method_supports(self, feature: str) -> bool:
-        """Whether the chosen method declares ``feature`` (``"packing"``, ``"eval"``, ``"model_loss"``)."""
+        """Whether the chosen method declares ``feature`` (``"packing"``, ``"eval"``, ``"model_loss"``,
+        ``"loss_watch"``, or one a plugin defines, like ``"generation"``)."""
         return feature in self._method_features
 
     def providers(self, capability: str) -> list[str]:
