@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True, scope="session")
 def _ft_cache_dir(tmp_path_factory):
-    """`ft --help`'s list of plugin commands (ft.kernel.commands_cache) goes to a temporary directory, not ~/.cache."""
+    """`ft --help`'s list of plugin commands (ft.commands_cache) goes to a temporary directory, not ~/.cache."""
     before = os.environ.get("FT_CACHE_DIR")
     os.environ["FT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ft-cache"))
     yield

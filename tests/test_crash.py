@@ -765,7 +765,7 @@ class Newcomer:
 
 
 def test_installing_a_plugin_with_a_section_does_not_block_resuming(reference, tmp_path, vault):
-    from ft.engine.checkpoints import config_differences
+    from ft.engine.config_diff import config_differences
     from ft.kernel.context import load_context
     from ft.tools.testing import registered_plugin
 

@@ -213,8 +213,8 @@ def test_position_ids_go_with_the_token_columns_when_packing_but_are_no_token_id
     from datasets import Dataset
     from ft_plugins.packing import _unit_values
 
+    from ft.engine.columns import is_token_column
     from ft.engine.data import token_id_problem
-    from ft.engine.data_tokenize import is_token_column
 
     names = ("input_ids", "chosen_input_ids", "labels", "rejected_labels", "position_ids", "margin", "label")
     assert [is_token_column(n) for n in names] == [True, True, True, True, False, False, False]

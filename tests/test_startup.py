@@ -1,6 +1,6 @@
 """`ft --help` and `ft validate` import only what they need (issue 24, item 8).
 
-`ft --help` lists plugin commands from ``ft.kernel.commands_cache`` once a run has written it: then it
+`ft --help` lists plugin commands from ``ft.commands_cache`` once a run has written it: then it
 imports no plugin, no pydantic, no torch. The cache must never list a stale command: a plugin
 installed, edited or removed shows in the very next `ft --help`. No timings are asserted here
 (bench/startup.py measures them).

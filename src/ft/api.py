@@ -67,9 +67,9 @@ _WHERE = {
     "has_adapter": "ft.engine.reference",
     # collating
     "pad_rows": "ft.engine.collate", "PaddingCollator": "ft.engine.collate", "gather_ranges": "ft.engine.data_tokenize",
-    "is_token_column": "ft.engine.data_tokenize",
+    "is_token_column": "ft.engine.columns",
     # training
-    "resolve_precision": "ft.engine.train", "torch_dtype": "ft.engine.train", "torch_dtype_named": "ft.engine.train",
+    "resolve_precision": "ft.engine.arguments", "torch_dtype": "ft.engine.arguments", "torch_dtype_named": "ft.engine.arguments",
     "close_progress_bars": "ft.engine.train", "last_good_checkpoint": "ft.engine.checkpoints",
     "is_main_process": "ft.engine.launch",
     # commands

@@ -131,7 +131,7 @@ def _warn_failed(pm) -> None:
 class FtGroup(click.Group):
     """Adds plugin commands lazily, and survives broken plugins.
 
-    ``ft --help`` lists the plugin commands from ``ft.kernel.commands_cache`` while it is current, so it
+    ``ft --help`` lists the plugin commands from ``ft.commands_cache`` while it is current, so it
     imports no plugin; running a plugin command (or a cache that may be stale) loads the plugins."""
 
     _plugins_added = False
@@ -141,7 +141,7 @@ class FtGroup(click.Group):
         if self._plugins_added:
             return
         self._plugins_added = True
-        from ft.kernel import commands_cache
+        from ft import commands_cache
 
         before, at = dict(self.commands), commands_cache.where()
         try:
@@ -192,7 +192,7 @@ def _process_plugins() -> list[str]:
 
 
 def _cached_commands() -> dict[str, click.Command] | None:
-    from ft.kernel import commands_cache
+    from ft import commands_cache
 
     entries = commands_cache.load()
     return None if entries is None else {n: commands_cache.stub(n, e) for n, e in entries.items()}

@@ -39,11 +39,12 @@ def run(
 
 
 def train(ctx: Context, *, fresh: bool = False, overwrite: bool = False) -> RunResult:
+    from ft.engine.arguments import seed_everything
     from ft.engine.data import prepare_datasets
     from ft.engine.outputs import final_outputs, lock_output_dir, write_run_files
     from ft.engine.patch_watch import PatchWatch
     from ft.engine.resume import plan_resume
-    from ft.engine.train import build_trainer, patch_check_callback, run_training, seed_everything
+    from ft.engine.train import build_trainer, patch_check_callback, run_training
 
     cfg, pm = ctx.cfg, ctx.pm
     with contextlib.ExitStack() as scope:  # the lock is held, and global patches undone, until the run ends

@@ -23,29 +23,25 @@ Nothing here imports torch or transformers at module import time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shlex
 import shutil
-import signal
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ft.engine.cache import file_problem, write_manifest
 from ft.engine.failures import disk_full_error, is_disk_full
+from ft.engine.stopping import resume_command
 from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:
-    from ft.kernel.context import Context
+    pass
 
 log = logging.getLogger("ft.checkpoints")
 
@@ -461,69 +457,6 @@ def _follow_config_after_load(trainer: Any, checkpoint: str | os.PathLike) -> No
 # -- comparing configs ---------------------------------------------------------------------------------
 
 
-def config_differences(ctx: Context, checkpoint: str | os.PathLike) -> list[str]:
-    """``key: saved -> now`` for every value that changes training and differs between the checkpoint's
-    config and this one. Keys and sections declared ``affects_training: False`` may differ (where files
-    go, how often to log or save); a plugin section that is absent on one side and at its defaults (or
-    null) on the other is no difference, and neither is a dataset option absent on one side and at its
-    default on the other."""
-    import yaml
-
-    from ft.engine.record import saveable_config
-    from ft.kernel.config import entry_default, training_values
-
-    file = Path(checkpoint) / CONFIG_FILE
-    if not file.is_file():
-        return []
-    try:
-        saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        return [f"{CONFIG_FILE} of the checkpoint cannot be read"]
-    if not isinstance(saved, dict):
-        return [f"{CONFIG_FILE} of the checkpoint is not a mapping"]
-    cfg = ctx.cfg
-    before_flat = _flatten(training_values(cfg, saved))
-    now_flat = _flatten(training_values(cfg, saveable_config(cfg)))
-    out = []
-    for key in sorted(set(before_flat) | set(now_flat), key=_natural):
-        a, b = before_flat.get(key, _ABSENT), now_flat.get(key, _ABSENT)
-        if a == b:
-            continue
-        entry = _ENTRY_KEY.match(key)
-        if entry and (a is _ABSENT or b is _ABSENT):
-            default = entry_default(cfg, entry.group(1), int(entry.group(2)), entry.group(3))
-            if (b if a is _ABSENT else a) == default:
-                continue
-        out.append(f"{key}: {_show(a)} -> {_show(b)}")
-    return out
-
-
-_ENTRY_KEY = re.compile(r"^(datasets|test_datasets)\[(\d+)\]\.([^.\[]+)$")
-_ABSENT = object()
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
-
-
-def _natural(key: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
-
-
-def _show(value: Any) -> str:
-    return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
-
-
 def unused_name(parent: Path, name: str) -> Path:
     candidate, n = parent / name, 1
     while candidate.exists():
@@ -535,120 +468,3 @@ def unused_name(parent: Path, name: str) -> Path:
 # -- stopping on a signal -------------------------------------------------------------------------------
 
 
-class Interrupted(FtError):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the exit code is 128 + the signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
-@dataclass
-class StopRequest:
-    signum: int | None = None
-    at: float = 0.0
-    step: int | None = None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SAME_REQUEST_SECONDS = 2.0  # under torchrun a signal can arrive twice (terminal + launcher): one request
-
-
-@contextlib.contextmanager
-def stop_on_signals(trainer: Any) -> Iterator[StopRequest]:
-    """While training: the first SIGINT/SIGTERM saves a checkpoint at the next step end and stops;
-    a second one stops at once."""
-    request = StopRequest()
-    callback = _stop_callback(request)
-    trainer.add_callback(callback)
-    previous: dict[int, Any] = {}
-    under_launcher = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-    def handler(signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if request.signum is None:
-            request.signum, request.at = signum, now
-            _say(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
-                 "stopping (send it again to stop at once, without saving)")
-            return
-        if under_launcher and now - request.at < SAME_REQUEST_SECONDS:
-            return
-        _say(f"received {signal.Signals(signum).name} again: stopping now, without saving")
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield request
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        trainer.remove_callback(callback)
-
-
-def _say(message: str) -> None:
-    print(f"\n[ft] {message}", file=sys.stderr, flush=True)
-
-
-def _stop_callback(request: StopRequest) -> Any:
-    from transformers import TrainerCallback
-
-    class StopOnSignal(TrainerCallback):
-        """At each optimizer step's end: if a signal came (on any rank), save and stop."""
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if _any_rank(request.signum is not None, args):
-                request.step = state.global_step
-                if request.signum is None:  # another rank got it
-                    request.signum = signal.SIGTERM
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    return StopOnSignal()
-
-
-def _any_rank(flag: bool, args: Any) -> bool:
-    if getattr(args, "world_size", 1) <= 1:
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return flag
-    device = args.device if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def interrupted_error(ctx: Context, trainer: Any, request: StopRequest) -> Interrupted:
-    cfg = ctx.cfg
-    step = trainer.state.global_step
-    checkpoint = Path(cfg.output_dir) / f"checkpoint-{step}"
-    saved = f"checkpoint saved: {checkpoint}" if checkpoint.is_dir() else "no checkpoint could be saved"
-    return Interrupted(
-        f"stopped by {request.name} after step {step} of {trainer.state.max_steps}; {saved}.\n"
-        f"  To resume, run the same command again: {resume_command(cfg)}\n"
-        "  (ft run continues from the newest complete checkpoint in output_dir; --fresh starts over, deleting its checkpoints.)",
-        int(request.signum or signal.SIGTERM),
-    )
-
-
-def resume_command(cfg: Any) -> str:
-    """The command line that resumes this run (this process's own, without --fresh/--overwrite)."""
-    argv = list(sys.argv)
-    if argv and Path(argv[0]).name in ("ft", "ft.exe", "cli.py", "__main__.py") and argv[1:2] == ["run"]:
-        command = "ft " + shlex.join(a for a in argv[1:] if a not in ("--fresh", "--overwrite"))
-    else:
-        command = f"ft run {shlex.quote(str(cfg.source or 'CONFIG.yaml'))}"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        command += "  (with the same --nproc / launcher options)"
-    return command

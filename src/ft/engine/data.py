@@ -32,6 +32,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ft.engine.data_report import (
+    build_report,
+    examples,
+    log_drops,
+    log_report,
+    one_line,
+    report_text,
+    strict_message,
+)
+from ft.engine.mixing import mix_by_weight
 from ft.kernel.errors import DataError
 from ft.kernel.formats import IGNORE_INDEX, Drop, entry_where
 
@@ -47,8 +57,6 @@ MALFORMED = "malformed"
 EMPTY = "empty"
 TOO_LONG = "longer than sequence_len"
 NOTHING_TO_TRAIN = "nothing to train"
-
-EXAMPLES_PER_REASON = 20  # kept in report.json; the log shows the first few
 
 
 # -- what a source plugin returns ------------------------------------------------------------
@@ -235,8 +243,8 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
             data = _from_cache(found, cfg)
             problem = token_id_problem(data.train, tokenizer) or token_id_problem(data.eval, tokenizer)
             if problem is None:
-                log.info("prepared data: using the cache %s (%s)", data.cache_dir, _one_line(data.stats))
-                _log_drops(data.report)
+                log.info("prepared data: using the cache %s (%s)", data.cache_dir, one_line(data.stats))
+                log_drops(data.report)
                 return data
             log.warning("the prepared data in %s does not fit the tokenizer (%s); rebuilding it", data.cache_dir,
                         problem)
@@ -258,7 +266,7 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
         assert found is not None, path
         data = _from_cache(found, cfg, check_strict=False)
         data.stats["cache"] = "built"
-        _log_report(report, stats, path)
+        log_report(report, stats, path)
         return data
 
 
@@ -271,7 +279,7 @@ def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from ft.engine.data_tokenize import is_token_column
+    from ft.engine.columns import is_token_column
 
     vocab = len(tokenizer)
     table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
@@ -306,7 +314,7 @@ def _packing_active(ctx: Context) -> bool:
 def _from_cache(found: dict[str, Any], cfg: Any, check_strict: bool = True) -> PreparedData:
     report, stats = found["report"], dict(found["stats"])
     if check_strict and cfg.strict and report.get("dropped_total"):
-        raise DataError(_strict_message(report))
+        raise DataError(strict_message(report))
     stats.setdefault("cache", "hit")
     return PreparedData(found["train"], found["eval"], bool(stats.get("packed")), report, stats, found["path"])
 
@@ -328,7 +336,7 @@ class _Job:
 
 def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any, Any, SampleOrigins]:
     """Read, tokenize, account for drops, assemble train/eval, pack: the steps of a cache miss."""
-    from ft.engine.data_tokenize import is_labels_column
+    from ft.engine.columns import is_labels_column
 
     cfg = ctx.cfg
     t0 = time.perf_counter()
@@ -424,12 +432,12 @@ def _account(cfg: Any, jobs: list[_Job]) -> tuple[dict[str, Any], list[dict[str,
     if cfg.excess_length == "error" and too_long:
         raise DataError(
             f"{len(too_long)} sample(s) are longer than sequence_len={cfg.sequence_len} "
-            f"({cfg.where('excess_length')}: error):\n" + _examples(too_long, 10)
+            f"({cfg.where('excess_length')}: error):\n" + examples(too_long, 10)
             + "\nRaise sequence_len, or set excess_length: drop or truncate."
         )
     report = build_report(drops, rows_read, notes, truncated=sum(e["truncated"] for e in per_entry))
     if cfg.strict and drops:
-        raise DataError(_strict_message(report))
+        raise DataError(strict_message(report))
     return report, per_entry
 
 
@@ -442,7 +450,7 @@ def _assemble(cfg: Any, jobs: list[_Job], report: dict[str, Any]) -> tuple[Any, 
     train = Samples.concat([job.result.samples for job in jobs if job.group == "datasets"])
     if train.count == 0:
         raise DataError("no training samples are left after reading and tokenizing the datasets.\n"
-                        + _report_text(report) + "\nSee the reasons above; `ft preprocess --debug 5` shows labels.")
+                        + report_text(report) + "\nSee the reasons above; `ft preprocess --debug 5` shows labels.")
     rng = np.random.default_rng(cfg.seed)
     eval_parts: list[Any] = []
     if cfg.val_set_size:
@@ -525,152 +533,6 @@ def _cpu_count() -> int:
 # -- the drop report --------------------------------------------------------------------------
 
 
-def build_report(drops: list[Drop], rows_read: int, notes: list[Drop] = (), truncated: int = 0) -> dict[str, Any]:
-    """Counts per reason with the first examples (``where``, ``detail``) of each: rows dropped, and notes
-    about rows kept (``Note``s of the formats, e.g. control-token text typed in a message). ``truncated``
-    counts the samples cut to sequence_len and kept (``excess_length: truncate``); one that truncation
-    left unusable (nothing to train, chosen equal to rejected) is counted as a drop only."""
-
-    def by_reason(items: Sequence[Drop]) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for d in items:
-            entry = out.setdefault(d.reason, {"count": 0, "examples": []})
-            entry["count"] += 1
-            if len(entry["examples"]) < EXAMPLES_PER_REASON:
-                entry["examples"].append({"where": d.where, "detail": d.detail})
-        return out
-
-    return {"rows_read": rows_read, "dropped_total": len(drops), "dropped": by_reason(drops), "truncated": truncated,
-            "noted_total": len(notes), "noted": by_reason(notes)}
-
-
-def _examples(drops: list[Drop], n: int) -> str:
-    lines = [f"  {d.where}: {d.detail}" if d.detail else f"  {d.where}" for d in drops[:n]]
-    if len(drops) > n:
-        lines.append(f"  ... and {len(drops) - n} more")
-    return "\n".join(lines)
-
-
-def _report_text(report: dict[str, Any], per_reason: int = 3) -> str:
-    lines = []
-    for reason, entry in sorted(report["dropped"].items(), key=lambda kv: -kv[1]["count"]):
-        lines.append(f"  dropped {entry['count']} ({reason})")
-        for ex in entry["examples"][:per_reason]:
-            lines.append(f"    {ex['where']}: {ex['detail']}" if ex["detail"] else f"    {ex['where']}")
-        if entry["count"] > per_reason:
-            lines.append(f"    ... {entry['count'] - per_reason} more in report.json")
-    return "\n".join(lines) if lines else "  dropped nothing"
-
-
-def _strict_message(report: dict[str, Any]) -> str:
-    return (f"strict: true and {report['dropped_total']} row(s) were dropped:\n"
-            + _report_text(report, per_reason=10)
-            + "\nFix the rows above, or set strict: false to train without them.")
-
-
-def _one_line(stats: dict[str, Any]) -> str:
-    text = f"{stats.get('samples')} samples, {stats.get('tokens')} tokens"
-    if stats.get("packed"):
-        text += f", {stats.get('bins')} packed bins at {100 * stats.get('packing_efficiency', 0):.2f}% efficiency"
-    return text
-
-
-def _log_report(report: dict[str, Any], stats: dict[str, Any], path: str) -> None:
-    msg = [
-        f"prepared data written to {path} in {stats['seconds']:.1f}s",
-        f"  rows read {stats['rows']}, samples kept {stats['samples']} (+{stats['eval_samples']} eval), "
-        f"tokens {stats['tokens']}, trained tokens {stats['trained_tokens']}",
-        _report_text(report),
-    ]
-    if stats.get("truncated"):
-        msg.append(f"  truncated {stats['truncated']} sample(s) to sequence_len={stats['sequence_len']} and kept them "
-                   "(excess_length: truncate; samples truncation left unusable are counted among the drops)")
-    for part in stats.get("mixing") or []:
-        msg.append(f"  {part['path']}: weight {part['weight']:g} -> {part['rows']} of the training rows "
-                   f"({100 * part['share']:.1f}%; {part['available']} available, {part['repeats']:.2f}x)")
-    if stats.get("packed"):
-        msg.append(f"  packed into {stats['bins']} bins of {stats.get('bin_tokens', stats['sequence_len'])} tokens: "
-                   f"efficiency {100 * stats['packing_efficiency']:.2f}%")
-    log.info("\n".join(msg))
-    _log_notes(report)
-
-
-def _log_drops(report: dict[str, Any]) -> None:
-    if report.get("dropped_total"):
-        log.info("rows dropped when this cache was built:\n%s", _report_text(report))
-    if report.get("truncated"):
-        log.info("samples truncated to sequence_len and kept when this cache was built: %d", report["truncated"])
-    _log_notes(report)
-
-
-def _log_notes(report: dict[str, Any]) -> None:
-    for reason, entry in sorted((report.get("noted") or {}).items()):
-        examples = "\n".join(f"    {ex['where']}: {ex['detail']}" for ex in entry["examples"][:3])
-        more = f"\n    ... {entry['count'] - 3} more in report.json" if entry["count"] > 3 else ""
-        log.warning("%d row(s) kept with a note: %s\n%s%s", entry["count"], reason, examples, more)
-
-
 # -- mixing datasets by weight --------------------------------------------------------------------
 
 
-def mix_by_weight(train: Any, parts: Sequence[Any], entries: Sequence[Any], seed: int,
-                  shuffle: bool = True) -> tuple[Any, list[dict[str, Any]] | None]:
-    """Give each training dataset its share of the training rows, by weight.
-
-    ``train`` holds the training samples after the eval split; ``parts`` the samples of each entry
-    of ``datasets`` (in order, to tell which rows came from which entry) and ``entries`` the
-    entries themselves (``.weight``: None = 1; ``.path`` for the report). The number of training rows stays the same; entry *i* gets
-    ``round(rows * w_i / sum(w))`` of them: a random subset of its rows when it has more, else every
-    row once and a random rest repeated. A row's samples stay together, and copies of a row share
-    its group, so no row is on both sides of an eval split. Returns ``(train, report)``; the report
-    (one dict per entry: path, weight, rows available, rows used, share, repeats) is None when no
-    entry has a weight.
-    """
-    import numpy as np
-
-    weights = [getattr(e, "weight", None) for e in entries]
-    if all(w is None for w in weights) or train.count == 0:
-        return train, None
-    rng = np.random.default_rng([seed, 0x6D6978])  # its own stream: the split and shuffle are unchanged
-    groups = train.groups
-    unique = np.unique(groups)
-    owner = np.full(len(unique), -1, dtype=np.int64)  # which entry each training row came from
-    for i, part in enumerate(parts):
-        owner[np.isin(unique, np.unique(part.groups))] = i
-    chosen: list[np.ndarray] = []
-    report = []
-    w = np.array([1.0 if x is None else float(x) for x in weights])
-    available = [unique[owner == i] for i in range(len(parts))]
-    total = sum(len(a) for a in available)
-    targets = _largest_remainder(total * w / w.sum())
-    for i, (rows, target) in enumerate(zip(available, targets, strict=True)):
-        if len(rows) == 0:
-            report.append({"path": entries[i].path, "weight": float(w[i]), "available": 0, "rows": 0, "share": 0.0, "repeats": 0.0})
-            continue
-        whole, rest = divmod(int(target), len(rows))
-        picked = np.concatenate([np.tile(rows, whole), rng.choice(rows, size=rest, replace=False)])
-        chosen.append(picked)
-        report.append({"path": entries[i].path, "weight": float(w[i]), "available": int(len(rows)), "rows": int(len(picked)),
-                       "share": round(len(picked) / max(total, 1), 6), "repeats": round(len(picked) / len(rows), 4)})
-    picked_rows = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-    if shuffle:
-        picked_rows = picked_rows[rng.permutation(len(picked_rows))]
-    # samples of each picked row, in the row's own order
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    starts = np.searchsorted(sorted_groups, picked_rows, side="left")
-    ends = np.searchsorted(sorted_groups, picked_rows, side="right")
-    idx = np.concatenate([order[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]) \
-        if len(picked_rows) else np.zeros(0, dtype=np.int64)
-    return train.take(idx), report
-
-
-def _largest_remainder(quotas: Any) -> list[int]:
-    """Whole numbers that add up to round(sum(quotas)), each within 1 of its quota."""
-    import numpy as np
-
-    floor = np.floor(quotas).astype(np.int64)
-    short = int(round(float(np.sum(quotas)))) - int(floor.sum())
-    for i in np.argsort(-(quotas - floor), kind="stable")[:max(short, 0)]:
-        floor[i] += 1
-    return floor.tolist()

@@ -44,10 +44,10 @@ from ft.engine.checkpoints import (
     fsync_path,
     last_good_checkpoint,
     put_back_set_aside,
-    resume_command,
 )
 from ft.engine.failures import disk_full_error, is_disk_full
 from ft.engine.launch import is_main_process
+from ft.engine.stopping import resume_command
 from ft.kernel.errors import FtError
 
 if TYPE_CHECKING:

@@ -37,7 +37,6 @@ from ft.engine.checkpoints import (
     SET_ASIDE,
     STAGING_PREFIX,
     Checkpoint,
-    config_differences,
     find_resumable,
     last_good_checkpoint,
     list_checkpoints,
@@ -46,6 +45,7 @@ from ft.engine.checkpoints import (
     unused_name,
     verify,
 )
+from ft.engine.config_diff import config_differences
 from ft.engine.launch import is_main_process
 from ft.engine.outputs import METRICS_FILE, RUN_FILES, finished_weights, is_finished
 from ft.kernel.errors import FtError
