@@ -10,7 +10,7 @@ per command the minimum and median of the wall time and of the CPU time (user + 
 child's rusage) are reported. ``python -c pass`` (the interpreter and its site-packages' .pth files)
 is the floor no CLI can go below.
 
-- ``ft_help``: ``ft --help`` with the plugin command list cached (``ft.kernel.commands_cache``), as every
+- ``ft_help``: ``ft --help`` with the plugin command list cached (``ft.commands_cache``), as every
   run after the first one finds it; ``ft_help_cold``: with an empty cache dir (the first run after a
   plugin is installed, removed or edited: it loads every plugin and writes the cache);
 - ``ft_validate``: ``ft validate examples/tiny.yaml``;
