@@ -143,9 +143,9 @@ def kto_collator(cfg: Any, tokenizer: Any) -> KtoCollator:
 
 
 def trainer_class() -> type:
-    from ft_plugins.preference_trainer import trainer_class as build
+    from ft_plugins.preference_trainer import PreferenceTrainer  # imports torch: only when training
 
-    return build()
+    return PreferenceTrainer
 
 
 def trainer_kwargs(cfg: Any, model: Any, tokenizer: Any, data: Any) -> dict[str, Any]:

@@ -19,7 +19,8 @@ Groups:
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
-  ``sequence_logps``, ``has_adapter``; model heads ``CAUSAL_LM``,
+  ``sequence_logps``, ``target_logps``, ``output_layer``, ``has_adapter``, ``accumulation_share`` (the scoring
+  shared by methods: ``ft.scoring``); model heads ``CAUSAL_LM``,
   ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
   ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
@@ -61,8 +62,9 @@ _WHERE = {
     "LOSS_WATCH": "ft.methods", "CAUSAL_LM": "ft.methods", "SEQUENCE_CLASSIFICATION": "ft.methods",
     "TOKEN_CLASSIFICATION": "ft.methods", "model_head": "ft.methods",
     "AUTO_CLASSES": "ft.methods",
-    "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
-    "has_adapter": "ft.reference",
+    "ReferenceModel": "ft.scoring", "token_logps": "ft.scoring", "sequence_logps": "ft.scoring",
+    "has_adapter": "ft.scoring", "target_logps": "ft.scoring", "output_layer": "ft.scoring",
+    "accumulation_share": "ft.scoring",
     # collating
     "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
     # training
