@@ -37,7 +37,7 @@ from ft_plugins.preference_data import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import EVAL, PACKING, Method
+from ft.api import EVAL, PACKING, SHAPES_DATA, Method
 
 FT_FEATURE = False  # methods are chosen with `method:`; nothing to select
 
@@ -53,7 +53,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop rows whose prompt has more tokens than this (counted and reported).")
+        None, gt=0, json_schema_extra=SHAPES_DATA,
+        description="Drop rows whose prompt has more tokens than this (counted and reported).")
 
 
 class DpoSection(_Section):

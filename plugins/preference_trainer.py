@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
+import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,7 +324,7 @@ class PreferenceTrainer(Trainer):
     # -- precomputed reference log-probabilities ------------------------------------------------
 
     def _precompute_reference(self) -> None:
-        path = reference_cache_path(self.model, self.preference)
+        path = reference_cache_path(self.model, self.preference, self.data_collator)
         stored = load_reference(path) if path is not None else None
         if stored is not None:
             log.info("%s: reference log-probabilities precomputed earlier, read from %s", self.preference.method,
@@ -447,10 +450,38 @@ def reference_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def reference_cache_path(model: Any, setup: PreferenceSetup) -> Path | None:
+def collator_settings(collator: Any) -> dict[str, str]:
+    """What of a collator decides how the reference sees a batch: its class and its plain settings (the pair
+    layout, padding, the dtype of a 4D attention mask)."""
+    if collator is None:
+        return {}
+    plain = (bool, int, float, str, tuple, type(None))
+    out = {"class": f"{type(collator).__module__}.{type(collator).__qualname__}"}
+    for name, value in sorted(vars(collator).items()):
+        if isinstance(value, plain) or type(value).__module__ == "torch":  # torch.dtype
+            out[name] = str(value)
+    return out
+
+
+def reference_key(model: Any, collator: Any = None) -> str:
+    """Key of precomputed reference log-probabilities, beside the prepared data (which fixes the tokenized
+    rows): exactly what they depend on -- the reference's weights, dtypes and attention implementation
+    (:func:`reference_fingerprint`), how the batches are laid out (:func:`collator_settings`), and the code
+    that scores them. Not the method's loss settings (``beta``, ``loss_type`` ...): changing those reuses them."""
+    from ft_plugins import preference_data
+
+    code = hashlib.sha256()
+    for module in (sys.modules[__name__], preference_data, inspect.getmodule(target_logps)):
+        code.update(Path(module.__file__).read_bytes())
+    inputs = {"reference": reference_fingerprint(model), "collator": collator_settings(collator),
+              "code": code.hexdigest()}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def reference_cache_path(model: Any, setup: PreferenceSetup, collator: Any = None) -> Path | None:
     if not setup.cache_dir:
         return None
-    return Path(setup.cache_dir) / REFERENCE_DIR / f"{setup.method}-{reference_fingerprint(model)[:24]}.json"
+    return Path(setup.cache_dir) / REFERENCE_DIR / f"{setup.method}-{reference_key(model, collator)[:24]}.json"
 
 
 REFERENCE_DIR = "reference"
@@ -459,8 +490,6 @@ REFERENCE_DIR = "reference"
 def load_reference(path: Path) -> dict[str, Any] | None:
     """The stored log-probabilities, or None (computed again) when there are none, or when the file does
     not match the checksum the prepared data's manifest holds for it (edited, damaged, or never recorded)."""
-    import json
-
     if not path.is_file():
         return None
     cache_dir = path.parent.parent
@@ -481,8 +510,6 @@ def load_reference(path: Path) -> dict[str, Any] | None:
 def save_reference(path: Path, stored: dict[str, Any]) -> None:
     """Written to a temporary file and renamed (a crash never leaves half a file), then listed with its
     checksum in the prepared data's manifest (what :func:`load_reference` checks)."""
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stored), encoding="utf-8")

@@ -10,7 +10,8 @@ Groups:
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
   ``is_installed``, ``load_or_explain``, ``defined_at`` (``function NAME at FILE:LINE``, for messages)
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
-  section model or field whose values do not change what training computes, so a resumed run may change them),
+  section model or field whose values do not change what training computes, so a resumed run may change them), ``SHAPES_DATA`` (``json_schema_extra`` of a method-section field whose value
+  changes the prepared rows: only such fields enter the prepared-data cache key),
   ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
   with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
@@ -45,7 +46,8 @@ _WHERE = {
     "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
     "defined_at": "ft.errors",
     # config
-    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
+    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config",
+    "SHAPES_DATA": "ft.config", "redact_text": "ft.config",
     "read_yaml": "ft.config", "reporter_names": "ft.config",
     # data sources
     "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
