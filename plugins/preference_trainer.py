@@ -108,11 +108,6 @@ def previous_positions(sequence_ids: Any) -> Any:
     return torch.where(same, prev, torch.full_like(prev, -1))
 
 
-def score(logits: Any, targets: Any) -> Any:
-    """Log-probability of each target under ``logits`` (float32; targets -100 give 0)."""
-    return target_logps(logits, targets)[0]
-
-
 def per_sequence(values: Any, sequence_ids: Any, mask: Any, count: int) -> tuple[Any, Any]:
     """Sums of ``values`` and of ``mask`` per sequence id (``[count]`` each)."""
     index = sequence_ids.clamp(min=0).flatten()
@@ -161,7 +156,7 @@ def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, whole_
     with hidden_states_at(model, rows, cols, tuple(labels.shape)) as selected:
         out = model(**model_inputs(batch, prefix), use_cache=False)
     logits = out.logits[0] if selected else out.logits[rows, cols]  # [N, V]
-    logps = score(logits, targets[rows, at])
+    logps = target_logps(logits, targets[rows, at])[0]  # float32; -100 gives 0
     on_scored = scored[rows, at]
     sums, counts = per_sequence(logps, sequence_ids[rows, at], on_scored, count)
     result = Scored(sums, counts)
