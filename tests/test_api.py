@@ -20,8 +20,7 @@ DOCUMENTED_PLUGIN_API = {"ft_plugins.chat_template": {"ChatTemplateOptions", "Ch
                                              "build_prompt_tokenize", "prompt_collator", "pack_rows", "RewardFunction",
                                              "trainer_class"}}
 OWN_MODULES = {"preference": ("ft_plugins.preference_data", "ft_plugins.preference_trainer",
-                              "ft_plugins.preference_losses"),
-               "ebft": ("ft_plugins.ebft", "ft_plugins.ebft_trainer")}
+                              "ft_plugins.preference_losses")}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str], int]]:

@@ -19,11 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugins" / "grpo"
 def test_grpo_modules_are_small_and_import_ft_only_through_its_api():
     problems = []
     for path in sorted(PACKAGE.glob("*.py")):
-        text = path.read_text(encoding="utf-8")
-        lines = len(text.splitlines())
-        for pattern in ("shell=True", "os.system(", "os.popen(", "yaml.load(", "yaml.unsafe_load", "pickle.load"):
-            if pattern in text:  # test_crash's rule, for the files of the package
-                problems.append(f"plugins/grpo/{path.name}: uses {pattern}")
+        lines = len(path.read_text(encoding="utf-8").splitlines())
         if lines > 600:
             problems.append(f"plugins/grpo/{path.name}: {lines} lines (at most 600)")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -37,7 +33,7 @@ def test_grpo_modules_are_small_and_import_ft_only_through_its_api():
 
 
 def test_importing_the_grpo_plugin_stays_light_and_its_trainers_are_module_level_classes():
-    code = "import sys, ft_plugins.grpo, ft_plugins.preference, ft_plugins.ebft; print('torch' in sys.modules)"
+    code = "import sys, ft_plugins.grpo, ft_plugins.preference; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     from ft_plugins import grpo, preference
@@ -46,9 +42,6 @@ def test_importing_the_grpo_plugin_stays_light_and_its_trainers_are_module_level
     assert trainer.__qualname__ == "GRPOTrainer" and trainer.__module__ == "ft_plugins.grpo.trainer"
     pref = preference.trainer_class()
     assert pref.__qualname__ == "PreferenceTrainer" and pref.__module__ == "ft_plugins.preference_trainer"
-    from ft_plugins import ebft
-
-    assert ebft.trainer_class().__qualname__ == "EBFTTrainer" and issubclass(ebft.trainer_class(), trainer)
 
 
 def test_each_preference_method_has_its_loss_in_the_table():
