@@ -11,7 +11,8 @@ Groups:
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
   ``is_installed``, ``load_or_explain``, ``defined_at`` (``function NAME at FILE:LINE``, for messages)
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
-  section model or field whose values do not change what training computes, so a resumed run may change them),
+  section model or field whose values do not change what training computes, so a resumed run may change them), ``SHAPES_DATA`` (``json_schema_extra`` of a method-section field whose value
+  changes the prepared rows: only such fields enter the prepared-data cache key),
   ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
   with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
@@ -20,7 +21,8 @@ Groups:
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
-  ``sequence_logps``, ``has_adapter``; model heads ``CAUSAL_LM``,
+  ``sequence_logps``, ``target_logps``, ``output_layer``, ``has_adapter``, ``accumulation_share`` (the scoring
+  shared by methods: ``ft.engine.scoring``); model heads ``CAUSAL_LM``,
   ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
   ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``, ``is_token_column`` (a column of token ids,
@@ -46,7 +48,8 @@ _WHERE = {
     "MissingDependencyError": "ft.kernel.errors", "is_installed": "ft.kernel.errors", "load_or_explain": "ft.engine.failures",
     "defined_at": "ft.kernel.errors",
     # config
-    "Config": "ft.kernel.config", "resolve_path": "ft.kernel.context", "NOT_TRAINING": "ft.kernel.config", "redact_text": "ft.kernel.redact",
+    "Config": "ft.kernel.config", "resolve_path": "ft.kernel.context", "NOT_TRAINING": "ft.kernel.config",
+    "SHAPES_DATA": "ft.kernel.config", "redact_text": "ft.kernel.redact",
     "read_yaml": "ft.kernel.config_file", "reporter_names": "ft.kernel.config_checks",
     # data sources
     "RawRows": "ft.engine.data", "RowPart": "ft.engine.data", "Drop": "ft.kernel.formats", "MALFORMED": "ft.engine.data",
@@ -63,8 +66,9 @@ _WHERE = {
     "LOSS_WATCH": "ft.kernel.methods", "CAUSAL_LM": "ft.kernel.methods", "SEQUENCE_CLASSIFICATION": "ft.kernel.methods",
     "TOKEN_CLASSIFICATION": "ft.kernel.methods", "model_head": "ft.kernel.methods",
     "AUTO_CLASSES": "ft.kernel.methods",
-    "ReferenceModel": "ft.engine.reference", "token_logps": "ft.engine.reference", "sequence_logps": "ft.engine.reference",
-    "has_adapter": "ft.engine.reference",
+    "ReferenceModel": "ft.engine.scoring", "token_logps": "ft.engine.scoring", "sequence_logps": "ft.engine.scoring",
+    "has_adapter": "ft.engine.scoring", "target_logps": "ft.engine.scoring", "output_layer": "ft.engine.scoring",
+    "accumulation_share": "ft.engine.scoring",
     # collating
     "pad_rows": "ft.engine.collate", "PaddingCollator": "ft.engine.collate", "gather_ranges": "ft.engine.data_tokenize",
     "is_token_column": "ft.engine.columns",

@@ -15,7 +15,8 @@ Layout of ``dataset_prepared_path``::
 
 The key hashes everything that changes the prepared rows: the data files' contents (through
 ``ft_data_fingerprint``), files named by dataset options (e.g. a jinja template file), the
-tokenizer (vocabulary, added tokens, chat template), the config keys that matter, and the
+tokenizer (vocabulary, added tokens, chat template), the config keys that matter (of the method's
+section, the fields marked ``SHAPES_DATA``), and the
 version and source of every plugin on the data path. A build is written to a temporary
 directory and renamed into place, so a crash never leaves a half-written cache behind. Every load
 checks the files against the manifest's checksums (xxh3, at disk-read speed): a damaged cache is
@@ -193,12 +194,15 @@ def _source_hash(obj: Any) -> str | None:
 
 
 def _method_inputs(ctx: Any) -> dict[str, Any]:
-    """The method shapes the rows (its columns, and its section's data settings such as prompt limits)."""
+    """The method shapes the rows: its columns, and the fields of its section marked ``SHAPES_DATA`` (prompt
+    limits ...); its other settings (``dpo.beta``, GRPO's rewards) do not, so changing them reuses the data."""
+    from ft.kernel.config import data_shaping_values
+
     method = ctx.method
     entry = ctx.registries.methods.get(method.name)
     section = ctx.cfg.section(method.section_name)
     return {"name": method.name, "columns": list(method.columns), "plugin": entry.plugin,
-            "section": section.model_dump(mode="json") if section is not None else None}
+            "section": data_shaping_values(section)}
 
 
 def _packing_sections(ctx: Any) -> dict[str, Any]:

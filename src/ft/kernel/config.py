@@ -22,6 +22,13 @@ from ft.kernel.redact import is_secret_key, redact, redact_text
 # computes (where files go, how often it logs or saves): a resumed run may change them (``ft.engine.resume``).
 AFFECTS_TRAINING = "affects_training"
 NOT_TRAINING = {AFFECTS_TRAINING: False}
+# ``json_schema_extra`` of a field of a method's section (or of the whole section model) whose value changes the
+# prepared rows: a prompt length limit that drops rows, a length that cuts them ... Only such fields of the method's
+# section enter the prepared-data cache key (``ft.engine.cache``): changing any other (``dpo.beta``, a GRPO reward) reuses
+# the tokenized data. A field that shapes the data and is not marked would silently reuse stale rows: when unsure,
+# mark it. Combine with NOT_TRAINING as ``{**SHAPES_DATA, **NOT_TRAINING}`` if both apply.
+SHAPES_DATA_KEY = "shapes_data"
+SHAPES_DATA = {SHAPES_DATA_KEY: True}
 MAX_COUNT = 2**31 - 1  # counts beyond a C int fail deep inside torch / itertools, so they are refused here
 MAX_SEED = 2**32 - 1  # numpy's seeds
 
@@ -524,6 +531,25 @@ def affects_training(declared: Any) -> bool:
     if extra is None and isinstance(declared, type) and issubclass(declared, BaseModel):
         extra = declared.model_config.get("json_schema_extra")
     return not (isinstance(extra, dict) and extra.get(AFFECTS_TRAINING) is False)
+
+
+def shapes_data(declared: Any) -> bool:
+    """True when a field (``FieldInfo``) or a section model declares ``shapes_data: True`` (``SHAPES_DATA``)."""
+    extra = getattr(declared, "json_schema_extra", None)
+    if extra is None and isinstance(declared, type) and issubclass(declared, BaseModel):
+        extra = declared.model_config.get("json_schema_extra")
+    return isinstance(extra, dict) and extra.get(SHAPES_DATA_KEY) is True
+
+
+def data_shaping_values(section: BaseModel | None) -> dict[str, Any] | None:
+    """The values (JSON) of a section's fields marked ``SHAPES_DATA``: all of them when the section model itself
+    is marked; None for no section."""
+    if section is None:
+        return None
+    dumped = section.model_dump(mode="json")
+    if shapes_data(type(section)):
+        return dumped
+    return {name: dumped.get(name) for name, info in type(section).model_fields.items() if shapes_data(info)}
 
 
 def training_values(cfg: CoreConfig, data: Mapping[str, Any]) -> dict[str, Any]:
