@@ -9,6 +9,8 @@ from typing import Any
 
 from ft_plugins.grpo.config import options
 
+from ft.api import IGNORE_INDEX
+
 
 class PromptBatch:
     """The prompts of one micro-batch, as the dataloader hands them over (kept out of device moves)."""
@@ -58,8 +60,8 @@ def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad: int, 
         ids[i, p_width:p_width + len(c)] = torch.as_tensor(c)
         mask[i, p_width - len(p):p_width + len(c)] = 1
     completion_mask = mask[:, p_width:]
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :p_width] = -100
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :p_width] = IGNORE_INDEX
     ids, mask = ids.to(device), mask.to(device)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
             "completion_ids": ids[:, p_width:], "completion_mask": completion_mask.to(device),

@@ -41,6 +41,7 @@ from ft.engine.data_report import (
     report_text,
     strict_message,
 )
+from ft.engine.data_tokenize import TOO_LONG
 from ft.engine.mixing import mix_by_weight
 from ft.kernel.errors import DataError
 from ft.kernel.formats import IGNORE_INDEX, Drop, entry_where
@@ -54,9 +55,6 @@ log = logging.getLogger("ft.data")
 
 # Reasons a row or sample is dropped (formats may add their own through ``Dropped``).
 MALFORMED = "malformed"
-EMPTY = "empty"
-TOO_LONG = "longer than sequence_len"
-NOTHING_TO_TRAIN = "nothing to train"
 
 
 # -- what a source plugin returns ------------------------------------------------------------
