@@ -32,6 +32,11 @@ def test_importing_the_grpo_plugin_stays_light_and_its_trainers_are_module_level
     assert trainer.__qualname__ == "GRPOTrainer" and trainer.__module__ == "ft_plugins.grpo.trainer"
     pref = preference.trainer_class()
     assert pref.__qualname__ == "PreferenceTrainer" and pref.__module__ == "ft_plugins.preference_trainer"
+    from ft_plugins import ebft
+
+    built_on_grpo = ebft.trainer_class()
+    assert built_on_grpo.__qualname__ == "EBFTTrainer" and built_on_grpo.__module__ == "ft_plugins.ebft.trainer"
+    assert issubclass(built_on_grpo, trainer)
 
 
 def test_each_preference_method_has_its_loss_in_the_table():
