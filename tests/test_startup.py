@@ -95,6 +95,7 @@ def test_validate_imports_no_torch(env):
     assert code == 0, err
     assert "valid" in out
     assert [m for m in HEAVY if m in modules] == []
+    assert "numpy" not in modules  # a plugin reading ft.api.is_token_column once pulled numpy into every validate
 
 
 def test_plugin_commands_still_run_from_a_cached_help(env):

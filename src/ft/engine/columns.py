@@ -1,14 +1,19 @@
 """What a tokenized sample's columns are (token ids, their labels, their sides) and the checks that drop a
-sample whose sides are too long or identical where they must differ."""
+sample whose sides are too long or identical where they must differ.
+
+numpy is imported by the functions that use it: what names columns (``is_token_column``) is read at validation,
+where nothing numeric is loaded.
+"""
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ft.kernel.formats import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NOTES = "notes"  # a sample's list of ft.kernel.formats.Note: counted in the data report, not a column
 
@@ -42,6 +47,8 @@ def side_name(name: str) -> str:
 
 def column_starts(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """Where each sample starts in each column's flat values."""
+    import numpy as np
+
     out = {}
     for name, (_values, lengths) in columns.items():
         starts = np.zeros(len(lengths), dtype=np.int64)
@@ -54,6 +61,8 @@ def too_long_detail(columns: dict[str, tuple[np.ndarray, np.ndarray]], starts: d
                      sequences: list[str], i: int, seq_len: int) -> str:
     """Which side of sample ``i`` is too long, and how its tokens split into prompt (up to the first
     trained label) and completion: "rejected 109 tokens (prompt 20 + completion 89) > sequence_len 48"."""
+    import numpy as np
+
     parts = []
     for name in sequences:
         values, lengths = columns[name]
@@ -78,6 +87,8 @@ def drop_equal_sides(columns: dict[str, tuple[np.ndarray, np.ndarray]], sequence
                       keep: np.ndarray, rows_arr: np.ndarray, out: Any, seq_len: int) -> None:
     """Drop truncated samples whose sequences became identical (a pair whose chosen and rejected differ only
     past ``sequence_len``): reason "chosen equals rejected", named after the sides."""
+    import numpy as np
+
     if len(sequences) < 2:
         return
     starts = column_starts(columns)
@@ -107,6 +118,8 @@ def drop_equal_samples(columns: dict[str, tuple[np.ndarray, np.ndarray]], long: 
                         rows_arr: np.ndarray, out: Any, seq_len: int) -> None:
     """Drop a row whose samples truncation made identical (KTO's unpaired pair: the desirable and the
     undesirable completion differ only past ``sequence_len``, and would train against each other)."""
+    import numpy as np
+
     rows, counts = np.unique(rows_arr, return_counts=True)
     if not (counts > 1).any():
         return
