@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("trl")
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_reports_ft_and_trl_on_the_same_pairs(tmp_path):

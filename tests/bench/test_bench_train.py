@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "train.py"
 
 
 def load_bench(path: Path, name: str):

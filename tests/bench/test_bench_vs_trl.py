@@ -11,7 +11,7 @@ from test_bench_train import load_bench
 
 pytest.importorskip("trl")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "vs_trl.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "vs_trl.py"
 
 
 @pytest.fixture(scope="module")

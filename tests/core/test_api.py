@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 # Another plugin's documented API (the chat machinery for chat-based formats), and a plugin's own modules.
 DOCUMENTED_PLUGIN_API = {"ft_plugins.chat_template": {"ChatTemplateOptions", "ChatTokenize", "build_chat_tokenize",
                                                       "resolve_chat_template"},

@@ -15,7 +15,7 @@ import pytest
 
 from ft.tiny import make_chat_rows, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONTRIB = {"ft-sharegpt": "sharegpt", "ft-kernel-example": "kernel_example"}
 
 

@@ -526,7 +526,7 @@ def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_m
 
 def test_no_shell_commands_are_built_anywhere():
     """Launchers pass argument lists, never a shell line that a config value could extend."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     sources = [*(repo / "src" / "ft").glob("*.py"), *(repo / "plugins").glob("*.py")]
     assert len(sources) > 20
     for path in sources:

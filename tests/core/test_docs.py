@@ -16,7 +16,7 @@ from ft import hookspecs
 from ft.plugins import hook_names
 from ft.testing import install_distribution
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 REGENERATE = "run `python docs/generate.py` and commit the result"
 
 

@@ -11,7 +11,7 @@ import pytest
 from ft import hookimpl
 from ft.testing import FtRunner, registered_plugin
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 TALKS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "src" / "ft"
+CORE = Path(__file__).resolve().parents[2] / "src" / "ft"
 
 
 def _type_checking_block(node: ast.AST) -> bool:

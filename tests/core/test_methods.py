@@ -16,7 +16,7 @@ from ft.testing import install_distribution
 
 pytestmark = pytest.mark.slow
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def weighted_sft_code() -> str:

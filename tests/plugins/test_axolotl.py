@@ -841,7 +841,7 @@ def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, 
     (folder / "gdpo.yml").write_text(sft + "rl: gdpo\n")
     (folder / "gpu.yml").write_text(sft + "flash_attention: true\nbf16: true\n")
     (folder / "launcher.yaml").write_text("provider: somewhere\ngpu: h100\n")  # not a training config
-    loader = load_bench(Path(__file__).resolve().parents[1] / "bench" / "axolotl_corpus.py", "ft_bench_axolotl")
+    loader = load_bench(Path(__file__).resolve().parents[2] / "bench" / "axolotl_corpus.py", "ft_bench_axolotl")
     bench = next(loader)
     try:
         report = bench.main([str(folder)])

@@ -856,7 +856,7 @@ def test_the_example_learns_to_answer_with_a_number_and_stop(tmp_path):
     """examples/grpo.yaml: the tiny random model's mean reward climbs from below 0 to about 1."""
     from ft.run import run
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "grpo.yaml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "grpo.yaml"
     result = run(example, overrides=[f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'prep'}"])
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert history[0]["reward"] < 0 and history[0]["completion_length"] == 16

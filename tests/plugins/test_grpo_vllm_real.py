@@ -32,7 +32,7 @@ import yaml
 
 from ft.errors import FtError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("FT_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
 START_GUARD = 900  # seconds: a hang guard for an engine start on a busy machine, not a speed requirement
 
