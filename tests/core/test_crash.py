@@ -38,7 +38,7 @@ SECRET_PARTS = ["url-pass-4b4b4b", "amzsig-6c6c6c", "qs-tok-8f8f8f", "qs-sig-9a9
 ENV_SECRETS = {"HF_TOKEN": "hf_envtoken_5e5e5e", "WANDB_API_KEY": "wandb-envkey-7d7d7d"}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def write_run(root: Path, model_dir: Path, **overrides) -> Path:
@@ -106,7 +106,7 @@ def vault():
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, tmp_path_factory):
+def reference(ft_tiny_model_dir, tmp_path_factory):
     """One uninterrupted run (the losses every resumed run must reproduce); its config carries secrets,
     secrets are in the environment, and everything it logs is captured."""
     import contextlib
@@ -116,7 +116,7 @@ def reference(tiny_model_dir, tmp_path_factory):
     from ft.testing import registered_plugin
 
     root = tmp_path_factory.mktemp("reference")
-    config = write_run(root, tiny_model_dir, vault={**SECRETS, "signing_key": "sk-signing-0a0a0a"})
+    config = write_run(root, ft_tiny_model_dir, vault={**SECRETS, "signing_key": "sk-signing-0a0a0a"})
     logs = io.StringIO()
     handler = logging.StreamHandler(logs)
     handler.setLevel(logging.DEBUG)
@@ -264,11 +264,11 @@ class PausedRun:
                 self.proc.kill()
 
 
-def test_sigkill_while_saving_then_resume_reproduces_the_uninterrupted_losses(reference, tiny_model_dir, tmp_path):
+def test_sigkill_while_saving_then_resume_reproduces_the_uninterrupted_losses(reference, ft_tiny_model_dir, tmp_path):
     """Killed (SIGKILL) in the middle of writing checkpoint-6: the half-written checkpoint is never picked up;
     ``ft run`` resumes from checkpoint-3 (mid-epoch) and every later step matches the uninterrupted run."""
     _, _, ref, _ = reference
-    config = write_run(tmp_path, tiny_model_dir)
+    config = write_run(tmp_path, ft_tiny_model_dir)
     out = tmp_path / "out"
     paused = PausedRun(tmp_path, config, "saving:6")
     paused.proc.kill()
@@ -296,9 +296,9 @@ def test_sigkill_while_saving_then_resume_reproduces_the_uninterrupted_losses(re
     assert resumed.metrics["train_tokens"] == ref.metrics["train_tokens"]
 
 
-def test_sigterm_saves_a_checkpoint_at_the_step_end_and_says_how_to_resume(reference, tiny_model_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_at_the_step_end_and_says_how_to_resume(reference, ft_tiny_model_dir, tmp_path):
     _, _, ref, _ = reference
-    config = write_run(tmp_path, tiny_model_dir)
+    config = write_run(tmp_path, ft_tiny_model_dir)
     out = tmp_path / "out"
     paused = PausedRun(tmp_path, config, "step_end:2")
     paused.proc.send_signal(signal.SIGTERM)
@@ -321,8 +321,8 @@ def test_sigterm_saves_a_checkpoint_at_the_step_end_and_says_how_to_resume(refer
         assert abs(want[step]["loss"] - got[step]["loss"]) <= 1e-4 * want[step]["loss"], step
 
 
-def test_a_second_signal_stops_at_once_without_saving(tiny_model_dir, tmp_path):
-    config = write_run(tmp_path, tiny_model_dir, save_steps=None)
+def test_a_second_signal_stops_at_once_without_saving(ft_tiny_model_dir, tmp_path):
+    config = write_run(tmp_path, ft_tiny_model_dir, save_steps=None)
     out = tmp_path / "out"
     paused = PausedRun(tmp_path, config, "step_end:2")
     paused.proc.send_signal(signal.SIGINT)
@@ -434,11 +434,11 @@ KILLED_PREPROCESS = textwrap.dedent('''
 ''')
 
 
-def test_a_data_build_killed_midway_leaves_no_cache_behind(tiny_model_dir, tmp_path):
+def test_a_data_build_killed_midway_leaves_no_cache_behind(ft_tiny_model_dir, tmp_path):
     from ft.context import load_context
     from ft.run import preprocess
 
-    config = write_run(tmp_path, tiny_model_dir)
+    config = write_run(tmp_path, ft_tiny_model_dir)
     script, marker = tmp_path / "killed_preprocess.py", tmp_path / "written"
     script.write_text(KILLED_PREPROCESS)
     proc = subprocess.Popen([sys.executable, str(script), str(config), str(marker)],
@@ -485,7 +485,7 @@ def test_secrets_never_reach_saved_files_or_logs(reference):
     assert "training finished" in logs, "the captured output is the run's"
 
 
-def test_yaml_is_loaded_safely(tmp_path, tiny_model_dir):
+def test_yaml_is_loaded_safely(tmp_path, ft_tiny_model_dir):
     from ft.context import load_context
     from ft.errors import ConfigError
 
@@ -498,7 +498,7 @@ def test_yaml_is_loaded_safely(tmp_path, tiny_model_dir):
     assert not flag.exists()
 
 
-def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_model_dir):
+def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, ft_tiny_model_dir):
     """trust_remote_code is off and only safetensors load, unless the config allows them."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -506,8 +506,8 @@ def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, tiny_m
     from ft.context import load_context
 
     pickled = tmp_path / "pickled-model"  # the same model with a pickle (.bin) instead of safetensors
-    shutil.copytree(tiny_model_dir, pickled)
-    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
+    shutil.copytree(ft_tiny_model_dir, pickled)
+    torch.save(AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).state_dict(), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
 
     config = write_run(tmp_path, pickled)
@@ -535,8 +535,8 @@ def test_no_shell_commands_are_built_anywhere():
             assert pattern not in text, f"{path.name} uses {pattern}"
 
 
-def test_resuming_after_the_data_changed_warns(tiny_model_dir, tmp_path, caplog):
-    config = write_run(tmp_path, tiny_model_dir, max_steps=4, save_steps=2)
+def test_resuming_after_the_data_changed_warns(ft_tiny_model_dir, tmp_path, caplog):
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=4, save_steps=2)
     out = tmp_path / "out"
     run(config)
     (out / "metrics.json").unlink()
@@ -549,17 +549,17 @@ def test_resuming_after_the_data_changed_warns(tiny_model_dir, tmp_path, caplog)
     assert f"the prepared data changed since {out / 'checkpoint-2'} was written" in caplog.text
 
 
-def test_fresh_and_resume_from_checkpoint_together_are_refused(tmp_path, tiny_model_dir):
-    config = write_run(tmp_path, tiny_model_dir, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+def test_fresh_and_resume_from_checkpoint_together_are_refused(tmp_path, ft_tiny_model_dir):
+    config = write_run(tmp_path, ft_tiny_model_dir, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     with pytest.raises(FtError, match="--fresh starts over, but the config names a checkpoint"):
         run(config, fresh=True)
 
 
-def test_a_config_error_does_not_print_a_secret(vault, tmp_path, tiny_model_dir):
+def test_a_config_error_does_not_print_a_secret(vault, tmp_path, ft_tiny_model_dir):
     from ft.context import load_context
     from ft.errors import ConfigError
 
-    config = write_run(tmp_path, tiny_model_dir, vault={"api_key": 31415926535, "hub_token": ["x"]})
+    config = write_run(tmp_path, ft_tiny_model_dir, vault={"api_key": 31415926535, "hub_token": ["x"]})
     with pytest.raises(ConfigError) as err:
         load_context(config)
     assert "vault.api_key" in str(err.value) and "31415926535" not in str(err.value)
@@ -650,10 +650,10 @@ def test_the_finished_run_message_says_that_overwrite_deletes_the_checkpoints(re
 
 
 @pytest.mark.parametrize("how", ["torch", "oserror"])
-def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_earlier_ones(tiny_model_dir, tmp_path, how):
+def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_earlier_ones(ft_tiny_model_dir, tmp_path, how):
     from ft.testing import registered_plugin
 
-    config = write_run(tmp_path, tiny_model_dir)
+    config = write_run(tmp_path, ft_tiny_model_dir)
     out = tmp_path / "out"
     with registered_plugin(FailingSave(how, at_step=6), "disk_full"), pytest.raises(FtError) as err:
         run(config)
@@ -669,11 +669,11 @@ def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_earlier_ones(
     assert resumed.metrics["resumed_from"] == str(out / "checkpoint-3")
 
 
-def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(tiny_model_dir, tmp_path):
+def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(ft_tiny_model_dir, tmp_path):
     """The first run is paused in the middle of writing checkpoint-3; the second one must not touch it."""
     import socket
 
-    config = write_run(tmp_path, tiny_model_dir)
+    config = write_run(tmp_path, ft_tiny_model_dir)
     out = tmp_path / "out"
     paused = PausedRun(tmp_path, config, "saving:3")
     try:
@@ -693,8 +693,8 @@ def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(tiny
     assert verify(out / "checkpoint-3") == [] and (out / "metrics.json").is_file()
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_model_dir, tmp_path, caplog):
-    config = write_run(tmp_path, tiny_model_dir, max_steps=1, save_steps=None)
+def test_a_lock_left_by_a_dead_process_is_taken_over(ft_tiny_model_dir, tmp_path, caplog):
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=1, save_steps=None)
     out = tmp_path / "out"
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -832,10 +832,10 @@ def assert_ends_at_the_final_checkpoint(out: Path, result, steps: int) -> None:
     assert_same_weights(final_weights(out), final_weights(out / f"checkpoint-{steps}"))
 
 
-def test_sigkill_inside_the_final_save_then_resume_only_redoes_the_save(tiny_model_dir, tmp_path):
+def test_sigkill_inside_the_final_save_then_resume_only_redoes_the_save(ft_tiny_model_dir, tmp_path):
     """max_steps 7 with 2 steps per epoch ends mid-epoch; the run is killed after the weights of the final save
     are written. The rerun must not train step 8 (it logged 'step 8/7' and wrote checkpoint-8)."""
-    config = write_run(tmp_path, tiny_model_dir, max_steps=7)
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=7)
     out = tmp_path / "out"
     paused = PausedRun(tmp_path, config, "final:0")
     assert (out / "checkpoint-7").is_dir()
@@ -847,10 +847,10 @@ def test_sigkill_inside_the_final_save_then_resume_only_redoes_the_save(tiny_mod
     assert_ends_at_the_final_checkpoint(out, result, 7)
 
 
-def test_disk_full_in_the_final_save_then_the_rerun_ends_at_max_steps(tiny_model_dir, tmp_path):
+def test_disk_full_in_the_final_save_then_the_rerun_ends_at_max_steps(ft_tiny_model_dir, tmp_path):
     from ft.testing import registered_plugin
 
-    config = write_run(tmp_path, tiny_model_dir, max_steps=7)
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=7)
     out = tmp_path / "out"
     with registered_plugin(FailingSave("tokenizer"), "disk_full"), pytest.raises(FtError, match="run the same"):
         run(config)

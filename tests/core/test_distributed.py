@@ -188,9 +188,9 @@ def base_and_trained_loss(model_dir: Path, trained: Path, data: Path, lora: bool
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_split_the_data_and_learn(dist_env, work, tiny_model_dir, chat_jsonl):
+def test_ddp_two_processes_split_the_data_and_learn(dist_env, work, ft_tiny_model_dir, chat_jsonl):
     """Started by an external torchrun (the other runs use ``ft run --nproc 2``)."""
-    config = write_config(work, tiny_model_dir, chat_jsonl, "ddp")
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "ddp")
     proc, reports = ft_run_2proc(dist_env, work, config, external=True)
 
     assert [r["wrapper"] for r in reports] == ["DistributedDataParallel"] * 2
@@ -198,21 +198,21 @@ def test_ddp_two_processes_split_the_data_and_learn(dist_env, work, tiny_model_d
     assert_ranks_split_data(reports)
     assert_loss_falls(reports)
     assert proc.stdout.count("training finished") == 1, "only rank 0 prints the summary"
-    base, trained = base_and_trained_loss(tiny_model_dir, work / "ddp", chat_jsonl)
+    base, trained = base_and_trained_loss(ft_tiny_model_dir, work / "ddp", chat_jsonl)
     assert trained < base - 0.1
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(dist_env, work, tiny_model_dir, chat_jsonl):
+def fsdp_run(dist_env, work, ft_tiny_model_dir, chat_jsonl):
     """One FSDP2 full fine-tuning run (6 steps, a checkpoint at step 3), shared by the tests below."""
-    config = write_config(work, tiny_model_dir, chat_jsonl, "fsdp", plugins=["fsdp"], save_steps=3,
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "fsdp", plugins=["fsdp"], save_steps=3,
                           fsdp={"activation_checkpointing": True, "mixed_precision": "bf16"})
     _, reports = ft_run_2proc(dist_env, work, config)
     return work / "fsdp", reports
 
 
 @pytest.mark.slow
-def test_fsdp2_full_finetune_shards_parameters_and_saves_a_loadable_model(fsdp_run, tiny_model_dir, chat_jsonl):
+def test_fsdp2_full_finetune_shards_parameters_and_saves_a_loadable_model(fsdp_run, ft_tiny_model_dir, chat_jsonl):
     out, reports = fsdp_run
     for report in reports:
         # every parameter is a DTensor sharded on dim 0; each rank holds about half of them
@@ -224,12 +224,12 @@ def test_fsdp2_full_finetune_shards_parameters_and_saves_a_loadable_model(fsdp_r
     assert_ranks_split_data(reports)
     assert_loss_falls(reports)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    base, trained = base_and_trained_loss(tiny_model_dir, out, chat_jsonl)
+    base, trained = base_and_trained_loss(ft_tiny_model_dir, out, chat_jsonl)
     assert trained < base - 0.1
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(fsdp_run, dist_env, work, tiny_model_dir,
+def test_fsdp2_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(fsdp_run, dist_env, work, ft_tiny_model_dir,
                                                                               chat_jsonl):
     """Resumes from the shared run's checkpoint-3; this run saves sharded weights, consolidated afterwards."""
     from safetensors.torch import load_file
@@ -239,7 +239,7 @@ def test_fsdp2_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(fs
     assert (checkpoint / "model.safetensors").is_file(), "checkpoints hold consolidated weights"
     assert (checkpoint / "fsdp_state").is_dir(), "and the sharded model + optimizer state for resuming"
 
-    resumed = write_config(work, tiny_model_dir, chat_jsonl, "fsdp_resumed", plugins=["fsdp"],
+    resumed = write_config(work, ft_tiny_model_dir, chat_jsonl, "fsdp_resumed", plugins=["fsdp"],
                            fsdp={"activation_checkpointing": True, "mixed_precision": "bf16", "save": "sharded"},
                            resume_from_checkpoint=str(checkpoint))
     _, reports = ft_run_2proc(dist_env, work, resumed)
@@ -261,8 +261,8 @@ def test_fsdp2_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(fs
 
 
 @pytest.mark.slow
-def test_fsdp2_with_lora_shards_the_base_and_saves_the_adapter(dist_env, work, tiny_model_dir, chat_jsonl):
-    config = write_config(work, tiny_model_dir, chat_jsonl, "fsdp_lora", plugins=["fsdp", "lora"],
+def test_fsdp2_with_lora_shards_the_base_and_saves_the_adapter(dist_env, work, ft_tiny_model_dir, chat_jsonl):
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "fsdp_lora", plugins=["fsdp", "lora"],
                           lora={"r": 8, "alpha": 16, "dropout": 0.0}, learning_rate=1.0e-2)
     proc, reports = ft_run_2proc(dist_env, work, config)
 
@@ -273,20 +273,20 @@ def test_fsdp2_with_lora_shards_the_base_and_saves_the_adapter(dist_env, work, t
     out = work / "fsdp_lora"
     assert (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists(), "LoRA saves the adapter, not the full model"
-    base, trained = base_and_trained_loss(tiny_model_dir, out, chat_jsonl, lora=True)
+    base, trained = base_and_trained_loss(ft_tiny_model_dir, out, chat_jsonl, lora=True)
     assert trained < base - 0.05
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_cpu(dist_env, work, tiny_model_dir, chat_jsonl):
+def test_deepspeed_zero2_on_cpu(dist_env, work, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
-    config = write_config(work, tiny_model_dir, chat_jsonl, "zero2", plugins=["deepspeed"], deepspeed={"stage": 2})
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "zero2", plugins=["deepspeed"], deepspeed={"stage": 2})
     proc, reports = ft_run_2proc(dist_env, work, config)
 
     assert [r["wrapper"] for r in reports] == ["DeepSpeedEngine"] * 2
     assert_ranks_split_data(reports)
     assert_loss_falls(reports)
-    base, trained = base_and_trained_loss(tiny_model_dir, work / "zero2", chat_jsonl)
+    base, trained = base_and_trained_loss(ft_tiny_model_dir, work / "zero2", chat_jsonl)
     assert trained < base - 0.1
 
 
@@ -299,11 +299,11 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_on_one_machine_train_over_gloo_and_save_one_model(dist_env, work, tiny_model_dir, chat_jsonl):
+def test_two_nodes_on_one_machine_train_over_gloo_and_save_one_model(dist_env, work, ft_tiny_model_dir, chat_jsonl):
     """``ft run --nnodes 2 --node-rank N --rdzv-endpoint 127.0.0.1:PORT --nproc 1`` twice, as two nodes would:
     one c10d rendezvous, one gloo group of 2 ranks that split the data, one model saved (the output-dir lock
     is the global main process's, so the other node's rank is not locked out)."""
-    config = write_config(work, tiny_model_dir, chat_jsonl, "two_nodes")
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "two_nodes")
     probe_dir = work / "probe-two_nodes"
     probe_dir.mkdir()
     env = {**dist_env, "FT_PROBE_DIR": str(probe_dir)}
@@ -330,15 +330,15 @@ def test_two_nodes_on_one_machine_train_over_gloo_and_save_one_model(dist_env, w
     assert sum(out.count("training finished") for out, _ in outputs) == 1, "one summary, from the global rank 0"
     out_dir = work / "two_nodes"
     assert (out_dir / "model.safetensors").is_file() and (out_dir / "metrics.json").is_file()
-    base, trained = base_and_trained_loss(tiny_model_dir, out_dir, chat_jsonl)
+    base, trained = base_and_trained_loss(ft_tiny_model_dir, out_dir, chat_jsonl)
     assert trained < base - 0.1
 
 
 @pytest.mark.gpu
-def test_deepspeed_zero3_on_gpu_saves_consolidated_weights(dist_env, tmp_path, tiny_model_dir, chat_jsonl):
+def test_deepspeed_zero3_on_gpu_saves_consolidated_weights(dist_env, tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in dist_env.items() if k != "CUDA_VISIBLE_DEVICES"}
-    config = write_config(tmp_path, tiny_model_dir, chat_jsonl, "zero3", plugins=["deepspeed"], deepspeed={"stage": 3})
+    config = write_config(tmp_path, ft_tiny_model_dir, chat_jsonl, "zero3", plugins=["deepspeed"], deepspeed={"stage": 3})
     probe_dir = tmp_path / "probe-zero3"
     probe_dir.mkdir()
     proc = subprocess.run(
@@ -408,61 +408,61 @@ def test_under_an_external_launcher_ft_runs_in_this_process(monkeypatch):
 # -- configuration errors -------------------------------------------------------------------------
 
 
-def _context(tmp_path, tiny_model_dir, chat_jsonl, plugin_args=(), **extra):
+def _context(tmp_path, ft_tiny_model_dir, chat_jsonl, plugin_args=(), **extra):
     from ft.context import load_context
 
-    return load_context(str(write_config(tmp_path, tiny_model_dir, chat_jsonl, "c", **extra)), plugin_args)
+    return load_context(str(write_config(tmp_path, ft_tiny_model_dir, chat_jsonl, "c", **extra)), plugin_args)
 
 
-def test_fsdp_and_deepspeed_together_is_an_error(tmp_path, tiny_model_dir, chat_jsonl):
+def test_fsdp_and_deepspeed_together_is_an_error(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
     from ft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="deepspeed and fsdp are both selected") as err:
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["fsdp", "deepspeed"])
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["fsdp", "deepspeed"])
     assert "c.yaml" in str(err.value)
 
 
-def test_qlora_with_fsdp_is_an_error(tmp_path, tiny_model_dir, chat_jsonl):
+def test_qlora_with_fsdp_is_an_error(tmp_path, ft_tiny_model_dir, chat_jsonl):
     from ft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="qlora cannot be combined with fsdp"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["fsdp", "lora", "qlora"])
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["fsdp", "lora", "qlora"])
 
 
-def test_qlora_with_zero3_is_an_error_and_with_zero2_is_fine(tmp_path, tiny_model_dir, chat_jsonl):
+def test_qlora_with_zero3_is_an_error_and_with_zero2_is_fine(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
     from ft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed", "lora", "qlora"], deepspeed={"stage": 3})
-    ctx = _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed", "lora", "qlora"], deepspeed={"stage": 2})
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed", "lora", "qlora"], deepspeed={"stage": 3})
+    ctx = _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed", "lora", "qlora"], deepspeed={"stage": 2})
     assert {"deepspeed", "lora", "qlora"} <= set(ctx.cfg.plugins)
 
 
-def test_deepspeed_config_file_errors_name_file_and_line(tmp_path, tiny_model_dir, chat_jsonl):
+def test_deepspeed_config_file_errors_name_file_and_line(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
     from ft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"deepspeed.config: cannot read the DeepSpeed config .*missing.json"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(tmp_path / "missing.json")})
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(tmp_path / "missing.json")})
     bad = tmp_path / "bad.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
     with pytest.raises(ConfigError, match=r"bad.json:2:\d+: invalid JSON"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(bad)})
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(bad)})
     good = tmp_path / "ds.json"
     good.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="set in the section and also `config"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(good), "stage": 2})
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(good), "stage": 2})
     with pytest.raises(ConfigError, match="only with ZeRO stage 3"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"stage": 2, "offload_params": True})
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"stage": 2, "offload_params": True})
 
 
-def test_deepspeed_config_from_the_short_section_and_from_a_file(tmp_path, tiny_model_dir, chat_jsonl):
+def test_deepspeed_config_from_the_short_section_and_from_a_file(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
     from ft_plugins.deepspeed import ft_trainer_args
 
-    ctx = _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"stage": 3, "offload_optimizer": True})
+    ctx = _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"stage": 3, "offload_optimizer": True})
     ds = ft_trainer_args(ctx.cfg)["deepspeed"]
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -471,26 +471,26 @@ def test_deepspeed_config_from_the_short_section_and_from_a_file(tmp_path, tiny_
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
-    ctx = _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": "ds.json"})
+    ctx = _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": "ds.json"})
     ds = ft_trainer_args(ctx.cfg)["deepspeed"]
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
 
 
-def test_deepspeed_missing_says_how_to_install(tmp_path, tiny_model_dir, chat_jsonl, monkeypatch):
+def test_deepspeed_missing_says_how_to_install(tmp_path, ft_tiny_model_dir, chat_jsonl, monkeypatch):
     import ft_plugins.deepspeed as ds_plugin
 
     from ft.errors import MissingDependencyError
 
     monkeypatch.setattr(ds_plugin, "deepspeed_installed", lambda: False)
     with pytest.raises(MissingDependencyError, match=r"pip install 'ft\[deepspeed\]'"):
-        _context(tmp_path, tiny_model_dir, chat_jsonl, ["deepspeed"])
+        _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"])
 
 
-def test_fsdp_without_several_processes_says_how_to_launch(tmp_path, tiny_model_dir, chat_jsonl):
+def test_fsdp_without_several_processes_says_how_to_launch(tmp_path, ft_tiny_model_dir, chat_jsonl):
     from ft_plugins.fsdp import ft_before_train
 
     from ft.errors import FtError
 
-    ctx = _context(tmp_path, tiny_model_dir, chat_jsonl, ["fsdp"])
+    ctx = _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["fsdp"])
     with pytest.raises(FtError, match=r"ft run CONFIG --nproc N"):
         ft_before_train(ctx.cfg, trainer=None, model=None)

@@ -138,7 +138,7 @@ def test_a_new_hook_parameter_changes_the_page(generate, monkeypatch):
 
 
 FIXTURES = ("ft_tiny_model_dir", "ft_tiny_tokenizer", "ft_dataset", "ft_config", "ft_runner", "ft_hook_recorder",
-            "ft_register_plugin")
+            "ft_register_plugin", "ft_one_torch_thread")
 MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly", "ft_weighted_sft",
            "ft_record", "ft_check_stop")  # module names in the guides, and the Trainer's metrics and stop methods
 
@@ -178,7 +178,7 @@ def test_format_guide_example_works_as_an_installed_plugin(tmp_path):
     assert "2 passed" in res.stdout
 
 
-def test_the_short_format_example_fits_in_ten_lines_and_labels_right(tmp_path, tiny_model_dir):
+def test_the_short_format_example_fits_in_ten_lines_and_labels_right(tmp_path, ft_tiny_model_dir):
     """The guide's Dolly format: at most 10 lines of code, and it masks, trains and drops as promised."""
     import types
 
@@ -196,7 +196,7 @@ def test_the_short_format_example_fits_in_ten_lines_and_labels_right(tmp_path, t
             {"instruction": "Say hi.", "response": "Hi!"}, {"instruction": "No answer here."}]
     data = tmp_path / "dolly.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "dolly"}],
+    config = {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": str(data), "type": "dolly"}],
               "dataset_prepared_path": str(tmp_path / "prepared"), "shuffle": False}
     with registered_plugin(module, "dolly"):
         prepared, tokenizer = preprocess(load_context(config))

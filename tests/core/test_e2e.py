@@ -22,16 +22,16 @@ TALKS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
-def overfit_config(tiny_model_dir, tmp_path, write_yaml, **overrides):
+def overfit_config(ft_tiny_model_dir, tmp_path, write_yaml, **overrides):
     rows = [{"messages": [{"role": "system", "content": "You are a helpful assistant."},
                           {"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in TALKS]
     data = tmp_path / "talks.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
-        "base_model": str(tiny_model_dir),
+        "base_model": str(ft_tiny_model_dir),
         "datasets": [{"path": str(data), "type": "chat_template", "train_on_eos": "turn"}],
         "dataset_prepared_path": str(tmp_path / "prepared"),
         "output_dir": str(tmp_path / "out"),
@@ -49,7 +49,7 @@ def overfit_config(tiny_model_dir, tmp_path, write_yaml, **overrides):
 
 
 @pytest.fixture(scope="module")
-def overfit_run(tiny_model_dir, tmp_path_factory):
+def overfit_run(ft_tiny_model_dir, tmp_path_factory):
     """One overfitting run shared by the tests that inspect its output."""
     import yaml
 
@@ -60,7 +60,7 @@ def overfit_run(tiny_model_dir, tmp_path_factory):
         p.write_text(yaml.safe_dump(config, sort_keys=False))
         return p
 
-    config = overfit_config(tiny_model_dir, tmp_path, write_yaml)
+    config = overfit_config(ft_tiny_model_dir, tmp_path, write_yaml)
     result = FtRunner().run(config).assert_ok()
     return config, result, tmp_path / "out"
 
@@ -119,7 +119,7 @@ def test_a_finished_run_is_kept_unless_overwrite_is_passed(overfit_run):
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_out_of_memory_is_a_message_not_a_traceback(tiny_model_dir, tmp_path, write_yaml):
+def test_out_of_memory_is_a_message_not_a_traceback(ft_tiny_model_dir, tmp_path, write_yaml):
     import torch
     from transformers import TrainerCallback
 
@@ -132,7 +132,7 @@ def test_out_of_memory_is_a_message_not_a_traceback(tiny_model_dir, tmp_path, wr
         def ft_callbacks(cfg):
             return [Explode()]
 
-    config = overfit_config(tiny_model_dir, tmp_path, write_yaml, micro_batch_size=2)
+    config = overfit_config(ft_tiny_model_dir, tmp_path, write_yaml, micro_batch_size=2)
     with registered_plugin(OomPlugin, "oom_test"):
         result = FtRunner().run(config)
     assert result.exit_code == 2

@@ -11,8 +11,8 @@ HEAD = "base_model: {model}\ndatasets:\n  - path: {data}\n    type: chat_templat
 
 
 @pytest.fixture
-def head(tmp_path, tiny_model_dir, chat_jsonl):
-    return HEAD.format(model=tiny_model_dir, data=chat_jsonl)
+def head(tmp_path, ft_tiny_model_dir, chat_jsonl):
+    return HEAD.format(model=ft_tiny_model_dir, data=chat_jsonl)
 
 
 def alias_bomb(levels: int) -> str:
@@ -31,9 +31,9 @@ def test_an_alias_bomb_is_refused_by_every_command_that_reads_a_config(head, tmp
             f"{config}:9: the alias *a3 makes the config expand to", "at most 10,000 may come from aliases")
 
 
-def test_an_anchor_reused_a_few_times_is_fine(tmp_path, tiny_model_dir, chat_jsonl):
+def test_an_anchor_reused_a_few_times_is_fine(tmp_path, ft_tiny_model_dir, chat_jsonl):
     config = tmp_path / "anchors.yaml"
-    config.write_text(f"base_model: {tiny_model_dir}\ndatasets:\n  - &chat {{path: {chat_jsonl}, type: chat_template}}\n"
+    config.write_text(f"base_model: {ft_tiny_model_dir}\ndatasets:\n  - &chat {{path: {chat_jsonl}, type: chat_template}}\n"
                       "  - *chat\ntest_datasets: [*chat]\n")
     FtRunner().validate(config).assert_ok()
 

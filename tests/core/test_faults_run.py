@@ -12,7 +12,7 @@ from test_grpo import grpo_config
 from ft import hookimpl
 from ft.testing import registered_plugin, write_config
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def strict_json(path: Path):
@@ -24,7 +24,7 @@ def strict_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
-def test_non_finite_metrics_are_written_as_null(tiny_model_dir, chat_jsonl, tmp_path):
+def test_non_finite_metrics_are_written_as_null(ft_tiny_model_dir, chat_jsonl, tmp_path):
     """A NaN loss kept by health.on_nonfinite: warn: metrics.json and each checkpoint's ft_state.json are valid
     JSON, with null where the value was NaN."""
     from transformers import TrainerCallback
@@ -44,7 +44,7 @@ def test_non_finite_metrics_are_written_as_null(tiny_model_dir, chat_jsonl, tmp_
         def ft_callbacks(cfg):
             return [NanLossAtStep2()]
 
-    config = write_config(tmp_path / "config.yaml", base_model=tiny_model_dir, dataset=chat_jsonl, max_steps=3,
+    config = write_config(tmp_path / "config.yaml", base_model=ft_tiny_model_dir, dataset=chat_jsonl, max_steps=3,
                           logging_steps=1, save_steps=2, health={"on_nonfinite": "warn"})
     with registered_plugin(Plugin, "nan_loss"):
         run(config)
@@ -61,14 +61,14 @@ def test_non_finite_metrics_are_written_as_null(tiny_model_dir, chat_jsonl, tmp_
     assert verify(out / "checkpoint-2") == []
 
 
-def test_damaged_lines_in_completions_jsonl_are_skipped_with_a_report_on_resume(tiny_model_dir, tmp_path, caplog):
+def test_damaged_lines_in_completions_jsonl_are_skipped_with_a_report_on_resume(ft_tiny_model_dir, tmp_path, caplog):
     """completions.jsonl is cut back to the checkpoint's step on resume: a line that is not a JSON object (or
     whose step is not a number) is dropped, and the log says which lines, instead of an AttributeError."""
     import shutil
 
     from ft.run import run
 
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, save_steps=1)
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=2, save_steps=1)
     run(config)
     out = tmp_path / "out"
     for name in ("metrics.json", "model.safetensors"):

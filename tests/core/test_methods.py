@@ -66,8 +66,8 @@ def write_config(tmp_path: Path, model: Path, weight: float, *, dataset_type: st
     return config
 
 
-def test_a_third_party_method_trains_end_to_end(weighted_env, tiny_model_dir, tmp_path):
-    config = write_config(tmp_path, tiny_model_dir, weight=0.5)
+def test_a_third_party_method_trains_end_to_end(weighted_env, ft_tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, ft_tiny_model_dir, weight=0.5)
     listed = ft(weighted_env, "plugins", cwd=tmp_path)
     assert "weighted_sft" in listed.stdout and "ft-weighted-sft 0.1.0" in listed.stdout
     result = ft(weighted_env, "run", str(config), cwd=tmp_path)
@@ -83,13 +83,13 @@ def test_a_third_party_method_trains_end_to_end(weighted_env, tiny_model_dir, tm
     assert (tmp_path / "out" / "training_curves.png").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_the_method_decides_the_loss_a_zero_weight_trains_nothing(weighted_env, tiny_model_dir, tmp_path):
+def test_the_method_decides_the_loss_a_zero_weight_trains_nothing(weighted_env, ft_tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    config = write_config(tmp_path, tiny_model_dir, weight=0.0)
+    config = write_config(tmp_path, ft_tiny_model_dir, weight=0.0)
     result = ft(weighted_env, "run", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    before = load_file(tiny_model_dir / "model.safetensors")
+    before = load_file(ft_tiny_model_dir / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert all((after[k] == before[k]).all() for k in before)  # zero loss, zero gradients: no update
 
@@ -176,9 +176,9 @@ def broken_method(fails: str):
     return Plugin, (collator, trainer_class, trainer_kwargs)
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("ft_one_torch_thread")
 @pytest.mark.parametrize("fails", ["loss", "collator", "kwargs"])
-def test_an_exception_in_a_methods_own_code_names_its_plugin_and_line(fails, tiny_model_dir, tmp_path):
+def test_an_exception_in_a_methods_own_code_names_its_plugin_and_line(fails, ft_tiny_model_dir, tmp_path):
     """compute_loss, the collator and the Trainer's keyword arguments raised raw tracebacks naming neither the
     method nor its plugin; now they read like a callback's error."""
     from ft.errors import PluginHookError
@@ -188,7 +188,7 @@ def test_an_exception_in_a_methods_own_code_names_its_plugin_and_line(fails, tin
 
     plugin, (collator, trainer_class, trainer_kwargs) = broken_method(fails)
     data = write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(8))
-    config = {"base_model": str(tiny_model_dir), "method": "broken_sft", "sequence_len": 64, "micro_batch_size": 4,
+    config = {"base_model": str(ft_tiny_model_dir), "method": "broken_sft", "sequence_len": 64, "micro_batch_size": 4,
               "max_steps": 1, "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prep"),
               "datasets": [{"path": str(data), "type": "chat_template"}]}
     with registered_plugin(plugin, "broken_method"), pytest.raises(PluginHookError) as info:

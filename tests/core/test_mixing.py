@@ -17,13 +17,13 @@ def talks(tag: str, n: int) -> list[dict]:
                           {"role": "assistant", "content": f"{tag} answer {i}."}]} for i in range(n)]
 
 
-def prepare(tiny_model_dir, tmp_path, entries, **extra):
+def prepare(ft_tiny_model_dir, tmp_path, entries, **extra):
     from transformers import AutoTokenizer
 
-    config = {"base_model": str(tiny_model_dir), "datasets": entries, "sequence_len": 128,
+    config = {"base_model": str(ft_tiny_model_dir), "datasets": entries, "sequence_len": 128,
               "dataset_prepared_path": str(tmp_path / "prepared"), **extra}
     ctx = load_context(config)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     return prepare_datasets(ctx, tok), tok
 
 
@@ -39,17 +39,17 @@ def two_sets(tmp_path):
     return big, small
 
 
-def test_without_weights_every_row_once(tiny_model_dir, tmp_path, two_sets):
+def test_without_weights_every_row_once(ft_tiny_model_dir, tmp_path, two_sets):
     big, small = two_sets
-    data, tok = prepare(tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template"},
+    data, tok = prepare(ft_tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template"},
                                                     {"path": str(small), "type": "chat_template"}])
     assert sources(data, tok) == {"big": 90, "small": 10}
     assert data.stats["mixing"] is None
 
 
-def test_weights_set_each_datasets_share_of_the_rows(tiny_model_dir, tmp_path, two_sets):
+def test_weights_set_each_datasets_share_of_the_rows(ft_tiny_model_dir, tmp_path, two_sets):
     big, small = two_sets
-    data, tok = prepare(tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template", "weight": 1},
+    data, tok = prepare(ft_tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template", "weight": 1},
                                                     {"path": str(small), "type": "chat_template", "weight": 1}])
     counts = sources(data, tok)
     assert counts == {"big": 50, "small": 50}  # 100 rows in all, half each
@@ -64,9 +64,9 @@ def test_weights_set_each_datasets_share_of_the_rows(tiny_model_dir, tmp_path, t
     assert stats["mixing"] == data.stats["mixing"]  # written with the prepared data
 
 
-def test_an_unweighted_entry_counts_as_weight_one_and_copies_stay_out_of_eval(tiny_model_dir, tmp_path, two_sets):
+def test_an_unweighted_entry_counts_as_weight_one_and_copies_stay_out_of_eval(ft_tiny_model_dir, tmp_path, two_sets):
     big, small = two_sets
-    data, tok = prepare(tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template"},
+    data, tok = prepare(ft_tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template"},
                                                     {"path": str(small), "type": "chat_template", "weight": 3}],
                         val_set_size=0.1)
     counts = sources(data, tok)
@@ -75,33 +75,33 @@ def test_an_unweighted_entry_counts_as_weight_one_and_copies_stay_out_of_eval(ti
     assert not held_out & {tok.decode(row["input_ids"]) for row in data.train}  # no row on both sides
 
 
-def test_weights_change_the_cache_key(tiny_model_dir, tmp_path, two_sets):
+def test_weights_change_the_cache_key(ft_tiny_model_dir, tmp_path, two_sets):
     big, small = two_sets
-    one, _ = prepare(tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template", "weight": 1},
+    one, _ = prepare(ft_tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template", "weight": 1},
                                                 {"path": str(small), "type": "chat_template", "weight": 1}])
-    two, _ = prepare(tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template", "weight": 1},
+    two, _ = prepare(ft_tiny_model_dir, tmp_path, [{"path": str(big), "type": "chat_template", "weight": 1},
                                                 {"path": str(small), "type": "chat_template", "weight": 2}])
     assert one.cache_dir != two.cache_dir
 
 
-def test_a_weight_must_be_positive(tiny_model_dir, tmp_path, two_sets):
+def test_a_weight_must_be_positive(ft_tiny_model_dir, tmp_path, two_sets):
     from ft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.weight: Input should be greater than 0"):
-        load_context({"base_model": str(tiny_model_dir),
+        load_context({"base_model": str(ft_tiny_model_dir),
                       "datasets": [{"path": str(two_sets[0]), "type": "chat_template", "weight": 0}]})
 
 
 # -- packing the eval set ------------------------------------------------------------------------
 
 
-def test_eval_set_is_packed_with_training_unless_told_not(tiny_model_dir, tmp_path, two_sets):
+def test_eval_set_is_packed_with_training_unless_told_not(ft_tiny_model_dir, tmp_path, two_sets):
     big, _ = two_sets
     entries = [{"path": str(big), "type": "chat_template"}]
-    packed, _ = prepare(tiny_model_dir, tmp_path, entries, plugins=["packing"], val_set_size=0.2)
+    packed, _ = prepare(ft_tiny_model_dir, tmp_path, entries, plugins=["packing"], val_set_size=0.2)
     assert "position_ids" in packed.eval.column_names and len(packed.eval) < 18
     assert packed.stats["eval_bins"] == len(packed.eval)
-    plain, _ = prepare(tiny_model_dir, tmp_path, entries, plugins=["packing"], val_set_size=0.2,
+    plain, _ = prepare(ft_tiny_model_dir, tmp_path, entries, plugins=["packing"], val_set_size=0.2,
                        eval_sample_packing=False)
     assert "position_ids" not in plain.eval.column_names and len(plain.eval) == 18
     assert sum(len(r) for r in packed.eval["input_ids"]) == sum(len(r) for r in plain.eval["input_ids"])

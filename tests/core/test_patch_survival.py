@@ -21,7 +21,7 @@ from ft.testing import assert_patch_survives
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def bind_counting_forward(module, calls: list):

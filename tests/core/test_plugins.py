@@ -361,7 +361,7 @@ def test_a_wrapper_works_on_an_all_hook_and_sees_each_result():
     assert pm.implementers("ft_model_kwargs") == ["a"]
 
 
-def test_a_callback_that_raises_names_its_plugin(tiny_model_dir, tmp_path):
+def test_a_callback_that_raises_names_its_plugin(ft_tiny_model_dir, tmp_path):
     from transformers import TrainerCallback
 
     from ft import hookimpl
@@ -379,7 +379,7 @@ def test_a_callback_that_raises_names_its_plugin(tiny_model_dir, tmp_path):
             return [Boom()]
 
     data = write_dataset(tmp_path / "d.jsonl", kind="chat", n=4)
-    config = write_config(tmp_path / "c.yaml", base_model=tiny_model_dir, datasets=[{"path": str(data), "type": "chat_template"}],
+    config = write_config(tmp_path / "c.yaml", base_model=ft_tiny_model_dir, datasets=[{"path": str(data), "type": "chat_template"}],
                           max_steps=1)
     from ft.context import load_context
 

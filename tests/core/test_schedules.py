@@ -19,12 +19,12 @@ from ft.context import load_context
 from ft.errors import ConfigError, FtError
 from ft.train import build_trainer, run_training
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
-def make_ctx(tiny_model_dir, tmp_path, **overrides):
+def make_ctx(ft_tiny_model_dir, tmp_path, **overrides):
     """test_train's context (its hand-tokenized dataset type), 10 steps unless overridden."""
-    return train_context(tiny_model_dir, tmp_path, **{"max_steps": 10, **overrides})
+    return train_context(ft_tiny_model_dir, tmp_path, **{"max_steps": 10, **overrides})
 
 
 def trainer_for(ctx, n_rows=8, eval_rows=0):
@@ -52,45 +52,45 @@ NEEDS = {
 }
 
 
-def registered_schedulers(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path)
+def registered_schedulers(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path)
     return sorted(e.name for e in ctx.registries.schedulers if e.plugin == "optimizers")
 
 
-def test_every_registered_scheduler_trains_or_is_refused_at_validation(tiny_model_dir, tmp_path):
-    names = registered_schedulers(tiny_model_dir, tmp_path)
+def test_every_registered_scheduler_trains_or_is_refused_at_validation(ft_tiny_model_dir, tmp_path):
+    names = registered_schedulers(ft_tiny_model_dir, tmp_path)
     assert {"cosine", "cosine_with_min_lr", "warmup_stable_decay", "polynomial"} <= set(names)
     for name in names:
         if name in NEEDS:  # without its settings: refused before any model loads, with the fix
             with pytest.raises(ConfigError) as err:
-                make_ctx(tiny_model_dir, tmp_path, lr_scheduler=name)
+                make_ctx(ft_tiny_model_dir, tmp_path, lr_scheduler=name)
             assert "lr_scheduler" in str(err.value) and ("cosine_min_lr_ratio" in str(err.value)
                                                           or "num_decay_steps" in str(err.value))
-        ctx = make_ctx(tiny_model_dir, tmp_path, lr_scheduler=name, warmup_steps=2, **NEEDS.get(name, {}))
+        ctx = make_ctx(ft_tiny_model_dir, tmp_path, lr_scheduler=name, warmup_steps=2, **NEEDS.get(name, {}))
         trainer, _ = trainer_for(ctx)
         lrs = lr_curve(trainer, 10)
         assert all(math.isfinite(x) and x >= 0 for x in lrs), (name, lrs)
         assert lrs[0] == 0 and max(lrs) == pytest.approx(1e-3), (name, lrs)  # linear warmup from 0 to the peak
 
 
-def test_cosine_min_lr_ratio_is_the_floor_of_the_decay(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, lr_scheduler="cosine", cosine_min_lr_ratio=0.1)
+def test_cosine_min_lr_ratio_is_the_floor_of_the_decay(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, lr_scheduler="cosine", cosine_min_lr_ratio=0.1)
     trainer, _ = trainer_for(ctx)
     assert trainer.args.lr_scheduler_type == "cosine_with_min_lr"
     lrs = lr_curve(trainer, 10)
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
     assert min(lrs) >= 1e-4 - 1e-12
-    plain = lr_curve(trainer_for(make_ctx(tiny_model_dir, tmp_path, lr_scheduler="cosine"))[0], 10)
+    plain = lr_curve(trainer_for(make_ctx(ft_tiny_model_dir, tmp_path, lr_scheduler="cosine"))[0], 10)
     assert plain[-1] < 0.05 * 1e-3  # without the ratio the cosine goes (almost) to 0
 
 
-def test_scheduler_kwargs_reach_the_scheduler(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, lr_scheduler="warmup_stable_decay",
+def test_scheduler_kwargs_reach_the_scheduler(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, lr_scheduler="warmup_stable_decay",
                    lr_scheduler_kwargs={"num_decay_steps": 4, "decay_type": "linear"})
     lrs = lr_curve(trainer_for(ctx)[0], 10)
     assert lrs[:6] == [pytest.approx(1e-3)] * 6  # stable, then 4 decay steps
     assert lrs[6] > lrs[7] > lrs[8] > lrs[9] > lrs[10]
-    restarts = make_ctx(tiny_model_dir, tmp_path, lr_scheduler="cosine_with_restarts",
+    restarts = make_ctx(ft_tiny_model_dir, tmp_path, lr_scheduler="cosine_with_restarts",
                         lr_scheduler_kwargs={"num_cycles": 2})
     lrs = lr_curve(trainer_for(restarts)[0], 10)
     assert lrs[5] == pytest.approx(1e-3)  # the second cycle starts again at the peak
@@ -106,9 +106,9 @@ def test_scheduler_kwargs_reach_the_scheduler(tiny_model_dir, tmp_path):
      ["more than max_steps"]),
     ({"lr_scheduler": "polynomial", "lr_scheduler_kwargs": {"lr_end": 0.1}}, ["lr_end must be below learning_rate"]),
 ])
-def test_scheduler_settings_that_cannot_work_are_config_errors(tiny_model_dir, tmp_path, settings, fragments):
+def test_scheduler_settings_that_cannot_work_are_config_errors(ft_tiny_model_dir, tmp_path, settings, fragments):
     with pytest.raises(ConfigError) as err:
-        make_ctx(tiny_model_dir, tmp_path, **settings)
+        make_ctx(ft_tiny_model_dir, tmp_path, **settings)
     for fragment in fragments:
         assert fragment in str(err.value)
 
@@ -117,9 +117,9 @@ def test_scheduler_settings_that_cannot_work_are_config_errors(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("name", ["paged_adamw_32bit", "paged_adamw_8bit", "lion", "lion_8bit"])
-def test_bitsandbytes_optimizers_train(tiny_model_dir, tmp_path, name):
+def test_bitsandbytes_optimizers_train(ft_tiny_model_dir, tmp_path, name):
     pytest.importorskip("bitsandbytes")
-    ctx = make_ctx(tiny_model_dir, tmp_path, optimizer=name, max_steps=2, lr_scheduler="constant")
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, optimizer=name, max_steps=2, lr_scheduler="constant")
     trainer, data = trainer_for(ctx)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     metrics = run_training(ctx, trainer, data)
@@ -130,11 +130,11 @@ def test_bitsandbytes_optimizers_train(tiny_model_dir, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["adamw_torch_8bit", "ao_adamw_4bit"])
-def test_torchao_low_bit_adamw(tiny_model_dir, tmp_path, name, monkeypatch):
+def test_torchao_low_bit_adamw(ft_tiny_model_dir, tmp_path, name, monkeypatch):
     import ft.errors
 
     if ft.errors.is_installed("torchao"):
-        ctx = make_ctx(tiny_model_dir, tmp_path, optimizer=name, max_steps=2, lr_scheduler="constant")
+        ctx = make_ctx(ft_tiny_model_dir, tmp_path, optimizer=name, max_steps=2, lr_scheduler="constant")
         trainer, data = trainer_for(ctx)
         metrics = run_training(ctx, trainer, data)
         assert metrics["steps"] == 2 and math.isfinite(metrics["train_loss"])
@@ -142,28 +142,28 @@ def test_torchao_low_bit_adamw(tiny_model_dir, tmp_path, name, monkeypatch):
         return
     with pytest.raises(ConfigError, match=rf"optimizer: optimizer '{name.replace('ao_adamw', 'adamw_torch')}' needs "
                                           r"torchao, which is not installed: pip install 'ft\[torchao\]'"):
-        make_ctx(tiny_model_dir, tmp_path, optimizer=name)
+        make_ctx(ft_tiny_model_dir, tmp_path, optimizer=name)
 
 
 # -- cadence -------------------------------------------------------------------------------------
 
 
-def test_evals_and_saves_per_epoch_become_steps(tiny_model_dir, tmp_path):
+def test_evals_and_saves_per_epoch_become_steps(ft_tiny_model_dir, tmp_path):
     # 16 rows / micro_batch 2 = 8 steps per epoch; 4 evaluations and 2 checkpoints per epoch
-    ctx = make_ctx(tiny_model_dir, tmp_path, max_steps=None, num_epochs=2, evals_per_epoch=4, saves_per_epoch=2,
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, max_steps=None, num_epochs=2, evals_per_epoch=4, saves_per_epoch=2,
                    val_set_size=0.1)
     trainer, _ = trainer_for(ctx, n_rows=16, eval_rows=2)
     assert (trainer.args.eval_strategy, trainer.args.eval_steps) == ("steps", 2)
     assert (trainer.args.save_strategy, trainer.args.save_steps) == ("steps", 4)
-    no_eval = make_ctx(tiny_model_dir, tmp_path, evals_per_epoch=4)  # no eval data: nothing to evaluate
+    no_eval = make_ctx(ft_tiny_model_dir, tmp_path, evals_per_epoch=4)  # no eval data: nothing to evaluate
     assert trainer_for(no_eval)[0].args.eval_strategy == "no"
-    epochs = make_ctx(tiny_model_dir, tmp_path, eval_strategy="epoch", save_strategy="epoch", val_set_size=0.1)
+    epochs = make_ctx(ft_tiny_model_dir, tmp_path, eval_strategy="epoch", save_strategy="epoch", val_set_size=0.1)
     args = trainer_for(epochs, eval_rows=2)[0].args
     assert (args.eval_strategy, args.save_strategy) == ("epoch", "epoch")
 
 
-def test_evaluations_and_checkpoints_happen_where_configured(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, max_steps=None, num_epochs=2, evals_per_epoch=2, saves_per_epoch=1,
+def test_evaluations_and_checkpoints_happen_where_configured(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, max_steps=None, num_epochs=2, evals_per_epoch=2, saves_per_epoch=1,
                    val_set_size=0.1, save_total_limit=5)
     trainer, data = trainer_for(ctx, n_rows=8, eval_rows=2)  # 4 steps per epoch
     run_training(ctx, trainer, data)
@@ -185,9 +185,9 @@ def test_evaluations_and_checkpoints_happen_where_configured(tiny_model_dir, tmp
      "save_steps (3) must be a multiple of eval_steps (2)"),
     ({"metric_for_best_model": "eval_loss"}, "metric_for_best_model: has no effect without early_stopping_patience"),
 ])
-def test_cadence_settings_that_contradict_are_config_errors(tiny_model_dir, tmp_path, settings, fragment):
+def test_cadence_settings_that_contradict_are_config_errors(ft_tiny_model_dir, tmp_path, settings, fragment):
     with pytest.raises(ConfigError) as err:
-        make_ctx(tiny_model_dir, tmp_path, **settings)
+        make_ctx(ft_tiny_model_dir, tmp_path, **settings)
     assert fragment in str(err.value)
 
 
@@ -208,8 +208,8 @@ class RisingEvalLoss:
         return [Worse()]
 
 
-def test_early_stopping_stops_and_the_best_checkpoint_is_loaded_at_the_end(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("rising", RisingEvalLoss)], max_steps=20, val_set_size=0.1,
+def test_early_stopping_stops_and_the_best_checkpoint_is_loaded_at_the_end(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, plugins=[("rising", RisingEvalLoss)], max_steps=20, val_set_size=0.1,
                    eval_steps=2, save_steps=2, save_total_limit=2, early_stopping_patience=2,
                    load_best_model_at_end=True)
     trainer, data = trainer_for(ctx, eval_rows=2)
@@ -228,8 +228,8 @@ def test_early_stopping_stops_and_the_best_checkpoint_is_loaded_at_the_end(tiny_
     assert trainer.model.state_dict()[name].equal(value.to(trainer.model.state_dict()[name].dtype))
 
 
-def test_cadence_errors_name_the_file_and_line(tiny_model_dir, write_yaml):
-    path = write_yaml({"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "chat_template"}],
+def test_cadence_errors_name_the_file_and_line(ft_tiny_model_dir, write_yaml):
+    path = write_yaml({"base_model": str(ft_tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "chat_template"}],
                        "evals_per_epoch": 2, "eval_steps": 4, "val_set_size": 0.1})
     with pytest.raises(FtError, match=rf"{path.name}:\d+: evals_per_epoch: eval_steps and evals_per_epoch"):
         load_context(str(path))

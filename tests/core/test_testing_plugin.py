@@ -281,3 +281,28 @@ def test_dataset_writer_and_config_writer(ft_dataset, ft_config, ft_tiny_model_d
     assert cfg["datasets"] == [{"path": str(chat), "type": "chat_template"}]
     assert cfg["output_dir"] == str(tmp_path / "out")
     assert (ft_tiny_model_dir / "config.json").exists() and (ft_tiny_model_dir / "tokenizer.json").exists()
+
+
+ONE_THREAD_TEST = '''
+import pytest
+import torch
+
+torch.set_num_threads(3)
+
+
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_one_thread_inside():
+    assert torch.get_num_threads() == 1
+
+
+def test_restored_after():
+    assert torch.get_num_threads() == 3
+'''
+
+
+def test_one_torch_thread_fixture_sets_one_thread_and_restores_the_count(tmp_path):
+    (tmp_path / "test_threads.py").write_text(ONE_THREAD_TEST)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 passed" in res.stdout

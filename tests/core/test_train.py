@@ -19,7 +19,7 @@ from ft.train import build_trainer, out_of_memory_message, run_training
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 class HandFormat:
@@ -30,9 +30,9 @@ class HandFormat:
         register.add("hand", DatasetOptions, lambda cfg, entry, tokenizer: None)
 
 
-def make_ctx(tiny_model_dir, tmp_path, plugins=(), **overrides):
+def make_ctx(ft_tiny_model_dir, tmp_path, plugins=(), **overrides):
     config = {
-        "base_model": str(tiny_model_dir),
+        "base_model": str(ft_tiny_model_dir),
         "datasets": [{"path": "rows.jsonl", "type": "hand"}],
         "output_dir": str(tmp_path / "out"),
         "micro_batch_size": 2,
@@ -79,8 +79,8 @@ def train(ctx, **load_kw):
 # -- arguments ---------------------------------------------------------------------------------
 
 
-def test_core_config_becomes_training_arguments(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, warmup_ratio=0.25, weight_decay=0.1, max_grad_norm=0.5, eval_batch_size=5,
+def test_core_config_becomes_training_arguments(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, warmup_ratio=0.25, weight_decay=0.1, max_grad_norm=0.5, eval_batch_size=5,
                    gradient_accumulation_steps=3, seed=7, gradient_checkpointing=True,
                    gradient_checkpointing_kwargs={"use_reentrant": False})
     tok, model, data, _ = load(ctx)
@@ -97,7 +97,7 @@ def test_core_config_becomes_training_arguments(tiny_model_dir, tmp_path):
     assert kwargs == {"use_reentrant": False}
 
 
-def test_plugin_trainer_args_are_merged_and_unknown_fields_name_the_plugin(tiny_model_dir, tmp_path):
+def test_plugin_trainer_args_are_merged_and_unknown_fields_name_the_plugin(ft_tiny_model_dir, tmp_path):
     class Good:
         @hookimpl
         def ft_trainer_args(cfg):
@@ -108,15 +108,15 @@ def test_plugin_trainer_args_are_merged_and_unknown_fields_name_the_plugin(tiny_
         def ft_trainer_args(cfg):
             return {"no_such_field": 1}
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("good", Good)])
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, plugins=[("good", Good)])
     tok, model, data, _ = load(ctx)
     assert build_trainer(ctx, model, tok, data).args.adam_beta2 == 0.95
-    bad = make_ctx(tiny_model_dir, tmp_path, plugins=[("bad", Bad)])
+    bad = make_ctx(ft_tiny_model_dir, tmp_path, plugins=[("bad", Bad)])
     with pytest.raises(FtError, match="plugin 'bad' sets TrainingArguments field 'no_such_field'"):
         build_trainer(bad, model, tok, data)
 
 
-def test_missing_reporting_backend_says_how_to_install(tiny_model_dir, tmp_path, monkeypatch):
+def test_missing_reporting_backend_says_how_to_install(ft_tiny_model_dir, tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
@@ -124,22 +124,22 @@ def test_missing_reporting_backend_says_how_to_install(tiny_model_dir, tmp_path,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     # refused at validation, before any model loads (mlflow used to crash the Trainer with a traceback)
     with pytest.raises(FtError, match=r"report_to: reporting to wandb needs the 'wandb' package.*pip install wandb"):
-        make_ctx(tiny_model_dir, tmp_path, report_to="wandb")
+        make_ctx(ft_tiny_model_dir, tmp_path, report_to="wandb")
     with pytest.raises(FtError, match=r"reporting to mlflow needs the 'mlflow' package.*pip install mlflow"):
-        make_ctx(tiny_model_dir, tmp_path, report_to=["tensorboard", "mlflow"])
+        make_ctx(ft_tiny_model_dir, tmp_path, report_to=["tensorboard", "mlflow"])
     with pytest.raises(FtError, match=r"unknown reporter 'tensorbord'. Did you mean 'tensorboard'\?"):
-        make_ctx(tiny_model_dir, tmp_path, report_to="tensorbord")
+        make_ctx(ft_tiny_model_dir, tmp_path, report_to="tensorbord")
     # and when the package disappears between validation and training, the Trainer is not built either
-    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=1)
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=1)
     tok, model, data, _ = load(ctx)
     missing.update({"tensorboard", "tensorboardX"})
     with pytest.raises(FtError, match=r"reporting to tensorboard needs the 'tensorboard' package"):
         build_trainer(ctx, model, tok, data)
 
 
-def test_report_to_tensorboard_writes_event_files(tiny_model_dir, tmp_path):
+def test_report_to_tensorboard_writes_event_files(ft_tiny_model_dir, tmp_path):
     pytest.importorskip("tensorboard")
-    ctx = make_ctx(tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=2)
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, report_to="tensorboard", max_steps=2)
     train(ctx)
     events = list((tmp_path / "out").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
@@ -148,10 +148,10 @@ def test_report_to_tensorboard_writes_event_files(tiny_model_dir, tmp_path):
 # -- optimizer and scheduler by name ----------------------------------------------------------------
 
 
-def test_sgd_with_constant_schedule_is_what_trains(tiny_model_dir, tmp_path):
+def test_sgd_with_constant_schedule_is_what_trains(ft_tiny_model_dir, tmp_path):
     import torch
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, optimizer="sgd", lr_scheduler="constant", learning_rate=0.05)
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, optimizer="sgd", lr_scheduler="constant", learning_rate=0.05)
     trainer, metrics, _, _ = train(ctx)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     assert type(optimizer) is torch.optim.SGD
@@ -160,10 +160,10 @@ def test_sgd_with_constant_schedule_is_what_trains(tiny_model_dir, tmp_path):
     assert metrics["steps"] == 4
 
 
-def test_cosine_schedule_decays_after_warmup(tiny_model_dir, tmp_path):
+def test_cosine_schedule_decays_after_warmup(ft_tiny_model_dir, tmp_path):
     import torch
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, optimizer="adamw_torch", lr_scheduler="cosine", warmup_steps=2,
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, optimizer="adamw_torch", lr_scheduler="cosine", warmup_steps=2,
                    max_steps=6)
     trainer, _, _, _ = train(ctx)
     assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), torch.optim.AdamW)
@@ -173,7 +173,7 @@ def test_cosine_schedule_decays_after_warmup(tiny_model_dir, tmp_path):
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
 
 
-def test_factory_optimizer_and_scheduler_registered_by_a_plugin(tiny_model_dir, tmp_path):
+def test_factory_optimizer_and_scheduler_registered_by_a_plugin(ft_tiny_model_dir, tmp_path):
     import torch
 
     seen = {}
@@ -194,7 +194,7 @@ def test_factory_optimizer_and_scheduler_registered_by_a_plugin(tiny_model_dir, 
         def ft_register_schedulers(register):
             register.add("half", make_scheduler)
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("extra", Extra)], optimizer="my_adagrad", lr_scheduler="half")
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, plugins=[("extra", Extra)], optimizer="my_adagrad", lr_scheduler="half")
     trainer, _, _, _ = train(ctx)
     assert type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)) is torch.optim.Adagrad
     assert seen["steps"] == 4
@@ -202,7 +202,7 @@ def test_factory_optimizer_and_scheduler_registered_by_a_plugin(tiny_model_dir, 
     assert all(lr == pytest.approx(5e-4) for lr in lrs)
 
 
-def test_trainer_class_of_a_plugin_method_still_counts_tokens(tiny_model_dir, tmp_path):
+def test_trainer_class_of_a_plugin_method_still_counts_tokens(ft_tiny_model_dir, tmp_path):
     from ft_plugins.sft import padding_collator
     from transformers import Trainer
 
@@ -216,7 +216,7 @@ def test_trainer_class_of_a_plugin_method_still_counts_tokens(tiny_model_dir, tm
         def ft_register_methods(register):
             register.add(Method("mine", SFT_COLUMNS, padding_collator, lambda: MyTrainer))
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("mymethod", MyMethod)], max_steps=1, method="mine")
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, plugins=[("mymethod", MyMethod)], max_steps=1, method="mine")
     trainer, metrics, _, _ = train(ctx)
     assert isinstance(trainer, MyTrainer)
     assert metrics["train_tokens"] > 0 and metrics["method"] == "mine"
@@ -225,9 +225,9 @@ def test_trainer_class_of_a_plugin_method_still_counts_tokens(tiny_model_dir, tm
 # -- metrics and outputs ---------------------------------------------------------------------------
 
 
-def test_metrics_count_real_tokens_and_eval_loss(tiny_model_dir, tmp_path):
+def test_metrics_count_real_tokens_and_eval_loss(ft_tiny_model_dir, tmp_path):
     # one epoch over 8 rows of different lengths: the counts are those of the rows, not of the padding
-    ctx = make_ctx(tiny_model_dir, tmp_path, max_steps=None, num_epochs=1, micro_batch_size=3, logging_steps=2)
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, max_steps=None, num_epochs=1, micro_batch_size=3, logging_steps=2)
     trainer, metrics, _, rows = train(ctx, n_rows=8, eval_rows=2)
     assert metrics["steps"] == 3 and metrics["epochs"] == pytest.approx(1.0)
     assert metrics["train_tokens"] == sum(len(r["input_ids"]) for r in rows[:8])
@@ -240,8 +240,8 @@ def test_metrics_count_real_tokens_and_eval_loss(tiny_model_dir, tmp_path):
     assert any("eval_loss" in row for row in history)
 
 
-def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys):
-    ctx = make_ctx(tiny_model_dir, tmp_path, max_steps=3)
+def test_run_files_summary_png_and_metrics_json(ft_tiny_model_dir, tmp_path, capsys):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, max_steps=3)
     plan_resume(ctx)
     trainer, metrics, tok, _ = train(ctx)
     out = tmp_path / "out"
@@ -285,8 +285,8 @@ def test_run_files_summary_png_and_metrics_json(tiny_model_dir, tmp_path, capsys
     assert saved_cfg["max_steps"] == 3 and saved_cfg["optimizer"] == "adamw_torch_fused"  # the default, resolved
 
 
-def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path)
+def test_finished_run_is_not_overwritten_without_the_flag(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path)
     assert plan_resume(ctx).checkpoint is None
     out = tmp_path / "out"
     assert out.is_dir()
@@ -306,7 +306,7 @@ def test_finished_run_is_not_overwritten_without_the_flag(tiny_model_dir, tmp_pa
 # -- out of memory ----------------------------------------------------------------------------------
 
 
-def test_out_of_memory_ends_with_the_remedies(tiny_model_dir, tmp_path):
+def test_out_of_memory_ends_with_the_remedies(ft_tiny_model_dir, tmp_path):
     import torch
     from transformers import TrainerCallback
 
@@ -319,7 +319,7 @@ def test_out_of_memory_ends_with_the_remedies(tiny_model_dir, tmp_path):
         def ft_callbacks(cfg):
             return [Explode()]
 
-    ctx = make_ctx(tiny_model_dir, tmp_path, plugins=[("oom", Oom)], micro_batch_size=4, sequence_len=1024)
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, plugins=[("oom", Oom)], micro_batch_size=4, sequence_len=1024)
     with pytest.raises(FtError) as err:
         train(ctx)
     text = str(err.value)
@@ -330,8 +330,8 @@ def test_out_of_memory_ends_with_the_remedies(tiny_model_dir, tmp_path):
     assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
 
 
-def test_out_of_memory_message_skips_what_is_already_done(tiny_model_dir, tmp_path):
-    ctx = make_ctx(tiny_model_dir, tmp_path, micro_batch_size=1, gradient_checkpointing=True)
+def test_out_of_memory_message_skips_what_is_already_done(ft_tiny_model_dir, tmp_path):
+    ctx = make_ctx(ft_tiny_model_dir, tmp_path, micro_batch_size=1, gradient_checkpointing=True)
     text = out_of_memory_message(ctx.cfg)
     assert "micro_batch_size is already 1" in text
     assert "set gradient_checkpointing" not in text

@@ -276,10 +276,10 @@ NEEDS = {"qlora": "bitsandbytes", "eight_bit": "bitsandbytes"}
 
 
 @pytest.fixture
-def axolotl_config(tmp_path, tiny_model_dir):
+def axolotl_config(tmp_path, ft_tiny_model_dir):
     def write(shape: str) -> tuple:
         data = write_jsonl(tmp_path / "data.jsonl", make_chat_rows(8))
-        text = SHAPES[shape].format(base=tiny_model_dir, data=data, prepared=tmp_path / "prepared",
+        text = SHAPES[shape].format(base=ft_tiny_model_dir, data=data, prepared=tmp_path / "prepared",
                                     out=tmp_path / "out")
         src = tmp_path / f"{shape}.yml"
         src.write_text(text)
@@ -292,15 +292,15 @@ def convert(ft_runner, src, out):
     return ft_runner.invoke("convert", str(src), "-o", str(out))
 
 
-def methods_registered(tiny_model_dir) -> set[str]:
+def methods_registered(ft_tiny_model_dir) -> set[str]:
     from ft.context import load_context
 
-    ctx = load_context({"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})
+    ctx = load_context({"base_model": str(ft_tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})
     return set(ctx.registries.methods.names())
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, tiny_model_dir, monkeypatch):
+def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, ft_tiny_model_dir, monkeypatch):
     from ft_plugins import hf
 
     import ft.config
@@ -312,7 +312,7 @@ def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_run
     monkeypatch.setattr(hf, "attention_problems", lambda cfg: [])
     if shape in NEEDS:
         pytest.importorskip(NEEDS[shape])
-    if shape == "dpo" and "dpo" not in methods_registered(tiny_model_dir):
+    if shape == "dpo" and "dpo" not in methods_registered(ft_tiny_model_dir):
         pytest.skip("the dpo method is not registered in this checkout (it comes with the method plugins)")
     src, out = axolotl_config(shape)
     result = convert(ft_runner, src, out)
@@ -358,9 +358,9 @@ def test_full_finetune_shape_with_compile_and_tensorboard(ft_runner, axolotl_con
     assert cfg["hf"] == {"attn_implementation": "sdpa"} and "lora" not in cfg
 
 
-def test_alpaca_shape(ft_runner, axolotl_config, tiny_model_dir):
+def test_alpaca_shape(ft_runner, axolotl_config, ft_tiny_model_dir):
     _, cfg, _ = converted(ft_runner, axolotl_config, "alpaca")
-    assert cfg["tokenizer"] == str(tiny_model_dir) and cfg["dataset_num_proc"] == 2 and cfg["shuffle"] is True
+    assert cfg["tokenizer"] == str(ft_tiny_model_dir) and cfg["dataset_num_proc"] == 2 and cfg["shuffle"] is True
     assert cfg["datasets"][0]["name"] == "default" and cfg["excess_length"] == "truncate"
     assert (cfg["eval_steps"], cfg["save_steps"], cfg["early_stopping_patience"], cfg["load_best_model_at_end"]) == \
         (50, 100, 3, True)
@@ -662,7 +662,7 @@ def test_an_rl_method_ft_lacks_is_refused_with_its_trl_block(ft_runner, tmp_path
     assert "trl: settings (epsilon, num_generations)" in result.output
 
 
-def test_orpo_argilla_reads_whole_conversations_and_trains_every_row(ft_runner, tmp_path, tiny_model_dir):
+def test_orpo_argilla_reads_whole_conversations_and_trains_every_row(ft_runner, tmp_path, ft_tiny_model_dir):
     # axolotl's ORPO chat_template.argilla: chosen/rejected are conversations; a `prompt` text column repeats
     # the first user turn and must not become a second prompt
     rows = [{"prompt": f"Question {i}?", "chosen": [{"role": "user", "content": f"Question {i}?"},
@@ -671,7 +671,7 @@ def test_orpo_argilla_reads_whole_conversations_and_trains_every_row(ft_runner, 
                           {"role": "assistant", "content": f"Bad {i}."}]} for i in range(6)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     src = tmp_path / "orpo.yml"
-    src.write_text(f"base_model: {tiny_model_dir}\nrl: orpo\norpo_alpha: 0.1\nchat_template: chatml\n"
+    src.write_text(f"base_model: {ft_tiny_model_dir}\nrl: orpo\norpo_alpha: 0.1\nchat_template: chatml\n"
                    f"datasets:\n  - path: {data}\n    type: chat_template.argilla\n"
                    f"dataset_prepared_path: {tmp_path / 'prep'}\noutput_dir: {tmp_path / 'out'}\nwarmup_steps: 0\n")
     out = tmp_path / "orpo.ft.yaml"
@@ -690,7 +690,7 @@ def test_no_dataset_left_is_an_error_and_nothing_is_written(ft_runner, tmp_path)
     assert "no dataset could be converted" in result.output and "bradley_terry.chat_template" in result.output
 
 
-def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, tiny_model_dir):
+def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, ft_tiny_model_dir):
     result = _convert(evals_per_epoch=0, saves_per_epoch=0, val_set_size=0.1)
     assert result.config["eval_strategy"] == "no" and "evals_per_epoch" not in result.config
     assert result.config["save_strategy"] == "no"
@@ -708,7 +708,7 @@ def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, tiny_mo
     # each of them validates
     (tmp_path / "p.jsonl").write_text("")
     for i, res in enumerate((result, sharded, no_adapter)):
-        cfg = dict(res.config, base_model=str(tiny_model_dir), datasets=[{"path": "p.jsonl", "type": "chat_template"}])
+        cfg = dict(res.config, base_model=str(ft_tiny_model_dir), datasets=[{"path": "p.jsonl", "type": "chat_template"}])
         path = tmp_path / f"{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         ft_runner.validate(path).assert_ok()
@@ -744,7 +744,7 @@ def test_grpo_generation_and_importance_sampling_keys_are_mapped():
     assert off.config["grpo"]["is_correction"] == "none"
 
 
-def test_equivalents_ft_has_are_used(ft_runner, tmp_path, tiny_model_dir):
+def test_equivalents_ft_has_are_used(ft_runner, tmp_path, ft_tiny_model_dir):
     dpo = _convert(rl="dpo", dpo_label_smoothing=0.1, precompute_ref_log_probs=True, max_prompt_len=256,
                    datasets=[{"path": "p.jsonl", "type": "chatml.intel"}])
     assert dpo.config["dpo"] == {"loss_type": "sigmoid", "label_smoothing": 0.1, "precompute_ref_logps": True,
@@ -760,12 +760,12 @@ def test_equivalents_ft_has_are_used(ft_runner, tmp_path, tiny_model_dir):
     assert not _dropped(cce) and "fused_loss" in cce.notes[0].reason
 
 
-def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, tiny_model_dir):
+def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, ft_tiny_model_dir):
     from ft_plugins.optimizers import ft_trainer_args
 
     from ft.context import load_context
 
-    base = {"base_model": str(tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
+    base = {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
     ctx = load_context({**base, "adam": {"beta2": 0.95, "epsilon": 1e-6}})
     assert ft_trainer_args(ctx.cfg) == {"adam_beta2": 0.95, "adam_epsilon": 1e-6}  # what was written, no more
     assert ft_trainer_args(load_context(base).cfg) == {}  # transformers' defaults, and room for other plugins
@@ -781,9 +781,9 @@ def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, 
 
 
 def test_validate_refuses_local_paths_that_do_not_exist_and_lets_hub_ids_pass(ft_runner, write_yaml, tmp_path,
-                                                                              tiny_model_dir):
+                                                                              ft_tiny_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
-    ok = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}]}
+    ok = {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}]}
     ft_runner.validate(write_yaml(ok)).assert_ok()
     hub = {**ok, "base_model": "org/some-model", "datasets": [{"path": "org/some-dataset", "type": "chat_template"}]}
     ft_runner.validate(write_yaml(hub, "hub.yaml")).assert_ok()  # hub ids are not checked (no network)
@@ -799,13 +799,13 @@ def test_validate_refuses_local_paths_that_do_not_exist_and_lets_hub_ids_pass(ft
 
 
 def test_validate_refuses_an_attention_implementation_whose_package_is_missing(ft_runner, write_yaml, tmp_path,
-                                                                               tiny_model_dir, monkeypatch):
+                                                                               ft_tiny_model_dir, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
-    cfg = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
+    cfg = {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
            "hf": {"attn_implementation": "flash_attention_2"}}
     result = ft_runner.validate(write_yaml(cfg))
     assert result.exit_code == 2
@@ -813,12 +813,12 @@ def test_validate_refuses_an_attention_implementation_whose_package_is_missing(f
         result.output
 
 
-def test_validate_refuses_bf16_true_without_a_gpu(ft_runner, write_yaml, tmp_path, tiny_model_dir, monkeypatch):
+def test_validate_refuses_bf16_true_without_a_gpu(ft_runner, write_yaml, tmp_path, ft_tiny_model_dir, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
-    cfg = {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}], "bf16": True}
+    cfg = {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}], "bf16": True}
     result = ft_runner.validate(write_yaml(cfg))
     assert result.exit_code == 2 and "bf16: true needs a GPU with bf16 support" in result.output
     ft_runner.validate(write_yaml({**cfg, "bf16": "auto"}, "auto.yaml")).assert_ok()
@@ -827,15 +827,15 @@ def test_validate_refuses_bf16_true_without_a_gpu(ft_runner, write_yaml, tmp_pat
 # -- the corpus harness (bench/axolotl_corpus.py) -----------------------------------------------------
 
 
-def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, tiny_model_dir, capsys):
+def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, ft_tiny_model_dir, capsys):
     from test_bench_train import load_bench
 
     data = write_jsonl(tmp_path / "d.jsonl", make_chat_rows(4))
     folder = tmp_path / "configs"
     folder.mkdir()
-    sft = f"base_model: {tiny_model_dir}\ndatasets:\n  - path: {data}\n    type: chat_template\n"
+    sft = f"base_model: {ft_tiny_model_dir}\ndatasets:\n  - path: {data}\n    type: chat_template\n"
     (folder / "sft.yml").write_text(sft)
-    (folder / "dpo.yml").write_text(f"base_model: {tiny_model_dir}\nrl: dpo\ndatasets:\n  - path: {data}\n"
+    (folder / "dpo.yml").write_text(f"base_model: {ft_tiny_model_dir}\nrl: dpo\ndatasets:\n  - path: {data}\n"
                                     "    type: chatml.intel\n")
     (folder / "classifier.yml").write_text(sft + "model_type: AutoModelForSequenceClassification\n")
     (folder / "gdpo.yml").write_text(sft + "rl: gdpo\n")
@@ -862,10 +862,10 @@ def test_corpus_harness_reports_validated_refused_and_flagged_configs(tmp_path, 
 # -- reward models, process reward models and EBFT ------------------------------------------------
 
 
-def _convert_file(ft_runner, tmp_path, tiny_model_dir, data: dict, rows: list[dict]) -> tuple:
+def _convert_file(ft_runner, tmp_path, ft_tiny_model_dir, data: dict, rows: list[dict]) -> tuple:
     """Write ``data`` (an axolotl config on the tiny model, its dataset ``rows``) and ``ft convert`` it."""
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    data = {"base_model": str(tiny_model_dir), "sequence_len": 256, "micro_batch_size": 2, "warmup_steps": 0,
+    data = {"base_model": str(ft_tiny_model_dir), "sequence_len": 256, "micro_batch_size": 2, "warmup_steps": 0,
             "dataset_prepared_path": str(tmp_path / "prepared"), "output_dir": str(tmp_path / "out"), **data}
     data["datasets"] = [dict(entry, path=str(path)) for entry in data["datasets"]]
     src, out = tmp_path / "axolotl.yml", tmp_path / "ft.yaml"
@@ -874,10 +874,10 @@ def _convert_file(ft_runner, tmp_path, tiny_model_dir, data: dict, rows: list[di
     return result, (yaml.safe_load(out.read_text()) if out.exists() else None), out
 
 
-def test_reward_model_config_becomes_method_reward_model(ft_runner, tmp_path, tiny_model_dir):
+def test_reward_model_config_becomes_method_reward_model(ft_runner, tmp_path, ft_tiny_model_dir):
     rows = [{"system": "Be brief." if i % 2 else "", "input": f"What is {i} + {i}?", "chosen": f"{2 * i}.",
              "rejected": f"I am not sure about {i}."} for i in range(6)]
-    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+    result, cfg, out = _convert_file(ft_runner, tmp_path, ft_tiny_model_dir, {
         "model_type": "AutoModelForSequenceClassification", "num_labels": 1, "reward_model": True,
         "center_rewards_coefficient": 0.01, "chat_template": "chatml",
         "datasets": [{"type": "bradley_terry.chat_template"}]}, rows)
@@ -905,10 +905,10 @@ def test_reward_flags_with_another_head_or_label_count_are_flagged():
     assert "reward_model" not in plain.config and not _dropped(plain)
 
 
-def test_process_reward_model_config_becomes_method_prm(ft_runner, tmp_path, tiny_model_dir):
+def test_process_reward_model_config_becomes_method_prm(ft_runner, tmp_path, ft_tiny_model_dir):
     rows = [{"prompt": f"Add {i} and {i}.", "completions": [f"Step one: {i} + {i}.", f"So {2 * i}."],
              "labels": [True, i % 3 != 0]} for i in range(6)]
-    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+    result, cfg, out = _convert_file(ft_runner, tmp_path, ft_tiny_model_dir, {
         "model_type": "AutoModelForTokenClassification", "num_labels": 2, "process_reward_model": True,
         "datasets": [{"type": "stepwise_supervised", "step_separator": "\n", "max_completion_length": None,
                       "train_on_last_step_only": False}]}, rows)
@@ -921,9 +921,9 @@ def test_process_reward_model_config_becomes_method_prm(ft_runner, tmp_path, tin
     assert "dropped nothing" in ft_runner.preprocess(out).assert_ok().log
 
 
-def test_ebft_structured_config_becomes_method_ebft(ft_runner, tmp_path, tiny_model_dir):
+def test_ebft_structured_config_becomes_method_ebft(ft_runner, tmp_path, ft_tiny_model_dir):
     rows = [{"input": f"Write {i} in words.", "output": f"The number {i}."} for i in range(6)]
-    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+    result, cfg, out = _convert_file(ft_runner, tmp_path, ft_tiny_model_dir, {
         "rl": "ebft", "chat_template": "chatml",
         "ebft": {"feature_layers": [0.5], "embed_method": "completion_mean", "use_whitening": False,
                  "alignment_coef": 1.0, "diversity_coef": 0.5, "ce_coef": 0.0},
@@ -955,9 +955,9 @@ def test_ebft_options_ft_lacks_are_flagged():
     assert "pooling" not in result.config["ebft"] and "vllm" in result.config["plugins"]
 
 
-def test_ebft_strided_config_becomes_type_strided(ft_runner, tmp_path, tiny_model_dir):
+def test_ebft_strided_config_becomes_type_strided(ft_runner, tmp_path, ft_tiny_model_dir):
     rows = [{"text": " ".join(f"word{j}" for j in range(i, i + 40))} for i in range(4)]
-    result, cfg, out = _convert_file(ft_runner, tmp_path, tiny_model_dir, {
+    result, cfg, out = _convert_file(ft_runner, tmp_path, ft_tiny_model_dir, {
         "rl": "ebft", "micro_batch_size": 1, "gradient_accumulation_steps": 2,
         "ebft": {"mode": "strided", "stride": 8, "context_length": 8, "generate_max_len": 4,
                  "n_samples_per_prompt": 2, "feature_layers": [0.25, 0.5, 0.75], "embed_method": "mean_pooling",

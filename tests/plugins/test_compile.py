@@ -33,10 +33,10 @@ def test_compiled_run_trains_like_the_eager_run(ft_config, ft_dataset, ft_runner
 
 
 @pytest.mark.slow
-def test_inductor_loss_and_gradients_equal_eager(tiny_model_dir):
+def test_inductor_loss_and_gradients_equal_eager(ft_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32)
     model.config.use_cache = False
     ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()

@@ -13,7 +13,7 @@ import pytest
 
 from ft.context import load_context
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: float, d: float):
@@ -97,10 +97,10 @@ def ebft_config(root: Path, model_dir: Path, **extra) -> dict:
             **extra}
 
 
-def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer):
     from ft.data import prepare_datasets
 
-    config = ebft_config(tmp_path, tiny_model_dir)
+    config = ebft_config(tmp_path, ft_tiny_model_dir)
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
     rows[1]["reference"] = "  "
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -109,9 +109,9 @@ def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, tiny
     assert len(prepared.train) == len(rows) - 1
     assert "rows.jsonl:2" in json.dumps(prepared.report) and "missing reference" in json.dumps(prepared.report)
     first = prepared.train[0]
-    expected = tiny_tokenizer(rows[0]["reference"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    expected = ft_tiny_tokenizer(rows[0]["reference"], add_special_tokens=False)["input_ids"] + [ft_tiny_tokenizer.eos_token_id]
     assert first["reference_ids"] == expected
-    assert first["input_ids"] == tiny_tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True,
+    assert first["input_ids"] == ft_tiny_tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True,
                                                                      tokenize=True, return_dict=False)
 
 
@@ -143,10 +143,10 @@ def base_features(model_dir, prompt, completion, layers):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plugins", [("lora",), ()], ids=["lora-adapter-disabled", "full-frozen-copy"])
-def test_features_come_from_the_frozen_model(tmp_path, tiny_model_dir, plugins):
+def test_features_come_from_the_frozen_model(tmp_path, ft_tiny_model_dir, plugins):
     import torch
 
-    trainer, model, prepared = trainer_for(tmp_path, tiny_model_dir, *plugins)
+    trainer, model, prepared = trainer_for(tmp_path, ft_tiny_model_dir, *plugins)
     with torch.no_grad():  # the policy moves away from the base (as training would move it)
         for p in model.parameters():
             if p.requires_grad:
@@ -156,7 +156,7 @@ def test_features_come_from_the_frozen_model(tmp_path, tiny_model_dir, plugins):
     extractor = trainer.features
     assert extractor.layers == [1, 2]
     got = extractor([prompt], [completion], torch.device("cpu"))
-    expected = base_features(tiny_model_dir, prompt, completion, extractor.layers)
+    expected = base_features(ft_tiny_model_dir, prompt, completion, extractor.layers)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the trained policy's own features differ: the extractor did not read them
         hidden = model(input_ids=torch.tensor([prompt + completion]), output_hidden_states=True).hidden_states
@@ -168,10 +168,10 @@ def test_features_come_from_the_frozen_model(tmp_path, tiny_model_dir, plugins):
 
 
 @pytest.mark.slow
-def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, tiny_model_dir):
+def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, ft_tiny_model_dir):
     from ft.run import run
 
-    result = run(ebft_config(tmp_path, tiny_model_dir, plugins=["lora"]))
+    result = run(ebft_config(tmp_path, ft_tiny_model_dir, plugins=["lora"]))
     assert result.metrics["steps"] == 2
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     for r in history:
@@ -182,36 +182,36 @@ def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, tiny_model_
     assert set(line["rewards"]) == {"feature_matching"}
 
 
-def test_strided_mode_cuts_documents_at_anchors(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_strided_mode_cuts_documents_at_anchors(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer):
     from ft.data import prepare_datasets
     from ft.tiny import corpus
 
     doc = " ".join(corpus(40, seed=2))
     short = "Too short."
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": doc}) + "\n" + json.dumps({"text": short}) + "\n")
-    config = ebft_config(tmp_path, tiny_model_dir, ebft={"max_completion_len": 6})
+    config = ebft_config(tmp_path, ft_tiny_model_dir, ebft={"max_completion_len": 6})
     config["datasets"] = [{"path": str(tmp_path / "docs.jsonl"), "type": "strided", "stride": 20, "context_len": 30}]
     ctx = load_context(config)
     prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
-    ids = tiny_tokenizer(doc, add_special_tokens=False)["input_ids"]
+    ids = ft_tiny_tokenizer(doc, add_special_tokens=False)["input_ids"]
     anchors = list(range(20, len(ids) - 6 + 1, 20))
     assert len(anchors) >= 5 and len(prepared.train) == len(anchors)
     for k, a in enumerate(anchors):
         row = prepared.train[k]
         assert row["input_ids"] == ids[max(0, a - 30):a]
         assert row["reference_ids"] == ids[a:a + 6]
-        assert json.loads(row["prompt"]) == tiny_tokenizer.decode(ids[max(0, a - 30):a])
+        assert json.loads(row["prompt"]) == ft_tiny_tokenizer.decode(ids[max(0, a - 30):a])
     assert "docs.jsonl:2" in json.dumps(prepared.report) and "document too short" in json.dumps(prepared.report)
 
 
 @pytest.mark.slow
-def test_a_short_strided_run(tmp_path, tiny_model_dir):
+def test_a_short_strided_run(tmp_path, ft_tiny_model_dir):
     from ft.run import run
     from ft.tiny import corpus
 
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(corpus(30, seed=s))}) + "\n"
                                                  for s in range(3)))
-    config = ebft_config(tmp_path, tiny_model_dir, ebft={"max_completion_len": 4}, plugins=["lora"])
+    config = ebft_config(tmp_path, ft_tiny_model_dir, ebft={"max_completion_len": 4}, plugins=["lora"])
     config["datasets"] = [{"path": str(tmp_path / "docs.jsonl"), "type": "strided", "stride": 32, "context_len": 48}]
     result = run(config)
     assert result.metrics["steps"] == 2

@@ -12,7 +12,7 @@ from ft_plugins.packing import PackedCollator
 
 from ft.collate import PaddingCollator
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 CAPABILITIES = {"fsdp": "sharding", "deepspeed": "sharding", "compile": "compiled_forward"}
@@ -34,10 +34,10 @@ class _Cfg:
 
 
 @pytest.fixture
-def tiny_model(tiny_model_dir):
+def tiny_model(ft_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False  # as the Trainer sets it
     return model.train()
 

@@ -142,12 +142,12 @@ def test_vllm_needs_a_generating_method(tmp_path, chat_jsonl):
 # -- the prompt format ---------------------------------------------------------------------------------
 
 
-def test_prompts_are_rendered_with_the_generation_prompt_and_keep_every_column(tiny_model_dir, tmp_path):
+def test_prompts_are_rendered_with_the_generation_prompt_and_keep_every_column(ft_tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from ft.run import preprocess
 
-    config = grpo_config(tmp_path, tiny_model_dir)
+    config = grpo_config(tmp_path, ft_tiny_model_dir)
     rows = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"prompt": "Once upon a time", "answer": "x", "level": 1}) + "\n"
@@ -157,7 +157,7 @@ def test_prompts_are_rendered_with_the_generation_prompt_and_keep_every_column(t
     raw["datasets"].append({"path": str(plain), "type": "prompt"})
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     data, tok = preprocess(load_context(config))
-    ref = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ref = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     got = {tuple(r["input_ids"]): r for r in data.train}
     for row in rows:
         ids = ref.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
@@ -174,10 +174,10 @@ def test_prompts_are_rendered_with_the_generation_prompt_and_keep_every_column(t
         assert "missing field 'prompt'" in text and "malformed messages" in text
 
 
-def test_a_column_named_like_a_reward_argument_is_an_error_naming_the_row(tiny_model_dir, tmp_path):
+def test_a_column_named_like_a_reward_argument_is_an_error_naming_the_row(ft_tiny_model_dir, tmp_path):
     from ft.run import preprocess
 
-    config = grpo_config(tmp_path, tiny_model_dir)
+    config = grpo_config(tmp_path, ft_tiny_model_dir)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "hi", "completions": 3}) + "\n")
     with pytest.raises(FtError) as info:
         preprocess(load_context(config))
@@ -356,22 +356,22 @@ def test_a_stop_request_ends_the_wait_on_a_reward():
 
 # -- runs on the tiny model -----------------------------------------------------------------------------
 
-run_marks = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+run_marks = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
+def trained(ft_tiny_model_dir, tmp_path_factory):
     """One run: 2 prompts x 4 completions per step (micro-batches of 4, accumulation 2), beta 0.05."""
     from ft.run import run
 
     root = tmp_path_factory.mktemp("grpo-run")
-    config = grpo_config(root, tiny_model_dir, max_steps=4, grpo={"beta": 0.05, "log_completions_steps": 3})
+    config = grpo_config(root, ft_tiny_model_dir, max_steps=4, grpo={"beta": 0.05, "log_completions_steps": 3})
     return root, run(config)
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_a_run_logs_rewards_length_clip_ratio_kl_and_entropy(trained, tiny_model_dir):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_a_run_logs_rewards_length_clip_ratio_kl_and_entropy(trained, ft_tiny_model_dir):
     from safetensors.torch import load_file
 
     root, result = trained
@@ -398,12 +398,12 @@ def test_a_run_logs_rewards_length_clip_ratio_kl_and_entropy(trained, tiny_model
     assert (out / "grpo_curves.png").stat().st_size > 10_000  # rewards, length and policy statistics apart
     # 2 prompts x 4 completions per step, 8 tokens at most each, trained tokens = completion tokens
     assert metrics["summary"]["trained_tokens"] == pytest.approx(sum(r["completion_length"] for r in history) * 8)
-    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    before, after = load_file(ft_tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not (before[k] == after[k]).all() for k in before)
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("ft_one_torch_thread")
 def test_sample_completions_are_logged_every_n_steps(trained):
     root, _ = trained
     lines = [json.loads(x) for x in (root / "out" / "completions.jsonl").read_text().splitlines()]
@@ -421,12 +421,12 @@ def test_sample_completions_are_logged_every_n_steps(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_rewards_that_never_differ_within_a_group_are_reported_as_no_signal(tiny_model_dir, tmp_path):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_rewards_that_never_differ_within_a_group_are_reported_as_no_signal(ft_tiny_model_dir, tmp_path):
     from ft.run import run
 
     # the random tiny model never answers a sum right: every completion scores 0, every advantage is 0
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=5, gradient_accumulation_steps=1,
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=5, gradient_accumulation_steps=1,
                          grpo={"rewards": [{"name": "exact_match"}]})
     result = run(config)
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
@@ -457,11 +457,11 @@ def sevens(root: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_a_reward_that_raises_is_reported_with_its_name_and_the_row(tiny_model_dir, tmp_path):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_a_reward_that_raises_is_reported_with_its_name_and_the_row(ft_tiny_model_dir, tmp_path):
     from ft.run import run
 
-    config = grpo_config(tmp_path, tiny_model_dir, grpo={"rewards": [{"name": "crashes_on_seven"}]})
+    config = grpo_config(tmp_path, ft_tiny_model_dir, grpo={"rewards": [{"name": "crashes_on_seven"}]})
     sevens(tmp_path)
     with registered_plugin(FailingReward, "failing_reward"), pytest.raises(FtError) as info:
         run(config)
@@ -472,14 +472,14 @@ def test_a_reward_that_raises_is_reported_with_its_name_and_the_row(tiny_model_d
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("ft_one_torch_thread")
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_a_nan_reward_follows_the_health_policy(policy, tiny_model_dir, tmp_path, caplog):
+def test_a_nan_reward_follows_the_health_policy(policy, ft_tiny_model_dir, tmp_path, caplog):
     from safetensors.torch import load_file
 
     from ft.run import run
 
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, health={"on_nonfinite": policy, "watch": False},
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=2, health={"on_nonfinite": policy, "watch": False},
                          grpo={"rewards": [{"name": "nan_on_seven"}]})
     sevens(tmp_path)
     with registered_plugin(FailingReward, "failing_reward"):
@@ -490,7 +490,7 @@ def test_a_nan_reward_follows_the_health_policy(policy, tiny_model_dir, tmp_path
         else:
             result = run(config)
             assert result.metrics["warnings"][0]["check"] == "nonfinite"
-            before = load_file(tiny_model_dir / "model.safetensors")
+            before = load_file(ft_tiny_model_dir / "model.safetensors")
             after = load_file(tmp_path / "out" / "model.safetensors")
             assert all((before[k] == after[k]).all() for k in before)  # both steps were skipped
     assert "reward 'nan_on_seven' returned nan for 8 completion(s)" in caplog.text
@@ -513,12 +513,12 @@ class PartlyNone:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_rewards_that_apply_to_some_completions_train_and_say_what_they_left_out(tiny_model_dir, tmp_path, caplog):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_rewards_that_apply_to_some_completions_train_and_say_what_they_left_out(ft_tiny_model_dir, tmp_path, caplog):
     """None is "does not apply" (TRL): the run trains on what is scored, and says once what was not."""
     from ft.run import run
 
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "even_only"},
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "even_only"},
                                                                                   {"name": "never"}]})
     with registered_plugin(PartlyNone, "partly_none"):
         result = run(config)
@@ -531,8 +531,8 @@ def test_rewards_that_apply_to_some_completions_train_and_say_what_they_left_out
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_a_reward_model_scores_completions(tiny_model_dir, tmp_path):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_a_reward_model_scores_completions(ft_tiny_model_dir, tmp_path):
     """Any sequence-classification checkpoint: here a tiny random Llama classifier made on the spot."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
@@ -540,14 +540,14 @@ def test_a_reward_model_scores_completions(tiny_model_dir, tmp_path):
     from ft.run import run
 
     rm_dir = tmp_path / "rm"
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                                     num_labels=1, pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>")))
     rm.save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2,
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=2,
                          grpo={"rewards": [{"name": "reward_model", "model": str(rm_dir), "batch_size": 3}]})
     result = run(config)
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
@@ -564,9 +564,9 @@ def test_a_reward_model_scores_completions(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("ft_one_torch_thread")
 @pytest.mark.parametrize("plugins", [["lora"], ["lora", "qlora"]])
-def test_lora_and_qlora_train_an_adapter_against_the_adapter_disabled_base(plugins, tiny_model_dir, tmp_path, caplog):
+def test_lora_and_qlora_train_an_adapter_against_the_adapter_disabled_base(plugins, ft_tiny_model_dir, tmp_path, caplog):
     import logging
 
     from ft.run import run
@@ -574,7 +574,7 @@ def test_lora_and_qlora_train_an_adapter_against_the_adapter_disabled_base(plugi
     if "qlora" in plugins:
         pytest.importorskip("bitsandbytes")
     caplog.set_level(logging.INFO)
-    config = grpo_config(tmp_path, tiny_model_dir, plugins=plugins, max_steps=3, learning_rate=5e-3, bf16=False,
+    config = grpo_config(tmp_path, ft_tiny_model_dir, plugins=plugins, max_steps=3, learning_rate=5e-3, bf16=False,
                          lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, grpo={"beta": 0.1})
     result = run(config)
     out = tmp_path / "out"
@@ -602,11 +602,11 @@ THIRD_PARTY = '''
 
 
 @pytest.mark.slow
-def test_a_pip_installed_reward_works(tiny_model_dir, tmp_path):
+def test_a_pip_installed_reward_works(ft_tiny_model_dir, tmp_path):
     env = {**install_distribution(tmp_path / "site", "ft-answer-reward", "0.2.0", {"ft_answer_reward": THIRD_PARTY},
                                   {"answer_reward": "ft_answer_reward"}),
            "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "says_the_answer"}]})
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=2, grpo={"rewards": [{"name": "says_the_answer"}]})
     listed = subprocess.run([sys.executable, "-m", "ft.cli", "plugins"], env=env, capture_output=True, text=True)
     assert "answer_reward" in listed.stdout and "ft-answer-reward 0.2.0" in listed.stdout
     assert "ft_register_rewards" in listed.stdout
@@ -658,8 +658,8 @@ PAUSE_AT_STEP = textwrap.dedent('''
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(ft_tiny_model_dir, tmp_path):
     """Killed with SIGKILL after step 3 (checkpoint-2 is the last one): `ft run` resumes from it and steps 3-6
     generate the same completions and give the same rewards and losses as a run that was never killed.
     num_iterations 2: each batch of completions trains two steps, and checkpoints fall between batches."""
@@ -672,8 +672,8 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp
     ref_root, root = tmp_path / "reference", tmp_path / "killed"
     ref_root.mkdir()
     root.mkdir()
-    reference = run(grpo_config(ref_root, tiny_model_dir, **settings))
-    config = grpo_config(root, tiny_model_dir, **settings)
+    reference = run(grpo_config(ref_root, ft_tiny_model_dir, **settings))
+    config = grpo_config(root, ft_tiny_model_dir, **settings)
 
     script, marker = root / "pausing_run.py", root / "paused"
     script.write_text(PAUSE_AT_STEP)
@@ -742,14 +742,14 @@ SLEEPY_REWARD = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_slow_reward_stops_within_seconds_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+def test_ctrl_c_in_a_slow_reward_stops_within_seconds_and_keeps_the_last_checkpoint(ft_tiny_model_dir, tmp_path):
     """The first SIGINT used to wait for the step to end, forever with a reward that hangs. Now the step is
     abandoned a few seconds later: exit 130, a message saying what was kept, and nothing half-written."""
     import signal
 
     plugin, marker = tmp_path / "sleepy.py", tmp_path / "sleeping"
     plugin.write_text(SLEEPY_REWARD)
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=3, save_steps=1, gradient_accumulation_steps=1,
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=3, save_steps=1, gradient_accumulation_steps=1,
                          plugin_paths=[str(plugin)], grpo={"rewards": [{"name": "sleepy"}]})
     env = {**os.environ, "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "FT_SLEEPY_MARKER": str(marker)}
     proc = subprocess.Popen([sys.executable, "-m", "ft.cli", "run", str(config)], env=env, cwd=tmp_path,
@@ -779,14 +779,14 @@ def test_ctrl_c_in_a_slow_reward_stops_within_seconds_and_keeps_the_last_checkpo
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_reward_timeout_of_the_config_applies_to_each_call(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_reward_timeout_of_the_config_applies_to_each_call(ft_tiny_model_dir, tmp_path, monkeypatch):
     from ft.run import run
 
     plugin, marker = tmp_path / "sleepy.py", tmp_path / "sleeping"
     plugin.write_text(SLEEPY_REWARD)
     monkeypatch.setenv("FT_SLEEPY_MARKER", str(marker))
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=2, gradient_accumulation_steps=1,
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=2, gradient_accumulation_steps=1,
                          plugin_paths=[str(plugin)], grpo={"reward_timeout": 1, "rewards": [{"name": "sleepy"}]})
     with pytest.raises(FtError) as info:
         run(config)
@@ -819,7 +819,7 @@ PROBE_REWARD = '''
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_each_generate_for_their_own_prompts(tiny_model_dir, tmp_path):
+def test_ddp_two_processes_each_generate_for_their_own_prompts(ft_tiny_model_dir, tmp_path):
     probe = tmp_path / "probe"
     probe.mkdir()
     env = {**install_distribution(tmp_path / "site", "ft-probe-reward", "0.1", {"ft_probe_reward": PROBE_REWARD},
@@ -828,7 +828,7 @@ def test_ddp_two_processes_each_generate_for_their_own_prompts(tiny_model_dir, t
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     # 16 distinct prompts; per step each rank takes 2 prompts x 4 completions (micro-batches of 4, accumulation 2)
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=3, grpo={"rewards": [{"name": "probe"}],
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=3, grpo={"rewards": [{"name": "probe"}],
                                                                     "scale_rewards": "batch", "beta": 0.05})
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)} for i in range(16)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -851,7 +851,7 @@ def test_ddp_two_processes_each_generate_for_their_own_prompts(tiny_model_dir, t
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("ft_one_torch_thread")
 def test_the_example_learns_to_answer_with_a_number_and_stop(tmp_path):
     """examples/grpo.yaml: the tiny random model's mean reward climbs from below 0 to about 1."""
     from ft.run import run
@@ -899,15 +899,15 @@ def test_the_exponential_race_samples_the_softmax_distribution():
     assert torch.allclose(frequencies, probs[0], atol=0.01)
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_the_sampling_loop_continues_like_generate_and_drops_finished_rows(tiny_model_dir):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_the_sampling_loop_continues_like_generate_and_drops_finished_rows(ft_tiny_model_dir):
     """Greedy (top_k 1) the loop must give exactly what model.generate gives, for left-padded prompts of
     different lengths, each prompt's cache shared by its n rows, and rows leaving the batch at their end token."""
     import torch
     from ft_plugins.grpo import cut_at_eos, left_pad, sample_groups
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).eval()
     prompts = [[5, 17, 99, 3, 250, 12], [44, 8], [300, 301, 302, 7]]
     ids, mask = left_pad(prompts, 0, "cpu")
     with torch.inference_mode():
@@ -921,8 +921,8 @@ def test_the_sampling_loop_continues_like_generate_and_drops_finished_rows(tiny_
     assert len(want[0]) < 12 and len(want[2]) < 12 and len(want[1]) == 12
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_a_model_the_loop_does_not_fit_falls_back_to_generate(tiny_model_dir, monkeypatch, caplog):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_a_model_the_loop_does_not_fit_falls_back_to_generate(ft_tiny_model_dir, monkeypatch, caplog):
     import logging
     from types import SimpleNamespace
 
@@ -930,7 +930,7 @@ def test_a_model_the_loop_does_not_fit_falls_back_to_generate(tiny_model_dir, mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).train()
     trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), pad_token_id=0,
                               args=SimpleNamespace(device=torch.device("cpu")), eos_token_ids=frozenset({2}),
                               _logits_to_keep=True)
@@ -947,8 +947,8 @@ def test_a_model_the_loop_does_not_fit_falls_back_to_generate(tiny_model_dir, mo
     assert generation.use_generate and model.training  # said once; the training mode is restored
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_a_stop_request_abandons_generation_between_tokens_without_falling_back(tiny_model_dir):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_a_stop_request_abandons_generation_between_tokens_without_falling_back(ft_tiny_model_dir):
     """Ctrl-C during a long generation: the loop asks before each token; the stop is not taken for a model
     the loop does not fit (no fallback to generate, which could not be stopped)."""
     from types import SimpleNamespace
@@ -964,7 +964,7 @@ def test_a_stop_request_abandons_generation_between_tokens_without_falling_back(
         if len(asked) == 3:
             raise FtError("step abandoned")
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir)
     trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(unwrap_model=lambda m: m), pad_token_id=0,
                               args=SimpleNamespace(device=torch.device("cpu")), eos_token_ids=frozenset({2}),
                               _logits_to_keep=True, ft_check_stop=check_stop)
@@ -974,16 +974,16 @@ def test_a_stop_request_abandons_generation_between_tokens_without_falling_back(
     assert asked == ["generating completions"] * 3 and not generation.use_generate
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("ft_one_torch_thread")
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
-def test_the_sampling_loop_draws_the_tokens_generate_draws(tiny_model_dir, temperature, top_k, top_p):
+def test_the_sampling_loop_draws_the_tokens_generate_draws(ft_tiny_model_dir, temperature, top_k, top_p):
     """torch.multinomial draws one sample by the same exponential race, so with the same seed (and no row
     ending early: generate keeps sampling for finished rows) the loop samples exactly generate's tokens."""
     import torch
     from ft_plugins.grpo import left_pad, sample_groups
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).eval()
     ids, mask = left_pad([[5, 17, 99, 3, 250, 12], [44, 8], [300, 301, 302, 7]], 0, "cpu")
     with torch.inference_mode():
         torch.manual_seed(11)

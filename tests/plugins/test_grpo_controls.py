@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_grpo import grpo_config, load_context, write_prompts
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
 def prepared(config):
@@ -27,15 +27,15 @@ def with_entry(config, **entry):
     return config
 
 
-def test_string_prompts_get_the_system_prompt_and_chat_template_when_asked(tiny_model_dir, tmp_path):
+def test_string_prompts_get_the_system_prompt_and_chat_template_when_asked(ft_tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    config = grpo_config(tmp_path, tiny_model_dir)
+    config = grpo_config(tmp_path, ft_tiny_model_dir)
     write_prompts(tmp_path / "prompts.jsonl", n=4, chat=False)
     with_entry(config, system_prompt="Answer with a number.", apply_chat_template=True,
                chat_template_kwargs={"unused_variable": True})
     data, _ = prepared(config)
-    ref = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ref = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     rows = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
     got = {tuple(r["input_ids"]): r for r in data.train}
     for row in rows:
@@ -44,8 +44,8 @@ def test_string_prompts_get_the_system_prompt_and_chat_template_when_asked(tiny_
         assert json.loads(got[tuple(ids)]["prompt"]) == messages, "the rewards see the messages the model saw"
 
 
-def test_chat_prompts_get_the_system_prompt_only_where_they_have_none(tiny_model_dir, tmp_path):
-    config = grpo_config(tmp_path, tiny_model_dir)
+def test_chat_prompts_get_the_system_prompt_only_where_they_have_none(ft_tiny_model_dir, tmp_path):
+    config = grpo_config(tmp_path, ft_tiny_model_dir)
     rows = [{"prompt": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi."}]},
             {"prompt": [{"role": "user", "content": "Hello."}]}]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -56,10 +56,10 @@ def test_chat_prompts_get_the_system_prompt_only_where_they_have_none(tiny_model
     assert all("Default." in tok.decode(r["input_ids"]) or "Own." in tok.decode(r["input_ids"]) for r in data.train)
 
 
-def test_preprocess_debug_shows_prompt_rows(tiny_model_dir, tmp_path):
+def test_preprocess_debug_shows_prompt_rows(ft_tiny_model_dir, tmp_path):
     from ft.debug import show_samples
 
-    config = grpo_config(tmp_path, tiny_model_dir)
+    config = grpo_config(tmp_path, ft_tiny_model_dir)
     data, tok = prepared(config)
     buf = io.StringIO()
     show_samples(data.train, tok, 2, stream=buf, colour=False)  # was KeyError: 'labels'
@@ -69,20 +69,20 @@ def test_preprocess_debug_shows_prompt_rows(tiny_model_dir, tmp_path):
     assert "answer: " in text, "the columns the rewards get are shown"
 
 
-def run_grpo(tmp_path, tiny_model_dir, **grpo):
+def run_grpo(tmp_path, ft_tiny_model_dir, **grpo):
     from ft.run import run
 
-    config = grpo_config(tmp_path, tiny_model_dir, grpo={"log_completions_steps": 1, **grpo}, max_steps=2)
+    config = grpo_config(tmp_path, ft_tiny_model_dir, grpo={"log_completions_steps": 1, **grpo}, max_steps=2)
     run(config)
     lines = [json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     return lines, history
 
 
-def test_stop_token_ids_end_completions_and_truncated_ones_can_be_masked(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_stop_token_ids_end_completions_and_truncated_ones_can_be_masked(ft_tiny_model_dir, ft_tiny_tokenizer, tmp_path):
     # every token id below 300 stops: completions are short, and end in one of them or run to the limit
     stops = list(range(300))
-    lines, history = run_grpo(tmp_path, tiny_model_dir, stop_token_ids=stops, mask_truncated_completions=True,
+    lines, history = run_grpo(tmp_path, ft_tiny_model_dir, stop_token_ids=stops, mask_truncated_completions=True,
                               max_completion_len=6)
     assert lines
     for r in history:
@@ -90,14 +90,14 @@ def test_stop_token_ids_end_completions_and_truncated_ones_can_be_masked(tiny_mo
     assert any(r["completion_length"] < 6 for r in history)
 
 
-def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_model_dir, tmp_path):
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(ft_tiny_model_dir, tmp_path):
     import torch
     from ft_plugins.grpo import GRPOOptions, trainer_class
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     tok.pad_token = "<|reserved_0|>"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none")
     trainer = trainer_class()(model=model, args=args, processing_class=tok, rewards=[],
                               grpo=GRPOOptions(num_generations=2, max_completion_len=3,
@@ -110,7 +110,7 @@ def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_model_dir, 
     assert float(batch["step_tokens"]) == 4.0, "dapo counts only the tokens that are trained"
 
 
-def test_sampling_controls_reach_the_generator(tiny_model_dir, tmp_path):
+def test_sampling_controls_reach_the_generator(ft_tiny_model_dir, tmp_path):
     """min_p, repetition_penalty and stop strings go to Hugging Face generate (the sampling loop has none of
     them), and the same keys to vLLM's SamplingParams."""
     from ft_plugins import grpo as grpo_plugin
@@ -125,7 +125,7 @@ def test_sampling_controls_reach_the_generator(tiny_model_dir, tmp_path):
 
     grpo_plugin.HFGeneration.generate = spy
     try:
-        lines, _ = run_grpo(tmp_path, tiny_model_dir, min_p=0.05, repetition_penalty=1.3, stop=["7"])
+        lines, _ = run_grpo(tmp_path, ft_tiny_model_dir, min_p=0.05, repetition_penalty=1.3, stop=["7"])
     finally:
         grpo_plugin.HFGeneration.generate = original
     assert seen and all(s["min_p"] == 0.05 and s["repetition_penalty"] == 1.3 and s["stop"] == ["7"] for s in seen)
@@ -137,7 +137,7 @@ def test_sampling_controls_reach_the_generator(tiny_model_dir, tmp_path):
     assert params["include_stop_str_in_output"] and params["stop_token_ids"] == [3] and params["logprobs"] == 0
 
 
-def test_a_reward_function_by_import_path(tiny_model_dir, tmp_path):
+def test_a_reward_function_by_import_path(ft_tiny_model_dir, tmp_path):
     from ft.run import run
 
     (tmp_path / "my_rewards.py").write_text(
@@ -148,7 +148,7 @@ def test_a_reward_function_by_import_path(tiny_model_dir, tmp_path):
         "def short(prompts, completions, completion_ids, answer, **kwargs):\n"  # TRL's signature
         "    CALLS.append(len(completions))\n"
         "    return [-len(c) / 10 for c in completion_ids]\n")
-    config = grpo_config(tmp_path, tiny_model_dir, max_steps=1,
+    config = grpo_config(tmp_path, ft_tiny_model_dir, max_steps=1,
                          grpo={"rewards": [{"name": "my_rewards.py:short", "weight": 2.0}]})
     run(config)
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]

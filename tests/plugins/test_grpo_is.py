@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_grpo_trl import G, fixed_batch, make_ft, make_trl  # noqa: F401 - fixed_batch is a fixture
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 IS_CASES = {  # mode, cap, floor
     "token_truncate": ("token_truncate", 1.02, None),
@@ -29,7 +29,7 @@ IS_CASES = {  # mode, cap, floor
 
 
 @pytest.mark.parametrize("case", list(IS_CASES))
-def test_importance_sampling_equals_trl_vllm_correction(case, tiny_model_dir, fixed_batch, tmp_path):  # noqa: F811
+def test_importance_sampling_equals_trl_vllm_correction(case, ft_tiny_model_dir, fixed_batch, tmp_path):  # noqa: F811
     import torch
     from ft_plugins.grpo import is_weights
 
@@ -37,8 +37,8 @@ def test_importance_sampling_equals_trl_vllm_correction(case, tiny_model_dir, fi
     mode, cap, floor = IS_CASES[case]
     grpo = dict(loss_type="dapo", beta=0.04, num_iterations=1, scale_rewards="group", epsilon=0.2, epsilon_high=None,
                 max_completion_len=16, temperature=0.7)
-    trl = make_trl(tiny_model_dir, fixed_batch, tmp_path, **grpo)
-    ft = make_ft(tiny_model_dir, fixed_batch, tmp_path, **grpo, is_correction=mode, is_cap=cap, is_min=floor)
+    trl = make_trl(ft_tiny_model_dir, fixed_batch, tmp_path, **grpo)
+    ft = make_ft(ft_tiny_model_dir, fixed_batch, tmp_path, **grpo, is_correction=mode, is_cap=cap, is_min=floor)
     n = len(fixed_batch["completion_ids"])
     trl.model.train()
     ft.model.train()
@@ -169,13 +169,13 @@ def run_with(root, model_dir, tmp_name, **grpo):
     return seen["trainer"], history
 
 
-def test_async_generation_trails_by_the_lag_and_generates_the_steps_prompts(tiny_model_dir, tmp_path):
-    sync_trainer, sync_history = run_with(tmp_path, tiny_model_dir, "sync")
+def test_async_generation_trails_by_the_lag_and_generates_the_steps_prompts(ft_tiny_model_dir, tmp_path):
+    sync_trainer, sync_history = run_with(tmp_path, ft_tiny_model_dir, "sync")
     sync_calls = sync_trainer.generation.calls
     assert [c[0] for c in sync_calls] == ["sync", "generate"] * 4, "synchronous: sync, then generate, every step"
     assert [c[1] for c in sync_calls if c[0] == "generate"] == [1, 2, 3, 4]
 
-    trainer, history = run_with(tmp_path, tiny_model_dir, "async", async_generation=True, max_lag=1)
+    trainer, history = run_with(tmp_path, ft_tiny_model_dir, "async", async_generation=True, max_lag=1)
     calls = trainer.generation.calls
     generated = [c for c in calls if c[0] == "generate"]
     # step 1 generates on the spot, then each step starts the next one's generation with its own weights
@@ -187,18 +187,18 @@ def test_async_generation_trails_by_the_lag_and_generates_the_steps_prompts(tiny
     assert trainer._executor is None and not trainer._pending, "closed at the end of training"
     assert [r["step"] for r in history] == [1, 2, 3, 4]
 
-    lag0_trainer, lag0_history = run_with(tmp_path, tiny_model_dir, "lag0", async_generation=True, max_lag=0)
+    lag0_trainer, lag0_history = run_with(tmp_path, ft_tiny_model_dir, "lag0", async_generation=True, max_lag=0)
     assert lag0_trainer.generation.calls == sync_calls
     for key in ("loss", "reward", "grad_norm", "completion_length"):
         assert [r[key] for r in lag0_history] == [r[key] for r in sync_history], f"lag 0 is the synchronous run ({key})"
 
 
-def test_async_generation_needs_a_separate_generator(tiny_model_dir, tmp_path, write_yaml):
+def test_async_generation_needs_a_separate_generator(ft_tiny_model_dir, tmp_path, write_yaml):
     from ft.errors import ConfigError
     from ft.run import run
 
     (tmp_path / "x.jsonl").write_text(json.dumps({"prompt": "Hi."}) + "\n")
-    path = write_yaml({"base_model": str(tiny_model_dir), "method": "grpo",
+    path = write_yaml({"base_model": str(ft_tiny_model_dir), "method": "grpo",
                        "datasets": [{"path": "x.jsonl", "type": "prompt"}], "micro_batch_size": 2,
                        "grpo": {"num_generations": 2, "async_generation": True,
                                 "rewards": [{"name": "length_penalty"}]}})
@@ -210,7 +210,7 @@ def test_async_generation_needs_a_separate_generator(tiny_model_dir, tmp_path, w
 # -- sharded training: generation on the gathered parameters --------------------------------------------------
 
 
-def test_fsdp2_and_zero3_generate_with_the_full_parameters_like_ddp(tiny_model_dir, tmp_path):
+def test_fsdp2_and_zero3_generate_with_the_full_parameters_like_ddp(ft_tiny_model_dir, tmp_path):
     """Two processes over gloo: under FSDP2 and ZeRO-3 each process samples with the full parameters (gathered
     for generation, resharded after), so with the same seed it draws exactly DDP's completions, before and
     after an optimizer step."""
@@ -227,7 +227,7 @@ def test_fsdp2_and_zero3_generate_with_the_full_parameters_like_ddp(tiny_model_d
     completions = {}
     for name, extra in (("ddp", {}), ("fsdp", {"plugins": ["fsdp"]}),
                         ("zero3", {"plugins": ["deepspeed"], "deepspeed": {"stage": 3}})):
-        config = {"base_model": str(tiny_model_dir), "method": "grpo",
+        config = {"base_model": str(ft_tiny_model_dir), "method": "grpo",
                   "datasets": [{"path": str(tmp_path / "prompts.jsonl"), "type": "prompt"}], "sequence_len": 64,
                   "dataset_prepared_path": str(tmp_path / "prepared"), "dataset_num_proc": 1,
                   "output_dir": str(tmp_path / name), "micro_batch_size": 4, "max_steps": 2, "logging_steps": 1,

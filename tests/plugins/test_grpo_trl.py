@@ -28,20 +28,20 @@ import math
 import pytest
 
 pytest.importorskip("trl")
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 G = 4  # completions per prompt
 PROMPTS = ["What is 1 plus 2?", "Please add 3 to 4, thank you very much.", "Add 5 and 1."]  # 24, 32, 20 tokens
 
 
 @pytest.fixture(scope="module")
-def fixed_batch(tiny_model_dir):
+def fixed_batch(ft_tiny_model_dir):
     """Prompts of different lengths, completions of varied lengths (some ending in EOS), rewards with Nones."""
     import random
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
     prompt_ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                   for p in prompts]
@@ -148,14 +148,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_advantages_loss_and_gradients_equal_trl(case, tiny_model_dir, fixed_batch, tmp_path):
+def test_advantages_loss_and_gradients_equal_trl(case, ft_tiny_model_dir, fixed_batch, tmp_path):
     import torch
 
     loss_type, beta, iterations, scale, eps_high = CASES[case]
     grpo = dict(loss_type=loss_type, beta=beta, num_iterations=iterations, scale_rewards=scale, epsilon=0.2,
                 epsilon_high=eps_high, max_completion_len=16, temperature=0.7)
-    trl = make_trl(tiny_model_dir, fixed_batch, tmp_path, **grpo)
-    ft = make_ft(tiny_model_dir, fixed_batch, tmp_path, **grpo)
+    trl = make_trl(ft_tiny_model_dir, fixed_batch, tmp_path, **grpo)
+    ft = make_ft(ft_tiny_model_dir, fixed_batch, tmp_path, **grpo)
     n = len(fixed_batch["completion_ids"])
     trl.model.train()
     ft.model.train()

@@ -19,7 +19,7 @@ import yaml
 
 from ft.errors import FtError
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
 def write_config(root: Path, model_dir: Path, port: int, **overrides) -> Path:
@@ -42,12 +42,12 @@ def write_config(root: Path, model_dir: Path, port: int, **overrides) -> Path:
 
 
 @pytest.fixture
-def server(tiny_model_dir):
+def server(ft_tiny_model_dir):
     """ft vllm-serve's server with the hf engine, in a thread of this process, on a free localhost port."""
     from ft_plugins.vllm import HFEngine, make_server
 
-    engine = HFEngine(str(tiny_model_dir), device="cpu")
-    srv = make_server(engine, "127.0.0.1", 0, str(tiny_model_dir))
+    engine = HFEngine(str(ft_tiny_model_dir), device="cpu")
+    srv = make_server(engine, "127.0.0.1", 0, str(ft_tiny_model_dir))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv, engine
@@ -56,7 +56,7 @@ def server(tiny_model_dir):
     thread.join(timeout=10)
 
 
-def test_training_generates_on_the_server_and_syncs_weights_after_each_step(server, tiny_model_dir, tmp_path, caplog):
+def test_training_generates_on_the_server_and_syncs_weights_after_each_step(server, ft_tiny_model_dir, tmp_path, caplog):
     import logging
 
     import torch
@@ -66,7 +66,7 @@ def test_training_generates_on_the_server_and_syncs_weights_after_each_step(serv
 
     srv, engine = server
     caplog.set_level(logging.INFO)
-    config = write_config(tmp_path, tiny_model_dir, srv.server_address[1])
+    config = write_config(tmp_path, ft_tiny_model_dir, srv.server_address[1])
     data = yaml.safe_load(config.read_text())
     data["vllm"]["sync"] = "http"  # the weights in request bodies (a server elsewhere)
     config.write_text(yaml.safe_dump(data))
@@ -80,7 +80,7 @@ def test_training_generates_on_the_server_and_syncs_weights_after_each_step(serv
     saved = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
     served = engine.model.state_dict()
     assert all(torch.equal(served[k], saved[k]) for k in saved)
-    base = load_file(tiny_model_dir / "model.safetensors")
+    base = load_file(ft_tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(base[k], saved[k]) for k in base), "and those are trained weights"
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert [r["step"] for r in history] == [1, 2, 3] and all("reward" in r for r in history)
@@ -89,20 +89,20 @@ def test_training_generates_on_the_server_and_syncs_weights_after_each_step(serv
     assert result.metrics["steps"] == 3
 
 
-def test_lora_weights_are_sent_merged_under_the_base_names_to_an_engine_without_lora(server, tiny_model_dir, tmp_path):
+def test_lora_weights_are_sent_merged_under_the_base_names_to_an_engine_without_lora(server, ft_tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     from ft.run import run
 
     srv, engine = server
-    config = write_config(tmp_path, tiny_model_dir, srv.server_address[1], plugins=["lora", "vllm"],
+    config = write_config(tmp_path, ft_tiny_model_dir, srv.server_address[1], plugins=["lora", "vllm"],
                           lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, max_steps=2, save_steps=None)
     run(config)
     assert srv.ft_state["weights_version"] == 2 and srv.ft_state["weight_parts"] == 0, \
         "the hf engine takes no adapter: merged weights, reloaded from a directory (server on this machine)"
     # the server's weights after step 1 differ from the base exactly where the adapter merges in
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).state_dict()
     served = engine.model.state_dict()
     changed = {k for k in base if not torch.equal(base[k], served[k])}
     assert changed and all(k.endswith("proj.weight") for k in changed)
@@ -118,13 +118,13 @@ def test_weights_are_sent_in_parts_of_at_most_the_chunk_size():
     assert chunks(weights, 10**6) == [weights]
 
 
-def test_no_server_is_one_clear_error(tiny_model_dir, tmp_path):
+def test_no_server_is_one_clear_error(ft_tiny_model_dir, tmp_path):
     from ft.run import run
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there once it is closed
-    config = write_config(tmp_path, tiny_model_dir, port)
+    config = write_config(tmp_path, ft_tiny_model_dir, port)
     data = yaml.safe_load(config.read_text())
     data["vllm"]["server_timeout"] = 1
     config.write_text(yaml.safe_dump(data))
@@ -134,13 +134,13 @@ def test_no_server_is_one_clear_error(tiny_model_dir, tmp_path):
     assert "CUDA_VISIBLE_DEVICES=1 ft vllm-serve CONFIG" in str(info.value)
 
 
-def test_ft_vllm_serve_command_serves_the_config_model(tiny_model_dir, tmp_path):
+def test_ft_vllm_serve_command_serves_the_config_model(ft_tiny_model_dir, tmp_path):
     from ft_plugins.vllm import ServerClient
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = write_config(tmp_path, tiny_model_dir, port)
+    config = write_config(tmp_path, ft_tiny_model_dir, port)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ft.cli", "vllm-serve", str(config), "--engine", "hf"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -155,7 +155,7 @@ def test_ft_vllm_serve_command_serves_the_config_model(tiny_model_dir, tmp_path)
             except FtError:
                 assert time.monotonic() < deadline, "the server never answered"
                 time.sleep(0.2)
-        assert health["engine"] == "hf" and health["model"] == str(tiny_model_dir)
+        assert health["engine"] == "hf" and health["model"] == str(ft_tiny_model_dir)
         completions, logprobs = client.generate([[1, 2, 3], [4, 5]], 3, {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
                                                                "max_tokens": 5})
         assert len(completions) == 6 and all(1 <= len(c) <= 5 for c in completions)
@@ -167,11 +167,11 @@ def test_ft_vllm_serve_command_serves_the_config_model(tiny_model_dir, tmp_path)
         proc.wait(timeout=30)
 
 
-def test_vllm_with_sharded_training_is_refused_for_now(tiny_model_dir, tmp_path):
+def test_vllm_with_sharded_training_is_refused_for_now(ft_tiny_model_dir, tmp_path):
     from ft.context import load_context
     from ft.errors import ConfigError
 
-    config = write_config(tmp_path, tiny_model_dir, 8000, plugins=["fsdp", "vllm"])
+    config = write_config(tmp_path, ft_tiny_model_dir, 8000, plugins=["fsdp", "vllm"])
     with pytest.raises(ConfigError) as info:
         load_context(config)
     assert "syncing sharded weights (FSDP, DeepSpeed ZeRO) to vLLM is not supported yet" in "\n".join(info.value.problems)

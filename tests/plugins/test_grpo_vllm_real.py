@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("FT_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
 START_GUARD = 900  # seconds: a hang guard for an engine start on a busy machine, not a speed requirement
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_server_full_weights_are_reloaded_from_a_directory(server, vllm_model):
         assert abs(r["is/min"] - 1) < 1e-4 and abs(r["is/max"] - 1) < 1e-4 and r["is/clipped"] == 0
 
 
-def test_server_lora_sync_sends_only_the_adapter(server, vllm_model, tiny_tokenizer):
+def test_server_lora_sync_sends_only_the_adapter(server, vllm_model, ft_tiny_tokenizer):
     import torch
 
     from ft.run import run
@@ -211,7 +211,7 @@ def test_server_lora_sync_sends_only_the_adapter(server, vllm_model, tiny_tokeni
     # base's (vLLM's LoRA on the CPU differs from peft's by about 1%; the base by much more)
     out = Path(yaml.safe_load(config.read_text())["output_dir"])
     client.set_adapter(out)
-    prompt = list(tiny_tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 3?"}],
+    prompt = list(ft_tiny_tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 3?"}],
                                                      add_generation_prompt=True, tokenize=True,
                                                      return_dict=True)["input_ids"])
     completions, logprobs = client.generate([prompt], 4, {"temperature": 1.0, "top_p": 1.0, "top_k": 0,

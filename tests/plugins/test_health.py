@@ -16,7 +16,7 @@ from ft.errors import FtError
 from ft.run import run
 from ft.testing import registered_plugin
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def write_run(root: Path, model_dir: Path, rows=None, eval_rows=None, **overrides) -> Path:
@@ -76,10 +76,10 @@ def poison_weights(model):
 # -- non-finite steps ----------------------------------------------------------------------------------
 
 
-def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(ft_tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    config = write_run(tmp_path, tiny_model_dir, save_steps=2)
+    config = write_run(tmp_path, ft_tiny_model_dir, save_steps=2)
     out = tmp_path / "out"
     with registered_plugin(at_step(5, poison_weights), "poison"), pytest.raises(FtError) as err:
         run(config)
@@ -99,7 +99,7 @@ def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert resumed.metrics["warnings"] == [], "a healthy run (here: resumed) gets no warning"
 
 
-def test_skip_drops_the_bad_step_without_touching_a_weight_and_trains_on(tiny_model_dir, tmp_path):
+def test_skip_drops_the_bad_step_without_touching_a_weight_and_trains_on(ft_tiny_model_dir, tmp_path):
     import torch
     from transformers import TrainerCallback
 
@@ -124,7 +124,7 @@ def test_skip_drops_the_bad_step_without_touching_a_weight_and_trains_on(tiny_mo
         def ft_callbacks(cfg):
             return [NanLossAtStep3()]
 
-    config = write_run(tmp_path, tiny_model_dir, max_steps=5, health={"on_nonfinite": "skip"})
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=5, health={"on_nonfinite": "skip"})
     with registered_plugin(Plugin, "nan_loss"):
         result = run(config)
     assert result.metrics["steps"] == 5
@@ -140,8 +140,8 @@ def test_skip_drops_the_bad_step_without_touching_a_weight_and_trains_on(tiny_mo
     assert [w["check"] for w in saved] == ["nonfinite"]
 
 
-def test_skipping_stops_after_max_skipped_steps_in_a_row(tiny_model_dir, tmp_path):
-    config = write_run(tmp_path, tiny_model_dir, max_steps=6, health={"on_nonfinite": "skip", "max_skipped_steps": 2})
+def test_skipping_stops_after_max_skipped_steps_in_a_row(ft_tiny_model_dir, tmp_path):
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=6, health={"on_nonfinite": "skip", "max_skipped_steps": 2})
     with registered_plugin(at_step(2, poison_weights), "poison"), pytest.raises(FtError) as err:
         run(config)
     assert str(err.value).startswith("training stopped at step 3: the loss is NaN (2 non-finite steps in a row, "
@@ -162,17 +162,17 @@ class BrokenSchedulers:
             optimizer, lambda step: 1.0))
 
 
-def test_a_nan_learning_rate_stops_before_the_first_update(tiny_model_dir, tmp_path):
-    config = write_run(tmp_path, tiny_model_dir, lr_scheduler="nan_lr")
+def test_a_nan_learning_rate_stops_before_the_first_update(ft_tiny_model_dir, tmp_path):
+    config = write_run(tmp_path, ft_tiny_model_dir, lr_scheduler="nan_lr")
     with registered_plugin(BrokenSchedulers, "broken_schedulers"), pytest.raises(FtError) as err:
         run(config)
     assert str(err.value).startswith("training stopped at step 1: the learning rate is NaN.")
 
 
-def test_health_can_be_blocked(tiny_model_dir, tmp_path):
+def test_health_can_be_blocked(ft_tiny_model_dir, tmp_path):
     from ft.context import load_context
 
-    config = write_run(tmp_path, tiny_model_dir)
+    config = write_run(tmp_path, ft_tiny_model_dir)
     assert "health" in load_context(config).pm.active_names()
     assert "health" not in load_context(config, ["no:health"]).pm.active_names()
 
@@ -180,7 +180,7 @@ def test_health_can_be_blocked(tiny_model_dir, tmp_path):
 # -- the watch ------------------------------------------------------------------------------------------
 
 
-def test_frozen_weights_give_a_grad_norm_of_zero_and_a_warning(tiny_model_dir, tmp_path, capsys):
+def test_frozen_weights_give_a_grad_norm_of_zero_and_a_warning(ft_tiny_model_dir, tmp_path, capsys):
     import torch
 
     class FreezeEverything:
@@ -193,7 +193,7 @@ def test_frozen_weights_give_a_grad_norm_of_zero_and_a_warning(tiny_model_dir, t
             model.enable_input_require_grads()
             return model
 
-    config = write_run(tmp_path, tiny_model_dir, max_steps=3)
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=3)
     with registered_plugin(FreezeEverything, "freeze"):
         result = run(config)
     logged = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
@@ -206,14 +206,14 @@ def test_frozen_weights_give_a_grad_norm_of_zero_and_a_warning(tiny_model_dir, t
     assert "warnings    1 (also in metrics.json):" in printed and "grad_norm is 0.0 at step 1" in printed
 
 
-def test_a_grad_norm_spike_is_reported_with_what_to_check(tiny_model_dir, tmp_path):
+def test_a_grad_norm_spike_is_reported_with_what_to_check(ft_tiny_model_dir, tmp_path):
     import torch
 
     def blow_up(model):
         with torch.no_grad():
             model.model.norm.weight.mul_(1000.0)
 
-    config = write_run(tmp_path, tiny_model_dir, max_steps=4)
+    config = write_run(tmp_path, ft_tiny_model_dir, max_steps=4)
     with registered_plugin(at_step(3, blow_up), "blow_up"):
         result = run(config)
     spike = checks(result)["grad_norm_spike"]
@@ -223,8 +223,8 @@ def test_a_grad_norm_spike_is_reported_with_what_to_check(tiny_model_dir, tmp_pa
     assert "training is unstable" in spike["message"] and "max_grad_norm 1" in spike["message"]
 
 
-def test_a_flat_loss_and_a_learning_rate_that_never_moves(tiny_model_dir, tmp_path):
-    config = write_run(tmp_path, tiny_model_dir, learning_rate=1.0e-9, lr_scheduler="stuck")
+def test_a_flat_loss_and_a_learning_rate_that_never_moves(ft_tiny_model_dir, tmp_path):
+    config = write_run(tmp_path, ft_tiny_model_dir, learning_rate=1.0e-9, lr_scheduler="stuck")
     with registered_plugin(BrokenSchedulers, "broken_schedulers"):
         result = run(config)
     found = checks(result)
@@ -235,19 +235,19 @@ def test_a_flat_loss_and_a_learning_rate_that_never_moves(tiny_model_dir, tmp_pa
         "the learning rate stayed at 1e-09 for all 8 logged steps although lr_scheduler is 'stuck'")
 
 
-def test_a_rising_loss_points_at_the_learning_rate(tiny_model_dir, tmp_path):
-    config = write_run(tmp_path, tiny_model_dir, learning_rate=0.5)
+def test_a_rising_loss_points_at_the_learning_rate(ft_tiny_model_dir, tmp_path):
+    config = write_run(tmp_path, ft_tiny_model_dir, learning_rate=0.5)
     result = run(config)
     rising = checks(result)["loss_rising"]
     assert rising["message"].startswith("the loss rose over the first 8 steps")
     assert "the learning rate is likely too high" in rising["message"]
 
 
-def test_memorising_one_conversation_collapses_the_loss_while_the_eval_loss_rises(tiny_model_dir, tmp_path):
+def test_memorising_one_conversation_collapses_the_loss_while_the_eval_loss_rises(ft_tiny_model_dir, tmp_path):
     from ft.tiny import make_chat_rows
 
     one = make_chat_rows(1) * 8
-    config = write_run(tmp_path, tiny_model_dir, rows=one, eval_rows=make_chat_rows(8), max_steps=240,
+    config = write_run(tmp_path, ft_tiny_model_dir, rows=one, eval_rows=make_chat_rows(8), max_steps=240,
                        micro_batch_size=4, learning_rate=0.02, lr_scheduler="constant", eval_steps=10)
     result = run(config)
     found = checks(result)

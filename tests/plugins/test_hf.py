@@ -52,9 +52,9 @@ def tokenizer_without_spares(tmp_path_factory):
 # -- pad token -----------------------------------------------------------------------------------
 
 
-def test_missing_pad_token_uses_a_reserved_special_token_not_eos(tiny_model_dir, caplog):
+def test_missing_pad_token_uses_a_reserved_special_token_not_eos(ft_tiny_model_dir, caplog):
     caplog.set_level(logging.INFO, logger="ft")
-    tok = load_tokenizer(make_ctx(tiny_model_dir))
+    tok = load_tokenizer(make_ctx(ft_tiny_model_dir))
     assert tok.pad_token == "<|reserved_0|>"
     assert tok.pad_token != tok.eos_token
     assert "pad token: <|reserved_0|>" in caplog.text and "reserved" in caplog.text
@@ -92,8 +92,8 @@ def test_eos_stays_trained_when_eos_is_the_pad_token(tokenizer_without_spares):
     assert (labels[len(short):] == -100).all() and (mask[len(short):] == 0).all()
 
 
-def test_special_tokens_section_sets_pad_and_resizes_embeddings(tiny_model_dir):
-    ctx = make_ctx(tiny_model_dir, special_tokens={"pad_token": "<|pad|>"}, tokens=["<tool>", "</tool>"])
+def test_special_tokens_section_sets_pad_and_resizes_embeddings(ft_tiny_model_dir):
+    ctx = make_ctx(ft_tiny_model_dir, special_tokens={"pad_token": "<|pad|>"}, tokens=["<tool>", "</tool>"])
     tok = load_tokenizer(ctx)
     assert tok.pad_token == "<|pad|>"
     assert len(tok) == 512 + 3
@@ -104,18 +104,18 @@ def test_special_tokens_section_sets_pad_and_resizes_embeddings(tiny_model_dir):
     assert model.config.pad_token_id == tok.pad_token_id
 
 
-def test_unknown_special_token_name_is_a_config_error(tiny_model_dir):
+def test_unknown_special_token_name_is_a_config_error(ft_tiny_model_dir):
     with pytest.raises(ConfigError, match=r"special_tokens\.pad: unknown special token name 'pad'"):
-        load_tokenizer(make_ctx(tiny_model_dir, special_tokens={"pad": "<|pad|>"}))
+        load_tokenizer(make_ctx(ft_tiny_model_dir, special_tokens={"pad": "<|pad|>"}))
 
 
 # -- model kwargs and loading --------------------------------------------------------------------
 
 
-def test_bf16_auto_on_cpu_loads_fp32_and_only_safetensors(tiny_model_dir):
+def test_bf16_auto_on_cpu_loads_fp32_and_only_safetensors(ft_tiny_model_dir):
     import torch
 
-    ctx = make_ctx(tiny_model_dir)  # bf16 defaults to auto
+    ctx = make_ctx(ft_tiny_model_dir)  # bf16 defaults to auto
     kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     assert kwargs["dtype"] == torch.float32
     assert kwargs["use_safetensors"] is True
@@ -125,21 +125,21 @@ def test_bf16_auto_on_cpu_loads_fp32_and_only_safetensors(tiny_model_dir):
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_hf_section_options_reach_from_pretrained(tiny_model_dir):
-    ctx = make_ctx(tiny_model_dir, hf={"allow_pickle": True, "attn_implementation": "eager", "revision": "v1"})
+def test_hf_section_options_reach_from_pretrained(ft_tiny_model_dir):
+    ctx = make_ctx(ft_tiny_model_dir, hf={"allow_pickle": True, "attn_implementation": "eager", "revision": "v1"})
     kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
     assert "use_safetensors" not in kwargs
     assert kwargs["attn_implementation"] == "eager" and kwargs["revision"] == "v1"
 
 
-def test_pickle_only_checkpoint_is_refused_with_the_fix(tiny_model_dir, tmp_path):
+def test_pickle_only_checkpoint_is_refused_with_the_fix(ft_tiny_model_dir, tmp_path):
     import shutil
 
     import torch
     from safetensors.torch import load_file
 
     pickled = tmp_path / "pickled"
-    shutil.copytree(tiny_model_dir, pickled)
+    shutil.copytree(ft_tiny_model_dir, pickled)
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     ctx = make_ctx(pickled)
@@ -155,8 +155,8 @@ def test_missing_model_directory_names_the_key(tmp_path):
         load_tokenizer(ctx)
 
 
-def test_gradient_checkpointing_and_its_kwargs_pass_through(tiny_model_dir):
-    ctx = make_ctx(tiny_model_dir, gradient_checkpointing=True,
+def test_gradient_checkpointing_and_its_kwargs_pass_through(ft_tiny_model_dir):
+    ctx = make_ctx(ft_tiny_model_dir, gradient_checkpointing=True,
                    gradient_checkpointing_kwargs={"use_reentrant": False})
     model = load_model(ctx, load_tokenizer(ctx))
     layer = model.model.layers[0]
@@ -164,8 +164,8 @@ def test_gradient_checkpointing_and_its_kwargs_pass_through(tiny_model_dir):
     assert model.config.use_cache is False
 
 
-def test_generation_stops_at_the_tokenizer_eos(tiny_model_dir):
-    ctx = make_ctx(tiny_model_dir)
+def test_generation_stops_at_the_tokenizer_eos(ft_tiny_model_dir):
+    ctx = make_ctx(ft_tiny_model_dir)
     tok = load_tokenizer(ctx)
     model = load_model(ctx, tok)
     eos = model.generation_config.eos_token_id
@@ -173,13 +173,13 @@ def test_generation_stops_at_the_tokenizer_eos(tiny_model_dir):
     assert model.generation_config.pad_token_id == tok.pad_token_id
 
 
-def test_trust_remote_code_says_that_checkpoint_code_runs(tiny_model_dir, caplog, write_yaml):
-    config = write_yaml({"base_model": str(tiny_model_dir), "datasets": [{"path": "rows.jsonl", "type": "hand"}],
+def test_trust_remote_code_says_that_checkpoint_code_runs(ft_tiny_model_dir, caplog, write_yaml):
+    config = write_yaml({"base_model": str(ft_tiny_model_dir), "datasets": [{"path": "rows.jsonl", "type": "hand"}],
                          "hf": {"trust_remote_code": True}})
     ctx = load_context(config, extra_plugins=[("hand_format", HandFormat)])
     with caplog.at_level(logging.WARNING, logger="ft"):
         load_model(ctx, load_tokenizer(ctx))
     lines = [r.getMessage() for r in caplog.records if "trust_remote_code" in r.getMessage()]
     assert len(lines) == 2, lines  # the tokenizer's and the model's
-    assert all(f"{config}:" in line and str(tiny_model_dir) in line and "runs the Python code shipped" in line
+    assert all(f"{config}:" in line and str(ft_tiny_model_dir) in line and "runs the Python code shipped" in line
                for line in lines), lines

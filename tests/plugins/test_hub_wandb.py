@@ -19,7 +19,7 @@ from ft.errors import ConfigError, FtError
 from ft.run import run
 from ft.tiny import make_chat_rows, write_jsonl
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 class StandInHub:
@@ -89,9 +89,9 @@ class StandInHub:
         self.server.server_close()
 
 
-def config(tiny_model_dir, tmp_path, **extra):
+def config(ft_tiny_model_dir, tmp_path, **extra):
     data = write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(16))
-    return {"base_model": str(tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
+    return {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": str(data), "type": "chat_template"}],
             "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prepared"),
             "micro_batch_size": 4, "max_steps": 4, "logging_steps": 2, "learning_rate": 1e-3, **extra}
 
@@ -109,10 +109,10 @@ def hub_env(monkeypatch):
     return use
 
 
-def test_push_at_the_end_and_every_checkpoint(tiny_model_dir, tmp_path, hub_env):
+def test_push_at_the_end_and_every_checkpoint(ft_tiny_model_dir, tmp_path, hub_env):
     with StandInHub() as hub:
         hub_env(hub)
-        result = run(config(tiny_model_dir, tmp_path, save_steps=2,
+        result = run(config(ft_tiny_model_dir, tmp_path, save_steps=2,
                             hub={"model_id": "someone/tiny-chat", "private": True, "strategy": "every_save"}))
     assert hub.repos == {"someone/tiny-chat": {"private": True}}
     assert hub.auth == {"Bearer hf_standin_token"}
@@ -129,28 +129,28 @@ def test_push_at_the_end_and_every_checkpoint(tiny_model_dir, tmp_path, hub_env)
     assert result.metrics["steps"] == 4
 
 
-def test_push_only_at_the_end_by_default(tiny_model_dir, tmp_path, hub_env):
+def test_push_only_at_the_end_by_default(ft_tiny_model_dir, tmp_path, hub_env):
     with StandInHub() as hub:
         hub_env(hub)
-        run(config(tiny_model_dir, tmp_path, save_steps=2, hub={"model_id": "someone/tiny-end"}))
+        run(config(ft_tiny_model_dir, tmp_path, save_steps=2, hub={"model_id": "someone/tiny-end"}))
     assert len(hub.commits) == 1 and hub.repos["someone/tiny-end"]["private"] is None
 
 
-def test_a_failed_push_says_the_model_is_safe_and_how_to_push(tiny_model_dir, tmp_path, hub_env):
+def test_a_failed_push_says_the_model_is_safe_and_how_to_push(ft_tiny_model_dir, tmp_path, hub_env):
     with StandInHub(fail_commits=True) as hub:
         hub_env(hub)
         with pytest.raises(FtError, match=r"pushing the trained model to someone/x .* failed.*safe in .*out.*HF_TOKEN"):
-            run(config(tiny_model_dir, tmp_path, hub={"model_id": "someone/x"}))
+            run(config(ft_tiny_model_dir, tmp_path, hub={"model_id": "someone/x"}))
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_a_failed_checkpoint_push_warns_and_training_goes_on(tiny_model_dir, tmp_path, hub_env, caplog):
+def test_a_failed_checkpoint_push_warns_and_training_goes_on(ft_tiny_model_dir, tmp_path, hub_env, caplog):
     """strategy every_save: a checkpoint that cannot be pushed is a warning (the run is not stopped for it, and
     says what is where); the final model is still pushed."""
     with StandInHub(fail_commits="ft: checkpoint") as hub:
         hub_env(hub)
         with caplog.at_level("WARNING", logger="ft"):
-            result = run(config(tiny_model_dir, tmp_path, save_steps=2,
+            result = run(config(ft_tiny_model_dir, tmp_path, save_steps=2,
                                 hub={"model_id": "someone/flaky", "strategy": "every_save"}))
     assert result.metrics["steps"] == 4
     assert hub.failed == ["ft: checkpoint at step 2", "ft: checkpoint at step 4"]
@@ -162,7 +162,7 @@ def test_a_failed_checkpoint_push_warns_and_training_goes_on(tiny_model_dir, tmp
     assert [w["check"] for w in warnings] == ["hub_push"] and "checkpoint 2, 4" in warnings[0]["message"], warnings
 
 
-def test_hub_errors_never_show_the_endpoint_credentials(tiny_model_dir, tmp_path, hub_env, monkeypatch, caplog):
+def test_hub_errors_never_show_the_endpoint_credentials(ft_tiny_model_dir, tmp_path, hub_env, monkeypatch, caplog):
     """HF_ENDPOINT=http://user:secret@host: the failure message names the endpoint without the secret, and says
     the model is safe only once it is (the final push; it fails after the run finished)."""
     with StandInHub(fail_commits=True) as hub:
@@ -170,7 +170,7 @@ def test_hub_errors_never_show_the_endpoint_credentials(tiny_model_dir, tmp_path
         endpoint = hub.url.replace("http://", "http://hubuser:hub-secret-3c3c@")
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         with caplog.at_level("INFO"), pytest.raises(FtError) as err:
-            run(config(tiny_model_dir, tmp_path, save_steps=2,
+            run(config(ft_tiny_model_dir, tmp_path, save_steps=2,
                        hub={"model_id": "someone/x", "strategy": "every_save"}))
     message = str(err.value)
     assert len(hub.failed) == 3, hub.failed
@@ -185,20 +185,20 @@ def test_hub_errors_never_show_the_endpoint_credentials(tiny_model_dir, tmp_path
     ({"model_id": "no-owner"}, "'no-owner' is not a repository id; write OWNER/NAME"),
     ({"model_id": "a/b", "strategy": "checkpoint"}, "hub.strategy"),
 ])
-def test_hub_settings_are_checked_at_validation(tiny_model_dir, tmp_path, hub, fragment):
+def test_hub_settings_are_checked_at_validation(ft_tiny_model_dir, tmp_path, hub, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        load_context(config(tiny_model_dir, tmp_path, hub=hub))
+        load_context(config(ft_tiny_model_dir, tmp_path, hub=hub))
 
 
 # -- wandb ---------------------------------------------------------------------------------------
 
 
-def test_wandb_section_needs_report_to_wandb(tiny_model_dir, tmp_path):
+def test_wandb_section_needs_report_to_wandb(ft_tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"wandb: the wandb section has no effect unless .*report_to: wandb"):
-        load_context(config(tiny_model_dir, tmp_path, wandb={"project": "p"}))
+        load_context(config(ft_tiny_model_dir, tmp_path, wandb={"project": "p"}))
 
 
-def test_wandb_settings_reach_the_integration(tiny_model_dir, tmp_path, monkeypatch):
+def test_wandb_settings_reach_the_integration(ft_tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from transformers.integrations import WandbCallback
 
@@ -213,14 +213,14 @@ def test_wandb_settings_reach_the_integration(tiny_model_dir, tmp_path, monkeypa
     monkeypatch.setattr(WandbCallback, "on_log", lambda *a, **k: None)
     monkeypatch.setattr(WandbCallback, "on_train_end", lambda *a, **k: None)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
-    run(config(tiny_model_dir, tmp_path, report_to="wandb",
+    run(config(ft_tiny_model_dir, tmp_path, report_to="wandb",
                wandb={"project": "ft-tests", "entity": "team", "name": "run-1", "tags": ["a", "b"]}))
     assert seen == {"WANDB_PROJECT": "ft-tests", "WANDB_ENTITY": "team", "WANDB_TAGS": "a,b", "WANDB_NAME": "run-1",
                     "run_name": "run-1"}
     assert "WANDB_PROJECT" not in os.environ  # put back after the run
 
 
-def test_wandb_section_becomes_the_environment_of_the_run_and_is_put_back(tiny_model_dir, tmp_path, monkeypatch):
+def test_wandb_section_becomes_the_environment_of_the_run_and_is_put_back(ft_tiny_model_dir, tmp_path, monkeypatch):
     from ft_plugins import wandb as plugin
 
     import ft.config
@@ -229,7 +229,7 @@ def test_wandb_section_becomes_the_environment_of_the_run_and_is_put_back(tiny_m
     monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
     monkeypatch.setenv("WANDB_PROJECT", "from-the-shell")
     monkeypatch.delenv("WANDB_TAGS", raising=False)
-    ctx = load_context(config(tiny_model_dir, tmp_path, report_to=["tensorboard", "wandb"],
+    ctx = load_context(config(ft_tiny_model_dir, tmp_path, report_to=["tensorboard", "wandb"],
                               wandb={"project": "ft-tests", "name": "run-1", "tags": ["a", "b"], "mode": "offline"}))
     assert plugin.ft_trainer_args(ctx.cfg) == {"run_name": "run-1"}
     plugin.ft_before_train(ctx.cfg)

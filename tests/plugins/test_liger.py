@@ -32,10 +32,10 @@ def modeling_llama():
 
 
 @pytest.fixture
-def tiny_model(tiny_model_dir):
+def tiny_model(ft_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -38,93 +38,93 @@ def problems_of(excinfo) -> str:
 # -- (e) validation errors -------------------------------------------------------------------
 
 
-def test_rank_must_be_positive(tiny_model_dir, write_yaml):
-    config = write_yaml(make_config(tiny_model_dir, lora={"r": 0, "alpha": 16}))
+def test_rank_must_be_positive(ft_tiny_model_dir, write_yaml):
+    config = write_yaml(make_config(ft_tiny_model_dir, lora={"r": 0, "alpha": 16}))
     with pytest.raises(ConfigError) as excinfo:
         load_context(config)
     text = problems_of(excinfo)
     assert f"{config}:" in text and "lora.r: must be a positive integer (got 0)" in text
 
 
-def test_alpha_must_be_positive(tiny_model_dir):
+def test_alpha_must_be_positive(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, lora={"alpha": -1}))
+        load_context(make_config(ft_tiny_model_dir, lora={"alpha": -1}))
     assert "lora.alpha: must be positive (got -1.0)" in problems_of(excinfo)
 
 
-def test_target_modules_string_must_be_all_linear(tiny_model_dir):
+def test_target_modules_string_must_be_all_linear(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, lora={"target_modules": "q_proj"}))
+        load_context(make_config(ft_tiny_model_dir, lora={"target_modules": "q_proj"}))
     text = problems_of(excinfo)
     assert "lora.target_modules: must be a list of module names, 'all-linear', or a regular expression" in text
     assert "(got 'q_proj')" in text
     assert "target_modules: [q_proj]" in text
 
 
-def test_empty_target_modules_is_an_error(tiny_model_dir):
+def test_empty_target_modules_is_an_error(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, lora={"target_modules": []}))
+        load_context(make_config(ft_tiny_model_dir, lora={"target_modules": []}))
     assert "lora.target_modules: is empty, so nothing would train" in problems_of(excinfo)
 
 
-def test_init_from_must_hold_an_adapter(tiny_model_dir, tmp_path):
+def test_init_from_must_hold_an_adapter(ft_tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, lora={"init_from": str(tmp_path / "nowhere")}))
+        load_context(make_config(ft_tiny_model_dir, lora={"init_from": str(tmp_path / "nowhere")}))
     assert "lora.init_from: no adapter at" in problems_of(excinfo)
     assert "adapter_config.json missing" in problems_of(excinfo)
 
 
-def test_unknown_key_in_section_suggests_the_right_one(tiny_model_dir):
+def test_unknown_key_in_section_suggests_the_right_one(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, lora={"lora_alpha": 16}))  # axolotl's spelling
+        load_context(make_config(ft_tiny_model_dir, lora={"lora_alpha": 16}))  # axolotl's spelling
     assert "lora.lora_alpha: unknown key. Did you mean 'alpha'?" in problems_of(excinfo)
 
 
-def test_section_without_selecting_the_plugin(tiny_model_dir):
+def test_section_without_selecting_the_plugin(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, plugins=(), lora={"r": 8}))
+        load_context(make_config(ft_tiny_model_dir, plugins=(), lora={"r": 8}))
     assert "Add it to `plugins: [lora]` or pass `-p lora`" in problems_of(excinfo)
 
 
-def test_target_modules_that_match_nothing_list_real_names(tiny_model_dir):
+def test_target_modules_that_match_nothing_list_real_names(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        apply_lora(tiny_model_dir, target_modules=["q_proj", "qkv_proj"])
+        apply_lora(ft_tiny_model_dir, target_modules=["q_proj", "qkv_proj"])
     text = problems_of(excinfo)
     assert "lora.target_modules: qkv_proj match(es) no module of LlamaForCausalLM" in text
     assert "Its linear layers are named: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in text
 
 
 
-def test_target_modules_as_a_regular_expression_go_to_peft(tiny_model_dir):
+def test_target_modules_as_a_regular_expression_go_to_peft(ft_tiny_model_dir):
     # axolotl configs (and peft) give one regular expression over whole module paths
-    _, model = apply_lora(tiny_model_dir, target_modules=r"model.layers.[\d]+.(self_attn).(q|v)_proj")
+    _, model = apply_lora(ft_tiny_model_dir, target_modules=r"model.layers.[\d]+.(self_attn).(q|v)_proj")
     adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == {"q_proj", "v_proj"}
     with pytest.raises(ConfigError) as excinfo:
-        apply_lora(tiny_model_dir, target_modules=r"layers.[\d]+.(q|v)_proj")  # not a whole path
+        apply_lora(ft_tiny_model_dir, target_modules=r"layers.[\d]+.(q|v)_proj")  # not a whole path
     assert "the regular expression 'layers.[\\d]+.(q|v)_proj' matches no module path" in problems_of(excinfo)
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, lora={"target_modules": "model.(q_proj"}))
+        load_context(make_config(ft_tiny_model_dir, lora={"target_modules": "model.(q_proj"}))
     assert "is not a regular expression" in problems_of(excinfo)
 
-def test_modules_to_save_that_match_nothing(tiny_model_dir):
+def test_modules_to_save_that_match_nothing(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        apply_lora(tiny_model_dir, modules_to_save=["embeddings"])
+        apply_lora(ft_tiny_model_dir, modules_to_save=["embeddings"])
     text = problems_of(excinfo)
     assert "lora.modules_to_save: embeddings match(es) no module" in text and "embed_tokens" in text
 
 
-def test_missing_peft_says_how_to_install(tiny_model_dir, monkeypatch):
+def test_missing_peft_says_how_to_install(ft_tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(MissingDependencyError, match=r"needs peft, which is not installed: pip install 'ft\[lora\]'"):
-        load_context(make_config(tiny_model_dir))
+        load_context(make_config(ft_tiny_model_dir))
 
 
 # -- applying --------------------------------------------------------------------------------
 
 
-def test_only_adapter_parameters_require_grad(tiny_model_dir):
-    _, model = apply_lora(tiny_model_dir, r=4, target_modules=["q_proj", "v_proj"])
+def test_only_adapter_parameters_require_grad(ft_tiny_model_dir):
+    _, model = apply_lora(ft_tiny_model_dir, r=4, target_modules=["q_proj", "v_proj"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_B" in n for n in trainable)
@@ -132,14 +132,14 @@ def test_only_adapter_parameters_require_grad(tiny_model_dir):
     assert model.peft_config["default"].r == 4
 
 
-def test_all_linear_adapts_every_linear_layer_but_the_head(tiny_model_dir):
-    _, model = apply_lora(tiny_model_dir)
+def test_all_linear_adapts_every_linear_layer_but_the_head(ft_tiny_model_dir):
+    _, model = apply_lora(ft_tiny_model_dir)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_dora_rslora_and_modules_to_save(tiny_model_dir):
-    _, model = apply_lora(tiny_model_dir, r=4, alpha=8, use_dora=True, use_rslora=True, modules_to_save=["lm_head"])
+def test_dora_rslora_and_modules_to_save(ft_tiny_model_dir):
+    _, model = apply_lora(ft_tiny_model_dir, r=4, alpha=8, use_dora=True, use_rslora=True, modules_to_save=["lm_head"])
     config = model.peft_config["default"]
     assert config.use_dora and config.use_rslora
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -149,16 +149,16 @@ def test_dora_rslora_and_modules_to_save(tiny_model_dir):
     assert q_proj.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
 
 
-def test_gradient_checkpointing_still_reaches_the_adapter(tiny_model_dir):
+def test_gradient_checkpointing_still_reaches_the_adapter(ft_tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
     # reentrant checkpointing (DeepSpeed needs it) drops grads unless the adapter plugin makes the
     # frozen embeddings' output require grad
     kwargs = {"use_reentrant": True}
-    ctx = load_context(make_config(tiny_model_dir, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs,
+    ctx = load_context(make_config(ft_tiny_model_dir, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs,
                                    lora={"r": 4}))
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir)
     model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=base)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # as the Trainer does, afterwards
     model.train()
@@ -182,38 +182,38 @@ def randomize_lora_b(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def test_save_writes_the_peft_layout(tiny_model_dir, tmp_path):
+def test_save_writes_the_peft_layout(ft_tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    ctx, model = apply_lora(tiny_model_dir, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    ctx, model = apply_lora(ft_tiny_model_dir, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out"
     files = ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
     assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
-    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert config["base_model_name_or_path"] == str(ft_tiny_model_dir.resolve())
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)  # the adapter only, not the base
     assert not (out / "model.safetensors").exists() and not (out / "base_quantization.json").exists()
 
 
-def test_full_fine_tuning_is_left_to_another_saver(tiny_model_dir, tmp_path):
+def test_full_fine_tuning_is_left_to_another_saver(ft_tiny_model_dir, tmp_path):
     from ft_plugins import lora
     from transformers import AutoModelForCausalLM
 
-    ctx = load_context(make_config(tiny_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ctx = load_context(make_config(ft_tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir)
     assert lora.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(tmp_path)) is None
 
 
-def test_init_from_continues_an_adapter(tiny_model_dir, tmp_path):
+def test_init_from_continues_an_adapter(ft_tiny_model_dir, tmp_path):
     import torch
 
-    ctx, first = apply_lora(tiny_model_dir, r=4, target_modules=["q_proj"])
+    ctx, first = apply_lora(ft_tiny_model_dir, r=4, target_modules=["q_proj"])
     randomize_lora_b(first)
     ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=first, output_dir=str(tmp_path / "first"))
 
-    _, second = apply_lora(tiny_model_dir, init_from=str(tmp_path / "first"))
+    _, second = apply_lora(ft_tiny_model_dir, init_from=str(tmp_path / "first"))
     assert second.peft_config["default"].r == 4  # the adapter's own settings, not the section defaults
     trained = dict(first.named_parameters())
     loaded = {n: p for n, p in second.named_parameters() if "lora_" in n}
@@ -238,7 +238,7 @@ class CaptureTrained:
         self.log_history = list(trainer.state.log_history)
 
 
-def test_training_changes_the_adapter_and_leaves_the_base_bit_identical(tiny_model_dir, chat_jsonl, tmp_path):
+def test_training_changes_the_adapter_and_leaves_the_base_bit_identical(ft_tiny_model_dir, chat_jsonl, tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -246,14 +246,14 @@ def test_training_changes_the_adapter_and_leaves_the_base_bit_identical(tiny_mod
     from ft.testing import registered_plugin, write_config
 
     config = write_config(
-        tmp_path / "config.yaml", base_model=tiny_model_dir, dataset=chat_jsonl, plugins=["lora"], max_steps=3,
+        tmp_path / "config.yaml", base_model=ft_tiny_model_dir, dataset=chat_jsonl, plugins=["lora"], max_steps=3,
         learning_rate=5e-3, lora={"r": 4, "alpha": 8, "target_modules": "all-linear"},
     )
     capture = CaptureTrained()
     with registered_plugin(capture, "capture_trained"):
         result = run(config)
 
-    original = load_file(tiny_model_dir / "model.safetensors")
+    original = load_file(ft_tiny_model_dir / "model.safetensors")
     trained = {k: v for k, v in capture.model.state_dict().items()}
     base_keys = [k for k in trained if "lora_" not in k]
     assert len(base_keys) == len(original)
@@ -282,7 +282,7 @@ def write_pairs(path) -> str:
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_seed_seeds_the_adapter_initialisation(tiny_model_dir, chat_jsonl, tmp_path, method):
+def test_seed_seeds_the_adapter_initialisation(ft_tiny_model_dir, chat_jsonl, tmp_path, method):
     """Two runs of one config give the same run: the adapter's random init (lora_A) follows ``seed``, whatever
     the process did before (the Trainer seeds only after the adapter is built). Another seed, another init."""
     import torch
@@ -296,7 +296,7 @@ def test_seed_seeds_the_adapter_initialisation(tiny_model_dir, chat_jsonl, tmp_p
 
     def one_run(name: str, seed: int) -> tuple[float, dict]:
         config = write_config(
-            tmp_path / f"{name}.yaml", base_model=tiny_model_dir, plugins=["lora"],
+            tmp_path / f"{name}.yaml", base_model=ft_tiny_model_dir, plugins=["lora"],
             max_steps=2, logging_steps=1, learning_rate=5e-3, seed=seed, output_dir=str(tmp_path / name),
             lora={"r": 4, "alpha": 8, "target_modules": "all-linear"}, **extra,
         )

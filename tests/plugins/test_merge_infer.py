@@ -14,7 +14,7 @@ PROMPT = "What is 2 plus 3?"
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_model_dir, tmp_path_factory):
+def lora_run(ft_tiny_model_dir, tmp_path_factory):
     """The output directory of a short `ft run` with the lora plugin (adapter + tokenizer + config)."""
     from ft.run import run
     from ft.testing import write_config
@@ -23,7 +23,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-run")
     data = write_jsonl(root / "chat.jsonl", make_chat_rows(32))
     config = write_config(
-        root / "config.yaml", base_model=tiny_model_dir, dataset=data, plugins=["lora"], max_steps=4,
+        root / "config.yaml", base_model=ft_tiny_model_dir, dataset=data, plugins=["lora"], max_steps=4,
         learning_rate=1e-2, lr_scheduler="constant", lora={"r": 8, "alpha": 16, "dropout": 0.0},
     )
     run(config)
@@ -51,7 +51,7 @@ def logits(model, ids):
 # -- (c) merge --------------------------------------------------------------------------------
 
 
-def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, tiny_model_dir):
+def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, ft_tiny_model_dir):
     from ft_plugins.lora import load_adapter_model
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +65,7 @@ def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, tiny_model_di
 
     adapter_model, tokenizer = load_adapter_model(lora_run)  # base + adapter, fp32, not merged
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).eval()
     ids = prompt_ids(tokenizer)
     expected = logits(adapter_model, ids)
     assert relative_difference(logits(merged, ids), expected) < 1e-4
@@ -85,14 +85,14 @@ def test_merge_defaults_to_a_merged_folder_and_casts_to_the_chosen_dtype(lora_ru
     assert {str(t.dtype) for t in weights.values()} == {"torch.bfloat16"}
 
 
-def test_merge_errors(lora_run, tmp_path, tiny_model_dir):
+def test_merge_errors(lora_run, tmp_path, ft_tiny_model_dir):
     from ft_plugins.lora import merge_adapter
 
     from ft.testing import FtRunner
 
     with pytest.raises(FtError, match="holds no LoRA adapter .adapter_config.json is missing., so there is nothing to "
                                       "merge. It holds a full model already"):
-        merge_adapter(tiny_model_dir, tmp_path / "x")
+        merge_adapter(ft_tiny_model_dir, tmp_path / "x")
     with pytest.raises(FtError, match="unknown dtype 'int3'; use one of float32, bfloat16, float16"):
         merge_adapter(lora_run, tmp_path / "x", dtype="int3")
     with pytest.raises(FtError, match="merging into the adapter's own directory"):
@@ -100,7 +100,7 @@ def test_merge_errors(lora_run, tmp_path, tiny_model_dir):
     FtRunner().invoke("merge", tmp_path).assert_error("holds no LoRA adapter")
 
 
-def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stale(lora_run, tmp_path, tiny_model_dir):
+def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stale(lora_run, tmp_path, ft_tiny_model_dir):
     from ft_plugins.lora import base_model_path
 
     moved = tmp_path / "moved"
@@ -108,8 +108,8 @@ def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stal
     config = json.loads((moved / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/no/longer/here"
     (moved / "adapter_config.json").write_text(json.dumps(config))
-    (moved / "ft_config.yaml").write_text(f"base_model: {tiny_model_dir}\n")
-    assert base_model_path(moved) == str(tiny_model_dir)
+    (moved / "ft_config.yaml").write_text(f"base_model: {ft_tiny_model_dir}\n")
+    assert base_model_path(moved) == str(ft_tiny_model_dir)
 
     (moved / "ft_config.yaml").unlink()
     with pytest.raises(FtError, match="is not found at /no/longer/here; edit base_model_name_or_path"):
@@ -130,7 +130,7 @@ def test_an_unreachable_hub_base_is_one_clear_error(lora_run, tmp_path):
     )
 
 
-def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path, caplog):
+def test_qlora_adapter_merges_into_the_dequantized_base(ft_tiny_model_dir, tmp_path, caplog):
     import torch
     from ft_plugins.lora import merge_adapter
     from safetensors.torch import load_file
@@ -139,13 +139,13 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     from ft.context import load_context
 
     config = {
-        "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
+        "base_model": str(ft_tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
         "plugins": ["lora", "qlora"], "bf16": False,
         "lora": {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "qlora": {"compute_dtype": "float32"},
     }
     ctx = load_context(config)
     kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs))
+    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **kwargs))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -153,7 +153,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     out = tmp_path / "qlora-run"
     ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     tokenizer.save_pretrained(out)
 
     # What the QLoRA model computes while training: 4-bit weights dequantized to fp32. (In eval
@@ -169,7 +169,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     assert relative_difference(logits(merged, ids), expected) < 1e-4
 
     # a quantized layer without an adapter comes out dequantized: near the original, not equal to it
-    original = load_file(tiny_model_dir / "model.safetensors")
+    original = load_file(ft_tiny_model_dir / "model.safetensors")
     merged_weights = load_file(f"{merged_dir}/model.safetensors")
     k_proj = "model.layers.0.self_attn.k_proj.weight"
     assert not torch.equal(merged_weights[k_proj], original[k_proj])
@@ -177,7 +177,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     assert torch.equal(merged_weights["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
 
 
-def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
+def test_merge_with_added_tokens_resizes_the_base(ft_tiny_model_dir, tmp_path):
     import torch
     from ft_plugins.lora import load_adapter_model, merge_adapter
     from transformers import AutoModelForCausalLM
@@ -185,7 +185,7 @@ def test_merge_with_added_tokens_resizes_the_base(tiny_model_dir, tmp_path):
     from ft.context import load_context
 
     config = {
-        "base_model": str(tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
+        "base_model": str(ft_tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
         "plugins": ["lora"], "bf16": False, "tokens": ["<think>", "</think>"],
         "lora": {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]},
     }
@@ -277,7 +277,7 @@ def test_chat_from_the_command_line_exits_on_slash_exit(lora_run):
     assert result.output.count("> ") == 4  # hello, /reset, hi again, /exit
 
 
-def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, tiny_model_dir):
+def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, ft_tiny_model_dir):
     import datetime
     import shutil
 
@@ -287,8 +287,8 @@ def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, tiny_
     from ft.testing import FtRunner
 
     run_dir = tmp_path / "pickled"
-    shutil.copytree(tiny_model_dir, run_dir)
-    state = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    shutil.copytree(ft_tiny_model_dir, run_dir)
+    state = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir).state_dict()
     torch.save({**state, "saved_at": datetime.datetime(2024, 1, 1)}, run_dir / "pytorch_model.bin")
     (run_dir / "model.safetensors").unlink()
     result = FtRunner().invoke("infer", str(run_dir), "Hello?")
@@ -323,7 +323,7 @@ def truncate(path):
     os.truncate(path, os.path.getsize(path) // 2)
 
 
-def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_path, tiny_model_dir):
+def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_path, ft_tiny_model_dir):
     from ft.testing import FtRunner
 
     adapter = tmp_path / "adapter"
@@ -334,20 +334,20 @@ def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_
     assert not (tmp_path / "m").exists()
 
     full = tmp_path / "full"
-    shutil.copytree(tiny_model_dir, full)
+    shutil.copytree(ft_tiny_model_dir, full)
     truncate(full / "model.safetensors")
     result = FtRunner().invoke("infer", full, PROMPT).assert_error(
         f"could not load the model from '{full}': {full / 'model.safetensors'} is ", "cut short")
     assert "failed in hook" not in result.output
 
 
-def test_infer_warns_when_the_run_did_not_finish(tiny_model_dir, tmp_path):
+def test_infer_warns_when_the_run_did_not_finish(ft_tiny_model_dir, tmp_path):
     from ft.testing import FtRunner
 
     run_dir = tmp_path / "run"
-    shutil.copytree(tiny_model_dir, run_dir)
+    shutil.copytree(ft_tiny_model_dir, run_dir)
     result = FtRunner().invoke("infer", run_dir, PROMPT, "--max-new-tokens", "2").assert_ok()
     assert "warning" not in result.output  # a model directory that is no run's: nothing to say
-    (run_dir / "ft_config.yaml").write_text(f"base_model: {tiny_model_dir}\n")  # a run whose final save never ended
+    (run_dir / "ft_config.yaml").write_text(f"base_model: {ft_tiny_model_dir}\n")  # a run whose final save never ended
     result = FtRunner().invoke("infer", run_dir, PROMPT, "--max-new-tokens", "2").assert_ok()
     assert f"warning: {run_dir} has no metrics.json: its run did not finish" in result.output

@@ -87,11 +87,11 @@ def exactness_bins():
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_packed_batch_gives_the_same_logits_and_loss_as_unpacked(tiny_model_dir, attn):
+def test_packed_batch_gives_the_same_logits_and_loss_as_unpacked(ft_tiny_model_dir, attn):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
     model.eval()
     samples = exactness_bins()
     packed = pack_dataset(dataset_of(samples), 16)
@@ -164,10 +164,10 @@ def test_attention_mode_follows_the_attention_implementation(name, mode):
 # -- through prepare_datasets with the plugin selected -------------------------------------------
 
 
-def test_prepare_with_packing_selected_packs_and_reports_efficiency(tmp_path, tiny_tokenizer):
+def test_prepare_with_packing_selected_packs_and_reports_efficiency(tmp_path, ft_tiny_tokenizer):
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(60)])
-    plain = prepare(tmp_path, tiny_tokenizer, a, sequence_len=64, dataset_prepared_path=str(tmp_path / "p1"))
-    out = prepare(tmp_path, tiny_tokenizer, a, plugin_args=["packing"], sequence_len=64,
+    plain = prepare(tmp_path, ft_tiny_tokenizer, a, sequence_len=64, dataset_prepared_path=str(tmp_path / "p1"))
+    out = prepare(tmp_path, ft_tiny_tokenizer, a, plugin_args=["packing"], sequence_len=64,
                   dataset_prepared_path=str(tmp_path / "p2"))
     assert out.packed and not plain.packed
     assert out.train.column_names == ["input_ids", "labels", "position_ids"]

@@ -17,7 +17,7 @@ import pytest
 from ft.errors import ConfigError
 from ft.formats import IGNORE_INDEX
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def sums(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -64,7 +64,7 @@ def rows_of(ds) -> list[dict]:
 # -- the preference format ------------------------------------------------------------------------
 
 
-def test_every_pair_layout_gives_the_same_tokens(tmp_path, tiny_model_dir):
+def test_every_pair_layout_gives_the_same_tokens(tmp_path, ft_tiny_model_dir):
     q, good, bad = "What is 2 plus 3?", "The result is 5.", "The result is 6."
     system = "You add numbers."
     user, sys_msg = {"role": "user", "content": q}, {"role": "system", "content": system}
@@ -86,46 +86,46 @@ def test_every_pair_layout_gives_the_same_tokens(tmp_path, tiny_model_dir):
                                                        "rejected": [user, {"role": "assistant", "content": bad}]},
     }
     data = write_rows(tmp_path / "layouts.jsonl", list(layouts.values()))
-    out, tok = prepare(config(tmp_path, tiny_model_dir, data))
+    out, tok = prepare(config(tmp_path, ft_tiny_model_dir, data))
     rows = rows_of(out.train)
     assert len(rows) == len(layouts) and out.report["dropped_total"] == 0
     assert all(r == rows[0] for r in rows)
     # and a text prompt is a user message
     text_prompt = write_rows(tmp_path / "text.jsonl", [{"prompt": q, "chosen": good, "rejected": bad}])
-    out2, _ = prepare(config(tmp_path, tiny_model_dir, text_prompt, dataset_prepared_path=str(tmp_path / "p2")))
+    out2, _ = prepare(config(tmp_path, ft_tiny_model_dir, text_prompt, dataset_prepared_path=str(tmp_path / "p2")))
     no_system = rows_of(out2.train)[0]
     assert tok.decode(no_system["chosen_input_ids"]).startswith("<|im_start|>user\nWhat is 2 plus 3?")
     # axolotl's field_messages names the prompt's field
     axolotl = write_rows(tmp_path / "axolotl.jsonl", [{"messages": [sys_msg, user],
                                                        "chosen": {"role": "assistant", "content": good},
                                                        "rejected": {"role": "assistant", "content": bad}}])
-    cfg = config(tmp_path, tiny_model_dir, axolotl, dataset_prepared_path=str(tmp_path / "p3"))
+    cfg = config(tmp_path, ft_tiny_model_dir, axolotl, dataset_prepared_path=str(tmp_path / "p3"))
     cfg["datasets"][0]["field_messages"] = "messages"
     out3, _ = prepare(cfg)
     assert rows_of(out3.train) == [rows[0]] and out3.report["dropped_total"] == 0
 
 
-def test_a_side_that_begins_with_another_user_turn_than_the_prompt_is_dropped(tmp_path, tiny_model_dir):
+def test_a_side_that_begins_with_another_user_turn_than_the_prompt_is_dropped(tmp_path, ft_tiny_model_dir):
     q, good, bad = sums(1)[0]
     other = {"role": "user", "content": "Something else?"}
     rows = [*pair_rows(1), {"prompt": q, "chosen": [other, {"role": "assistant", "content": good}],
                             "rejected": [other, {"role": "assistant", "content": bad}]}]
     data = write_rows(tmp_path / "ambiguous.jsonl", rows)
-    out, _ = prepare(config(tmp_path, tiny_model_dir, data))
+    out, _ = prepare(config(tmp_path, ft_tiny_model_dir, data))
     assert len(out.train) == 1
     [example] = out.report["dropped"]["prompt turn in the completion"]["examples"]
     assert example["where"] == f"{data}:2"
     assert example["detail"].startswith("'chosen' begins with a user message although the row has a prompt")
 
 
-def test_kto_reads_the_chatml_intel_layout_with_its_system_message(tmp_path, tiny_model_dir):
+def test_kto_reads_the_chatml_intel_layout_with_its_system_message(tmp_path, ft_tiny_model_dir):
     q, good, bad = sums(1)[0]
     rows = [{"system": "You add numbers.", "question": q, "completion": good, "label": True},
             {"system": "You add numbers.", "question": q, "completion": bad, "label": False}]
     data = write_rows(tmp_path / "intel.jsonl", rows)
     expected = f"<|im_start|>system\nYou add numbers.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
     for name, extra in (("default", {}), ("field_prompt", {"field_prompt": "question"})):
-        cfg = config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
+        cfg = config(tmp_path, ft_tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
                      dataset_prepared_path=str(tmp_path / name))
         cfg["datasets"][0].update(extra)
         out, tok = prepare(cfg)
@@ -143,9 +143,9 @@ def test_field_messages_and_another_field_prompt_is_a_config_error(tmp_path, wri
                "the row field with the prompt; set one of them" in p for p in problems), problems
 
 
-def test_labels_score_the_completion_and_its_end_of_turn_only(tmp_path, tiny_model_dir):
+def test_labels_score_the_completion_and_its_end_of_turn_only(tmp_path, ft_tiny_model_dir):
     data = write_rows(tmp_path / "p.jsonl", pair_rows(1))
-    out, tok = prepare(config(tmp_path, tiny_model_dir, data))
+    out, tok = prepare(config(tmp_path, ft_tiny_model_dir, data))
     row = rows_of(out.train)[0]
     q, good, bad = sums(1)[0]
     for side, text in (("chosen", good), ("rejected", bad)):
@@ -158,7 +158,7 @@ def test_labels_score_the_completion_and_its_end_of_turn_only(tmp_path, tiny_mod
     assert row["chosen_input_ids"][:first] == row["rejected_input_ids"][:first]
 
 
-def test_bad_rows_are_dropped_and_reported_with_file_and_line(tmp_path, tiny_model_dir):
+def test_bad_rows_are_dropped_and_reported_with_file_and_line(tmp_path, ft_tiny_model_dir):
     good = pair_rows(2)
     long_q = "What is " + " plus ".join(["1"] * 20) + "?"
     rows = [
@@ -174,7 +174,7 @@ def test_bad_rows_are_dropped_and_reported_with_file_and_line(tmp_path, tiny_mod
         good[1],
     ]
     data = write_rows(tmp_path / "bad.jsonl", rows)
-    out, _ = prepare(config(tmp_path, tiny_model_dir, data, dpo={"max_prompt_len": 24}))
+    out, _ = prepare(config(tmp_path, ft_tiny_model_dir, data, dpo={"max_prompt_len": 24}))
     assert len(out.train) == 2
     dropped = out.report["dropped"]
     where = {reason: [e["where"] for e in entry["examples"]] for reason, entry in dropped.items()}
@@ -191,13 +191,13 @@ def test_bad_rows_are_dropped_and_reported_with_file_and_line(tmp_path, tiny_mod
     assert "no 'rejected'" in dropped["missing side"]["examples"][0]["detail"]
 
 
-def test_truncation_applies_to_both_sides_alike(tmp_path, tiny_model_dir):
+def test_truncation_applies_to_both_sides_alike(tmp_path, ft_tiny_model_dir):
     q = "What is 1 plus 1?"
     row = {"prompt": q, "chosen": "Two. " * 30, "rejected": "It is two, " * 25}
     data = write_rows(tmp_path / "long.jsonl", [row, *pair_rows(3)])
-    dropped, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48))
+    dropped, _ = prepare(config(tmp_path, ft_tiny_model_dir, data, sequence_len=48))
     assert len(dropped.train) == 3 and dropped.report["dropped"]["longer than sequence_len"]["count"] == 1
-    cut, tok = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48, excess_length="truncate",
+    cut, tok = prepare(config(tmp_path, ft_tiny_model_dir, data, sequence_len=48, excess_length="truncate",
                               dataset_prepared_path=str(tmp_path / "p2")))
     long_pair = rows_of(cut.train)[0]
     for side in ("chosen", "rejected"):
@@ -207,13 +207,13 @@ def test_truncation_applies_to_both_sides_alike(tmp_path, tiny_model_dir):
         assert long_pair[f"{side}_labels"][-1] != IGNORE_INDEX  # the kept part of the completion is scored
 
 
-def test_a_pair_that_truncation_makes_identical_is_dropped_and_counted_apart(tmp_path, tiny_model_dir):
+def test_a_pair_that_truncation_makes_identical_is_dropped_and_counted_apart(tmp_path, ft_tiny_model_dir):
     q = "What is 1 plus 1?"
     same_start = {"prompt": q, "chosen": "The answer is two, " * 10 + "right.",
                   "rejected": "The answer is two, " * 10 + "wrong."}  # they differ only past sequence_len
     differ = {"prompt": q, "chosen": "Two. " * 30, "rejected": "It is two, " * 25}
     data = write_rows(tmp_path / "long.jsonl", [same_start, differ, *pair_rows(2)])
-    out, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48, excess_length="truncate"))
+    out, _ = prepare(config(tmp_path, ft_tiny_model_dir, data, sequence_len=48, excess_length="truncate"))
     assert len(out.train) == 3
     assert all(r["chosen_input_ids"] != r["rejected_input_ids"] for r in rows_of(out.train))
     [example] = out.report["dropped"]["chosen equals rejected"]["examples"]
@@ -222,28 +222,28 @@ def test_a_pair_that_truncation_makes_identical_is_dropped_and_counted_apart(tmp
     assert out.report["truncated"] == out.stats["truncated"] == 1 and out.report["dropped_total"] == 1
 
 
-def test_kto_drops_an_unpaired_pair_that_truncation_makes_identical(tmp_path, tiny_model_dir):
+def test_kto_drops_an_unpaired_pair_that_truncation_makes_identical(tmp_path, ft_tiny_model_dir):
     q = "What is 1 plus 1?"
     same_start = {"prompt": q, "chosen": "The answer is two, " * 10 + "right.",
                   "rejected": "The answer is two, " * 10 + "wrong."}
     data = write_rows(tmp_path / "long.jsonl", [same_start, *pair_rows(2)])
-    out, _ = prepare(config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
+    out, _ = prepare(config(tmp_path, ft_tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2,
                             sequence_len=48, excess_length="truncate"))
     assert [r["label"] for r in rows_of(out.train)] == [True, False, True, False]
     [example] = out.report["dropped"]["samples of one row are identical"]["examples"]
     assert example["where"] == f"{data}:1" and "after truncation to sequence_len 48" in example["detail"]
 
 
-def test_a_long_pair_names_the_side_that_is_too_long(tmp_path, tiny_model_dir):
+def test_a_long_pair_names_the_side_that_is_too_long(tmp_path, ft_tiny_model_dir):
     row = {"prompt": "What is 1 plus 1?", "chosen": "Two.", "rejected": "It is two, " * 25}
     data = write_rows(tmp_path / "long.jsonl", [row, *pair_rows(2)])
-    out, _ = prepare(config(tmp_path, tiny_model_dir, data, sequence_len=48))
+    out, _ = prepare(config(tmp_path, ft_tiny_model_dir, data, sequence_len=48))
     [example] = out.report["dropped"]["longer than sequence_len"]["examples"]
     assert re.fullmatch(r"rejected (\d+) tokens \(prompt (\d+) \+ completion (\d+)\) > sequence_len 48",
                         example["detail"]), example["detail"]
 
 
-def test_kto_rows_and_unpaired_pairs(tmp_path, tiny_model_dir):
+def test_kto_rows_and_unpaired_pairs(tmp_path, ft_tiny_model_dir):
     q, good, bad = sums(1)[0]
     rows = [
         {"prompt": q, "completion": good, "label": True},
@@ -254,7 +254,7 @@ def test_kto_rows_and_unpaired_pairs(tmp_path, tiny_model_dir):
         {"prompt": q, "label": True},  # line 5: no completion
     ]
     data = write_rows(tmp_path / "kto.jsonl", rows)
-    out, tok = prepare(config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2))
+    out, tok = prepare(config(tmp_path, ft_tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=2))
     kept = rows_of(out.train)
     assert [r["label"] for r in kept] == [True, False, True, False]
     assert kept[0]["kto_input_ids"] == kept[2]["kto_input_ids"] and kept[1]["kto_input_ids"] == kept[3]["kto_input_ids"]
@@ -315,11 +315,11 @@ def test_kto_config_errors(tmp_path, write_yaml):
 # -- ft preprocess --debug --------------------------------------------------------------------------
 
 
-def test_debug_view_shows_prompt_chosen_and_rejected_with_scored_tokens(tmp_path, tiny_model_dir):
+def test_debug_view_shows_prompt_chosen_and_rejected_with_scored_tokens(tmp_path, ft_tiny_model_dir):
     from ft.debug import show_samples
 
     data = write_rows(tmp_path / "p.jsonl", pair_rows(3))
-    out, tok = prepare(config(tmp_path, tiny_model_dir, data))
+    out, tok = prepare(config(tmp_path, ft_tiny_model_dir, data))
     buf = io.StringIO()
     show_samples(out.train, tok, 1, stream=buf, colour=False)
     text = buf.getvalue()
@@ -352,10 +352,10 @@ def train_config(tmp_path, model_dir, method="dpo", n=24, **extra) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_trains_and_logs_its_metrics(tmp_path, tiny_model_dir, method):
+def test_each_method_trains_and_logs_its_metrics(tmp_path, ft_tiny_model_dir, method):
     from ft.run import run
 
-    result = run(train_config(tmp_path, tiny_model_dir, method))
+    result = run(train_config(tmp_path, ft_tiny_model_dir, method))
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
     history, summary = metrics["history"], metrics["summary"]
@@ -381,16 +381,16 @@ def test_each_method_trains_and_logs_its_metrics(tmp_path, tiny_model_dir, metho
 
 
 @pytest.mark.slow
-def test_reference_plans_are_logged_and_precomputed_logps_give_the_same_run(tmp_path, tiny_model_dir, caplog):
+def test_reference_plans_are_logged_and_precomputed_logps_give_the_same_run(tmp_path, ft_tiny_model_dir, caplog):
     import logging
 
     from ft.run import run
 
     caplog.set_level(logging.INFO)
-    copy = run(train_config(tmp_path / "copy", tiny_model_dir, val_set_size=0, eval_steps=None))
+    copy = run(train_config(tmp_path / "copy", ft_tiny_model_dir, val_set_size=0, eval_steps=None))
     assert "dpo: reference model = a frozen copy of the initial model" in caplog.text
     caplog.clear()
-    cfg = train_config(tmp_path / "pre", tiny_model_dir, val_set_size=0, eval_steps=None,
+    cfg = train_config(tmp_path / "pre", ft_tiny_model_dir, val_set_size=0, eval_steps=None,
                        dpo={"beta": 0.1, "precompute_ref_logps": True})
     pre = run(cfg)
     assert "reference log-probabilities precomputed in one pass before training (the initial model)" in caplog.text
@@ -445,13 +445,13 @@ def test_stored_reference_logps_are_checked_against_the_prepared_data_manifest(t
 
 
 @pytest.mark.slow
-def test_lora_uses_the_adapter_disabled_base_as_the_reference(tmp_path, tiny_model_dir, caplog):
+def test_lora_uses_the_adapter_disabled_base_as_the_reference(tmp_path, ft_tiny_model_dir, caplog):
     import logging
 
     from ft.run import run
 
     caplog.set_level(logging.INFO)
-    result = run(train_config(tmp_path, tiny_model_dir, plugins=["lora"], lora={"r": 4, "alpha": 8},
+    result = run(train_config(tmp_path, ft_tiny_model_dir, plugins=["lora"], lora={"r": 4, "alpha": 8},
                               learning_rate=5e-3))
     assert "reference model = the base model with the adapter disabled (no second copy in memory)" in caplog.text
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
@@ -461,10 +461,10 @@ def test_lora_uses_the_adapter_disabled_base_as_the_reference(tmp_path, tiny_mod
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_packed_runs_train(tmp_path, tiny_model_dir, method):
+def test_packed_runs_train(tmp_path, ft_tiny_model_dir, method):
     from ft.run import run
 
-    result = run(train_config(tmp_path, tiny_model_dir, method, plugins=["packing"], micro_batch_size=2))
+    result = run(train_config(tmp_path, ft_tiny_model_dir, method, plugins=["packing"], micro_batch_size=2))
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert result.metrics["steps"] == 4 and all(math.isfinite(r["loss"]) for r in history if "loss" in r)
     assert any("eval_rewards/accuracies" in r for r in history)  # eval rows are laid out by the packed collator
@@ -475,7 +475,7 @@ def test_packed_runs_train(tmp_path, tiny_model_dir, method):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True])
-def test_resume_after_kill_9_gives_the_same_losses(tmp_path, tiny_model_dir, precompute):
+def test_resume_after_kill_9_gives_the_same_losses(tmp_path, ft_tiny_model_dir, precompute):
     """Killed (SIGKILL) after checkpoint-3: the resumed run's losses and rewards equal the uninterrupted
     run's, whether the reference is a frozen copy of the initial model or precomputed log-probabilities
     (read back from beside the prepared data)."""
@@ -487,7 +487,7 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path, tiny_model_dir, pre
     from ft.run import run
 
     def write(root):
-        cfg = train_config(root, tiny_model_dir, n=16, val_set_size=0, eval_steps=None, max_steps=8, save_steps=3,
+        cfg = train_config(root, ft_tiny_model_dir, n=16, val_set_size=0, eval_steps=None, max_steps=8, save_steps=3,
                            micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-3,
                            dpo={"beta": 0.1, "precompute_ref_logps": precompute})
         path = root / "config.yaml"
@@ -513,13 +513,13 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path, tiny_model_dir, pre
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True])
-def test_qlora_dpo_uses_the_quantized_base_without_its_adapter(tmp_path, tiny_model_dir, caplog, precompute):
+def test_qlora_dpo_uses_the_quantized_base_without_its_adapter(tmp_path, ft_tiny_model_dir, caplog, precompute):
     import logging
 
     from ft.run import run
 
     caplog.set_level(logging.INFO)
-    result = run(train_config(tmp_path, tiny_model_dir, plugins=["lora", "qlora"], bf16=False, val_set_size=0,
+    result = run(train_config(tmp_path, ft_tiny_model_dir, plugins=["lora", "qlora"], bf16=False, val_set_size=0,
                               eval_steps=None, lora={"r": 4, "alpha": 8, "dropout": 0.0},
                               qlora={"compute_dtype": "float32"}, dpo={"beta": 0.1, "precompute_ref_logps": precompute}))
     plan = ("precomputed in one pass before training (the base with the adapter disabled)" if precompute
@@ -531,7 +531,7 @@ def test_qlora_dpo_uses_the_quantized_base_without_its_adapter(tmp_path, tiny_mo
     assert (tmp_path / "out" / "base_quantization.json").is_file()
 
 
-def test_kto_mismatched_pairs_take_another_prompt(tmp_path, tiny_model_dir):
+def test_kto_mismatched_pairs_take_another_prompt(tmp_path, ft_tiny_model_dir):
     """The KL term's pairs put each prompt with a completion of another prompt, also when the two rows
     of an unpaired pair sit next to each other."""
     from ft.context import load_context
@@ -540,7 +540,7 @@ def test_kto_mismatched_pairs_take_another_prompt(tmp_path, tiny_model_dir):
     answers = [("It is three.", "It is four."), ("Hello there.", "Bye now."), ("A red cat.", "A blue dog.")]
     rows = [{"prompt": q, "chosen": good, "rejected": bad} for q, (good, bad) in zip(questions, answers, strict=True)]
     data = write_rows(tmp_path / "kto.jsonl", rows)  # 6 kto rows: each pair's two rows side by side
-    cfg = config(tmp_path, tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=6)
+    cfg = config(tmp_path, ft_tiny_model_dir, data, method="kto", fmt="kto", micro_batch_size=6)
     out, tok = prepare(cfg)
     ctx = load_context(cfg)
     batch = ctx.method.collator(ctx.cfg, tok)(rows_of(out.train))

@@ -63,9 +63,9 @@ def ft_run(env, work: Path, config: Path, *args: str) -> list[dict]:
     return [r for r in json.loads((out / "metrics.json").read_text())["history"] if "loss" in r]
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(env, work, tiny_model_dir, pairs):
-    one = ft_run(env, work, write_config(work, tiny_model_dir, pairs, "one", micro_batch_size=4))
-    two = ft_run(env, work, write_config(work, tiny_model_dir, pairs, "two"), "--nproc", "2")
+def test_two_processes_train_like_one_with_the_same_global_batch(env, work, ft_tiny_model_dir, pairs):
+    one = ft_run(env, work, write_config(work, ft_tiny_model_dir, pairs, "one", micro_batch_size=4))
+    two = ft_run(env, work, write_config(work, ft_tiny_model_dir, pairs, "two"), "--nproc", "2")
     assert len(one) == len(two) == 5
     assert two[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     for a, b in zip(one, two, strict=True):
@@ -79,9 +79,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(env, work, tiny
     (["fsdp", "lora"], {"lora": {"r": 4, "alpha": 8}}),
     (["deepspeed"], {"deepspeed": {"stage": 2}}),
 ], ids=["fsdp-full", "fsdp-lora", "deepspeed-zero2"])
-def test_dpo_under_fsdp_and_deepspeed(env, work, tiny_model_dir, pairs, plugins, section):
+def test_dpo_under_fsdp_and_deepspeed(env, work, ft_tiny_model_dir, pairs, plugins, section):
     name = "-".join(plugins)
-    history = ft_run(env, work, write_config(work, tiny_model_dir, pairs, name, plugins=plugins, **section),
+    history = ft_run(env, work, write_config(work, ft_tiny_model_dir, pairs, name, plugins=plugins, **section),
                      "--nproc", "2")
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the reference is the initial policy
     assert all(math.isfinite(r["loss"]) for r in history) and history[-1]["loss"] < history[0]["loss"]

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
 def pair_rows(n: int, seed: int = 0) -> list[dict]:
@@ -54,7 +54,7 @@ def unpacked_logps(model, ids, labels) -> float:
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa", "varlen"])
-def test_each_packed_sequence_has_its_unpacked_log_probability(tmp_path, tiny_model_dir, attention):
+def test_each_packed_sequence_has_its_unpacked_log_probability(tmp_path, ft_tiny_model_dir, attention):
     import torch
     from ft_plugins import varlen
     from ft_plugins.packing import PackedCollator
@@ -62,8 +62,8 @@ def test_each_packed_sequence_has_its_unpacked_log_probability(tmp_path, tiny_mo
     from transformers import AutoModelForCausalLM
 
     rows = pair_rows(20)
-    _ctx, tokenizer, plain = prepared(tmp_path, tiny_model_dir, rows, name="plain")
-    _ctx, _tok, packed = prepared(tmp_path, tiny_model_dir, rows, plugins=["packing"], name="packed")
+    _ctx, tokenizer, plain = prepared(tmp_path, ft_tiny_model_dir, rows, name="plain")
+    _ctx, _tok, packed = prepared(tmp_path, ft_tiny_model_dir, rows, plugins=["packing"], name="packed")
     assert len(plain.train) == len(rows) and packed.packed and len(packed.train) < len(rows)
     assert packed.stats["bin_tokens"] == 192 and 0 < packed.stats["packing_efficiency"] <= 1
     bins = [packed.train[i] for i in range(len(packed.train))]
@@ -71,7 +71,7 @@ def test_each_packed_sequence_has_its_unpacked_log_probability(tmp_path, tiny_mo
     assert sum(sum(p == 0 for p in b["position_ids"]) for b in bins) == 2 * len(rows)
     assert all(sum(p == 0 for p in b["position_ids"]) % 2 == 0 for b in bins)
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa" if attention == "varlen" else attention)
     model.eval()
     expected = {}
@@ -110,7 +110,7 @@ def test_each_packed_sequence_has_its_unpacked_log_probability(tmp_path, tiny_mo
     assert checked == len(rows) and not expected  # every pair once, intact
 
 
-def test_a_packed_batch_gives_the_unpacked_dpo_loss_and_gradients(tmp_path, tiny_model_dir):
+def test_a_packed_batch_gives_the_unpacked_dpo_loss_and_gradients(tmp_path, ft_tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -119,9 +119,9 @@ def test_a_packed_batch_gives_the_unpacked_dpo_loss_and_gradients(tmp_path, tiny
     rows = pair_rows(12, seed=1)
     results = []
     for plugins, name in (((), "plain"), (("packing",), "packed")):
-        ctx, tokenizer, data = prepared(tmp_path, tiny_model_dir, rows, plugins=plugins, name=name,
+        ctx, tokenizer, data = prepared(tmp_path, ft_tiny_model_dir, rows, plugins=plugins, name=name,
                                         micro_batch_size=len(rows))
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
         trainer = build_trainer(ctx, model, tokenizer, data)  # the frozen reference is copied here
         torch.manual_seed(0)
         with torch.no_grad():  # move the policy away from the reference
@@ -139,17 +139,17 @@ def test_a_packed_batch_gives_the_unpacked_dpo_loss_and_gradients(tmp_path, tiny
         assert (packed_grads[name] - g).abs().max().item() <= 1e-5 * g.abs().max().item() + 1e-12, name
 
 
-def test_logits_are_computed_only_where_a_label_is_scored(tmp_path, tiny_model_dir):
+def test_logits_are_computed_only_where_a_label_is_scored(tmp_path, ft_tiny_model_dir):
     """Prompts and padding never reach the output layer: it sees one row per scored token."""
     import torch
     from ft_plugins.preference_data import UnitCollator
     from ft_plugins.preference_trainer import forward_logps
     from transformers import AutoModelForCausalLM
 
-    _ctx, tokenizer, plain = prepared(tmp_path, tiny_model_dir, pair_rows(6))
+    _ctx, tokenizer, plain = prepared(tmp_path, ft_tiny_model_dir, pair_rows(6))
     rows = [plain.train[i] for i in range(len(plain.train))]
     batch = UnitCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(rows)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32)
     seen = []
     model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_logits_are_computed_only_where_a_label_is_scored(tmp_path, tiny_model_d
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_a_shared_prompt_row_gives_each_side_its_own_log_probability(tmp_path, tiny_model_dir, attention):
+def test_a_shared_prompt_row_gives_each_side_its_own_log_probability(tmp_path, ft_tiny_model_dir, attention):
     """[prompt | chosen | rejected] in one row: the prompt is computed once, the rejected side never
     sees the chosen one, and both sides score exactly what they score alone."""
     import torch
@@ -172,9 +172,9 @@ def test_a_shared_prompt_row_gives_each_side_its_own_log_probability(tmp_path, t
     rows = pair_rows(10, seed=2)
     rows.append({"prompt": "Hi", "chosen": "Hello.", "rejected": [{"role": "user", "content": "Hi"},  # no shared
                  {"role": "assistant", "content": "Yes."}]})  # prompt beyond the first tokens
-    _ctx, tokenizer, plain = prepared(tmp_path, tiny_model_dir, rows)
+    _ctx, tokenizer, plain = prepared(tmp_path, ft_tiny_model_dir, rows)
     data = [plain.train[i] for i in range(len(plain.train))]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
     model.eval()
     shared = SharedPromptCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)(data)
     separate = UnitCollator(tokenizer.pad_token_id, ("chosen", "rejected"))(data)

@@ -20,7 +20,7 @@ import pytest
 
 from ft.formats import IGNORE_INDEX
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 trl = pytest.importorskip("trl")
 
@@ -119,12 +119,12 @@ DPO_CASES = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("ipo", 0.1, 0.0), ("
 
 
 @pytest.mark.parametrize("loss_type, beta, smoothing", DPO_CASES)
-def test_dpo_loss_and_gradients_equal_trl(tmp_path, tiny_model_dir, loss_type, beta, smoothing):
+def test_dpo_loss_and_gradients_equal_trl(tmp_path, ft_tiny_model_dir, loss_type, beta, smoothing):
     import torch
     from trl import DPOConfig, DPOTrainer
 
     section = {"beta": beta, "loss_type": loss_type, "label_smoothing": smoothing}
-    tokenizer, trainer, model, rows = ft_setup(tmp_path, tiny_model_dir, "dpo", section, pair_rows(), "preference")
+    tokenizer, trainer, model, rows = ft_setup(tmp_path, ft_tiny_model_dir, "dpo", section, pair_rows(), "preference")
     # move the policy away from the reference so the loss is not the trivial one
     with torch.no_grad():
         for p in model.parameters():
@@ -132,11 +132,11 @@ def test_dpo_loss_and_gradients_equal_trl(tmp_path, tiny_model_dir, loss_type, b
     batch = trainer.data_collator(rows)
     ft_loss, ft_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)), model)
 
-    trl_model = fresh_model(tiny_model_dir)
+    trl_model = fresh_model(ft_tiny_model_dir)
     trl_model.load_state_dict(model.state_dict())
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[loss_type], label_smoothing=smoothing,
                      report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=len(rows))
-    trl_trainer = DPOTrainer(model=trl_model, ref_model=fresh_model(tiny_model_dir), args=args,
+    trl_trainer = DPOTrainer(model=trl_model, ref_model=fresh_model(ft_tiny_model_dir), args=args,
                              train_dataset=trl_dataset(tokenizer), processing_class=tokenizer)
     examples = []
     for r in rows:
@@ -171,8 +171,8 @@ def test_conservative_dpo_equals_trl_cpo_sigmoid_on_the_log_ratios():
     torch.testing.assert_close(ft, trl_losses, rtol=1e-6, atol=0)
 
 
-def test_dpo_sigmoid_starts_at_ln2_when_the_policy_is_the_reference(tmp_path, tiny_model_dir):
-    tokenizer, trainer, model, rows = ft_setup(tmp_path, tiny_model_dir, "dpo", {"beta": 0.1}, pair_rows(),
+def test_dpo_sigmoid_starts_at_ln2_when_the_policy_is_the_reference(tmp_path, ft_tiny_model_dir):
+    tokenizer, trainer, model, rows = ft_setup(tmp_path, ft_tiny_model_dir, "dpo", {"beta": 0.1}, pair_rows(),
                                                "preference")
     loss = trainer.compute_loss(model, trainer.data_collator(rows))
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
@@ -181,19 +181,19 @@ def test_dpo_sigmoid_starts_at_ln2_when_the_policy_is_the_reference(tmp_path, ti
 # -- KTO ------------------------------------------------------------------------------------------
 
 
-def test_kto_loss_and_gradients_equal_trl(tmp_path, tiny_model_dir):
+def test_kto_loss_and_gradients_equal_trl(tmp_path, ft_tiny_model_dir):
     import torch
     from trl import KTOConfig, KTOTrainer
 
     section = {"beta": 0.2, "desirable_weight": 1.0, "undesirable_weight": 1.5}
-    tokenizer, trainer, model, rows = ft_setup(tmp_path, tiny_model_dir, "kto", section, kto_rows(), "kto")
+    tokenizer, trainer, model, rows = ft_setup(tmp_path, ft_tiny_model_dir, "kto", section, kto_rows(), "kto")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     batch = trainer.data_collator(rows)
     ft_loss, ft_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)), model)
 
-    trl_model = fresh_model(tiny_model_dir)
+    trl_model = fresh_model(ft_tiny_model_dir)
     trl_model.load_state_dict(model.state_dict())
     args = KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.2, desirable_weight=1.0, undesirable_weight=1.5,
                      report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=len(rows))
@@ -201,7 +201,7 @@ def test_kto_loss_and_gradients_equal_trl(tmp_path, tiny_model_dir):
 
     train = Dataset.from_list([{"prompt": "Hi", "completion": " there", "label": True},
                                {"prompt": "Hi", "completion": " you", "label": False}])
-    trl_trainer = KTOTrainer(model=trl_model, ref_model=fresh_model(tiny_model_dir), args=args, train_dataset=train,
+    trl_trainer = KTOTrainer(model=trl_model, ref_model=fresh_model(ft_tiny_model_dir), args=args, train_dataset=train,
                              processing_class=tokenizer)
     parts = [split(r["kto_input_ids"], r["kto_labels"]) for r in rows]
     examples = [{"prompt_ids": p, "completion_ids": c, "KL_completion_ids": parts[i - 1][1], "label": r["label"]}
@@ -234,19 +234,19 @@ def whole_sequence_batch(rows: list[dict], pad: int) -> dict:
 
 
 @pytest.mark.parametrize("on_prompt", [True, False])
-def test_orpo_loss_and_gradients_equal_trl(tmp_path, tiny_model_dir, on_prompt):
+def test_orpo_loss_and_gradients_equal_trl(tmp_path, ft_tiny_model_dir, on_prompt):
     """TRL's ORPO takes its NLL over the whole chosen sequence (prompt included), which ft does with
     ``train_on_inputs: true``; ft's default scores the completion only, as SFT does -- there TRL's
     odds-ratio term plus the completion's NLL (the model's own loss) is the reference."""
     import torch
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    tokenizer, trainer, model, rows = ft_setup(tmp_path, tiny_model_dir, "orpo", {"beta": 0.25}, pair_rows(),
+    tokenizer, trainer, model, rows = ft_setup(tmp_path, ft_tiny_model_dir, "orpo", {"beta": 0.25}, pair_rows(),
                                                "preference", train_on_inputs=on_prompt)
     batch = trainer.data_collator(rows)
     ft_loss, ft_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)), model)
 
-    trl_model = fresh_model(tiny_model_dir)
+    trl_model = fresh_model(ft_tiny_model_dir)
     args = ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25, report_to=[], use_cpu=True, bf16=False,
                       max_length=128)
     trl_trainer = ORPOTrainer(model=trl_model, args=args, train_dataset=trl_dataset(tokenizer),
@@ -273,15 +273,15 @@ def test_orpo_loss_and_gradients_equal_trl(tmp_path, tiny_model_dir, on_prompt):
 
 
 @pytest.mark.parametrize("cpo_alpha", [0.0, 1.0])
-def test_simpo_loss_and_gradients_equal_trl_cpo(tmp_path, tiny_model_dir, cpo_alpha):
+def test_simpo_loss_and_gradients_equal_trl_cpo(tmp_path, ft_tiny_model_dir, cpo_alpha):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     section = {"beta": 2.0, "gamma": 0.8, "cpo_alpha": cpo_alpha}
-    tokenizer, trainer, model, rows = ft_setup(tmp_path, tiny_model_dir, "simpo", section, pair_rows(), "preference")
+    tokenizer, trainer, model, rows = ft_setup(tmp_path, ft_tiny_model_dir, "simpo", section, pair_rows(), "preference")
     batch = trainer.data_collator(rows)
     ft_loss, ft_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)), model)
 
-    trl_model = fresh_model(tiny_model_dir)
+    trl_model = fresh_model(ft_tiny_model_dir)
     args = CPOConfig(output_dir=str(tmp_path / "trl"), loss_type="simpo", beta=2.0, simpo_gamma=0.8,
                      cpo_alpha=cpo_alpha, report_to=[], use_cpu=True, bf16=False, max_length=128)
     trl_trainer = CPOTrainer(model=trl_model, args=args, train_dataset=trl_dataset(tokenizer),

@@ -37,17 +37,17 @@ ROW = {"prompt": "What is 2 plus 3?", "completions": ["Two plus three", "is 6."]
 
 
 @pytest.mark.parametrize("last_only", [False, True])
-def test_labels_sit_on_the_last_separator_token_of_each_step(tmp_path, tiny_model_dir, tiny_tokenizer, last_only):
-    prepared, _ = prepare(tmp_path, tiny_model_dir, [ROW],
+def test_labels_sit_on_the_last_separator_token_of_each_step(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer, last_only):
+    prepared, _ = prepare(tmp_path, ft_tiny_model_dir, [ROW],
                           entry={"step_separator": " ;\n", "train_on_last_step_only": last_only})
     row = prepared.train[0]
 
     def ids(text):
-        return tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ft_tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
 
     prompt, step1, step2, sep = ids(ROW["prompt"]), ids("Two plus three"), ids("is 6."), ids(" ;\n")
     assert len(sep) >= 2  # a multi-token separator: the label goes on its last token only
-    assert tiny_tokenizer.bos_token_id is None  # the tiny tokenizer has no BOS to put first
+    assert ft_tiny_tokenizer.bos_token_id is None  # the tiny tokenizer has no BOS to put first
     first = M if last_only else 1
     expected_ids = prompt + step1 + sep + step2 + sep
     expected_labels = ([M] * len(prompt) + [M] * (len(step1) + len(sep) - 1) + [first]
@@ -59,10 +59,10 @@ def test_labels_sit_on_the_last_separator_token_of_each_step(tmp_path, tiny_mode
     assert scored == (ends[1:] if last_only else ends)
 
 
-def test_bad_rows_are_dropped_with_their_line_and_reason(tmp_path, tiny_model_dir):
+def test_bad_rows_are_dropped_with_their_line_and_reason(tmp_path, ft_tiny_model_dir):
     rows = [ROW, {**ROW, "labels": [True]}, {**ROW, "completions": []}, {**ROW, "labels": [True, "yes"]},
             {**ROW, "labels": [1, 0]}]
-    prepared, _ = prepare(tmp_path, tiny_model_dir, rows)
+    prepared, _ = prepare(tmp_path, ft_tiny_model_dir, rows)
     assert len(prepared.train) == 2
     report = json.dumps(prepared.report)
     assert "steps.jsonl:2" in report and "one label per step (2 steps, labels: 1)" in report
@@ -93,14 +93,14 @@ def step_rows(n: int, seed: int) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_a_short_run_beats_the_majority_class_on_held_out_steps(tmp_path, tiny_model_dir):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_a_short_run_beats_the_majority_class_on_held_out_steps(tmp_path, ft_tiny_model_dir):
     import torch
     from transformers import AutoModelForTokenClassification
 
     from ft.run import run
 
-    result = run(config_of(tmp_path, tiny_model_dir, step_rows(48, seed=0), max_steps=30, learning_rate=3e-3,
+    result = run(config_of(tmp_path, ft_tiny_model_dir, step_rows(48, seed=0), max_steps=30, learning_rate=3e-3,
                            logging_steps=5, shuffle=True, seed=0))
     assert result.metrics["steps"] == 30
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
@@ -108,7 +108,7 @@ def test_a_short_run_beats_the_majority_class_on_held_out_steps(tmp_path, tiny_m
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert type(model).__name__ == "LlamaForTokenClassification" and model.config.num_labels == 2
 
-    held_out, _ = prepare(tmp_path / "eval", tiny_model_dir, step_rows(24, seed=5))
+    held_out, _ = prepare(tmp_path / "eval", ft_tiny_model_dir, step_rows(24, seed=5))
     right = total = good = 0
     for row in held_out.train:
         labels = torch.tensor(row["prm_labels"])
@@ -123,15 +123,15 @@ def test_a_short_run_beats_the_majority_class_on_held_out_steps(tmp_path, tiny_m
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_torch_thread")
-def test_under_lora_the_token_head_trains_in_full_and_ft_merge_writes_a_token_classifier(tmp_path, tiny_model_dir):
+@pytest.mark.usefixtures("ft_one_torch_thread")
+def test_under_lora_the_token_head_trains_in_full_and_ft_merge_writes_a_token_classifier(tmp_path, ft_tiny_model_dir):
     import torch
     from ft_plugins.lora import load_adapter_model, merge_adapter
     from transformers import AutoModelForTokenClassification
 
     from ft.run import run
 
-    result = run(config_of(tmp_path, tiny_model_dir, step_rows(16, seed=0), max_steps=3, plugins=["lora"]))
+    result = run(config_of(tmp_path, ft_tiny_model_dir, step_rows(16, seed=0), max_steps=3, plugins=["lora"]))
     out = Path(result.output_dir)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["task_type"] == "TOKEN_CLS" and "score" in adapter["modules_to_save"]

@@ -25,8 +25,8 @@ def make_config(model_dir, plugins=("lora", "qlora"), **extra):
 # -- (e) validation errors -------------------------------------------------------------------
 
 
-def test_qlora_needs_lora(tiny_model_dir, write_yaml):
-    config = write_yaml(make_config(tiny_model_dir, plugins=["qlora"]))
+def test_qlora_needs_lora(ft_tiny_model_dir, write_yaml):
+    config = write_yaml(make_config(ft_tiny_model_dir, plugins=["qlora"]))
     with pytest.raises(ConfigError) as excinfo:
         load_context(config)
     text = "\n".join(excinfo.value.problems)
@@ -34,30 +34,30 @@ def test_qlora_needs_lora(tiny_model_dir, write_yaml):
     assert "plugins: qlora only quantizes the base model; add lora to plugins (plugins: [lora, qlora])" in text
 
 
-def test_lora_selected_on_the_command_line_counts(tiny_model_dir):
-    ctx = load_context(make_config(tiny_model_dir, plugins=["qlora"]), plugin_args=["lora"])
+def test_lora_selected_on_the_command_line_counts(ft_tiny_model_dir):
+    ctx = load_context(make_config(ft_tiny_model_dir, plugins=["qlora"]), plugin_args=["lora"])
     assert {"lora", "qlora"} <= set(ctx.cfg.plugins)
 
 
-def test_missing_bitsandbytes_is_one_sentence_with_the_fix(tiny_model_dir, monkeypatch):
+def test_missing_bitsandbytes_is_one_sentence_with_the_fix(ft_tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(MissingDependencyError) as excinfo:
-        load_context(make_config(tiny_model_dir))
+        load_context(make_config(ft_tiny_model_dir))
     message = str(excinfo.value)
     assert message == (
         "The qlora plugin quantizes with bitsandbytes, which is not installed: pip install 'ft[qlora]'."
     )
 
 
-def test_4bit_options_with_8_bits_are_refused(tiny_model_dir):
+def test_4bit_options_with_8_bits_are_refused(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, qlora={"bits": 8, "quant_type": "fp4"}))
+        load_context(make_config(ft_tiny_model_dir, qlora={"bits": 8, "quant_type": "fp4"}))
     assert "qlora.quant_type: applies to 4-bit only; remove it or set qlora.bits: 4." in excinfo.value.problems
 
 
-def test_bits_other_than_4_or_8_are_refused(tiny_model_dir):
+def test_bits_other_than_4_or_8_are_refused(ft_tiny_model_dir):
     with pytest.raises(ConfigError) as excinfo:
-        load_context(make_config(tiny_model_dir, qlora={"bits": 3}))
+        load_context(make_config(ft_tiny_model_dir, qlora={"bits": 3}))
     assert "qlora.bits: Input should be 4 or 8 (got 3)." in excinfo.value.problems
 
 
@@ -69,33 +69,33 @@ def model_kwargs(model_dir, **qlora):
     return ctx.pm.calls.model_kwargs(ctx.cfg)
 
 
-def test_4bit_config(tiny_model_dir):
+def test_4bit_config(ft_tiny_model_dir):
     import torch
 
-    q = model_kwargs(tiny_model_dir, quant_type="fp4", double_quant=False, compute_dtype="float32")["quantization_config"]
+    q = model_kwargs(ft_tiny_model_dir, quant_type="fp4", double_quant=False, compute_dtype="float32")["quantization_config"]
     assert q.load_in_4bit and not q.load_in_8bit
     assert q.bnb_4bit_quant_type == "fp4" and q.bnb_4bit_use_double_quant is False
     assert q.bnb_4bit_compute_dtype == torch.float32
 
 
-def test_defaults_are_nf4_with_double_quant(tiny_model_dir):
-    q = model_kwargs(tiny_model_dir)["quantization_config"]
+def test_defaults_are_nf4_with_double_quant(ft_tiny_model_dir):
+    q = model_kwargs(ft_tiny_model_dir)["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
 
 
-def test_8bit_config(tiny_model_dir):
-    q = model_kwargs(tiny_model_dir, bits=8)["quantization_config"]
+def test_8bit_config(ft_tiny_model_dir):
+    q = model_kwargs(ft_tiny_model_dir, bits=8)["quantization_config"]
     assert q.load_in_8bit and not q.load_in_4bit
 
 
-def test_adapter_goes_on_a_quantized_base(tiny_model_dir):
+def test_adapter_goes_on_a_quantized_base(ft_tiny_model_dir):
     import bitsandbytes as bnb
     import torch
     from transformers import AutoModelForCausalLM
 
-    ctx = load_context(make_config(tiny_model_dir, qlora={"compute_dtype": "float32"}, lora={"r": 4}))
+    ctx = load_context(make_config(ft_tiny_model_dir, qlora={"compute_dtype": "float32"}, lora={"r": 4}))
     kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **kwargs)
     model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=base)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
@@ -149,9 +149,9 @@ def train(tmp_path, model_dir, data, **overrides):
     return capture
 
 
-def test_qlora_trains_4bit_layers_and_the_loss_falls(tiny_model_dir, chat_jsonl, tmp_path):
+def test_qlora_trains_4bit_layers_and_the_loss_falls(ft_tiny_model_dir, chat_jsonl, tmp_path):
     capture = train(
-        tmp_path, tiny_model_dir, chat_jsonl, plugins=["lora", "qlora"], max_steps=5, learning_rate=1e-2,
+        tmp_path, ft_tiny_model_dir, chat_jsonl, plugins=["lora", "qlora"], max_steps=5, learning_rate=1e-2,
         lr_scheduler="constant", micro_batch_size=4, lora={"r": 8, "alpha": 16, "dropout": 0.0},
         qlora={"compute_dtype": "float32"}, save_steps=4,
     )
@@ -166,11 +166,11 @@ def test_qlora_trains_4bit_layers_and_the_loss_falls(tiny_model_dir, chat_jsonl,
     assert json.loads((out / "checkpoint-4" / "base_quantization.json").read_text())["bnb_4bit_quant_type"] == "nf4"
 
 
-def test_8bit_optimizer_trains(tiny_model_dir, chat_jsonl, tmp_path):
+def test_8bit_optimizer_trains(ft_tiny_model_dir, chat_jsonl, tmp_path):
     import torch
 
     capture = train(
-        tmp_path, tiny_model_dir, chat_jsonl, plugins=["lora"], optimizer="adamw_8bit", max_steps=5,
+        tmp_path, ft_tiny_model_dir, chat_jsonl, plugins=["lora"], optimizer="adamw_8bit", max_steps=5,
         learning_rate=1e-2, lr_scheduler="constant", micro_batch_size=4,
         lora={"r": 8, "dropout": 0.0, "modules_to_save": ["lm_head"]},  # lm_head: big enough for 8-bit state
     )

@@ -15,7 +15,7 @@ from test_preference_trl import assert_same, loss_and_grads
 
 from ft.context import load_context
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
 def pair_rows(n: int = 6, seed: int = 0, margin: bool = False) -> list[dict]:
@@ -43,7 +43,7 @@ def config_of(tmp_path: Path, model_dir: Path, rows: list[dict], **extra) -> dic
 
 
 @pytest.mark.parametrize("margin, center", [(False, None), (True, 0.01)])
-def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, margin, center):
+def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, ft_tiny_model_dir, margin, center):
     import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -55,7 +55,7 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, m
     extra = {"entry": {"field_margin": "score_gap"}} if margin else {}
     if center is not None:
         extra["reward_model"] = {"center_rewards_coefficient": center}
-    ctx = load_context(config_of(tmp_path, tiny_model_dir, rows, **extra))
+    ctx = load_context(config_of(tmp_path, ft_tiny_model_dir, rows, **extra))
     tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
     ft_rows = [prepared.train[i] for i in range(len(prepared.train))]
@@ -71,7 +71,7 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, m
         assert batch["margin"].tolist() == [0.25 * i for i in range(len(rows))]
     ft_loss, ft_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)), model)
 
-    trl_model = type(model).from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32,
+    trl_model = type(model).from_pretrained(ft_tiny_model_dir, num_labels=1, dtype=torch.float32,
                                             attn_implementation="eager")
     trl_model.load_state_dict(model.state_dict())
     args = RewardConfig(output_dir=str(tmp_path / "trl"), center_rewards_coefficient=center, report_to=[],
@@ -87,19 +87,19 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, tiny_model_dir, m
     assert ft_loss.item() > 0.1  # not a saturated loss where every gradient vanishes
 
 
-def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_margin(tmp_path, tiny_model_dir):
+def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_margin(tmp_path, ft_tiny_model_dir):
     from ft.data import prepare_datasets
     from ft.errors import FtError
 
     rows = pair_rows(margin=True)
     rows[2]["score_gap"] = "big"
-    ctx = load_context(config_of(tmp_path, tiny_model_dir, rows, entry={"field_margin": "score_gap"}))
+    ctx = load_context(config_of(tmp_path, ft_tiny_model_dir, rows, entry={"field_margin": "score_gap"}))
     prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
     assert len(prepared.train) == len(rows) - 1
     report = json.dumps(prepared.report)
     assert "malformed row" in report and "pairs.jsonl:3" in report and "'score_gap' must be a number" in report
 
-    dpo = config_of(tmp_path / "dpo", tiny_model_dir, pair_rows(), entry={"field_margin": "score_gap"})
+    dpo = config_of(tmp_path / "dpo", ft_tiny_model_dir, pair_rows(), entry={"field_margin": "score_gap"})
     dpo["method"] = "dpo"
     ctx = load_context(dpo)
     with pytest.raises(FtError, match="datasets\\[0\\].field_margin: a pair's margin is used by method reward_model"):
@@ -142,14 +142,14 @@ def held_out_accuracy(model, tokenizer, rows) -> float:
     return wins / len(rows)
 
 
-def test_a_trained_reward_model_loads_as_a_classifier_and_grpo_uses_it(tmp_path, tiny_model_dir):
+def test_a_trained_reward_model_loads_as_a_classifier_and_grpo_uses_it(tmp_path, ft_tiny_model_dir):
     """Train a reward model (full fine-tune), load it with plain transformers, then run GRPO with it."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ft.run import run
 
-    rm_dir = train_reward_model(tmp_path / "rm", tiny_model_dir)
+    rm_dir = train_reward_model(tmp_path / "rm", ft_tiny_model_dir)
     history = json.loads((rm_dir / "metrics.json").read_text())["history"]
     assert {"accuracy", "margin", "mean_reward"} <= set(history[-1])
     assert history[-1]["margin"] > history[0]["margin"]
@@ -162,7 +162,7 @@ def test_a_trained_reward_model_loads_as_a_classifier_and_grpo_uses_it(tmp_path,
     from test_grpo import grpo_config  # the GRPO tests' config (prompts "What is a plus b?")
 
     (tmp_path / "grpo").mkdir()
-    config = grpo_config(tmp_path / "grpo", tiny_model_dir, max_steps=2,
+    config = grpo_config(tmp_path / "grpo", ft_tiny_model_dir, max_steps=2,
                          grpo={"rewards": [{"name": "reward_model", "model": str(rm_dir), "batch_size": 4}]})
     result = run(config)
     assert result.metrics["steps"] == 2
@@ -176,13 +176,13 @@ def test_a_trained_reward_model_loads_as_a_classifier_and_grpo_uses_it(tmp_path,
     assert line["rewards"]["reward_model"] == pytest.approx(expected, abs=1e-4)
 
 
-def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifier(tmp_path, tiny_model_dir):
+def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifier(tmp_path, ft_tiny_model_dir):
     import torch
     from ft_plugins.lora import load_adapter_model, merge_adapter
     from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out = train_reward_model(tmp_path / "rm", tiny_model_dir, "lora", steps=20)
+    out = train_reward_model(tmp_path / "rm", ft_tiny_model_dir, "lora", steps=20)
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as fh:
@@ -204,4 +204,4 @@ def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifi
     from ft.errors import FtError
 
     with pytest.raises(FtError, match=f"holds a LoRA adapter .* run `ft merge {out}` and set model: {out}/merged"):
-        reward_model(RewardModelOptions(model=str(out)), load_context(config_of(tmp_path, tiny_model_dir, pair_rows())).cfg)
+        reward_model(RewardModelOptions(model=str(out)), load_context(config_of(tmp_path, ft_tiny_model_dir, pair_rows())).cfg)

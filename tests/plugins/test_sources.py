@@ -200,7 +200,7 @@ def test_a_missing_local_file_and_an_unreachable_hub_id_are_clear_errors(tmp_pat
     assert "HF_HUB_OFFLINE" in str(err.value)
 
 
-def test_csv_cells_are_read_as_text_so_numeric_answers_are_kept(tmp_path, tiny_tokenizer):
+def test_csv_cells_are_read_as_text_so_numeric_answers_are_kept(tmp_path, ft_tiny_tokenizer):
     """An alpaca CSV whose outputs are numbers: every row is trained on, none dropped as "'output' is a int"."""
     from ft.data import prepare_datasets
 
@@ -210,11 +210,11 @@ def test_csv_cells_are_read_as_text_so_numeric_answers_are_kept(tmp_path, tiny_t
     assert all_rows(raw)[2] == {"instruction": "What is 2 plus 2?", "input": "", "output": "4"}
     cfg = base_config(tmp_path, p, sequence_len=256)
     cfg["datasets"][0]["type"] = "alpaca"
-    data = prepare_datasets(make_context(cfg), tiny_tokenizer)
+    data = prepare_datasets(make_context(cfg), ft_tiny_tokenizer)
     assert data.report["dropped_total"] == 0 and len(data.train) == 6
 
 
-def test_malformed_csv_rows_and_later_drops_name_their_file_line(tmp_path, tiny_tokenizer):
+def test_malformed_csv_rows_and_later_drops_name_their_file_line(tmp_path, ft_tiny_tokenizer):
     """Lines, not the count of kept rows: a quoted cell spanning two lines and a skipped row shift them."""
     from ft.data import prepare_datasets
 
@@ -223,6 +223,6 @@ def test_malformed_csv_rows_and_later_drops_name_their_file_line(tmp_path, tiny_
     raw, _ = load(tmp_path, p)
     assert [raw.where(i) for i in range(len(raw))] == [f"{p}:2", f"{p}:3", f"{p}:6", f"{p}:7"]
     assert [(d.where, d.detail) for d in raw.dropped] == [(f"{p}:5", "expected 2 columns, got 3")]
-    data = prepare_datasets(make_context(base_config(tmp_path, p)), tiny_tokenizer)
+    data = prepare_datasets(make_context(base_config(tmp_path, p)), ft_tiny_tokenizer)
     wheres = [e["where"] for reason in data.report["dropped"].values() for e in reason["examples"]]
     assert sorted(wheres) == [f"{p}:5", f"{p}:6"], data.report  # line 6: an empty completion (nothing to train)

@@ -101,14 +101,14 @@ def test_template_renders_the_documented_format(name):
 
 
 @pytest.fixture(scope="module")
-def family_tokenizer(tiny_model_dir):
+def family_tokenizer(ft_tiny_model_dir):
     """The tiny tokenizer with a family's control tokens, BOS and EOS, and no template of its own."""
     from ft_plugins.chat_template import SHIPPED_TEMPLATE_TOKENS
     from transformers import AutoTokenizer
 
     def make(name: str):
         bos, eos = EXPECTED[name][:2]
-        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        tok = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
         tok.add_tokens([*SHIPPED_TEMPLATE_TOKENS[name], bos, eos, "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"],
                        special_tokens=True)
         tok.bos_token, tok.eos_token = bos, eos
@@ -128,11 +128,11 @@ def test_template_trains_the_answers_and_their_end_of_turn(name, write_yaml, fam
     assert trained_runs(sample, tok) == runs
 
 
-def test_template_refuses_a_tokenizer_without_its_control_tokens(write_yaml, tiny_tokenizer):
+def test_template_refuses_a_tokenizer_without_its_control_tokens(write_yaml, ft_tiny_tokenizer):
     from ft.errors import FtError
 
     with pytest.raises(FtError, match=r"template 'gemma' writes the special token\(s\) <start_of_turn>, <end_of_turn>"):
-        build(write_yaml, tiny_tokenizer, chat_template="gemma")
+        build(write_yaml, ft_tiny_tokenizer, chat_template="gemma")
 
 
 def test_templates_refuse_roles_they_do_not_know(write_yaml, family_tokenizer):

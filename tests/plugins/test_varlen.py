@@ -23,10 +23,10 @@ class _Cfg:
 
 
 @pytest.fixture
-def tiny_model(tiny_model_dir):
+def tiny_model(ft_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False  # as the Trainer sets it
     return model
 
@@ -186,10 +186,10 @@ def test_unsupported_model_is_refused_in_one_sentence():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_gpu_kernel_matches_reference(tiny_model_dir, backend):
+def test_gpu_kernel_matches_reference(ft_tiny_model_dir, backend):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, dtype=torch.bfloat16).cuda()
     model.config.use_cache = False
     seqs, ids, pos = _packed([40, 90, 7, 120])
     ids, pos = ids.cuda(), pos.cuda()
