@@ -221,13 +221,30 @@ def test_infer_prints_a_reply_from_a_saved_adapter_run(lora_run):
     assert result.stdout.strip(), "no text was generated"
 
 
-def test_infer_from_a_full_model_directory(lora_run, tmp_path):
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_infer_from_a_full_model_directory(lora_run, tmp_path, temperature):
+    """The reply is what transformers' own generate() gives the merged model for the chat prompt
+    (greedy, and sampled from the same seed): the right weights, template, settings and decoding."""
+    import torch
     from ft_plugins.infer import generate_once
     from ft_plugins.lora import merge_adapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = merge_adapter(lora_run, tmp_path / "merged")
-    text = generate_once(merged, PROMPT, max_new_tokens=6, temperature=0.7)
-    assert isinstance(text, str) and text.strip()
+    torch.manual_seed(0)
+    text = generate_once(merged, PROMPT, max_new_tokens=6, temperature=temperature)
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(merged).eval(), AutoTokenizer.from_pretrained(merged)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    sampling = {"do_sample": True, "temperature": temperature} if temperature else {"do_sample": False}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                             pad_token_id=tokenizer.eos_token_id, **sampling)
+    new_tokens = out[0, ids.shape[1]:]
+    assert len(new_tokens) > 0 and not (len(new_tokens) == 1 and new_tokens[0] == tokenizer.eos_token_id)
+    assert text == tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
 def test_infer_applies_the_chat_template(lora_run):
