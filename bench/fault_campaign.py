@@ -62,7 +62,7 @@ class Campaign:
     def __init__(self, work: Path, only: list[str] | None = None):
         self.work, self.only = work, only
         self.cases: dict[str, list[dict[str, Any]]] = {}
-        from ft.tiny import make_tiny
+        from ft.tools.tiny import make_tiny
 
         self.model = make_tiny(work / "model")
 

@@ -1,6 +1,6 @@
 """GRPO throughput on CPU: `ft run` (method grpo) against TRL's GRPOTrainer, side by side.
 
-    python bench/grpo.py                          # the tiny model of ft.tiny, 3 repeats per side
+    python bench/grpo.py                          # the tiny model of ft.tools.tiny, 3 repeats per side
     python bench/grpo.py --model /work/models/smollm2-135m-instruct --steps 6 --repeats 3
     python bench/grpo.py --out result.json
 
@@ -129,7 +129,7 @@ def _start_server(config: Path, port: int) -> Any:
 
 def _timed_ft_run(path: Path, work: Path, run: Any) -> dict[str, Any]:
     from ft import hookimpl
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     clock = Clock()
 
@@ -271,14 +271,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from ft.tiny import make_tiny
+            from ft.tools.tiny import make_tiny
 
             if any(side.startswith("ft-vllm") for side in args.sides.split(",")):  # vLLM's CPU attention: head 32
                 args.model = str(make_tiny(Path(tmp) / "tiny", heads=2, kv_heads=1))
-                model_name = "ft.tiny (2 layers, hidden 64, 2 heads of 32, vocab 512)"
+                model_name = "ft.tools.tiny (2 layers, hidden 64, 2 heads of 32, vocab 512)"
             else:
                 args.model = str(make_tiny(Path(tmp) / "tiny"))
-                model_name = "ft.tiny (2 layers, hidden 64, vocab 512)"
+                model_name = "ft.tools.tiny (2 layers, hidden 64, vocab 512)"
         else:
             model_name = args.model
         sides = [s.strip() for s in args.sides.split(",") if s.strip()]

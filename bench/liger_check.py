@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from ft.tiny import make_chat_rows, make_tiny, write_jsonl
+    from ft.tools.tiny import make_chat_rows, make_tiny, write_jsonl
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="ft-liger-check-"))
     model = make_tiny(root / "tiny")

@@ -157,7 +157,7 @@ def run_trl(a: dict[str, Any]) -> dict[str, Any]:
 def run_ft(a: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
     import ft.run
     from ft import hookimpl
-    from ft.plugins import add_process_plugin
+    from ft.kernel.plugins import add_process_plugin
 
     clock = StepClock(a["warmup"])
 
@@ -211,8 +211,8 @@ def worker(name: str, a: dict[str, Any]) -> None:
 
 def pack_bins(a: dict[str, Any], work: Path) -> tuple[int, float]:
     """Packed bins per micro-batch that hold about ``batch`` pairs, from ft's own packing of the data."""
-    from ft.context import load_context
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
 
     config = {"base_model": a["model"], "method": "dpo", "datasets": [{"path": a["data"], "type": "preference"}],
               "plugins": ["packing"], "sequence_len": a["sequence_len"], "dataset_num_proc": 1,
@@ -221,7 +221,7 @@ def pack_bins(a: dict[str, Any], work: Path) -> tuple[int, float]:
         config["special_tokens"] = {"pad_token": a["pad_token"]}
     with contextlib.redirect_stdout(sys.stderr):
         ctx = load_context(config)
-        data = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+        data = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     if data.report["dropped_total"]:
         raise SystemExit(f"ft dropped {data.report['dropped_total']} pairs (TRL would truncate them): raise "
                          "--sequence-len so that both sides train on the same pairs")
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = ns.model or (SMOLLM2 if Path(SMOLLM2).is_dir() else "tiny")
     pad_token = None
     if model == "tiny":
-        from ft.tiny import make_tiny
+        from ft.tools.tiny import make_tiny
 
         model = str(make_tiny(work / "tiny"))
         pad_token = "<|reserved_0|>"

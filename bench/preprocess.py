@@ -4,7 +4,7 @@
     python bench/preprocess.py --conversations 5000 --no-scaling
 
 Generates a multi-turn chat set with a seed into a temporary directory, makes the tiny
-tokenizer (``ft.tiny``), and runs ``ft preprocess`` as a subprocess with a fresh cache
+tokenizer (``ft.tools.tiny``), and runs ``ft preprocess`` as a subprocess with a fresh cache
 directory (cold), so the figures include process start, imports, reading, tokenizing,
 packing and writing the cache. Peak memory is sampled over the whole process tree (the
 command and its tokenization workers): ``peak_rss_mb`` sums RSS (shared pages counted once
@@ -189,7 +189,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     with stdout_to_stderr():  # libraries print warnings on stdout; keep it for the JSON
-        from ft.tiny import make_tiny
+        from ft.tools.tiny import make_tiny
 
         model = make_tiny(work / "tiny")
     base = {"base_model": str(model), "sequence_len": args.sequence_len, "seed": args.seed}

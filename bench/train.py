@@ -7,7 +7,7 @@
 The model is randomly initialised (no download): on CUDA the Llama-3.2-1B shape (vocab 128256,
 hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, tied embeddings), bf16,
 sequence_len 2048 and 4 x 2048 = 8192 tokens per optimizer step; on CPU the tiny model of
-``ft.tiny`` in fp32, sequence_len 256. The data are SFT-like samples with lognormal lengths
+``ft.tools.tiny`` in fp32, sequence_len 256. The data are SFT-like samples with lognormal lengths
 (median 450 tokens on CUDA, 48 on CPU) whose first ~30% is an untrained prompt, made of
 learnable token sequences (a fixed successor table mixed with Zipf noise) so the loss moves.
 
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
+from ft.api import IGNORE_INDEX
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, the denominator of MFU in issue 9
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def make_model(setup: Setup) -> None:
     """A random-weight model + the tiny tokenizer in ``setup.model_dir`` (nothing is downloaded)."""
     import torch
 
-    from ft.tiny import make_model as make_tiny_model
-    from ft.tiny import make_tokenizer
+    from ft.tools.tiny import make_model as make_tiny_model
+    from ft.tools.tiny import make_tokenizer
 
     out = setup.work / "model"
     tokenizer = make_tokenizer(out)
@@ -357,7 +357,7 @@ class BenchProbe:
 
     @hookimpl
     def ft_register_formats(self, register):
-        from ft.formats import DatasetOptions
+        from ft.kernel.formats import DatasetOptions
 
         class BenchTokens(DatasetOptions):
             """Rows of ``input_ids`` with a ``prompt_len`` that is not trained."""
@@ -429,8 +429,8 @@ def run_ft(spec: Spec, setup: Setup) -> dict[str, Any]:
     import shutil
 
     import ft.run
-    from ft.errors import FtError
-    from ft.plugins import add_process_plugin, remove_process_plugin
+    from ft.kernel.errors import FtError
+    from ft.kernel.plugins import add_process_plugin, remove_process_plugin
 
     probe = BenchProbe(setup)
     out = setup.work / "runs" / spec.name
@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device": device_name(args.device),
             "versions": versions(),
             "setup": {
-                "model": "tiny Llama (ft.tiny)" if tiny else "Llama-3.2-1B shape, random init",
+                "model": "tiny Llama (ft.tools.tiny)" if tiny else "Llama-3.2-1B shape, random init",
                 "parameters": setup.params, "dtype": "bf16" if args.device == "cuda" else "fp32",
                 "sequence_len": setup.sequence_len, "micro_batch_size": setup.micro_batch_size,
                 "tokens_per_step": setup.tokens_per_step, "steps": setup.steps, "warmup_steps": setup.warmup,

@@ -2,7 +2,7 @@
 
     python bench/smollm2.py                       # once: SmolLM2-135M-Instruct in /work/models/ (see there)
     python bench/vs_trl.py                        # SmolLM2 LoRA recipe, padded and packed, 3 alternations
-    python bench/vs_trl.py --tiny                 # CI-sized: the tiny model of ft.tiny, a few steps
+    python bench/vs_trl.py --tiny                 # CI-sized: the tiny model of ft.tools.tiny, a few steps
     python bench/vs_trl.py --modes padded --repeat 5 --sides ft,trl,ft_baseline --out result.json
 
 The recipe (issue 18): LoRA r=16, alpha 32 on all linear layers, no dropout, micro_batch_size 8,
@@ -119,7 +119,7 @@ def ft_config(spec: dict[str, Any], side: str) -> dict[str, Any]:
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     """Tokenize with ft (into its cache, which the ft runs then reuse) and write the rows TRL gets."""
-    from ft.context import load_context
+    from ft.kernel.context import load_context
     from ft.run import preprocess
 
     with contextlib.redirect_stdout(sys.stderr):
@@ -288,7 +288,7 @@ def seed_everything(seed: int) -> None:
 def run_ft(spec: dict[str, Any], side: str) -> dict[str, Any]:
     import ft.run
     from ft import hookimpl
-    from ft.plugins import add_process_plugin
+    from ft.kernel.plugins import add_process_plugin
 
     probe = Probe()
     seed = spec["seed"]
@@ -453,7 +453,7 @@ def versions() -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="the tiny model of ft.tiny, CI-sized (well under a minute)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model of ft.tools.tiny, CI-sized (well under a minute)")
     parser.add_argument("--model", help=f"model directory (default {DEFAULT_MODEL}; make it with bench/smollm2.py)")
     parser.add_argument("--data", help="chat JSONL ({'messages': [...]} rows); default: a synthetic multi-turn one")
     parser.add_argument("--modes", default=",".join(MODES), help="padded, packed")
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-vs-trl-")))
         work.mkdir(parents=True, exist_ok=True)
         if args.tiny:
-            from ft.tiny import make_tiny
+            from ft.tools.tiny import make_tiny
 
             with contextlib.redirect_stdout(sys.stderr):
                 model_dir = make_tiny(work / "tiny-model")

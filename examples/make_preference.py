@@ -18,7 +18,7 @@ import argparse
 import random
 from pathlib import Path
 
-from ft.tiny import write_jsonl
+from ft.tools.tiny import write_jsonl
 
 HERE = Path(__file__).resolve().parent / "tiny"
 SYSTEM = "You add numbers."

@@ -3,7 +3,7 @@
     python examples/make_tiny.py
 
 Writes ``examples/tiny/model/`` (a randomly initialised Llama-architecture model with a
-byte-level BPE tokenizer and a ChatML template, made by ``ft.tiny``),
+byte-level BPE tokenizer and a ChatML template, made by ``ft.tools.tiny``),
 ``examples/tiny/chat.jsonl`` (small synthetic conversations: adding two digits) and
 ``examples/tiny/prompts.jsonl`` (the same questions as prompts with their answers, for
 ``examples/grpo.yaml``).
@@ -16,7 +16,7 @@ import random
 import shutil
 from pathlib import Path
 
-from ft.tiny import make_chat_rows, make_tiny, write_jsonl
+from ft.tools.tiny import make_chat_rows, make_tiny, write_jsonl
 
 HERE = Path(__file__).resolve().parent / "tiny"
 MODEL = {"vocab_size": 512, "hidden_size": 96, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 256,

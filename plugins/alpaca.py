@@ -11,9 +11,9 @@ from typing import Any
 from pydantic import Field
 
 from ft import hookimpl
-from ft.api import DatasetOptions, Dropped, PromptCompletion
+from ft.api import DatasetOptions, Dropped, Plugin, PromptCompletion
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

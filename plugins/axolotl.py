@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
+from ft.api import Plugin
 
-FT_FEATURE = False
+PLUGIN = Plugin()
 
 EXIT_DROPPED_TRAINING = 3  # `ft convert` wrote the config but dropped something that changes training
 
@@ -225,6 +226,12 @@ PLUGINS_NO_EFFECT = {
         "same training)",
     "axolotl.integrations.swanlab.SwanLabPlugin": "SwanLab is not a reporter of ft",
 }
+# axolotl lora_* / peft_* key -> field of ft's lora: section (lora_target_linear is converted in code)
+LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+             "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+             "peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "lora_model_dir": "init_from"}
+# axolotl wandb_* keys that are fields of ft's wandb: section (without the prefix)
+WANDB_KEYS = ("wandb_project", "wandb_entity", "wandb_name", "wandb_tags", "wandb_group", "wandb_notes")
 LIGER_KEYS = {"liger_rope": "rope", "liger_rms_norm": "rms_norm", "liger_glu_activation": "swiglu",
               "liger_swiglu": "swiglu", "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy"}
 ATTENTION = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager",
@@ -341,8 +348,7 @@ class _Converter:
                     self.section("hf")["attn_implementation"] = ATTENTION[key]
             elif key.startswith("lora_") or key.startswith("peft_use_"):
                 self._lora(key, value)
-            elif key.startswith("wandb_") and key in ("wandb_project", "wandb_entity", "wandb_name", "wandb_tags",
-                                                       "wandb_group", "wandb_notes"):
+            elif key in WANDB_KEYS:
                 self._wandb(key, value)
             elif key.startswith("fsdp_") and key not in ("fsdp_final_state_dict_type",):
                 self._fsdp_flat(key, value)
@@ -674,9 +680,6 @@ class _Converter:
             self.note("adapter", value, "only lora and qlora adapters are offered", True)
 
     def _lora(self, key: str, value: Any) -> None:
-        names = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules":
-                 "target_modules", "lora_modules_to_save": "modules_to_save", "peft_use_dora": "use_dora",
-                 "peft_use_rslora": "use_rslora", "lora_model_dir": "init_from"}
         if value is None:
             return
         if key == "lora_target_linear":
@@ -688,7 +691,7 @@ class _Converter:
             return
         if key == "lora_target_modules" and self.data.get("lora_target_linear"):
             return
-        if key in names:
+        if key in LORA_KEYS:
             if not self.data.get("adapter"):
                 if key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") and value in ([], None):
                     return
@@ -696,7 +699,7 @@ class _Converter:
                 return
             if value == [] or value == "":
                 return
-            self.section("lora")[names[key]] = value
+            self.section("lora")[LORA_KEYS[key]] = value
         elif value not in (None, False, "", [], {}):
             reason = CHANGES_TRAINING.get(key) or NO_EFFECT.get(key)
             self.note(key, value, reason or "no ft equivalent", key not in NO_EFFECT)
@@ -1460,51 +1463,34 @@ def _adapter_hint(value: Any) -> str:
     return "axolotl's `adapter: lora` is `plugins: [lora]` in ft, with the settings in a `lora:` section."
 
 
-KEY_HINTS: dict[str, str | Callable[[Any], str]] = {
+# Hints for axolotl keys met in an ft config. A key the converter maps through one of the tables above gets
+# its hint from that table (one source: a key added there is hinted too); a key it converts in code has its
+# hint here. HINT_MORE: what a derived hint adds before its full stop.
+HINT_MORE = {"lora_r": " (and select the plugin: plugins: [lora])", "lora_model_dir": " to continue from an adapter",
+             "sdp_attention": " (the default)",
+             "liger_rope": " (its `liger:` section turns single kernels off)"}
+HAND_HINTS: dict[str, str | Callable[[Any], str]] = {
     "adapter": _adapter_hint,
-    "lora_r": "write `r:` in the `lora:` section (and select the plugin: plugins: [lora]).",
-    "lora_alpha": "write `alpha:` in the `lora:` section.",
-    "lora_dropout": "write `dropout:` in the `lora:` section.",
-    "lora_target_modules": "write `target_modules:` in the `lora:` section.",
     "lora_target_linear": "write `target_modules: all-linear` in the `lora:` section.",
-    "lora_modules_to_save": "write `modules_to_save:` in the `lora:` section.",
-    "lora_model_dir": "write `init_from:` in the `lora:` section to continue from an adapter.",
-    "peft_use_dora": "write `use_dora: true` in the `lora:` section.",
-    "peft_use_rslora": "write `use_rslora: true` in the `lora:` section.",
     "load_in_4bit": "write `plugins: [lora, qlora]` (4 bits is the qlora default).",
     "load_in_8bit": "write `plugins: [lora, qlora]` and `qlora: {bits: 8}`.",
     "bnb_config_kwargs": "write quant_type / double_quant / compute_dtype in the `qlora:` section.",
     "sample_packing": "write `plugins: [packing]`.",
-    "flash_attention": "write `hf: {attn_implementation: flash_attention_2}`.",
-    "sdp_attention": "write `hf: {attn_implementation: sdpa}` (the default).",
-    "eager_attention": "write `hf: {attn_implementation: eager}`.",
-    "flex_attention": "write `hf: {attn_implementation: flex_attention}`.",
     "attn_implementation": "write it in the `hf:` section: hf: {attn_implementation: ...}.",
     "trust_remote_code": "write `hf: {trust_remote_code: true}`.",
-    "liger_rope": "write `plugins: [liger]` (its `liger:` section turns single kernels off).",
-    "liger_rms_norm": "write `plugins: [liger]`.", "liger_glu_activation": "write `plugins: [liger]`.",
-    "liger_fused_linear_cross_entropy": "write `plugins: [liger]`.",
     "torch_compile": "write `plugins: [compile]` (its `compile:` section has mode and backend).",
     "torch_compile_backend": "write `backend:` in the `compile:` section.",
     "torch_compile_mode": "write `mode:` in the `compile:` section.",
     "fsdp_config": "write `plugins: [fsdp]` with an `fsdp:` section (wrap_layers, offload_params ...).",
     "fsdp_version": "ft's fsdp plugin is FSDP2; write `plugins: [fsdp]`.",
-    "wandb_project": "write `report_to: wandb` and `wandb: {project: ...}`.",
-    "wandb_entity": "write `entity:` in the `wandb:` section.",
-    "wandb_name": "write `name:` in the `wandb:` section.",
-    "wandb_tags": "write `tags:` in the `wandb:` section.",
     "use_wandb": "write `report_to: wandb`.", "use_tensorboard": "write `report_to: tensorboard`.",
     "use_mlflow": "write `report_to: mlflow`.",
     "hub_model_id": "write `hub: {model_id: ...}`.", "hub_strategy": "write `strategy:` in the `hub:` section.",
     "hub_private_repo": "write `private:` in the `hub:` section.",
-    "rl": "write `method:` (dpo, kto, orpo, simpo, grpo, ebft) with the method's section.",
-    "process_reward_model": "write `method: prm` (a process reward model, data type stepwise_supervised).",
     "center_rewards_coefficient": "write `method: reward_model` with `reward_model: {center_rewards_coefficient: ...}`.",
     "num_labels": "methods reward_model (1 output) and prm (2) load their head themselves; remove it.",
     "rl_beta": "write `beta:` in the method's section (e.g. dpo: {beta: 0.1}).",
-    "tokenizer_config": "write `tokenizer:`.", "dataset_processes": "write `dataset_num_proc:`.",
     "excess_length_strategy": "write `excess_length:` (drop, truncate or error).",
-    "shuffle_merged_datasets": "write `shuffle:`.",
     "chat_template_jinja": "write the jinja (or a .jinja file) as `chat_template:`.",
     "eot_tokens": "write `eot_tokens:` on each chat_template dataset entry.",
     "batch_size": "write gradient_accumulation_steps (batch_size / micro_batch_size).",
@@ -1516,6 +1502,30 @@ KEY_HINTS: dict[str, str | Callable[[Any], str]] = {
     "datasets[].train_on_eot": "write `train_on_eos:` (in ft it is about the end-of-turn token).",
     "datasets[].chat_template_jinja": "write the jinja (or a .jinja file) as `chat_template:`.",
 }
+
+
+def key_hints() -> dict[str, str | Callable[[Any], str]]:
+    """Every hint: those derived from the converter's tables, then the hand-written ones."""
+    derived = {}
+    for key, name in LORA_KEYS.items():
+        derived[key] = f"write `{name}{': true' if name.startswith('use_') else ':'}` in the `lora:` section"
+    for key, impl in ATTENTION.items():
+        derived[key] = f"write `hf: {{attn_implementation: {impl}}}`"
+    for key in LIGER_KEYS:
+        derived[key] = "write `plugins: [liger]`"
+    for key, name in RENAMED_CORE.items():
+        derived[key] = f"write `{name}:`"
+    for key in WANDB_KEYS:
+        derived[key] = f"write `{key[len('wandb_'):]}:` in the `wandb:` section"
+    derived["wandb_project"] = "write `report_to: wandb` and `wandb: {project: ...}`"
+    methods = ", ".join(dict.fromkeys(RL_METHODS.values()))
+    derived["rl"] = f"write `method:` ({methods}) with the method's section"
+    prm = REWARD_FLAGS["process_reward_model"][0]
+    derived["process_reward_model"] = f"write `method: {prm}` (a process reward model, data type stepwise_supervised)"
+    hints: dict[str, str | Callable[[Any], str]] = {k: f"{v}{HINT_MORE.get(k, '')}." for k, v in derived.items()}
+    return {**hints, **HAND_HINTS}
+
+
 CONVERT_TIP = " `ft convert axolotl.yml -o ft.yaml` translates a whole axolotl config."
 
 
@@ -1528,7 +1538,7 @@ def _with_tip(hint: str | Callable[[Any], str]) -> Callable[[Any], str]:
 
 @hookimpl
 def ft_register_key_hints(register):
-    for key, hint in KEY_HINTS.items():
+    for key, hint in key_hints().items():
         register.add(key, _with_tip(hint))
 
 

@@ -24,7 +24,8 @@ How spans are found (linear in the number of turns):
    what ``tokenizer.apply_chat_template(messages)`` produces), and char spans map to tokens
    through the encodings' ``char_to_token`` (Rust, O(log n)).
 
-Label convention (DESIGN.md): a trained message's content plus the template's end-of-turn
+Label convention (docs/writing-a-format-plugin.md, "Building on the chat machinery"; preference
+formats share it, docs/preference.md): a trained message's content plus the template's end-of-turn
 token are trained; the role header and whatever follows the end-of-turn token are not. The
 end-of-turn token of a turn is the first special (else added) token after its content, before
 the next message's content.
@@ -46,9 +47,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ft import hookimpl
-from ft.api import IGNORE_INDEX, DatasetOptions, Dropped, FtError, Note, TextEncoder, entry_where
+from ft.api import IGNORE_INDEX, DatasetOptions, Dropped, FtError, Note, Plugin, TextEncoder, entry_where
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 __all__ = ["ChatTemplateOptions", "ChatTokenize", "build_chat_tokenize", "resolve_chat_template"]
 

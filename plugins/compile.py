@@ -20,10 +20,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
+from ft.api import Plugin
 
-FT_FEATURE = True
-FT_PROVIDES = ("compiled_forward",)  # torch.compile traces the model's forward
-PLUGIN = "compile"
+PLUGIN = Plugin(feature=True, provides=["compiled_forward"])  # torch.compile traces the model's forward
+NAME = "compile"  # the plugin's name: its config section and its patch records
 
 log = logging.getLogger("ft.compile")
 
@@ -47,12 +47,12 @@ class CompileOptions(BaseModel):
 
 
 def options(cfg: Any) -> CompileOptions:
-    return cfg.section(PLUGIN)
+    return cfg.section(NAME)
 
 
 @hookimpl
 def ft_add_config(registry):
-    registry.add(PLUGIN, CompileOptions)
+    registry.add(NAME, CompileOptions)
 
 
 @hookimpl
@@ -84,4 +84,4 @@ def ft_patch_model(cfg, model):
     model.forward = torch.compile(original, mode=opts.mode, dynamic=opts.dynamic, fullgraph=opts.fullgraph,
                                   backend=opts.backend)
     settings = f"mode={opts.mode}, dynamic={opts.dynamic}, fullgraph={opts.fullgraph}, backend={opts.backend}"
-    return [PatchRecord(PLUGIN, f"{type(model).__name__}.forward", f"torch.compile({settings})")]
+    return [PatchRecord(NAME, f"{type(model).__name__}.forward", f"torch.compile({settings})")]

@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import Field
 
 from ft import hookimpl
-from ft.api import DatasetOptions, Dropped
+from ft.api import DatasetOptions, Dropped, Plugin
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 
 class CompletionOptions(DatasetOptions):

@@ -23,11 +23,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import ConfigError, MissingDependencyError, is_installed
+from ft.api import ConfigError, MissingDependencyError, Plugin, is_installed
 
-FT_FEATURE = True
-FT_PROVIDES = ("sharding",)  # one engine shards the model
-FT_LOGGERS = ("DeepSpeed",)  # transformers imports deepspeed when installed: quiet unless selected
+PLUGIN = Plugin(feature=True, provides=["sharding"], loggers=["DeepSpeed"])  # one engine shards the model; transformers imports deepspeed when installed: quiet unless selected
 
 log = logging.getLogger("ft.deepspeed")
 

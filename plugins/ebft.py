@@ -40,9 +40,9 @@ from ft_plugins.grpo import GENERATION, GRPOOptions, PromptOptions, PromptTokeni
 from pydantic import Field, field_validator
 
 from ft import hookimpl
-from ft.api import DatasetOptions, Dropped, FtError, Method
+from ft.api import SHAPES_DATA, DatasetOptions, Dropped, FtError, Method, Plugin
 
-FT_FEATURE = False  # a method: chosen with `method: ebft`
+PLUGIN = Plugin()  # a method: chosen with `method: ebft`
 
 log = logging.getLogger("ft.ebft")
 
@@ -56,6 +56,10 @@ METRICS = ("reward", "reward_std", "alignment", "diversity", "cfm_loss", "comple
 
 class EbftOptions(GRPOOptions):
     """The ``ebft:`` section: GRPO's generation and loss settings, plus the feature-matching reward's."""
+
+    max_completion_len: int = Field(256, ge=1, json_schema_extra=SHAPES_DATA, description="Most tokens per "
+                                    "completion (sequence_len bounds the prompt); type strided cuts references of "
+                                    "this length from the documents.")
 
     layers: list[float] = Field([0.25, 0.5, 0.75], min_length=1, description="Depths whose hidden states make the "
                                 "features, as fractions of the layer count (0 < f <= 1; 0.5 = the middle layer).")

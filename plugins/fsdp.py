@@ -28,10 +28,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import FtError
+from ft.api import FtError, Plugin
 
-FT_FEATURE = True
-FT_PROVIDES = ("sharding",)  # one engine shards the model
+PLUGIN = Plugin(feature=True, provides=["sharding"])  # one engine shards the model
 
 log = logging.getLogger("ft.fsdp")
 

@@ -35,10 +35,10 @@ import logging
 from typing import Any
 
 from ft import hookimpl
-from ft.api import MODEL_LOSS
+from ft.api import IGNORE_INDEX, MODEL_LOSS, Plugin
 
-FT_FEATURE = False  # always active; `-p no:fused_loss` blocks it
-PLUGIN = "fused_loss"
+PLUGIN = Plugin()  # always active; `-p no:fused_loss` blocks it
+NAME = "fused_loss"  # the plugin's name: its config section and its patch records
 
 log = logging.getLogger("ft.fused_loss")
 
@@ -51,7 +51,6 @@ STEP_ASIDE_FOR = {"sharding": "a sharding engine shards the weights",
                   "compiled_forward": "compile traces the model's own forward"}
 
 CHUNK_LOGITS = 1 << 24  # logits per chunk (64 MB in float32)
-IGNORE_INDEX = -100
 
 
 @hookimpl(trylast=True)
@@ -63,7 +62,7 @@ def ft_patch_model(cfg, model):
         log.info("fused_loss: not applied: %s; the model computes its logits and loss itself", reason)
         return []
     model.forward = fused_forward(model, model.forward)
-    return [PatchRecord(PLUGIN, f"{type(model).__name__}.forward",
+    return [PatchRecord(NAME, f"{type(model).__name__}.forward",
                         "LM head + cross-entropy fused over trained tokens (training with labels)")]
 
 

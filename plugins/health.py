@@ -31,9 +31,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import NOT_TRAINING, FtError
+from ft.api import NOT_TRAINING, FtError, Plugin
 
-FT_FEATURE = False  # always active; `-p no:health` blocks it
+PLUGIN = Plugin()  # always active; `-p no:health` blocks it
 
 log = logging.getLogger("ft.health")
 

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import ConfigError, FtError
+from ft.api import ConfigError, FtError, Plugin
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 log = logging.getLogger("ft.hf")
 

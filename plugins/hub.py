@@ -27,8 +27,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
+from ft.api import Plugin
 
-FT_FEATURE = False
+PLUGIN = Plugin()
 
 log = logging.getLogger("ft.hub")
 

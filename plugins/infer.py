@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
-from ft.api import FtError, load_or_explain
+from ft.api import FtError, Plugin, load_or_explain
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 
 @hookimpl
@@ -67,7 +67,7 @@ def load_for_inference(run_dir: str | Path, plugins: Any = None) -> tuple[Any, A
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     pm = plugins or make_plugin_manager()
-    loaded = pm.all_hooks.ft_load_trained(run_dir=run_dir, dtype=dtype)
+    loaded = pm.call("ft_load_trained", run_dir=run_dir, dtype=dtype)
     if loaded is None:
         raise FtError(
             f"{run_dir} holds neither a model (config.json) nor an adapter that an installed plugin can load "

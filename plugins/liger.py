@@ -26,11 +26,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import FtError, MissingDependencyError, is_installed
+from ft.api import FtError, MissingDependencyError, Plugin, is_installed
 
-FT_FEATURE = True
-FT_PROVIDES = ("fused_kernels",)  # replaces modules' forward functions
-PLUGIN = "liger"
+PLUGIN = Plugin(feature=True, provides=["fused_kernels"])  # replaces modules' forward functions
+NAME = "liger"  # the plugin's name: its config section and its patch records
 
 log = logging.getLogger("ft.liger")
 
@@ -58,12 +57,12 @@ class LigerOptions(BaseModel):
 
 
 def options(cfg: Any) -> LigerOptions:
-    return cfg.section(PLUGIN)
+    return cfg.section(NAME)
 
 
 @hookimpl
 def ft_add_config(registry):
-    registry.add(PLUGIN, LigerOptions)
+    registry.add(NAME, LigerOptions)
 
 
 @hookimpl
@@ -162,7 +161,7 @@ def _global_changes(watched: list[tuple[str, Any]], before: list[dict[str, Any]]
             was, new = old.get(key, _MISSING), now.get(key, _MISSING)
             if was is new:
                 continue
-            records.append(PatchRecord(PLUGIN, f"{name}.{key}", _describe(new), undo=_restorer(namespace, key, was),
+            records.append(PatchRecord(NAME, f"{name}.{key}", _describe(new), undo=_restorer(namespace, key, was),
                                        check=_still(namespace, key, new, f"{name}.{key}")))
     return records
 
@@ -207,4 +206,4 @@ def _instance_records(model: Any) -> list[Any]:
             continue  # another plugin's change, recorded by that plugin
         key = (type(module).__name__, target)
         counts[key] = counts.get(key, 0) + 1
-    return [PatchRecord(PLUGIN, f"{cls}.forward", repl, count=n) for (cls, repl), n in sorted(counts.items())]
+    return [PatchRecord(NAME, f"{cls}.forward", repl, count=n) for (cls, repl), n in sorted(counts.items())]

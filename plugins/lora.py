@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import ConfigError, FtError, MissingDependencyError, is_installed, load_or_explain
+from ft.api import ConfigError, FtError, MissingDependencyError, Plugin, is_installed, load_or_explain
 
-FT_FEATURE = True
-FT_PROVIDES = ("adapter",)  # a trainable adapter on a frozen base
+PLUGIN = Plugin(feature=True, provides=["adapter"])  # a trainable adapter on a frozen base
 
 log = logging.getLogger("ft.lora")
 
@@ -236,13 +234,15 @@ def check_modules(cfg: Any, lora: LoraSection, model: Any) -> None:
 def ft_save_weights(cfg, trainer, model, output_dir):
     from peft import PeftModel
 
+    from ft.api import is_main_process
+
     accelerator = getattr(trainer, "accelerator", None)
     peft_model = accelerator.unwrap_model(model) if accelerator is not None else model
     if not isinstance(peft_model, PeftModel):
         return None  # full fine-tuning: another plugin saves
     _absolute_base_path(peft_model)
     if trainer is None:  # called directly (tests, notebooks)
-        if os.environ.get("RANK", "0") != "0":
+        if not is_main_process():
             return []
         peft_model.save_pretrained(output_dir, safe_serialization=True)
     elif trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
@@ -308,7 +308,7 @@ def write_base_quantization(peft_model: Any, output_dir: str) -> str | None:
 def base_model_path(adapter_dir: str | Path) -> str:
     """The base model of an adapter: ``base_model_name_or_path`` of adapter_config.json, else the
     ``base_model`` of the run's saved ft_config.yaml; a relative local path is taken from the working
-    directory, else next to the adapter (as ``ft.context.resolve_path`` does for configs)."""
+    directory, else next to the adapter (as ``ft.kernel.context.resolve_path`` does for configs)."""
     adapter_dir = Path(adapter_dir)
     candidates = []
     config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))

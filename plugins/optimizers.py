@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
+from ft.api import Plugin
 
-FT_FEATURE = False  # essential: always active
+PLUGIN = Plugin(essential=True)  # essential: always active
 
 # ft name -> transformers OptimizerNames value
 TRANSFORMERS_OPTIMIZERS = {

@@ -31,11 +31,9 @@ import uuid
 from typing import Any
 
 from ft import hookimpl
-from ft.api import IGNORE_INDEX, DataError
+from ft.api import IGNORE_INDEX, DataError, Plugin
 
-FT_FEATURE = True
-FT_PROVIDES = ("packing",)
-FT_METHOD_FEATURE = "packing"  # only for methods that declare packing
+PLUGIN = Plugin(feature=True, provides=["packing"], method_feature="packing")  # only for methods that declare packing
 
 log = logging.getLogger("ft.packing")
 
@@ -161,6 +159,8 @@ class PackedCollator:
 
     def _laid_out(self, row: dict[str, Any]) -> dict[str, Any]:
         """An unpacked unit (an evaluation row) as a packed row of its sequences."""
+        from ft.api import is_token_column
+
         if "input_ids" in row:
             return row
         ids: list[int] = []
@@ -172,7 +172,7 @@ class PackedCollator:
             labels += list(row[f"{prefix}labels"])
             positions += range(len(seq))
         out: dict[str, Any] = {"input_ids": ids, "labels": labels, "position_ids": positions}
-        out.update({k: [v] for k, v in row.items() if not _is_token_column(k)})
+        out.update({k: [v] for k, v in row.items() if not is_token_column(k, positions=True)})
         return out
 
     @staticmethod
@@ -224,15 +224,14 @@ class PackedCollator:
         }
 
 
-def _is_token_column(name: str) -> bool:
-    return name.endswith("input_ids") or name == "labels" or name.endswith("_labels") or name == "position_ids"
-
-
 def _unit_values(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The rows' other columns (one list per packed row) as one tensor each, one value per unit."""
     import torch
 
-    return {name: torch.tensor([v for r in rows for v in r[name]]) for name in rows[0] if not _is_token_column(name)}
+    from ft.api import is_token_column
+
+    return {name: torch.tensor([v for r in rows for v in r[name]]) for name in rows[0]
+            if not is_token_column(name, positions=True)}
 
 
 def _sequence_ids(position_ids: Any, real: Any = None) -> Any:

@@ -37,9 +37,9 @@ from ft_plugins.preference_data import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import EVAL, PACKING, Method
+from ft.api import EVAL, PACKING, SHAPES_DATA, Method, Plugin
 
-FT_FEATURE = False  # methods are chosen with `method:`; nothing to select
+PLUGIN = Plugin()  # methods are chosen with `method:`; nothing to select
 
 log = logging.getLogger("ft.preference")
 
@@ -53,7 +53,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop rows whose prompt has more tokens than this (counted and reported).")
+        None, gt=0, json_schema_extra=SHAPES_DATA,
+        description="Drop rows whose prompt has more tokens than this (counted and reported).")
 
 
 class DpoSection(_Section):
@@ -143,9 +144,9 @@ def kto_collator(cfg: Any, tokenizer: Any) -> KtoCollator:
 
 
 def trainer_class() -> type:
-    from ft_plugins.preference_trainer import trainer_class as build
+    from ft_plugins.preference_trainer import PreferenceTrainer  # imports torch: only when training
 
-    return build()
+    return PreferenceTrainer
 
 
 def trainer_kwargs(cfg: Any, model: Any, tokenizer: Any, data: Any) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 from ft_plugins.chat_template import ChatTemplateOptions, build_chat_tokenize
 from pydantic import Field, model_validator
 
-from ft.api import IGNORE_INDEX, Dropped, FtError, entry_where
+from ft.api import IGNORE_INDEX, Dropped, FtError, entry_where, is_token_column
 
 # Reasons a row is dropped (counted in the drop report).
 MISSING_SIDE = "missing side"
@@ -442,10 +442,6 @@ def build_unpaired(cfg: Any, entry: KtoOptions, tokenizer: Any) -> UnpairedToken
 # -- collators --------------------------------------------------------------------------------------
 
 
-def _is_token_column(name: str) -> bool:
-    return name.endswith("input_ids") or name == "labels" or name.endswith("_labels")
-
-
 class UnitCollator:
     """Rows made of several sequences (a pair: chosen + rejected) -> one padded batch.
 
@@ -492,7 +488,7 @@ def unit_extras(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     out = {}
     for name in rows[0]:
-        if _is_token_column(name) or name == "position_ids":
+        if is_token_column(name, positions=True):
             continue
         values: list[Any] = []
         for r in rows:

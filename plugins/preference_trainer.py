@@ -16,20 +16,37 @@ the number of units in each micro-batch (packed bins hold varying numbers of pai
 a micro-batch is the sum of its units' losses over the number of units in the whole accumulation
 window (and over all processes).
 
-torch and transformers are imported inside functions.
+Each method's loss is a method of :class:`PreferenceTrainer`, picked from the ``LOSSES`` table by the
+method's name. Importing this module imports torch and transformers (the plugin imports it when training).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
+import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ft.api import IGNORE_INDEX, FtError, cache_file_problem, has_adapter, record_cache_file
+import torch
+from ft_plugins import preference_losses as losses
+from transformers import Trainer
+
+from ft.api import (
+    IGNORE_INDEX,
+    FtError,
+    accumulation_share,
+    cache_file_problem,
+    has_adapter,
+    output_layer,
+    record_cache_file,
+    target_logps,
+)
 
 log = logging.getLogger("ft.preference")
 
@@ -54,18 +71,6 @@ class PreferenceSetup:
 def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The model's inputs in ``batch`` (those of the ``kl_`` sequences with ``prefix="kl_"``)."""
     return {key: batch[prefix + key] for key in MODEL_KEYS if prefix + key in batch}
-
-
-def output_layer(model: Any) -> Any:
-    """The model's output projection (``get_output_embeddings``), through DDP/DeepSpeed/peft wrappers."""
-    inner = model
-    for _ in range(4):
-        inner = getattr(inner, "module", inner)
-    get = getattr(inner, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        return None
 
 
 @contextlib.contextmanager
@@ -96,8 +101,6 @@ def hidden_states_at(model: Any, rows: Any, cols: Any, shape: tuple[int, int]) -
 def previous_positions(sequence_ids: Any) -> Any:
     """For rows of consecutive sequences: where each token's predecessor in its sequence is (-1 at a
     sequence's first token and on padding)."""
-    import torch
-
     length = sequence_ids.shape[1]
     prev = torch.arange(-1, length - 1, device=sequence_ids.device).expand_as(sequence_ids).clone()
     same = torch.zeros_like(sequence_ids, dtype=torch.bool)
@@ -105,21 +108,8 @@ def previous_positions(sequence_ids: Any) -> Any:
     return torch.where(same, prev, torch.full_like(prev, -1))
 
 
-def score(logits: Any, targets: Any) -> Any:
-    """Log-probability of each target under ``logits`` (float32; targets -100 give 0)."""
-    import torch
-
-    mask = targets != IGNORE_INDEX
-    safe = torch.where(mask, targets, torch.zeros_like(targets))
-    logits = logits.float()
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return picked * mask
-
-
 def per_sequence(values: Any, sequence_ids: Any, mask: Any, count: int) -> tuple[Any, Any]:
     """Sums of ``values`` and of ``mask`` per sequence id (``[count]`` each)."""
-    import torch
-
     index = sequence_ids.clamp(min=0).flatten()
     sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, index, (values * mask).flatten())
     counts = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, index, mask.flatten().to(values.dtype))
@@ -149,8 +139,6 @@ def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, whole_
     Logits are computed only for scored tokens (``hidden_states_at``). ``whole_first_sequences`` = n
     also scores every token of the first sequence of each n-sequence unit (ORPO's NLL on the prompt).
     """
-    import torch
-
     labels, sequence_ids = batch[f"{prefix}labels"], batch[f"{prefix}sequence_ids"]
     count = int(sequence_ids.max()) + 1
     prev = batch.get(f"{prefix}previous")
@@ -168,7 +156,7 @@ def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, whole_
     with hidden_states_at(model, rows, cols, tuple(labels.shape)) as selected:
         out = model(**model_inputs(batch, prefix), use_cache=False)
     logits = out.logits[0] if selected else out.logits[rows, cols]  # [N, V]
-    logps = score(logits, targets[rows, at])
+    logps = target_logps(logits, targets[rows, at])[0]  # float32; -100 gives 0
     on_scored = scored[rows, at]
     sums, counts = per_sequence(logps, sequence_ids[rows, at], on_scored, count)
     result = Scored(sums, counts)
@@ -181,234 +169,217 @@ def forward_logps(model: Any, batch: dict[str, Any], prefix: str = "", *, whole_
 # -- the Trainer ------------------------------------------------------------------------------------
 
 
-def trainer_class() -> type:
-    import torch
-    from ft_plugins import preference_losses as losses
-    from transformers import Trainer
+class PreferenceTrainer(Trainer):
+    """Trainer for dpo, kto, orpo and simpo (``self.preference`` says which)."""
 
-    class PreferenceTrainer(Trainer):
-        """Trainer for dpo, kto, orpo and simpo (``self.preference`` says which)."""
+    # compute_loss returns the units' summed losses over their share of the accumulation window
+    # (ft.api.accumulation_share); the Trainer divides by the window's micro-batches
+    loss_is_scaled_for_ga = False
 
-        def __init__(self, *args: Any, preference: PreferenceSetup, **kwargs: Any):
-            self.preference = preference
-            self._ft_window_units = None
-            super().__init__(*args, **kwargs)
-            if preference.reference is not None:
-                preference.reference.to(self.args.device)
-            if preference.precompute:
-                self._precompute_reference()
+    def __init__(self, *args: Any, preference: PreferenceSetup, **kwargs: Any):
+        self.preference = preference
+        if preference.method not in LOSSES:
+            raise FtError(f"no preference loss for method '{preference.method}'; known: {', '.join(LOSSES)}")
+        super().__init__(*args, **kwargs)
+        if preference.reference is not None:
+            preference.reference.to(self.args.device)
+        if preference.precompute:
+            self._precompute_reference()
 
-        # -- loss normalisation over the accumulation window --------------------------------------
+    # -- loss normalisation over the accumulation window --------------------------------------
 
-        @property
-        def loss_is_scaled_for_ga(self) -> bool:  # read by Trainer.training_step
-            return self._ft_window_units is not None
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The window's micro-batches, and (as ``num_items_in_batch``) each one's share of its units."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        units = sum(self._units_in(b) for b in batch_samples)
+        return batch_samples, accumulation_share(self, float(units), max(len(batch_samples), 1))
 
-        def _get_num_items_in_batch(self, batch_samples: list, device: Any) -> Any:
-            units = sum(self._units_in(b) for b in batch_samples)
-            total = torch.tensor(float(units), device=device)
-            if self.args.world_size > 1:
-                total = self.accelerator.gather(total).sum()
-            self._ft_window_units = total
-            return total
+    def _units_in(self, batch: dict[str, Any]) -> int:
+        return (int(batch["sequence_ids"].max()) + 1) // len(self.preference.sequences)
 
-        def _units_in(self, batch: dict[str, Any]) -> int:
-            return (int(batch["sequence_ids"].max()) + 1) // len(self.preference.sequences)
-
-        def _normalise(self, unit_losses: Any, extra: Any = None) -> Any:
-            """Sum over the units / units in the window (x processes: they average gradients)."""
+    def _normalise(self, unit_losses: Any, share: Any, extra: Any = None) -> Any:
+        """Training: the sum over the units / their share of the window (each unit of the optimizer step
+        weighs the same, over processes too). Evaluation: the mean."""
+        if share is not None:
             units = unit_losses.numel()
-            window = self._ft_window_units
-            if self.model.training and window is not None:
-                scale = self.args.world_size / window.to(unit_losses.device)
-                loss = unit_losses.sum() * scale
-                return loss + extra * units * scale if extra is not None else loss
-            loss = unit_losses.mean()
-            return loss + extra if extra is not None else loss
+            share = share.to(unit_losses.device)
+            loss = unit_losses.sum() / share
+            return loss + extra * units / share if extra is not None else loss
+        loss = unit_losses.mean()
+        return loss + extra if extra is not None else loss
 
-        # -- forward passes ---------------------------------------------------------------------
+    # -- forward passes ---------------------------------------------------------------------
 
-        def _policy(self, model: Any, batch: dict[str, Any], prefix: str = "", whole_first: int = 0) -> Scored:
-            return forward_logps(model, batch, prefix, whole_first_sequences=whole_first)
+    def _policy(self, model: Any, batch: dict[str, Any], prefix: str = "", whole_first: int = 0) -> Scored:
+        return forward_logps(model, batch, prefix, whole_first_sequences=whole_first)
 
-        def _reference(self, batch: dict[str, Any], prefix: str = "") -> Scored:
-            ref = self.preference.reference
-            with torch.no_grad():
-                return forward_logps(_Reference(ref), batch, prefix)
+    def _reference(self, batch: dict[str, Any], prefix: str = "") -> Scored:
+        return forward_logps(self.preference.reference, batch, prefix)  # a ReferenceModel: no gradients
 
-        # -- the methods ---------------------------------------------------------------------------
+    # -- the methods ---------------------------------------------------------------------------
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = getattr(self, f"_{self.preference.method}_loss")(model, inputs)
-            return (loss, {}) if return_outputs else loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        share = num_items_in_batch if self.model.training else None
+        loss = LOSSES[self.preference.method](self, model, inputs, share)
+        return (loss, {}) if return_outputs else loss
 
-        def _ref_pair(self, batch: dict[str, Any]) -> tuple[Any, Any]:
-            if "ref_chosen_logps" in batch:
-                return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
-            chosen, rejected, _cc, _rc = self._reference(batch).by_unit(2)
-            return chosen, rejected
+    def _ref_pair(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        chosen, rejected, _cc, _rc = self._reference(batch).by_unit(2)
+        return chosen, rejected
 
-        def _record_pair(self, chosen_rewards, rejected_rewards, chosen, rejected, **more):
-            self.ft_record({
-                "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-                "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(), **more,
-            })
+    def _record_pair(self, chosen_rewards, rejected_rewards, chosen, rejected, **more):
+        self.ft_record({
+            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(), **more,
+        })
 
-        def _dpo_loss(self, model, batch):
-            o = self.preference.options
-            chosen, rejected, chosen_n, rejected_n = self._policy(model, batch).by_unit(2)
-            ref_chosen, ref_rejected = self._ref_pair(batch)
-            unit_losses, chosen_rewards, rejected_rewards = losses.dpo_losses(
-                chosen, rejected, ref_chosen, ref_rejected, beta=o.beta, loss_type=o.loss_type,
-                label_smoothing=o.label_smoothing, chosen_counts=chosen_n, rejected_counts=rejected_n)
-            self._record_pair(chosen_rewards, rejected_rewards, chosen, rejected)
-            return self._normalise(unit_losses)
+    def dpo_loss(self, model: Any, batch: dict[str, Any], share: Any) -> Any:
+        o = self.preference.options
+        chosen, rejected, chosen_n, rejected_n = self._policy(model, batch).by_unit(2)
+        ref_chosen, ref_rejected = self._ref_pair(batch)
+        unit_losses, chosen_rewards, rejected_rewards = losses.dpo_losses(
+            chosen, rejected, ref_chosen, ref_rejected, beta=o.beta, loss_type=o.loss_type,
+            label_smoothing=o.label_smoothing, chosen_counts=chosen_n, rejected_counts=rejected_n)
+        self._record_pair(chosen_rewards, rejected_rewards, chosen, rejected)
+        return self._normalise(unit_losses, share)
 
-        def _nll(self, scored: Scored, chosen: Any, chosen_n: Any) -> Any:
-            """Mean negative log-likelihood of the chosen tokens in this micro-batch (TRL's token mean)."""
-            if self.preference.nll_on_prompt:
-                return -scored.nll_sum / scored.nll_count.clamp(min=1)
-            return -chosen.sum() / chosen_n.sum().clamp(min=1)
+    def _nll(self, scored: Scored, chosen: Any, chosen_n: Any) -> Any:
+        """Mean negative log-likelihood of the chosen tokens in this micro-batch (TRL's token mean)."""
+        if self.preference.nll_on_prompt:
+            return -scored.nll_sum / scored.nll_count.clamp(min=1)
+        return -chosen.sum() / chosen_n.sum().clamp(min=1)
 
-        def _orpo_loss(self, model, batch):
-            o = self.preference.options
-            scored = self._policy(model, batch, whole_first=2 if self.preference.nll_on_prompt else 0)
-            chosen, rejected, chosen_n, rejected_n = scored.by_unit(2)
-            chosen_mean, rejected_mean = chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1)
-            unit_losses, chosen_rewards, rejected_rewards, ratio, log_odds = losses.orpo_losses(
-                chosen_mean, rejected_mean, beta=o.beta)
+    def orpo_loss(self, model: Any, batch: dict[str, Any], share: Any) -> Any:
+        o = self.preference.options
+        scored = self._policy(model, batch, whole_first=2 if self.preference.nll_on_prompt else 0)
+        chosen, rejected, chosen_n, rejected_n = scored.by_unit(2)
+        chosen_mean, rejected_mean = chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1)
+        unit_losses, chosen_rewards, rejected_rewards, ratio, log_odds = losses.orpo_losses(
+            chosen_mean, rejected_mean, beta=o.beta)
+        nll = self._nll(scored, chosen, chosen_n)
+        self._record_pair(chosen_rewards, rejected_rewards, chosen_mean, rejected_mean, nll_loss=nll.detach(),
+                          log_odds_ratio=ratio.mean(), log_odds_chosen=log_odds.mean())
+        return self._normalise(unit_losses, share, nll)
+
+    def simpo_loss(self, model: Any, batch: dict[str, Any], share: Any) -> Any:
+        o = self.preference.options
+        scored = self._policy(model, batch)
+        chosen, rejected, chosen_n, rejected_n = scored.by_unit(2)
+        chosen_mean, rejected_mean = chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1)
+        unit_losses, chosen_rewards, rejected_rewards = losses.simpo_losses(
+            chosen_mean, rejected_mean, beta=o.beta, gamma=o.gamma)
+        more = {}
+        extra = None
+        if o.cpo_alpha:
             nll = self._nll(scored, chosen, chosen_n)
-            self._record_pair(chosen_rewards, rejected_rewards, chosen_mean, rejected_mean, nll_loss=nll.detach(),
-                              log_odds_ratio=ratio.mean(), log_odds_chosen=log_odds.mean())
-            return self._normalise(unit_losses, nll)
+            extra = o.cpo_alpha * nll
+            more["nll_loss"] = nll.detach()
+        self._record_pair(chosen_rewards, rejected_rewards, chosen_mean, rejected_mean, **more)
+        return self._normalise(unit_losses, share, extra)
 
-        def _simpo_loss(self, model, batch):
-            o = self.preference.options
-            scored = self._policy(model, batch)
-            chosen, rejected, chosen_n, rejected_n = scored.by_unit(2)
-            chosen_mean, rejected_mean = chosen / chosen_n.clamp(min=1), rejected / rejected_n.clamp(min=1)
-            unit_losses, chosen_rewards, rejected_rewards = losses.simpo_losses(
-                chosen_mean, rejected_mean, beta=o.beta, gamma=o.gamma)
-            more = {}
-            extra = None
-            if o.cpo_alpha:
-                nll = self._nll(scored, chosen, chosen_n)
-                extra = o.cpo_alpha * nll
-                more["nll_loss"] = nll.detach()
-            self._record_pair(chosen_rewards, rejected_rewards, chosen_mean, rejected_mean, **more)
-            return self._normalise(unit_losses, extra)
+    def kto_loss(self, model: Any, batch: dict[str, Any], share: Any) -> Any:
+        o = self.preference.options
+        logps = self._policy(model, batch).sums
+        with torch.no_grad():
+            kl_logps = forward_logps(model, batch, "kl_").sums
+        ref_logps = self._reference(batch).sums
+        ref_kl_logps = self._reference(batch, "kl_").sums
+        kl = (kl_logps - ref_kl_logps).mean().detach()
+        if self.accelerator.num_processes > 1:
+            kl = self.accelerator.reduce(kl, reduction="mean")
+        kl = kl.clamp(min=0)
+        desirable = batch["label"].bool()
+        unit_losses, chosen_rewards, rejected_rewards = losses.kto_losses(
+            logps, ref_logps, desirable, kl, beta=o.beta, desirable_weight=o.desirable_weight,
+            undesirable_weight=o.undesirable_weight)
+        metrics = {"kl": kl}
+        if chosen_rewards.numel():
+            metrics["rewards/chosen"] = chosen_rewards.mean()
+            metrics["logps/chosen"] = logps[desirable].detach().mean()
+        if rejected_rewards.numel():
+            metrics["rewards/rejected"] = rejected_rewards.mean()
+            metrics["logps/rejected"] = logps[~desirable].detach().mean()
+        if chosen_rewards.numel() and rejected_rewards.numel():
+            metrics["rewards/margins"] = chosen_rewards.mean() - rejected_rewards.mean()
+        self.ft_record(metrics)
+        return self._normalise(unit_losses, share)
 
-        def _kto_loss(self, model, batch):
-            o = self.preference.options
-            logps = self._policy(model, batch).sums
-            with torch.no_grad():
-                kl_logps = forward_logps(model, batch, "kl_").sums
-            ref_logps = self._reference(batch).sums
-            ref_kl_logps = self._reference(batch, "kl_").sums
-            kl = (kl_logps - ref_kl_logps).mean().detach()
-            if self.accelerator.num_processes > 1:
-                kl = self.accelerator.reduce(kl, reduction="mean")
-            kl = kl.clamp(min=0)
-            desirable = batch["label"].bool()
-            unit_losses, chosen_rewards, rejected_rewards = losses.kto_losses(
-                logps, ref_logps, desirable, kl, beta=o.beta, desirable_weight=o.desirable_weight,
-                undesirable_weight=o.undesirable_weight)
-            metrics = {"kl": kl}
-            if chosen_rewards.numel():
-                metrics["rewards/chosen"] = chosen_rewards.mean()
-                metrics["logps/chosen"] = logps[desirable].detach().mean()
-            if rejected_rewards.numel():
-                metrics["rewards/rejected"] = rejected_rewards.mean()
-                metrics["logps/rejected"] = logps[~desirable].detach().mean()
-            if chosen_rewards.numel() and rejected_rewards.numel():
-                metrics["rewards/margins"] = chosen_rewards.mean() - rejected_rewards.mean()
-            self.ft_record(metrics)
-            return self._normalise(unit_losses)
+    # -- evaluation: the loss and the metrics, no logits gathered -------------------------------
 
-        # -- evaluation: the loss and the metrics, no logits gathered -------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+    # -- precomputed reference log-probabilities ------------------------------------------------
 
-        # -- precomputed reference log-probabilities ------------------------------------------------
+    def _precompute_reference(self) -> None:
+        path = reference_cache_path(self.model, self.preference, self.data_collator)
+        stored = load_reference(path) if path is not None else None
+        if stored is not None:
+            log.info("%s: reference log-probabilities precomputed earlier, read from %s", self.preference.method,
+                     path)
+        else:
+            stored = {}
+            for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+                if dataset is not None:
+                    stored[name] = self._reference_pass(dataset, name)
+            if path is not None and self.accelerator.is_main_process:
+                save_reference(path, stored)
+                log.info("%s: reference log-probabilities computed in one pass and stored in %s",
+                         self.preference.method, path)
+        self.train_dataset = with_reference_columns(self.train_dataset, stored.get("train"))
+        if self.eval_dataset is not None:
+            self.eval_dataset = with_reference_columns(self.eval_dataset, stored.get("eval"))
 
-        def _precompute_reference(self) -> None:
-            path = reference_cache_path(self.model, self.preference)
-            stored = load_reference(path) if path is not None else None
-            if stored is not None:
-                log.info("%s: reference log-probabilities precomputed earlier, read from %s", self.preference.method,
-                         path)
-            else:
-                stored = {}
-                for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
-                    if dataset is not None:
-                        stored[name] = self._reference_pass(dataset, name)
-                if path is not None and self.accelerator.is_main_process:
-                    save_reference(path, stored)
-                    log.info("%s: reference log-probabilities computed in one pass and stored in %s",
-                             self.preference.method, path)
-            self.train_dataset = with_reference_columns(self.train_dataset, stored.get("train"))
-            if self.eval_dataset is not None:
-                self.eval_dataset = with_reference_columns(self.eval_dataset, stored.get("eval"))
-
-        def _reference_pass(self, dataset: Any, name: str) -> list[Any]:
-            """Reference log-probs of every unit of ``dataset`` (per row: a pair, or a bin's list of pairs)."""
-            model = self.model
-            device = next(model.parameters()).device
-            target = self.args.device
-            moved = device.type == "cpu" and target.type != "cpu"
+    def _reference_pass(self, dataset: Any, name: str) -> list[Any]:
+        """Reference log-probs of every unit of ``dataset`` (per row: a pair, or a bin's list of pairs)."""
+        model = self.model
+        device = next(model.parameters()).device
+        target = self.args.device
+        moved = device.type == "cpu" and target.type != "cpu"
+        if moved:
+            model.to(target)
+        batch_size = self.args.per_device_eval_batch_size
+        rank, world = self.args.process_index, self.args.world_size
+        was_training = model.training
+        model.eval()
+        results: dict[int, list[list[float]]] = {}
+        switch = model.disable_adapter() if has_adapter(model) else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), switch:
+                for b, start in enumerate(range(0, len(dataset), batch_size)):
+                    if b % world != rank:
+                        continue
+                    rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                    batch = self._prepare_inputs(self.data_collator(rows))
+                    scored = forward_logps(model, batch)
+                    chosen, rejected, _c, _r = scored.by_unit(2)
+                    units = [row_units(r, len(self.preference.sequences)) for r in rows]
+                    pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+                    results[b] = _split(pairs, units)
+        finally:
+            model.train(was_training)
             if moved:
-                model.to(target)
-            batch_size = self.args.per_device_eval_batch_size
-            rank, world = self.args.process_index, self.args.world_size
-            was_training = model.training
-            model.eval()
-            results: dict[int, list[list[float]]] = {}
-            switch = model.disable_adapter() if has_adapter(model) else contextlib.nullcontext()
-            try:
-                with torch.no_grad(), switch:
-                    for b, start in enumerate(range(0, len(dataset), batch_size)):
-                        if b % world != rank:
-                            continue
-                        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                        batch = self._prepare_inputs(self.data_collator(rows))
-                        scored = forward_logps(model, batch)
-                        chosen, rejected, _c, _r = scored.by_unit(2)
-                        units = [row_units(r, len(self.preference.sequences)) for r in rows]
-                        pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
-                        results[b] = _split(pairs, units)
-            finally:
-                model.train(was_training)
-                if moved:
-                    model.to(device)
-            if world > 1:
-                import torch.distributed as dist
+                model.to(device)
+        if world > 1:
+            import torch.distributed as dist
 
-                gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, results)
-                for part in gathered:
-                    results.update(part)
-            return [row for b in sorted(results) for row in results[b]]
-
-    return PreferenceTrainer
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, results)
+            for part in gathered:
+                results.update(part)
+        return [row for b in sorted(results) for row in results[b]]
 
 
-class _Reference:
-    """A ``ReferenceModel`` as ``forward_logps`` calls a model: its forward, and its output layer."""
-
-    def __init__(self, reference: Any):
-        self.reference = reference
-
-    def __call__(self, **inputs: Any) -> Any:
-        return self.reference.forward(**inputs)
-
-    def get_output_embeddings(self) -> Any:
-        return output_layer(self.reference.copy if self.reference.copy is not None else self.reference.policy)
+# The loss of each preference method (``PreferenceSetup.method``): ``(trainer, model, batch, share) -> loss``.
+LOSSES = {"dpo": PreferenceTrainer.dpo_loss, "kto": PreferenceTrainer.kto_loss, "orpo": PreferenceTrainer.orpo_loss,
+          "simpo": PreferenceTrainer.simpo_loss}
 
 
 def row_units(row: dict[str, Any], sequences: int) -> int | None:
@@ -455,8 +426,6 @@ def with_reference_columns(dataset: Any, values: list[Any] | None) -> Any:
 def reference_fingerprint(model: Any) -> str:
     """Hash of what decides the reference's log-probabilities: its weights (the base's, under an
     adapter), their dtypes, and the attention implementation."""
-    import torch
-
     try:
         import xxhash
 
@@ -476,10 +445,38 @@ def reference_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def reference_cache_path(model: Any, setup: PreferenceSetup) -> Path | None:
+def collator_settings(collator: Any) -> dict[str, str]:
+    """What of a collator decides how the reference sees a batch: its class and its plain settings (the pair
+    layout, padding, the dtype of a 4D attention mask)."""
+    if collator is None:
+        return {}
+    plain = (bool, int, float, str, tuple, type(None))
+    out = {"class": f"{type(collator).__module__}.{type(collator).__qualname__}"}
+    for name, value in sorted(vars(collator).items()):
+        if isinstance(value, plain) or type(value).__module__ == "torch":  # torch.dtype
+            out[name] = str(value)
+    return out
+
+
+def reference_key(model: Any, collator: Any = None) -> str:
+    """Key of precomputed reference log-probabilities, beside the prepared data (which fixes the tokenized
+    rows): exactly what they depend on -- the reference's weights, dtypes and attention implementation
+    (:func:`reference_fingerprint`), how the batches are laid out (:func:`collator_settings`), and the code
+    that scores them. Not the method's loss settings (``beta``, ``loss_type`` ...): changing those reuses them."""
+    from ft_plugins import preference_data
+
+    code = hashlib.sha256()
+    for module in (sys.modules[__name__], preference_data, inspect.getmodule(target_logps)):
+        code.update(Path(module.__file__).read_bytes())
+    inputs = {"reference": reference_fingerprint(model), "collator": collator_settings(collator),
+              "code": code.hexdigest()}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def reference_cache_path(model: Any, setup: PreferenceSetup, collator: Any = None) -> Path | None:
     if not setup.cache_dir:
         return None
-    return Path(setup.cache_dir) / REFERENCE_DIR / f"{setup.method}-{reference_fingerprint(model)[:24]}.json"
+    return Path(setup.cache_dir) / REFERENCE_DIR / f"{setup.method}-{reference_key(model, collator)[:24]}.json"
 
 
 REFERENCE_DIR = "reference"
@@ -488,8 +485,6 @@ REFERENCE_DIR = "reference"
 def load_reference(path: Path) -> dict[str, Any] | None:
     """The stored log-probabilities, or None (computed again) when there are none, or when the file does
     not match the checksum the prepared data's manifest holds for it (edited, damaged, or never recorded)."""
-    import json
-
     if not path.is_file():
         return None
     cache_dir = path.parent.parent
@@ -510,8 +505,6 @@ def load_reference(path: Path) -> dict[str, Any] | None:
 def save_reference(path: Path, stored: dict[str, Any]) -> None:
     """Written to a temporary file and renamed (a crash never leaves half a file), then listed with its
     checksum in the prepared data's manifest (what :func:`load_reference` checks)."""
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stored), encoding="utf-8")

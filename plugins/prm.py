@@ -30,9 +30,18 @@ from typing import Any
 from pydantic import Field
 
 from ft import hookimpl
-from ft.api import EVAL, IGNORE_INDEX, LOSS_WATCH, TOKEN_CLASSIFICATION, DatasetOptions, Dropped, Method
+from ft.api import (
+    EVAL,
+    IGNORE_INDEX,
+    LOSS_WATCH,
+    TOKEN_CLASSIFICATION,
+    DatasetOptions,
+    Dropped,
+    Method,
+    Plugin,
+)
 
-FT_FEATURE = False  # a method: chosen with `method: prm`
+PLUGIN = Plugin()  # a method: chosen with `method: prm`
 
 NAME = "prm"
 COLUMNS = ("prm_input_ids", "prm_labels")

@@ -13,11 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import MissingDependencyError, is_installed
+from ft.api import MissingDependencyError, Plugin, is_installed
 
-FT_FEATURE = True
-FT_PROVIDES = ("quantized_base",)
-FT_LOGGERS = ("bitsandbytes",)  # its import-time warnings stay quiet unless qlora is selected
+PLUGIN = Plugin(feature=True, provides=["quantized_base"], loggers=["bitsandbytes"])  # its import-time warnings stay quiet unless qlora is selected
 
 INSTALL_HINT = "pip install 'ft[qlora]'"
 

@@ -27,9 +27,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import EVAL, LOSS_WATCH, SEQUENCE_CLASSIFICATION, Method
+from ft.api import EVAL, LOSS_WATCH, SEQUENCE_CLASSIFICATION, SHAPES_DATA, Method, Plugin
 
-FT_FEATURE = False  # a method: chosen with `method: reward_model`
+PLUGIN = Plugin()  # a method: chosen with `method: reward_model`
 
 log = logging.getLogger("ft.reward_model")
 
@@ -46,7 +46,8 @@ class RewardModelSection(BaseModel):
         None, ge=0, description="Weight of the centering term mean((r_chosen + r_rejected)^2), which keeps the scores "
         "near 0 (TRL's center_rewards_coefficient; 0.01 is usual). Unset: no centering.")
     max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop pairs whose prompt has more tokens than this (counted and reported).")
+        None, gt=0, json_schema_extra=SHAPES_DATA,
+        description="Drop pairs whose prompt has more tokens than this (counted and reported).")
 
 
 @hookimpl

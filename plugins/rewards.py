@@ -26,9 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ft import hookimpl
-from ft.api import FtError, MissingDependencyError, is_installed, resolve_path
+from ft.api import FtError, MissingDependencyError, Plugin, is_installed, resolve_path
 
-FT_FEATURE = False  # registers rewards; they act only when grpo.rewards names them
+PLUGIN = Plugin()  # registers rewards; they act only when grpo.rewards names them
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from ft import hookimpl
-from ft.api import EVAL, LOSS_WATCH, MODEL_LOSS, PACKING, SFT_COLUMNS, Method
+from ft.api import EVAL, LOSS_WATCH, MODEL_LOSS, PACKING, SFT_COLUMNS, Method, Plugin
 
-FT_FEATURE = False  # essential: the default method is always available
+PLUGIN = Plugin(essential=True)  # essential: the default method is always available
 
 
 def padding_collator(cfg: Any, tokenizer: Any) -> Any:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
-from ft.api import DataError, MissingDependencyError, redact_text
+from ft.api import DataError, MissingDependencyError, Plugin, redact_text
 
-FT_FEATURE = False  # essential: ft cannot read data without it
+PLUGIN = Plugin(essential=True)  # essential: ft cannot read data without it
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv",
               ".tsv": "csv", ".arrow": "arrow"}

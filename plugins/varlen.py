@@ -31,13 +31,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import FtError, MissingDependencyError
+from ft.api import FtError, MissingDependencyError, Plugin
 
-FT_FEATURE = True
-FT_PROVIDES = ("varlen_attention",)  # attention cut at position_ids: packed rows need no mask
+PLUGIN = Plugin(feature=True, provides=["varlen_attention"])  # attention cut at position_ids: packed rows need no mask
 
 ATTENTION_NAME = "ft_varlen"
-PLUGIN = "varlen"
+NAME = "varlen"  # the plugin's name: its config section and its patch records
 REFERENCE_MASK_TOKENS = 4096  # the CPU/fp32 reference builds a tokens x tokens mask up to this size
 
 log = logging.getLogger("ft.varlen")
@@ -56,12 +55,12 @@ class VarlenOptions(BaseModel):
 
 
 def options(cfg: Any) -> VarlenOptions:
-    return cfg.section(PLUGIN)
+    return cfg.section(NAME)
 
 
 @hookimpl
 def ft_add_config(registry):
-    registry.add(PLUGIN, VarlenOptions)
+    registry.add(NAME, VarlenOptions)
 
 
 @hookimpl
@@ -119,11 +118,11 @@ def ft_patch_model(cfg, model):
 
     kernel = getattr(cuda_kernel, "label", "reference")
     return [
-        PatchRecord(PLUGIN, f"{type(model).__name__} attention '{previous}'",
+        PatchRecord(NAME, f"{type(model).__name__} attention '{previous}'",
                     f"{ATTENTION_NAME} (CUDA: {kernel}; CPU/fp32: reference)", check=attention_in_use),
-        PatchRecord(PLUGIN, f"{type(decoder).__name__} forward pre-hook", "cu_seq_lens from position_ids",
+        PatchRecord(NAME, f"{type(decoder).__name__} forward pre-hook", "cu_seq_lens from position_ids",
                     check=hook_in_place),
-        PatchRecord(PLUGIN, f"transformers.AttentionInterface['{ATTENTION_NAME}']", attention.__qualname__, undo=undo,
+        PatchRecord(NAME, f"transformers.AttentionInterface['{ATTENTION_NAME}']", attention.__qualname__, undo=undo,
                     check=registered),
     ]
 

@@ -53,11 +53,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import FtError, MissingDependencyError, has_adapter, is_installed
+from ft.api import FtError, MissingDependencyError, Plugin, has_adapter, is_installed
 
-FT_FEATURE = True
-FT_METHOD_FEATURE = "generation"  # only methods that sample (grpo) can use it
-FT_PROVIDES = ("separate_generation",)  # a generator apart from the training model (grpo.async_generation)
+PLUGIN = Plugin(feature=True, provides=["separate_generation"], method_feature="generation")  # only methods that sample (grpo) can use it; a generator apart from the training model (grpo.async_generation)
 
 log = logging.getLogger("ft.vllm")
 

@@ -15,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
+from ft.api import Plugin
 
-FT_FEATURE = False
+PLUGIN = Plugin()
 
 
 class WandbSection(BaseModel):

@@ -1,6 +1,6 @@
-"""What ft's own tests share beyond ft.testing's fixtures (ft_tiny_model_dir, ft_tiny_tokenizer,
+"""What ft's own tests share beyond ft.tools.testing's fixtures (ft_tiny_model_dir, ft_tiny_tokenizer,
 ft_dataset, ft_config, ft_runner, ft_one_torch_thread ..., loaded through the pytest11 entry point):
-offline environment defaults, the gpu-marker skip, and two small writers."""
+offline environment defaults, a private command cache, the gpu-marker skip, and two small writers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ft_cache_dir(tmp_path_factory):
+    """`ft --help`'s list of plugin commands (ft.commands_cache) goes to a temporary directory, not ~/.cache."""
+    before = os.environ.get("FT_CACHE_DIR")
+    os.environ["FT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ft-cache"))
+    yield
+    if before is None:
+        os.environ.pop("FT_CACHE_DIR", None)
+    else:
+        os.environ["FT_CACHE_DIR"] = before
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,18 +2,18 @@
 
 Copy this file, rename the plugin, and put your kernel in ``rms_norm``. What it shows:
 
-- a *feature* plugin (``FT_FEATURE = True``): it acts only when selected with
+- a *feature* plugin (``PLUGIN = Plugin(feature=True)``, its one declaration): it acts only when selected with
   ``-p kernel_example`` or ``plugins: [kernel_example]``;
 - its own config section ``kernel_example:`` (a pydantic model: defaults, descriptions,
   unknown keys rejected);
 - ``ft_patch_model`` patching the model INSTANCE it is handed (no library globals changed,
   so nothing needs undoing and two runs in one process never see each other's patches),
   checking each replacement against the original first, and returning one
-  ``ft.patching.PatchRecord`` per replaced module (logged and saved with the run);
+  ``ft.kernel.patching.PatchRecord`` per replaced module (logged and saved with the run);
 - swapping whole modules rather than binding ``forward`` on them: transformers' hub kernels
   re-kernelize ``LlamaRMSNorm`` and other hub-kernel layers at each ``train()``/``eval()``
   switch and drop a bound ``forward``, but leave a module of another class alone (ft checks
-  after the first training step that every patch ran; ``ft.testing.assert_patch_survives``
+  after the first training step that every patch ran; ``ft.tools.testing.assert_patch_survives``
   is the same check for tests).
 
 Torch is imported inside functions only: ``ft --help`` and ``ft plugins`` stay fast.
@@ -26,9 +26,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.api import FtError, PatchRecord
+from ft.api import FtError, PatchRecord, Plugin
 
-FT_FEATURE = True
+PLUGIN = Plugin(feature=True)
 NAME = "kernel_example"
 
 

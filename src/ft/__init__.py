@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pluggy
 
-from ft.errors import (
+from ft.kernel.errors import (
     ConfigError,
     DataError,
     FtError,

@@ -7,10 +7,12 @@ no transformers): the module that defines a name is imported when the name is fi
 Groups:
 
 - hooks: ``hookimpl``, ``hookspec``
+- the plugin's declaration: ``Plugin`` (``PLUGIN = Plugin(feature=True, provides=[...], ...)`` in its module)
 - errors: ``FtError``, ``ConfigError``, ``DataError``, ``PluginError``, ``MissingDependencyError``,
   ``is_installed``, ``load_or_explain``, ``defined_at`` (``function NAME at FILE:LINE``, for messages)
 - config: ``Config`` (the type hooks receive), ``resolve_path``, ``NOT_TRAINING`` (``json_schema_extra`` of a
-  section model or field whose values do not change what training computes, so a resumed run may change them),
+  section model or field whose values do not change what training computes, so a resumed run may change them), ``SHAPES_DATA`` (``json_schema_extra`` of a method-section field whose value
+  changes the prepared rows: only such fields enter the prepared-data cache key),
   ``redact_text`` (a message or label with the credentials of any URL in it replaced), ``read_yaml`` (a YAML file
   with the line of every key), ``reporter_names`` (the ``report_to`` values in force)
 - data sources: ``RawRows``, ``RowPart``, ``Drop``, ``MALFORMED``, ``file_digest``
@@ -19,12 +21,14 @@ Groups:
 - formats: ``DatasetOptions``, ``Dropped``, ``Note``, ``Tokenize``, ``IGNORE_INDEX``, ``TextEncoder``,
   ``entry_where``, ``PromptCompletion`` (the base of prompt/completion formats)
 - methods: ``Method``, ``SFT_COLUMNS``, ``PACKING``, ``EVAL``, ``MODEL_LOSS``, ``LOSS_WATCH``, ``ReferenceModel``, ``token_logps``,
-  ``sequence_logps``, ``has_adapter``; model heads ``CAUSAL_LM``,
+  ``sequence_logps``, ``target_logps``, ``output_layer``, ``has_adapter``, ``accumulation_share`` (the scoring
+  shared by methods: ``ft.engine.scoring``); model heads ``CAUSAL_LM``,
   ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
   ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
-- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``
+- collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``, ``is_token_column`` (a column of token ids,
+  one per token; ``positions=True``: ``position_ids`` too)
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
-  ``last_good_checkpoint``
+  ``last_good_checkpoint``, ``is_main_process`` (global rank 0, or no launcher: the process that writes files)
 - kernels: ``PatchRecord``, ``patch_attribute``
 - commands (``ft_add_commands``): ``handle_errors`` (ft's error display for a click command),
   ``setup_logging``, ``make_plugin_manager`` (the installed plugins, for commands that call hooks),
@@ -40,39 +44,45 @@ from ft import hookimpl, hookspec
 
 _WHERE = {
     # errors
-    "FtError": "ft.errors", "ConfigError": "ft.errors", "DataError": "ft.errors", "PluginError": "ft.errors",
-    "MissingDependencyError": "ft.errors", "is_installed": "ft.errors", "load_or_explain": "ft.errors",
-    "defined_at": "ft.errors",
+    "FtError": "ft.kernel.errors", "ConfigError": "ft.kernel.errors", "DataError": "ft.kernel.errors", "PluginError": "ft.kernel.errors",
+    "MissingDependencyError": "ft.kernel.errors", "is_installed": "ft.kernel.errors", "load_or_explain": "ft.engine.failures",
+    "defined_at": "ft.kernel.errors",
     # config
-    "Config": "ft.config", "resolve_path": "ft.context", "NOT_TRAINING": "ft.config", "redact_text": "ft.config",
-    "read_yaml": "ft.config", "reporter_names": "ft.config",
+    "Config": "ft.kernel.config", "resolve_path": "ft.kernel.context", "NOT_TRAINING": "ft.kernel.config",
+    "SHAPES_DATA": "ft.kernel.config", "redact_text": "ft.kernel.redact",
+    "read_yaml": "ft.kernel.config_file", "reporter_names": "ft.kernel.config_checks",
     # data sources
-    "RawRows": "ft.data", "RowPart": "ft.data", "Drop": "ft.formats", "MALFORMED": "ft.data",
-    "file_digest": "ft.cache",
+    "RawRows": "ft.engine.data", "RowPart": "ft.engine.data", "Drop": "ft.kernel.formats", "MALFORMED": "ft.engine.data",
+    "file_digest": "ft.engine.cache",
     # prepared data
-    "record_cache_file": "ft.cache", "cache_file_problem": "ft.cache",
+    "record_cache_file": "ft.engine.cache", "cache_file_problem": "ft.engine.cache",
     # formats
-    "DatasetOptions": "ft.formats", "Dropped": "ft.formats", "Note": "ft.formats", "Tokenize": "ft.formats",
-    "IGNORE_INDEX": "ft.formats", "TextEncoder": "ft.formats", "entry_where": "ft.formats",
-    "PromptCompletion": "ft.formats",
+    "DatasetOptions": "ft.kernel.formats", "Dropped": "ft.kernel.formats", "Note": "ft.kernel.formats", "Tokenize": "ft.kernel.formats",
+    "IGNORE_INDEX": "ft.kernel.formats", "TextEncoder": "ft.engine.encoding", "entry_where": "ft.kernel.formats",
+    "PromptCompletion": "ft.engine.encoding",
     # methods
-    "Method": "ft.methods", "SFT_COLUMNS": "ft.methods", "PACKING": "ft.methods", "EVAL": "ft.methods",
-    "MODEL_LOSS": "ft.methods",
-    "LOSS_WATCH": "ft.methods", "CAUSAL_LM": "ft.methods", "SEQUENCE_CLASSIFICATION": "ft.methods",
-    "TOKEN_CLASSIFICATION": "ft.methods", "model_head": "ft.methods",
-    "AUTO_CLASSES": "ft.methods",
-    "ReferenceModel": "ft.reference", "token_logps": "ft.reference", "sequence_logps": "ft.reference",
-    "has_adapter": "ft.reference",
+    "Method": "ft.kernel.methods", "SFT_COLUMNS": "ft.kernel.methods", "PACKING": "ft.kernel.methods", "EVAL": "ft.kernel.methods",
+    "MODEL_LOSS": "ft.kernel.methods",
+    "LOSS_WATCH": "ft.kernel.methods", "CAUSAL_LM": "ft.kernel.methods", "SEQUENCE_CLASSIFICATION": "ft.kernel.methods",
+    "TOKEN_CLASSIFICATION": "ft.kernel.methods", "model_head": "ft.kernel.methods",
+    "AUTO_CLASSES": "ft.kernel.methods",
+    "ReferenceModel": "ft.engine.scoring", "token_logps": "ft.engine.scoring", "sequence_logps": "ft.engine.scoring",
+    "has_adapter": "ft.engine.scoring", "target_logps": "ft.engine.scoring", "output_layer": "ft.engine.scoring",
+    "accumulation_share": "ft.engine.scoring",
     # collating
-    "pad_rows": "ft.collate", "PaddingCollator": "ft.collate", "gather_ranges": "ft.data_tokenize",
+    "pad_rows": "ft.engine.collate", "PaddingCollator": "ft.engine.collate", "gather_ranges": "ft.engine.data_tokenize",
+    "is_token_column": "ft.engine.columns",
     # training
-    "resolve_precision": "ft.train", "torch_dtype": "ft.train", "torch_dtype_named": "ft.train",
-    "close_progress_bars": "ft.train", "last_good_checkpoint": "ft.checkpoints",
+    "resolve_precision": "ft.engine.arguments", "torch_dtype": "ft.engine.arguments", "torch_dtype_named": "ft.engine.arguments",
+    "close_progress_bars": "ft.engine.train", "last_good_checkpoint": "ft.engine.checkpoints",
+    "is_main_process": "ft.engine.launch",
     # commands
-    "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.context",
-    "collect_registries": "ft.context",
+    "handle_errors": "ft.cli", "setup_logging": "ft.cli", "make_plugin_manager": "ft.kernel.context",
+    "collect_registries": "ft.kernel.context",
+    # plugins
+    "Plugin": "ft.kernel.plugins",
     # kernels
-    "PatchRecord": "ft.patching", "patch_attribute": "ft.patching",
+    "PatchRecord": "ft.kernel.patching", "patch_attribute": "ft.kernel.patching",
 }  # fmt: skip
 
 __all__ = ["hookimpl", "hookspec", *_WHERE]

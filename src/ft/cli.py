@@ -6,7 +6,6 @@ Heavy libraries are imported inside commands, so ``ft --help`` stays fast.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from typing import Any
 import click
 
 from ft import __version__
-from ft.errors import ConfigError, FtError
+from ft.kernel.errors import ConfigError, FtError
 
 plugin_option = click.option(
     "-p", "plugin_args", multiple=True, metavar="NAME",
@@ -77,7 +76,7 @@ def _from_plugin(exc: Exception) -> FtError | None:
     """An exception raised in a plugin's code outside any hook call (a function it patched into torch or
     transformers at import, say), as an error naming the plugin and its frames; None when no plugin's code is in
     the traceback (then it is ft's own bug, and its traceback is shown)."""
-    from ft.errors import is_out_of_memory, outside_hooks_error, plugin_in_traceback
+    from ft.kernel.errors import is_out_of_memory, outside_hooks_error, plugin_in_traceback
 
     found = None if is_out_of_memory(exc) else plugin_in_traceback(exc)
     return None if found is None else outside_hooks_error(found[0], exc, found[1])
@@ -86,8 +85,12 @@ def _from_plugin(exc: Exception) -> FtError | None:
 def setup_logging(verbose: bool = False) -> None:
     """Log lines on stderr; when stderr is no terminal (a file, a pipe, CI) no progress bars at all,
     so the log stays clean lines (the training progress is then one line per logged step)."""
+    import logging
+
+    from ft.engine.launch import is_main_process
+
     level = logging.DEBUG if verbose else logging.INFO
-    if not verbose and not _is_main_process():
+    if not verbose and not is_main_process():
         level = logging.WARNING  # in a multi-process run only rank 0 reports progress
     logging.basicConfig(
         level=level,
@@ -101,12 +104,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _context(config: str, plugin_args, overrides, trace: bool = False):
-    from ft.context import load_context
-    from ft.plugins import add_hook_monitor
+    from ft.kernel.context import load_context
+    from ft.kernel.plugins import add_hook_monitor
 
     stop = None
     if trace:  # the manager made here traces every hook call, from the first registration hook on
-        from ft.plugins import trace_after
+        from ft.kernel.plugins import trace_after
 
         stop = add_hook_monitor(lambda *a: None, trace_after(lambda msg: click.echo(msg, err=True)))
     try:
@@ -126,32 +129,73 @@ def _warn_failed(pm) -> None:
 
 
 class FtGroup(click.Group):
-    """Adds plugin commands lazily, and survives broken plugins."""
+    """Adds plugin commands lazily, and survives broken plugins.
+
+    ``ft --help`` lists the plugin commands from ``ft.commands_cache`` while it is current, so it
+    imports no plugin; running a plugin command (or a cache that may be stale) loads the plugins."""
 
     _plugins_added = False
+    _listing: dict[str, click.Command] | None = None  # while format_commands shows cached commands
 
     def _add_plugin_commands(self) -> None:
         if self._plugins_added:
             return
         self._plugins_added = True
+        from ft import commands_cache
+
+        before, at = dict(self.commands), commands_cache.where()
         try:
-            from ft.context import make_plugin_manager
+            from ft.kernel.context import make_plugin_manager
 
             pm = make_plugin_manager()
-            pm.calls.add_commands(self)
+            pm.call("ft_add_commands", cli=self)
         except FtError as exc:  # never let a plugin break `ft --help`
             click.secho(f"warning: plugin commands unavailable: {exc}", fg="yellow", err=True)
+            return
+        if not pm.failed() and not _process_plugins():  # only what every later run would see
+            from ft.kernel.plugins import AUTOLOAD_ENV
+
+            added = {n: c for n, c in self.commands.items() if before.get(n) is not c}
+            commands_cache.save(added, (AUTOLOAD_ENV,), at)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if not self._plugins_added:
+            cached = None if _process_plugins() else _cached_commands()
+            if cached is not None:
+                self._listing = {**self.commands, **cached}
+                try:
+                    return super().format_commands(ctx, formatter)
+                finally:
+                    self._listing = None
+        return super().format_commands(ctx, formatter)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        if self._listing is not None:
+            return sorted(self._listing)
         self._add_plugin_commands()
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if self._listing is not None:
+            return self._listing.get(name)
         cmd = super().get_command(ctx, name)
         if cmd is None:
             self._add_plugin_commands()
             cmd = super().get_command(ctx, name)
         return cmd
+
+
+def _process_plugins() -> list[str]:
+    """Plugins registered for this process only (``ft.tools.testing``); none unless ft.kernel.plugins was imported."""
+    plugins = sys.modules.get("ft.kernel.plugins")
+    return plugins.process_plugin_names() if plugins is not None else []
+
+
+def _cached_commands() -> dict[str, click.Command] | None:
+    from ft import commands_cache
+
+    entries = commands_cache.load()
+    return None if entries is None else {n: commands_cache.stub(n, e) for n, e in entries.items()}
 
 
 @click.group(cls=FtGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,19 +223,19 @@ def run(config, plugin_args, overrides, trace, nproc, nnodes, node_rank, rdzv_en
     """Train with CONFIG: load, prepare data, fine-tune, save."""
     setup_logging(verbose)
     if nproc or nnodes:
-        from ft.launch import launch
+        from ft.engine.launch import launch
 
         code = launch(sys.argv[1:], nproc=nproc, nnodes=nnodes, node_rank=node_rank,
                       rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
         if code is not None:  # None: already under a launcher, so this process trains
             sys.exit(code)
-    from ft.launch import close_process_group
+    from ft.engine.launch import close_process_group, is_main_process
     from ft.run import train
 
     ctx = _context(config, plugin_args, overrides, trace)
     result = train(ctx, fresh=fresh, overwrite=overwrite)
     close_process_group()  # every rank ends here together, its collectives done
-    if _is_main_process():
+    if is_main_process():
         click.echo(f"done: {result.output_dir}")
 
 
@@ -212,7 +256,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
     ctx = _context(config, plugin_args, overrides, trace)
     data, tokenizer = do_preprocess(ctx)
     if debug_n:
-        from ft.debug import show_samples
+        from ft.tools.debug import show_samples
 
         show_samples(data.train, tokenizer, debug_n, where=data.where)
 
@@ -226,7 +270,7 @@ def preprocess(config, plugin_args, overrides, trace, debug_n, verbose):
 @handle_errors
 def validate(config, plugin_args, overrides, trace, nproc):
     """Check CONFIG and show the plugins it selects; loads no model."""
-    from ft.config import batch_problems, config_warnings, missing_local_paths
+    from ft.kernel.config_checks import batch_problems, config_warnings, missing_local_paths
 
     ctx = _context(config, plugin_args, overrides, trace)
     cfg = ctx.cfg
@@ -258,8 +302,8 @@ def validate(config, plugin_args, overrides, trace, nproc):
 @handle_errors
 def plugins(plugin_args, as_json, hook_name):
     """List installed plugins: name, distribution, version, status, hooks."""
-    from ft.context import collect_registries, make_plugin_manager
-    from ft.plugins import plugin_origin
+    from ft.kernel.context import collect_registries, make_plugin_manager
+    from ft.kernel.plugins import plugin_origin
 
     pm = make_plugin_manager(plugin_args)
     registers = registrations(collect_registries(pm), pm)  # a plugin whose registration hook raises is listed as failed
@@ -317,7 +361,7 @@ def registrations(regs: Any, pm: Any) -> dict[str, dict[str, list[str]]]:
 @handle_errors
 def schema(plugin_args, output):
     """Print the JSON Schema of the config (core keys and every plugin's section)."""
-    from ft.schema import generate_schema
+    from ft.kernel.schema import generate_schema
 
     text = generate_schema(plugin_args)
     if output:
@@ -325,10 +369,6 @@ def schema(plugin_args, output):
             fh.write(text)
     else:
         click.echo(text, nl=False)
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def main() -> None:

@@ -1,37 +1,57 @@
-"""Every hook of ft, grouped by the phase in which it fires, in the order ``ft/run.py`` calls them.
+"""Every hook of ft, declared once, grouped by the phase in which it fires, in the order ``ft/run.py`` calls them.
+
+Each hook is a function here with a declaration above it, ``@spec(mode, returns, ...)``
+(``ft/kernel/spec.py``), which is all the core knows of it: one generic caller
+(``PluginManager.call``/``.first``/``.each``) reads the mode and checks every plugin's result
+against ``returns`` (anything else is an error naming the plugin and its file:line). Modes:
+
+- ``first``: plugins are called until one returns something other than ``None``.
+- ``each``: every plugin is called; the core acts on each result in turn.
+- ``merge``: every plugin returns a dict or None; a key two plugins set differently is an error naming both.
+- ``concat``: every plugin returns a list or None; the lists are joined.
+- ``register``: every loaded plugin fills the registry the declaration names.
 
 Each docstring has one summary line, then ``Called:`` (when it fires), ``Args:`` (each
-parameter), ``Returns:`` (the exact contract, checked by the core: a plugin returning something
-else is an error naming it) and ``Mode:`` (how results combine):
+parameter) and ``Returns:`` (the contract in words).
 
-- ``all``: every active plugin is called; the core combines the results as described.
-- ``firstresult``: plugins are called until one returns something other than ``None``.
-
-The core calls a hook through pluggy one plugin at a time (``ft.calls``), so each result and
-each exception is attributed to its plugin. ``@hookimpl(wrapper=True)`` works on every hook:
-a wrapper runs around each plugin's call of the hook it wraps.
+The core calls a hook through pluggy one plugin at a time, so each result and each exception is
+attributed to its plugin, and ``--trace`` and ``ft.tools.testing.HookRecorder`` see every call.
+``@hookimpl(wrapper=True)`` works on every hook: a wrapper runs around each plugin's call of the
+hook it wraps.
 
 Implementations may accept any subset of a hook's parameters, so hooks can grow.
-Registration hooks (config sections, commands, formats, methods, optimizers, schedulers,
-``ft_load_trained``) reach every *loaded* plugin; pipeline hooks reach only *active* plugins
-(essential ones and the selected features). Hooks do not mutate their arguments unless the
-docstring says so.
+Registration hooks, ``ft_add_commands`` and ``ft_load_trained`` reach every *loaded* plugin
+(``scope=LOADED``); pipeline hooks reach only *active* plugins (essential ones and the selected
+features). Hooks do not mutate their arguments unless the docstring says so.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ft import hookspec
+from ft.kernel.spec import (
+    ANYTHING,
+    CONCAT,
+    EACH,
+    FIRST,
+    LOADED,
+    MERGE,
+    REGISTER,
+    Returns,
+    dict_of,
+    instance_of,
+    list_of,
+    spec,
+)
 
 if TYPE_CHECKING:  # heavy types only for type checkers; importing this module stays light
     from pathlib import Path
 
     import click
 
-    from ft.config import Config, SectionRegistry
-    from ft.methods import Method
-    from ft.registry import (
+    from ft.kernel.config import Config, SectionRegistry
+    from ft.kernel.methods import Method
+    from ft.kernel.registry import (
         FormatRegistry,
         KeyHintRegistry,
         MethodRegistry,
@@ -40,13 +60,15 @@ if TYPE_CHECKING:  # heavy types only for type checkers; importing this module s
         SchedulerRegistry,
     )
 
+CALLABLE_COLLATOR = Returns("a callable list[row] -> dict of tensors", callable)
+
 
 # ---------------------------------------------------------------------------------------------
 # registration
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.config:SectionRegistry", into="sections")
 def ft_add_config(registry: SectionRegistry) -> None:
     """Declare the plugin's config section.
 
@@ -57,11 +79,10 @@ def ft_add_config(registry: SectionRegistry) -> None:
             have defaults and descriptions; ``name`` is the top-level YAML key (the plugin's
             name by convention).
     Returns: None (registration happens through ``registry``).
-    Mode: all.
     """
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.registry:FormatRegistry", into="formats")
 def ft_register_formats(register: FormatRegistry) -> None:
     """Register dataset formats (the ``type:`` of a dataset entry).
 
@@ -74,11 +95,10 @@ def ft_register_formats(register: FormatRegistry) -> None:
             ``columns`` names the columns each sample carries (default ``input_ids``, ``labels``;
             checked against the method's). A name registered twice is an error naming both plugins.
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.registry:MethodRegistry", into="methods")
 def ft_register_methods(register: MethodRegistry) -> None:
     """Register training methods (``method:`` in the config): sft, dpo, grpo ...
 
@@ -88,11 +108,10 @@ def ft_register_methods(register: MethodRegistry) -> None:
             its formats must produce, its collator, Trainer (and arguments) classes, extra
             Trainer arguments, logged metrics and the features that apply to it.
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.registry:RewardRegistry", into="rewards")
 def ft_register_rewards(register: RewardRegistry) -> None:
     """Register reward functions for online RL methods (``grpo.rewards[].name`` in the config).
 
@@ -105,11 +124,10 @@ def ft_register_rewards(register: RewardRegistry) -> None:
             where ``factory(options, cfg)`` returns such a function built from the validated
             options of the reward's config entry. A name registered twice is an error naming both.
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.registry:OptimizerRegistry", into="optimizers")
 def ft_register_optimizers(register: OptimizerRegistry) -> None:
     """Register optimizers by name (``optimizer:`` in the config).
 
@@ -121,11 +139,10 @@ def ft_register_optimizers(register: OptimizerRegistry) -> None:
             biases and norm weights in a group without weight decay, and uses
             ``cfg.learning_rate`` as its learning rate (the scheduler scales it, warmup included).
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.registry:SchedulerRegistry", into="schedulers")
 def ft_register_schedulers(register: SchedulerRegistry) -> None:
     """Register learning-rate schedulers by name (``lr_scheduler:`` in the config).
 
@@ -137,11 +154,10 @@ def ft_register_schedulers(register: SchedulerRegistry) -> None:
             optimizer's learning rate, honours ``cfg.warmup_steps`` / ``cfg.warmup_ratio`` (a
             linear ramp from 0) and is stepped once per optimizer step.
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(REGISTER, registry="ft.kernel.registry:KeyHintRegistry", into="key_hints")
 def ft_register_key_hints(register: KeyHintRegistry) -> None:
     """Say what to write instead of a key ft does not know (another tool's name for a setting).
 
@@ -153,11 +169,10 @@ def ft_register_key_hints(register: KeyHintRegistry) -> None:
             ``hint`` is a sentence saying what to write instead, or a callable of the key's value
             returning one. A key registered twice is an error naming both plugins.
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(CONCAT, list_of(str, "a list of problem strings or None"), config_errors_join=True)
 def ft_validate_config(cfg: Config) -> list[str] | None:
     """Check rules that span sections (e.g. ``qlora`` needs ``lora``).
 
@@ -168,7 +183,6 @@ def ft_validate_config(cfg: Config) -> list[str] | None:
     Returns: a list of problems, each ``"file:line: key.path: what is wrong; how to fix it"``
         (``cfg.where("key", "path")`` gives the location), or None. Raising ``ConfigError`` works
         too. The core reports the problems of all plugins together and stops.
-    Mode: all.
     """
 
 
@@ -177,19 +191,21 @@ def ft_validate_config(cfg: Config) -> list[str] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(EACH, scope=LOADED)
 def ft_add_commands(cli: click.Group) -> None:
     """Add click subcommands to the ``ft`` command.
 
-    Called: when the CLI starts, once per loaded plugin, before arguments are parsed.
+    Called: once per loaded plugin, when a command the CLI does not define itself runs, or when ``ft --help``
+        finds no current command cache (it lists plugin commands from a cache kept while no installed
+        file changed): a command's name and help must depend only on the plugin's code and installed packages.
     Args:
         cli: the root ``click.Group``; call ``cli.add_command(cmd)`` (or use ``@cli.command()``).
     Returns: None.
-    Mode: all.
     """
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, Returns("a (model, tokenizer) tuple or None", lambda v: isinstance(v, tuple) and len(v) == 2),
+      scope=LOADED)
 def ft_load_trained(run_dir: Path, dtype: Any) -> tuple[Any, Any] | None:
     """Load a finished run's model and tokenizer for inference (``ft infer``).
 
@@ -199,7 +215,6 @@ def ft_load_trained(run_dir: Path, dtype: Any) -> tuple[Any, Any] | None:
         dtype: the torch dtype to load weights in.
     Returns: ``(model, tokenizer)`` if this plugin recognises what ``run_dir`` holds (the lora
         plugin: an adapter), else None. The infer plugin answers last, for full model directories.
-    Mode: firstresult.
     """
 
 
@@ -208,7 +223,7 @@ def ft_load_trained(run_dir: Path, dtype: Any) -> tuple[Any, Any] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, ANYTHING, required="a tokenizer")
 def ft_load_tokenizer(cfg: Config) -> Any:
     """Load the tokenizer, with special tokens and a pad token set.
 
@@ -216,7 +231,6 @@ def ft_load_tokenizer(cfg: Config) -> Any:
     Args:
         cfg: the validated config.
     Returns: a transformers tokenizer, or None to let another plugin load it.
-    Mode: firstresult.
     """
 
 
@@ -225,7 +239,7 @@ def ft_load_tokenizer(cfg: Config) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(EACH, instance_of(str, "a string or None"))
 def ft_data_fingerprint(cfg: Config, entry: Any) -> str | None:
     """Contribute to the prepared-data cache key of one dataset entry.
 
@@ -235,11 +249,10 @@ def ft_data_fingerprint(cfg: Config, entry: Any) -> str | None:
         entry: the dataset entry.
     Returns: a string that changes whenever the plugin's output for this entry would change
         (e.g. a hash of file contents), or None.
-    Mode: all.
     """
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, ANYTHING)
 def ft_load_dataset(cfg: Config, entry: Any) -> Any:
     """Read the rows of one dataset entry from its source.
 
@@ -249,11 +262,10 @@ def ft_load_dataset(cfg: Config, entry: Any) -> Any:
         entry: the dataset entry (its format's options model), with ``path``, ``split`` ...
     Returns: a ``ft.api.RawRows`` (rows plus where each came from and the rows dropped while
         reading, with reasons), or None if this plugin does not handle the source.
-    Mode: firstresult.
     """
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, ANYTHING)
 def ft_pack(cfg: Config, dataset: Any, method: Method) -> Any:
     """Pack tokenized samples into bins of ``sequence_len``.
 
@@ -265,7 +277,6 @@ def ft_pack(cfg: Config, dataset: Any, method: Method) -> Any:
         method: the training method (its ``columns`` say which sequences a row holds).
     Returns: a packed dataset whose rows carry the method's columns and ``position_ids``
         (restarting at 0 for each sequence), or None to leave packing to another plugin.
-    Mode: firstresult.
     """
 
 
@@ -274,7 +285,7 @@ def ft_pack(cfg: Config, dataset: Any, method: Method) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(MERGE, dict_of("model keyword argument"))
 def ft_model_kwargs(cfg: Config) -> dict[str, Any] | None:
     """Contribute keyword arguments for ``from_pretrained`` (dtype, quantization_config ...).
 
@@ -283,11 +294,10 @@ def ft_model_kwargs(cfg: Config) -> dict[str, Any] | None:
         cfg: the validated config.
     Returns: a dict of keyword arguments, or None. The core merges all dicts; a key set by two
         plugins to different values is an error naming both.
-    Mode: all.
     """
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, ANYTHING, required="a model")
 def ft_load_model(cfg: Config, kwargs: dict[str, Any], tokenizer: Any) -> Any:
     """Load the base model.
 
@@ -298,11 +308,10 @@ def ft_load_model(cfg: Config, kwargs: dict[str, Any], tokenizer: Any) -> Any:
         tokenizer: the loaded tokenizer (to resize embeddings for added tokens).
     Returns: a ``torch.nn.Module`` (normally a ``PreTrainedModel``), or None. The hf plugin
         is ``trylast``, so another loader can take over.
-    Mode: firstresult.
     """
 
 
-@hookspec
+@spec(EACH, list_of("ft.kernel.patching:PatchRecord", "a list of ft.api.PatchRecord or None"))
 def ft_patch_model(cfg: Config, model: Any) -> list[Any] | None:
     """Patch the model instance in place (kernels, attention implementations).
 
@@ -315,11 +324,10 @@ def ft_patch_model(cfg: Config, model: Any) -> list[Any] | None:
         core calls after the first training step), or None. Whatever the plugin changed on the
         model instance (a bound ``forward``, a swapped module) must have run by the end of the
         first training step, or the run stops naming the plugin.
-    Mode: all.
     """
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, ANYTHING)
 def ft_apply_adapter(cfg: Config, model: Any) -> Any:
     """Wrap the model with a trainable adapter (LoRA ...).
 
@@ -328,7 +336,6 @@ def ft_apply_adapter(cfg: Config, model: Any) -> Any:
         cfg: the validated config.
         model: the (possibly quantized, possibly patched) base model.
     Returns: the adapted model, or None to train the model as it is (full fine-tuning).
-    Mode: firstresult.
     """
 
 
@@ -337,7 +344,7 @@ def ft_apply_adapter(cfg: Config, model: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(MERGE, dict_of("TrainingArguments field"))
 def ft_trainer_args(cfg: Config) -> dict[str, Any] | None:
     """Contribute ``TrainingArguments`` fields (FSDP, DeepSpeed, precision ...).
 
@@ -347,11 +354,10 @@ def ft_trainer_args(cfg: Config) -> dict[str, Any] | None:
     Returns: a dict of ``TrainingArguments`` fields, or None. Merged like ``ft_model_kwargs``:
         two plugins setting one field differently is an error naming both; a field this
         transformers version lacks is an error naming the plugin.
-    Mode: all.
     """
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, CALLABLE_COLLATOR)
 def ft_collator(cfg: Config, tokenizer: Any, method: Method) -> Any:
     """Supply the data collator in place of the method's own (packing does).
 
@@ -361,11 +367,10 @@ def ft_collator(cfg: Config, tokenizer: Any, method: Method) -> Any:
         tokenizer: the loaded tokenizer.
         method: the training method (its ``columns`` say what a row holds).
     Returns: a callable ``list[dict] -> dict[str, Tensor]``, or None to use the method's collator.
-    Mode: firstresult.
     """
 
 
-@hookspec
+@spec(CONCAT, list_of("transformers:TrainerCallback", "a list of transformers.TrainerCallback or None"))
 def ft_callbacks(cfg: Config) -> list[Any] | None:
     """Contribute ``transformers.TrainerCallback`` instances.
 
@@ -374,11 +379,10 @@ def ft_callbacks(cfg: Config) -> list[Any] | None:
         cfg: the validated config.
     Returns: a list of callbacks, or None. All lists are concatenated. An exception in a
         callback's event names the plugin.
-    Mode: all.
     """
 
 
-@hookspec
+@spec(EACH)
 def ft_before_train(cfg: Config, trainer: Any, model: Any) -> None:
     """Last look at the trainer and model before training starts; may change both in place.
 
@@ -391,7 +395,6 @@ def ft_before_train(cfg: Config, trainer: Any, model: Any) -> None:
         trainer: the built trainer.
         model: the model being trained (adapted, patched).
     Returns: None.
-    Mode: all.
     """
 
 
@@ -400,7 +403,7 @@ def ft_before_train(cfg: Config, trainer: Any, model: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec(FIRST, Returns("a list of the files written, or None", lambda v: isinstance(v, (list, tuple))))
 def ft_save_weights(cfg: Config, trainer: Any, model: Any, output_dir: str) -> list[str] | None:
     """Write the trained weights (full model, adapter, consolidated shards ...).
 
@@ -412,11 +415,10 @@ def ft_save_weights(cfg: Config, trainer: Any, model: Any, output_dir: str) -> l
         model: the trained model.
         output_dir: the directory to write into.
     Returns: the list of files written, or None to let another plugin save.
-    Mode: firstresult.
     """
 
 
-@hookspec
+@spec(EACH)
 def ft_after_train(cfg: Config, trainer: Any, metrics: dict[str, Any]) -> None:
     """React to the end of training (reports, uploads).
 
@@ -430,5 +432,4 @@ def ft_after_train(cfg: Config, trainer: Any, metrics: dict[str, Any]) -> None:
             ``method``, ``resumed_from``, ``warnings``, and the mean of each of the method's
             metrics over the last logging window (``method_metrics``).
     Returns: None.
-    Mode: all.
     """

@@ -16,7 +16,7 @@ import pytest
 import test_data
 from test_data import CALLS, QA_LOG, base_config, make_context, qa_rows, rows_of, write_lines
 
-from ft.data import prepare_datasets
+from ft.engine.data import prepare_datasets
 
 
 def run(tmp_path, tokenizer, data, **extra):
@@ -99,8 +99,8 @@ def test_editing_a_file_named_by_a_dataset_option_rebuilds(tmp_path, ft_tiny_tok
 def test_a_full_disk_while_writing_says_so_and_leaves_no_cache_behind(tmp_path, ft_tiny_tokenizer, data, monkeypatch):
     import errno
 
-    from ft import cache
-    from ft.errors import DiskFullError
+    from ft.engine import cache
+    from ft.engine.failures import DiskFullError
 
     def boom(self, path, *args, **kwargs):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ def test_local_rank_0_builds_while_the_other_ranks_wait(tmp_path, ft_tiny_model_
 
 def test_installing_an_unrelated_format_plugin_keeps_the_cache(tmp_path, ft_tiny_tokenizer, data):
     from ft import hookimpl
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     class OtherFormat:
         @hookimpl
@@ -225,7 +225,7 @@ class TokenQA:
 
 
 def test_the_cache_key_file_holds_no_secret(tmp_path, ft_tiny_tokenizer, data):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     cfg = base_config(tmp_path, data)
     cfg["datasets"][0].update(type="qa_token", api_token="tok-cache-5c5c5c",
@@ -274,8 +274,8 @@ class BigIdFormat:
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error_at_preparation(tmp_path, ft_tiny_tokenizer, data):
-    from ft.context import load_context
-    from ft.errors import DataError
+    from ft.kernel.context import load_context
+    from ft.kernel.errors import DataError
 
     cfg = base_config(tmp_path, data)
     cfg["datasets"][0]["type"] = "qa_big_ids"

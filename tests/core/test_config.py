@@ -9,10 +9,11 @@ from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.config import apply_overrides, parse_yaml
-from ft.context import load_context
-from ft.errors import ConfigError, FtError
-from ft.formats import DatasetOptions
+from ft.api import Plugin
+from ft.kernel.config_file import apply_overrides, parse_yaml
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, FtError
+from ft.kernel.formats import DatasetOptions
 
 
 class FakeOptions(DatasetOptions):
@@ -28,7 +29,7 @@ class FakeSection(BaseModel):
 class FakePlugin:
     """Registers a format 'fake' and a feature section 'fakefeat'."""
 
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl
     def ft_register_formats(self, register):
@@ -175,7 +176,7 @@ def test_secrets_are_redacted(tmp_path):
     cfg = ctx_of(BASE + "special_tokens:\n  pad_token: '<pad>'\n", tmp_path).cfg
     data = cfg.to_saveable()
     assert data["special_tokens"] == {"pad_token": "<pad>"}
-    from ft.config import redact
+    from ft.kernel.redact import redact
 
     assert redact({"wandb": {"api_key": "abc"}, "hub_token": "t"}) == {"wandb": {"api_key": "***"}, "hub_token": "***"}
 
@@ -206,7 +207,7 @@ def test_secrets_are_redacted(tmp_path):
     ({"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}, {"path": "s3://bucket/data.jsonl", "note": "mail a@b.c"}),
 ])
 def test_secrets_are_redacted_by_pattern(saved, written):
-    from ft.config import redact
+    from ft.kernel.redact import redact
 
     assert redact(saved) == written
 
@@ -237,7 +238,7 @@ def test_secrets_are_redacted_by_pattern(saved, written):
     ("max tokens=512", "max tokens=512"),
 ])
 def test_tokens_in_query_strings_and_authorization_values_are_redacted(text, written):
-    from ft.config import redact, redact_text
+    from ft.kernel.redact import redact, redact_text
 
     assert redact_text(text) == written
     assert redact({"path": text}) == {"path": written}
@@ -248,7 +249,7 @@ def test_the_cache_key_sees_a_secret_but_its_key_json_does_not(tmp_path):
     to read, is redacted."""
     import datasets
 
-    from ft.cache import store
+    from ft.engine.cache import store
 
     inputs = {"entries": {"datasets": [{"entry": {"path": "https://h.invalid/d.jsonl?sig=sig-1d1d1d",
                                                   "headers": {"Authorization": "Bearer tok-2e2e2e"}}}]}}
@@ -259,7 +260,7 @@ def test_the_cache_key_sees_a_secret_but_its_key_json_does_not(tmp_path):
 
 
 def test_an_authorization_header_mapping_is_redacted():
-    from ft.config import redact
+    from ft.kernel.redact import redact
 
     saved = {"headers": {"Authorization": "Bearer t-1", "Proxy-Authorization": "Basic b-2", "Accept": "text/plain"}}
     assert redact(saved) == {"headers": {"Authorization": "***", "Proxy-Authorization": "***", "Accept": "text/plain"}}
@@ -267,7 +268,7 @@ def test_an_authorization_header_mapping_is_redacted():
 
 def test_validate_cli_prints_effective_batch_and_selection(tmp_path):
     from ft.cli import cli
-    from ft.plugins import add_process_plugin, remove_process_plugin
+    from ft.kernel.plugins import add_process_plugin, remove_process_plugin
 
     path = tmp_path / "c.yaml"
     (tmp_path / "data.jsonl").write_text("")  # validate checks that local dataset files exist

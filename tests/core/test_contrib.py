@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.tiny import make_chat_rows, write_jsonl
+from ft.tools.tiny import make_chat_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB = {"ft-sharegpt": "sharegpt", "ft-kernel-example": "kernel_example"}
@@ -60,7 +60,7 @@ def test_blocked_contrib_plugin_is_not_imported_and_its_type_is_unknown(ft_runne
 def test_ft_run_with_sharegpt_gives_the_labels_of_the_same_talks_in_openai_format(ft_runner, ft_config, tmp_path):
     require("ft-sharegpt")
     require("ft-kernel-example")
-    from ft.context import load_context
+    from ft.kernel.context import load_context
     from ft.run import preprocess
 
     talks = make_chat_rows(24, seed=7)

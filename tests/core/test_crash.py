@@ -22,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from ft import hookimpl
-from ft.checkpoints import MANIFEST_FILE, list_checkpoints, verify
-from ft.errors import FtError
+from ft.engine.checkpoints import MANIFEST_FILE, list_checkpoints, verify
+from ft.kernel.errors import FtError
 from ft.run import run
 
 MAX_STEPS = 8
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 def write_run(root: Path, model_dir: Path, **overrides) -> Path:
     """Eight conversations; 2 optimizer steps per epoch (micro batch 2 x accumulation 2), so 8 steps cross
     epochs and a checkpoint every 3 steps lands mid-epoch."""
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     data = root / "chat.jsonl"
     if not data.exists():
@@ -99,7 +99,7 @@ class Vault:
 
 @pytest.fixture
 def vault():
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     with registered_plugin(Vault, "vault"):
         yield
@@ -113,7 +113,7 @@ def reference(ft_tiny_model_dir, tmp_path_factory):
     import io
     import logging
 
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     root = tmp_path_factory.mktemp("reference")
     config = write_run(root, ft_tiny_model_dir, vault={**SECRETS, "signing_key": "sk-signing-0a0a0a"})
@@ -167,7 +167,7 @@ PAUSING_RUN = textwrap.dedent('''
 
     torch.set_num_threads(1)
     from ft import hookimpl
-    from ft.plugins import add_process_plugin
+    from ft.kernel.plugins import add_process_plugin
 
     config, marker, go, where = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     kind, step = where.split(":")
@@ -398,8 +398,8 @@ def test_fresh_starts_over_and_removes_the_old_checkpoints(reference, tmp_path, 
 
 
 def test_a_finished_run_needs_overwrite_which_starts_it_over(reference, tmp_path, vault):
-    from ft.context import load_context
-    from ft.resume import plan_resume
+    from ft.engine.resume import plan_resume
+    from ft.kernel.context import load_context
 
     config, out = copy_of_run(reference, tmp_path, finished=True)
     with pytest.raises(FtError, match="already holds a finished run"):
@@ -435,7 +435,7 @@ KILLED_PREPROCESS = textwrap.dedent('''
 
 
 def test_a_data_build_killed_midway_leaves_no_cache_behind(ft_tiny_model_dir, tmp_path):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
     from ft.run import preprocess
 
     config = write_run(tmp_path, ft_tiny_model_dir)
@@ -486,8 +486,8 @@ def test_secrets_never_reach_saved_files_or_logs(reference):
 
 
 def test_yaml_is_loaded_safely(tmp_path, ft_tiny_model_dir):
-    from ft.context import load_context
-    from ft.errors import ConfigError
+    from ft.kernel.context import load_context
+    from ft.kernel.errors import ConfigError
 
     flag = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"
@@ -503,7 +503,7 @@ def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, ft_tin
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     pickled = tmp_path / "pickled-model"  # the same model with a pickle (.bin) instead of safetensors
     shutil.copytree(ft_tiny_model_dir, pickled)
@@ -512,22 +512,22 @@ def test_remote_code_and_pickled_weights_are_refused_by_default(tmp_path, ft_tin
 
     config = write_run(tmp_path, pickled)
     ctx = load_context(config)
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
     assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
     with pytest.raises(FtError, match=r"allow_pickle: true"):
-        ctx.pm.hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.calls.load_tokenizer(ctx.cfg))
+        ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
 
     allowed = load_context(config, overrides=["hf.allow_pickle=true"])
-    kwargs = allowed.pm.calls.model_kwargs(allowed.cfg)
-    model = allowed.pm.hook.ft_load_model(cfg=allowed.cfg, kwargs=kwargs,
-                                          tokenizer=allowed.pm.calls.load_tokenizer(allowed.cfg))
+    kwargs = allowed.pm.call("ft_model_kwargs", cfg=allowed.cfg)
+    model = allowed.pm.call("ft_load_model", cfg=allowed.cfg, kwargs=kwargs,
+                                          tokenizer=allowed.pm.call("ft_load_tokenizer", cfg=allowed.cfg))
     assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
 
 
 def test_no_shell_commands_are_built_anywhere():
     """Launchers pass argument lists, never a shell line that a config value could extend."""
     repo = Path(__file__).resolve().parents[2]
-    sources = [*(repo / "src" / "ft").glob("*.py"), *(repo / "plugins").glob("*.py")]
+    sources = [*(repo / "src" / "ft").rglob("*.py"), *(repo / "plugins").rglob("*.py")]
     assert len(sources) > 20
     for path in sources:
         text = path.read_text()
@@ -556,8 +556,8 @@ def test_fresh_and_resume_from_checkpoint_together_are_refused(tmp_path, ft_tiny
 
 
 def test_a_config_error_does_not_print_a_secret(vault, tmp_path, ft_tiny_model_dir):
-    from ft.context import load_context
-    from ft.errors import ConfigError
+    from ft.kernel.context import load_context
+    from ft.kernel.errors import ConfigError
 
     config = write_run(tmp_path, ft_tiny_model_dir, vault={"api_key": 31415926535, "hub_token": ["x"]})
     with pytest.raises(ConfigError) as err:
@@ -610,7 +610,7 @@ def test_disk_full_during_the_final_save_keeps_the_checkpoints_and_the_rerun_res
     _, _, ref, _ = reference
     config, out = copy_of_run(reference, tmp_path)
     (out / "tokenizer.json").unlink()
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     with registered_plugin(FailingSave("tokenizer"), "disk_full"), pytest.raises(FtError) as err:
         run(config)
@@ -651,7 +651,7 @@ def test_the_finished_run_message_says_that_overwrite_deletes_the_checkpoints(re
 
 @pytest.mark.parametrize("how", ["torch", "oserror"])
 def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_earlier_ones(ft_tiny_model_dir, tmp_path, how):
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     config = write_run(tmp_path, ft_tiny_model_dir)
     out = tmp_path / "out"
@@ -765,9 +765,9 @@ class Newcomer:
 
 
 def test_installing_a_plugin_with_a_section_does_not_block_resuming(reference, tmp_path, vault):
-    from ft.checkpoints import config_differences
-    from ft.context import load_context
-    from ft.testing import registered_plugin
+    from ft.engine.config_diff import config_differences
+    from ft.kernel.context import load_context
+    from ft.tools.testing import registered_plugin
 
     config, out = copy_of_run(reference, tmp_path)
     with registered_plugin(Newcomer, "newcomer"):
@@ -789,7 +789,7 @@ def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(refere
 
     import torch
 
-    from ft.checkpoints import write_manifest
+    from ft.engine.checkpoints import write_checkpoint_manifest
 
     config, out = copy_of_run(reference, tmp_path)
     for step in (6, 8):
@@ -797,7 +797,7 @@ def test_a_checkpoint_with_refused_pickles_is_an_ft_error_not_a_traceback(refere
     checkpoint = out / "checkpoint-3"
     state = torch.load(checkpoint / "rng_state.pth", weights_only=False)
     torch.save({**state, "saved_at": datetime.datetime(2024, 1, 1)}, checkpoint / "rng_state.pth")
-    write_manifest(checkpoint, 3)  # a complete checkpoint, as far as its manifest goes
+    write_checkpoint_manifest(checkpoint, 3)  # a complete checkpoint, as far as its manifest goes
     with pytest.raises(FtError) as err:
         run(config)
     message = str(err.value)
@@ -848,7 +848,7 @@ def test_sigkill_inside_the_final_save_then_resume_only_redoes_the_save(ft_tiny_
 
 
 def test_disk_full_in_the_final_save_then_the_rerun_ends_at_max_steps(ft_tiny_model_dir, tmp_path):
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     config = write_run(tmp_path, ft_tiny_model_dir, max_steps=7)
     out = tmp_path / "out"
@@ -882,8 +882,8 @@ def test_overwrite_that_fails_before_saving_puts_the_earlier_run_back(reference,
 def test_overwrite_deletes_the_earlier_run_once_the_new_one_saved_its_first_checkpoint(reference, tmp_path, vault):
     from transformers import TrainerCallback
 
-    from ft.checkpoints import SET_ASIDE
-    from ft.testing import registered_plugin
+    from ft.engine.checkpoints import SET_ASIDE
+    from ft.tools.testing import registered_plugin
 
     config, out = copy_of_run(reference, tmp_path, finished=True)
     seen = []
@@ -912,8 +912,8 @@ def test_overwrite_deletes_the_earlier_run_once_the_new_one_saved_its_first_chec
 
 def test_a_run_killed_before_saving_after_overwrite_gets_the_earlier_run_back(reference, tmp_path, vault):
     """kill -9 after --overwrite set the earlier run aside and before the new run saved: the next run puts it back."""
-    from ft.context import load_context
-    from ft.resume import plan_resume
+    from ft.engine.resume import plan_resume
+    from ft.kernel.context import load_context
 
     config, out = copy_of_run(reference, tmp_path, finished=True)
     before = snapshot(out)

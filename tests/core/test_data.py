@@ -15,8 +15,8 @@ import pytest
 from pydantic import Field
 
 from ft import hookimpl
-from ft.errors import DataError
-from ft.formats import IGNORE_INDEX, DatasetOptions, Dropped
+from ft.kernel.errors import DataError
+from ft.kernel.formats import IGNORE_INDEX, DatasetOptions, Dropped
 
 CALLS = {"tokenize": 0, "rows": 0}
 
@@ -77,7 +77,7 @@ class QAPlugin:
 
 
 def make_context(config: dict, plugin_args=()):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     return load_context(config, plugin_args, extra_plugins=[("qa_test_format", QAPlugin())])
 
@@ -104,7 +104,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def prepare(tmp_path, tokenizer, *files, plugin_args=(), **extra):
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     ctx = make_context(base_config(tmp_path, *files, **extra), plugin_args)
     return prepare_datasets(ctx, tokenizer)
@@ -191,8 +191,8 @@ class TypoPlugin:
 
 
 def prepare_typo(tmp_path, tokenizer, data, fmt):
-    from ft.context import load_context
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
 
     cfg = base_config(tmp_path, data)
     cfg["datasets"][0]["type"] = fmt
@@ -219,7 +219,7 @@ def test_token_columns_that_are_not_token_ids_are_an_error_naming_the_column(tmp
 
 
 def test_zero_trained_tokens_is_an_error_not_a_statistic(tmp_path, ft_tiny_tokenizer, monkeypatch):
-    from ft.data_tokenize import Samples
+    from ft.engine.data_tokenize import Samples
 
     monkeypatch.setattr(Samples, "trained_tokens", lambda self: 0)  # what a format that masks everything gives
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in qa_rows(3)])
@@ -276,6 +276,18 @@ def test_excess_length_error_lists_the_long_samples(tmp_path, ft_tiny_tokenizer)
 
 
 # -- concatenation, shuffling, eval split -------------------------------------------------------
+
+
+def test_concatenated_samples_keep_every_extra_column_with_none_where_a_part_lacks_it():
+    import numpy as np
+
+    from ft.engine.data_tokenize import Samples
+
+    a = Samples({"input_ids": (np.array([1, 2, 3]), np.array([0, 2, 3]))}, np.array([0, 1]), {"weight": [0.5, 1.0]})
+    b = Samples({"input_ids": (np.array([4]), np.array([0, 1]))}, np.array([2]), {"source": ["x"]})
+    both = Samples.concat([a, b])
+    assert both.extras == {"weight": [0.5, 1.0, None], "source": [None, None, "x"]}
+    assert both.tokens["input_ids"][1].tolist() == [0, 2, 3, 4]
 
 
 def test_datasets_are_concatenated_shuffled_with_the_seed_and_split(tmp_path, ft_tiny_tokenizer):
@@ -342,8 +354,7 @@ def test_labels_and_stats(tmp_path, ft_tiny_tokenizer):
 
 
 def test_parallel_workers_give_the_same_result_as_one_process(tmp_path, ft_tiny_tokenizer, monkeypatch):
-    from ft import data_tokenize
-
+    from ft.engine import data_tokenize
     monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
     rows = [json.dumps(r) for r in qa_rows(300)]
     rows[17] = "{bad"
@@ -355,8 +366,7 @@ def test_parallel_workers_give_the_same_result_as_one_process(tmp_path, ft_tiny_
 
 
 def test_spawned_workers_where_fork_is_unavailable(tmp_path, ft_tiny_tokenizer, monkeypatch):
-    from ft import data_tokenize
-
+    from ft.engine import data_tokenize
     monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
     monkeypatch.setattr(data_tokenize, "start_method", lambda: "spawn")
     rows = [json.dumps(r) for r in qa_rows(100)]
@@ -369,8 +379,7 @@ def test_spawned_workers_where_fork_is_unavailable(tmp_path, ft_tiny_tokenizer, 
 
 
 def test_parallel_worker_errors_name_the_row(tmp_path, ft_tiny_tokenizer, monkeypatch):
-    from ft import data_tokenize
-
+    from ft.engine import data_tokenize
     monkeypatch.setattr(data_tokenize, "INLINE_BELOW_ROWS", 0)
     rows = qa_rows(200)
     rows[150] = {"prompt": "x", "completion": "BOOM"}
@@ -380,7 +389,7 @@ def test_parallel_worker_errors_name_the_row(tmp_path, ft_tiny_tokenizer, monkey
 
 
 def test_raw_rows_address_rows_across_files():
-    from ft.data import RawRows, RowPart
+    from ft.engine.data import RawRows, RowPart
 
     raw = RawRows("dir", [RowPart([{"a": 1}, {"a": 2}], "x.jsonl", [1, 3]), RowPart([{"a": 3}], "y.jsonl", [2])])
     assert len(raw) == 3
@@ -396,7 +405,7 @@ def test_raw_rows_address_rows_across_files():
 def test_debug_view_marks_trained_text_without_colour_and_colours_it_on_a_terminal(tmp_path, ft_tiny_tokenizer):
     import io
 
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
     out = prepare(tmp_path, ft_tiny_tokenizer, a, shuffle=False)
@@ -415,7 +424,7 @@ def test_debug_view_marks_trained_text_without_colour_and_colours_it_on_a_termin
 def test_debug_view_splits_packed_rows_into_their_samples(ft_tiny_tokenizer):
     import io
 
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     ids = ft_tiny_tokenizer.encode("hi there", add_special_tokens=False)
     row = {"input_ids": ids + ids, "labels": [IGNORE_INDEX] + ids[1:] + [IGNORE_INDEX] + ids[1:],
@@ -427,7 +436,7 @@ def test_debug_view_splits_packed_rows_into_their_samples(ft_tiny_tokenizer):
 
 
 def test_ft_preprocess_debug_prints_labelled_samples(tmp_path, ft_tiny_model_dir, write_yaml):
-    from ft.testing import FtRunner, registered_plugin
+    from ft.tools.testing import FtRunner, registered_plugin
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(4)] + ["{broken"])
     cfg = write_yaml({"base_model": str(ft_tiny_model_dir), "datasets": [{"path": str(a), "type": "qa"}],
@@ -444,7 +453,7 @@ def test_debug_view_names_the_file_line_of_each_sample(tmp_path, ft_tiny_tokeniz
     """Shuffled, with a malformed line before them: each sample says where it came from, not its position."""
     import io
 
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     a = write_lines(tmp_path / "a.jsonl", ["{broken"] + [json.dumps(r) for r in qa_rows(6)])
     out = prepare(tmp_path, ft_tiny_tokenizer, a, seed=3)
@@ -459,8 +468,8 @@ def test_debug_view_names_the_file_line_of_each_sample(tmp_path, ft_tiny_tokeniz
 
 
 def test_an_empty_dataset_file_is_a_warning_naming_the_entry(tmp_path, ft_tiny_tokenizer, caplog, write_yaml):
-    from ft.context import load_context
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
 
     a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in qa_rows(3)])
     empty = tmp_path / "empty.jsonl"

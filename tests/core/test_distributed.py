@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.testing import install_distribution
+from ft.tools.testing import install_distribution
 
 PROBE = '''
     """Test probe: records, per rank, what the trainer trained on and how the model is distributed."""
@@ -28,7 +28,9 @@ PROBE = '''
 
     from ft import hookimpl
 
-    FT_FEATURE = True
+    from ft.api import Plugin
+
+    PLUGIN = Plugin(feature=True)
 
 
     @hookimpl
@@ -96,7 +98,7 @@ def dist_env(work):
 @pytest.fixture(scope="module")
 def chat_jsonl(work) -> Path:
     """64 distinct conversations: 6 steps x 4 rows x 2 ranks stay inside one epoch."""
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     rows = make_chat_rows(64, seed=3)
     for i, row in enumerate(rows):
@@ -354,7 +356,7 @@ def test_deepspeed_zero3_on_gpu_saves_consolidated_weights(dist_env, tmp_path, f
 
 
 def test_launch_options_are_stripped_from_the_rerun_command():
-    from ft.launch import strip_launch_options
+    from ft.engine.launch import strip_launch_options
 
     argv = ["run", "c.yaml", "--nproc", "2", "-p", "fsdp", "--nnodes=2", "--node-rank", "1",
             "--rdzv-endpoint", "host:29500", "--rdzv-id=job", "--set", "seed=3"]
@@ -362,7 +364,7 @@ def test_launch_options_are_stripped_from_the_rerun_command():
 
 
 def test_single_node_launch_uses_a_private_rendezvous():
-    from ft.launch import torchrun_command
+    from ft.engine.launch import torchrun_command
 
     cmd = torchrun_command(["run", "c.yaml", "--nproc", "4"], 4)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
@@ -371,7 +373,7 @@ def test_single_node_launch_uses_a_private_rendezvous():
 
 
 def test_multi_node_launch_passes_the_rendezvous_through():
-    from ft.launch import torchrun_command
+    from ft.engine.launch import torchrun_command
 
     cmd = torchrun_command(["run", "c.yaml"], 8, nnodes="2", node_rank=1, rdzv_endpoint="10.0.0.1:29500", rdzv_id="job7")
     joined = " ".join(cmd)
@@ -382,8 +384,8 @@ def test_multi_node_launch_passes_the_rendezvous_through():
 
 
 def test_launch_errors_are_clear():
-    from ft.errors import FtError
-    from ft.launch import check_options
+    from ft.engine.launch import check_options
+    from ft.kernel.errors import FtError
 
     with pytest.raises(FtError, match=r"--nproc 4: this node has 2 visible GPU\(s\).*--nproc 2"):
         check_options(4, None, None, None, gpus=2)
@@ -397,7 +399,7 @@ def test_launch_errors_are_clear():
 
 
 def test_under_an_external_launcher_ft_runs_in_this_process(monkeypatch):
-    import ft.launch as launch_mod
+    import ft.engine.launch as launch_mod
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -405,18 +407,32 @@ def test_under_an_external_launcher_ft_runs_in_this_process(monkeypatch):
     assert launch_mod.launch(["run", "c.yaml", "--nproc", "2"], nproc=2) is None, "the caller trains in this process"
 
 
+@pytest.mark.parametrize(("rank", "main"), [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_only_global_rank_0_or_a_run_without_launcher_is_the_main_process(monkeypatch, rank, main):
+    from ft.engine.data_tokenize import _progress_enabled
+    from ft.engine.launch import is_main_process
+
+    monkeypatch.delenv("FT_NO_PROGRESS", raising=False)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert is_main_process() is main
+    assert _progress_enabled() is main, "only the main process shows the tokenizing progress"
+
+
 # -- configuration errors -------------------------------------------------------------------------
 
 
 def _context(tmp_path, ft_tiny_model_dir, chat_jsonl, plugin_args=(), **extra):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     return load_context(str(write_config(tmp_path, ft_tiny_model_dir, chat_jsonl, "c", **extra)), plugin_args)
 
 
 def test_fsdp_and_deepspeed_together_is_an_error(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match="deepspeed and fsdp are both selected") as err:
         _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["fsdp", "deepspeed"])
@@ -424,7 +440,7 @@ def test_fsdp_and_deepspeed_together_is_an_error(tmp_path, ft_tiny_model_dir, ch
 
 
 def test_qlora_with_fsdp_is_an_error(tmp_path, ft_tiny_model_dir, chat_jsonl):
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match="qlora cannot be combined with fsdp"):
         _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["fsdp", "lora", "qlora"])
@@ -432,7 +448,7 @@ def test_qlora_with_fsdp_is_an_error(tmp_path, ft_tiny_model_dir, chat_jsonl):
 
 def test_qlora_with_zero3_is_an_error_and_with_zero2_is_fine(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
         _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed", "lora", "qlora"], deepspeed={"stage": 3})
@@ -442,7 +458,7 @@ def test_qlora_with_zero3_is_an_error_and_with_zero2_is_fine(tmp_path, ft_tiny_m
 
 def test_deepspeed_config_file_errors_name_file_and_line(tmp_path, ft_tiny_model_dir, chat_jsonl):
     pytest.importorskip("deepspeed")
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"deepspeed.config: cannot read the DeepSpeed config .*missing.json"):
         _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["deepspeed"], deepspeed={"config": str(tmp_path / "missing.json")})
@@ -479,7 +495,7 @@ def test_deepspeed_config_from_the_short_section_and_from_a_file(tmp_path, ft_ti
 def test_deepspeed_missing_says_how_to_install(tmp_path, ft_tiny_model_dir, chat_jsonl, monkeypatch):
     import ft_plugins.deepspeed as ds_plugin
 
-    from ft.errors import MissingDependencyError
+    from ft.kernel.errors import MissingDependencyError
 
     monkeypatch.setattr(ds_plugin, "deepspeed_installed", lambda: False)
     with pytest.raises(MissingDependencyError, match=r"pip install 'ft\[deepspeed\]'"):
@@ -489,7 +505,7 @@ def test_deepspeed_missing_says_how_to_install(tmp_path, ft_tiny_model_dir, chat
 def test_fsdp_without_several_processes_says_how_to_launch(tmp_path, ft_tiny_model_dir, chat_jsonl):
     from ft_plugins.fsdp import ft_before_train
 
-    from ft.errors import FtError
+    from ft.kernel.errors import FtError
 
     ctx = _context(tmp_path, ft_tiny_model_dir, chat_jsonl, ["fsdp"])
     with pytest.raises(FtError, match=r"ft run CONFIG --nproc N"):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from ft import hookspecs
-from ft.plugins import hook_names
-from ft.testing import install_distribution
+from ft.kernel.hooks import hook_names
+from ft.tools.testing import install_distribution
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 REGENERATE = "run `python docs/generate.py` and commit the result"
@@ -76,8 +76,8 @@ def test_every_hook_is_documented_with_its_exact_signature_and_mode(hooks_md, na
     assert documented == list(inspect.signature(fn).parameters), f"docs/hooks.md: parameters of {name} differ"
     for param in documented:
         assert f"- `{param}`:" in section, f"docs/hooks.md: parameter {param} of {name} is not described"
-    mode = "firstresult" if fn.ft_spec.get("firstresult") else "all"
-    assert f"**Mode:** {mode}" in section
+    assert f"**Mode:** {fn.ft_hook.mode}" in section
+    assert f"**Checked:** a plugin may return {fn.ft_hook.returns.what}" in section
     assert "**Returns:**" in section and "**Called:**" in section
 
 
@@ -87,7 +87,7 @@ def test_hooks_md_has_no_unknown_hooks(hooks_md):
 
 
 def test_config_md_lists_every_core_key_and_section_field(config_md):
-    from ft.schema import generate_schema
+    from ft.kernel.schema import generate_schema
 
     schema = json.loads(generate_schema(autoload=False))
     defs = schema.get("$defs", {})
@@ -102,7 +102,7 @@ def test_config_md_lists_every_core_key_and_section_field(config_md):
 
 
 def test_config_md_documents_every_dataset_format(config_md):
-    from ft.context import collect_registries, make_plugin_manager
+    from ft.kernel.context import collect_registries, make_plugin_manager
 
     regs = collect_registries(make_plugin_manager(autoload=False))
     for entry in regs.formats:
@@ -114,7 +114,7 @@ def test_config_md_documents_every_dataset_format(config_md):
 
 
 def _common_keys() -> list[str]:
-    from ft.formats import DatasetOptions
+    from ft.kernel.formats import DatasetOptions
 
     return list(DatasetOptions.model_fields)
 
@@ -133,6 +133,7 @@ def test_a_new_hook_parameter_changes_the_page(generate, monkeypatch):
         """Load the base model."""
 
     ft_load_model.ft_spec = hookspecs.ft_load_model.ft_spec
+    ft_load_model.ft_hook = hookspecs.ft_load_model.ft_hook
     monkeypatch.setattr(hookspecs, "ft_load_model", ft_load_model)
     assert "device_map" in generate.render_hooks().split("### ft_load_model", 1)[1].split("###", 1)[0]
 
@@ -146,7 +147,7 @@ MODULES = ("ft_plugins", "ft_sharegpt", "ft_kernel_example", "ft_qa", "ft_dolly"
 @pytest.mark.parametrize("guide", ["writing-a-format-plugin.md", "writing-a-kernel-plugin.md", "writing-a-method-plugin.md",
                                    "rl.md"])
 def test_guides_name_only_real_hooks_and_fixtures(guide):
-    import ft.testing
+    import ft.tools.testing
 
     text = (DOCS / guide).read_text(encoding="utf-8")
     names = set(re.findall(r"\b(ft_[a-z_]+)\b", text))
@@ -154,7 +155,7 @@ def test_guides_name_only_real_hooks_and_fixtures(guide):
     unknown = names - set(hook_names()) - set(FIXTURES) - set(MODULES)
     assert not unknown, f"{guide} names hooks or fixtures that do not exist: {sorted(unknown)}"
     for fixture in names & set(FIXTURES):
-        assert hasattr(ft.testing, fixture), f"{guide} names fixture {fixture}, which ft.testing lacks"
+        assert hasattr(ft.tools.testing, fixture), f"{guide} names fixture {fixture}, which ft.tools.testing lacks"
 
 
 def _code_block(text: str, first_line: str) -> str:
@@ -182,9 +183,9 @@ def test_the_short_format_example_fits_in_ten_lines_and_labels_right(tmp_path, f
     """The guide's Dolly format: at most 10 lines of code, and it masks, trains and drops as promised."""
     import types
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
     from ft.run import preprocess
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     text = (DOCS / "writing-a-format-plugin.md").read_text(encoding="utf-8")
     code = _code_block(text, "# ft_dolly.py")

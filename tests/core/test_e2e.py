@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ft import hookimpl
-from ft.testing import FtRunner, registered_plugin
+from ft.tools.testing import FtRunner, registered_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ft.errors import ConfigError, FtError
-from ft.testing import FtRunner
+from ft.kernel.errors import ConfigError, FtError
+from ft.tools.testing import FtRunner
 
 HEAD = "base_model: {model}\ndatasets:\n  - path: {data}\n    type: chat_template\n"
 
@@ -43,7 +43,7 @@ def test_a_config_deeper_than_any_real_one_is_an_error_not_a_recursion_error(hea
     config.write_text(head + "lr_scheduler_kwargs: {x: " + "[" * 600 + "]" * 600 + "}\n")
     FtRunner().validate(config).assert_error(f"{config}:5: the config nests deeper than 64 levels")
     with pytest.raises(ConfigError, match="--set seed:1: the --set value nests deeper than 64 levels"):
-        from ft.config import apply_overrides
+        from ft.kernel.config_file import apply_overrides
 
         apply_overrides({}, ["seed=" + "[" * 600 + "]" * 600])
 
@@ -88,7 +88,7 @@ def test_an_installed_plugin_that_exits_at_import_is_listed_failed_and_ft_goes_o
     import subprocess
     import sys
 
-    from ft.testing import install_distribution
+    from ft.tools.testing import install_distribution
 
     env = install_distribution(tmp_path / "site", "ft-exit-plugin", "0.1", {"ftq_exit": "import sys\nsys.exit(3)\n"},
                                {"quits": "ftq_exit"})
@@ -112,8 +112,8 @@ def test_a_selected_plugin_file_whose_registration_fails_is_an_error_not_valid(h
     config.write_text(head)
     plugin = plugin_file(tmp_path, "noreg", '''
         from ft import hookimpl
-        FT_FEATURE = True
-
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
         @hookimpl
         def ft_add_config(registry):
             raise RuntimeError("no section today")
@@ -181,7 +181,7 @@ def test_ft_plugins_says_what_each_plugin_registers_and_why_one_failed(tmp_path)
 
 
 def test_cfg_section_with_a_typo_raises_with_a_did_you_mean(head, tmp_path):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     config = tmp_path / "c.yaml"
     config.write_text(head)
@@ -245,8 +245,8 @@ def test_data_smaller_than_the_batch_warns_with_the_real_figures_and_reports_the
 
 
 def test_a_micro_batch_larger_than_the_data_names_both_figures(head, tmp_path):
-    from ft.config import batch_warnings, real_effective_batch
-    from ft.context import load_context
+    from ft.kernel.config_checks import batch_warnings, real_effective_batch
+    from ft.kernel.context import load_context
 
     config = tmp_path / "c.yaml"
     config.write_text(head + "micro_batch_size: 64\n")

@@ -10,7 +10,7 @@ import pytest
 from test_grpo import grpo_config
 
 from ft import hookimpl
-from ft.testing import registered_plugin, write_config
+from ft.tools.testing import registered_plugin, write_config
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
@@ -56,7 +56,7 @@ def test_non_finite_metrics_are_written_as_null(ft_tiny_model_dir, chat_jsonl, t
     assert next(r for r in saved["history"] if r["step"] == 2)["grad_norm"] is None
     trainer_state = strict_json(out / "checkpoint-2" / "trainer_state.json")
     assert next(r for r in trainer_state["log_history"] if r["step"] == 2)["grad_norm"] is None
-    from ft.checkpoints import verify
+    from ft.engine.checkpoints import verify
 
     assert verify(out / "checkpoint-2") == []
 
@@ -109,7 +109,7 @@ def dpo_history(steps: int = 12) -> list[dict]:
 
 
 def test_metric_groups_follow_the_names_prefix_for_any_method():
-    from ft.outputs import metric_groups
+    from ft.engine.outputs import metric_groups
 
     dpo = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl"]
@@ -125,7 +125,7 @@ def test_metric_groups_follow_the_names_prefix_for_any_method():
 
 def test_training_curves_plot_a_panel_per_group_with_eval_dashed_and_legends_off_the_data(tmp_path):
     """The DPO demo's plot put twelve metrics at scales from 0-1 to -20 in one panel, under its legend."""
-    from ft.outputs import curves_figure, plot_curves
+    from ft.engine.outputs import curves_figure, plot_curves
 
     fig = curves_figure(dpo_history())
     fig.canvas.draw()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.testing import install_distribution
+from ft.tools.testing import install_distribution
 
 pytestmark = pytest.mark.slow
 
@@ -123,8 +123,8 @@ def test_a_method_declares_its_features_none_by_default():
 
 
 def test_an_unknown_method_is_a_config_error_with_a_suggestion(tmp_path):
-    from ft.context import load_context
-    from ft.errors import ConfigError
+    from ft.kernel.context import load_context
+    from ft.kernel.errors import ConfigError
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
@@ -181,10 +181,10 @@ def broken_method(fails: str):
 def test_an_exception_in_a_methods_own_code_names_its_plugin_and_line(fails, ft_tiny_model_dir, tmp_path):
     """compute_loss, the collator and the Trainer's keyword arguments raised raw tracebacks naming neither the
     method nor its plugin; now they read like a callback's error."""
-    from ft.errors import PluginHookError
+    from ft.kernel.errors import PluginHookError
     from ft.run import run
-    from ft.testing import registered_plugin
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.testing import registered_plugin
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     plugin, (collator, trainer_class, trainer_kwargs) = broken_method(fails)
     data = write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(8))

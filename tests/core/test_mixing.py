@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from ft.context import load_context
-from ft.data import prepare_datasets
-from ft.tiny import write_jsonl
+from ft.engine.data import prepare_datasets
+from ft.kernel.context import load_context
+from ft.tools.tiny import write_jsonl
 
 
 def talks(tag: str, n: int) -> list[dict]:
@@ -85,7 +85,7 @@ def test_weights_change_the_cache_key(ft_tiny_model_dir, tmp_path, two_sets):
 
 
 def test_a_weight_must_be_positive(ft_tiny_model_dir, tmp_path, two_sets):
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"datasets\[0\]\.weight: Input should be greater than 0"):
         load_context({"base_model": str(ft_tiny_model_dir),

@@ -14,9 +14,11 @@ import types
 import pytest
 
 from ft import hookimpl
-from ft.errors import FtError
-from ft.patching import CountingForward, PatchWatch, patch_attribute
-from ft.testing import assert_patch_survives
+from ft.api import Plugin
+from ft.engine.patch_watch import CountingForward, PatchWatch
+from ft.kernel.errors import FtError
+from ft.kernel.patching import patch_attribute
+from ft.tools.testing import assert_patch_survives
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,12 +38,12 @@ def bind_counting_forward(module, calls: list):
 
 
 def _load_with_ft(config_path):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     ctx = load_context(config_path)
-    calls = ctx.pm.calls
-    tokenizer = calls.load_tokenizer(ctx.cfg)
-    return calls.load_model(ctx.cfg, calls.model_kwargs(ctx.cfg), tokenizer)
+    pm = ctx.pm
+    tokenizer = pm.call("ft_load_tokenizer", cfg=ctx.cfg)
+    return pm.call("ft_load_model", cfg=ctx.cfg, kwargs=pm.call("ft_model_kwargs", cfg=ctx.cfg), tokenizer=tokenizer)
 
 
 # -- the reproduction ---------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def test_transformers_default_load_drops_it(ft_tiny_model_dir):
 class NormPatcher:
     """A third-party kernel plugin that binds forward on every RMSNorm instance."""
 
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     def __init__(self):
         self.calls = []
@@ -117,7 +119,7 @@ def test_a_patch_undone_by_hub_kernels_stops_the_run_naming_plugin_and_module(ft
 class LmHeadPatcher:
     """Binds forward on the LM head; fused_loss (which reads the head's weight) must then step aside."""
 
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     def __init__(self):
         self.calls = []
@@ -138,7 +140,7 @@ def test_fused_loss_does_not_bypass_a_patched_lm_head(ft_config, ft_dataset, ft_
 class GlobalThenUndone:
     """A global patch that something else replaces before training: its record's check catches it."""
 
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
     target = types.SimpleNamespace(kernel="original")
 
     @hookimpl
@@ -218,7 +220,7 @@ def test_counting_forward_keeps_the_signature_and_follows_a_deepcopy(tiny):
     assert watch.changes[0].counter.calls == 0  # the copy counts on its own
 
 
-# -- ft.testing.assert_patch_survives ----------------------------------------------------------------
+# -- ft.tools.testing.assert_patch_survives ----------------------------------------------------------------
 
 
 def test_helper_passes_for_a_patch_that_runs(tiny):

@@ -8,6 +8,7 @@ PYTHONPATH, so discovery goes through importlib.metadata exactly as for pip-inst
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,14 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from ft.testing import install_distribution
+from ft import hookimpl
+from ft.api import Plugin
+from ft.kernel.errors import PluginError
+from ft.tools.testing import install_distribution
 
 PLUGINS = {
     "ftt_good": '''
         """A well-behaved third-party feature plugin."""
         from pydantic import BaseModel, ConfigDict, Field
         from ft import hookimpl
-        FT_FEATURE = True
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
 
         class Section(BaseModel):
             model_config = ConfigDict(extra="forbid")
@@ -51,7 +56,9 @@ PLUGINS = {
     ''',
     "ftt_raises": '''
         from ft import hookimpl
-        FT_FEATURE = True
+
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
 
         @hookimpl
         def ft_validate_config(cfg):
@@ -67,7 +74,9 @@ PLUGINS = {
     ''',
     "ftt_bad_registration": '''
         from ft import hookimpl
-        FT_FEATURE = True
+
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
 
         @hookimpl
         def ft_register_formats(register):
@@ -75,7 +84,9 @@ PLUGINS = {
     ''',
     "ftt_deep_error": '''
         from ft import hookimpl
-        FT_FEATURE = True
+
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
 
         def _helper(cfg):
             return cfg.no_such_attribute
@@ -86,7 +97,9 @@ PLUGINS = {
     ''',
     "ftt_returns_str": '''
         from ft import hookimpl
-        FT_FEATURE = True
+
+        from ft.api import Plugin
+        PLUGIN = Plugin(feature=True)
 
         @hookimpl
         def ft_validate_config(cfg):
@@ -222,8 +235,8 @@ def test_hook_call_order(plugin_env):
 
 
 def test_duplicate_registration_names_both_plugins():
-    from ft.errors import PluginError
-    from ft.registry import FormatRegistry
+    from ft.kernel.errors import PluginError
+    from ft.kernel.registry import FormatRegistry
 
     reg = FormatRegistry()
     reg.scoped("one").add("fmt", object, lambda *a: None)
@@ -233,8 +246,8 @@ def test_duplicate_registration_names_both_plugins():
 
 def test_model_kwargs_conflict_names_both_plugins():
     from ft import hookimpl
-    from ft.errors import PluginError
-    from ft.plugins import PluginManager
+    from ft.kernel.errors import PluginError
+    from ft.kernel.plugins import PluginManager
 
     class A:
         @hookimpl
@@ -249,26 +262,26 @@ def test_model_kwargs_conflict_names_both_plugins():
     pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("b", B())])
     with pytest.raises(PluginError, match=r"'dtype' is set to .* by plugin '[ab]' \(.*test_plugins.py:\d+\) and "
                                           r"to .* by plugin '[ab]' \(.*test_plugins.py:\d+\)"):
-        pm.calls.model_kwargs(None)
+        pm.call("ft_model_kwargs", cfg=None)
     pm2 = PluginManager(entry_points=[], extra_plugins=[("a", A())])
-    assert pm2.calls.model_kwargs(None) == {"dtype": "bfloat16", "x": 1}
+    assert pm2.call("ft_model_kwargs", cfg=None) == {"dtype": "bfloat16", "x": 1}
 
 
 def test_inactive_feature_hooks_are_not_called():
     from ft import hookimpl
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     class Feature:
-        FT_FEATURE = True
+        PLUGIN = Plugin(feature=True)
 
         @hookimpl
         def ft_model_kwargs(self, cfg):
             return {"feature": True}
 
     pm = PluginManager(entry_points=[], extra_plugins=[("feat", Feature())])
-    assert pm.calls.model_kwargs(None) == {}
+    assert pm.call("ft_model_kwargs", cfg=None) == {}
     pm = PluginManager(select=["feat"], entry_points=[], extra_plugins=[("feat", Feature())])
-    assert pm.calls.model_kwargs(None) == {"feature": True}
+    assert pm.call("ft_model_kwargs", cfg=None) == {"feature": True}
 
 
 def test_a_hook_error_shows_the_plugins_own_frames_and_traceback_shows_all(plugin_env):
@@ -276,8 +289,8 @@ def test_a_hook_error_shows_the_plugins_own_frames_and_traceback_shows_all(plugi
     res = ft(env, "validate", str(minimal_config(tmp)), "-p", "deep_error")
     assert res.returncode != 0
     assert "plugin 'deep_error' failed in hook ft_validate_config: AttributeError" in res.stderr
-    assert "ftt_deep_error.py:10 in ft_validate_config: return _helper(cfg)" in res.stderr
-    assert "ftt_deep_error.py:6 in _helper: return cfg.no_such_attribute" in res.stderr
+    assert "ftt_deep_error.py:12 in ft_validate_config: return _helper(cfg)" in res.stderr
+    assert "ftt_deep_error.py:8 in _helper: return cfg.no_such_attribute" in res.stderr
     assert "-p no:deep_error" in res.stderr and "Traceback (most recent call last)" not in res.stderr
     res = ft(env, "validate", str(minimal_config(tmp)), "-p", "deep_error", "--traceback")
     assert "Traceback (most recent call last)" in res.stderr and "pydantic" in res.stderr
@@ -288,7 +301,7 @@ def test_a_hook_that_breaks_its_return_contract_is_named(plugin_env):
     res = ft(env, "validate", str(minimal_config(tmp)), "-p", "returns_str")
     assert res.returncode != 0
     assert "plugin 'returns_str' returned str 'one problem as a string' from ft_validate_config " \
-           f"({tmp / 'site' / 'ftt_returns_str.py'}:5); the hook expects a list of problem strings or None" in res.stderr
+           f"({tmp / 'site' / 'ftt_returns_str.py'}:7); the hook expects a list of problem strings or None" in res.stderr
 
 
 def test_validate_and_run_name_plugins_that_failed_to_load(plugin_env):
@@ -339,7 +352,7 @@ def test_trace_shows_every_hook_call(plugin_env):
 
 def test_a_wrapper_works_on_an_all_hook_and_sees_each_result():
     from ft import hookimpl
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     seen = []
 
@@ -356,7 +369,7 @@ def test_a_wrapper_works_on_an_all_hook_and_sees_each_result():
             return [{**r, "wrapped": True} for r in result]
 
     pm = PluginManager(entry_points=[], extra_plugins=[("a", A()), ("wrap", Wrap())])
-    assert pm.calls.model_kwargs(None) == {"a": 1, "wrapped": True}
+    assert pm.call("ft_model_kwargs", cfg=None) == {"a": 1, "wrapped": True}
     assert seen == [[{"a": 1}]]
     assert pm.implementers("ft_model_kwargs") == ["a"]
 
@@ -365,9 +378,9 @@ def test_a_callback_that_raises_names_its_plugin(ft_tiny_model_dir, tmp_path):
     from transformers import TrainerCallback
 
     from ft import hookimpl
-    from ft.errors import PluginHookError
+    from ft.kernel.errors import PluginHookError
     from ft.run import train
-    from ft.testing import registered_plugin, write_config, write_dataset
+    from ft.tools.testing import registered_plugin, write_config, write_dataset
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -381,10 +394,74 @@ def test_a_callback_that_raises_names_its_plugin(ft_tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "d.jsonl", kind="chat", n=4)
     config = write_config(tmp_path / "c.yaml", base_model=ft_tiny_model_dir, datasets=[{"path": str(data), "type": "chat_template"}],
                           max_steps=1)
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     with registered_plugin(Plugin(), "boomer"):
         ctx = load_context(config)
         with pytest.raises(PluginHookError) as info:
             train(ctx)
     assert "plugin 'boomer' failed in its callback Boom.on_step_end: RuntimeError: callback exploded" in str(info.value)
+
+
+# -- one declaration per plugin --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("declares", "says"), [
+    ("FT_FEATUER = True", "module global FT_FEATUER is not read by ft; declare the plugin once with "
+                          "PLUGIN = ft.api.Plugin(feature=...)"),
+    ("FT_FEATURE = True", "module global FT_FEATURE is not read by ft"),
+    ("PLUGN = Plugin(feature=True)", "PLUGN looks like a misspelt PLUGIN"),
+    ("PLUGIN = Plugin(featuer=True)", "Plugin(...) has no field 'featuer'. Did you mean 'feature'?"),
+    ("PLUGIN = Plugin(provides='adapter')", "provides must be a list of names"),
+    ("PLUGIN = {'feature': True}", "is not a declaration; write PLUGIN = ft.api.Plugin(...)"),
+])
+def test_a_misdeclared_plugin_is_an_error_naming_it(tmp_path, declares, says):
+    from ft.kernel.plugins import PluginManager
+
+    source = f"from ft import hookimpl\nfrom ft.api import Plugin\n{declares}\n\n@hookimpl\ndef ft_model_kwargs(cfg):\n    return {{}}\n"
+    env = install_distribution(tmp_path / "site", "ft-misdeclared", "0.1", {"ftt_misdeclared": source},
+                               {"misdeclared": "ftt_misdeclared"})
+    import sys
+
+    sys.path.insert(0, env["PYTHONPATH"].split(os.pathsep)[0])
+    try:
+        import importlib.metadata as md
+
+        eps = [ep for ep in md.entry_points(group="ft") if ep.name == "misdeclared"]
+        pm = PluginManager(entry_points=eps)
+        info = pm.infos["misdeclared"]
+        assert info.status == "failed" and says in info.error and "ftt_misdeclared" in info.error, info.error
+        with pytest.raises(PluginError, match="plugin 'misdeclared'.*selected but failed to load"):
+            PluginManager(select=["misdeclared"], entry_points=eps)
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("ftt_misdeclared", None)
+
+
+def test_the_declaration_sets_feature_capabilities_and_loggers():
+    from ft.api import Plugin
+    from ft.kernel.plugins import PluginManager
+
+    class Decl:
+        PLUGIN = Plugin(feature=True, provides=["adapter"], method_feature="packing", loggers=["noisy"])
+
+        @hookimpl
+        def ft_model_kwargs(self, cfg):
+            return {"x": 1}
+
+    pm = PluginManager(entry_points=[], extra_plugins=[("decl", Decl())])
+    info = pm.infos["decl"]
+    assert (info.feature, info.provides, info.method_feature, info.loggers) == (
+        True, frozenset({"adapter"}), "packing", ("noisy",))
+    assert pm.call("ft_model_kwargs", cfg=None) == {}  # a feature: inactive until selected
+    assert PluginManager(select=["decl"], entry_points=[], extra_plugins=[("decl", Decl())]).provided() == {
+        "adapter": ("decl",)}
+
+
+def test_essential_is_declared_by_the_plugin_not_listed_in_the_core():
+    from ft_plugins import hf, lora
+
+    import ft.kernel.plugins as manager
+
+    assert not hasattr(manager, "ESSENTIAL")
+    assert hf.PLUGIN.essential and not lora.PLUGIN.essential and lora.PLUGIN.feature

@@ -7,15 +7,16 @@ import types
 import pytest
 
 from ft import hookimpl
-from ft.errors import FtError
-from ft.patching import PatchRecord, patch_attribute
-from ft.testing import registered_plugin
+from ft.api import Plugin
+from ft.kernel.errors import FtError
+from ft.kernel.patching import PatchRecord, patch_attribute
+from ft.tools.testing import registered_plugin
 
 TARGET = types.SimpleNamespace(kernel="original")
 
 
 class GlobalPatcher:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl(tryfirst=True)
     def ft_patch_model(self, cfg, model):
@@ -23,7 +24,7 @@ class GlobalPatcher:
 
 
 class RefusingPatcher:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl(trylast=True)
     def ft_patch_model(self, cfg, model):
@@ -32,7 +33,7 @@ class RefusingPatcher:
 
 
 class Recorder:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
     seen: list = []
 
     @hookimpl

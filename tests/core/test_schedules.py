@@ -15,9 +15,9 @@ from test_train import load
 from test_train import make_ctx as train_context
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, FtError
-from ft.train import build_trainer, run_training
+from ft.engine.train import build_trainer, run_training
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, FtError
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
@@ -131,9 +131,9 @@ def test_bitsandbytes_optimizers_train(ft_tiny_model_dir, tmp_path, name):
 
 @pytest.mark.parametrize("name", ["adamw_torch_8bit", "ao_adamw_4bit"])
 def test_torchao_low_bit_adamw(ft_tiny_model_dir, tmp_path, name, monkeypatch):
-    import ft.errors
+    import ft.kernel.errors
 
-    if ft.errors.is_installed("torchao"):
+    if ft.kernel.errors.is_installed("torchao"):
         ctx = make_ctx(ft_tiny_model_dir, tmp_path, optimizer=name, max_steps=2, lr_scheduler="constant")
         trainer, data = trainer_for(ctx)
         metrics = run_training(ctx, trainer, data)

@@ -1,4 +1,4 @@
-"""ft.testing, the pytest plugin for plugin authors, and `ft plugins --hook NAME`."""
+"""ft.tools.testing, the pytest plugin for plugin authors, and `ft plugins --hook NAME`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft import hookimpl
-from ft.formats import DatasetOptions
-from ft.testing import HookRecorder, registered_plugin
+from ft.api import Plugin
+from ft.kernel.formats import DatasetOptions
+from ft.tools.testing import HookRecorder, registered_plugin
 
 
 class ShoutOptions(DatasetOptions):
@@ -26,7 +27,7 @@ class ShoutSection(BaseModel):
 class ShoutPlugin:
     """A feature plugin with a section, a format and a cross-section check."""
 
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl
     def ft_add_config(self, registry):
@@ -48,14 +49,16 @@ def shout_config(ft_config, ft_dataset, **extra):
 
 
 def test_importing_ft_testing_stays_light():
-    code = "import sys, ft.testing; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    code = "import sys, ft.tools.testing; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 FOREIGN_TEST = '''
 from ft import hookimpl
-from ft.formats import DatasetOptions
+
+from ft.api import Plugin
+from ft.kernel.formats import DatasetOptions
 
 
 class EchoOptions(DatasetOptions):
@@ -63,7 +66,7 @@ class EchoOptions(DatasetOptions):
 
 
 class Careful:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl
     def ft_register_formats(self, register):
@@ -155,8 +158,8 @@ def test_hook_recorder_sees_registration_and_pipeline_hooks(ft_hook_recorder, ft
 
 
 def test_hook_recorder_records_exceptions_and_stops_when_closed(ft_register_plugin):
-    from ft.errors import PluginHookError
-    from ft.plugins import PluginManager
+    from ft.kernel.errors import PluginHookError
+    from ft.kernel.plugins import PluginManager
 
     class Broken:
         @hookimpl
@@ -166,15 +169,15 @@ def test_hook_recorder_records_exceptions_and_stops_when_closed(ft_register_plug
     with HookRecorder() as rec:
         pm = PluginManager(entry_points=[], extra_plugins=[("broken", Broken())])
         with pytest.raises(PluginHookError, match="plugin 'broken' failed in hook ft_model_kwargs"):
-            pm.calls.model_kwargs(None)
+            pm.call("ft_model_kwargs", cfg=None)
     [call] = rec.calls_to("ft_model_kwargs")
     assert call.plugin == "broken" and "no kwargs today" in str(call.exception)
-    PluginManager(entry_points=[], extra_plugins=[("broken", Broken())]).hook.ft_validate_config(cfg=None)
+    PluginManager(entry_points=[], extra_plugins=[("broken", Broken())]).call("ft_validate_config", cfg=None)
     assert len(rec.calls) == 1  # managers made after the block are not recorded
 
 
 def test_firstresult_recording_shows_who_answered():
-    from ft.plugins import PluginManager
+    from ft.kernel.plugins import PluginManager
 
     class Early:
         @hookimpl(tryfirst=True)
@@ -193,7 +196,7 @@ def test_firstresult_recording_shows_who_answered():
 
     with HookRecorder() as rec:
         pm = PluginManager(entry_points=[], extra_plugins=[("late", Late()), ("answers", Answers()), ("early", Early())])
-        assert pm.hook.ft_load_dataset(cfg=None, entry=None) == "MyRows"
+        assert pm.call("ft_load_dataset", cfg=None, entry=None) == "MyRows"
     assert rec.plugins_called("ft_load_dataset") == ["early", "answers"]  # 'late' never ran
     assert rec.results("ft_load_dataset") == [None, "MyRows"]
 
@@ -236,7 +239,7 @@ class LoaderLast:
 
 
 class LoaderFeature:
-    FT_FEATURE = True
+    PLUGIN = Plugin(feature=True)
 
     @hookimpl
     def ft_load_model(self, cfg):

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import FtError
-from ft.formats import DatasetOptions
-from ft.outputs import final_outputs, write_run_files
-from ft.resume import plan_resume
-from ft.train import build_trainer, out_of_memory_message, run_training
+from ft.engine.outputs import final_outputs, write_run_files
+from ft.engine.resume import plan_resume
+from ft.engine.train import build_trainer, out_of_memory_message, run_training
+from ft.kernel.context import load_context
+from ft.kernel.errors import FtError
+from ft.kernel.formats import DatasetOptions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -57,16 +57,15 @@ def hand_rows(tokenizer, n=8):
 def load(ctx, n_rows=8, eval_rows=0):
     import datasets
 
-    hook = ctx.pm.hook
-    tok = hook.ft_load_tokenizer(cfg=ctx.cfg)
+    tok = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     rows = hand_rows(tok, n_rows + eval_rows)
     data = types.SimpleNamespace(
         train=datasets.Dataset.from_list(rows[:n_rows]),
         eval=datasets.Dataset.from_list(rows[n_rows:]) if eval_rows else None,
         packed=False,
     )
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tok)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    model = ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=tok)
     return tok, model, data, rows
 
 
@@ -246,7 +245,7 @@ def test_run_files_summary_png_and_metrics_json(ft_tiny_model_dir, tmp_path, cap
     trainer, metrics, tok, _ = train(ctx)
     out = tmp_path / "out"
     with final_outputs(ctx, trainer, metrics) as final:
-        final.files += ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=trainer, model=trainer.model,
+        final.files += ctx.pm.call("ft_save_weights", cfg=ctx.cfg, trainer=trainer, model=trainer.model,
                                                    output_dir=str(final.dir))
         final.files += write_run_files(ctx, trainer, tok, metrics, ["[demo] a patch (instance)"], final.dir)
         assert not (out / "metrics.json").exists(), "nothing is in the output dir before every file is written"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft.tiny import make_chat_rows, write_jsonl
+from ft.tools.tiny import make_chat_rows, write_jsonl
 
 LORA = """
 base_model: {base}
@@ -296,10 +296,10 @@ def convert(ft_runner, src, out):
 def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, monkeypatch):
     from ft_plugins import hf
 
-    import ft.config
+    import ft.kernel.config
 
-    real = ft.config._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
-    monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    real = ft.kernel.config_checks._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
+    monkeypatch.setattr(ft.kernel.config_checks, "_importable", lambda m: True if m == "wandb" else real(m))
     # the shapes are written for a GPU machine (bf16, flash attention); those checks have their own tests
     monkeypatch.setattr(hf, "_has_cuda", lambda: True)
     monkeypatch.setattr(hf, "attention_problems", lambda cfg: [])
@@ -491,6 +491,35 @@ def test_hints_come_from_the_plugin(ft_runner, ft_config, ft_dataset):
     path = ft_config(dataset=ft_dataset(), adapter="lora")
     result = ft_runner.validate(path, "-p", "no:axolotl")
     assert result.exit_code != 0 and "unknown key" in result.output and "plugins: [lora]" not in result.output
+
+
+def test_hints_for_table_keys_come_from_the_converter_tables():
+    """The converter's tables are the one source of the hints for their keys: each table key has a hint naming
+    the very field the converter writes, and that field exists in the ft section."""
+    from ft_plugins import axolotl
+    from ft_plugins.lora import LoraSection
+    from ft_plugins.wandb import WandbSection
+
+    def convert(**keys):
+        base = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}]}
+        return axolotl.convert({**base, **keys}).config
+
+    hints = axolotl.key_hints()
+    for table in (axolotl.LORA_KEYS, axolotl.ATTENTION, axolotl.LIGER_KEYS, axolotl.RENAMED_CORE, axolotl.WANDB_KEYS):
+        assert set(table) <= set(hints), set(table) - set(hints)
+    for key, field in axolotl.LORA_KEYS.items():
+        assert f"`{field}:" in hints[key] and field in LoraSection.model_fields, key
+        value = "adapters/x" if field == "init_from" else True if field.startswith("use_") else 8
+        assert convert(adapter="lora", **{key: value})["lora"][field] == value, key
+    for key in axolotl.WANDB_KEYS:
+        field = key[len("wandb_"):]
+        assert f"{field}:" in hints[key] and field in WandbSection.model_fields, key
+        assert convert(**{key: "x"})["wandb"][field] == "x", key
+    for key, impl in axolotl.ATTENTION.items():
+        assert f"attn_implementation: {impl}" in hints[key]
+        assert convert(**{key: True})["hf"]["attn_implementation"] == impl
+    for key, name in axolotl.RENAMED_CORE.items():
+        assert hints[key] == f"write `{name}:`."
 
 
 def test_convert_never_replaces_its_own_input(ft_runner, axolotl_config, tmp_path):
@@ -754,7 +783,7 @@ def test_equivalents_ft_has_are_used(ft_runner, tmp_path, ft_tiny_model_dir):
 def test_adam_section_reaches_the_trainer_and_is_checked(ft_runner, write_yaml, ft_tiny_model_dir):
     from ft_plugins.optimizers import ft_trainer_args
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     base = {"base_model": str(ft_tiny_model_dir), "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
     ctx = load_context({**base, "adam": {"beta2": 0.95, "epsilon": 1e-6}})

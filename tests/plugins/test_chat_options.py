@@ -9,8 +9,8 @@ import json
 import pytest
 from test_formats_chat import TALK, build, one, trained_runs
 
-from ft.errors import FtError
-from ft.formats import Dropped
+from ft.kernel.errors import FtError
+from ft.kernel.formats import Dropped
 
 SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ft.context import load_context
+from ft.kernel.context import load_context
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
@@ -98,14 +98,14 @@ def ebft_config(root: Path, model_dir: Path, **extra) -> dict:
 
 
 def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer):
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     config = ebft_config(tmp_path, ft_tiny_model_dir)
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
     rows[1]["reference"] = "  "
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ctx = load_context(config)
-    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     assert len(prepared.train) == len(rows) - 1
     assert "rows.jsonl:2" in json.dumps(prepared.report) and "missing reference" in json.dumps(prepared.report)
     first = prepared.train[0]
@@ -116,15 +116,15 @@ def test_prompt_reference_rows_carry_the_reference_tokens_and_eos(tmp_path, ft_t
 
 
 def trainer_for(tmp_path, model_dir, *plugins):
-    from ft.data import prepare_datasets
-    from ft.train import build_trainer
+    from ft.engine.data import prepare_datasets
+    from ft.engine.train import build_trainer
 
     config = ebft_config(tmp_path, model_dir, plugins=list(plugins))
     ctx = load_context(config)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
-    model = ctx.pm.calls.load_model(ctx.cfg, ctx.pm.calls.model_kwargs(ctx.cfg), tokenizer)
-    model = ctx.pm.calls.apply_adapter(ctx.cfg, model)
+    model = ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg), tokenizer=tokenizer)
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=model) or model
     return build_trainer(ctx, model, tokenizer, prepared), model, prepared
 
 
@@ -183,8 +183,8 @@ def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, ft_tiny_mod
 
 
 def test_strided_mode_cuts_documents_at_anchors(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer):
-    from ft.data import prepare_datasets
-    from ft.tiny import corpus
+    from ft.engine.data import prepare_datasets
+    from ft.tools.tiny import corpus
 
     doc = " ".join(corpus(40, seed=2))
     short = "Too short."
@@ -192,7 +192,7 @@ def test_strided_mode_cuts_documents_at_anchors(tmp_path, ft_tiny_model_dir, ft_
     config = ebft_config(tmp_path, ft_tiny_model_dir, ebft={"max_completion_len": 6})
     config["datasets"] = [{"path": str(tmp_path / "docs.jsonl"), "type": "strided", "stride": 20, "context_len": 30}]
     ctx = load_context(config)
-    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     ids = ft_tiny_tokenizer(doc, add_special_tokens=False)["input_ids"]
     anchors = list(range(20, len(ids) - 6 + 1, 20))
     assert len(anchors) >= 5 and len(prepared.train) == len(anchors)
@@ -207,7 +207,7 @@ def test_strided_mode_cuts_documents_at_anchors(tmp_path, ft_tiny_model_dir, ft_
 @pytest.mark.slow
 def test_a_short_strided_run(tmp_path, ft_tiny_model_dir):
     from ft.run import run
-    from ft.tiny import corpus
+    from ft.tools.tiny import corpus
 
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(corpus(30, seed=s))}) + "\n"
                                                  for s in range(3)))

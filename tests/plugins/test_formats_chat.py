@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from ft_plugins.chat_template import load_shipped_template
 
-from ft.context import load_context
-from ft.errors import FtError
-from ft.formats import Dropped
+from ft.kernel.context import load_context
+from ft.kernel.errors import FtError
+from ft.kernel.formats import Dropped
 
 DATA = Path(__file__).parent / "data"
 
@@ -324,7 +324,7 @@ def test_template_without_end_of_turn_token(write_yaml, ft_tiny_tokenizer):
 
 
 def test_unknown_entry_option_is_a_config_error(write_yaml, ft_tiny_tokenizer):
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         build(write_yaml, ft_tiny_tokenizer, roles_to_trian=["assistant"])
@@ -388,8 +388,8 @@ def test_the_data_report_counts_rows_with_control_token_text(tmp_path, ft_tiny_m
     import json as json_mod
     import logging
 
-    from ft.data import prepare_datasets
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.engine.data import prepare_datasets
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     rows = make_chat_rows(6, seed=1) + [{"messages": TYPED_CONTROL}]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
@@ -397,7 +397,7 @@ def test_the_data_report_counts_rows_with_control_token_text(tmp_path, ft_tiny_m
                          "dataset_prepared_path": str(tmp_path / "prepared"), "dataset_num_proc": 1})
     ctx = load_context(config)
     with caplog.at_level(logging.WARNING, logger="ft"):
-        prepared = prepare_datasets(ctx, ctx.pm.hook.ft_load_tokenizer(cfg=ctx.cfg))
+        prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     noted = prepared.report["noted"]["special token text in a message"]
     assert noted["count"] == 2 and noted["examples"][0]["where"] == f"{data}:7"
     assert "escape_special_tokens" in caplog.text

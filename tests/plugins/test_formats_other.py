@@ -7,9 +7,9 @@ import pickle
 import pytest
 from ft_plugins.alpaca import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 
-from ft.context import load_context
-from ft.errors import FtError
-from ft.formats import Dropped
+from ft.kernel.context import load_context
+from ft.kernel.errors import FtError
+from ft.kernel.formats import Dropped
 
 
 def build(write_yaml, tokenizer, type_, top=None, **entry):

@@ -10,7 +10,7 @@ import torch
 from ft_plugins import fused_loss
 from ft_plugins.packing import PackedCollator
 
-from ft.collate import PaddingCollator
+from ft.engine.collate import PaddingCollator
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 

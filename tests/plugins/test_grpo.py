@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, FtError
-from ft.testing import install_distribution, registered_plugin
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, FtError
+from ft.tools.testing import install_distribution, registered_plugin
 
 QUESTION = "What is {a} plus {b}?"
 
@@ -630,7 +630,7 @@ PAUSE_AT_STEP = textwrap.dedent('''
 
     torch.set_num_threads(1)
     from ft import hookimpl
-    from ft.plugins import add_process_plugin
+    from ft.kernel.plugins import add_process_plugin
 
     config, marker, step = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 

@@ -57,7 +57,7 @@ def test_chat_prompts_get_the_system_prompt_only_where_they_have_none(ft_tiny_mo
 
 
 def test_preprocess_debug_shows_prompt_rows(ft_tiny_model_dir, tmp_path):
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     config = grpo_config(tmp_path, ft_tiny_model_dir)
     data, tok = prepared(config)

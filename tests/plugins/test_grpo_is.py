@@ -18,6 +18,8 @@ import pytest
 import yaml
 from test_grpo_trl import G, fixed_batch, make_ft, make_trl  # noqa: F401 - fixed_batch is a fixture
 
+from ft.api import Plugin
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 IS_CASES = {  # mode, cap, floor
@@ -138,7 +140,7 @@ def run_with(root, model_dir, tmp_name, **grpo):
     """A GRPO run (plain prompts, 4 steps) with VersionedGeneration; returns the trainer and the run's history."""
     from ft import hookimpl
     from ft.run import run
-    from ft.testing import registered_plugin
+    from ft.tools.testing import registered_plugin
 
     rows = [{"prompt": f"Count {i} and {i + 1}.", "index": i} for i in range(16)]
     work = root / tmp_name
@@ -155,7 +157,7 @@ def run_with(root, model_dir, tmp_name, **grpo):
     seen = {}
 
     class Versioned:  # a generator plugin, as -p vllm is one
-        FT_PROVIDES = ("separate_generation",)
+        PLUGIN = Plugin(provides=["separate_generation"])
 
         @hookimpl
         def ft_before_train(cfg, trainer):
@@ -194,7 +196,7 @@ def test_async_generation_trails_by_the_lag_and_generates_the_steps_prompts(ft_t
 
 
 def test_async_generation_needs_a_separate_generator(ft_tiny_model_dir, tmp_path, write_yaml):
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
     from ft.run import run
 
     (tmp_path / "x.jsonl").write_text(json.dumps({"prompt": "Hi."}) + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
@@ -168,8 +168,8 @@ def test_ft_vllm_serve_command_serves_the_config_model(ft_tiny_model_dir, tmp_pa
 
 
 def test_vllm_with_sharded_training_is_refused_for_now(ft_tiny_model_dir, tmp_path):
-    from ft.context import load_context
-    from ft.errors import ConfigError
+    from ft.kernel.context import load_context
+    from ft.kernel.errors import ConfigError
 
     config = write_config(tmp_path, ft_tiny_model_dir, 8000, plugins=["fsdp", "vllm"])
     with pytest.raises(ConfigError) as info:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("FT_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
@@ -62,7 +62,7 @@ def vllm_python() -> str:
 @pytest.fixture(scope="module")
 def vllm_model(tmp_path_factory) -> Path:
     """The tiny model with head size 32 (vLLM's CPU attention has no kernel for the default tiny's 16)."""
-    from ft.tiny import make_tiny
+    from ft.tools.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-vllm"), hidden_size=64, heads=2, kv_heads=1)
 

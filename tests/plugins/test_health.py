@@ -11,16 +11,16 @@ import pytest
 import yaml
 
 from ft import hookimpl
-from ft.checkpoints import list_checkpoints, verify
-from ft.errors import FtError
+from ft.engine.checkpoints import list_checkpoints, verify
+from ft.kernel.errors import FtError
 from ft.run import run
-from ft.testing import registered_plugin
+from ft.tools.testing import registered_plugin
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
 def write_run(root: Path, model_dir: Path, rows=None, eval_rows=None, **overrides) -> Path:
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     data = write_jsonl(root / "chat.jsonl", rows or make_chat_rows(8, seed=3))
     config = {
@@ -170,7 +170,7 @@ def test_a_nan_learning_rate_stops_before_the_first_update(ft_tiny_model_dir, tm
 
 
 def test_health_can_be_blocked(ft_tiny_model_dir, tmp_path):
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     config = write_run(tmp_path, ft_tiny_model_dir)
     assert "health" in load_context(config).pm.active_names()
@@ -244,7 +244,7 @@ def test_a_rising_loss_points_at_the_learning_rate(ft_tiny_model_dir, tmp_path):
 
 
 def test_memorising_one_conversation_collapses_the_loss_while_the_eval_loss_rises(ft_tiny_model_dir, tmp_path):
-    from ft.tiny import make_chat_rows
+    from ft.tools.tiny import make_chat_rows
 
     one = make_chat_rows(1) * 8
     config = write_run(tmp_path, ft_tiny_model_dir, rows=one, eval_rows=make_chat_rows(8), max_steps=240,
@@ -267,7 +267,7 @@ def test_memorising_one_conversation_collapses_the_loss_while_the_eval_loss_rise
 def watch(**options):
     from ft_plugins.health import HealthOptions, Watch
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     cfg = load_context({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "chat_template"}],
                         "lr_scheduler": options.pop("lr_scheduler", "cosine")}).cfg

@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, FtError
-from ft.formats import DatasetOptions
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, FtError
+from ft.kernel.formats import DatasetOptions
 
 
 class HandFormat:
@@ -26,12 +26,12 @@ def make_ctx(base_model, **overrides):
 
 
 def load_tokenizer(ctx):
-    return ctx.pm.calls.load_tokenizer(ctx.cfg)
+    return ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
 
 
 def load_model(ctx, tokenizer):
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    return ctx.pm.hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    return ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_missing_pad_token_uses_a_reserved_special_token_not_eos(ft_tiny_model_d
 
 
 def test_tokenizer_own_pad_token_is_kept(tmp_path, caplog):
-    from ft.tiny import make_tokenizer
+    from ft.tools.tiny import make_tokenizer
 
     make_tokenizer(tmp_path, pad_token="<|endoftext|>")
     caplog.set_level(logging.INFO, logger="ft")
@@ -81,7 +81,7 @@ def test_eos_stays_trained_when_eos_is_the_pad_token(tokenizer_without_spares):
     """Labels are built before padding: the real EOS keeps its label, padding (same id) does not."""
     ctx = make_ctx(tokenizer_without_spares)
     tok = load_tokenizer(ctx)
-    collate = ctx.pm.calls.collator(ctx.cfg, tok, ctx.method)  # the sft method's padding collator
+    collate = ctx.method.collator(ctx.cfg, tok)  # the sft method's padding collator (no ft_collator plugin is active)
     eos = tok.eos_token_id
     short = tok("hello")["input_ids"] + [eos]
     long = tok("hello world again")["input_ids"] + [eos]
@@ -116,7 +116,7 @@ def test_bf16_auto_on_cpu_loads_fp32_and_only_safetensors(ft_tiny_model_dir):
     import torch
 
     ctx = make_ctx(ft_tiny_model_dir)  # bf16 defaults to auto
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
     assert kwargs["dtype"] == torch.float32
     assert kwargs["use_safetensors"] is True
     assert kwargs["trust_remote_code"] is False
@@ -127,7 +127,7 @@ def test_bf16_auto_on_cpu_loads_fp32_and_only_safetensors(ft_tiny_model_dir):
 
 def test_hf_section_options_reach_from_pretrained(ft_tiny_model_dir):
     ctx = make_ctx(ft_tiny_model_dir, hf={"allow_pickle": True, "attn_implementation": "eager", "revision": "v1"})
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
     assert "use_safetensors" not in kwargs
     assert kwargs["attn_implementation"] == "eager" and kwargs["revision"] == "v1"
 

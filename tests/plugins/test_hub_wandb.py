@@ -14,10 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ft.context import load_context
-from ft.errors import ConfigError, FtError
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, FtError
 from ft.run import run
-from ft.tiny import make_chat_rows, write_jsonl
+from ft.tools.tiny import make_chat_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
@@ -223,10 +223,10 @@ def test_wandb_settings_reach_the_integration(ft_tiny_model_dir, tmp_path, monke
 def test_wandb_section_becomes_the_environment_of_the_run_and_is_put_back(ft_tiny_model_dir, tmp_path, monkeypatch):
     from ft_plugins import wandb as plugin
 
-    import ft.config
+    import ft.kernel.config
 
-    real = ft.config._importable
-    monkeypatch.setattr(ft.config, "_importable", lambda m: True if m == "wandb" else real(m))
+    real = ft.kernel.config_checks._importable
+    monkeypatch.setattr(ft.kernel.config_checks, "_importable", lambda m: True if m == "wandb" else real(m))
     monkeypatch.setenv("WANDB_PROJECT", "from-the-shell")
     monkeypatch.delenv("WANDB_TAGS", raising=False)
     ctx = load_context(config(ft_tiny_model_dir, tmp_path, report_to=["tensorboard", "wandb"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ft_plugins import liger
 
-from ft.errors import FtError, MissingDependencyError
+from ft.kernel.errors import FtError, MissingDependencyError
 
 
 def _module_state(module):

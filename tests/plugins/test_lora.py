@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, MissingDependencyError
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, MissingDependencyError
 
 
 def make_config(model_dir, plugins=("lora",), **extra):
@@ -28,7 +28,7 @@ def apply_lora(model_dir, **lora):
 
     ctx = load_context(make_config(model_dir, lora=lora))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return ctx, ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=model)
+    return ctx, ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=model)
 
 
 def problems_of(excinfo) -> str:
@@ -159,7 +159,7 @@ def test_gradient_checkpointing_still_reaches_the_adapter(ft_tiny_model_dir):
     ctx = load_context(make_config(ft_tiny_model_dir, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs,
                                    lora={"r": 4}))
     base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir)
-    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=base)
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=base)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # as the Trainer does, afterwards
     model.train()
     ids = torch.randint(0, 400, (2, 12))
@@ -187,7 +187,7 @@ def test_save_writes_the_peft_layout(ft_tiny_model_dir, tmp_path):
 
     ctx, model = apply_lora(ft_tiny_model_dir, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "out"
-    files = ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    files = ctx.pm.call("ft_save_weights", cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
     assert sorted(p.rsplit("/", 1)[-1] for p in files) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
@@ -211,7 +211,7 @@ def test_init_from_continues_an_adapter(ft_tiny_model_dir, tmp_path):
 
     ctx, first = apply_lora(ft_tiny_model_dir, r=4, target_modules=["q_proj"])
     randomize_lora_b(first)
-    ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=first, output_dir=str(tmp_path / "first"))
+    ctx.pm.call("ft_save_weights", cfg=ctx.cfg, trainer=None, model=first, output_dir=str(tmp_path / "first"))
 
     _, second = apply_lora(ft_tiny_model_dir, init_from=str(tmp_path / "first"))
     assert second.peft_config["default"].r == 4  # the adapter's own settings, not the section defaults
@@ -243,7 +243,7 @@ def test_training_changes_the_adapter_and_leaves_the_base_bit_identical(ft_tiny_
     from safetensors.torch import load_file
 
     from ft.run import run
-    from ft.testing import registered_plugin, write_config
+    from ft.tools.testing import registered_plugin, write_config
 
     config = write_config(
         tmp_path / "config.yaml", base_model=ft_tiny_model_dir, dataset=chat_jsonl, plugins=["lora"], max_steps=3,
@@ -289,7 +289,7 @@ def test_seed_seeds_the_adapter_initialisation(ft_tiny_model_dir, chat_jsonl, tm
     from safetensors.torch import load_file
 
     from ft.run import run
-    from ft.testing import write_config
+    from ft.tools.testing import write_config
 
     extra = {"method": "dpo", "datasets": [{"path": write_pairs(tmp_path / "pairs.jsonl"), "type": "preference"}],
              "sequence_len": 64} if method == "dpo" else {"dataset": chat_jsonl}

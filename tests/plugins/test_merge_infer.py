@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 PROMPT = "What is 2 plus 3?"
 
@@ -17,8 +17,8 @@ PROMPT = "What is 2 plus 3?"
 def lora_run(ft_tiny_model_dir, tmp_path_factory):
     """The output directory of a short `ft run` with the lora plugin (adapter + tokenizer + config)."""
     from ft.run import run
-    from ft.testing import write_config
-    from ft.tiny import make_chat_rows, write_jsonl
+    from ft.tools.testing import write_config
+    from ft.tools.tiny import make_chat_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("lora-run")
     data = write_jsonl(root / "chat.jsonl", make_chat_rows(32))
@@ -55,7 +55,7 @@ def test_merged_logits_match_the_adapter_model(lora_run, tmp_path, ft_tiny_model
     from ft_plugins.lora import load_adapter_model
     from transformers import AutoModelForCausalLM
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     result = FtRunner().invoke("merge", lora_run, "--to", tmp_path / "merged").assert_ok()
     assert f"merged model written to {tmp_path / 'merged'}" in result.output
@@ -88,7 +88,7 @@ def test_merge_defaults_to_a_merged_folder_and_casts_to_the_chosen_dtype(lora_ru
 def test_merge_errors(lora_run, tmp_path, ft_tiny_model_dir):
     from ft_plugins.lora import merge_adapter
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     with pytest.raises(FtError, match="holds no LoRA adapter .adapter_config.json is missing., so there is nothing to "
                                       "merge. It holds a full model already"):
@@ -117,7 +117,7 @@ def test_base_model_is_found_from_the_saved_config_when_the_adapter_path_is_stal
 
 
 def test_an_unreachable_hub_base_is_one_clear_error(lora_run, tmp_path):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     moved = tmp_path / "moved"
     shutil.copytree(lora_run, moved, ignore=shutil.ignore_patterns("merged"))
@@ -136,7 +136,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(ft_tiny_model_dir, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     config = {
         "base_model": str(ft_tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
@@ -144,15 +144,15 @@ def test_qlora_adapter_merges_into_the_dequantized_base(ft_tiny_model_dir, tmp_p
         "lora": {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, "qlora": {"compute_dtype": "float32"},
     }
     ctx = load_context(config)
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **kwargs))
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **kwargs))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:  # as if trained
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     out = tmp_path / "qlora-run"
-    ctx.pm.hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    ctx.pm.call("ft_save_weights", cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
     tokenizer = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
     tokenizer.save_pretrained(out)
 
@@ -182,7 +182,7 @@ def test_merge_with_added_tokens_resizes_the_base(ft_tiny_model_dir, tmp_path):
     from ft_plugins.lora import load_adapter_model, merge_adapter
     from transformers import AutoModelForCausalLM
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     config = {
         "base_model": str(ft_tiny_model_dir), "datasets": [{"path": "unused.jsonl", "type": "chat_template"}],
@@ -190,17 +190,17 @@ def test_merge_with_added_tokens_resizes_the_base(ft_tiny_model_dir, tmp_path):
         "lora": {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]},
     }
     ctx = load_context(config)
-    hook = ctx.pm.hook
-    tokenizer = hook.ft_load_tokenizer(cfg=ctx.cfg)
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
-    model = hook.ft_apply_adapter(cfg=ctx.cfg, model=hook.ft_load_model(cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer))
+    pm = ctx.pm
+    tokenizer = pm.call("ft_load_tokenizer", cfg=ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
+    model = pm.call("ft_apply_adapter", cfg=ctx.cfg, model=pm.call("ft_load_model", cfg=ctx.cfg, kwargs=kwargs, tokenizer=tokenizer))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # as if trained: the adapter and the new tokens' rows
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     out = tmp_path / "run"
-    hook.ft_save_weights(cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
+    pm.call("ft_save_weights", cfg=ctx.cfg, trainer=None, model=model, output_dir=str(out))
     tokenizer.save_pretrained(out)
 
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(out, tmp_path / "merged")).eval()
@@ -215,7 +215,7 @@ def test_merge_with_added_tokens_resizes_the_base(ft_tiny_model_dir, tmp_path):
 
 
 def test_infer_prints_a_reply_from_a_saved_adapter_run(lora_run):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     result = FtRunner().invoke("infer", lora_run, PROMPT, "--max-new-tokens", "8").assert_ok()
     assert result.stdout.strip(), "no text was generated"
@@ -301,7 +301,7 @@ def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, ft_ti
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     run_dir = tmp_path / "pickled"
     shutil.copytree(ft_tiny_model_dir, run_dir)
@@ -317,7 +317,7 @@ def test_ft_infer_on_weights_with_refused_pickles_is_an_ft_error(tmp_path, ft_ti
 
 
 def test_merge_refuses_a_directory_that_holds_another_run_unless_forced(lora_run, tmp_path):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     other = tmp_path / "other-run"
     other.mkdir()
@@ -341,7 +341,7 @@ def truncate(path):
 
 
 def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_path, ft_tiny_model_dir):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     adapter = tmp_path / "adapter"
     shutil.copytree(lora_run, adapter, ignore=shutil.ignore_patterns("merged"))
@@ -359,7 +359,7 @@ def test_a_truncated_adapter_or_model_is_an_error_naming_the_file(lora_run, tmp_
 
 
 def test_infer_warns_when_the_run_did_not_finish(ft_tiny_model_dir, tmp_path):
-    from ft.testing import FtRunner
+    from ft.tools.testing import FtRunner
 
     run_dir = tmp_path / "run"
     shutil.copytree(ft_tiny_model_dir, run_dir)

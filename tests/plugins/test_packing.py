@@ -10,7 +10,7 @@ import pytest
 from ft_plugins.packing import PackedCollator, pack_best_fit_decreasing, pack_dataset
 from test_data import prepare, qa_rows, write_lines
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 
 def test_best_fit_decreasing_places_every_sample_once_within_capacity():
@@ -33,7 +33,7 @@ def test_best_fit_picks_the_fullest_bin_that_fits():
 
 
 def test_a_sample_longer_than_the_bin_is_refused():
-    from ft.errors import DataError
+    from ft.kernel.errors import DataError
 
     with pytest.raises(DataError, match="more than the bin size"):
         pack_best_fit_decreasing([3, 20], 16)
@@ -196,12 +196,35 @@ def test_packing_plugin_supplies_the_packed_collator(tmp_path, monkeypatch):
         eos_token_id = 2
 
     ctx = make_context(base_config(tmp_path, tmp_path / "x.jsonl"), ["packing"])
-    collator = ctx.pm.calls.collator(ctx.cfg, Tok(), ctx.method)
+    collator = ctx.pm.call("ft_collator", cfg=ctx.cfg, tokenizer=Tok(), method=ctx.method)
     assert isinstance(collator, PackedCollator) and collator.pad_token_id == 7 and collator.attention == "mask"
     import torch
 
     assert collator.mask_dtype == torch.float32  # bf16: auto is fp32 on CPU
     flash = make_context(base_config(tmp_path, tmp_path / "x.jsonl", hf={"attn_implementation": "flash_attention_2"}),
                          ["packing"])
-    assert flash.pm.calls.collator(flash.cfg, Tok(), flash.method).attention == "varlen"
+    assert flash.pm.call("ft_collator", cfg=flash.cfg, tokenizer=Tok(), method=flash.method).attention == "varlen"
     assert isinstance(packing.ft_collator(ctx.cfg, Tok(), ctx.method), PackedCollator)
+
+
+def test_position_ids_go_with_the_token_columns_when_packing_but_are_no_token_ids(ft_tiny_tokenizer):
+    """One is_token_column serves the data checks and packing; they differ only on position_ids: one value
+    per token (packing joins them like the token columns), but not token ids (not checked against the vocabulary)."""
+    from datasets import Dataset
+    from ft_plugins.packing import _unit_values
+
+    from ft.engine.columns import is_token_column
+    from ft.engine.data import token_id_problem
+
+    names = ("input_ids", "chosen_input_ids", "labels", "rejected_labels", "position_ids", "margin", "label")
+    assert [is_token_column(n) for n in names] == [True, True, True, True, False, False, False]
+    assert [is_token_column(n, positions=True) for n in names] == [True, True, True, True, True, False, False]
+
+    vocab = len(ft_tiny_tokenizer)
+    long_positions = Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]], "position_ids": [[0, vocab]]})
+    assert token_id_problem(long_positions, ft_tiny_tokenizer) is None, "positions are not token ids"
+    bad_ids = Dataset.from_dict({"input_ids": [[1, vocab]], "labels": [[-100, 2]]})
+    assert "token id" in token_id_problem(bad_ids, ft_tiny_tokenizer)
+
+    packed = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "position_ids": [0, 1, 0, 1], "margin": [0.5, 1.5]}]
+    assert set(_unit_values(packed)) == {"margin"}, "a packed row's position_ids are per token, not per unit"

@@ -14,8 +14,8 @@ import re
 
 import pytest
 
-from ft.errors import ConfigError
-from ft.formats import IGNORE_INDEX
+from ft.kernel.errors import ConfigError
+from ft.kernel.formats import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
@@ -49,11 +49,11 @@ def config(tmp_path, model_dir, data, method="dpo", fmt="preference", **extra) -
 
 
 def prepare(cfg: dict):
-    from ft.context import load_context
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
 
     ctx = load_context(cfg)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer
 
 
@@ -270,7 +270,7 @@ def test_kto_rows_and_unpaired_pairs(tmp_path, ft_tiny_model_dir):
 
 
 def errors(write_yaml, cfg: dict, plugin_args=()) -> list[str]:
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     path = write_yaml(cfg)
     with pytest.raises(ConfigError) as info:
@@ -316,7 +316,7 @@ def test_kto_config_errors(tmp_path, write_yaml):
 
 
 def test_debug_view_shows_prompt_chosen_and_rejected_with_scored_tokens(tmp_path, ft_tiny_model_dir):
-    from ft.debug import show_samples
+    from ft.tools.debug import show_samples
 
     data = write_rows(tmp_path / "p.jsonl", pair_rows(3))
     out, tok = prepare(config(tmp_path, ft_tiny_model_dir, data))
@@ -421,7 +421,7 @@ def test_reference_plans_are_logged_and_precomputed_logps_give_the_same_run(tmp_
 def test_stored_reference_logps_are_checked_against_the_prepared_data_manifest(tmp_path, caplog):
     from ft_plugins.preference_trainer import load_reference, save_reference
 
-    from ft.cache import write_manifest
+    from ft.engine.cache import write_manifest
 
     cache_dir = tmp_path / "key"
     cache_dir.mkdir()
@@ -534,7 +534,7 @@ def test_qlora_dpo_uses_the_quantized_base_without_its_adapter(tmp_path, ft_tiny
 def test_kto_mismatched_pairs_take_another_prompt(tmp_path, ft_tiny_model_dir):
     """The KL term's pairs put each prompt with a completion of another prompt, also when the two rows
     of an unpaired pair sit next to each other."""
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     questions = ["What is one plus two?", "Say hello.", "Name a red fish."]
     answers = [("It is three.", "It is four."), ("Hello there.", "Bye now."), ("A red cat.", "A blue dog.")]

@@ -29,9 +29,9 @@ def pair_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def prepared(tmp_path, model_dir, rows, plugins=(), name="p", **extra):
-    from ft.context import load_context
-    from ft.data import prepare_datasets
-    from ft.tiny import write_jsonl
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.context import load_context
+    from ft.tools.tiny import write_jsonl
 
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     config = {"base_model": str(model_dir), "method": "dpo", "dpo": {"beta": 0.2},
@@ -39,7 +39,7 @@ def prepared(tmp_path, model_dir, rows, plugins=(), name="p", **extra):
               "plugins": list(plugins), "dataset_prepared_path": str(tmp_path / name),
               "output_dir": str(tmp_path / f"out-{name}"), "dataset_num_proc": 1, **extra}
     ctx = load_context(config)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return ctx, tokenizer, prepare_datasets(ctx, tokenizer)
 
 
@@ -114,7 +114,7 @@ def test_a_packed_batch_gives_the_unpacked_dpo_loss_and_gradients(tmp_path, ft_t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ft.train import build_trainer
+    from ft.engine.train import build_trainer
 
     rows = pair_rows(12, seed=1)
     results = []

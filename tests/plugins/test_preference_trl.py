@@ -18,7 +18,7 @@ import random
 
 import pytest
 
-from ft.formats import IGNORE_INDEX
+from ft.kernel.formats import IGNORE_INDEX
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
@@ -53,10 +53,10 @@ def ft_setup(tmp_path, model_dir, method: str, section: dict, rows: list[dict], 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ft.context import load_context
-    from ft.data import prepare_datasets
-    from ft.tiny import write_jsonl
-    from ft.train import build_trainer
+    from ft.engine.data import prepare_datasets
+    from ft.engine.train import build_trainer
+    from ft.kernel.context import load_context
+    from ft.tools.tiny import write_jsonl
 
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     config = {
@@ -66,7 +66,7 @@ def ft_setup(tmp_path, model_dir, method: str, section: dict, rows: list[dict], 
         "output_dir": str(tmp_path / "out"), "dataset_num_proc": 1, **extra,
     }
     ctx = load_context(config)
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     trainer = build_trainer(ctx, model, tokenizer, prepared)

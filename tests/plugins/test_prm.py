@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from ft.context import load_context
+from ft.kernel.context import load_context
 
 M = -100
 
 
 def config_of(tmp_path: Path, model_dir: Path, rows: list[dict], **extra) -> dict:
-    from ft.tiny import write_jsonl
+    from ft.tools.tiny import write_jsonl
 
     data = write_jsonl(tmp_path / "steps.jsonl", rows)
     entry = {"path": str(data), "type": "stepwise_supervised", **extra.pop("entry", {})}
@@ -26,10 +26,10 @@ def config_of(tmp_path: Path, model_dir: Path, rows: list[dict], **extra) -> dic
 
 
 def prepare(tmp_path, model_dir, rows, **extra):
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     ctx = load_context(config_of(tmp_path, model_dir, rows, **extra))
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     return prepare_datasets(ctx, tokenizer), tokenizer
 
 
@@ -71,7 +71,7 @@ def test_bad_rows_are_dropped_with_their_line_and_reason(tmp_path, ft_tiny_model
 
 
 def test_prm_refuses_sft_data_before_loading_a_model(tmp_path):
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     config = config_of(tmp_path, Path("no/model"), [ROW])
     config["datasets"][0]["type"] = "chat_template"

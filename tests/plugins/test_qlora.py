@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from ft import hookimpl
-from ft.context import load_context
-from ft.errors import ConfigError, MissingDependencyError
+from ft.kernel.context import load_context
+from ft.kernel.errors import ConfigError, MissingDependencyError
 
 
 def make_config(model_dir, plugins=("lora", "qlora"), **extra):
@@ -66,7 +66,7 @@ def test_bits_other_than_4_or_8_are_refused(ft_tiny_model_dir):
 
 def model_kwargs(model_dir, **qlora):
     ctx = load_context(make_config(model_dir, qlora=qlora))
-    return ctx.pm.calls.model_kwargs(ctx.cfg)
+    return ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
 
 
 def test_4bit_config(ft_tiny_model_dir):
@@ -94,9 +94,9 @@ def test_adapter_goes_on_a_quantized_base(ft_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     ctx = load_context(make_config(ft_tiny_model_dir, qlora={"compute_dtype": "float32"}, lora={"r": 4}))
-    kwargs = ctx.pm.calls.model_kwargs(ctx.cfg)
+    kwargs = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)
     base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **kwargs)
-    model = ctx.pm.hook.ft_apply_adapter(cfg=ctx.cfg, model=base)
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=base)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
     assert q_proj.base_layer.weight.dtype == torch.uint8  # packed 4-bit values
@@ -140,7 +140,7 @@ class CaptureRun:
 
 def train(tmp_path, model_dir, data, **overrides):
     from ft.run import run
-    from ft.testing import registered_plugin, write_config
+    from ft.tools.testing import registered_plugin, write_config
 
     config = write_config(tmp_path / "config.yaml", base_model=model_dir, dataset=data, **overrides)
     capture = CaptureRun()

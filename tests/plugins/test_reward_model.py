@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_preference_trl import assert_same, loss_and_grads
 
-from ft.context import load_context
+from ft.kernel.context import load_context
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
@@ -33,7 +33,7 @@ def pair_rows(n: int = 6, seed: int = 0, margin: bool = False) -> list[dict]:
 
 
 def config_of(tmp_path: Path, model_dir: Path, rows: list[dict], **extra) -> dict:
-    from ft.tiny import write_jsonl
+    from ft.tools.tiny import write_jsonl
 
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     entry = {"path": str(data), "type": "preference", **extra.pop("entry", {})}
@@ -48,19 +48,19 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, ft_tiny_model_dir
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from ft.data import prepare_datasets
-    from ft.train import build_trainer
+    from ft.engine.data import prepare_datasets
+    from ft.engine.train import build_trainer
 
     rows = pair_rows(margin=margin)
     extra = {"entry": {"field_margin": "score_gap"}} if margin else {}
     if center is not None:
         extra["reward_model"] = {"center_rewards_coefficient": center}
     ctx = load_context(config_of(tmp_path, ft_tiny_model_dir, rows, **extra))
-    tokenizer = ctx.pm.calls.load_tokenizer(ctx.cfg)
+    tokenizer = ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg)
     prepared = prepare_datasets(ctx, tokenizer)
     ft_rows = [prepared.train[i] for i in range(len(prepared.train))]
     assert len(ft_rows) == len(rows)
-    model = ctx.pm.calls.load_model(ctx.cfg, {"dtype": torch.float32, "attn_implementation": "eager"}, tokenizer)
+    model = ctx.pm.call("ft_load_model", cfg=ctx.cfg, kwargs={"dtype": torch.float32, "attn_implementation": "eager"}, tokenizer=tokenizer)
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
     assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
     with torch.no_grad():  # a trained-looking score head, not the tiny init's near-zero one
@@ -88,13 +88,13 @@ def test_loss_and_gradients_equal_trl_reward_trainer(tmp_path, ft_tiny_model_dir
 
 
 def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_margin(tmp_path, ft_tiny_model_dir):
-    from ft.data import prepare_datasets
-    from ft.errors import FtError
+    from ft.engine.data import prepare_datasets
+    from ft.kernel.errors import FtError
 
     rows = pair_rows(margin=True)
     rows[2]["score_gap"] = "big"
     ctx = load_context(config_of(tmp_path, ft_tiny_model_dir, rows, entry={"field_margin": "score_gap"}))
-    prepared = prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+    prepared = prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
     assert len(prepared.train) == len(rows) - 1
     report = json.dumps(prepared.report)
     assert "malformed row" in report and "pairs.jsonl:3" in report and "'score_gap' must be a number" in report
@@ -103,7 +103,7 @@ def test_a_margin_that_is_not_a_number_drops_the_row_and_other_methods_refuse_a_
     dpo["method"] = "dpo"
     ctx = load_context(dpo)
     with pytest.raises(FtError, match="datasets\\[0\\].field_margin: a pair's margin is used by method reward_model"):
-        prepare_datasets(ctx, ctx.pm.calls.load_tokenizer(ctx.cfg))
+        prepare_datasets(ctx, ctx.pm.call("ft_load_tokenizer", cfg=ctx.cfg))
 
 
 def separable_pairs(n: int, seed: int) -> list[dict]:
@@ -201,7 +201,7 @@ def test_under_lora_the_score_head_trains_in_full_and_ft_merge_writes_a_classifi
 
     from ft_plugins.rewards import RewardModelOptions, reward_model
 
-    from ft.errors import FtError
+    from ft.kernel.errors import FtError
 
     with pytest.raises(FtError, match=f"holds a LoRA adapter .* run `ft merge {out}` and set model: {out}/merged"):
         reward_model(RewardModelOptions(model=str(out)), load_context(config_of(tmp_path, ft_tiny_model_dir, pair_rows())).cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_data import base_config, make_context
 
-from ft.errors import DataError
+from ft.kernel.errors import DataError
 
 ROWS = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
 
@@ -17,12 +17,12 @@ ROWS = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
 def load(tmp_path, path, **entry):
     ctx = make_context(base_config(tmp_path, Path("placeholder")) | {
         "datasets": [{"path": str(path), "type": "qa", **entry}]})
-    raw = ctx.pm.hook.ft_load_dataset(cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
+    raw = ctx.pm.call("ft_load_dataset", cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
     return raw, ctx
 
 
 def fingerprint(ctx) -> str:
-    return ctx.pm.calls.data_fingerprints(ctx.cfg, ctx.cfg.datasets[0])["sources"]
+    return dict(ctx.pm.each("ft_data_fingerprint", cfg=ctx.cfg, entry=ctx.cfg.datasets[0]))["sources"]
 
 
 def all_rows(raw) -> list[dict]:
@@ -153,13 +153,13 @@ def test_fingerprint_follows_content_not_timestamps(tmp_path):
 def test_relative_paths_are_found_next_to_the_config(tmp_path, write_yaml, monkeypatch):
     from test_data import QAPlugin
 
-    from ft.context import load_context
+    from ft.kernel.context import load_context
 
     (tmp_path / "d.jsonl").write_text(json.dumps(ROWS[0]))
     cfg_path = write_yaml({"base_model": "x", "datasets": [{"path": "d.jsonl", "type": "qa"}]})
     monkeypatch.chdir("/")
     ctx = load_context(str(cfg_path), extra_plugins=[("qa_test_format", QAPlugin())])
-    raw = ctx.pm.hook.ft_load_dataset(cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
+    raw = ctx.pm.call("ft_load_dataset", cfg=ctx.cfg, entry=ctx.cfg.datasets[0])
     assert all_rows(raw) == ROWS[:1]
 
 
@@ -182,7 +182,7 @@ def test_fsspec_urls(tmp_path):
 def test_a_url_whose_backend_is_missing_says_what_to_install(tmp_path):
     import importlib.util
 
-    from ft.errors import MissingDependencyError
+    from ft.kernel.errors import MissingDependencyError
 
     if importlib.util.find_spec("s3fs") is not None:
         pytest.skip("s3fs is installed here")
@@ -202,7 +202,7 @@ def test_a_missing_local_file_and_an_unreachable_hub_id_are_clear_errors(tmp_pat
 
 def test_csv_cells_are_read_as_text_so_numeric_answers_are_kept(tmp_path, ft_tiny_tokenizer):
     """An alpaca CSV whose outputs are numbers: every row is trained on, none dropped as "'output' is a int"."""
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     p = tmp_path / "sums.csv"
     p.write_text("instruction,input,output\n" + "".join(f"What is {i} plus {i}?,,{2 * i}\n" for i in range(6)))
@@ -216,7 +216,7 @@ def test_csv_cells_are_read_as_text_so_numeric_answers_are_kept(tmp_path, ft_tin
 
 def test_malformed_csv_rows_and_later_drops_name_their_file_line(tmp_path, ft_tiny_tokenizer):
     """Lines, not the count of kept rows: a quoted cell spanning two lines and a skipped row shift them."""
-    from ft.data import prepare_datasets
+    from ft.engine.data import prepare_datasets
 
     p = tmp_path / "d.csv"
     p.write_text('prompt,completion\na,b\n"two\nlines",c\nd,e,f\ng,\nh,i\n')

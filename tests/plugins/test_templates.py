@@ -129,14 +129,14 @@ def test_template_trains_the_answers_and_their_end_of_turn(name, write_yaml, fam
 
 
 def test_template_refuses_a_tokenizer_without_its_control_tokens(write_yaml, ft_tiny_tokenizer):
-    from ft.errors import FtError
+    from ft.kernel.errors import FtError
 
     with pytest.raises(FtError, match=r"template 'gemma' writes the special token\(s\) <start_of_turn>, <end_of_turn>"):
         build(write_yaml, ft_tiny_tokenizer, chat_template="gemma")
 
 
 def test_templates_refuse_roles_they_do_not_know(write_yaml, family_tokenizer):
-    from ft.formats import Dropped
+    from ft.kernel.formats import Dropped
 
     for name in ("gemma", "llama2", "mistral_v7_tekken", "deepseek_v3"):
         tokenize = build(write_yaml, family_tokenizer(name), chat_template=name)

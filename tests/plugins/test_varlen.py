@@ -8,7 +8,7 @@ import pytest
 import torch
 from ft_plugins import varlen
 
-from ft.errors import FtError
+from ft.kernel.errors import FtError
 
 
 class _Cfg:

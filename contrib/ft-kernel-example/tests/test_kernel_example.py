@@ -1,6 +1,6 @@
 """The kernel plugin template: same outputs as the original modules, every replacement recorded.
 
-Uses the fixtures of ``ft.testing`` (installed with ft): ``ft_tiny_model_dir``, ``ft_runner``,
+Uses the fixtures of ``ft.tools.testing`` (installed with ft): ``ft_tiny_model_dir``, ``ft_runner``,
 ``ft_config``, ``ft_dataset``, ``ft_hook_recorder``, and its ``assert_patch_survives``.
 """
 
@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 kx = pytest.importorskip("ft_kernel_example", reason="pip install ./contrib/ft-kernel-example")
 
-from ft.errors import FtError  # noqa: E402
-from ft.testing import assert_patch_survives  # noqa: E402
+from ft.kernel.errors import FtError  # noqa: E402
+from ft.tools.testing import assert_patch_survives  # noqa: E402
 
 
 @pytest.fixture(scope="module")

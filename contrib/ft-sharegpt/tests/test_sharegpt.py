@@ -1,6 +1,6 @@
 """`type: sharegpt` gives the labels of the same talks in OpenAI format through chat_template.
 
-Uses the fixtures of ``ft.testing`` (installed with ft): ``ft_tiny_model_dir``, ``ft_tiny_tokenizer``,
+Uses the fixtures of ``ft.tools.testing`` (installed with ft): ``ft_tiny_model_dir``, ``ft_tiny_tokenizer``,
 ``ft_dataset``, ``ft_config``, ``ft_runner``.
 """
 
@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("transformers")
 ShareGPTOptions = pytest.importorskip("ft_sharegpt", reason="pip install ./contrib/ft-sharegpt").ShareGPTOptions
 
-from ft.context import load_context  # noqa: E402
-from ft.formats import Dropped  # noqa: E402
-from ft.tiny import make_chat_rows  # noqa: E402
+from ft.kernel.context import load_context  # noqa: E402
+from ft.kernel.formats import Dropped  # noqa: E402
+from ft.tools.tiny import make_chat_rows  # noqa: E402
 
 TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -79,7 +79,7 @@ def test_unknown_role_is_dropped_with_a_reason_and_the_fix(ft_tiny_model_dir, ta
     want = tokenize(ft_tiny_model_dir, {"type": "chat_template"}, talks[:3])
     assert fixed == want
     # an unknown role is never rendered as it is: strict_roles: false is refused with the fix
-    from ft.errors import ConfigError
+    from ft.kernel.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"strict_roles.*never rendered as they are.*roles: \{assistant"):
         tokenize(ft_tiny_model_dir, {"type": "sharegpt", "strict_roles": False}, rows)
