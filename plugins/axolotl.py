@@ -243,7 +243,7 @@ TEMPLATES = {
     "mistral_v1": "mistral_v1", "mistral_v2v3": "mistral_v2v3", "mistral_v3_tekken": "mistral_v3_tekken",
     "mistral_v7_tekken": "mistral_v7_tekken", "qwen_25": "qwen", "tokenizer_default": None,
 }
-# Same-named templates whose rendering differs from axolotl's (checked in tests/test_axolotl.py by rendering
+# Same-named templates whose rendering differs from axolotl's (checked in tests/plugins/test_axolotl.py by rendering
 # axolotl's jinja next to ft's): the difference, flagged when the template is converted.
 TEMPLATE_DIFFERS = {
     "phi_3": "axolotl's phi_3 starts every conversation with the BOS token (<s>); ft's does not",

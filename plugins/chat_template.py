@@ -3,7 +3,7 @@
 One render per conversation, no generation markers needed. Shipped templates:
 ``ft_plugins/templates/*.jinja``: chatml, qwen, llama2, llama3, gemma, phi_3, phi_4, deepseek_v2,
 deepseek_v3, mistral (legacy), mistral_v1, mistral_v2v3, mistral_v3_tekken, mistral_v7_tekken. Each
-is checked in tests/test_templates.py against its model family's documented rendering (the Mistral
+is checked in tests/plugins/test_templates.py against its model family's documented rendering (the Mistral
 ones against mistral-common, Mistral's reference implementation). A model family not shipped
 here (Qwen3 with its reasoning rules, Llama-3.1 tool calls, Command-R ...) is best trained with the
 tokenizer's own template: leave ``chat_template`` unset.

@@ -2,7 +2,7 @@
 
 Every function takes 1-D tensors with one value per pair (or per row for KTO) and returns
 ``(losses, chosen_rewards, rejected_rewards)`` with one loss per pair/row; the caller averages.
-The formulas are TRL 1.x's (tests/test_preference_trl.py checks each against TRL to 1e-5):
+The formulas are TRL 1.x's (tests/plugins/test_preference_trl.py checks each against TRL to 1e-5):
 
 - DPO (Rafailov et al. 2023) with ``h = (logp_c - ref_c) - (logp_r - ref_r)``:
   sigmoid ``-log s(b h)`` (with ``label_smoothing`` e > 0 the conservative form

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny model + tokenizer made offline once per session, chat data writers."""
+"""What ft's own tests share beyond ft.tools.testing's fixtures (ft_tiny_model_dir, ft_tiny_tokenizer,
+ft_dataset, ft_config, ft_runner, ft_one_torch_thread ..., loaded through the pytest11 entry point):
+offline environment defaults, a private command cache, the gpu-marker skip, and two small writers."""
 
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(autouse=True, scope="session")
 def _ft_cache_dir(tmp_path_factory):
@@ -25,7 +25,6 @@ def _ft_cache_dir(tmp_path_factory):
         os.environ.pop("FT_CACHE_DIR", None)
     else:
         os.environ["FT_CACHE_DIR"] = before
-DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,38 +42,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def one_torch_thread():
-    """Tiny models train many times faster on one intra-op thread, above all on a busy 2-core CI box
-    (two threads spin-wait for each other). Tests that train use it with
-    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama model + ChatML tokenizer (no pad token), made once per test session."""
-    from ft.tools.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture
-def chat_jsonl(tmp_path) -> Path:
-    from ft.tools.tiny import make_chat_rows, write_jsonl
-
-    return write_jsonl(tmp_path / "chat.jsonl", make_chat_rows(32))
+def chat_jsonl(ft_dataset) -> Path:
+    """32 synthetic chat rows (OpenAI ``messages``) as JSONL."""
+    return ft_dataset(n=32, name="chat.jsonl")
 
 
 @pytest.fixture

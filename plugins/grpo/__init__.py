@@ -17,7 +17,7 @@ Hugging Face ``generate`` draws, with ``generate`` as its fallback); the ``vllm`
 (``trainer.set_generation``).
 
 The maths (:func:`group_advantages`, :func:`policy_loss`) is checked against TRL's GRPOTrainer
-to 1e-5 (tests/test_grpo_trl.py). Logged: each reward's mean and std, the weighted reward,
+to 1e-5 (tests/plugins/test_grpo_trl.py). Logged: each reward's mean and std, the weighted reward,
 completion length, clip ratio, KL and entropy; sample completions go to
 ``OUTPUT_DIR/completions.jsonl`` every ``log_completions_steps`` steps.
 

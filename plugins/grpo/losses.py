@@ -1,4 +1,4 @@
-"""GRPO's maths, checked against TRL's GRPOTrainer to 1e-5 (tests/test_grpo_trl.py): rewards combined and
+"""GRPO's maths, checked against TRL's GRPOTrainer to 1e-5 (tests/plugins/test_grpo_trl.py): rewards combined and
 normalised per group (advantages), importance-sampling weights, the clipped-surrogate loss.
 
 torch is imported inside functions.

@@ -344,19 +344,6 @@ def ft_apply_adapter(cfg: Config, model: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-@spec(FIRST, CALLABLE_COLLATOR)
-def ft_collator(cfg: Config, tokenizer: Any, method: Method) -> Any:
-    """Supply the data collator in place of the method's own (packing does).
-
-    Called: when the trainer is built.
-    Args:
-        cfg: the validated config.
-        tokenizer: the loaded tokenizer.
-        method: the training method (its ``columns`` say what a row holds).
-    Returns: a callable ``list[dict] -> dict[str, Tensor]``, or None to use the method's collator.
-    """
-
-
 @spec(MERGE, dict_of("TrainingArguments field"))
 def ft_trainer_args(cfg: Config) -> dict[str, Any] | None:
     """Contribute ``TrainingArguments`` fields (FSDP, DeepSpeed, precision ...).
@@ -367,6 +354,19 @@ def ft_trainer_args(cfg: Config) -> dict[str, Any] | None:
     Returns: a dict of ``TrainingArguments`` fields, or None. Merged like ``ft_model_kwargs``:
         two plugins setting one field differently is an error naming both; a field this
         transformers version lacks is an error naming the plugin.
+    """
+
+
+@spec(FIRST, CALLABLE_COLLATOR)
+def ft_collator(cfg: Config, tokenizer: Any, method: Method) -> Any:
+    """Supply the data collator in place of the method's own (packing does).
+
+    Called: when the trainer is built.
+    Args:
+        cfg: the validated config.
+        tokenizer: the loaded tokenizer.
+        method: the training method (its ``columns`` say what a row holds).
+    Returns: a callable ``list[dict] -> dict[str, Tensor]``, or None to use the method's collator.
     """
 
 

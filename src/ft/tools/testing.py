@@ -10,6 +10,8 @@ Installing ft makes these fixtures available in any project's tests (``-p no:ft`
   in-process and returns an :class:`FtResult` (exit code, output, output dir, exception).
 - ``ft_hook_recorder``: records every hook implementation call made while the test runs.
 - ``ft_register_plugin``: registers a plugin object for the rest of the test.
+- ``ft_one_torch_thread``: torch on one intra-op thread for the test (tiny models train many times
+  faster so on a busy CI box); use it with ``pytest.mark.usefixtures("ft_one_torch_thread")``.
 
 The same tools are plain functions and classes for use outside fixtures:
 :func:`registered_plugin` (a context manager), :class:`HookRecorder`, :class:`FtRunner`.
@@ -498,6 +500,21 @@ def ft_tiny_tokenizer(ft_tiny_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ft_tiny_model_dir)
+
+
+@pytest.fixture
+def ft_one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test, restored after. A tiny model trains many times
+    faster on one thread, above all on a busy 2-core CI box (two threads spin-wait for each other).
+    Use it with ``pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture
