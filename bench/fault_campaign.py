@@ -17,7 +17,7 @@ Every case is a subprocess ``ft ...`` with a timeout, and whether it held is che
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/fault_campaign.py [--areas kill9,paths] [--methods sft,dpo]
 
-The kill machinery is tests/core/test_crash.py's (a plugin that pauses ``ft run`` at a known point, so the kill
+The kill machinery is tests/engine/test_crash.py's (a plugin that pauses ``ft run`` at a known point, so the kill
 lands where it is meant to).
 """
 
@@ -49,12 +49,12 @@ FT = [sys.executable, "-c", "import sys; sys.argv[0] = 'ft'; from ft.cli import 
 
 
 def pausing_run_script() -> str:
-    """tests/core/test_crash.py's PAUSING_RUN: ``ft run`` that waits at "step_end:N" / "saving:N" / "final:0"."""
-    sys.path.insert(0, str(ROOT / "tests" / "core"))
+    """tests/engine/test_crash.py's PAUSING_RUN: ``ft run`` that waits at "step_end:N" / "saving:N" / "final:0"."""
+    sys.path.insert(0, str(ROOT / "tests" / "engine"))
     try:
         from test_crash import PAUSING_RUN
     finally:
-        sys.path.remove(str(ROOT / "tests" / "core"))
+        sys.path.remove(str(ROOT / "tests" / "engine"))
     return PAUSING_RUN
 
 
@@ -112,7 +112,7 @@ class Campaign:
         script = d / "pausing_run.py"
         text = pausing_run_script()
         plain = 'sys.argv = ["ft", "run", config]'
-        assert plain in text, "tests/core/test_crash.py's PAUSING_RUN changed: update fault_campaign.paused"
+        assert plain in text, "tests/engine/test_crash.py's PAUSING_RUN changed: update fault_campaign.paused"
         script.write_text(text.replace(plain, 'sys.argv = ["ft", "run", config, *sys.argv[5:]]'))
         marker, go = d / "paused", d / "go"
         with open(d / "stderr.txt", "wb") as err:

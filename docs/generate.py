@@ -1,7 +1,7 @@
 """Generate the reference pages in docs/ from the code: hooks.md and config.md.
 
     python docs/generate.py          # rewrite docs/hooks.md and docs/config.md
-    python docs/generate.py --check  # exit 1 if either is stale (what tests/core/test_docs.py checks)
+    python docs/generate.py --check  # exit 1 if either is stale (what tests/cli/test_docs.py checks)
 
 ``hooks.md`` comes from ``src/ft/hookspecs.py`` (phase banners, signatures, calling modes,
 docstrings). ``config.md`` comes from the JSON schema of the config with only first-party
