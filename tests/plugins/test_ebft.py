@@ -217,3 +217,22 @@ def test_a_short_strided_run(tmp_path, ft_tiny_model_dir):
     assert result.metrics["steps"] == 2
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert all({"alignment", "diversity", "cfm_loss"} <= set(r) for r in history)
+
+
+def test_an_error_in_the_module_level_trainers_reward_names_ebft_not_grpo():
+    """EBFTTrainer extends GRPO's Trainer from its own module (ebft/trainer.py): an error in its code is ebft's
+    (the frames of a plugin package are its plugin's), not grpo's whose frames surround it."""
+    from types import SimpleNamespace
+
+    from ft_plugins.ebft.trainer import EBFTTrainer
+
+    from ft.kernel.errors import plugin_in_traceback
+    from ft.kernel.plugins import PluginManager
+
+    PluginManager()  # loads the installed plugins (ebft, grpo) that errors are attributed to
+    assert EBFTTrainer.__module__ == "ft_plugins.ebft.trainer"
+    broken = SimpleNamespace(_step_rows=None, grpo=SimpleNamespace(num_generations=2))
+    with pytest.raises(TypeError) as caught:
+        EBFTTrainer._feature_reward(broken, ["p"], ["c"], [[1]])
+    plugin, frames = plugin_in_traceback(caught.value)
+    assert plugin == "ebft" and "ebft/trainer.py" in frames[-1]
