@@ -70,6 +70,10 @@ class GRPOOptions(BaseModel):
         "tokens of the whole step (all devices).")
     epsilon: float = Field(0.2, gt=0, description="Clipping range of the importance ratio: [1 - epsilon, 1 + epsilon_high].")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (DAPO's clip-higher); default: epsilon.")
+    disable_dropout: bool = Field(
+        True, description="Set every dropout of the policy (LoRA's too) to 0 for the run, as TRL's GRPO does: the "
+        "log-probabilities that importance sampling and the clipped ratio compare with the sampler's are then "
+        "deterministic, not each drawn with another dropout mask.")
     num_iterations: int = Field(1, ge=1, description="Optimizer steps on each batch of completions (ratios against "
                                 "the policy that generated them).")
     beta: float = Field(0.0, ge=0, description="Weight of the KL to the reference policy; 0 loads no reference.")

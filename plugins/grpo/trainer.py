@@ -98,6 +98,10 @@ class GRPOTrainer(Trainer):
                  ft_cfg: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.grpo, self.rewards, self.reference, self.ft_cfg = grpo, rewards, reference, ft_cfg
+        if grpo.disable_dropout:  # old log-probs (IS weights, ratios) must not differ from the sampler's by a mask
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         tok = self.processing_class
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = getattr(self.model.generation_config, "eos_token_id", None) if hasattr(self.model, "generation_config") else None

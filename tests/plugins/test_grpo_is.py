@@ -136,7 +136,7 @@ class VersionedGeneration:
         return self.snapshot(model)()
 
 
-def run_with(root, model_dir, tmp_name, **grpo):
+def run_with(root, model_dir, tmp_name, extra=None, **grpo):
     """A GRPO run (plain prompts, 4 steps) with VersionedGeneration; returns the trainer and the run's history."""
     from ft import hookimpl
     from ft.run import run
@@ -152,7 +152,8 @@ def run_with(root, model_dir, tmp_name, **grpo):
               "micro_batch_size": 4, "max_steps": 4, "logging_steps": 1, "learning_rate": 1e-2, "seed": 3,
               "bf16": False, "save_steps": None,
               "grpo": {"num_generations": 2, "max_completion_len": 4, "is_correction": "none",
-                       "rewards": [{"name": "length_penalty", "unit": "characters", "target": 3}], **grpo}}
+                       "rewards": [{"name": "length_penalty", "unit": "characters", "target": 3}], **grpo},
+              **(extra or {})}
     (work / "c.yaml").write_text(yaml.safe_dump(config))
     seen = {}
 
@@ -245,3 +246,17 @@ def test_fsdp2_and_zero3_generate_with_the_full_parameters_like_ddp(ft_tiny_mode
     assert {step for step, _ in completions["ddp"]} == {1, 2}
     assert completions["fsdp"] == completions["ddp"]
     assert completions["zero3"] == completions["ddp"]
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_grpo_disables_dropout_so_old_log_probs_match_the_samplers(ft_tiny_model_dir, tmp_path, disable):
+    """LoRA's dropout (0.05 by default) made every old log-prob, which IS weights and the clipped ratio compare with
+    the sampler's, a draw under another mask: against a real vLLM the LoRA run's ratios strayed ~10% by step 3.
+    As TRL's GRPO does, the policy's dropout is off for the run unless grpo.disable_dropout is false."""
+    import torch
+
+    trainer, _history = run_with(tmp_path, ft_tiny_model_dir, f"dropout_{disable}",
+                                 extra={"plugins": ["lora"], "max_steps": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.05}},
+                                 disable_dropout=disable)
+    rates = {m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == ({0.0} if disable else {0.05})
