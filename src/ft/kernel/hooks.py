@@ -223,8 +223,9 @@ def hook_names() -> list[str]:
 
 
 def is_firstresult_hook(name: str) -> bool:
-    found = declared(hookspecs).get(name)
-    return bool(found and found.mode == FIRST)
+    """Whether ft declares ``name`` with mode ``first`` (read per traced or recorded call: one attribute lookup)."""
+    found = getattr(getattr(hookspecs, name, None), "ft_hook", None)
+    return isinstance(found, HookSpec) and found.mode == FIRST
 
 
 def code_location(fn: Any) -> str | None:
