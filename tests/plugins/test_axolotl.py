@@ -296,7 +296,7 @@ def convert(ft_runner, src, out):
 def test_each_axolotl_shape_converts_and_validates(shape, axolotl_config, ft_runner, monkeypatch):
     from ft_plugins import hf
 
-    import ft.kernel.config
+    import ft.kernel.config_checks
 
     real = ft.kernel.config_checks._importable  # the LoRA shape reports to W&B; validation checks that wandb is installed
     monkeypatch.setattr(ft.kernel.config_checks, "_importable", lambda m: True if m == "wandb" else real(m))
