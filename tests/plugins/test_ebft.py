@@ -99,6 +99,12 @@ def test_the_whitened_reward_in_float32_on_wide_features_matches_the_reference()
         assert got[key].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5), key
     # whitened within its group, a completion has unit norm and is orthogonal to the others: no diversity
     assert got["diversity"].abs().max() < 1e-5
+    gen[1] = gen[0]  # two completions of group 0 repeat each other: the penalty falls on them alone
+    got = feature_rewards(gen, ref, n, 2.0, 2.0, whitening=True)
+    rewards, align, div, cfm = hand_rewards(gen.double().tolist(), ref.double().tolist(), n, 2.0, 2.0, whitening=True)
+    assert got["diversity"].tolist() == pytest.approx(div, abs=1e-5)
+    assert got["diversity"][0] == got["diversity"][1] == pytest.approx(0.5 / (n - 1), abs=1e-5)
+    assert got["diversity"][2:].abs().max() < 1e-5
 
 
 def test_features_are_pooled_per_layer_normalised_and_concatenated():
