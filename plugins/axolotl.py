@@ -1203,13 +1203,17 @@ class _Converter:
         self.note("ebft.feature_layers", layers, "axolotl takes hidden state int(f x layers), ft round(f x layers) "
                   "(at least 1): the same where f x layers is whole, e.g. 0.25/0.5/0.75 of a layer count divisible "
                   "by 4", True, expressed=True)
-        if not strided and len(set(layers)) > 1:
-            self.note("ebft.feature_layers", layers, "axolotl's structured mode L2-normalises the hidden states of "
-                      "the layers concatenated as one vector; ft normalises each layer's, then concatenates (as "
-                      "axolotl's strided mode does): larger-norm layers weigh more in axolotl's rewards", True)
+        if not strided:  # axolotl's structured mode normalises (or whitens) the concatenated layers as one vector
+            section["normalization"] = "joint"
+        whitening = bool(ebft.get("use_whitening"))
+        if whitening:
+            section["whitening"] = True
         embed = ebft.get("embed_method", "last_token")
         if embed == "last_token" or embed == "completion_mean" or (embed == "mean_pooling" and strided):
             section["pooling"] = "last_token" if embed == "last_token" else "mean"  # over the completion's tokens
+            if strided and embed == "mean_pooling":
+                self.note("ebft.embed_method", embed, "axolotl's strided mode averages the per-token normalised "
+                          "hidden states; ft normalises the average of each layer's hidden states", True)
         elif embed == "mean_pooling":
             section["pooling"] = "mean"
             self.note("ebft.embed_method", embed, "axolotl's structured mean_pooling averages over the prompt's "
@@ -1221,8 +1225,9 @@ class _Converter:
         # advantage r - mean(others) is the group-mean advantage times n/(n-1)
         align, diverse, why = 2.0, 2.0, ["the paper's factor 2 on both terms"]
         if strided:
-            diverse *= len(layers)
-            why.append(f"the diversity is a dot product of per-layer-normalised features ({len(layers)} layers)")
+            if not whitening:  # whitened features do not depend on the scale of the features they came from
+                diverse *= len(layers)
+                why.append(f"the diversity is a dot product of per-layer-normalised features ({len(layers)} layers)")
             estimator = ebft.get("advantage_estimator", "rloo")
             rl_coef = float(ebft.get("rl_coef", 1.0))
             if estimator == "rloo" and n > 1:
@@ -1251,8 +1256,6 @@ class _Converter:
         section["diversity_coef"] = float(ebft.get("diversity_coef", 1.0)) * diverse
         self.note("ebft.alignment_coef", ebft.get("alignment_coef", 1.0), "axolotl's reward scale folded into ft's "
                   "coefficients: " + "; ".join(why), False, expressed=True)
-        if ebft.get("use_whitening"):
-            self.note("ebft.use_whitening", True, "feature whitening is not offered", True)
         if ebft.get("ce_coef"):
             self.note("ebft.ce_coef", ebft["ce_coef"], "a cross-entropy term on the reference is not offered", True)
         vllm = trl.get("use_vllm") and not strided

@@ -339,12 +339,17 @@ def save_sharded(model: Any, output_dir: str, is_main: bool) -> str:
 
 
 def consolidate(output_dir: str | os.PathLike) -> str:
-    """Turn ``OUTPUT_DIR/fsdp_sharded`` into ``OUTPUT_DIR/model.safetensors`` (one process, CPU)."""
+    """Turn ``OUTPUT_DIR/fsdp_sharded`` into ``OUTPUT_DIR/model.safetensors`` (one process, CPU), the model
+    rebuilt with the head its saved config names (a reward model's or PRM's classifier, else a causal LM)."""
     import tempfile
 
     import torch
+    import transformers
+    from ft_plugins.infer import config_head
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ft.api import AUTO_CLASSES
 
     out = Path(output_dir)
     sharded = out / SHARDED_DIR
@@ -355,8 +360,9 @@ def consolidate(output_dir: str | os.PathLike) -> str:
         dcp_to_torch_save(str(sharded), str(flat))
         state_dict = torch.load(flat, weights_only=True)
     config = AutoConfig.from_pretrained(out)
+    auto = getattr(transformers, AUTO_CLASSES[config_head(config)])
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     model.load_state_dict(state_dict, assign=True, strict=True)
     model.save_pretrained(out, safe_serialization=True)
     return str(out / "model.safetensors")

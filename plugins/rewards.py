@@ -232,6 +232,17 @@ class RewardModelOptions(_Options):
         "auto", description="Weights dtype: auto = bfloat16 on a GPU that has it, else float32.")
 
 
+def render_scored(tokenizer: Any, prompt: Any, completion: Any) -> str:
+    """The text a reward model scores for ``completion`` to ``prompt`` (messages or a text): the conversation
+    through the chat template when the tokenizer has one (``ft infer`` on a reward model renders the same)."""
+    if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None):
+        messages = [*prompt, {"role": "assistant", "content": text_of(completion)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if isinstance(prompt, list):
+        return "\n".join(m.get("content", "") for m in prompt) + "\n" + text_of(completion)
+    return text_of(prompt) + text_of(completion)
+
+
 def reward_model(opts: RewardModelOptions, cfg: Any) -> Any:
     import os
 
@@ -260,18 +271,9 @@ def reward_model(opts: RewardModelOptions, cfg: Any) -> Any:
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-
-    def render(prompt: Any, completion: Any) -> str:
-        if isinstance(prompt, list) and has_template:
-            messages = [*prompt, {"role": "assistant", "content": text_of(completion)}]
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        if isinstance(prompt, list):
-            return "\n".join(m.get("content", "") for m in prompt) + "\n" + text_of(completion)
-        return text_of(prompt) + text_of(completion)
 
     def reward(prompts, completions, completion_ids, **columns):
-        texts = [render(p, c) for p, c in zip(prompts, completions, strict=True)]
+        texts = [render_scored(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         out: list[float | None] = []
         for start in range(0, len(texts), opts.batch_size):
             batch = tokenizer(texts[start:start + opts.batch_size], return_tensors="pt", padding=True,

@@ -8,13 +8,17 @@ subclasses ``ft_plugins.grpo``'s Trainer) with one reward computed from the mode
 2. A frozen model -- the base with the adapter disabled under lora/qlora, else a frozen copy made before
    training -- reads ``prompt + completion`` and ``prompt + reference``; the hidden states at the layers
    ``layers`` (fractions of the depth: 0.25 = a quarter of the way up) are pooled over the completion's
-   tokens (``pooling``: ``last_token`` or ``mean``), each layer's vector L2-normalised, and the layers
-   concatenated (divided by sqrt(number of layers), so the feature has norm 1).
+   tokens (``pooling``: ``last_token`` or ``mean``) and concatenated into the feature phi:
+   ``normalization: per_layer`` L2-normalises each layer's vector first (divided by sqrt(number of layers),
+   so phi has norm 1); ``joint`` concatenates them as they are and L2-normalises phi as one vector.
 3. Completion j of a group gets the reward
 
        r_j = alignment_coef * cos(phi_j, phi_ref) - diversity_coef * mean_{j' != j} cos(phi_j, phi_j')
 
-   (the paper's factor 2 on both terms is absorbed in the coefficients).
+   (the paper's factor 2 on both terms is absorbed in the coefficients). With ``whitening: true`` the
+   group's features are whitened instead of normalised (W = U diag(1/S) U^T from the SVD of the group's
+   generated features, applied to them and to the reference; axolotl's ``use_whitening``): the alignment
+   stays a cosine and the diversity becomes the whitened features' dot product (the paper's variant i).
 
 Logged besides GRPO's metrics: ``alignment`` (mean cosine to the reference), ``diversity`` (mean pairwise
 similarity within groups) and ``cfm_loss``, the conditional feature-matching diagnostic
@@ -65,6 +69,14 @@ class EbftOptions(GRPOOptions):
                                 "features, as fractions of the layer count (0 < f <= 1; 0.5 = the middle layer).")
     pooling: Literal["last_token", "mean"] = Field(
         "last_token", description="Pool a completion's hidden states at its last token, or average them over its tokens.")
+    normalization: Literal["per_layer", "joint"] = Field(
+        "per_layer", description="How the layers' pooled hidden states become one feature: per_layer = each layer's "
+        "L2-normalised, then concatenated (every layer weighs the same; axolotl's strided mode); joint = concatenated "
+        "as they are, then L2-normalised as one vector (larger-norm layers weigh more; axolotl's structured mode).")
+    whitening: bool = Field(False, description="Whiten each group's features before the reward (axolotl's "
+                            "use_whitening): W = U diag(1/S) U^T from the SVD of the group's generated features, "
+                            "applied to them and to the reference; the alignment is then the cosine of the whitened "
+                            "features, the diversity their plain dot product (the paper's variant i).")
     alignment_coef: float = Field(1.0, ge=0, description="Weight of the cosine similarity to the reference's features.")
     diversity_coef: float = Field(1.0, ge=0, description="Weight of the penalty on the mean pairwise similarity of a "
                                   "group's completions (keeps the group from collapsing to one answer).")
@@ -203,9 +215,12 @@ def layer_indices(fractions: list[float], num_layers: int) -> list[int]:
     return list(dict.fromkeys(picked))
 
 
-def pool_features(hidden_states: Any, layers: list[int], mask: Any, pooling: str) -> Any:
+def pool_features(hidden_states: Any, layers: list[int], mask: Any, pooling: str,
+                  normalization: str = "per_layer") -> Any:
     """``[B, D]`` features: each layer's hidden states pooled over ``mask`` (``[B, T]``, the completion's
-    tokens) at the last one or on average, L2-normalised, concatenated, divided by sqrt(len(layers))."""
+    tokens) at the last one or on average, then concatenated. ``per_layer``: each layer's pooled vector
+    L2-normalised first and the concatenation divided by sqrt(len(layers)) (norm 1); ``joint``: concatenated
+    as they are (``feature_rewards`` normalises -- or whitens -- the whole vector)."""
     import torch
 
     mask = mask.to(torch.float32)
@@ -217,24 +232,57 @@ def pool_features(hidden_states: Any, layers: list[int], mask: Any, pooling: str
             pooled = h[torch.arange(h.shape[0], device=h.device), last]
         else:
             pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-        blocks.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(blocks, dim=-1) / math.sqrt(len(layers))
+        blocks.append(pooled if normalization == "joint" else torch.nn.functional.normalize(pooled, dim=-1))
+    features = torch.cat(blocks, dim=-1)
+    return features if normalization == "joint" else features / math.sqrt(len(layers))
+
+
+WHITEN_TOL = 1e-5  # singular values below this fraction of the largest are dropped (axolotl's whiten_tol)
+
+
+def whiten(generated: Any, reference: Any, tol: float = WHITEN_TOL) -> tuple[Any, Any]:
+    """Whiten each group (``generated`` ``[P, n, D]``, ``reference`` ``[P, D]``) with its generated features'
+    feature-space SVD: ``phi^T = U S V^T``, ``W = U diag(1/S) U^T`` (singular values under ``tol`` x the
+    largest are dropped: a pseudo-inverse), returned as ``(generated @ W, reference @ W)``. No centering,
+    as axolotl's ``whiten_embeddings_batched``; W is applied as ``((x @ U) / S) @ U^T``, never built as D x D."""
+    import torch
+
+    u, s, _ = torch.linalg.svd(generated.transpose(1, 2), full_matrices=False)  # u [P, D, k], s [P, k]
+    inv = torch.where(s > tol * s.amax(-1, keepdim=True), 1.0 / (s + 1e-12), torch.zeros_like(s)).unsqueeze(1)
+
+    def apply(x: Any) -> Any:
+        return ((x @ u) * inv) @ u.transpose(1, 2)
+
+    return apply(generated), apply(reference.unsqueeze(1)).squeeze(1)
 
 
 def feature_rewards(generated: Any, reference: Any, num_generations: int, alignment_coef: float,
-                    diversity_coef: float) -> dict[str, Any]:
+                    diversity_coef: float, whitening: bool = False) -> dict[str, Any]:
     """The feature-matching reward of each completion (``generated`` ``[P * n, D]``, groups consecutive;
     ``reference`` ``[P, D]``), with its alignment and diversity terms (``[P * n]``) and the CFM
-    diagnostic ``||mean(gen) - ref||^2`` per group (``[P]``)."""
+    diagnostic ``||mean(gen) - ref||^2`` per group (``[P]``).
+
+    The features are L2-normalised first, or, with ``whitening``, whitened per group (:func:`whiten`);
+    then alignment = cos(phi_j, phi_ref), diversity = mean_{j' != j} phi_j . phi_j' (a cosine when
+    normalised, the whitened features' dot product when whitened), and the CFM is taken on them."""
     import torch
 
     n = num_generations
-    gen = generated.float().view(-1, n, generated.shape[-1])  # [P, n, D]
-    ref = reference.float()
+    gen = generated.float() if generated.dtype != torch.float64 else generated
+    gen = gen.view(-1, n, generated.shape[-1])  # [P, n, D]
+    ref = reference.to(gen.dtype)
+    if whitening:
+        try:
+            gen, ref = whiten(gen, ref)
+        except torch.linalg.LinAlgError as error:  # an SVD that does not converge: rare, and only this step
+            log.warning("ebft: whitening failed this step (%s); the features are L2-normalised instead", error)
+            whitening = False
+    if not whitening:
+        gen, ref = torch.nn.functional.normalize(gen, dim=-1), torch.nn.functional.normalize(ref, dim=-1)
     unit_gen = torch.nn.functional.normalize(gen, dim=-1)
     unit_ref = torch.nn.functional.normalize(ref, dim=-1)
     alignment = (unit_gen * unit_ref.unsqueeze(1)).sum(-1)  # [P, n]
-    sims = unit_gen @ unit_gen.transpose(1, 2)  # [P, n, n]
+    sims = gen @ gen.transpose(1, 2)  # [P, n, n]
     others = ~torch.eye(n, dtype=torch.bool, device=sims.device)
     diversity = (sims * others).sum(-1) / max(n - 1, 1)
     rewards = alignment_coef * alignment - diversity_coef * diversity
@@ -264,7 +312,7 @@ class FeatureExtractor:
         mask[:, : mask.shape[1] - width] = 0  # the completion's tokens only
         out = self.frozen.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   position_ids=batch["position_ids"], output_hidden_states=True, use_cache=False, **self.extra)
-        return pool_features(out.hidden_states, self.layers, mask, self.options.pooling)
+        return pool_features(out.hidden_states, self.layers, mask, self.options.pooling, self.options.normalization)
 
 
 def _num_layers(model: Any) -> int:
@@ -286,8 +334,9 @@ def trainer_kwargs(cfg: Any, model: Any, tokenizer: Any, data: Any) -> dict[str,
     reference = frozen if opts.beta > 0 else None  # the KL's reference is the same frozen model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extractor = FeatureExtractor(frozen, opts, _num_layers(model), pad)
-    log.info("ebft: features from hidden states %s of %d layers (%s pooling), frozen model = %s", extractor.layers,
-             _num_layers(model), opts.pooling, frozen.plan)
+    log.info("ebft: features from hidden states %s of %d layers (%s pooling, %s normalisation%s), frozen model = %s",
+             extractor.layers, _num_layers(model), opts.pooling, opts.normalization,
+             ", whitened per group" if opts.whitening else "", frozen.plan)
     return {"grpo": opts, "rewards": [], "reference": reference, "ft_cfg": cfg, "features": extractor}
 
 

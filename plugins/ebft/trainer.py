@@ -42,7 +42,8 @@ class EBFTTrainer(grpo_trainer_class()):  # GRPO's Trainer, through grpo's docum
             generated = self.features([prompt_ids[k // g] for k in range(len(completion_ids))],
                                       [list(c) for c in completion_ids], device)
             reference = self.features(prompt_ids, [list(r["reference_ids"]) for r in rows], device)
-            got = feature_rewards(generated, reference, g, opts.alignment_coef, opts.diversity_coef)
+            got = feature_rewards(generated, reference, g, opts.alignment_coef, opts.diversity_coef,
+                                  opts.whitening)
         self._record({"alignment": got["alignment"].mean(), "diversity": got["diversity"].mean(),
                       "cfm_loss": got["cfm"].mean()})
         return got["rewards"].tolist()

@@ -954,8 +954,8 @@ def test_ebft_structured_config_becomes_method_ebft(ft_runner, tmp_path, ft_tiny
     assert cfg["method"] == "ebft"
     # axolotl doubles both terms (the paper's factor 2): folded into ft's coefficients
     assert cfg["ebft"] == {"num_generations": 2, "max_completion_len": 8, "temperature": 0.7, "scale_rewards": "group",
-                           "loss_type": "grpo", "epsilon": 0.2, "layers": [0.5], "pooling": "mean",
-                           "alignment_coef": 2.0, "diversity_coef": 1.0}
+                           "loss_type": "grpo", "epsilon": 0.2, "layers": [0.5], "normalization": "joint",
+                           "pooling": "mean", "alignment_coef": 2.0, "diversity_coef": 1.0}
     assert cfg["datasets"][0] == {"path": str(tmp_path / "rows.jsonl"), "type": "prompt_reference", "split": "train",
                                   "field_prompt": "input", "field_reference": "output", "apply_chat_template": True}
     ft_runner.validate(out).assert_ok()
@@ -967,12 +967,28 @@ def test_ebft_options_ft_lacks_are_flagged():
                                        "embed_method": "concat"},
                       trl={"use_vllm": True, "num_generations": 4}, datasets=[{"path": "p.jsonl", "type": "mine.fn"}])
     assert sorted(_dropped(result)) == sorted([
-        "ebft.feature_layers",  # axolotl's structured mode normalises the concatenated layers as one vector
-        "ebft.embed_method", "ebft.use_whitening", "ebft.ce_coef",
+        "ebft.embed_method", "ebft.ce_coef",
         "ebft.adaptive_max_tokens",  # on by default with vLLM: completions capped by the reference's length
         "datasets[0].type"])  # a transform of the user's: not run, ft reads prompt + ground_truth
     assert result.config["datasets"][0]["field_reference"] == "ground_truth"
     assert "pooling" not in result.config["ebft"] and "vllm" in result.config["plugins"]
+    # whitening and axolotl's structured normalisation (the layers concatenated, normalised as one vector) map
+    assert result.config["ebft"]["whitening"] is True and result.config["ebft"]["normalization"] == "joint"
+
+
+def test_ebft_strided_whitening_maps_and_keeps_the_diversity_scale():
+    """Strided mode normalises each layer (ft's per_layer); whitened features do not depend on that scale, so
+    the x layers factor of the unwhitened diversity is not applied."""
+    ebft = {"mode": "strided", "n_samples_per_prompt": 2, "feature_layers": [0.25, 0.5, 0.75],
+            "embed_method": "last_token", "advantage_estimator": "rloo"}
+    plain = _convert(rl="ebft", ebft=ebft, datasets=[{"path": "p.jsonl", "type": "ebft_pretrain.transform"}])
+    whitened = _convert(rl="ebft", ebft={**ebft, "use_whitening": True},
+                        datasets=[{"path": "p.jsonl", "type": "ebft_pretrain.transform"}])
+    assert "ebft.use_whitening" not in _dropped(whitened)
+    assert "whitening" not in plain.config["ebft"] and "normalization" not in plain.config["ebft"]  # per_layer
+    assert whitened.config["ebft"]["whitening"] is True and "normalization" not in whitened.config["ebft"]
+    assert plain.config["ebft"]["diversity_coef"] == 12.0 and whitened.config["ebft"]["diversity_coef"] == 4.0
+    assert plain.config["ebft"]["alignment_coef"] == whitened.config["ebft"]["alignment_coef"] == 4.0
 
 
 def test_ebft_strided_config_becomes_type_strided(ft_runner, tmp_path, ft_tiny_model_dir):
@@ -985,6 +1001,7 @@ def test_ebft_strided_config_becomes_type_strided(ft_runner, tmp_path, ft_tiny_m
         "datasets": [{"type": "ebft_pretrain.transform", "split": "train"}]}, rows)
     assert result.exit_code == 3  # the transform is the user's module: said, and ft's anchors cover whole documents
     assert "datasets[0].type" in result.output
+    assert "ebft.embed_method" in result.output  # strided mean_pooling averages per-token normalised states
     # axolotl's defaults written (temperature 0.6); RLOO = the group-mean advantage x n/(n-1), unscaled; its
     # diversity is a dot product of per-layer-normalised features (x 3 layers); the paper's factor 2 on both
     assert cfg["ebft"] == {"num_generations": 2, "max_completion_len": 4, "temperature": 0.6, "top_p": 1.0,

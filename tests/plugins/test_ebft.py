@@ -16,11 +16,32 @@ from ft.kernel.context import load_context
 pytestmark = pytest.mark.usefixtures("ft_one_torch_thread")
 
 
-def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: float, d: float):
-    """The formula, written out with Python floats."""
+def dot(x, y):
+    return sum(p * q for p, q in zip(x, y, strict=True))
 
-    def dot(x, y):
-        return sum(p * q for p, q in zip(x, y, strict=True))
+
+def unit(x):
+    norm = math.sqrt(dot(x, x))
+    return [v / norm for v in x]
+
+
+def hand_whiten(group: list[list[float]], ref: list[float], tol: float = 1e-5):
+    """axolotl's whitening written as the matrix it is: W = U diag(1/S) U^T with phi^T = U S V^T is the
+    pseudo-inverse square root of the second-moment matrix M = phi^T phi = U S^2 U^T, here from numpy's
+    symmetric eigendecomposition of M (eigenvalues S^2), in float64."""
+    import numpy as np
+
+    phi = np.array(group)
+    values, vectors = np.linalg.eigh(phi.T @ phi)
+    s = np.sqrt(np.clip(values, 0, None))
+    keep = s > tol * s.max()
+    w = (vectors[:, keep] / s[keep]) @ vectors[:, keep].T
+    return (phi @ w).tolist(), (np.array(ref) @ w).tolist()
+
+
+def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: float, d: float, whitening: bool = False):
+    """The formula, written out with Python floats: features normalised (or whitened per group), then
+    alignment = cosine to the reference, diversity = mean dot product with the group's others."""
 
     def cos(x, y):
         return dot(x, y) / math.sqrt(dot(x, x) * dot(y, y))
@@ -28,9 +49,13 @@ def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: floa
     rewards, align, div, cfm = [], [], [], []
     for p, r in enumerate(ref):
         group = gen[p * n:(p + 1) * n]
+        if whitening:
+            group, r = hand_whiten(group, r)
+        else:
+            group, r = [unit(g) for g in group], unit(r)
         for j, g in enumerate(group):
             al = cos(g, r)
-            dv = sum(cos(g, h) for k, h in enumerate(group) if k != j) / (n - 1)
+            dv = sum(dot(g, h) for k, h in enumerate(group) if k != j) / (n - 1)
             rewards.append(a * al - d * dv)
             align.append(al)
             div.append(dv)
@@ -39,19 +64,47 @@ def hand_rewards(gen: list[list[float]], ref: list[list[float]], n: int, a: floa
     return rewards, align, div, cfm
 
 
+@pytest.mark.parametrize("whitening", [False, True], ids=["normalised", "whitened"])
 @pytest.mark.parametrize("a, d", [(1.0, 1.0), (0.7, 0.25)])
-def test_the_reward_equals_a_hand_written_reference(a, d):
+def test_the_reward_equals_a_hand_written_reference(a, d, whitening):
     import torch
     from ft_plugins.ebft import feature_rewards
 
     g = torch.Generator().manual_seed(0)
     P, n, D = 3, 4, 6
-    gen = torch.randn(P * n, D, generator=g, dtype=torch.float64)
+    gen = torch.randn(P * n, D, generator=g, dtype=torch.float64) * 3
     ref = torch.randn(P, D, generator=g, dtype=torch.float64)
-    got = feature_rewards(gen, ref, n, a, d)
-    rewards, align, div, cfm = hand_rewards(gen.tolist(), ref.tolist(), n, a, d)
+    got = feature_rewards(gen, ref, n, a, d, whitening=whitening)
+    rewards, align, div, cfm = hand_rewards(gen.tolist(), ref.tolist(), n, a, d, whitening=whitening)
     for key, expected in (("rewards", rewards), ("alignment", align), ("diversity", div), ("cfm", cfm)):
         assert got[key].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6), key
+    if whitening:  # whitening changes the reward: the test would not tell the two apart otherwise
+        plain = feature_rewards(gen, ref, n, a, d)
+        assert not torch.allclose(plain["rewards"], got["rewards"], atol=1e-3)
+
+
+def test_the_whitened_reward_in_float32_on_wide_features_matches_the_reference():
+    """The trainer's case: float32 features much wider than the group (rank n < D), where the
+    pseudo-inverse drops the null space; the reference is the float64 formula."""
+    import torch
+    from ft_plugins.ebft import feature_rewards
+
+    g = torch.Generator().manual_seed(3)
+    P, n, D = 2, 4, 48
+    gen = torch.randn(P * n, D, generator=g) + 0.5 * torch.randn(1, D, generator=g)  # correlated samples
+    ref = torch.randn(P, D, generator=g)
+    got = feature_rewards(gen, ref, n, 2.0, 2.0, whitening=True)
+    rewards, align, div, cfm = hand_rewards(gen.double().tolist(), ref.double().tolist(), n, 2.0, 2.0, whitening=True)
+    for key, expected in (("rewards", rewards), ("alignment", align), ("diversity", div), ("cfm", cfm)):
+        assert got[key].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5), key
+    # whitened within its group, a completion has unit norm and is orthogonal to the others: no diversity
+    assert got["diversity"].abs().max() < 1e-5
+    gen[1] = gen[0]  # two completions of group 0 repeat each other: the penalty falls on them alone
+    got = feature_rewards(gen, ref, n, 2.0, 2.0, whitening=True)
+    rewards, align, div, cfm = hand_rewards(gen.double().tolist(), ref.double().tolist(), n, 2.0, 2.0, whitening=True)
+    assert got["diversity"].tolist() == pytest.approx(div, abs=1e-5)
+    assert got["diversity"][0] == got["diversity"][1] == pytest.approx(0.5 / (n - 1), abs=1e-5)
+    assert got["diversity"][2:].abs().max() < 1e-5
 
 
 def test_features_are_pooled_per_layer_normalised_and_concatenated():
@@ -74,6 +127,9 @@ def test_features_are_pooled_per_layer_normalised_and_concatenated():
             torch.testing.assert_close(last[row, 3 * b:3 * b + 3], expect_last)
             torch.testing.assert_close(mean[row, 3 * b:3 * b + 3], expect_mean)
     assert torch.allclose(last.norm(dim=-1), torch.ones(2))
+    joint = pool_features(hidden, [1, 2], mask, "last_token", "joint")  # as they are: normalised as one vector later
+    for row, last_at in ((0, 3), (1, 4)):
+        torch.testing.assert_close(joint[row], torch.cat([hidden[1][row, last_at], hidden[2][row, last_at]]))
 
 
 def write_rows(path: Path, n: int = 8, seed: int = 0) -> Path:
@@ -168,15 +224,17 @@ def test_features_come_from_the_frozen_model(tmp_path, ft_tiny_model_dir, plugin
 
 
 @pytest.mark.slow
-def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, ft_tiny_model_dir):
+@pytest.mark.parametrize("features", [{}, {"whitening": True, "normalization": "joint"}], ids=["plain", "whitened"])
+def test_a_short_ebft_run_logs_alignment_diversity_and_cfm(tmp_path, ft_tiny_model_dir, features):
     from ft.run import run
 
-    result = run(ebft_config(tmp_path, ft_tiny_model_dir, plugins=["lora"]))
+    result = run(ebft_config(tmp_path, ft_tiny_model_dir, plugins=["lora"], ebft=features))
     assert result.metrics["steps"] == 2
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     for r in history:
         assert {"alignment", "diversity", "cfm_loss", "reward/feature_matching/mean"} <= set(r)
-        assert -1 <= r["alignment"] <= 1 and -1 <= r["diversity"] <= 1 and 0 <= r["cfm_loss"] <= 4
+        assert -1 <= r["alignment"] <= 1 and -1 <= r["diversity"] <= 1 and 0 <= r["cfm_loss"]
+        assert features or r["cfm_loss"] <= 4  # unit features: |mean - ref| <= 2 (whitened ones are not unit)
         assert r["reward/feature_matching/mean"] == pytest.approx(r["alignment"] - r["diversity"], abs=1e-4)
     line = json.loads((tmp_path / "out" / "completions.jsonl").read_text().splitlines()[0])
     assert set(line["rewards"]) == {"feature_matching"}
