@@ -245,3 +245,12 @@ def test_a_resumed_run_continues_the_stream_and_ends_with_the_same_weights(tmp_p
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
     assert any(not torch.equal(start[n], ref[n]) for n in ref), "steps 3-4 changed the weights"
+
+
+def test_preprocess_debug_shows_the_first_streamed_rows(tmp_path, ft_tiny_model_dir, corpus, ft_runner):
+    path = write_config(tmp_path / "c.yaml", base_model=ft_tiny_model_dir, sequence_len=64, plugins=["packing"],
+                        datasets=[{"path": str(corpus), "type": "completion", "streaming": True}])
+    result = ft_runner.preprocess(path, "--debug", "2").assert_ok()
+    assert "a streamed dataset; showing its first 2 rows" in result.output
+    assert result.output.count("--- bin ") == 2 and "nothing is cached" in result.log
+    assert not (tmp_path / "prepared").exists()
