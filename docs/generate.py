@@ -325,9 +325,11 @@ no length), every training entry streams or none does (mixing is refused), `val_
 refused, evaluation sets (`test_datasets`) are never streamed, and the method must train on
 `input_ids`/`labels` (sft). With several processes each rank reads its own share
 (`datasets.distributed.split_dataset_by_node`: whole files when their number divides by the processes, else
-every N-th row). A resumed run continues the stream where the checkpoint was taken: the Trainer skips the
-batches already trained on by reading them again (time, not data: the stream is the same for a seed). Past
-the end of the stream the Trainer starts it again until `max_steps`.
+every N-th row). Several streamed entries take turns, a batch of rows from each. A resumed run continues the
+stream where the checkpoint was taken: the Trainer skips the batches already trained on by reading them again
+(time, not data: the stream is the same for a seed). Past the end of the stream the Trainer starts it again
+until `max_steps`; a run resumed after that point restarts the stream from its beginning (the Trainer counts
+the batches to skip within the first pass), so it trains on other rows than an uninterrupted run would.
 """
 
 

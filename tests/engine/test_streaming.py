@@ -148,6 +148,19 @@ def test_text_parquet_and_directories_stream(tmp_path, ft_tiny_model_dir, ft_tin
     assert decoded(cfg) == sorted(docs[20:])
 
 
+def test_several_streamed_entries_take_turns(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer, monkeypatch):
+    from ft.engine import data_stream
+
+    monkeypatch.setattr(data_stream, "READ_BATCH_ROWS", 4)
+    for name in ("left", "right"):
+        (tmp_path / f"{name}.txt").write_text("".join(f"{name} {i}\n" for i in range(12)), encoding="utf-8")
+    cfg = config(tmp_path, ft_tiny_model_dir, tmp_path / "left.txt", shuffle=False)
+    cfg["datasets"].append({"path": str(tmp_path / "right.txt"), "type": "completion", "streaming": True})
+    rows = list(prepared(cfg, ft_tiny_tokenizer).train)
+    sides = [ft_tiny_tokenizer.decode(r["input_ids"], skip_special_tokens=True).split()[0] for r in rows]
+    assert sides == (["left"] * 4 + ["right"] * 4) * 3  # batch by batch, every row once
+
+
 def test_a_missing_file_and_a_bad_line_are_clear_errors(tmp_path, ft_tiny_model_dir, ft_tiny_tokenizer):
     with pytest.raises(DataError, match=r"datasets\[0\]\.path: file '\./nope\.jsonl' not found"):
         prepared(config(tmp_path, ft_tiny_model_dir, "./nope.jsonl"), ft_tiny_tokenizer)
