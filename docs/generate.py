@@ -296,6 +296,7 @@ def render_config() -> str:
                "by a plugin. Keys every entry accepts:\n\n")
     common = DatasetOptions.model_json_schema()
     out.append(_table(common, defs, model=DatasetOptions))
+    out.append(STREAMING)
     common_keys = set(common.get("properties", {})) | {"type"}
     entry_defs = _format_defs(props.get("datasets", {}), defs)
     for entry in sorted(regs.formats, key=lambda e: e.name):
@@ -308,6 +309,28 @@ def render_config() -> str:
         out.append(" Its own keys:\n\n")
         out.append(_table(model, defs, skip=common_keys, model=entry.value.options))
     return "".join(out)
+
+
+STREAMING = """
+**Streaming** (`streaming: true`, for data larger than memory or disk): the entry is opened with
+`datasets.load_dataset(..., streaming=True)` (a hub id, a URL, a local jsonl/json/parquet/csv/arrow/txt
+file or a directory of one kind; `.txt` gives one row per line in `text`), and its rows are read 256 at a
+time, tokenized by the entry's format exactly as a cached build does (same `excess_length`, same drops),
+shuffled through a 10,000-row buffer with the seed (`shuffle: true`) and packed 2,048 samples at a time by the
+packing plugin when it is selected (the same packer: a window that holds every sample gives the rows a cached
+build gives). Nothing is loaded whole and nothing is cached (`dataset_prepared_path` is not used for it; the
+log says so). Dropped rows are counted, the first of each reason logged with its stream position
+(`path (streamed): row N`), and `strict: true` stops at the first. Rules: `max_steps` is required (a stream has
+no length), every training entry streams or none does (mixing is refused), `val_set_size` and `weight` are
+refused, evaluation sets (`test_datasets`) are never streamed, and the method must train on
+`input_ids`/`labels` (sft). With several processes each rank reads its own share
+(`datasets.distributed.split_dataset_by_node`: whole files when their number divides by the processes, else
+every N-th row). Several streamed entries take turns, a batch of rows from each. A resumed run continues the
+stream where the checkpoint was taken: the Trainer skips the batches already trained on by reading them again
+(time, not data: the stream is the same for a seed). Past the end of the stream the Trainer starts it again
+until `max_steps`; a run resumed after that point restarts the stream from its beginning (the Trainer counts
+the batches to skip within the first pass), so it trains on other rows than an uninterrupted run would.
+"""
 
 
 def _model_in(annotation: Any) -> Any:

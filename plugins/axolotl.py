@@ -200,7 +200,7 @@ CHANGES_TRAINING: dict[str, str] = {
     "lr_quadratic_warmup": "", "lr_div_factor": "", "cosine_constant_lr_ratio": "",
     "group_by_length": "batches by length change the batches", "default_system_message": "",
     "chat_template_kwargs": "", "dataset_exact_deduplication": "", "dataset_shard_num": "",
-    "dataset_shard_idx": "", "min_sample_len": "", "pretraining_dataset": "use a `type: completion` dataset",
+    "dataset_shard_idx": "", "min_sample_len": "",
     "added_tokens_overrides": "", "fix_untrained_tokens": "", "gptq": "GPTQ models are not offered",
     "fp8": "fp8 training is not offered", "qat": "", "quantization": "", "s2_attention": "", "use_pose": "", "curriculum_sampling": "",
     "shuffle_before_merging_datasets": "", "auto_find_batch_size": "", "model_config_type": "",
@@ -310,6 +310,8 @@ class _Converter:
         self.notes: list[Note] = []
         self.method: str | None = None
         self.source: str | None = None
+        self.pretraining: dict[str, Any] | None = None  # the streamed entry of pretraining_dataset
+        self.streamed = False  # axolotl's streaming: true
 
     # helpers
     def note(self, key: str, value: Any, reason: str, changes_training: bool, expressed: bool = False) -> None:
@@ -370,6 +372,7 @@ class _Converter:
     def finish(self) -> None:
         """axolotl's effective values where its default differs from ft's, and no combination validate refuses."""
         data = self.data
+        self.finish_streaming()
         if self.method == "ebft" and self.ebft_strided():
             n = self.sections["ebft"]["num_generations"]
             mbs = int(data.get("micro_batch_size") or 1)
@@ -909,6 +912,90 @@ class _Converter:
         pass  # hub_model_id decides
 
     # -- datasets --------------------------------------------------------------------------------
+
+    def key_pretraining_dataset(self, value: Any) -> None:
+        """axolotl streams its first ``pretraining_dataset`` entry (a dict, or a path string) as raw text: a streamed
+        ``type: completion`` entry (``finish_streaming`` puts it in place of ``datasets``)."""
+        entries = [value] if isinstance(value, (str, dict)) else list(value or [])
+        if not entries:
+            return
+        for i, extra in enumerate(entries[1:], start=1):
+            self.note(f"pretraining_dataset[{i}]", extra.get("path") if isinstance(extra, dict) else extra,
+                      "axolotl trains on the first pretraining_dataset entry only; left out", False)
+        first = {"path": entries[0]} if isinstance(entries[0], str) else entries[0]
+        where = "pretraining_dataset[0]"
+        if not isinstance(first, dict) or not first.get("path"):
+            self.note(where, first, "not a mapping with a path; left out", True)
+            return
+        kind = first.get("type") or "pretrain"
+        if kind not in ("pretrain", "completion"):
+            self.note(f"{where}.type", kind, f"axolotl's '{kind}' pretraining is not offered (ft streams raw text: "
+                      "pretrain or completion); the dataset was left out", True)
+            return
+        out: dict[str, Any] = {"path": first["path"], "type": "completion"}
+        for key, item in first.items():
+            if item is None or key in ("path", "type", "text_column", "field"):
+                continue
+            if key in ("name", "split", "data_files", "revision", "ds_type"):
+                out[key] = item
+            elif key == "skip" and not item:
+                continue
+            elif key == "skip":
+                self.note(f"{where}.skip", item, "skipping the first rows of the stream is not offered", True)
+            elif key in ENTRY_NO_EFFECT:
+                self.note(f"{where}.{key}", item, ENTRY_NO_EFFECT[key] or "not needed in ft", False)
+            elif item not in (False, "", [], {}):
+                self.note(f"{where}.{key}", item, "no ft equivalent", True)
+        column = first.get("text_column") or first.get("field") or "text"
+        if column != "text":
+            out["field"] = column
+        out["streaming"] = True
+        if kind == "pretrain":
+            self.note(f"{where}.type", "pretrain", "ft's completion format: BOS + text + EOS cut into sequence_len "
+                      "pieces; axolotl's pretrain tokenizer also overlaps the pieces of a document longer than "
+                      "64 x sequence_len tokens by 256 tokens", True, expressed=True)
+        self.pretraining = _ordered_entry(out)
+
+    def key_streaming(self, value: Any) -> None:
+        self.streamed = bool(value)  # axolotl streams every training dataset: done in finish_streaming
+
+    def key_pretrain_multipack_attn(self, value: Any) -> None:
+        if value is False:
+            self.note("pretrain_multipack_attn", value, "packed documents that attend to each other are not offered "
+                      "(ft's packing keeps each document's attention to itself)", True)
+
+    def key_pretraining_sample_concatenation(self, value: Any) -> None:
+        if value:
+            self.note("pretraining_sample_concatenation", value, "documents concatenated before cutting (attending "
+                      "to each other) are not offered: ft cuts each document on its own", True)
+
+    def finish_streaming(self) -> None:
+        """The streamed training set: ``pretraining_dataset`` (axolotl then ignores ``datasets``), or ``streaming:
+        true`` on every training entry; a stream needs max_steps."""
+        pretraining, streamed = self.pretraining, self.streamed
+        if not pretraining and not streamed:
+            return
+        if not self.data.get("max_steps"):
+            from ft.api import FtError
+
+            key = "pretraining_dataset" if pretraining else "streaming"
+            raise FtError(f"{self.source or 'the axolotl config'}: {key} streams the training data, which has no "
+                          "length to count epochs by: ft (and axolotl) need max_steps. Add max_steps to the axolotl "
+                          "config and convert again. Nothing was written.")
+        if pretraining:
+            if self.core.get("datasets"):
+                self.note("datasets", [d.get("path") for d in self.core["datasets"]], "axolotl trains on "
+                          "pretraining_dataset when it is set, not on datasets; left out", False)
+            self.core["datasets"] = [pretraining]
+        elif self.method in (None, "sft"):
+            for entry in self.core.get("datasets") or []:
+                entry["streaming"] = True
+        else:
+            self.note("streaming", True, f"ft streams sft data only; method {self.method}'s datasets are read whole "
+                      "(same rows)", False)
+        if self.core.get("val_set_size"):
+            self.note("val_set_size", self.core.pop("val_set_size"), "a stream has no rows to hold out; give an "
+                      "evaluation set as test_datasets", False)
 
     def convert_entries(self, group: str, entries: Any) -> list[dict[str, Any]]:
         out = []

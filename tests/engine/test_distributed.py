@@ -204,6 +204,29 @@ def test_ddp_two_processes_split_the_data_and_learn(dist_env, work, ft_tiny_mode
     assert trained < base - 0.1
 
 
+@pytest.mark.slow
+def test_ddp_streaming_each_rank_reads_its_own_share(dist_env, work, ft_tiny_model_dir):
+    """A streamed directory of two files: rank 0 reads one, rank 1 the other (datasets' split by node), each packs
+    and trains on its own rows, and nothing is cached."""
+    from transformers import AutoTokenizer
+
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for name in ("alpha", "omega"):
+        (corpus / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} " + "word " * (i % 30 + 2)}) + "\n"
+                                                      for i in range(200)), encoding="utf-8")
+    config = write_config(work, ft_tiny_model_dir, corpus, "stream", plugins=["packing"], sequence_len=64, max_steps=3,
+                          datasets=[{"path": str(corpus), "type": "completion", "streaming": True}])
+    proc, reports = ft_run_2proc(dist_env, work, config)
+    assert_ranks_split_data(reports)
+    tok = AutoTokenizer.from_pretrained(ft_tiny_model_dir)
+    words = [{w for s in r["samples"] for w in tok.decode(list(map(int, s.split()))).split() if w in ("alpha", "omega")}
+             for r in reports]
+    assert sorted(map(sorted, words)) == [["alpha"], ["omega"]], "each rank read one file, not both"
+    assert "nothing is cached" in proc.stderr + proc.stdout
+    assert not (work / "prepared").exists() or not any(p.name.startswith("stream") for p in (work / "prepared").iterdir())
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(dist_env, work, ft_tiny_model_dir, chat_jsonl):
     """One FSDP2 full fine-tuning run (6 steps, a checkpoint at step 3), shared by the tests below."""

@@ -1021,3 +1021,61 @@ def test_ebft_strided_anchors_inside_completions_are_refused(ft_runner, tmp_path
     result = ft_runner.invoke("convert", str(src), "-o", str(tmp_path / "out.yaml"))
     assert result.exit_code == 2 and not (tmp_path / "out.yaml").exists()
     assert "anchors inside the completions" in result.output
+
+
+# -- pretraining_dataset and streaming -> streamed datasets -----------------------------------------
+
+
+def test_pretraining_dataset_becomes_a_streamed_completion_dataset():
+    result = _convert(pretraining_dataset=[{"path": "allenai/c4", "name": "en", "type": "pretrain", "split": "train",
+                                            "text_column": "content", "skip": 0, "trust_remote_code": False},
+                                           {"path": "org/second"}],
+                      max_steps=200, sample_packing=True, pretrain_multipack_attn=True, val_set_size=0.05)
+    cfg = result.config
+    assert cfg["datasets"] == [{"path": "allenai/c4", "type": "completion", "split": "train", "name": "en",
+                                "field": "content", "streaming": True}]
+    assert cfg["max_steps"] == 200 and cfg["plugins"] == ["packing"] and "val_set_size" not in cfg
+    assert not _dropped(result)  # axolotl reads the first entry only, and ignores datasets: nothing of training lost
+    keys = {n.key: n for n in result.notes}
+    assert "first pretraining_dataset entry only" in keys["pretraining_dataset[1]"].reason
+    assert "trains on pretraining_dataset when it is set" in keys["datasets"].reason
+    assert keys["pretraining_dataset[0].type"].expressed  # the tokenizer's overlap, said
+    short = _convert(pretraining_dataset="org/corpus", max_steps=10, datasets=[])
+    assert short.config["datasets"] == [{"path": "org/corpus", "type": "completion", "streaming": True}]
+
+
+def test_pretraining_options_ft_lacks_are_flagged_and_max_steps_is_required():
+    from ft.kernel.errors import FtError
+
+    skip = _convert(pretraining_dataset=[{"path": "c4", "type": "pretrain", "skip": 100}], max_steps=5,
+                    pretraining_sample_concatenation=True, pretrain_multipack_attn=False)
+    assert sorted(_dropped(skip)) == ["pretrain_multipack_attn", "pretraining_dataset[0].skip",
+                                      "pretraining_sample_concatenation"]
+    with pytest.raises(FtError, match="no dataset could be converted.*multimodal_pretrain"):
+        _convert(pretraining_dataset=[{"path": "c4", "type": "multimodal_pretrain"}], max_steps=5, datasets=[])
+    with pytest.raises(FtError, match="pretraining_dataset streams the training data.*need max_steps"):
+        _convert(pretraining_dataset=[{"path": "c4", "type": "pretrain"}], num_epochs=1)
+
+
+def test_axolotl_streaming_streams_every_training_dataset():
+    result = _convert(streaming=True, max_steps=20, datasets=[{"path": "tatsu-lab/alpaca", "type": "alpaca"}],
+                      streaming_multipack_buffer_size=10000)
+    assert result.config["datasets"] == [{"path": "tatsu-lab/alpaca", "type": "alpaca", "streaming": True}]
+    assert not _dropped(result)
+
+
+def test_a_converted_pretraining_config_validates_and_trains_streamed(ft_runner, tmp_path, ft_tiny_model_dir):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"body": f"document {i}: " + "words and more words " * (i % 9 + 1)}
+                                                     for i in range(60)])
+    src, out = tmp_path / "pretrain.yml", tmp_path / "ft.yaml"
+    src.write_text(yaml.safe_dump({
+        "base_model": str(ft_tiny_model_dir), "sequence_len": 64, "micro_batch_size": 2, "max_steps": 3,
+        "sample_packing": True, "val_set_size": 0.0, "dataset_prepared_path": None, "output_dir": str(tmp_path / "o"),
+        "pretraining_dataset": [{"path": str(corpus), "type": "pretrain", "text_column": "body"}],
+    }))
+    convert(ft_runner, src, out)
+    assert yaml.safe_load(out.read_text())["datasets"][0]["streaming"] is True
+    ft_runner.validate(out).assert_ok()
+    run = ft_runner.run(out, "--set", "bf16=false").assert_ok()
+    assert "nothing is cached" in run.log
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["summary"]["steps"] == 3

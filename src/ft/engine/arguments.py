@@ -126,6 +126,10 @@ def training_arguments(cfg: Any, *, has_eval: bool, steps_per_epoch: int | None 
             args[f"{name}_kwargs"] = dict(cfg.gradient_checkpointing_kwargs)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args["use_cpu"] = True  # accelerate sets up multi-process CPU training (gloo) only when asked to
+    if any(getattr(e, "streaming", False) for e in cfg.datasets or []):
+        # each rank reads its own shard of the stream (ft.engine.data_stream); accelerate's default for an iterable
+        # dataset would read every batch on rank 0 and send it to the others
+        args["accelerator_config"] = {"dispatch_batches": False}
     if cfg.tf32 is not None:
         if torch.cuda.is_available():
             args["tf32"] = cfg.tf32

@@ -43,6 +43,7 @@ from ft.engine.data_report import (
 )
 from ft.engine.data_tokenize import TOO_LONG
 from ft.engine.mixing import mix_by_weight
+from ft.engine.rows import RawRows, RowPart
 from ft.kernel.errors import DataError
 from ft.kernel.formats import IGNORE_INDEX, Drop, entry_where
 
@@ -55,80 +56,6 @@ log = logging.getLogger("ft.data")
 
 # Reasons a row or sample is dropped (formats may add their own through ``Dropped``).
 MALFORMED = "malformed"
-
-
-# -- what a source plugin returns ------------------------------------------------------------
-
-
-@dataclass
-class RowPart:
-    """Rows read from one file (or one hub split), with where each row came from.
-
-    ``rows`` is a list of dicts or a ``pyarrow.Table``. ``lines`` holds the 1-based line of
-    each row in ``file`` (JSONL: "file:12"), or its number in another ``unit`` ("file: item 3"
-    for a JSON array); when it is None rows are numbered in order ("file: row N").
-    """
-
-    rows: Any
-    file: str
-    lines: Sequence[int] | None = None
-    unit: str = "line"
-
-    def __len__(self) -> int:
-        return len(self.rows) if not hasattr(self.rows, "num_rows") else self.rows.num_rows
-
-    def slice(self, start: int, stop: int) -> list[dict[str, Any]]:
-        if isinstance(self.rows, list):
-            return self.rows[start:stop]
-        return self.rows.slice(start, stop - start).to_pylist()
-
-    def where(self, i: int) -> str:
-        if self.lines is None:
-            return f"{self.file}: row {i + 1}"
-        if self.unit == "line":
-            return f"{self.file}:{self.lines[i]}"
-        return f"{self.file}: {self.unit} {self.lines[i]}"
-
-
-@dataclass
-class RawRows:
-    """What ``ft_load_dataset`` returns: rows, the origin of each row, and rows dropped while reading.
-
-    Rows are kept in parts (one per file) so a directory of files needs no copy; ``batch``
-    and ``where`` address rows by their index across all parts.
-    """
-
-    source: str
-    parts: list[RowPart] = field(default_factory=list)
-    dropped: list[Drop] = field(default_factory=list)
-    blank_lines: int = 0  # blank lines in JSONL files: not rows, counted for the record
-
-    def __post_init__(self) -> None:
-        self._starts: list[int] = []
-        total = 0
-        for part in self.parts:
-            self._starts.append(total)
-            total += len(part)
-        self._len = total
-
-    def __len__(self) -> int:
-        return self._len
-
-    def batch(self, start: int, stop: int) -> list[dict[str, Any]]:
-        """Rows ``start:stop`` as dicts (across file boundaries)."""
-        out: list[dict[str, Any]] = []
-        k = max(bisect.bisect_right(self._starts, start) - 1, 0)
-        while start < stop and k < len(self.parts):
-            part, base = self.parts[k], self._starts[k]
-            end = min(stop, base + len(part))
-            out.extend(part.slice(start - base, end - base))
-            start, k = end, k + 1
-        return out
-
-    def where(self, i: int) -> str:
-        """``file:line`` (or ``file: row N``) of row ``i``."""
-        k = bisect.bisect_right(self._starts, i) - 1
-        return self.parts[k].where(i - self._starts[k])
 
 
 # -- what prepare_datasets returns -----------------------------------------------------------
@@ -230,6 +157,8 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
     """Tokenize, filter, split and pack ``cfg.datasets`` (and ``test_datasets``), cached by content."""
     from ft.engine import cache
     cfg = ctx.cfg
+    if any(getattr(e, "streaming", False) for e in cfg.datasets or []):  # read as training consumes it, never cached
+        return _prepare_streamed(ctx, tokenizer)
     t0 = time.perf_counter()
     packing = _packing_active(ctx)
     key, key_inputs = cache.cache_key(ctx, tokenizer, packing)
@@ -266,6 +195,36 @@ def prepare_datasets(ctx: Context, tokenizer: Any) -> PreparedData:
         data.stats["cache"] = "built"
         log_report(report, stats, path)
         return data
+
+
+def _prepare_streamed(ctx: Context, tokenizer: Any) -> PreparedData:
+    """A streamed training set (``ft.engine.data_stream``: read, tokenized and packed as training consumes it) and
+    the ``test_datasets``, read, tokenized and packed whole as a cached build does; neither is cached."""
+    from ft.engine.data_stream import streamed_train
+    from ft.engine.data_tokenize import Samples
+
+    cfg, packing = ctx.cfg, _packing_active(ctx)
+    train = streamed_train(ctx, tokenizer, packing)
+    eval_ds, report = None, build_report([], 0)
+    if cfg.test_datasets:
+        jobs = _read(ctx, tokenizer, groups=("test_datasets",))
+        _tokenize(cfg, jobs, ctx.method)
+        report, _per_entry = _account(cfg, jobs)
+        if report["dropped_total"]:
+            log.info("evaluation rows dropped:\n%s", report_text(report))
+        samples = Samples.concat([job.result.samples for job in jobs])
+        if not samples.count:
+            raise DataError("no evaluation samples are left after reading and tokenizing test_datasets:\n"
+                            + report_text(report))
+        eval_ds = samples.to_dataset()
+        problem = token_id_problem(eval_ds, tokenizer, "eval ")
+        if problem is not None:
+            raise DataError(f"the evaluation data has {problem}: a bug in the format plugin, or another tokenizer.")
+        if packing and cfg.eval_sample_packing is not False:
+            eval_ds = ctx.pm.call("ft_pack", cfg=cfg, dataset=eval_ds, method=ctx.method) or eval_ds
+    stats = {"streaming": True, "packed": packing, "sequence_len": cfg.sequence_len, "cache": "none (streamed)",
+             "eval_samples": len(eval_ds) if eval_ds is not None else 0}
+    return PreparedData(train, eval_ds, packing, report, stats, cache_dir="")
 
 
 def token_id_problem(dataset: Any, tokenizer: Any, what: str = "") -> str | None:
@@ -376,10 +335,10 @@ def _build(ctx: Context, tokenizer: Any, packing: bool) -> tuple[dict, dict, Any
     return report, stats, train_ds, eval_ds, origins
 
 
-def _read(ctx: Context, tokenizer: Any) -> list[_Job]:
+def _read(ctx: Context, tokenizer: Any, groups: Sequence[str] = ("datasets", "test_datasets")) -> list[_Job]:
     """Each entry's rows (``ft_load_dataset``) and its format's tokenize (``build``), in config order."""
     cfg, jobs = ctx.cfg, []
-    for group in ("datasets", "test_datasets"):
+    for group in groups:
         for i, entry in enumerate(getattr(cfg, group) or []):
             raw = ctx.pm.call("ft_load_dataset", cfg=cfg, entry=entry)
             if raw is None:

@@ -180,3 +180,28 @@ def missing_local_paths(cfg: CoreConfig) -> list[str]:
                 out.append(f"{cfg.where(group, i, 'path')}: file '{path}' not found (looked in {os.getcwd()}"
                            + (f" and next to {cfg.source}" if cfg.source else "") + "). Check the path.")
     return out
+
+
+def streaming_problems(cfg: CoreConfig) -> list[str]:
+    """A ``streaming: true`` dataset entry with settings a stream cannot honour: no max_steps (a stream has no
+    length to count epochs by), a held-out split or weights (both need every row up front), an evaluation set that
+    streams, or training entries of which only some stream."""
+    streamed = [i for i, e in enumerate(cfg.datasets or []) if getattr(e, "streaming", False)]
+    out = [f"{cfg.where('test_datasets', i, 'streaming')}: evaluation datasets are not streamed (each evaluation "
+           "reads the whole set); remove streaming: true here."
+           for i, e in enumerate(cfg.test_datasets or []) if getattr(e, "streaming", False)]
+    if not streamed:
+        return out
+    first = cfg.where("datasets", streamed[0], "streaming")
+    if cfg.max_steps is None:
+        out.append(f"{first}: a streaming dataset has no length to count epochs by, so the run needs max_steps: "
+                   "set max_steps: N (optimizer steps), or remove streaming: true.")
+    out.extend(f"{cfg.where('datasets', i)}: this entry is not streaming but datasets[{streamed[0]}] is; a run streams "
+               "every training dataset or none (mixing is not supported): set streaming: true here too, or remove it "
+               "there." for i, e in enumerate(cfg.datasets or []) if not getattr(e, "streaming", False))
+    if cfg.val_set_size:
+        out.append(f"{cfg.where('val_set_size')}: val_set_size holds rows out of the training data, which a stream "
+                   f"({first}) never has whole; give the evaluation set as test_datasets instead.")
+    out.extend(f"{cfg.where('datasets', i, 'weight')}: weight is not supported with streaming (it needs the row "
+               "counts up front); remove it." for i in streamed if getattr(cfg.datasets[i], "weight", None))
+    return out

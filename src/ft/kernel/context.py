@@ -11,7 +11,7 @@ from typing import Any
 
 from ft import hookspecs
 from ft.kernel.config import CoreConfig, build_config_model, validate_config
-from ft.kernel.config_checks import batch_problems, cadence_problems, reporter_problems
+from ft.kernel.config_checks import batch_problems, cadence_problems, reporter_problems, streaming_problems
 from ft.kernel.config_file import RawConfig, apply_overrides, format_loc, read_yaml
 from ft.kernel.errors import ConfigError, PluginError
 from ft.kernel.methods import EVAL, Method
@@ -158,7 +158,8 @@ def load_context(
         if name not in registry:
             problems.append(f"{cfg.where(key)}: {registry.unknown_message(name)}")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg), *batch_problems(cfg, world)])
+    problems.extend([*reporter_problems(cfg), *cadence_problems(cfg), *batch_problems(cfg, world),
+                     *streaming_problems(cfg)])
     problems.extend(pm.call("ft_validate_config", cfg=cfg))
     if problems:
         raise ConfigError(problems, raw.source)

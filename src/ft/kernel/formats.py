@@ -40,6 +40,11 @@ class DatasetOptions(BaseModel):
         None, gt=0, description="This dataset's share of the training rows, relative to the other datasets' "
         "weights (1 where unset): rows are sampled, or repeated, to reach it. Unset everywhere: every row once."
     )
+    streaming: bool = Field(
+        False, description="Read this training dataset as a stream (datasets' IterableDataset): rows are read, "
+        "tokenized and packed as training consumes them, nothing is loaded whole or cached. Needs max_steps; "
+        "for data larger than memory or disk (pretraining-style text)."
+    )
 
 
 @dataclass

@@ -41,9 +41,15 @@ def show_samples(dataset: Any, tokenizer: Any, n: int, stream: TextIO | None = N
     colour = use_colour(out) if colour is None else colour
     legend = (f"{GREEN}green{RESET} = trained, {GREY}grey{RESET} = not trained" if colour
               else f"text inside {OPEN} {CLOSE} is trained; the rest is not")
-    out.write(f"{len(dataset)} rows; showing {min(n, len(dataset))} ({legend})\n")
-    for i in range(min(n, len(dataset))):
-        row = dataset[i]
+    if hasattr(dataset, "__len__"):
+        rows: Any = (dataset[i] for i in range(min(n, len(dataset))))
+        out.write(f"{len(dataset)} rows; showing {min(n, len(dataset))} ({legend})\n")
+    else:  # a streamed dataset: its first rows, read now
+        import itertools
+
+        rows = itertools.islice(dataset, n)
+        out.write(f"a streamed dataset; showing its first {n} rows ({legend})\n")
+    for i, row in enumerate(rows):
         if "input_ids" not in row:
             _show_sequences(i, row, tokenizer, colour, out)
             continue
