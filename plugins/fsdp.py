@@ -345,11 +345,10 @@ def consolidate(output_dir: str | os.PathLike) -> str:
 
     import torch
     import transformers
-    from ft_plugins.infer import config_head
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoConfig
 
-    from ft.api import AUTO_CLASSES
+    from ft.api import AUTO_CLASSES, config_head
 
     out = Path(output_dir)
     sharded = out / SHARDED_DIR

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ft import hookimpl
-from ft.api import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, FtError, Plugin, load_or_explain
+from ft.api import CAUSAL_LM, SEQUENCE_CLASSIFICATION, FtError, Plugin, load_or_explain
 
 PLUGIN = Plugin(essential=True)  # essential: always active
 
@@ -163,7 +163,7 @@ def ft_load_trained(run_dir, dtype):
     config names (a reward model's or PRM's classifier, else a causal LM)."""
     import transformers
 
-    from ft.api import AUTO_CLASSES
+    from ft.api import AUTO_CLASSES, config_head
 
     config = Path(run_dir) / "config.json"
     if not config.is_file():
@@ -177,32 +177,10 @@ def ft_load_trained(run_dir, dtype):
     return model, tokenizer
 
 
-HEAD_SUFFIXES = {"ForSequenceClassification": SEQUENCE_CLASSIFICATION, "ForTokenClassification": TOKEN_CLASSIFICATION}
-
-
-def architecture_head(name: str) -> str:
-    """The head of a transformers class name (``LlamaForSequenceClassification`` -> sequence classification)."""
-    return next((head for suffix, head in HEAD_SUFFIXES.items() if name.endswith(suffix)), CAUSAL_LM)
-
-
-def config_head(config: Any) -> str:
-    """The head a saved model was trained with: from its ``config.json`` (a path) or a config object's
-    ``architectures`` (``save_pretrained`` writes the model's class); a causal LM when none is named."""
-    import json
-
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        try:
-            architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures")
-        except (OSError, ValueError, AttributeError) as error:
-            raise FtError(f"{path}: not a readable model config ({error}); the model directory is damaged.") from error
-    else:
-        architectures = getattr(config, "architectures", None)
-    return architecture_head(architectures[0]) if architectures else CAUSAL_LM
-
-
 def head_of(model: Any) -> str:
     """The head of a loaded model (a peft model's: its base's)."""
+    from ft.api import architecture_head
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return architecture_head(type(base).__name__)
 

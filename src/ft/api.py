@@ -24,7 +24,8 @@ Groups:
   ``sequence_logps``, ``target_logps``, ``output_layer``, ``has_adapter``, ``accumulation_share`` (the scoring
   shared by methods: ``ft.engine.scoring``); model heads ``CAUSAL_LM``,
   ``AUTO_CLASSES`` (head -> transformers class name), ``SEQUENCE_CLASSIFICATION``, ``TOKEN_CLASSIFICATION`` and
-  ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters)
+  ``model_head(cfg)`` (the chosen method's head and ``num_labels``, for loaders and adapters),
+  ``config_head`` / ``architecture_head`` (the head a saved model's config or a class name says it has)
 - collating: ``pad_rows``, ``PaddingCollator``, ``gather_ranges``, ``is_token_column`` (a column of token ids,
   one per token; ``positions=True``: ``position_ids`` too)
 - training: ``resolve_precision``, ``torch_dtype``, ``torch_dtype_named``, ``close_progress_bars``,
@@ -65,7 +66,7 @@ _WHERE = {
     "MODEL_LOSS": "ft.kernel.methods",
     "LOSS_WATCH": "ft.kernel.methods", "CAUSAL_LM": "ft.kernel.methods", "SEQUENCE_CLASSIFICATION": "ft.kernel.methods",
     "TOKEN_CLASSIFICATION": "ft.kernel.methods", "model_head": "ft.kernel.methods",
-    "AUTO_CLASSES": "ft.kernel.methods",
+    "AUTO_CLASSES": "ft.kernel.methods", "config_head": "ft.engine.outputs", "architecture_head": "ft.engine.outputs",
     "ReferenceModel": "ft.engine.scoring", "token_logps": "ft.engine.scoring", "sequence_logps": "ft.engine.scoring",
     "has_adapter": "ft.engine.scoring", "target_logps": "ft.engine.scoring", "output_layer": "ft.engine.scoring",
     "accumulation_share": "ft.engine.scoring",

@@ -49,6 +49,7 @@ from ft.engine.failures import disk_full_error, is_disk_full
 from ft.engine.launch import is_main_process
 from ft.engine.stopping import resume_command
 from ft.kernel.errors import FtError
+from ft.kernel.methods import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 
 if TYPE_CHECKING:
     from ft.kernel.context import Context
@@ -428,3 +429,27 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+# -- the head a saved model was trained with ---------------------------------------------------------
+
+HEAD_SUFFIXES = {"ForSequenceClassification": SEQUENCE_CLASSIFICATION, "ForTokenClassification": TOKEN_CLASSIFICATION}
+
+
+def architecture_head(name: str) -> str:
+    """The head of a transformers class name (``LlamaForSequenceClassification`` -> sequence classification)."""
+    return next((head for suffix, head in HEAD_SUFFIXES.items() if name.endswith(suffix)), CAUSAL_LM)
+
+
+def config_head(config: Any) -> str:
+    """The head a saved model was trained with: from its ``config.json`` (a path) or a config object's
+    ``architectures`` (``save_pretrained`` writes the model's class); a causal LM when none is named."""
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        try:
+            architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures")
+        except (OSError, ValueError, AttributeError) as error:
+            raise FtError(f"{path}: not a readable model config ({error}); the model directory is damaged.") from error
+    else:
+        architectures = getattr(config, "architectures", None)
+    return architecture_head(architectures[0]) if architectures else CAUSAL_LM
