@@ -294,9 +294,22 @@ def ft_run_1proc(env, root: Path, config: Path) -> dict:
     return json.loads((probe_dir / "rank0.json").read_text())
 
 
+QLORA_RUN = dict(plugins=["lora", "qlora"], lora={"r": 8, "alpha": 16, "dropout": 0.0}, learning_rate=1.0e-2,
+                 qlora={"compute_dtype": "float32"}, max_steps=3, val_set_size=0.25, eval_strategy="steps", eval_steps=1)
+
+
+@pytest.fixture(scope="module")
+def qlora_fsdp_run(dist_env, work, ft_tiny_model_dir, chat_jsonl):
+    """QLoRA + FSDP2 over 2 processes (a checkpoint at step 2), shared by the tests below."""
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "fsdp_qlora", **{**QLORA_RUN, "save_steps": 2,
+                                                                                "plugins": ["fsdp", "lora", "qlora"]})
+    _, reports = ft_run_2proc(dist_env, work, config)
+    return work / "fsdp_qlora", reports
+
+
 @pytest.mark.slow
-def test_qlora_with_fsdp2_shards_the_4bit_base_and_trains_as_one_process_does(dist_env, work, ft_tiny_model_dir,
-                                                                            chat_jsonl):
+def test_qlora_with_fsdp2_shards_the_4bit_base_and_trains_as_one_process_does(qlora_fsdp_run, dist_env, work,
+                                                                            ft_tiny_model_dir, chat_jsonl):
     """QLoRA + FSDP2 over 2 processes vs QLoRA in 1 process with the same global batch (8 rows a step).
 
     The two see the same rows at each step (the 2 ranks split the single run's batch) and both compute in
@@ -306,12 +319,8 @@ def test_qlora_with_fsdp2_shards_the_4bit_base_and_trains_as_one_process_does(di
     evaluation after each step must not disturb the next (bitsandbytes' CPU repacking did: step 2 logged
     6.342 instead of 6.017).
     """
-    common = dict(plugins=["lora", "qlora"], lora={"r": 8, "alpha": 16, "dropout": 0.0}, learning_rate=1.0e-2,
-                  qlora={"compute_dtype": "float32"}, max_steps=3, val_set_size=0.25, eval_strategy="steps",
-                  eval_steps=1)
-    sharded = write_config(work, ft_tiny_model_dir, chat_jsonl, "fsdp_qlora", **{**common, "plugins": ["fsdp", "lora", "qlora"]})
-    single = write_config(work, ft_tiny_model_dir, chat_jsonl, "qlora_1proc", **{**common, "micro_batch_size": 8})
-    _, reports = ft_run_2proc(dist_env, work, sharded)
+    out, reports = qlora_fsdp_run
+    single = write_config(work, ft_tiny_model_dir, chat_jsonl, "qlora_1proc", **{**QLORA_RUN, "micro_batch_size": 8})
     one = ft_run_1proc(dist_env, work, single)
 
     for report in reports:
@@ -335,7 +344,7 @@ def test_qlora_with_fsdp2_shards_the_4bit_base_and_trains_as_one_process_does(di
     from ft_plugins.lora import load_adapter_model, merge_adapter
     from safetensors.torch import load_file
 
-    out, out_one = work / "fsdp_qlora", work / "qlora_1proc"
+    out_one = work / "qlora_1proc"
     assert json.loads((out / "base_quantization.json").read_text())["bnb_4bit_quant_storage"] == "float32"
     adapter, adapter_one = load_file(out / "adapter_model.safetensors"), load_file(out_one / "adapter_model.safetensors")
     assert adapter.keys() == adapter_one.keys()
@@ -348,6 +357,25 @@ def test_qlora_with_fsdp2_shards_the_4bit_base_and_trains_as_one_process_does(di
     merged = load_file(Path(merge_adapter(out)) / "model.safetensors")
     merged_one = load_file(Path(merge_adapter(out_one)) / "model.safetensors")
     assert all((merged[k] - merged_one[k]).abs().max() < 1e-4 for k in merged)
+
+
+@pytest.mark.slow
+def test_qlora_with_fsdp2_resumes_from_its_sharded_checkpoint(qlora_fsdp_run, dist_env, work, ft_tiny_model_dir,
+                                                              chat_jsonl):
+    """The checkpoint's fsdp_state/ holds the sharded 4-bit base, the adapter and the optimizer; resuming
+    from step 2 ends with the adapter the uninterrupted run saved."""
+    from safetensors.torch import load_file
+
+    out, first = qlora_fsdp_run
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "fsdp_state").is_dir() and (checkpoint / "adapter_model.safetensors").is_file()
+    config = write_config(work, ft_tiny_model_dir, chat_jsonl, "fsdp_qlora_resumed", **{
+        **QLORA_RUN, "plugins": ["fsdp", "lora", "qlora"], "resume_from_checkpoint": str(checkpoint)})
+    _, reports = ft_run_2proc(dist_env, work, config)
+    assert reports[0]["losses"] == first[0]["losses"][2:], "the resumed run trains step 3 only, as the first did"
+    full, again = load_file(out / "adapter_model.safetensors"), load_file(work / "fsdp_qlora_resumed" / "adapter_model.safetensors")
+    assert full.keys() == again.keys()
+    assert all((full[k] - again[k]).abs().max() < 1e-6 for k in full)
 
 
 @pytest.mark.slow
