@@ -12,7 +12,7 @@ while the one-process run keeps norms and LoRA in fp32). Also checked: the adapt
 (the 4-bit storage: the compute dtype) are written, and ``ft infer`` loads the adapter on its 4-bit base.
 Writes one JSON object to stdout; exit 0 only when every check held.
 
-    python3 bench/qlora_fsdp_check.py [--device cuda|cpu] [--dtype bf16|fp32] [--steps 3] [--workdir DIR]
+    python3 bench/qlora_fsdp_check.py [--device cuda|cpu] [--dtype bf16|fp32] [--offload] [--steps 3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--offload", action="store_true", help="fsdp.offload_params: shards in CPU memory (GPU only)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     sharded, single = root / "fsdp.yaml", root / "single.yaml"
     sharded.write_text(yaml.safe_dump({**common, "plugins": ["lora", "qlora", "fsdp"], "micro_batch_size": 4,
-                                       "fsdp": {"mixed_precision": args.dtype}, "output_dir": str(root / "fsdp")}))
+                                       "fsdp": {"mixed_precision": args.dtype, "offload_params": args.offload}, "output_dir": str(root / "fsdp")}))
     single.write_text(yaml.safe_dump({**common, "plugins": ["lora", "qlora"], "micro_batch_size": 4 * nproc,
                                       "output_dir": str(root / "single")}))
     started = time.perf_counter()
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=120)
         checks["ft infer loads the adapter on its 4-bit base"] = infer.returncode == 0
     report = {"ok": all(checks.values()), "checks": checks, "device": args.device, "nproc": nproc,
-              "dtype": args.dtype, "losses_fsdp": losses_f, "losses_one_process": losses_s,
+              "dtype": args.dtype, "offload_params": args.offload, "losses_fsdp": losses_f, "losses_one_process": losses_s,
               "seconds": round(time.perf_counter() - started, 1)}
     if not report["ok"]:
         report["fsdp_tail"] = (proc_f.stdout + proc_f.stderr)[-3000:]
