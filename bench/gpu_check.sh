@@ -10,6 +10,7 @@
 # Then one device call with carry [".whl"], timeout_s 600 and the command:
 #   bash bench/gpu_check.sh          # issue 9's checks
 #   bash bench/gpu_check.sh vllm     # issue 21's: GRPO on the image's vllm (see the section below the installs)
+#   bash bench/gpu_check.sh qlora-fsdp   # issue 23's: QLoRA + FSDP2 on the GPU(s) (bitsandbytes in .whl/)
 #
 # Writes under $OUT (at most 8 files, no sub-folders):
 #   env.json          versions, the GPU, torch's varlen_attn signature, whether flash-attn / liger import
@@ -71,6 +72,41 @@ EOF2
 }
 if [ "${1:-}" = "vllm" ]; then
   vllm_check
+  exit $?
+fi
+
+# -- issue 23: QLoRA + FSDP2 (`bash bench/gpu_check.sh qlora-fsdp` runs only this part) ----------------------
+# Unverified: written on a machine without a GPU (the same script passes on CPU, 2 processes over gloo:
+# `python bench/qlora_fsdp_check.py --device cpu --dtype fp32`). Needs bitsandbytes (in .whl/). Writes:
+#   qlora_fsdp_bf16.json / _fp32.json / _offload.json   bench/qlora_fsdp_check.py: `ft run -p lora -p qlora -p fsdp
+#                     --nproc N` (N = min(GPUs, 2); with 1 GPU FSDP2 runs over 1 rank: the CUDA path of the
+#                     4-bit weights through fully_shard, not the split) vs one-process QLoRA on the same rows:
+#                     step-1 loss, the adapter, the 4-bit storage dtype, ft infer on the adapter; _offload: bf16
+#                     with fsdp.offload_params (most of axolotl's QLoRA + FSDP examples offload)
+#   qlora_fsdp.log    their stderr
+#   qlora_fsdp_summary.json  exit codes and seconds
+qlora_fsdp_check() {
+  local t=$(date +%s) rc_bf16 rc_fp32 rc_offload
+  timeout 170 python3 bench/qlora_fsdp_check.py --device cuda --dtype bf16 >"$OUT/qlora_fsdp_bf16.json" \
+    2>"$OUT/qlora_fsdp.log"
+  rc_bf16=$?
+  timeout 170 python3 bench/qlora_fsdp_check.py --device cuda --dtype fp32 >"$OUT/qlora_fsdp_fp32.json" \
+    2>>"$OUT/qlora_fsdp.log"
+  rc_fp32=$?
+  timeout 170 python3 bench/qlora_fsdp_check.py --device cuda --dtype bf16 --offload \
+    >"$OUT/qlora_fsdp_offload.json" 2>>"$OUT/qlora_fsdp.log"
+  rc_offload=$?
+  cat >"$OUT/qlora_fsdp_summary.json" <<EOF2
+{"bf16_rc": $rc_bf16, "fp32_rc": $rc_fp32, "offload_rc": $rc_offload,
+ "gpus": $(python3 -c 'import torch; print(torch.cuda.device_count())'),
+ "seconds": $(($(date +%s) - t)), "note": "rc 0 = every check held; 124 = cut by the time limit"}
+EOF2
+  cat "$OUT/qlora_fsdp_summary.json"
+  head -n 14 "$OUT/qlora_fsdp_bf16.json"
+  return $((rc_bf16 != 0 || rc_fp32 != 0 || rc_offload != 0))
+}
+if [ "${1:-}" = "qlora-fsdp" ]; then
+  qlora_fsdp_check
   exit $?
 fi
 

@@ -402,10 +402,9 @@ class _Converter:
                 if self.sections.pop(name):
                     self.note(name, name, f"settings for the {name} plugin, which this config does not use "
                               "(e.g. no adapter: a full fine-tune); left out", False)
-        if "qlora" in self.plugins and "fsdp" in self.plugins:
-            self.note("fsdp", "with a quantized base", "QLoRA with FSDP is not offered (ft validate refuses it): train "
-                      "QLoRA with plain data parallel (drop fsdp) or DeepSpeed ZeRO-2, or LoRA on a 16-bit base "
-                      "with fsdp", True)
+        if "qlora" in self.plugins and "fsdp" in self.plugins and self.sections.get("qlora", {}).get("bits") == 8:
+            self.note("fsdp", "with an 8-bit base", "8-bit weights cannot be sharded (ft validate refuses it; 4-bit "
+                      "QLoRA shards): use load_in_4bit, or 8 bits with plain data parallel (drop fsdp)", True)
         if self.sections.get("fsdp", {}).get("save") == "sharded" and "lora" in self.plugins:
             del self.sections["fsdp"]["save"]
             self.note("fsdp_config.state_dict_type", "SHARDED_STATE_DICT", "a LoRA adapter is small: ft saves it whole "
@@ -731,6 +730,9 @@ class _Converter:
         for k, v in value.items():
             if k in names:
                 q[names[k]] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(v, v)
+            elif k == "bnb_4bit_quant_storage":  # how the packed bytes are typed, not their values
+                self.note(f"bnb_config_kwargs.{k}", v, "ft stores 4-bit weights as uint8, or in the compute dtype "
+                          "with fsdp (same values)", False, expressed=True)
             elif k not in ("llm_int8_has_fp16_weight",):
                 self.note(f"bnb_config_kwargs.{k}", v, "no ft equivalent", True)
 

@@ -2,7 +2,9 @@
 
 Select with ``plugins: [fsdp]`` and launch several processes (``ft run CONFIG --nproc N`` or
 torchrun). Each decoder layer becomes one FSDP unit, the rest of the model the root unit.
-Works with full fine-tuning and with LoRA (``-p lora``: the frozen base is sharded too).
+Works with full fine-tuning, with LoRA (``-p lora``: the frozen base is sharded too) and with
+QLoRA (``-p lora -p qlora``: the packed 4-bit base weights are sharded like any other, stored in
+the compute dtype -- bitsandbytes' ``quant_storage`` -- so that mixed precision leaves them alone).
 
 How it is applied: right before training (``ft_before_train``) the plugin calls torch's
 ``fully_shard`` on the model itself, on every device type. accelerate's FSDP support
@@ -30,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ft import hookimpl
 from ft.api import FtError, Plugin
 
-PLUGIN = Plugin(feature=True, provides=["sharding"])  # one engine shards the model
+PLUGIN = Plugin(feature=True, provides=["sharding", "sharded_parameters"])  # one engine shards the model; every parameter, the frozen base too, is split across processes
 
 log = logging.getLogger("ft.fsdp")
 
@@ -85,12 +87,6 @@ def ft_validate_config(cfg):
         problems.append(
             f"{cfg.where('plugins')}: {' and '.join(cfg.providers('sharding'))} are both selected, but a model is "
             "sharded by one engine only. Keep one of them (FSDP2: plugins: [fsdp]; DeepSpeed ZeRO: plugins: [deepspeed])."
-        )
-    if cfg.provides("quantized_base"):
-        problems.append(
-            f"{cfg.where('plugins')}: qlora cannot be combined with fsdp: FSDP2 would shard the packed 4-bit "
-            "bitsandbytes weights, which loses their quantization state. Use qlora with plain data parallel "
-            "(drop fsdp) or with deepspeed (zero stage 1 or 2); or drop qlora to shard a 16-bit base with LoRA."
         )
     if cfg.fp16:
         problems.append(
@@ -162,6 +158,7 @@ def shard_model(model: Any, fsdp: FsdpSection, compute_dtype: Any, device: Any) 
     offload = CPUOffloadPolicy() if fsdp.offload_params and device.type == "cuda" else OffloadPolicy()
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layer_classes = decoder_layer_classes(model, fsdp.wrap_layers)
+    store_packed_weights_as(model, compute_dtype)
     if fsdp.activation_checkpointing:
         _enable_activation_checkpointing(model)
     kwargs = {"reshard_after_forward": fsdp.reshard_after_forward, "mp_policy": mp, "offload_policy": offload}
@@ -177,6 +174,44 @@ def shard_model(model: Any, fsdp: FsdpSection, compute_dtype: Any, device: Any) 
              len(layers), "/".join(sorted(c.__name__ for c in layer_classes)), torch.distributed.get_world_size(),
              str(compute_dtype).replace("torch.", ""), fsdp.reshard_after_forward)
     return len(layers) + 1
+
+
+def store_packed_weights_as(model: Any, dtype: Any) -> int:
+    """Give every packed 4-bit (bitsandbytes) weight the storage dtype FSDP2 gathers the shards in.
+
+    FSDP2 splits each parameter on dim 0 and, with mixed precision, casts the gathered shards to the
+    compute dtype. A 4-bit weight is packed bytes, shape (bytes / itemsize, 1): cast, its values
+    would be destroyed; stored as the compute dtype (bitsandbytes' ``quant_storage``), the cast is a
+    no-op. The qlora plugin loads it so already; a weight stored otherwise (uint8, a pre-quantized
+    checkpoint, or qlora.compute_dtype unlike fsdp.mixed_precision) is reinterpreted here: the same
+    bytes, viewed as ``dtype`` (bitsandbytes reads the bytes, whatever their dtype). Returns how many
+    weights were reinterpreted.
+    """
+    import torch
+
+    changed = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not getattr(weight, "bnb_quantized", False) or getattr(weight, "quant_state", None) is None:
+            continue  # not a packed 4-bit weight (8-bit weights are refused by the qlora plugin)
+        if weight.dtype == dtype:
+            continue
+        size = torch.empty(0, dtype=dtype).element_size()
+        raw = weight.data.contiguous().view(torch.uint8).reshape(-1)
+        if raw.numel() % size:
+            raise FtError(
+                f"fsdp: the 4-bit weight {name}.weight has {raw.numel()} bytes, which cannot be stored as "
+                f"{str(dtype).replace('torch.', '')} for sharding; set qlora.compute_dtype and fsdp.mixed_precision "
+                "to the same dtype (or leave both auto) so that the qlora plugin quantizes it in that storage."
+            )
+        weight.data = raw.view(dtype).reshape(-1, 1)
+        weight.quant_storage = dtype
+        module.quant_storage = dtype  # bitsandbytes rebuilds the weight with it when FSDP hands it a plain tensor
+        changed += 1
+    if changed:
+        log.info("fsdp: %d packed 4-bit weight(s) reinterpreted as %s storage (the dtype the shards are gathered in)",
+                 changed, str(dtype).replace("torch.", ""))
+    return changed
 
 
 def _enable_activation_checkpointing(model: Any) -> None:

@@ -2,7 +2,8 @@
 
 This plugin only quantizes the base model; the trainable adapter comes from the ``lora``
 plugin, which prepares the quantized model for k-bit training before adding the adapter.
-Select both: ``plugins: [lora, qlora]``. The 8-bit optimizers (``adamw_8bit``,
+Select both: ``plugins: [lora, qlora]``; add ``fsdp`` to shard the 4-bit base across processes
+(QLoRA + FSDP2: the packed weights are then stored in the compute dtype). The 8-bit optimizers (``adamw_8bit``,
 ``adamw_bnb_8bit``) are registered by the ``optimizers`` plugin.
 """
 
@@ -57,6 +58,13 @@ def ft_validate_config(cfg):
             "(plugins: [lora, qlora]) so that an adapter is trained on top of it."
         )
     q = cfg.section("qlora")
+    if q.bits == 8 and cfg.provides("sharded_parameters"):
+        problems.append(
+            f"{cfg.where('qlora', 'bits')}: 8-bit (LLM.int8) weights cannot be sharded by "
+            f"{' and '.join(cfg.providers('sharded_parameters'))}: bitsandbytes keeps their scales outside the weight, "
+            "and the gathered shards arrive without them. Use qlora.bits: 4 (QLoRA shards), or keep 8 bits "
+            "without sharding (plain data parallel, or deepspeed ZeRO stage 1 or 2)."
+        )
     if q.bits == 8:
         for key in ("quant_type", "double_quant"):
             if key in q.model_fields_set:
@@ -78,6 +86,20 @@ def compute_dtype(cfg: Any, q: QloraSection) -> Any:
     return torch.float32
 
 
+def storage_dtype(cfg: Any, q: QloraSection) -> Any:
+    """dtype the packed 4-bit values are stored in (bitsandbytes' ``quant_storage``).
+
+    uint8, unless a plugin shards every parameter (fsdp): it splits and gathers the packed weights
+    like the others and casts them to the compute dtype, so they are stored in that dtype already
+    (the bytes are the same; the cast is then a no-op), as peft and bitsandbytes document for FSDP.
+    """
+    import torch
+
+    if cfg.provides("sharded_parameters"):
+        return compute_dtype(cfg, q)
+    return torch.uint8
+
+
 def bnb_config(cfg: Any) -> Any:
     """The ``BitsAndBytesConfig`` for this run's ``qlora:`` section."""
     from transformers import BitsAndBytesConfig
@@ -90,6 +112,7 @@ def bnb_config(cfg: Any) -> Any:
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg, q),
+        bnb_4bit_quant_storage=storage_dtype(cfg, q),
     )
 
 
@@ -100,8 +123,9 @@ def ft_model_kwargs(cfg):
     import torch
 
     kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
-    sharded = cfg.provides("sharding")
-    if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not sharded:
-        # data parallel: each process keeps its whole quantized copy on its own GPU
+    # deepspeed places the model itself; with plain data parallel each process keeps its whole quantized
+    # copy on its own GPU, and with fsdp it quantizes there too (fast), then keeps only its shards
+    placed_by_engine = cfg.provides("sharding") and not cfg.provides("sharded_parameters")
+    if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not placed_by_engine:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return kwargs

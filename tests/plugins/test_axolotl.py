@@ -722,12 +722,17 @@ def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, ft_tiny
     autotune = _convert(torch_compile=True, torch_compile_mode="max-autotune")
     assert autotune.config["compile"]["mode"] == "max-autotune-no-cudagraphs"
     qlora_fsdp = _convert(adapter="qlora", load_in_4bit=True, fsdp=["full_shard"])
-    assert "fsdp" in _dropped(qlora_fsdp)  # not offered: exit 3 with the reason (validate refuses it)
+    assert qlora_fsdp.config["plugins"] == ["lora", "qlora", "fsdp"] and not _dropped(qlora_fsdp)  # QLoRA + FSDP2
+    storage = _convert(adapter="qlora", load_in_4bit=True, fsdp=["full_shard"],
+                       bnb_config_kwargs={"bnb_4bit_quant_storage": "bfloat16"})
+    assert not _dropped(storage) and "quant_storage" not in str(storage.config)  # ft picks the storage itself
+    int8_fsdp = _convert(adapter="lora", load_in_8bit=True, fsdp=["full_shard"])
+    assert "fsdp" in _dropped(int8_fsdp)  # 8-bit weights cannot be sharded: exit 3 with the reason (validate refuses it)
     no_adapter = _convert(lora_target_linear=True)  # a full fine-tune with a stray lora key
     assert "lora" not in no_adapter.config
     # each of them validates
     (tmp_path / "p.jsonl").write_text("")
-    for i, res in enumerate((result, sharded, no_adapter)):
+    for i, res in enumerate((result, sharded, no_adapter, qlora_fsdp)):
         cfg = dict(res.config, base_model=str(ft_tiny_model_dir), datasets=[{"path": "p.jsonl", "type": "chat_template"}])
         path = tmp_path / f"{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))

@@ -107,6 +107,84 @@ def test_adapter_goes_on_a_quantized_base(ft_tiny_model_dir):
     }
 
 
+def test_4bit_weights_are_stored_as_uint8_or_in_the_compute_dtype_for_fsdp(ft_tiny_model_dir):
+    """FSDP2 shards and casts every parameter: the packed 4-bit weights are then typed as the compute dtype."""
+    import torch
+
+    assert model_kwargs(ft_tiny_model_dir)["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    for compute, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        ctx = load_context(make_config(ft_tiny_model_dir, plugins=("lora", "qlora", "fsdp"),
+                                       qlora={"compute_dtype": compute}))
+        q = ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg)["quantization_config"]
+        assert q.bnb_4bit_quant_storage == expected and q.bnb_4bit_compute_dtype == expected
+
+
+def test_8bit_with_fsdp_is_refused_with_the_reason(ft_tiny_model_dir, write_yaml):
+    config = write_yaml(make_config(ft_tiny_model_dir, plugins=["lora", "qlora", "fsdp"], qlora={"bits": 8}))
+    with pytest.raises(ConfigError) as excinfo:
+        load_context(config)
+    text = "\n".join(excinfo.value.problems)
+    assert f"{config}:" in text and "qlora.bits: 8-bit (LLM.int8) weights cannot be sharded by fsdp" in text
+    assert "Use qlora.bits: 4" in text
+
+
+def test_fsdp_reinterprets_packed_uint8_weights_in_its_dtype_without_changing_the_model(ft_tiny_model_dir):
+    """A 4-bit weight stored otherwise than FSDP gathers it (uint8 here) is viewed as that dtype: same bytes,
+    same outputs, and the shape FSDP splits on dim 0."""
+    import torch
+    from ft_plugins.fsdp import store_packed_weights_as
+    from transformers import AutoModelForCausalLM
+
+    kwargs = model_kwargs(ft_tiny_model_dir, compute_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **kwargs)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    packed = q_proj.weight.data.clone()
+    assert packed.dtype == torch.uint8
+    model.train()  # (in eval mode bitsandbytes repacks CPU weights into another layout)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        before = model(ids).logits
+    layers = sum(1 for m in model.modules() if hasattr(m, "quant_state"))
+    for dtype in (torch.bfloat16, torch.float32):
+        assert store_packed_weights_as(model, dtype) == layers > 0
+        assert q_proj.weight.dtype == dtype and q_proj.weight.shape == (packed.numel() // dtype.itemsize, 1)
+        assert torch.equal(q_proj.weight.data.view(torch.uint8).reshape(-1), packed.reshape(-1))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, before)
+    assert store_packed_weights_as(model, torch.float32) == 0, "already stored as float32"
+
+
+def test_an_evaluation_leaves_the_4bit_weights_and_the_gradients_as_they_were(ft_tiny_model_dir):
+    """bitsandbytes repacks a 4-bit weight for CPU inference on its first eval-mode forward without grad (on
+    CPUs with AVX512-BF16); the adapter's gradients after an evaluation were then wrong. The lora plugin
+    keeps the training layout."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ctx = load_context(make_config(ft_tiny_model_dir, qlora={"compute_dtype": "float32"}, lora={"r": 4, "dropout": 0.0}))
+    base = AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir, **ctx.pm.call("ft_model_kwargs", cfg=ctx.cfg))
+    model = ctx.pm.call("ft_apply_adapter", cfg=ctx.cfg, model=base)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: gradients reach lora_A and the base's inputs
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 40]])
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(ids, labels=ids)
+    after = gradients()
+    assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if hasattr(m, "quant_state"))
+
+
 # -- (b) through `ft run`: 4-bit layers, and the loss falls --------------------------------------
 
 
