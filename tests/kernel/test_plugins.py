@@ -465,3 +465,16 @@ def test_essential_is_declared_by_the_plugin_not_listed_in_the_core():
 
     assert not hasattr(manager, "ESSENTIAL")
     assert hf.PLUGIN.essential and not lora.PLUGIN.essential and lora.PLUGIN.feature
+
+
+def test_a_plugin_turned_off_with_p_no_leaves_its_section_unread(ft_config, ft_dataset, ft_runner):
+    """`plugins: [lora]` + a `lora:` section, run with `-p no:lora`: the run goes on without the plugin and
+    its section is not read (and says so), instead of failing on an unknown key."""
+    cfg = ft_config(dataset=ft_dataset(), plugins=["lora"], lora={"r": 4, "alpha": 8})
+    on = ft_runner.validate(cfg).assert_ok()
+    assert "lora" in on.output.split("selected features:")[1].splitlines()[0]
+    off = ft_runner.validate(cfg, "-p", "no:lora").assert_ok()
+    assert "lora" not in off.output.split("selected features:")[1].splitlines()[0]
+    assert "section(s) lora not read: their plugin is turned off" in off.log
+    ft_runner.validate(cfg, "--set", "lora.rr=4", "-p", "no:lora").assert_ok()  # unread, so not checked
+    ft_runner.validate(cfg, "--set", "lora.rr=4").assert_error("lora.rr")

@@ -132,6 +132,11 @@ def load_context(
     paths = [_beside(raw.source, p) for p in paths]
     pm = make_plugin_manager(plugin_args, config_plugins, paths, **pm_kwargs)
     quiet_unselected(pm)
+    turned_off = [i.name for i in pm.infos.values() if i.status == "blocked" and isinstance(raw.data.get(i.name), dict)]
+    if turned_off:  # `-p no:vllm` on a config with a vllm: section runs without the plugin, its section unread
+        logging.getLogger("ft.plugins").info("section(s) %s not read: their plugin is turned off (-p no:NAME)",
+                                             ", ".join(turned_off))
+        raw = RawConfig({k: v for k, v in raw.data.items() if k not in turned_off}, raw.lines, raw.source)
     regs = collect_registries(pm)
     pm.check_selected_loaded()  # a selected plugin whose registration failed is an error, not a warning
     model = config_model(regs)
