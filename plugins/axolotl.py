@@ -403,8 +403,16 @@ class _Converter:
                     self.note(name, name, f"settings for the {name} plugin, which this config does not use "
                               "(e.g. no adapter: a full fine-tune); left out", False)
         if "qlora" in self.plugins and "fsdp" in self.plugins and self.sections.get("qlora", {}).get("bits") == 8:
-            self.note("fsdp", "with an 8-bit base", "8-bit weights cannot be sharded (ft validate refuses it; 4-bit "
-                      "QLoRA shards): use load_in_4bit, or 8 bits with plain data parallel (drop fsdp)", True)
+            self.plugins.remove("fsdp")  # written as is, the config would not validate
+            self.sections.pop("fsdp", None)
+            self.note("fsdp", "with an 8-bit base", "8-bit weights cannot be sharded: fsdp left out, so each GPU holds "
+                      "the whole 8-bit base (plain data parallel); use load_in_4bit to shard it (QLoRA + FSDP2)", True)
+        optimizer = self.core.get("optimizer")
+        if self.sections.get("deepspeed", {}).get("offload_optimizer") and optimizer not in (
+                None, "adamw_torch", "adamw_torch_fused"):
+            self.core["optimizer"] = "adamw_torch_fused"
+            self.note("optimizer", optimizer, "with ZeRO-Offload DeepSpeed steps its own CPU Adam(W), not this "
+                      "optimizer: adamw_torch_fused written (ft validate refuses any other with offload_optimizer)", True)
         if self.sections.get("fsdp", {}).get("save") == "sharded" and "lora" in self.plugins:
             del self.sections["fsdp"]["save"]
             self.note("fsdp_config.state_dict_type", "SHARDED_STATE_DICT", "a LoRA adapter is small: ft saves it whole "

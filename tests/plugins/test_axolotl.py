@@ -727,12 +727,15 @@ def test_combinations_validate_refuses_are_adjusted(ft_runner, tmp_path, ft_tiny
                        bnb_config_kwargs={"bnb_4bit_quant_storage": "bfloat16"})
     assert not _dropped(storage) and "quant_storage" not in str(storage.config)  # ft picks the storage itself
     int8_fsdp = _convert(adapter="lora", load_in_8bit=True, fsdp=["full_shard"])
-    assert "fsdp" in _dropped(int8_fsdp)  # 8-bit weights cannot be sharded: exit 3 with the reason (validate refuses it)
+    assert "fsdp" in _dropped(int8_fsdp)  # 8-bit weights cannot be sharded: exit 3 with the reason, fsdp left out
+    assert "fsdp" not in int8_fsdp.config["plugins"] and "fsdp" not in int8_fsdp.config
+    offload = _convert(optimizer="adamw_bnb_8bit", deepspeed="deepspeed_configs/zero3_bf16_cpuoffload_all.json")
+    assert offload.config["optimizer"] == "adamw_torch_fused" and "optimizer" in _dropped(offload)  # ZeRO-Offload's Adam
     no_adapter = _convert(lora_target_linear=True)  # a full fine-tune with a stray lora key
     assert "lora" not in no_adapter.config
     # each of them validates
     (tmp_path / "p.jsonl").write_text("")
-    for i, res in enumerate((result, sharded, no_adapter, qlora_fsdp)):
+    for i, res in enumerate((result, sharded, no_adapter, qlora_fsdp, int8_fsdp, offload)):
         cfg = dict(res.config, base_model=str(ft_tiny_model_dir), datasets=[{"path": "p.jsonl", "type": "chat_template"}])
         path = tmp_path / f"{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))
