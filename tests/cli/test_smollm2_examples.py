@@ -66,6 +66,22 @@ def test_the_demos_run_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, ft_ru
     history = json.loads((tmp_path / "out" / "smollm2-grpo-rm" / "metrics.json").read_text())["history"]
     assert any("reward/reward_model/mean" in h for h in history), history[0]
     ft_runner.run(HERE / "ebft.yaml", *tiny).assert_ok()
+    prm = ft_runner.run(HERE / "prm.yaml", *tiny).assert_ok()
+    history = json.loads((tmp_path / "out" / "smollm2-prm" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history if "eval_step_accuracy" in h] == [2], prm.output[-500:]
     # vLLM's CPU engine refuses the tiny model's head size (16): the same config, sampled by ft's own loop
     ft_runner.run(HERE / "grpo_sums.yaml", *tiny, "-p", "no:vllm").assert_ok()
+    history = json.loads((tmp_path / "out" / "smollm2-grpo-sums" / "metrics.json").read_text())["history"]
+    assert any("reward/rewards.py:says_the_sum/mean" in h for h in history), sorted(history[0])
     assert rm.ok
+
+
+def test_the_sums_reward_pays_for_the_stated_sum_only():
+    sys.path.insert(0, str(HERE))
+    try:
+        from rewards import says_the_sum
+    finally:
+        sys.path.remove(str(HERE))
+    completions = [[{"role": "assistant", "content": "6 + 5 = 11."}], [{"role": "assistant", "content": "It is 111."}],
+                   [{"role": "assistant", "content": "Eleven"}], "11"]
+    assert says_the_sum([None] * 4, completions, ["11"] * 4) == [1.0, 0.0, 0.0, 1.0]
