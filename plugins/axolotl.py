@@ -166,6 +166,7 @@ NO_EFFECT: dict[str, str] = {
     "mlflow_run_name": "", "hf_mlflow_log_artifacts": "", "comet_api_key": "set COMET_API_KEY in the environment",
     "comet_workspace": "set COMET_WORKSPACE", "comet_project_name": "set COMET_PROJECT_NAME", "comet_experiment_key": "",
     "comet_mode": "", "comet_online": "", "comet_experiment_config": "", "hub_revision": "",
+    "torch_dtype": "axolotl derives it from bf16/fp16/float16 and overwrites this key (resolve_dtype)",
     "fsdp_final_state_dict_type": "", "deepcompile": "", "fp32_norms": "", "logging_dir": "",
     "chat_template_save_jinja": "", "use_ray": "", "ray_num_workers": "", "ray_run_name": "",
     "use_kernels": "a kernel choice (same maths)", "use_scattermoe": "a MoE kernel choice (same maths)",

@@ -1087,3 +1087,10 @@ def test_a_converted_pretraining_config_validates_and_trains_streamed(ft_runner,
     run = ft_runner.run(out, "--set", "bf16=false").assert_ok()
     assert "nothing is cached" in run.log
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["summary"]["steps"] == 3
+
+
+def test_torch_dtype_has_no_effect_in_axolotl_so_it_is_not_an_exit_3():
+    """axolotl's resolve_dtype sets cfg.torch_dtype from bf16/fp16/float16, overwriting a user's torch_dtype."""
+    result = _convert(torch_dtype="bfloat16", bf16="auto")
+    assert "torch_dtype" not in _dropped(result)
+    assert any(n.key == "torch_dtype" and "resolve_dtype" in n.reason for n in result.notes)
