@@ -408,6 +408,7 @@ class ColocateGeneration(_Sync):
 
     name = "vllm-colocate"
     supports_async = True
+    per_process = True  # each training process has an engine of its own: async generation works under DDP
     local = True
 
     def __init__(self, cfg: Any, trainer: Any, opts: VLLMOptions):
