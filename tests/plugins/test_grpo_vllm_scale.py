@@ -3,11 +3,15 @@ its own (colocate: vLLM's external_launcher, one engine per training process).
 
 - Asynchronous generation under DDP: each process keeps its own pending generations, for exactly the prompts
   it gets at that step in the synchronous run; with lag 0 the run is the synchronous one.
+- FSDP2 and ZeRO-3: before each generation every process gathers the full weights (with LoRA: the adapter
+  alone) and hands them to its engine, which then samples with exactly the trainer's weights (every
+  importance-sampling ratio is 1, after the weights changed).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -93,3 +97,41 @@ def test_async_generation_under_ddp_keeps_each_process_on_its_own_prompts(vllm_p
     assert lag0_prompts == sync_prompts
     for key in ("loss", "reward", "grad_norm", "completion_length", "is/mean"):
         assert [r[key] for r in lag0_rows] == [r[key] for r in sync_rows], f"lag 0 is the synchronous run ({key})"
+
+
+SHARDED = {"fsdp": {"plugins": ["fsdp"]}, "zero3": {"plugins": ["deepspeed"], "deepspeed": {"stage": 3}}}
+
+
+@pytest.mark.parametrize(("engine", "lora"), [("fsdp", False), ("fsdp", True), ("zero3", False), ("zero3", True)],
+                         ids=["fsdp-full", "fsdp-lora", "zero3-full", "zero3-lora"])
+def test_sharded_policy_syncs_its_gathered_weights_to_vllm(engine, lora, vllm_python, vllm_model, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    if engine == "zero3":
+        probe = subprocess.run([vllm_python, "-c", "import deepspeed"], capture_output=True, text=True)
+        if probe.returncode:
+            message = f"no deepspeed in the vLLM environment ({vllm_python}): bash .ci/vllm-env.sh installs it"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+    plugins = (["lora"] if lora else []) + ["vllm"] + SHARDED[engine]["plugins"]
+    _, rows, proc = two_process_run(vllm_python, vllm_model, tmp_path, engine, lora=lora,
+                                    top={**SHARDED[engine], "plugins": plugins})
+    assert f"weights go to vLLM by {'the LoRA adapter alone' if lora else 'full weights reloaded'}" in proc.stderr
+    full = (vllm_model / "model.safetensors").stat().st_size
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        if lora:
+            assert r["sync/bytes"] < full / 10, "only the adapter is gathered and moved"
+        else:
+            assert full * 0.9 < r["sync/bytes"] < full * 1.1
+        # the engine sampled with exactly the trainer's (gathered) weights, which the steps changed
+        assert abs(r["is/min"] - 1) < 1e-4 and abs(r["is/max"] - 1) < 1e-4, r
+    out = Path(yaml.safe_load((tmp_path / engine / "config.yaml").read_text())["output_dir"])
+    if lora:
+        trained = load_file(str(out / "adapter_model.safetensors"))
+        assert max(float(t.abs().max()) for k, t in trained.items() if "lora_B" in k) > 0, "the adapter was trained"
+    else:
+        trained = load_file(str(out / "model.safetensors"))
+        base = load_file(str(vllm_model / "model.safetensors"))
+        assert any(not bool((trained[k] == base[k]).all()) for k in base if k in trained), "the weights were trained"
