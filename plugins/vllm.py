@@ -424,15 +424,19 @@ class ServerGeneration(_Sync):
         return self.client.send_weights(weights, self.opts.sync_chunk_mb << 20)
 
     def sync_weights(self, model: Any) -> dict[str, float]:
+        import torch
+
         trainer = self.trainer
         world = trainer.args.world_size
-        metrics = {"sync/bytes": 0.0, "sync/seconds": 0.0}  # every rank logs the same names (they are averaged)
+        metrics = {"sync/bytes": 0.0, "sync/seconds": 0.0}
         main = trainer.is_world_process_zero()
         if main or self.sharded(model):  # a sharded policy: every process takes part in the gather
             apply = self.snapshot(model, write=main)
             if main:
-                metrics = {k: v * world for k, v in apply().items()}
+                metrics = apply()
         trainer.accelerator.wait_for_everyone()  # no rank generates before the server has the new weights
+        if world > 1:  # every rank logs the same names, as tensors, which are averaged over the ranks: rank 0's
+            metrics = {k: torch.tensor(v * world if main else 0.0) for k, v in metrics.items()}  # x world, others 0
         return metrics
 
 

@@ -5,7 +5,7 @@ its own (colocate: vLLM's external_launcher, one engine per training process).
   it gets at that step in the synchronous run; with lag 0 the run is the synchronous one.
 - FSDP2 and ZeRO-3: before each generation every process gathers the full weights (with LoRA: the adapter
   alone) and hands them to its engine, which then samples with exactly the trainer's weights (every
-  importance-sampling ratio is 1, after the weights changed).
+  importance-sampling ratio is 1, after the weights changed); with a server, rank 0 sends what all gathered.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from test_grpo_vllm_real import (  # noqa: F401 - vllm_python and vllm_model are
     end_group,
     engine_env,
     history,
+    server,
     vllm_model,
     vllm_python,
     write_config,
@@ -135,3 +137,32 @@ def test_sharded_policy_syncs_its_gathered_weights_to_vllm(engine, lora, vllm_py
         trained = load_file(str(out / "model.safetensors"))
         base = load_file(str(vllm_model / "model.safetensors"))
         assert any(not bool((trained[k] == base[k]).all()) for k in base if k in trained), "the weights were trained"
+
+
+def test_server_with_fsdp_gets_the_adapter_gathered_by_every_process(server, vllm_model, tmp_path):  # noqa: F811
+    """FSDP2 + LoRA in 2 processes (this environment) against ``ft vllm-serve``: every process gathers the adapter,
+    rank 0 sends it, and the others wait for it before generating."""
+    client, port, _ = server
+    before = client.health()
+    (tmp_path / "probe.py").write_text(PROBE)
+    config = write_config(tmp_path, vllm_model, "fsdp-server", lora=True, port=port, steps=3,
+                          rewards=[{"name": f"{tmp_path / 'probe.py'}:probe"}])
+    data = yaml.safe_load(config.read_text())
+    data["plugins"] = ["lora", "vllm", "fsdp"]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "probe").mkdir()
+    env = {**os.environ, "FT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "FT_PROBE_DIR": str(tmp_path / "probe")}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "ft.cli", "run", str(config), "--nproc", "2"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    after = client.health()
+    assert after["adapter_id"] - before["adapter_id"] == 3, "one adapter per generation, sent by rank 0 alone"
+    full = (vllm_model / "model.safetensors").stat().st_size
+    rows = history(config)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["sync/bytes"] < full / 10, "only the adapter is gathered and sent"
+        assert abs(r["is/min"] - 1) < 1e-4 and abs(r["is/max"] - 1) < 1e-4, r
