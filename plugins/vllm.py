@@ -491,8 +491,29 @@ class ColocateGeneration(_Sync):
     def _send_http(self, weights: dict[str, Any]) -> int:  # pragma: no cover - colocate always has files
         raise FtError("vllm colocate mode syncs through files or the LoRA adapter, not http")
 
+    def close(self) -> None:
+        super().close()
+        if self.trainer.args.world_size > 1:
+            _end_vllm_groups()
+
     def sync_weights(self, model: Any) -> dict[str, float]:
         return self.snapshot(model)()
+
+
+def _end_vllm_groups() -> None:
+    """Under external_launcher vLLM made its process groups from the training's; end them while that is alive.
+    Left to vLLM's exit hook, they are ended after ft destroyed the training's group, and every rank of a run
+    that finished printed a traceback (``ValueError: Invalid process group specified``)."""
+    try:
+        from vllm.distributed import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        world = getattr(parallel_state, "_WORLD", None)
+        if world is not None:
+            world.destroy()
+            parallel_state._WORLD = None
+    except Exception as exc:  # noqa: BLE001 - a vLLM without these: its exit hook does it, as before
+        log.debug("vllm: could not end vLLM's process groups early: %s", exc)
 
 
 def _lora_rank(cfg: Any) -> int:
