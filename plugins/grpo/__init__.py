@@ -54,6 +54,7 @@ from ft_plugins.grpo.generation import (
     cut_at_eos,
     filter_logits,
     full_parameters,
+    gathered_state,
     left_pad,
     sample_groups,
 )
@@ -144,7 +145,7 @@ def ft_register_methods(register):
 __all__ = ["COLUMNS", "CURVES_FILE", "GENERATION", "IS_MODES", "METRICS", "RESERVED_COLUMNS", "GRPOOptions",
            "HFGeneration", "PromptBatch", "PromptOptions", "PromptTokenize", "RewardEntry", "RewardFunction",
            "build_prompt_tokenize", "build_rewards", "combine_rewards", "completion_logps", "cut_at_eos",
-           "describe_reward", "filter_logits", "full_parameters", "group_advantages", "import_reward", "is_weights",
+           "describe_reward", "filter_logits", "full_parameters", "gathered_state", "group_advantages", "import_reward", "is_weights",
            "left_pad", "masked_mean", "nanstd", "options", "pack_rows", "pad_floats", "plot_grpo", "policy_loss",
            "prompt_collator", "reward_errors", "sample_groups", "score", "step_shape", "trainer_class",
            "trainer_kwargs"]

@@ -125,6 +125,32 @@ class full_parameters:  # noqa: N801 - used as a context manager
             self._gather = None
 
 
+def gathered_state(model: Any, accelerator: Any, keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """The model's state dict (its own names, ``.module`` unwrapped) as full tensors on this process's CPU, also
+    under FSDP2 (each DTensor gathered) and ZeRO-3 (the parameters gathered meanwhile); the shards stay as they
+    are. ``keep(name)`` picks the entries, and only those are gathered (a LoRA adapter's, not the base's).
+    Under sharding every process must call it at the same point: the gathers are collectives."""
+    import contextlib
+
+    import torch
+
+    inner = getattr(model, "module", model)
+    keep = keep or (lambda name: True)
+    context: Any = contextlib.nullcontext()
+    if full_parameters(model, accelerator).zero3:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters([p for n, p in inner.named_parameters() if keep(n)])
+    state = {}
+    with context, torch.no_grad():
+        for name, tensor in inner.state_dict().items():
+            if keep(name):
+                if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
+                    tensor = tensor.full_tensor()
+                state[name] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
 def _zero3_hooks(engine: Any, remove: bool) -> None:
     """Lift (``remove``) or put back DeepSpeed ZeRO-3's parameter hooks (TRL's remove_hooks / add_hooks)."""
     optimizer = getattr(engine, "optimizer", None)

@@ -247,8 +247,11 @@ class GRPOTrainer(Trainer):
         if not getattr(self.generation, "supports_async", False):
             raise FtError(f"grpo.async_generation needs a generator apart from the training model; "
                           f"{self.generation.name} generation is the training model itself. Add -p vllm.")
-        if self.args.world_size > 1:
-            raise FtError("grpo.async_generation runs in one process for now; with several, set it to false.")
+        if self.args.world_size > 1 and not getattr(self.generation, "per_process", False):
+            raise FtError(f"grpo.async_generation with {self.args.world_size} processes needs a generator of each "
+                          f"process's own ({self.generation.name} is shared by them, and a generation started ahead "
+                          "could get another step's weights): use vllm.mode: colocate, or set async_generation: "
+                          "false.")
         return self.grpo.max_lag
 
     def _completions(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], Any]:
@@ -307,10 +310,16 @@ class GRPOTrainer(Trainer):
         total = self.state.max_steps if self.state.max_steps > 0 else math.inf
         if index * iterations >= total:
             return None
-        return [list(self.train_dataset[i]["input_ids"]) for i in sampler.step_indices(index)]
+        # each process keeps its own pending generations, for the prompts it will get at that step
+        return [list(self.train_dataset[i]["input_ids"])
+                for i in sampler.step_indices(index, self.args.process_index)]
 
     def close_generation(self) -> None:
         """Wait for generations still running, stop the generation thread, let the backend clean up."""
+        if self.async_misses:
+            log.warning("grpo: process %d: %d generation(s) started ahead were for other prompts than their step's "
+                        "and were generated again (a resumed run, the end of the data)", self.args.process_index,
+                        self.async_misses)
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()

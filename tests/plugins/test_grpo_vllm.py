@@ -167,11 +167,47 @@ def test_ft_vllm_serve_command_serves_the_config_model(ft_tiny_model_dir, tmp_pa
         proc.wait(timeout=30)
 
 
-def test_vllm_with_sharded_training_is_refused_for_now(ft_tiny_model_dir, tmp_path):
+def test_vllm_with_sharded_training_is_accepted(ft_tiny_model_dir, tmp_path):
+    """FSDP2 / ZeRO-3 policies gather their weights for each sync (test_grpo_vllm_scale runs them on a real vLLM)."""
     from ft.kernel.context import load_context
-    from ft.kernel.errors import ConfigError
 
-    config = write_config(tmp_path, ft_tiny_model_dir, 8000, plugins=["fsdp", "vllm"])
-    with pytest.raises(ConfigError) as info:
-        load_context(config)
-    assert "syncing sharded weights (FSDP, DeepSpeed ZeRO) to vLLM is not supported yet" in "\n".join(info.value.problems)
+    load_context(write_config(tmp_path, ft_tiny_model_dir, 8000, plugins=["fsdp", "vllm"]))
+
+
+def test_a_sharded_adapter_that_vllm_cannot_load_is_refused(ft_tiny_model_dir):
+    """A sharded policy's adapter goes to vLLM alone; one it cannot load as a LoRA adapter (modules_to_save) would
+    have to be merged into the sharded base, which is refused with what to do instead."""
+    from types import SimpleNamespace
+
+    from ft_plugins.vllm import ColocateGeneration
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(ft_tiny_model_dir),
+                           LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    generation = ColocateGeneration.__new__(ColocateGeneration)
+    generation.trainer, generation.opts, generation.lora_engine = SimpleNamespace(accelerator=None), None, True
+    generation._setup_sync()
+    generation._sharded = True
+    with pytest.raises(FtError, match=r"sharded \(FSDP, DeepSpeed ZeRO-3\) policy with an adapter syncs the adapter "
+                                      "alone.*no modules_to_save"):
+        generation._gather(model, "files")
+
+
+def test_async_generation_in_several_processes_needs_an_engine_per_process():
+    """Under DDP each process generates ahead on its own engine (colocate); a server shared by the processes could
+    give a generation started ahead another step's weights, so it is refused there."""
+    from types import SimpleNamespace
+
+    from ft_plugins.grpo.trainer import GRPOTrainer
+    from ft_plugins.vllm import ColocateGeneration, ServerGeneration
+
+    trainer = SimpleNamespace(grpo=SimpleNamespace(async_generation=True, max_lag=2), args=SimpleNamespace(world_size=2),
+                              generation=ServerGeneration.__new__(ServerGeneration))
+    with pytest.raises(FtError, match="async_generation with 2 processes needs a generator of each process's own "
+                                      r"\(vllm-server is shared"):
+        GRPOTrainer._async_lag(trainer)
+    trainer.generation = ColocateGeneration.__new__(ColocateGeneration)
+    assert GRPOTrainer._async_lag(trainer) == 2
+    trainer.args.world_size, trainer.generation = 1, ServerGeneration.__new__(ServerGeneration)
+    assert GRPOTrainer._async_lag(trainer) == 2, "one process: the server is its own"
