@@ -14,35 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_grpo_vllm_real import vllm_environment
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "grpo.py"
-VLLM_PYTHON = Path(os.environ.get("FT_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
 
 pytestmark = [pytest.mark.slow]
 
 
-def vllm_environment() -> str:
-    problem = None
-    if not VLLM_PYTHON.exists():
-        problem = f"no vLLM environment at {VLLM_PYTHON}"
-    else:
-        probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm, trl, ft; print(ft.__file__)"],
-                               capture_output=True, text=True)
-        if probe.returncode:
-            problem = f"{VLLM_PYTHON} cannot import vllm, trl and ft: {probe.stderr.strip()[-500:]}"
-        elif not Path(probe.stdout.strip()).resolve().is_relative_to(REPO):
-            problem = f"{VLLM_PYTHON} has ft from {probe.stdout.strip()}, not from this checkout ({REPO})"
-    if problem:
-        message = f"{problem}: make it with `bash .ci/vllm-env.sh` (or point FT_VLLM_PYTHON at one)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the vLLM bench sides: {message}")
-        pytest.skip(message)
-    return str(VLLM_PYTHON)
-
-
 def test_trl_and_ft_with_vllm_colocate_train_side_by_side(tmp_path):
-    python = vllm_environment()
+    python = vllm_environment(("vllm", "trl"), "the vLLM bench sides")
     out = tmp_path / "grpo.json"
     env = {**os.environ, "FT_VLLM_PYTHON": python, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(BENCH), "--sides", "trl-vllm-colocate,ft-vllm-colocate", "--repeats",

@@ -39,24 +39,30 @@ START_GUARD = 900  # seconds: a hang guard for an engine start on a busy machine
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ft_one_torch_thread")]
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
+def vllm_environment(modules: tuple[str, ...] = ("vllm",), what: str = "the vLLM tests") -> str:
+    """The vLLM environment's python, checked to import ``modules`` and this checkout's ft: skipped without
+    it, failed under CI=true (CI must run ``what``). tests/bench imports it too."""
     problem = None
     if not VLLM_PYTHON.exists():
         problem = f"no vLLM environment at {VLLM_PYTHON}"
     else:
-        probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm, ft; print(ft.__file__)"], capture_output=True,
-                               text=True)
+        probe = subprocess.run([str(VLLM_PYTHON), "-c", f"import {', '.join(modules)}; import ft; print(ft.__file__)"],
+                               capture_output=True, text=True)
         if probe.returncode:
-            problem = f"{VLLM_PYTHON} cannot import vllm and ft: {probe.stderr.strip()[-500:]}"
+            problem = f"{VLLM_PYTHON} cannot import {', '.join(modules)} and ft: {probe.stderr.strip()[-500:]}"
         elif not Path(probe.stdout.strip()).resolve().is_relative_to(REPO):
             problem = f"{VLLM_PYTHON} has ft from {probe.stdout.strip()}, not from this checkout ({REPO})"
     if problem:
         message = f"{problem}: make it with `bash .ci/vllm-env.sh` (or point FT_VLLM_PYTHON at one)"
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the vLLM tests: {message}")
+            pytest.fail(f"CI must run {what}: {message}")
         pytest.skip(message)
     return str(VLLM_PYTHON)
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    return vllm_environment()
 
 
 @pytest.fixture(scope="module")
