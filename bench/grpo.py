@@ -27,8 +27,10 @@ with the interpreter of ``$FT_VLLM_PYTHON`` (default ``.venv-vllm/bin/python``, 
 the server side starts ``ft vllm-serve`` itself before its run. Engine starts are outside the timed part, as
 model loading is. ``--lora`` trains a LoRA adapter (r 16) on every ft side, so the vLLM sides sync only
 the adapter; each vLLM side reports the mean bytes and seconds of a weight sync (``sync_bytes``,
-``sync_seconds``) and ``--async`` turns on asynchronous generation (lag 1). Their prompts per CPU second
+``sync_seconds``) and ``--async`` turns on asynchronous generation (lag 1) on every vLLM side; the side
+``ft-vllm-colocate-async`` is ``ft-vllm-colocate`` with it on, so one run compares the two. Their prompts per CPU second
 count the training process only (vLLM's engine runs in processes of its own): compare wall time.
+``issue_21_targets`` in the report checks issue 21's figures for the sides the run had.
 
 ``trl-vllm-colocate``: TRL's GRPOTrainer with ``use_vllm=True, vllm_mode="colocate"`` (its engine in the training
 process, the model's dtype), in the same vLLM environment (TRL 1.16 installs there with ``--no-deps``, keeping
@@ -52,7 +54,7 @@ from typing import Any
 
 TARGET = 1.3
 RESULT = "bench-result: "  # a child's result line (vLLM prints on stdout too)
-SIDES = ("trl", "ft", "ft-vllm-colocate", "ft-vllm-server", "trl-vllm-colocate")
+SIDES = ("trl", "ft", "ft-vllm-colocate", "ft-vllm-server", "trl-vllm-colocate", "ft-vllm-colocate-async")
 VLLM_PYTHON = os.environ.get("FT_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
 QUESTIONS = ["What is {a} plus {b}?", "Add {a} and {b}.", "Please add {a} to {b}.", "Name a word with {a} letters."]
 
@@ -284,6 +286,27 @@ def one(side: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def targets(medians: dict[str, float], runs: dict[str, list[dict[str, Any]]], full: int, lora: bool) -> dict[str, Any]:
+    """Issue 21's targets, for the sides this run had: vLLM >= 3x ft's own sampling and >= 1.3x the best TRL side
+    (prompts per second), async >= 1.3x sync, and a LoRA sync moving <= 1/10 of the fp32 full weights."""
+    out: dict[str, Any] = {}
+    vllm = max((medians[s] for s in ("ft-vllm-colocate", "ft-vllm-server") if s in medians), default=None)
+    trl = max((medians[s] for s in ("trl", "trl-vllm-colocate") if s in medians), default=None)
+    if vllm and "ft" in medians:
+        out["vllm_over_ft_hf"] = {"value": round(vllm / medians["ft"], 3), "wanted": 3.0, "met": vllm / medians["ft"] >= 3}
+    if vllm and trl:
+        out["vllm_over_best_trl"] = {"value": round(vllm / trl, 3), "wanted": 1.3, "met": vllm / trl >= 1.3}
+    if {"ft-vllm-colocate-async", "ft-vllm-colocate"} <= set(medians):
+        ratio = medians["ft-vllm-colocate-async"] / medians["ft-vllm-colocate"]
+        out["async_over_sync"] = {"value": round(ratio, 3), "wanted": 1.3, "met": ratio >= 1.3}
+    synced = [r["sync_bytes"] for rs in runs.values() for r in rs if r.get("sync_bytes")] if lora else []
+    if synced:
+        if full:
+            share = statistics.median(synced) / full
+            out["lora_sync_share_of_full"] = {"value": round(share, 4), "wanted": 0.1, "met": share <= 0.1}
+    return out
+
+
 def _passthrough(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
             "--num-generations", str(args.num_generations), "--max-completion-len", str(args.max_completion_len),
@@ -318,7 +341,10 @@ def main() -> None:
         if args.side in ("trl", "trl-vllm-colocate"):
             result = run_trl(args, Path(args.work), vllm=args.side == "trl-vllm-colocate")
         else:
+            if args.side == "ft-vllm-colocate-async":
+                args.async_gen = True
             result = run_ft(args, Path(args.work), {"ft": None, "ft-vllm-colocate": "colocate",
+                                                    "ft-vllm-colocate-async": "colocate",
                                                     "ft-vllm-server": "server"}[args.side])
         print(RESULT + json.dumps(result), flush=True)
         return
@@ -343,6 +369,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for side in sides:  # alternate, so a busy spell of the machine hits every side
                 runs[side].append(one(side, args))
+        full_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))  # fp32: the full weights
     medians = {side: statistics.median(r["prompts_per_second"] for r in rs) for side, rs in runs.items()}
     cpu_medians = {side: statistics.median(r["prompts_per_cpu_second"] for r in rs) for side, rs in runs.items()}
     ratios = {f"{a}_over_{b}": round(medians[a] / medians[b], 3) for a in medians for b in medians
@@ -350,7 +377,7 @@ def main() -> None:
     if not {"ft", "trl"} <= set(medians):
         report = {"model": model_name, "device": "cpu", "torch_threads": args.threads, "lora": args.lora,
                   "async": args.async_gen, "runs": runs, "median_prompts_per_second": medians,
-                  "speedups_in_prompts_per_second": ratios}
+                  "speedups_in_prompts_per_second": ratios, "issue_21_targets": targets(medians, runs, full_bytes, args.lora)}
         text = json.dumps(report, indent=2)
         print(text)
         if args.out:
@@ -367,6 +394,7 @@ def main() -> None:
         "runs": runs,
         "median_prompts_per_second": medians,
         "speedups_in_prompts_per_second": ratios,
+        "issue_21_targets": targets(medians, runs, full_bytes, args.lora),
         "speedup_ft_over_trl": round(speedup, 3),
         "median_prompts_per_cpu_second": cpu_medians,
         "cpu_speedup_ft_over_trl": round(cpu_speedup, 3),
