@@ -10,9 +10,6 @@ The demos run a real pretrained model on a CPU (see examples/smollm2/README.md).
 - ``review_prompts.jsonl``: prompts for GRPO with that reward model (products of neither file), and the
   same prompts with a favourable reference review, ``review_references.jsonl``, for EBFT.
 - ``sums.jsonl``: "What is a + b?" prompts with the answer, for GRPO's verifiable-reward demo.
-- ``sum_steps.jsonl`` / ``sum_steps_heldout.jsonl``: three-number sums worked in two steps, each step
-  labelled right or wrong (a wrong step is off by 1 to 3), for the process reward model; the held-out
-  rows use numbers of another range.
 """
 
 from __future__ import annotations
@@ -71,18 +68,6 @@ def review_pairs(products: list[str], phrasing: int, n: int, rng: random.Random)
     return rows
 
 
-def sum_steps(n: int, low: int, high: int, rng: random.Random) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        a, b, c = (rng.randint(low, high) for _ in range(3))
-        first = a + b if rng.random() < 0.6 else a + b + rng.choice([-3, -2, -1, 1, 2, 3])
-        second = first + c if rng.random() < 0.6 else first + c + rng.choice([-3, -2, -1, 1, 2, 3])
-        rows.append({"prompt": f"Compute {a} + {b} + {c}.", "completions": [f"{a} + {b} = {first}.",
-                                                                            f"{first} + {c} = {second}."],
-                     "labels": [first == a + b, second == first + c]})
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -99,8 +84,6 @@ def main() -> None:
         "review_references.jsonl": [{"prompt": [{"role": "user", "content": a.format(p=p)}],
                                      "reference": rng.choice(GOOD[0] + GOOD[1]).format(p=p)}
                                     for p in PROMPT_PRODUCTS for a in ASK],
-        "sum_steps.jsonl": sum_steps(600, 1, 9, rng),
-        "sum_steps_heldout.jsonl": sum_steps(150, 10, 19, rng),
         "sums.jsonl": [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
                        for a in range(1, 10) for b in range(1, 10)],
     }

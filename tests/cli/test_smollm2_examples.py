@@ -66,9 +66,6 @@ def test_the_demos_run_end_to_end_on_the_tiny_model(tmp_path, monkeypatch, ft_ru
     history = json.loads((tmp_path / "out" / "smollm2-grpo-rm" / "metrics.json").read_text())["history"]
     assert any("reward/reward_model/mean" in h for h in history), history[0]
     ft_runner.run(HERE / "ebft.yaml", *tiny).assert_ok()
-    prm = ft_runner.run(HERE / "prm.yaml", *tiny).assert_ok()
-    history = json.loads((tmp_path / "out" / "smollm2-prm" / "metrics.json").read_text())["history"]
-    assert [h["step"] for h in history if "eval_step_accuracy" in h] == [2], prm.output[-500:]
     # vLLM's CPU engine refuses the tiny model's head size (16): the same config, sampled by ft's own loop
     ft_runner.run(HERE / "grpo_sums.yaml", *tiny, "-p", "no:vllm").assert_ok()
     history = json.loads((tmp_path / "out" / "smollm2-grpo-sums" / "metrics.json").read_text())["history"]
