@@ -322,7 +322,7 @@ class _Sync:
     def sharded(self, model: Any) -> bool:
         """Whether the policy is sharded (FSDP2, ZeRO-3): then every process gathers what a sync hands over."""
         if self._sharded is None:
-            from ft_plugins.grpo.generation import full_parameters
+            from ft_plugins.grpo import full_parameters
 
             self._sharded = full_parameters(model, self.trainer.accelerator).sharded
         return self._sharded
@@ -332,7 +332,7 @@ class _Sync:
         adapter alone (lora), else the full weights. None when the policy is not sharded."""
         if not self.sharded(model):
             return None
-        from ft_plugins.grpo.generation import gathered_state
+        from ft_plugins.grpo import gathered_state
 
         if how == "lora":
             return gathered_state(model, self.trainer.accelerator, keep=lambda name: "lora_" in name)

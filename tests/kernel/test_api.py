@@ -18,7 +18,9 @@ DOCUMENTED_PLUGIN_API = {"ft_plugins.chat_template": {"ChatTemplateOptions", "Ch
                          # the GRPO machinery, for methods built on it (ebft)
                          "ft_plugins.grpo": {"GENERATION", "GRPOOptions", "PromptOptions", "PromptTokenize",
                                              "build_prompt_tokenize", "prompt_collator", "pack_rows", "RewardFunction",
-                                             "trainer_class"},
+                                             "trainer_class",
+                                             # gathering sharded (FSDP2 / ZeRO-3) weights, for the vllm sync
+                                             "full_parameters", "gathered_state"},
                          # how the reward_model reward renders what it scores, for `ft infer` on a reward model
                          "ft_plugins.rewards": {"render_scored"},
                          # the stepwise_supervised layout, for `ft infer` on a process reward model
