@@ -2,9 +2,9 @@
 its own (colocate: vLLM's external_launcher, one engine per training process).
 
 - Asynchronous generation under DDP: each process keeps its own pending generations, for exactly the prompts
-  it gets at that step in the synchronous run; with lag 0 the run is the synchronous one.
-- FSDP2 and ZeRO-3: before each generation every process gathers the full weights (with LoRA: the adapter
-  alone) and hands them to its engine, which then samples with exactly the trainer's weights (every
+  it gets at that step in the synchronous run (lag 0 equal to the synchronous run: test_grpo_is, one process).
+- FSDP2 (full and LoRA) and ZeRO-3 (LoRA): before each generation every process gathers the full weights (with
+  LoRA: the adapter alone) and hands them to its engine, which then samples with exactly the trainer's weights (every
   importance-sampling ratio is 1, after the weights changed); with a server, rank 0 sends what all gathered.
 """
 
@@ -96,18 +96,16 @@ def test_async_generation_under_ddp_keeps_each_process_on_its_own_prompts(vllm_p
     # step 2 was sampled by the weights of step 0 while the trainer had those of step 1: the ratios show the lag
     assert max(abs(rows[1]["is/min"] - 1), abs(rows[1]["is/max"] - 1)) > 1e-3
 
-    lag0_prompts, lag0_rows, _ = two_process_run(vllm_python, vllm_model, tmp_path, "lag0", async_generation=True,
-                                                 max_lag=0)
-    assert lag0_prompts == sync_prompts
-    for key in ("loss", "reward", "grad_norm", "completion_length", "is/mean"):
-        assert [r[key] for r in lag0_rows] == [r[key] for r in sync_rows], f"lag 0 is the synchronous run ({key})"
+    # lag 0 equal to the synchronous run is checked in one process (test_grpo_is), where it costs no extra engine
 
 
 SHARDED = {"fsdp": {"plugins": ["fsdp"]}, "zero3": {"plugins": ["deepspeed"], "deepspeed": {"stage": 3}}}
 
 
-@pytest.mark.parametrize(("engine", "lora"), [("fsdp", False), ("fsdp", True), ("zero3", False), ("zero3", True)],
-                         ids=["fsdp-full", "fsdp-lora", "zero3-full", "zero3-lora"])
+# ZeRO-3 with full weights is left out of the default suite for time: fsdp-full runs the full-weights sync and
+# zero3-lora ZeRO-3's gather
+@pytest.mark.parametrize(("engine", "lora"), [("fsdp", False), ("fsdp", True), ("zero3", True)],
+                         ids=["fsdp-full", "fsdp-lora", "zero3-lora"])
 def test_sharded_policy_syncs_its_gathered_weights_to_vllm(engine, lora, vllm_python, vllm_model, tmp_path):  # noqa: F811
     from safetensors.torch import load_file
 
