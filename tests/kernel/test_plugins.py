@@ -185,6 +185,11 @@ def test_autoload_env_blocks_third_party_but_not_first_party(plugin_env):
     assert infos["hf"]["status"] == "essential"
     res = ft(env, "plugins", "--json", "-p", "good")
     assert {i["name"]: i for i in json.loads(res.stdout)}["good"]["status"] == "active"
+    # a section of a plugin the environment kept from loading is still an error (only -p no: leaves it unread)
+    cfg = minimal_config(tmp, "good: {level: 2}\n")
+    res = ft(env, "validate", str(cfg))
+    assert res.returncode != 0 and "good: unknown key" in res.stderr, res.stderr
+    assert ft(env, "validate", str(cfg), "-p", "no:good").returncode == 0
 
 
 def test_essential_plugins_cannot_be_blocked(plugin_env):

@@ -132,7 +132,7 @@ def load_context(
     paths = [_beside(raw.source, p) for p in paths]
     pm = make_plugin_manager(plugin_args, config_plugins, paths, **pm_kwargs)
     quiet_unselected(pm)
-    turned_off = [i.name for i in pm.infos.values() if i.status == "blocked" and isinstance(raw.data.get(i.name), dict)]
+    turned_off = [n for n in pm.infos if n in pm.blocked and isinstance(raw.data.get(n), dict)]  # not autoload-off ones
     if turned_off:  # `-p no:vllm` on a config with a vllm: section runs without the plugin, its section unread
         logging.getLogger("ft.plugins").info("section(s) %s not read: their plugin is turned off (-p no:NAME)",
                                              ", ".join(turned_off))
